@@ -1,0 +1,51 @@
+"""The ``cnnvis`` command line.
+
+Every module of this package that defines ``register(subparsers)`` contributes subcommands; each
+subcommand sets ``func(args) -> int``. Heavy imports happen inside those functions, so ``cnnvis
+--help`` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+
+from ..errors import CnnvisError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="cnnvis", description="See what a convolutional network does inside.")
+    parser.add_argument("--version", action="version", version=f"cnnvis {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    modules = []
+    for info in pkgutil.iter_modules(__path__):
+        if info.name.startswith("_") or info.name == "common":
+            continue
+        mod = importlib.import_module(f"{__name__}.{info.name}")
+        if hasattr(mod, "register"):
+            modules.append(mod)
+    for mod in sorted(modules, key=lambda m: (getattr(m, "ORDER", 50), m.__name__)):
+        mod.register(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except CnnvisError as exc:
+        if debug:
+            raise
+        print(f"cnnvis {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"cnnvis {args.command}: interrupted", file=sys.stderr)
+        return 130

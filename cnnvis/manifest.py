@@ -1,0 +1,189 @@
+"""Atomic writes and the run manifest.
+
+Every command writes its files through a :class:`RunOutput`: files are first written into a
+staging folder inside ``--out`` and moved into place only when the whole command succeeded, so a
+failed run leaves no half-written output. ``manifest.json`` records, per command, the inputs,
+parameters, model, wall time and every output file.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from .errors import CnnvisError
+
+MANIFEST_NAME = "manifest.json"
+
+
+def sha256_file(path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_bytes(path, data: bytes) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def write_text(path, text: str) -> Path:
+    return write_bytes(path, text.encode("utf-8"))
+
+
+def to_jsonable(obj):
+    """Convert numpy scalars/arrays and paths so that json.dumps accepts them."""
+    import numpy as np
+
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return to_jsonable(obj.tolist())
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def dumps_json(obj) -> str:
+    return json.dumps(to_jsonable(obj), indent=2, sort_keys=True) + "\n"
+
+
+def write_json(path, obj) -> Path:
+    return write_text(path, dumps_json(obj))
+
+
+def save_npy(path, array) -> Path:
+    import numpy as np
+
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, np.asarray(array), allow_pickle=False)
+    return Path(path)
+
+
+def ensure_writable_dir(out) -> Path:
+    """Create ``out`` if needed and check that files can be written there (one-line error if not)."""
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".cnnvis-write-test.", dir=out)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise CnnvisError(f"--out {out}: cannot write there ({exc.strerror or exc})") from None
+    return out
+
+
+class RunOutput:
+    """Collects one command's output files in a staging folder and commits them together.
+
+    Use as a context manager::
+
+        with RunOutput(out, "activations", params={...}) as run:
+            path = run.path("conv1/grid.png", kind="grid", layer="conv1", image="cat.jpg")
+            save_png(path, ...)
+
+    On success every staged file is moved into ``out`` and ``out/manifest.json`` is updated with
+    this command's entry; on an exception the staging folder is removed and ``out`` is untouched.
+    """
+
+    def __init__(self, out, command: str, params: dict | None = None, inputs=None, model=None):
+        self.out = ensure_writable_dir(out)
+        self.command = command
+        self.params = dict(params or {})
+        self.inputs = [str(i) for i in (inputs or [])]
+        self.model = model  # dict with name/sha256/... or None
+        self.files: list[dict] = []
+        self.extra: dict = {}
+        self._stage: Path | None = None
+        self._t0 = None
+
+    def __enter__(self):
+        self._stage = Path(tempfile.mkdtemp(prefix=".cnnvis-stage-", dir=self.out))
+        self._t0 = time.perf_counter()
+        return self
+
+    def path(self, relpath, kind: str, **meta) -> Path:
+        """A staging path for output ``relpath`` (relative to ``out``), recorded in the manifest."""
+        rel = Path(relpath)
+        if rel.is_absolute() or ".." in rel.parts:
+            raise ValueError(f"output path must be relative to --out: {relpath}")
+        entry = {"path": rel.as_posix(), "kind": kind}
+        entry.update({k: v for k, v in meta.items() if v is not None})
+        self.files = [f for f in self.files if f["path"] != entry["path"]] + [entry]
+        target = self._stage / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return target
+
+    def __exit__(self, exc_type, exc, tb):
+        try:
+            if exc_type is None:
+                self._commit()
+        finally:
+            shutil.rmtree(self._stage, ignore_errors=True)
+        return False
+
+    def _commit(self):
+        from . import __version__
+
+        for entry in self.files:
+            src = self._stage / entry["path"]
+            if not src.exists():
+                raise RuntimeError(f"output {entry['path']} was registered but never written")
+        for entry in self.files:
+            src = self._stage / entry["path"]
+            dst = self.out / entry["path"]
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(src, dst)
+        record = {
+            "command": self.command,
+            "params": self.params,
+            "inputs": self.inputs,
+            "model": self.model,
+            "files": sorted(self.files, key=lambda f: f["path"]),
+            "wall_time_s": round(time.perf_counter() - self._t0, 3),
+        }
+        record.update(self.extra)
+        manifest_path = self.out / MANIFEST_NAME
+        manifest = read_manifest(manifest_path) if manifest_path.exists() else {}
+        runs = manifest.get("runs", {})
+        runs[self.command] = record
+        write_json(manifest_path, {"cnnvis_version": __version__, "runs": runs})
+
+
+def read_manifest(path) -> dict:
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CnnvisError(f"{path}: not a readable cnnvis manifest ({exc})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("runs", {}), dict):
+        raise CnnvisError(f"{path}: not a cnnvis manifest (no 'runs' object)")
+    return data

@@ -1,0 +1,239 @@
+"""ONNX graph utilities shared by the model, the gradient engine and the Caffe importer.
+
+One place for: the opset/IR version cnnvis writes, building models that onnxruntime loads,
+constant folding, a dynamic batch dimension, static shape inference, and onnxruntime sessions with
+execution-provider selection.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from .errors import CnnvisError
+
+#: Opset and IR version of every model cnnvis writes. onnx>=1.23 defaults to IR 14 / opset 28,
+#: which current onnxruntime refuses; these are accepted by onnxruntime >= 1.14.
+OPSET = 17
+IR_VERSION = 8
+
+
+def make_model(graph: onnx.GraphProto, opset: int = OPSET, producer: str = "cnnvis") -> onnx.ModelProto:
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name=producer)
+    model.ir_version = IR_VERSION
+    return model
+
+
+def opset_of(model: onnx.ModelProto) -> int:
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return imp.version
+    return OPSET
+
+
+def tensor_dtype(elem_type: int):
+    return helper.tensor_dtype_to_np_dtype(elem_type)
+
+
+def initializer_map(model: onnx.ModelProto) -> dict:
+    return {init.name: init for init in model.graph.initializer}
+
+
+def real_inputs(model: onnx.ModelProto) -> list:
+    """Graph inputs that are fed at run time (not initializers listed as inputs, as IR<4 does)."""
+    inits = {i.name for i in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in inits]
+
+
+def _run_single_node(node: onnx.NodeProto, values: dict, opset: int) -> list:
+    from onnx.reference import ReferenceEvaluator
+
+    inputs = [helper.make_tensor_value_info(n, TensorProto.UNDEFINED, None) for n in node.input if n]
+    outputs = [helper.make_tensor_value_info(n, TensorProto.UNDEFINED, None) for n in node.output if n]
+    graph = helper.make_graph([node], "fold", inputs, outputs)
+    model = make_model(graph, opset=max(opset, 7))
+    ref = ReferenceEvaluator(model)
+    return ref.run(None, {n: values[n] for n in node.input if n})
+
+
+def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Evaluate every node whose inputs are all constants and store its outputs as initializers.
+
+    Graph inputs that have an initializer (old IR versions list weights as inputs) are treated as
+    constants and removed from the inputs. Afterwards every weight computed by the file (e.g. the
+    ``ConstantOfShape`` nodes of the onnx test-data AlexNet) is a named initializer.
+    """
+    opset = opset_of(model)
+    values = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+    kept_nodes = []
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            attr = {a.name: a for a in node.attribute}
+            if "value" in attr:
+                values[node.output[0]] = numpy_helper.to_array(attr["value"].t)
+                continue
+        foldable = (
+            node.domain in ("", "ai.onnx")
+            and all((not n) or n in values for n in node.input)
+            and node.op_type not in ("RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial")
+            and any(node.input)  # nodes without inputs (other than Constant) are left alone
+        )
+        if foldable:
+            try:
+                outs = _run_single_node(node, values, opset)
+            except Exception:  # an op the reference evaluator cannot run stays in the graph
+                kept_nodes.append(node)
+                continue
+            for name, val in zip([o for o in node.output if o], outs):
+                values[name] = np.asarray(val)
+            continue
+        kept_nodes.append(node)
+
+    used = {n for node in kept_nodes for n in node.input} | {o.name for o in model.graph.output}
+    graph = model.graph
+    new_inits = [numpy_helper.from_array(values[name], name) for name in _ordered_unique(
+        [n for node in kept_nodes for n in node.input if n in values] + [o.name for o in graph.output if o.name in values])]
+    inputs = [i for i in graph.input if i.name not in values and i.name in used | {i.name for i in real_inputs(model)}]
+    inputs = [i for i in inputs if i.name not in values]
+    new_graph = helper.make_graph(kept_nodes, graph.name or "graph", inputs, list(graph.output), new_inits)
+    out = make_model(new_graph, opset=max(opset, OPSET) if opset < 13 else opset)
+    _copy_metadata(model, out)
+    if opset < 13:
+        out = upgrade_opset(out, opset)
+    return out
+
+
+def upgrade_opset(model: onnx.ModelProto, from_opset: int) -> onnx.ModelProto:
+    """Mark an old-opset model as opset 17 after converting it (ops cnnvis uses changed little)."""
+    # The onnx version converter handles the op-by-op changes (Dropout, Reshape, Softmax axes...).
+    from onnx import version_converter
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    del m.opset_import[:]
+    m.opset_import.extend([helper.make_opsetid("", from_opset)])
+    try:
+        converted = version_converter.convert_version(m, OPSET)
+    except Exception as exc:  # pragma: no cover - depends on the file
+        raise CnnvisError(f"cannot convert the model from opset {from_opset} to {OPSET}: {exc}") from None
+    converted.ir_version = IR_VERSION
+    return converted
+
+
+def _copy_metadata(src: onnx.ModelProto, dst: onnx.ModelProto):
+    for p in src.metadata_props:
+        dst.metadata_props.add(key=p.key, value=p.value)
+
+
+def _ordered_unique(seq):
+    seen = set()
+    out = []
+    for s in seq:
+        if s not in seen:
+            seen.add(s)
+            out.append(s)
+    return out
+
+
+def make_batch_dynamic(model: onnx.ModelProto, batch_name: str = "N") -> onnx.ModelProto:
+    """Give the single image input and all outputs a symbolic batch dimension.
+
+    A ``Reshape`` whose constant target starts with the file's fixed batch size (``[1, -1]`` in the
+    zoo AlexNet) gets ``0`` there instead, meaning "copy the batch dimension".
+    """
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    inputs = real_inputs(m)
+    if len(inputs) != 1:
+        return m
+    dims = inputs[0].type.tensor_type.shape.dim
+    fixed = dims[0].dim_value if len(dims) and dims[0].HasField("dim_value") else None
+    if len(dims):
+        dims[0].Clear()
+        dims[0].dim_param = batch_name
+    for out in m.graph.output:
+        odims = out.type.tensor_type.shape.dim
+        if len(odims):
+            odims[0].Clear()
+            odims[0].dim_param = batch_name
+    del m.graph.value_info[:]
+    if fixed:
+        inits = initializer_map(m)
+        for node in m.graph.node:
+            if node.op_type == "Reshape" and len(node.input) > 1 and node.input[1] in inits:
+                shape = numpy_helper.to_array(inits[node.input[1]]).copy()
+                if shape.size and shape[0] == fixed:
+                    shape[0] = 0
+                    new = numpy_helper.from_array(shape.astype(np.int64), node.input[1])
+                    inits[node.input[1]].CopyFrom(new)
+    return m
+
+
+def static_shapes(model: onnx.ModelProto, input_shape) -> dict:
+    """Shapes of every tensor for a fixed input shape, by onnx shape inference."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    inp = real_inputs(m)[0]
+    dims = inp.type.tensor_type.shape.dim
+    del dims[:]
+    for d in input_shape:
+        dims.add().dim_value = int(d)
+    for out in m.graph.output:
+        del out.type.tensor_type.shape.dim[:]
+        out.type.tensor_type.ClearField("shape")
+    del m.graph.value_info[:]
+    inferred = onnx.shape_inference.infer_shapes(m, data_prop=True)
+    shapes = {}
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input):
+        tt = vi.type.tensor_type
+        if tt.HasField("shape"):
+            shapes[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim)
+    for init in inferred.graph.initializer:
+        shapes[init.name] = tuple(init.dims)
+    return shapes
+
+
+# ---------------------------------------------------------------- onnxruntime sessions
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def select_providers(device: str = "auto", available=None) -> list:
+    """Execution providers for ``device``: CUDA first when it is asked for or available, else CPU."""
+    if device not in DEVICES:
+        raise CnnvisError(f"--device {device!r}: expected one of {', '.join(DEVICES)}")
+    if available is None:
+        import onnxruntime as ort
+
+        available = ort.get_available_providers()
+    has_cuda = "CUDAExecutionProvider" in available
+    if device == "cuda":
+        if not has_cuda:
+            raise CnnvisError(
+                "--device cuda: onnxruntime has no CUDAExecutionProvider here "
+                f"(available: {', '.join(available)}); install onnxruntime-gpu and a CUDA driver")
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if device == "auto" and has_cuda:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def create_session(model, device: str = "auto", threads: int | None = None):
+    """An onnxruntime InferenceSession for a ModelProto (or serialized bytes)."""
+    import onnxruntime as ort
+
+    data = model if isinstance(model, (bytes, bytearray)) else model.SerializeToString()
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = int(threads)
+        opts.inter_op_num_threads = 1
+    providers = select_providers(device)
+    try:
+        return ort.InferenceSession(data, sess_options=opts, providers=providers)
+    except Exception as exc:
+        if providers[0] == "CUDAExecutionProvider" and device == "auto":
+            # A CUDA provider that is listed but cannot start (no driver, no GPU) falls back to CPU.
+            return ort.InferenceSession(data, sess_options=opts, providers=["CPUExecutionProvider"])
+        raise CnnvisError(f"onnxruntime cannot load the model: {str(exc).splitlines()[0]}") from None
