@@ -61,45 +61,59 @@ def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
 
     Graph inputs that have an initializer (old IR versions list weights as inputs) are treated as
     constants and removed from the inputs. Afterwards every weight computed by the file (e.g. the
-    ``ConstantOfShape`` nodes of the onnx test-data AlexNet) is a named initializer.
+    ``ConstantOfShape`` nodes of the onnx test-data AlexNet) is a named initializer. Initializers
+    are converted to numpy only when a node that uses them is folded (weights can be large).
     """
     opset = opset_of(model)
-    values = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+    if opset < 13:
+        model = upgrade_opset(model, opset)
+        opset = opset_of(model)
+    graph = model.graph
+    inits = {init.name: init for init in graph.initializer}
+    folded: dict = {}  # name -> numpy value computed here
+
+    def value(name):
+        if name in folded:
+            return folded[name]
+        return numpy_helper.to_array(inits[name])
+
     kept_nodes = []
-    for node in model.graph.node:
+    for node in graph.node:
         if node.op_type == "Constant":
             attr = {a.name: a for a in node.attribute}
             if "value" in attr:
-                values[node.output[0]] = numpy_helper.to_array(attr["value"].t)
+                folded[node.output[0]] = numpy_helper.to_array(attr["value"].t)
                 continue
         foldable = (
             node.domain in ("", "ai.onnx")
-            and all((not n) or n in values for n in node.input)
-            and node.op_type not in ("RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial")
             and any(node.input)  # nodes without inputs (other than Constant) are left alone
+            and all((not n) or n in folded or n in inits for n in node.input)
+            and not node.op_type.startswith("Random") and node.op_type != "Multinomial"
         )
         if foldable:
             try:
-                outs = _run_single_node(node, values, opset)
+                outs = _run_single_node(node, {n: value(n) for n in node.input if n}, opset)
             except Exception:  # an op the reference evaluator cannot run stays in the graph
                 kept_nodes.append(node)
                 continue
             for name, val in zip([o for o in node.output if o], outs):
-                values[name] = np.asarray(val)
+                folded[name] = np.asarray(val)
             continue
         kept_nodes.append(node)
 
-    used = {n for node in kept_nodes for n in node.input} | {o.name for o in model.graph.output}
-    graph = model.graph
-    new_inits = [numpy_helper.from_array(values[name], name) for name in _ordered_unique(
-        [n for node in kept_nodes for n in node.input if n in values] + [o.name for o in graph.output if o.name in values])]
-    inputs = [i for i in graph.input if i.name not in values and i.name in used | {i.name for i in real_inputs(model)}]
-    inputs = [i for i in inputs if i.name not in values]
+    used = _ordered_unique([n for node in kept_nodes for n in node.input if n]
+                           + [o.name for o in graph.output])
+    new_inits = []
+    for name in used:
+        if name in folded:
+            new_inits.append(numpy_helper.from_array(folded[name], name))
+        elif name in inits:
+            new_inits.append(inits[name])
+    constant = set(folded) | set(inits)
+    inputs = [i for i in graph.input if i.name not in constant]
     new_graph = helper.make_graph(kept_nodes, graph.name or "graph", inputs, list(graph.output), new_inits)
-    out = make_model(new_graph, opset=max(opset, OPSET) if opset < 13 else opset)
+    out = make_model(new_graph, opset=opset)
     _copy_metadata(model, out)
-    if opset < 13:
-        out = upgrade_opset(out, opset)
     return out
 
 
@@ -170,25 +184,28 @@ def make_batch_dynamic(model: onnx.ModelProto, batch_name: str = "N") -> onnx.Mo
 
 
 def static_shapes(model: onnx.ModelProto, input_shape) -> dict:
-    """Shapes of every tensor for a fixed input shape, by onnx shape inference."""
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    inp = real_inputs(m)[0]
-    dims = inp.type.tensor_type.shape.dim
-    del dims[:]
-    for d in input_shape:
-        dims.add().dim_value = int(d)
-    for out in m.graph.output:
-        del out.type.tensor_type.shape.dim[:]
-        out.type.tensor_type.ClearField("shape")
-    del m.graph.value_info[:]
-    inferred = onnx.shape_inference.infer_shapes(m, data_prop=True)
+    """Shapes of every tensor for a fixed input shape, by onnx shape inference.
+
+    Large initializers are replaced by typed graph inputs first, so that inference does not copy
+    hundreds of megabytes of weights.
+    """
+    graph = model.graph
+    small, large = [], []
+    for init in graph.initializer:
+        (small if int(np.prod(init.dims)) <= 64 else large).append(init)
+    inp = real_inputs(model)[0]
+    typed_inputs = [helper.make_tensor_value_info(inp.name, inp.type.tensor_type.elem_type, list(input_shape))]
+    typed_inputs += [helper.make_tensor_value_info(i.name, i.data_type, list(i.dims)) for i in large]
+    outputs = [helper.make_tensor_value_info(o.name, o.type.tensor_type.elem_type, None) for o in graph.output]
+    light = make_model(helper.make_graph(list(graph.node), "shapes", typed_inputs, outputs, small),
+                       opset=opset_of(model))
+    inferred = onnx.shape_inference.infer_shapes(light, data_prop=True)
     shapes = {}
     for vi in list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input):
         tt = vi.type.tensor_type
         if tt.HasField("shape"):
             shapes[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim)
-    for init in inferred.graph.initializer:
+    for init in graph.initializer:
         shapes[init.name] = tuple(init.dims)
     return shapes
 
