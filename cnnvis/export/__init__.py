@@ -1,0 +1,1 @@
+"""Exports: volumes, figures, 3D rendering, the HTML report."""
