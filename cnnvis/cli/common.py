@@ -1,0 +1,126 @@
+"""Options and steps shared by the subcommands: the model, the inputs, the output folder."""
+from __future__ import annotations
+
+import argparse
+import os
+
+DEFAULT_BATCH = 32
+
+
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", "-m", default=None,
+                   help="registry name (see `cnnvis models`), .onnx file or Caffe .prototxt "
+                        "(default: the embedded default model)")
+    g.add_argument("--weights", default=None, help="Caffe .caffemodel / .caffemodel.h5 for a .prototxt model")
+    g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="onnxruntime execution provider (auto: CUDA when available)")
+    g.add_argument("--threads", type=positive_int, default=None, help="onnxruntime intra-op threads")
+    g.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH,
+                   help=f"images per onnxruntime call (bounds memory; default {DEFAULT_BATCH})")
+
+
+def add_input_options(p: argparse.ArgumentParser, nargs: str = "*") -> None:
+    p.add_argument("images", nargs=nargs, metavar="IMAGE",
+                   help="image files or folders (default: the model's sample images)")
+    g = p.add_argument_group("input")
+    g.add_argument("--input-array", default=None, metavar="X.npy",
+                   help="an already-preprocessed N×C×H×W float array instead of images")
+    g.add_argument("--preprocess", default=None, metavar="PRESET",
+                   help="preprocessing preset (default: the model's own)")
+
+
+def add_output_options(p: argparse.ArgumentParser, default: str) -> None:
+    p.add_argument("--out", "-o", default=default, help=f"output folder (default: {default})")
+    p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def load_model(args):
+    """The Model named by --model/--weights/--device/--threads (registry default when absent)."""
+    from .. import registry
+
+    spec = args.model or registry.default_model_name()
+    return registry.load(spec, weights=args.weights, device=args.device, threads=args.threads)
+
+
+def load_inputs(args, model):
+    """``(names, batch)`` from --input-array or the image arguments (default: the model's samples)."""
+    from .. import preprocess
+
+    if args.input_array:
+        batch = preprocess.load_input_array(args.input_array, expected_shape=model.input_shape)
+        stem = os.path.splitext(os.path.basename(args.input_array))[0]
+        return [f"{stem}[{i}]" for i in range(len(batch))], batch
+    paths = list(args.images) or default_images(model)
+    pre = preprocessing_for(args, model)
+    files = preprocess.list_images(paths)
+    return preprocess.display_names(files), preprocess.load_batch(files, pre)
+
+
+def iter_input_chunks(args, model):
+    """Like :func:`load_inputs` but yields ``(names, batch)`` chunks of --batch-size (bounded memory)."""
+    from .. import preprocess
+
+    if args.input_array:
+        names, batch = load_inputs(args, model)
+        for start in range(0, len(batch), args.batch_size):
+            yield names[start:start + args.batch_size], batch[start:start + args.batch_size]
+        return
+    paths = list(args.images) or default_images(model)
+    files = preprocess.list_images(paths)
+    names = preprocess.display_names(files)
+    pre = preprocessing_for(args, model)
+    for start in range(0, len(files), args.batch_size):
+        chunk = files[start:start + args.batch_size]
+        yield names[start:start + args.batch_size], preprocess.load_batch(chunk, pre)
+
+
+def preprocessing_for(args, model):
+    from .. import preprocess
+
+    if getattr(args, "preprocess", None):
+        return preprocess.preset(args.preprocess, model.input_shape)
+    return preprocess.for_model(model)
+
+
+def default_images(model) -> list:
+    from .. import registry
+
+    return registry.sample_images(model)
+
+
+def model_warning(model) -> None:
+    """Say so when the model is untrained (its pictures show random filters, not learned ones)."""
+    import sys
+
+    if not model.trained:
+        print(f"cnnvis: note: model {model.name} is UNTRAINED (random weights): pictures show "
+              "structure of the topology, not learned features", file=sys.stderr)
+
+
+def safe_name(text: str) -> str:
+    """A file-name-safe version of a layer or image name."""
+    keep = "-_.+[]"
+    return "".join(ch if ch.isalnum() or ch in keep else "_" for ch in str(text)) or "_"
+
+
+def unique_names(names, used: dict) -> list:
+    """File-name-safe names, de-duplicated in order (cat, cat_2, ...); ``used`` carries the counts
+    across chunks."""
+    out = []
+    for name in names:
+        base = safe_name(name)
+        k = used.get(base, 0) + 1
+        used[base] = k
+        out.append(base if k == 1 else f"{base}_{k}")
+    return out

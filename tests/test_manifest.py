@@ -1,0 +1,52 @@
+import json
+import os
+
+import numpy as np
+import pytest
+
+from cnnvis.errors import CnnvisError
+from cnnvis.manifest import RunOutput, atomic_path, ensure_writable_dir, save_npy, write_json
+
+
+def test_run_output_commits_files_and_manifest(tmp_path):
+    with RunOutput(tmp_path, "demo", params={"k": 3}, inputs=["a.png"], model={"name": "m"}) as run:
+        save_npy(run.path("x/arr.npy", kind="stack", layer="conv1"), np.arange(4))
+        assert not (tmp_path / "x" / "arr.npy").exists()  # staged, not yet visible
+    np.testing.assert_array_equal(np.load(tmp_path / "x" / "arr.npy"), np.arange(4))
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    rec = manifest["runs"]["demo"]
+    assert rec["params"] == {"k": 3} and rec["inputs"] == ["a.png"]
+    assert rec["files"] == [{"path": "x/arr.npy", "kind": "stack", "layer": "conv1"}]
+    assert rec["wall_time_s"] >= 0
+    assert [p for p in os.listdir(tmp_path) if p.startswith(".")] == []  # no staging left
+
+
+def test_failed_run_leaves_nothing(tmp_path):
+    with pytest.raises(RuntimeError):
+        with RunOutput(tmp_path, "demo") as run:
+            save_npy(run.path("arr.npy", kind="stack"), np.arange(4))
+            raise RuntimeError("boom")
+    assert os.listdir(tmp_path) == []
+
+
+def test_second_command_merges_into_manifest(tmp_path):
+    for cmd in ("a", "b", "a"):
+        with RunOutput(tmp_path, cmd) as run:
+            write_json(run.path(f"{cmd}.json", kind="table"), {"cmd": cmd})
+    assert sorted(json.loads((tmp_path / "manifest.json").read_text())["runs"]) == ["a", "b"]
+
+
+def test_unwritable_out_is_one_line(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(CnnvisError, match=r"--out .*file.*cannot write"):
+        ensure_writable_dir(blocker / "sub")
+
+
+def test_atomic_path_removes_temp_on_error(tmp_path):
+    target = tmp_path / "t.bin"
+    with pytest.raises(ValueError):
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(b"half")
+            raise ValueError
+    assert os.listdir(tmp_path) == []

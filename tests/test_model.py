@@ -1,0 +1,164 @@
+import os
+
+import numpy as np
+import onnx
+import pytest
+
+from cnnvis import nets
+from cnnvis.errors import CnnvisError
+from cnnvis.model import Model
+
+LIGHT_ALEXNET = os.path.join(os.path.dirname(onnx.__file__), "backend/test/data/light/light_bvlc_alexnet.onnx")
+
+# Blob shapes real Caffe reports for CaffeNet at batch 1 (../shared/README.md)
+CAFFENET_SHAPES = {
+    "conv1": (96, 55, 55), "pool1": (96, 27, 27), "norm1": (96, 27, 27), "conv2": (256, 27, 27),
+    "pool2": (256, 13, 13), "norm2": (256, 13, 13), "conv3": (384, 13, 13), "conv4": (384, 13, 13),
+    "conv5": (256, 13, 13), "pool5": (256, 6, 6), "fc6": (4096,), "fc7": (4096,), "fc8": (1000,),
+}
+
+
+@pytest.fixture(scope="module")
+def alexnet():
+    return Model(nets.build_alexnet(seed=0), name="alexnet-random", sidecar={"trained": False})
+
+
+def conv2d_f64(x, w, b, stride=1, pad=0, group=1):
+    """Direct float64 convolution (cross-correlation, as Caffe/ONNX define it)."""
+    x = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    w = w.astype(np.float64)
+    n, c, h, wd = x.shape
+    m, cg, k, _ = w.shape
+    oh, ow = (h - k) // stride + 1, (wd - k) // stride + 1
+    out = np.zeros((n, m, oh, ow))
+    mg = m // group
+    for g in range(group):
+        xs = x[:, g * cg:(g + 1) * cg]
+        # im2col: n × (cg·k·k) × (oh·ow)
+        cols = np.stack([xs[:, :, i:i + stride * oh:stride, j:j + stride * ow:stride]
+                         for i in range(k) for j in range(k)], axis=2)  # n, cg, k*k, oh, ow
+        cols = cols.reshape(n, cg * k * k, oh * ow)
+        wg = w[g * mg:(g + 1) * mg].reshape(mg, -1)
+        out[:, g * mg:(g + 1) * mg] = np.einsum("mk,nkp->nmp", wg, cols).reshape(n, mg, oh, ow)
+    return out + b.astype(np.float64)[None, :, None, None]
+
+
+def test_conv1_taps_equal_float64_numpy(alexnet):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 3, 227, 227)).astype(np.float32) * 50
+    got = alexnet.run(x, ["conv1"])["conv1"]
+    w, b = alexnet.param("conv1.weight"), alexnet.param("conv1.bias")
+    ref = conv2d_f64(x, w, b, stride=4)
+    rel = np.abs(got - ref).max() / np.abs(ref).max()
+    assert got.shape == (2, 96, 55, 55)
+    assert rel <= 1e-4, rel
+
+
+def test_alexnet_layer_table_matches_caffe(alexnet):
+    shapes = {layer.name: layer.output_shape for layer in alexnet.layers}
+    # AlexNet normalises before pooling: norm1 is 96x55x55 (CaffeNet pools first, see below)
+    assert shapes["norm1"] == (96, 55, 55)
+    for name in ("conv1", "pool1", "conv2", "conv3", "conv4", "conv5", "pool5", "fc6", "fc7", "fc8"):
+        assert shapes[name] == CAFFENET_SHAPES[name], name
+    assert sum(layer.params for layer in alexnet.layers) == 60_965_224
+    conv2 = alexnet.layer("conv2")
+    assert conv2.weight_shape == (256, 48, 5, 5)  # group 2
+    # MACs per image: conv1 = 96·55·55 outputs × 3·11·11
+    assert alexnet.layer("conv1").macs == 96 * 55 * 55 * 363
+    assert alexnet.layer("fc6").macs == 4096 * 9216
+    assert alexnet.logits_layer.name == "fc8"
+
+
+def test_caffenet_pools_before_norm():
+    m = Model(nets.build_caffenet(seed=0, input_size=227), name="caffenet-random")
+    shapes = {layer.name: layer.output_shape for layer in m.layers}
+    for name, shape in CAFFENET_SHAPES.items():
+        assert shapes[name] == shape, name
+    order = [layer.name for layer in m.layers]
+    assert order.index("pool1") < order.index("norm1")
+
+
+def test_light_zoo_alexnet_folds_and_gets_caffe_names():
+    m = Model.from_file(LIGHT_ALEXNET)
+    names = [layer.name for layer in m.layers]
+    assert names[:4] == ["conv1", "relu1", "norm1", "pool1"]
+    assert {"conv5", "pool5", "fc6", "relu6", "drop6", "fc8", "prob"} <= set(names)
+    conv1 = m.layer("conv1")
+    assert conv1.weight_shape == (96, 3, 11, 11) and conv1.output_shape == (96, 54, 54)  # 224 input
+    assert conv1.weight == "conv1_w_0"
+    # every weight is an initializer: no ConstantOfShape left, no weight graph inputs
+    assert not [n for n in m.proto.graph.node if n.op_type in ("ConstantOfShape", "Constant")]
+    assert [i.name for i in m.proto.graph.input] == ["data_0"]
+    # the file fixes batch 1; cnnvis runs any batch
+    out = m.run(np.zeros((3, 3, 224, 224), np.float32), ["pool5", "prob"])
+    assert out["pool5"].shape == (3, 256, 6, 6) and out["prob"].shape == (3, 1000)
+    assert m.layer("r0").name == "conv1"  # tensor names resolve too
+
+
+def tiny_model():
+    b = nets.NetBuilder((3, 12, 12), seed=3)
+    b.conv("conv1", 4, 3, pad=1)
+    b.relu("relu1")
+    b.max_pool("pool1", 2, 2)
+    b.fc("fc1", 5)
+    b.softmax("prob")
+    return Model(b.build("tiny"), name="tiny")
+
+
+def test_one_cached_session_per_tap_set_and_batch_split_is_exact():
+    m = tiny_model()
+    x = np.random.default_rng(0).standard_normal((7, 3, 12, 12)).astype(np.float32)
+    full = m.run(x, ["conv1", "pool1", "prob"], batch_size=7)
+    split = m.run(x, ["conv1", "pool1", "prob"], batch_size=2)
+    for k in full:
+        np.testing.assert_array_equal(full[k], split[k])
+    assert len(m._sessions) == 1
+    m.run(x, ["conv1", "pool1", "prob"], batch_size=3)
+    assert len(m._sessions) == 1
+    m.run(x, ["relu1"])
+    assert len(m._sessions) == 2
+    np.testing.assert_allclose(m.predict(x).sum(axis=1), 1.0, rtol=1e-6)
+
+
+def test_unknown_layer_lists_closest_names():
+    m = tiny_model()
+    with pytest.raises(CnnvisError, match=r"unknown layer 'conv2'.*closest: conv1"):
+        m.layer("conv2")
+    with pytest.raises(CnnvisError, match="expected LAYER.weight"):
+        m.param_name("conv1.kernel")
+    with pytest.raises(CnnvisError, match="has no weight"):
+        m.param_name("relu1.weight")
+
+
+def test_wrong_batch_shape_is_one_line():
+    m = tiny_model()
+    with pytest.raises(CnnvisError, match=r"expects N×3×12×12"):
+        m.run(np.zeros((1, 3, 10, 10), np.float32))
+    with pytest.raises(CnnvisError, match="dtype"):
+        m.run(np.zeros((1, 3, 12, 12), np.int64))
+
+
+def test_not_onnx_and_truncated_files(tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"this is not a protobuf at all \xff\xfe")
+    with pytest.raises(CnnvisError, match="bad.onnx: not an ONNX model"):
+        Model.from_file(bad)
+    good = tmp_path / "tiny.onnx"
+    good.write_bytes(tiny_model().proto.SerializeToString())
+    Model.from_file(good)  # loads
+    cut = tmp_path / "cut.onnx"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(CnnvisError, match="cut.onnx"):
+        Model.from_file(cut)
+    with pytest.raises(CnnvisError, match="missing.onnx: cannot read"):
+        Model.from_file(tmp_path / "missing.onnx")
+
+
+def test_sidecar_beside_file_gives_class_names(tmp_path):
+    import json
+
+    path = tmp_path / "tiny.onnx"
+    path.write_bytes(tiny_model().proto.SerializeToString())
+    (tmp_path / "tiny.onnx.json").write_text(json.dumps({"classes": list("abcde"), "trained": False}))
+    m = Model.from_file(path)
+    assert m.class_names == list("abcde") and not m.trained

@@ -1,0 +1,89 @@
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from cnnvis import onnxgraph
+from cnnvis.errors import CnnvisError
+
+
+def test_provider_choice_with_mocked_provider_lists():
+    cpu_only = ["CPUExecutionProvider"]
+    with_cuda = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert onnxgraph.select_providers("auto", cpu_only) == ["CPUExecutionProvider"]
+    assert onnxgraph.select_providers("auto", with_cuda) == with_cuda
+    assert onnxgraph.select_providers("cpu", with_cuda) == ["CPUExecutionProvider"]
+    assert onnxgraph.select_providers("cuda", with_cuda) == with_cuda
+    with pytest.raises(CnnvisError, match="--device cuda: .*no CUDAExecutionProvider"):
+        onnxgraph.select_providers("cuda", cpu_only)
+    with pytest.raises(CnnvisError, match="--device 'tpu'"):
+        onnxgraph.select_providers("tpu", cpu_only)
+
+
+def test_auto_falls_back_to_cpu_when_cuda_is_listed_but_cannot_start(monkeypatch):
+    import onnxruntime as ort
+
+    calls = []
+    real = ort.InferenceSession
+
+    def fake_session(data, sess_options=None, providers=None):
+        calls.append(list(providers))
+        if "CUDAExecutionProvider" in providers:
+            raise RuntimeError("CUDA driver not found")
+        return real(data, sess_options=sess_options, providers=providers)
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(ort, "InferenceSession", fake_session)
+    sess = onnxgraph.create_session(_relu_model(), device="auto")
+    assert calls == [["CUDAExecutionProvider", "CPUExecutionProvider"], ["CPUExecutionProvider"]]
+    assert sess.get_providers() == ["CPUExecutionProvider"]
+
+
+def _relu_model():
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])
+    return onnxgraph.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y]))
+
+
+def test_fold_constants_turns_computed_weights_into_initializers():
+    # weight = ConstantOfShape(shape) * 2 + Constant, as some exporters write it
+    shape = numpy_helper.from_array(np.array([2, 3], np.int64), "w_shape")
+    nodes = [
+        helper.make_node("ConstantOfShape", ["w_shape"], ["ones"],
+                         value=numpy_helper.from_array(np.array([1.0], np.float32))),
+        helper.make_node("Constant", [], ["two"], value=numpy_helper.from_array(np.array(2.0, np.float32))),
+        helper.make_node("Mul", ["ones", "two"], ["w"]),
+        helper.make_node("MatMul", ["x", "w"], ["y"]),
+    ]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])
+    # IR<4 style: the shape initializer is also listed as a graph input
+    shape_in = helper.make_tensor_value_info("w_shape", TensorProto.INT64, [2])
+    m = onnxgraph.make_model(helper.make_graph(nodes, "g", [x, shape_in], [y], [shape]))
+    folded = onnxgraph.fold_constants(m)
+    assert [n.op_type for n in folded.graph.node] == ["MatMul"]
+    assert [i.name for i in folded.graph.input] == ["x"]
+    w = {i.name: numpy_helper.to_array(i) for i in folded.graph.initializer}["w"]
+    np.testing.assert_array_equal(w, np.full((2, 3), 2.0, np.float32))
+    sess = onnxgraph.create_session(folded, device="cpu")
+    np.testing.assert_allclose(sess.run(None, {"x": np.ones((4, 2), np.float32)})[0], np.full((4, 3), 4.0))
+
+
+def test_every_written_model_loads_in_onnxruntime():
+    m = _relu_model()
+    assert m.ir_version == onnxgraph.IR_VERSION and onnxgraph.opset_of(m) == onnxgraph.OPSET
+    onnx.checker.check_model(m)
+    out = onnxgraph.create_session(m, device="cpu").run(None, {"x": np.array([[-1, 2]], np.float32)})[0]
+    np.testing.assert_array_equal(out, [[0, 2]])
+
+
+def test_make_batch_dynamic_rewrites_fixed_reshape():
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6])
+    target = numpy_helper.from_array(np.array([1, -1], np.int64), "target")
+    m = onnxgraph.make_model(helper.make_graph([helper.make_node("Reshape", ["x", "target"], ["y"])],
+                                               "g", [x], [y], [target]))
+    dyn = onnxgraph.make_batch_dynamic(m)
+    out = onnxgraph.create_session(dyn, device="cpu").run(None, {"x": np.zeros((5, 2, 3), np.float32)})[0]
+    assert out.shape == (5, 6)
+    assert onnxgraph.static_shapes(dyn, (4, 2, 3))["y"] == (4, 6)
