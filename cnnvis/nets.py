@@ -175,3 +175,46 @@ def build_alexnet(seed: int = 0, input_size: int = 227, num_classes: int = 1000)
 def build_caffenet(seed: int = 0, input_size: int = 227, num_classes: int = 1000) -> onnx.ModelProto:
     """The BVLC reference CaffeNet topology (pooling before LRN) with deterministic random weights."""
     return _bvlc("caffenet", seed, input_size, num_classes)
+
+
+#: The demo network: CaffeNet's layer types in CaffeNet's order, sized for 1×28×28 Fashion-MNIST.
+FASHION_CAFFENET = {
+    "input": [1, 28, 28],
+    "conv1": {"num_output": 48, "kernel": 5, "stride": 1, "pad": 2},
+    "pool1": {"kernel": 3, "stride": 2},
+    "norm1": {"size": 5, "alpha": 1e-4, "beta": 0.75},
+    "conv2": {"num_output": 64, "kernel": 5, "pad": 2, "group": 2},
+    "pool2": {"kernel": 3, "stride": 2},
+    "norm2": {"size": 5, "alpha": 1e-4, "beta": 0.75},
+    "conv3": {"num_output": 96, "kernel": 3, "pad": 1},
+    "conv4": {"num_output": 96, "kernel": 3, "pad": 1, "group": 2},
+    "conv5": {"num_output": 64, "kernel": 3, "pad": 1, "group": 2},
+    "pool5": {"kernel": 3, "stride": 2},
+    "fc6": {"num_output": 256, "dropout": 0.5},
+    "fc7": {"num_output": 256, "dropout": 0.5},
+    "fc8": {"num_output": 10},
+}
+
+
+def build_fashion_caffenet(seed: int = 0, spec: dict | None = None) -> onnx.ModelProto:
+    """The demo network (see FASHION_CAFFENET): conv1 → relu → pool (ceil) → LRN, conv2 (group 2) →
+    relu → pool → LRN, conv3 → relu, conv4 (g2) → relu, conv5 (g2) → relu → pool, fc6 → relu → drop,
+    fc7 → relu → drop, fc8, softmax. 28 → 28 → 14 → 14 → 7 → 7 → 3 spatially."""
+    s = spec or FASHION_CAFFENET
+    b = NetBuilder(tuple(s["input"]), input_name="data", seed=seed)
+    for i in (1, 2):
+        b.conv(f"conv{i}", **s[f"conv{i}"])
+        b.relu(f"relu{i}")
+        b.max_pool(f"pool{i}", **s[f"pool{i}"])
+        b.lrn(f"norm{i}", size=s[f"norm{i}"]["size"], alpha=s[f"norm{i}"]["alpha"], beta=s[f"norm{i}"]["beta"])
+    for i in (3, 4, 5):
+        b.conv(f"conv{i}", **s[f"conv{i}"])
+        b.relu(f"relu{i}")
+    b.max_pool("pool5", **s["pool5"])
+    for i in (6, 7):
+        b.fc(f"fc{i}", s[f"fc{i}"]["num_output"])
+        b.relu(f"relu{i}")
+        b.dropout(f"drop{i}", s[f"fc{i}"]["dropout"])
+    b.fc("fc8", s["fc8"]["num_output"])
+    b.softmax("prob")
+    return b.build("fashion_caffenet", "CaffeNet-shaped network for 1x28x28 Fashion-MNIST (cnnvis demo)")
