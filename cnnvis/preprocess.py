@@ -1,0 +1,608 @@
+"""Images → N×C×H×W float32 batches for a model.
+
+The pipeline for one image, in order:
+
+1. decode with Pillow (first frame), apply the EXIF orientation (``exif_transpose``);
+2. convert any Pillow mode to float pixels in [0, 1] with the model's channel count: 3 (RGB;
+   grey is repeated) or 1 (ITU-R 601 luma). Alpha is dropped, keeping the stored colour, as
+   ``caffe.io.load_image`` does. 16-bit modes are divided by 65535;
+3. geometry (``resize``): ``exact`` warps to ``resize_to`` (default: the output size) and
+   centre-crops to ``size``; ``shorter`` scales the shorter side to ``resize_to`` (default:
+   min(size)) and centre-crops; ``pad`` fits the whole image inside ``size`` and pads with
+   ``pad_value``;
+4. HWC → CHW, channel order (``RGB`` or ``BGR``), multiply by ``raw_scale``, subtract ``mean``
+   (per-channel values, or a mean image from ``.npy`` / Caffe ``.binaryproto``), divide by ``std``.
+   ``mean`` and ``std`` are in the model's channel order and in raw-scaled units, like Caffe's.
+
+``interpolation="caffe"`` reproduces ``caffe.io.resize_image``: scale by the image's global
+min/max to [0, 1], scikit-image ``resize(order=1, mode="constant", anti_aliasing=True)``, scale
+back. The other interpolations use Pillow on float32 planes (antialiased when shrinking).
+
+Presets (:data:`PRESETS`) are plain dictionaries of these fields; a model's JSON sidecar names one
+and overrides any field, so new models need data, not code.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from .errors import CnnvisError
+
+#: File name endings listed when a folder is given (case-insensitive).
+IMAGE_EXTENSIONS = (
+    ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".dib", ".gif", ".tif", ".tiff", ".webp",
+    ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".ico", ".sgi", ".jp2", ".j2k",
+)
+
+RESIZE_POLICIES = ("exact", "shorter", "pad")
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "caffe")
+CHANNEL_ORDERS = ("RGB", "BGR")
+
+#: Caffe's ImageNet mean in BGR order (the values of ilsvrc_2012_mean.npy averaged per channel).
+CAFFE_IMAGENET_MEAN_BGR = (104.00698793, 116.66876762, 122.67891434)
+
+PRESETS = {
+    # caffe.io.load_image + caffe.io.resize_image + caffe.io.Transformer with the CaffeNet settings.
+    "caffe": {
+        "size": [227, 227], "channels": 3, "resize": "exact", "interpolation": "caffe",
+        "channel_order": "BGR", "raw_scale": 255.0, "mean": list(CAFFE_IMAGENET_MEAN_BGR),
+        "std": None,
+    },
+    # torchvision's ImageNet evaluation transform: Resize(256), CenterCrop(224), ToTensor, Normalize.
+    "imagenet": {
+        "size": [224, 224], "channels": 3, "resize": "shorter", "resize_to": 256,
+        "interpolation": "bilinear", "channel_order": "RGB", "raw_scale": 1.0,
+        "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
+    },
+    # Fashion-MNIST-like grey 28x28 in [0, 1]; a demo sidecar overrides mean/std if it trained with them.
+    "grey28": {
+        "size": [28, 28], "channels": 1, "resize": "exact", "interpolation": "bilinear",
+        "channel_order": "RGB", "raw_scale": 1.0, "mean": None, "std": None,
+    },
+    # Plain RGB in [0, 1], no normalisation.
+    "raw": {
+        "size": [224, 224], "channels": 3, "resize": "exact", "interpolation": "bilinear",
+        "channel_order": "RGB", "raw_scale": 1.0, "mean": None, "std": None,
+    },
+}
+
+
+def _pair(value, field: str):
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        value = (int(value), int(value))
+    try:
+        h, w = (int(v) for v in value)
+    except (TypeError, ValueError):
+        raise CnnvisError(f"preprocessing {field}: expected [height, width] of positive integers, got {value!r}") from None
+    if h <= 0 or w <= 0 or [h, w] != [float(v) for v in value]:
+        raise CnnvisError(f"preprocessing {field}: expected [height, width] of positive integers, got {value!r}")
+    return (h, w)
+
+
+def _floats(value, field: str):
+    if value is None:
+        return None
+    if isinstance(value, (int, float, np.number)) and not isinstance(value, bool):
+        value = [value]
+    try:
+        out = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        raise CnnvisError(f"preprocessing {field}: expected a number or a list of numbers, got {value!r}") from None
+    if not out or not all(np.isfinite(out)):
+        raise CnnvisError(f"preprocessing {field}: expected finite numbers, got {value!r}")
+    return out
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How images become model input. Fields are documented in the module docstring.
+
+    ``mean`` is a tuple of per-channel values, a path to a mean image (``.npy`` with C×H×W, or a
+    Caffe ``.binaryproto``), or None. ``resize_to`` is an int (shorter side / square warp) or
+    (height, width), or None for the output size.
+    """
+
+    size: tuple = (227, 227)
+    channels: int = 3
+    resize: str = "exact"
+    resize_to: object = None
+    interpolation: str = "bilinear"
+    channel_order: str = "RGB"
+    raw_scale: float = 1.0
+    mean: object = None
+    std: object = None
+    pad_value: float = 0.0
+    exif_transpose: bool = True
+    preset: str = "custom"
+
+    def __post_init__(self):
+        # Normalise containers to tuples so that the object is hashable and compares by value.
+        set_ = functools.partial(object.__setattr__, self)
+        set_("size", _pair(self.size, "size"))
+        if self.channels not in (1, 3) or isinstance(self.channels, bool):
+            raise CnnvisError(f"preprocessing channels: expected 1 or 3, got {self.channels!r}")
+        set_("channels", int(self.channels))
+        if self.resize not in RESIZE_POLICIES:
+            raise CnnvisError(f"preprocessing resize: expected one of {', '.join(RESIZE_POLICIES)}, got {self.resize!r}")
+        if self.resize_to is not None:
+            if self.resize == "pad":
+                raise CnnvisError("preprocessing resize_to: not used with resize 'pad' (the image is fitted into size)")
+            if self.resize == "shorter":
+                if isinstance(self.resize_to, bool) or not isinstance(self.resize_to, (int, np.integer)) or self.resize_to <= 0:
+                    raise CnnvisError(f"preprocessing resize_to: resize 'shorter' expects one positive integer, got {self.resize_to!r}")
+                set_("resize_to", int(self.resize_to))
+            else:
+                set_("resize_to", _pair(self.resize_to, "resize_to"))
+            target = self.resize_to if isinstance(self.resize_to, tuple) else (self.resize_to,) * 2
+            if self.resize == "exact" and (target[0] < self.size[0] or target[1] < self.size[1]):
+                raise CnnvisError(f"preprocessing resize_to: {list(target)} is smaller than size {list(self.size)}")
+            if self.resize == "shorter" and self.resize_to < min(self.size):
+                raise CnnvisError(f"preprocessing resize_to: {self.resize_to} is smaller than size {list(self.size)}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise CnnvisError(f"preprocessing interpolation: expected one of {', '.join(INTERPOLATIONS)}, got {self.interpolation!r}")
+        order = str(self.channel_order).upper()
+        if order not in CHANNEL_ORDERS:
+            raise CnnvisError(f"preprocessing channel_order: expected RGB or BGR, got {self.channel_order!r}")
+        set_("channel_order", order)
+        try:
+            set_("raw_scale", float(self.raw_scale))
+            set_("pad_value", float(self.pad_value))
+        except (TypeError, ValueError):
+            raise CnnvisError("preprocessing raw_scale/pad_value: expected numbers") from None
+        if not np.isfinite(self.raw_scale) or self.raw_scale == 0:
+            raise CnnvisError(f"preprocessing raw_scale: expected a finite non-zero number, got {self.raw_scale!r}")
+        if isinstance(self.mean, (str, os.PathLike)):
+            path = Path(self.mean)
+            if path.suffix.lower() not in (".npy", ".binaryproto"):
+                raise CnnvisError(f"preprocessing mean {path}: expected a .npy or .binaryproto mean image, or per-channel values")
+            set_("mean", str(path))
+        else:
+            mean = _floats(self.mean, "mean")
+            if mean is not None and len(mean) not in (1, self.channels):
+                raise CnnvisError(f"preprocessing mean: expected 1 or {self.channels} values, got {len(mean)}")
+            set_("mean", mean)
+        std = _floats(self.std, "std")
+        if std is not None:
+            if len(std) not in (1, self.channels):
+                raise CnnvisError(f"preprocessing std: expected 1 or {self.channels} values, got {len(std)}")
+            if min(std) <= 0:
+                raise CnnvisError(f"preprocessing std: expected positive values, got {list(std)}")
+        set_("std", std)
+        set_("exif_transpose", bool(self.exif_transpose))
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "Preprocessing":
+        if name not in PRESETS:
+            from .errors import unknown_name_error
+
+            raise unknown_name_error("preprocessing preset", name, PRESETS)
+        fields = dict(PRESETS[name], preset=name)
+        fields.update(overrides)
+        return cls(**fields)
+
+    @classmethod
+    def from_dict(cls, data: dict, base_dir=None, source: str = "preprocessing") -> "Preprocessing":
+        """From a sidecar's ``preprocessing`` object: ``{"preset": "caffe", "size": [224, 224], ...}``.
+
+        A relative mean-image path is taken relative to ``base_dir`` (the sidecar's folder).
+        Errors name ``source`` (e.g. the sidecar file).
+        """
+        if not isinstance(data, dict):
+            raise CnnvisError(f"{source}: 'preprocessing' must be an object, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise CnnvisError(f"{source}: unknown preprocessing field(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        fields = dict(data)
+        mean = fields.get("mean")
+        if isinstance(mean, str) and base_dir is not None and not os.path.isabs(mean):
+            fields["mean"] = str(Path(base_dir) / mean)
+        try:
+            preset = fields.pop("preset", None)
+            if preset is not None:
+                return cls.from_preset(preset, **fields)
+            return cls(**fields)
+        except CnnvisError as exc:
+            raise CnnvisError(f"{source}: {exc}") from None
+
+    def to_dict(self) -> dict:
+        """JSON-ready fields; ``from_dict(to_dict())`` gives an equal object."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    def replace(self, **changes) -> "Preprocessing":
+        """A copy with some fields changed (validated like the constructor)."""
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise CnnvisError(f"unknown preprocessing field(s): {', '.join(unknown)}")
+        return dataclasses.replace(self, **changes)
+
+    def describe(self) -> str:
+        parts = [f"{self.preset}", f"{self.channels}x{self.size[0]}x{self.size[1]}", self.resize]
+        if self.resize_to is not None:
+            parts.append(f"from {self.resize_to}")
+        parts += [self.interpolation, self.channel_order, f"x{self.raw_scale:g}"]
+        if self.mean is not None:
+            parts.append(f"mean {self.mean if isinstance(self.mean, str) else [round(m, 4) for m in self.mean]}")
+        if self.std is not None:
+            parts.append(f"std {[round(s, 4) for s in self.std]}")
+        return ", ".join(parts)
+
+    def with_input_shape(self, input_shape) -> "Preprocessing":
+        """A copy for a model input of (C, H, W) or (H, W); ``resize_to`` scales with the size."""
+        shape = tuple(int(d) for d in input_shape)
+        channels, size = (shape[0], shape[1:]) if len(shape) == 3 else (self.channels, shape)
+        if len(size) != 2:
+            raise CnnvisError(f"model input shape {list(input_shape)}: expected C x H x W")
+        if (channels, size) == (self.channels, self.size):
+            return self
+        resize_to = self.resize_to
+        if resize_to is not None:
+            ratio = (size[0] / self.size[0], size[1] / self.size[1])
+            if isinstance(resize_to, tuple):
+                resize_to = (int(round(resize_to[0] * ratio[0])), int(round(resize_to[1] * ratio[1])))
+            else:
+                resize_to = int(round(resize_to * min(ratio)))
+        mean, std = self.mean, self.std
+        if channels != self.channels:
+            # Per-channel statistics of the other channel count do not carry over.
+            mean = None if isinstance(mean, tuple) and len(mean) != 1 else mean
+            std = None if std is not None and len(std) != 1 else std
+        return dataclasses.replace(self, size=size, channels=channels, resize_to=resize_to, mean=mean, std=std)
+
+    # ------------------------------------------------------------------ applying
+
+    @property
+    def input_shape(self) -> tuple:
+        return (self.channels, *self.size)
+
+    def __call__(self, image) -> np.ndarray:
+        """A PIL image, or a path, → C×H×W float32."""
+        if isinstance(image, (str, os.PathLike)):
+            image = read_image(image, exif_transpose=self.exif_transpose)
+        pixels = image_to_array(image, self.channels)
+        return self.from_pixels(pixels)
+
+    def from_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        """H×W×C float pixels in [0, 1] (C = ``channels``) → C×H×W float32 model input."""
+        pixels = np.asarray(pixels, dtype=np.float64)
+        if pixels.ndim != 3 or pixels.shape[2] != self.channels:
+            raise ValueError(f"expected H x W x {self.channels} pixels, got shape {pixels.shape}")
+        x = self._geometry(pixels).transpose(2, 0, 1)
+        if self.channels == 3 and self.channel_order == "BGR":
+            x = x[::-1]
+        x = x * self.raw_scale
+        if self.mean is not None:
+            x = x - self._mean_array()
+        if self.std is not None:
+            x = x / np.asarray(self.std, dtype=np.float64)[:, None, None]
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+    def _geometry(self, pixels: np.ndarray) -> np.ndarray:
+        h, w = pixels.shape[:2]
+        out_h, out_w = self.size
+        if self.resize == "pad":
+            scale = min(out_h / h, out_w / w)
+            new_h = min(out_h, max(1, int(round(h * scale))))
+            new_w = min(out_w, max(1, int(round(w * scale))))
+            fitted = resize_pixels(pixels, (new_h, new_w), self.interpolation)
+            canvas = np.full((out_h, out_w, pixels.shape[2]), self.pad_value, dtype=np.float64)
+            top, left = (out_h - new_h) // 2, (out_w - new_w) // 2
+            canvas[top:top + new_h, left:left + new_w] = fitted
+            return canvas
+        if self.resize == "shorter":
+            short = self.resize_to if self.resize_to is not None else min(out_h, out_w)
+            if h <= w:
+                target = (short, max(short, int(short * w / h)))
+            else:
+                target = (max(short, int(short * h / w)), short)
+            # The shorter side must still cover the crop in the other direction.
+            if target[0] < out_h or target[1] < out_w:
+                factor = max(out_h / target[0], out_w / target[1])
+                target = (max(out_h, int(np.ceil(target[0] * factor))), max(out_w, int(np.ceil(target[1] * factor))))
+        else:
+            target = self.resize_to if self.resize_to is not None else (out_h, out_w)
+        resized = resize_pixels(pixels, target, self.interpolation)
+        return center_crop(resized, (out_h, out_w))
+
+    def _mean_array(self) -> np.ndarray:
+        if isinstance(self.mean, str):
+            return _mean_image(self.mean, self.channels, self.size)
+        return np.asarray(self.mean, dtype=np.float64)[:, None, None]
+
+
+def preset(name: str, input_shape=None, **overrides) -> Preprocessing:
+    """A named preset (``caffe``, ``imagenet``, ``grey28``, ``raw``) with optional field overrides,
+    sized for ``input_shape`` (C, H, W) when given."""
+    pre = Preprocessing.from_preset(name, **overrides)
+    return pre.with_input_shape(input_shape) if input_shape is not None else pre
+
+
+def default_for_shape(input_shape, caffe: bool = False) -> Preprocessing:
+    """The guess for a model without preprocessing metadata: ``grey28`` for one channel,
+    ``caffe`` for Caffe models, else ``imagenet`` (the torchvision convention most ONNX exports use)."""
+    shape = tuple(int(d) for d in input_shape)
+    name = "grey28" if shape[0] == 1 else "caffe" if caffe else "imagenet"
+    return preset(name, shape)
+
+
+def for_model(model) -> Preprocessing:
+    """The preprocessing of a :class:`cnnvis.model.Model`: its sidecar's, sized for its input."""
+    spec = (getattr(model, "sidecar", None) or {}).get("preprocessing")
+    shape = model.input_shape
+    if spec is None:
+        return default_for_shape(shape)
+    return Preprocessing.from_dict(spec, source=f"model {model.name}").with_input_shape(shape)
+
+
+# ---------------------------------------------------------------------- pixels and geometry
+
+def center_crop(pixels: np.ndarray, size) -> np.ndarray:
+    """The centred size[0]×size[1] window (offsets rounded down, as Caffe's classifier does)."""
+    h, w = pixels.shape[:2]
+    th, tw = size
+    if th > h or tw > w:
+        raise ValueError(f"cannot crop {th}x{tw} from {h}x{w}")
+    top, left = (h - th) // 2, (w - tw) // 2
+    return pixels[top:top + th, left:left + tw]
+
+
+def resize_pixels(pixels: np.ndarray, size, interpolation: str = "bilinear") -> np.ndarray:
+    """Resize H×W×C float pixels to size=(height, width)."""
+    size = (int(size[0]), int(size[1]))
+    if pixels.shape[:2] == size:
+        return pixels
+    if interpolation == "caffe":
+        return _resize_caffe(pixels, size)
+    from PIL import Image
+
+    resample = {
+        "bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
+        "nearest": Image.Resampling.NEAREST, "lanczos": Image.Resampling.LANCZOS,
+    }[interpolation]
+    planes = [
+        np.asarray(Image.fromarray(np.ascontiguousarray(pixels[:, :, c], dtype=np.float32)).resize(
+            (size[1], size[0]), resample=resample), dtype=np.float64)
+        for c in range(pixels.shape[2])
+    ]
+    return np.stack(planes, axis=2)
+
+
+def _resize_caffe(pixels: np.ndarray, size) -> np.ndarray:
+    # caffe.io.resize_image: skimage wants [0, 1], so scale by the global min/max and back.
+    from skimage.transform import resize
+
+    lo, hi = float(pixels.min()), float(pixels.max())
+    if hi <= lo:
+        return np.full((size[0], size[1], pixels.shape[2]), lo, dtype=np.float64)
+    unit = (pixels - lo) / (hi - lo)
+    out = resize(unit, size, order=1, mode="constant", anti_aliasing=True)
+    return out * (hi - lo) + lo
+
+
+_LUMA = np.array([0.299, 0.587, 0.114])
+
+
+def image_to_array(image, channels: int = 3) -> np.ndarray:
+    """A PIL image of any mode → H×W×channels float64 in [0, 1] (see module docstring)."""
+    mode = image.mode
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N"):
+        grey = np.asarray(image).astype(np.float64) / 65535.0
+        return _grey_to(grey, channels)
+    if mode == "I":
+        values = np.asarray(image).astype(np.float64)
+        # Pillow opens 16-bit PNGs as "I"; other 32-bit data is stretched by its own range.
+        if values.size and values.min() >= 0 and values.max() <= 65535:
+            return _grey_to(values / 65535.0, channels)
+        return _grey_to(_stretch(values), channels)
+    if mode == "F":
+        values = np.asarray(image).astype(np.float64)
+        if not np.all(np.isfinite(values)):
+            values = np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
+        if values.size and (values.min() < 0 or values.max() > 1):
+            values = _stretch(values)
+        return _grey_to(values, channels)
+    if mode == "1":
+        image = image.convert("L")
+    elif mode in ("LA", "La"):
+        image = image.getchannel("L")
+    elif mode in ("P", "PA"):
+        has_alpha = mode == "PA" or "transparency" in image.info
+        image = image.convert("RGBA" if has_alpha else "RGB")
+    if image.mode == "L":
+        grey = np.asarray(image, dtype=np.uint8).astype(np.float64) / 255.0
+        return _grey_to(grey, channels)
+    if image.mode in ("RGBA", "RGBX", "RGBa"):
+        rgb = np.asarray(image.convert("RGBA") if image.mode == "RGBa" else image)[:, :, :3]
+    elif image.mode == "RGB":
+        rgb = np.asarray(image)
+    else:  # CMYK, YCbCr, LAB, HSV, ...: Pillow knows how to reach RGB
+        rgb = np.asarray(image.convert("RGB"))
+    rgb = rgb.astype(np.float64) / 255.0
+    if channels == 3:
+        return rgb
+    return (rgb @ _LUMA)[:, :, None]
+
+
+def _stretch(values: np.ndarray) -> np.ndarray:
+    lo, hi = float(values.min()), float(values.max())
+    return np.zeros_like(values) if hi <= lo else (values - lo) / (hi - lo)
+
+
+def _grey_to(grey: np.ndarray, channels: int) -> np.ndarray:
+    grey = grey[:, :, None]
+    return np.repeat(grey, 3, axis=2) if channels == 3 else grey
+
+
+@functools.lru_cache(maxsize=8)
+def _mean_image_cached(path: str, mtime: float, channels: int, size: tuple) -> np.ndarray:
+    p = Path(path)
+    if p.suffix.lower() == ".binaryproto":
+        from .caffe import read_mean_binaryproto  # the Caffe reader lives there
+
+        mean = np.asarray(read_mean_binaryproto(p), dtype=np.float64)
+    else:
+        try:
+            mean = np.load(p, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise CnnvisError(f"mean image {p}: not a readable .npy array ({exc})") from None
+        if not isinstance(mean, np.ndarray) or not np.issubdtype(mean.dtype, np.number):
+            raise CnnvisError(f"mean image {p}: expected a numeric array")
+        mean = mean.astype(np.float64)
+    while mean.ndim == 4 and mean.shape[0] == 1:
+        mean = mean[0]
+    if mean.ndim == 2 and channels == 1:
+        mean = mean[None]
+    if mean.ndim != 3 or mean.shape[0] != channels:
+        raise CnnvisError(f"mean image {p}: expected shape {channels} x H x W, got {tuple(mean.shape)}")
+    if not np.all(np.isfinite(mean)):
+        raise CnnvisError(f"mean image {p}: contains NaN or infinite values")
+    if mean.shape[1] < size[0] or mean.shape[2] < size[1]:
+        raise CnnvisError(f"mean image {p}: {mean.shape[1]}x{mean.shape[2]} is smaller than the input {size[0]}x{size[1]}")
+    # A larger mean (Caffe's 256x256 for 227 crops) is centre-cropped like the image.
+    return np.ascontiguousarray(center_crop(mean.transpose(1, 2, 0), size).transpose(2, 0, 1))
+
+
+def _mean_image(path: str, channels: int, size: tuple) -> np.ndarray:
+    try:
+        mtime = os.path.getmtime(path)
+    except OSError:
+        raise CnnvisError(f"mean image {path}: no such file") from None
+    return _mean_image_cached(str(path), mtime, channels, tuple(size))
+
+
+# ---------------------------------------------------------------------- files
+
+def read_image(path, exif_transpose: bool = True):
+    """Open and fully decode one image (first frame); any failure → one-line CnnvisError naming it."""
+    from PIL import Image, ImageOps
+
+    path = Path(path)
+    if not path.is_file():
+        raise CnnvisError(f"{path}: no such image file")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if exif_transpose:
+                im = ImageOps.exif_transpose(im)
+            else:
+                im = im.copy()
+    except Image.DecompressionBombError as exc:
+        raise CnnvisError(f"{path}: image too large to decode safely ({exc})") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CnnvisError(f"{path}: not a readable image ({reason})") from None
+    return im
+
+
+def list_images(inputs) -> list:
+    """Image files from files and folders, in the given order; a folder gives its image files
+    (extensions in :data:`IMAGE_EXTENSIONS`, not recursive) sorted by name.
+
+    A missing path or a folder without images is a CnnvisError. Files named explicitly are kept
+    whatever their extension (decoding checks them).
+    """
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    paths = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted((c for c in p.iterdir() if c.is_file() and c.suffix.lower() in IMAGE_EXTENSIONS),
+                           key=lambda c: c.name)
+            if not found:
+                raise CnnvisError(f"{p}: folder has no image files ({', '.join(IMAGE_EXTENSIONS[:6])}, ...)")
+            paths.extend(found)
+        elif p.is_file():
+            paths.append(p)
+        else:
+            raise CnnvisError(f"{p}: no such image file or folder")
+    if not paths:
+        raise CnnvisError("no input images given")
+    return paths
+
+
+def display_names(paths) -> list:
+    """Short unique names for output files: the file stem, or parent_stem where stems collide."""
+    paths = [Path(p) for p in paths]
+    stems = [p.stem for p in paths]
+    names = []
+    seen = {}
+    for p, stem in zip(paths, stems):
+        name = stem if stems.count(stem) == 1 else f"{p.parent.name}_{stem}" if p.parent.name else stem
+        # Still colliding (same folder name twice): number them in order.
+        k = seen.get(name, 0)
+        seen[name] = k + 1
+        names.append(name if k == 0 else f"{name}_{k}")
+    return names
+
+
+def iter_image_batches(inputs, preprocessing: Preprocessing, batch_size: int = 32) -> Iterator:
+    """Yield (names, N×C×H×W float32) chunks of at most ``batch_size`` images, decoding lazily."""
+    if int(batch_size) < 1:
+        raise CnnvisError(f"--batch-size: expected a positive integer, got {batch_size}")
+    paths = list_images(inputs)
+    names = display_names(paths)
+    for start in range(0, len(paths), int(batch_size)):
+        chunk = paths[start:start + int(batch_size)]
+        yield names[start:start + len(chunk)], load_batch(chunk, preprocessing)
+
+
+def load_batch(paths, preprocessing: Preprocessing) -> np.ndarray:
+    """N×C×H×W float32 for a list of image files (already listed; see :func:`list_images`)."""
+    paths = list(paths)
+    if not paths:
+        raise CnnvisError("no input images given")
+    return np.stack([preprocessing(p) for p in paths])
+
+
+def load_images(inputs, preprocessing: Preprocessing):
+    """All images at once (for small sets): (names, N×C×H×W float32)."""
+    names, batches = [], []
+    for chunk_names, batch in iter_image_batches(inputs, preprocessing, batch_size=64):
+        names.extend(chunk_names)
+        batches.append(batch)
+    return names, np.concatenate(batches)
+
+
+def load_input_array(path, expected_shape: Sequence) -> np.ndarray:
+    """An already-preprocessed N×C×H×W float array from ``.npy`` (never unpickled).
+
+    ``expected_shape`` is (C, H, W) or (N, C, H, W); None in it accepts any size there.
+    Wrong ndim, shape, dtype, or NaN/inf → one-line CnnvisError naming the file and the shape.
+    """
+    path = Path(path)
+    expected = tuple(expected_shape)
+    if len(expected) == 3:
+        expected = (None, *expected)
+    shown = "N x " + " x ".join("?" if d is None else str(d) for d in expected[1:]) if expected[0] is None \
+        else " x ".join("?" if d is None else str(d) for d in expected)
+    if not path.is_file():
+        raise CnnvisError(f"--input-array {path}: no such file (expected a {shown} float .npy)")
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CnnvisError(f"--input-array {path}: not a readable .npy array ({reason}); expected {shown} float") from None
+    if not isinstance(array, np.ndarray):  # an .npz archive
+        raise CnnvisError(f"--input-array {path}: expected a single {shown} float .npy array, not an archive")
+    if not np.issubdtype(array.dtype, np.floating):
+        raise CnnvisError(f"--input-array {path}: expected floats, got dtype {array.dtype} (shape {shown})")
+    if array.ndim != 4:
+        raise CnnvisError(f"--input-array {path}: expected 4 dimensions {shown}, got shape {tuple(array.shape)}")
+    if any(e is not None and e != a for e, a in zip(expected, array.shape)) or array.shape[0] == 0:
+        raise CnnvisError(f"--input-array {path}: expected shape {shown}, got {tuple(array.shape)}")
+    if not np.all(np.isfinite(array)):
+        raise CnnvisError(f"--input-array {path}: contains NaN or infinite values (shape {shown})")
+    return np.ascontiguousarray(array, dtype=np.float32)
