@@ -1,0 +1,141 @@
+"""Running gradient graphs: onnxruntime, or onnx's reference evaluator for float64.
+
+onnxruntime's CPU provider has no float64 Conv, ConvTranspose, AveragePool, LRN or global pooling,
+so float64 graphs (used to check gradients to 1e-6) run in ``onnx.reference.ReferenceEvaluator``.
+Its MaxPool disagrees with onnxruntime on ceil-mode output sizes and on tie-breaking, so it gets
+an implementation with onnxruntime's semantics: the output length drops a window that would start
+in the end padding, padding never wins, and on ties the first element in row-major order of the
+window is the switch.
+"""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import onnx
+
+from ..onnxgraph import create_session, real_inputs
+
+BACKENDS = ("auto", "onnxruntime", "reference")
+
+
+def resolve_backend(backend: str, dtype) -> str:
+    if backend not in BACKENDS:
+        from ..errors import CnnvisError
+
+        raise CnnvisError(f"backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        return "reference" if np.dtype(dtype) == np.float64 else "onnxruntime"
+    return backend
+
+
+def maxpool_first_max(x, kernel, strides, pads, dilations, ceil_mode):
+    """MaxPool with flat indices over the whole tensor (N, C, *spatial), first maximum on ties."""
+    from .rules import pool_output_size
+
+    n, c = x.shape[:2]
+    spatial = x.shape[2:]
+    nd = len(spatial)
+    out = [pool_output_size(spatial[i], kernel[i], strides[i], pads[i], pads[nd + i], ceil_mode, dilations[i])
+           for i in range(nd)]
+    pad_end = [max(0, (out[i] - 1) * strides[i] + (kernel[i] - 1) * dilations[i] + 1 - spatial[i] - pads[i])
+               for i in range(nd)]
+    padded = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pad_end[i]) for i in range(nd)], constant_values=-np.inf)
+    best = np.full((n, c, *out), -np.inf, dtype=x.dtype)
+    best_flat = np.zeros((n, c, *out), dtype=np.int64)
+    grids = np.meshgrid(*[np.arange(o) for o in out], indexing="ij")
+    base = (np.arange(n)[:, None] * c + np.arange(c)[None, :]).reshape(n, c, *([1] * nd)) * int(np.prod(spatial))
+    for offset in itertools.product(*[range(k) for k in kernel]):  # row-major order within the window
+        sl = tuple(slice(offset[i] * dilations[i], offset[i] * dilations[i] + (out[i] - 1) * strides[i] + 1, strides[i])
+                   for i in range(nd))
+        values = padded[(slice(None), slice(None)) + sl]
+        coords = [grids[i] * strides[i] + offset[i] * dilations[i] - pads[i] for i in range(nd)]
+        inside = np.ones(out, dtype=bool)
+        for i in range(nd):
+            inside &= (coords[i] >= 0) & (coords[i] < spatial[i])
+        flat = np.ravel_multi_index([np.clip(coords[i], 0, spatial[i] - 1) for i in range(nd)], spatial)
+        better = (values > best) & inside
+        best = np.where(better, values, best)
+        best_flat = np.where(better, base + flat, best_flat)
+    return best, best_flat
+
+
+def _reference_ops():
+    from onnx.reference.op_run import OpRun
+
+    class MaxPool(OpRun):
+        op_domain = ""
+
+        def _run(self, x, auto_pad=None, ceil_mode=None, dilations=None, kernel_shape=None, pads=None,
+                 storage_order=None, strides=None):
+            from .rules import _spatial_attrs
+
+            nd = x.ndim - 2
+
+            class _Ctx:  # reuse the Conv/pool attribute normalisation of the rules
+                def attr(self, name, default=None):
+                    value = {"kernel_shape": kernel_shape, "strides": strides, "dilations": dilations,
+                             "pads": pads, "auto_pad": auto_pad}.get(name)
+                    value = value.decode() if isinstance(value, bytes) else value
+                    return default if value is None else value
+
+            kernel, st, dil, pd = _spatial_attrs(_Ctx(), x.shape, kernel=list(kernel_shape))
+            y, idx = maxpool_first_max(x, kernel, st, pd, dil or [1] * nd, int(ceil_mode or 0))
+            return (y.astype(x.dtype), idx)
+
+    return [MaxPool]
+
+
+class Runner:
+    """Runs one ONNX model: ``runner(feeds) -> dict name -> array`` for the requested outputs."""
+
+    def __init__(self, model: onnx.ModelProto, backend: str = "onnxruntime", device: str = "auto", threads=None):
+        self.backend = backend
+        self.output_names = [o.name for o in model.graph.output]
+        if backend == "reference":
+            from onnx.reference import ReferenceEvaluator
+
+            self._ref = ReferenceEvaluator(model, new_ops=_reference_ops())
+            self._sess = None
+        else:
+            self._sess = create_session(model, device=device, threads=threads)
+            self._ref = None
+
+    @property
+    def providers(self):
+        return self._sess.get_providers() if self._sess is not None else ["onnx.reference"]
+
+    def __call__(self, feeds: dict, outputs=None) -> dict:
+        names = list(outputs or self.output_names)
+        if self._sess is not None:
+            values = self._sess.run(names, feeds)
+        else:
+            values = self._ref.run(names, feeds)
+        return dict(zip(names, values))
+
+
+def forward_shapes(model: onnx.ModelProto, sample_shape, backend: str, extra_feeds=None, batch: int = 2) -> dict:
+    """Shape of every tensor of ``model`` at batch size ``batch``, found by running it once.
+
+    onnx shape inference gets ceil-mode pooling wrong, so the graph is run instead.
+    """
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    existing = {o.name for o in m.graph.output}
+    for node in m.graph.node:
+        for out in node.output:
+            if out and out not in existing:
+                m.graph.output.append(onnx.ValueInfoProto(name=out))
+                existing.add(out)
+    inp = real_inputs(m)[0]
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(inp.type.tensor_type.elem_type)
+    rng = np.random.default_rng(0)
+    feeds = {inp.name: rng.standard_normal((batch, *sample_shape)).astype(dtype)}
+    feeds.update(extra_feeds or {})
+    runner = Runner(m, backend=backend, device="cpu", threads=1)
+    values = runner(feeds)
+    shapes = {name: tuple(np.shape(v)) for name, v in values.items()}
+    shapes[inp.name] = (batch, *sample_shape)
+    for init in m.graph.initializer:
+        shapes[init.name] = tuple(init.dims)
+    return shapes

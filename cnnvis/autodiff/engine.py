@@ -1,0 +1,267 @@
+"""GradientEngine: build a gradient graph once, run it on batches of images.
+
+    engine = GradientEngine(model, wrt=["data", "conv1_W"], objective="logit")
+    result = engine.run(x, index=281)        # result["conv1_W"]: N x 96 x 3 x 11 x 11
+    result.objective                         # the objective's value per image
+
+One engine serves every class, unit and seed (they are graph inputs). Graphs are built per input
+shape and cached; large batches are run in chunks of ``batch_size`` images.
+"""
+from __future__ import annotations
+
+import collections
+import hashlib
+
+import numpy as np
+import onnx
+
+from ..errors import CnnvisError
+from .backend import Runner, resolve_backend
+from .graph import OBJECTIVE_OUTPUT, OBJECTIVES, build_gradient_graph, model_dtype
+
+
+class GradientResult(dict):
+    """Gradients by ``wrt`` name, plus ``objective`` (value per sample) and extra forward ``outputs``."""
+
+    def __init__(self, grads, objective, outputs):
+        super().__init__(grads)
+        self.objective = objective
+        self.outputs = outputs
+
+
+def _as_model(model) -> onnx.ModelProto:
+    if isinstance(model, onnx.ModelProto):
+        return model
+    if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
+        from ..onnxgraph import fold_constants
+
+        try:
+            return fold_constants(onnx.load(str(model)))
+        except (OSError, onnx.onnx_cpp2py_export.checker.ValidationError, Exception) as exc:
+            if isinstance(exc, CnnvisError):
+                raise
+            raise CnnvisError(f"{model}: not a readable ONNX model ({exc})") from None
+    raise CnnvisError(f"model: expected an onnx ModelProto or a path, got {type(model).__name__}")
+
+
+class GradientEngine:
+    """Gradients of a per-sample objective with respect to inputs, activations and weights.
+
+    Parameters
+    ----------
+    model : onnx.ModelProto or path (constants folded, weights as initializers, one image input).
+    wrt : tensor name or list of names: the image input, any intermediate tensor, any initializer.
+    objective : one of :data:`OBJECTIVES` (``unit``, ``channel_sum``, ``channel_mean``,
+        ``channel_max``, ``logit``, ``probability``, ``log_probability``, ``seed``, ``cross_entropy``).
+    target : the tensor the objective reads (default: the pre-softmax tensor for ``logit``,
+        ``log_probability`` and ``cross_entropy``, the softmax output for ``probability``).
+    rule : ``gradient`` (exact), ``deconvnet`` (Zeiler & Fergus) or ``guided`` (guided backprop).
+    per_sample : weight gradients per sample, ``N x *weight.shape``; otherwise the batch sum (what
+        Caffe stores). Input/activation gradients are always per sample.
+    training : replace Dropout by multiplication with fed masks (see :meth:`dropout_masks`).
+    weights_as_inputs : let :meth:`run` override initializers through ``params`` (default: training).
+    outputs : extra forward tensors to return in ``result.outputs``.
+    batch_size : images per onnxruntime call; bounds memory.
+    device, threads : onnxruntime session options; backend: ``auto`` (onnxruntime for float32,
+        onnx's reference evaluator for float64), ``onnxruntime`` or ``reference``.
+    """
+
+    def __init__(self, model, wrt, objective: str = "logit", target=None, rule: str = "gradient",
+                 per_sample: bool = True, training: bool = False, weights_as_inputs=None, outputs=(),
+                 batch_size: int = 32, device: str = "auto", threads=None, backend: str = "auto"):
+        self.model = _as_model(model)
+        self.wrt = [wrt] if isinstance(wrt, str) else list(wrt)
+        self.objective = objective
+        self.target = target
+        self.rule = rule
+        self.per_sample = per_sample
+        self.training = training
+        self.weights_as_inputs = training if weights_as_inputs is None else weights_as_inputs
+        self.outputs = list(outputs)
+        self.batch_size = batch_size
+        self.device = device
+        self.threads = threads
+        self.backend = backend
+        if objective not in OBJECTIVES:
+            raise CnnvisError(f"objective {objective!r}: expected one of {', '.join(OBJECTIVES)}")
+        if int(batch_size) < 1:
+            raise CnnvisError(f"batch_size {batch_size}: expected a positive integer")
+        self.dtype_ = model_dtype(self.model)
+        self.backend_ = resolve_backend(backend, self.dtype_)
+        self._built = {}
+
+    # ------------------------------------------------------------------ graphs
+    def graph(self, sample_shape):
+        """The built :class:`GradientGraph` and its runner for one per-sample input shape (cached)."""
+        key = tuple(int(d) for d in sample_shape)
+        if key not in self._built:
+            gg = build_gradient_graph(
+                self.model, key, self.wrt, objective=self.objective, target=self.target, rule=self.rule,
+                per_sample=self.per_sample, training=self.training, weights_as_inputs=self.weights_as_inputs,
+                outputs=self.outputs, backend=self.backend_)
+            self._built[key] = (gg, Runner(gg.model, backend=self.backend_, device=self.device, threads=self.threads))
+        return self._built[key]
+
+    def dropout_masks(self, n: int, sample_shape, rng) -> dict:
+        """Random 0/1 dropout masks for ``n`` samples (keep probability 1 - ratio), by mask input name."""
+        gg, _ = self.graph(sample_shape)
+        return {name: (rng.random((n, *shape)) >= ratio).astype(self.dtype_)
+                for name, (shape, ratio) in gg.dropout_masks.items()}
+
+    # --------------------------------------------------------------------- run
+    def run(self, x, index=None, seed=None, labels=None, masks=None, params=None, batch_size=None) -> GradientResult:
+        """Gradients for the images ``x`` (N x C x H x W).
+
+        ``index``: the class (``logit``/``probability``/``log_probability``), channel
+        (``channel_*``) or unit (``unit``: a flat index or a (c, y, x) tuple) — one for all
+        images or one per image. ``seed``: for ``objective='seed'``, the target-shaped tensor
+        whose dot product with the target is differentiated. ``labels``: for ``cross_entropy``.
+        """
+        x = np.asarray(x)
+        if x.ndim < 2:
+            raise CnnvisError(f"input: expected a batch N x C x H x W, got shape {x.shape}")
+        x = np.ascontiguousarray(x, dtype=self.dtype_)
+        n = x.shape[0]
+        gg, runner = self.graph(x.shape[1:])
+        feeds_all = {}
+        if "index" in gg.runtime_inputs:
+            value = labels if self.objective == "cross_entropy" and labels is not None else index
+            feeds_all[gg.runtime_inputs["index"]] = self._index_feed(value, n, gg)
+        if "seed" in gg.runtime_inputs:
+            feeds_all[gg.runtime_inputs["seed"]] = self._seed_feed(seed, n, gg)
+        if gg.dropout_masks:
+            feeds_all.update(self._mask_feeds(masks, n, gg))
+        fixed = self._param_feeds(params)
+        bs = int(batch_size or self.batch_size)
+        per_sample_out = {w: [] for w in gg.wrt if w in gg.batched_wrt or gg.per_sample}
+        summed = {w: None for w in gg.wrt if w not in per_sample_out}
+        objective, extra = [], {o: [] for o in gg.extra_outputs}
+        wanted = [OBJECTIVE_OUTPUT] + [gg.grad_outputs[w] for w in gg.wrt] + gg.extra_outputs
+        for start in range(0, n, bs):
+            stop = min(start + bs, n)
+            feeds = {gg.input_name: x[start:stop]}
+            feeds.update({k: v[start:stop] for k, v in feeds_all.items()})
+            feeds.update(fixed)
+            out = runner(feeds, wanted)
+            objective.append(out[OBJECTIVE_OUTPUT])
+            for w in gg.wrt:
+                g = out[gg.grad_outputs[w]]
+                if w in per_sample_out:
+                    per_sample_out[w].append(g)
+                else:
+                    summed[w] = g.astype(np.float64) if summed[w] is None else summed[w] + g
+            for o in gg.extra_outputs:
+                extra[o].append(out[o])
+        grads = {w: np.concatenate(parts) for w, parts in per_sample_out.items()}
+        mean = 1.0 / n if self.objective == "cross_entropy" else 1.0
+        grads.update({w: (s * mean).astype(self.dtype_) for w, s in summed.items()})
+        return GradientResult({w: grads[w] for w in gg.wrt}, np.concatenate(objective),
+                              {o: np.concatenate(v) for o, v in extra.items()})
+
+    __call__ = run
+
+    # ---------------------------------------------------------------- feeds
+    def _index_feed(self, index, n, gg):
+        what = "labels" if self.objective == "cross_entropy" else "index"
+        if index is None:
+            raise CnnvisError(f"objective {self.objective!r} needs {what}= (one value or one per image)")
+        shape = gg.target_shape
+        size = int(np.prod(shape)) if shape else 1
+        if self.objective.startswith("channel_"):
+            size = shape[0]
+        arr = np.asarray(index)
+        if self.objective == "unit" and (isinstance(index, tuple) or arr.ndim == 2):
+            # a (c, y, x) tuple for every image, or one row of coordinates per image
+            rows = np.broadcast_to(arr.reshape(1, -1), (n, arr.size)) if isinstance(index, tuple) else arr
+            if rows.shape != (n, len(shape)):
+                raise CnnvisError(f"index: expected {len(shape)} coordinates for target {gg.target!r} of "
+                                  f"per-sample shape {tuple(shape)} (one tuple, or {n} rows), got {arr.shape}")
+            for axis, dim in enumerate(shape):
+                bad = (rows[:, axis] < 0) | (rows[:, axis] >= dim)
+                if bad.any():
+                    raise CnnvisError(f"index: coordinate {axis} must be in [0, {dim}) for target "
+                                      f"{gg.target!r} of shape {tuple(shape)}, got {int(rows[bad, axis][0])}")
+            return np.ravel_multi_index(tuple(rows.T.astype(np.int64)), shape).astype(np.int64)
+        if not np.issubdtype(arr.dtype, np.integer):
+            raise CnnvisError(f"{what}: expected integers, got {arr.dtype}")
+        if arr.ndim == 0:
+            arr = np.full(n, int(arr), dtype=np.int64)
+        if arr.shape != (n,):
+            raise CnnvisError(f"{what}: expected one value or {n} values (one per image), got shape {arr.shape}")
+        if (arr < 0).any() or (arr >= size).any():
+            raise CnnvisError(f"{what}: values must be in [0, {size}) for target {gg.target!r} "
+                              f"(per-sample shape {tuple(shape)}), got {int(arr[(arr < 0) | (arr >= size)][0])}")
+        return arr.astype(np.int64)
+
+    def _seed_feed(self, seed, n, gg):
+        if seed is None:
+            raise CnnvisError("objective 'seed' needs seed= (an array shaped like the target)")
+        arr = np.asarray(seed, dtype=self.dtype_)
+        shape = tuple(gg.target_shape)
+        if arr.shape == shape:
+            arr = np.broadcast_to(arr, (n, *shape))
+        if arr.shape != (n, *shape):
+            raise CnnvisError(f"seed: expected shape {(n, *shape)} or {shape} for target {gg.target!r}, got {arr.shape}")
+        return np.ascontiguousarray(arr)
+
+    def _mask_feeds(self, masks, n, gg):
+        if masks is None:
+            raise CnnvisError(f"training graph: pass masks= for {', '.join(gg.dropout_masks)} "
+                              "(see GradientEngine.dropout_masks)")
+        feeds = {}
+        for name, (shape, _) in gg.dropout_masks.items():
+            if name not in masks:
+                raise CnnvisError(f"masks: missing {name!r}")
+            arr = np.asarray(masks[name], dtype=self.dtype_)
+            if arr.shape != (n, *shape):
+                raise CnnvisError(f"masks[{name!r}]: expected shape {(n, *shape)}, got {arr.shape}")
+            feeds[name] = arr
+        return feeds
+
+    def _param_feeds(self, params):
+        if not params:
+            return {}
+        if not self.weights_as_inputs:
+            raise CnnvisError("params: build the engine with weights_as_inputs=True (or training=True) to override weights")
+        inits = {i.name: tuple(i.dims) for i in self.model.graph.initializer}
+        feeds = {}
+        for name, value in params.items():
+            if name not in inits:
+                from ..errors import unknown_name_error
+
+                raise unknown_name_error("weight", name, inits)
+            arr = np.ascontiguousarray(value, dtype=self.dtype_)
+            if arr.shape != inits[name]:
+                raise CnnvisError(f"params[{name!r}]: expected shape {inits[name]}, got {arr.shape}")
+            feeds[name] = arr
+        return feeds
+
+
+# ----------------------------------------------------------------- cached engines
+
+_ENGINES: "collections.OrderedDict" = collections.OrderedDict()
+_MAX_ENGINES = 8
+
+
+def model_fingerprint(model: onnx.ModelProto) -> str:
+    return hashlib.sha1(model.SerializeToString(deterministic=True)).hexdigest()
+
+
+def cached_engine(model, wrt, **options) -> GradientEngine:
+    """A GradientEngine shared by calls with the same model and options (a small LRU cache)."""
+    model = _as_model(model)
+    wrt = [wrt] if isinstance(wrt, str) else list(wrt)
+    key = (model_fingerprint(model), tuple(wrt), tuple(sorted((k, repr(v)) for k, v in options.items())))
+    if key in _ENGINES:
+        _ENGINES.move_to_end(key)
+        return _ENGINES[key]
+    engine = GradientEngine(model, wrt, **options)
+    _ENGINES[key] = engine
+    while len(_ENGINES) > _MAX_ENGINES:
+        _ENGINES.popitem(last=False)
+    return engine
+
+
+def gradients(model, x, wrt, index=None, seed=None, labels=None, **options) -> GradientResult:
+    """One-call form: ``gradients(model, x, wrt="data", objective="logit", index=281)``."""
+    return cached_engine(model, wrt, **options).run(x, index=index, seed=seed, labels=labels)

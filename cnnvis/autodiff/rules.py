@@ -1,0 +1,728 @@
+"""Backward rules, one function per ONNX op.
+
+A rule receives a :class:`RuleContext` (the forward node, the gradients of its outputs, static
+shapes) and returns, for each input of the node, the name of its gradient tensor or ``None``.
+
+Conventions:
+
+* Static shapes come from running the forward once at batch size 2; tensors that carry the batch
+  (``ctx.batched``) have it on axis 0 and the graph keeps it symbolic (``Reshape`` with 0 = copy).
+* Gradients of batched tensors are naturally per sample. Gradients of constants (weights) are
+  the batch sum, or in ``per_sample`` mode one gradient per sample, shape ``(N, *weight.shape)``.
+* ``rule`` changes only the rectifiers: ``deconvnet`` rectifies the backward signal itself
+  (Zeiler & Fergus), ``guided`` keeps the exact gradient but zeroes negative backward signals.
+  Everything else (convolutions, pooling switches, LRN, ...) is the exact gradient under all rules.
+"""
+from __future__ import annotations
+
+import numpy as np
+from onnx import helper
+
+from ..errors import CnnvisError
+
+RULES = ("gradient", "deconvnet", "guided")
+
+
+class RuleContext:
+    def __init__(self, node, builder, shapes, batched, rule, per_sample, need, grads_out, request_output):
+        self.node = node
+        self.b = builder
+        self.shapes = shapes
+        self.batched = batched
+        self.rule = rule
+        self.per_sample = per_sample
+        self.need = need
+        self.g = grads_out
+        self.attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        self._request_output = request_output
+
+    # ----------------------------------------------------------------- facts
+    @property
+    def x(self):
+        return self.node.input
+
+    @property
+    def y(self):
+        return self.node.output
+
+    def attr(self, name, default=None):
+        value = self.attrs.get(name, default)
+        return value.decode() if isinstance(value, bytes) else value
+
+    def shape(self, name):
+        return tuple(self.shapes[name])
+
+    def rank(self, name):
+        return len(self.shapes[name])
+
+    def is_batched(self, name):
+        return name in self.batched
+
+    def fail(self, what: str):
+        return CnnvisError(f"node {self.node.name or self.node.output[0]!r} ({self.node.op_type}): {what}")
+
+    def constant_value(self, name):
+        """The value of a constant input (an initializer after constant folding)."""
+        value = self.b.known_constants.get(name)
+        if value is None:
+            raise self.fail(f"input {name!r} must be a constant (initializer) to differentiate this node")
+        return value
+
+    def output_grad(self, i: int = 0):
+        """The gradient of output i, zeros when the objective does not depend on it."""
+        if self.g[i] is not None:
+            return self.g[i]
+        return self.b.zeros_like_shape(self.b.shape_of(self.y[i]))
+
+    def request_output(self, index: int) -> str:
+        """Ask the forward node for an optional output (e.g. MaxPool's Indices) and return its name."""
+        return self._request_output(self.node, index)
+
+    # ------------------------------------------------------------- reduction
+    def reduce_to(self, g, g_shape, target, virtual_shape=None):
+        """Sum a broadcast gradient ``g`` (static shape ``g_shape``) down to the shape of ``target``.
+
+        ``virtual_shape`` is the shape ``target`` had when broadcast (a promoted MatMul vector).
+        For a constant ``target`` in per-sample mode the batch axis 0 is kept and the result has
+        shape ``(N, *target.shape)``.
+        """
+        b = self.b
+        t_shape = self.shape(target)
+        v_shape = tuple(virtual_shape) if virtual_shape is not None else t_shape
+        g_shape = tuple(g_shape)
+        lead = len(g_shape) - len(v_shape)
+        aligned = (1,) * lead + v_shape
+        axes = [i for i in range(len(g_shape)) if i < lead or (aligned[i] == 1 and g_shape[i] != 1)]
+        keep_batch = self.per_sample and not self.is_batched(target)
+        if keep_batch:
+            axes = [a for a in axes if a != 0]
+        elif not axes and g_shape == t_shape:
+            return g
+        reduced = b.reduce_sum(g, axes, keepdims=1)
+        if keep_batch:
+            return b.reshape(reduced, [0] + list(t_shape))
+        if self.is_batched(target):
+            return b.reshape(reduced, b.shape_of(target))
+        return b.reshape(reduced, list(t_shape))
+
+    def sum_over_batch(self, per_sample_grad):
+        """Turn a per-sample weight gradient (N, ...) into the batch sum unless per-sample is asked."""
+        if self.per_sample:
+            return per_sample_grad
+        return self.b.reduce_sum(per_sample_grad, [0], keepdims=0)
+
+
+_RULE_TABLE: dict = {}
+
+
+def rule(*op_types):
+    def deco(fn):
+        for op in op_types:
+            _RULE_TABLE[op] = fn
+        return fn
+    return deco
+
+
+def supported_ops():
+    return sorted(_RULE_TABLE)
+
+
+def backward(ctx: RuleContext):
+    fn = _RULE_TABLE.get(ctx.node.op_type)
+    if fn is None or ctx.node.domain not in ("", "ai.onnx"):
+        raise ctx.fail("no backward rule for this op, which lies on the path from the objective to a "
+                       f"requested gradient (supported: {', '.join(supported_ops())})")
+    grads = fn(ctx)
+    return list(grads) + [None] * (len(ctx.node.input) - len(grads))
+
+
+def _needs_weight_grad(ctx, i):
+    return len(ctx.x) > i and ctx.x[i] and ctx.need[i]
+
+
+# ============================================================ pass-through and shape ops
+
+@rule("Identity", "Dropout")
+def _identity(ctx):
+    return [ctx.output_grad(0)]
+
+
+@rule("Flatten", "Reshape", "Squeeze", "Unsqueeze")
+def _reshape_like(ctx):
+    b = ctx.b
+    if ctx.is_batched(ctx.x[0]):
+        return [b.reshape(ctx.output_grad(0), b.shape_of(ctx.x[0]))]
+    if ctx.per_sample:
+        return [b.reshape(ctx.output_grad(0), [0] + list(ctx.shape(ctx.x[0])))]
+    return [b.reshape(ctx.output_grad(0), list(ctx.shape(ctx.x[0])))]
+
+
+@rule("Expand")
+def _expand(ctx):
+    return [ctx.reduce_to(ctx.output_grad(0), ctx.shape(ctx.y[0]), ctx.x[0])]
+
+
+@rule("Transpose")
+def _transpose(ctx):
+    rank = ctx.rank(ctx.x[0])
+    perm = ctx.attr("perm", list(range(rank))[::-1])
+    inverse = np.argsort(perm, kind="stable").tolist()
+    if ctx.per_sample and not ctx.is_batched(ctx.x[0]):
+        inverse = [0] + [p + 1 for p in inverse]
+    return [ctx.b.transpose(ctx.output_grad(0), inverse)]
+
+
+def _static_axis(ctx, axis, rank, what):
+    axis = axis + rank if axis < 0 else axis
+    if axis == 0 and ctx.is_batched(ctx.y[0]):
+        raise ctx.fail(f"{what} along the batch axis cannot be differentiated per sample")
+    return axis
+
+
+@rule("Concat")
+def _concat(ctx):
+    b = ctx.b
+    rank = ctx.rank(ctx.y[0])
+    axis = _static_axis(ctx, ctx.attr("axis"), rank, "Concat")
+    sizes = [ctx.shape(x)[axis] for x in ctx.x]
+    parts = b.op("Split", [ctx.output_grad(0), b.ints(sizes)], n_outputs=len(sizes), axis=axis)
+    parts = parts if isinstance(parts, list) else [parts]
+    return [p if need else None for p, need in zip(parts, ctx.need)]
+
+
+@rule("Split")
+def _split(ctx):
+    rank = ctx.rank(ctx.x[0])
+    axis = _static_axis(ctx, ctx.attr("axis", 0), rank, "Split")
+    grads = [ctx.output_grad(i) for i in range(len(ctx.y))]
+    return [ctx.b.op("Concat", grads, axis=axis)]
+
+
+def _slice_indices(start, end, step, dim):
+    return list(range(*slice(int(start), int(end), int(step)).indices(int(dim))))
+
+
+@rule("Slice")
+def _slice(ctx):
+    b = ctx.b
+    x = ctx.x[0]
+    shape = ctx.shape(x)
+    rank = len(shape)
+    starts = ctx.constant_value(ctx.x[1]).tolist()
+    ends = ctx.constant_value(ctx.x[2]).tolist()
+    axes = ctx.constant_value(ctx.x[3]).tolist() if len(ctx.x) > 3 and ctx.x[3] else list(range(len(starts)))
+    steps = ctx.constant_value(ctx.x[4]).tolist() if len(ctx.x) > 4 and ctx.x[4] else [1] * len(starts)
+    g = ctx.output_grad(0)
+    for start, end, axis, step in zip(starts, ends, axes, steps):
+        axis = axis + rank if axis < 0 else axis
+        dim = shape[axis]
+        idx = _slice_indices(start, end, step, dim)
+        if axis == 0 and ctx.is_batched(x):
+            if idx == list(range(dim)) and int(end) >= dim:  # a full slice of the batch is a no-op
+                continue
+            raise ctx.fail("Slice along the batch axis cannot be differentiated per sample")
+        if idx == list(range(dim)):
+            continue
+        if idx and step == 1:
+            pads = [0] * (2 * rank)
+            pads[axis] = idx[0]
+            pads[rank + axis] = dim - idx[-1] - 1
+            g = b.op("Pad", [g, b.ints(pads)])
+            continue
+        # General steps: gather from the gradient padded with one zero slice; unselected input
+        # positions point at that zero slice.
+        pads = [0] * (2 * rank)
+        pads[rank + axis] = 1
+        padded = b.op("Pad", [g, b.ints(pads)])
+        inverse = np.full(dim, len(idx), dtype=np.int64)
+        inverse[np.asarray(idx, dtype=np.int64)] = np.arange(len(idx))
+        g = b.op("Gather", [padded, b.const(inverse)], axis=axis)
+    return [g]
+
+
+@rule("Pad")
+def _pad(ctx):
+    b = ctx.b
+    mode = ctx.attr("mode", "constant")
+    if mode != "constant":
+        raise ctx.fail(f"Pad mode {mode!r} is not supported (only 'constant')")
+    if len(ctx.need) > 2 and ctx.need[2]:
+        raise ctx.fail("the gradient of Pad's constant value is not supported")
+    pads = ctx.constant_value(ctx.x[1]).astype(np.int64).tolist()
+    x = ctx.x[0]
+    rank = ctx.rank(x)
+    out_shape = ctx.shape(ctx.y[0])
+    begin, end = pads[:rank], pads[rank:]
+    g = ctx.output_grad(0)
+    if any(p > 0 for p in begin + end):
+        starts = [max(p, 0) for p in begin]
+        ends = [out_shape[i] - max(end[i], 0) for i in range(rank)]
+        if ctx.is_batched(x):
+            starts[0], ends[0] = 0, np.iinfo(np.int64).max
+        g = b.op("Slice", [g, b.ints(starts), b.ints(ends), b.ints(list(range(rank)))])
+    if any(p < 0 for p in begin + end):
+        g = b.op("Pad", [g, b.ints([max(-p, 0) for p in begin + end])])
+    return [g]
+
+
+# ================================================================ elementwise arithmetic
+
+def _binary_shapes(ctx):
+    return ctx.shape(ctx.y[0])
+
+
+@rule("Add")
+def _add(ctx):
+    g, out = ctx.output_grad(0), _binary_shapes(ctx)
+    return [ctx.reduce_to(g, out, ctx.x[i]) if ctx.need[i] else None for i in range(2)]
+
+
+@rule("Sub")
+def _sub(ctx):
+    g, out = ctx.output_grad(0), _binary_shapes(ctx)
+    da = ctx.reduce_to(g, out, ctx.x[0]) if ctx.need[0] else None
+    db = ctx.reduce_to(ctx.b.neg(g), out, ctx.x[1]) if ctx.need[1] else None
+    return [da, db]
+
+
+@rule("Mul")
+def _mul(ctx):
+    b, (a, c) = ctx.b, ctx.x
+    g, out = ctx.output_grad(0), _binary_shapes(ctx)
+    da = ctx.reduce_to(b.mul(g, c), out, a) if ctx.need[0] else None
+    dc = ctx.reduce_to(b.mul(g, a), out, c) if ctx.need[1] else None
+    return [da, dc]
+
+
+@rule("Div")
+def _div(ctx):
+    b, (a, c) = ctx.b, ctx.x
+    g, out = ctx.output_grad(0), _binary_shapes(ctx)
+    da = ctx.reduce_to(b.div(g, c), out, a) if ctx.need[0] else None
+    # d(a/c)/dc = -(a/c)/c = -y/c
+    dc = ctx.reduce_to(b.neg(b.div(b.mul(g, ctx.y[0]), c)), out, c) if ctx.need[1] else None
+    return [da, dc]
+
+
+@rule("Pow")
+def _pow(ctx):
+    b, (a, e) = ctx.b, ctx.x
+    g, out = ctx.output_grad(0), _binary_shapes(ctx)
+    da = db = None
+    if ctx.need[0]:
+        exponent_minus_one = b.sub(e, b.op("CastLike", [b.scalar(1.0), e]))
+        da_full = b.mul(g, b.mul(e, b.op("Pow", [a, exponent_minus_one])))
+        da = ctx.reduce_to(da_full, out, a)
+    if ctx.need[1]:
+        db = ctx.reduce_to(b.mul(g, b.mul(ctx.y[0], b.op("Log", [a]))), out, e)
+    return [da, db]
+
+
+@rule("Sqrt")
+def _sqrt(ctx):
+    b = ctx.b
+    return [b.div(ctx.output_grad(0), b.mul(ctx.y[0], b.scalar(2.0)))]
+
+
+@rule("Sigmoid")
+def _sigmoid(ctx):
+    b, y = ctx.b, ctx.y[0]
+    return [b.mul(ctx.output_grad(0), b.mul(y, b.sub(b.scalar(1.0), y)))]
+
+
+@rule("Tanh")
+def _tanh(ctx):
+    b, y = ctx.b, ctx.y[0]
+    return [b.mul(ctx.output_grad(0), b.sub(b.scalar(1.0), b.mul(y, y)))]
+
+
+@rule("Clip")
+def _clip(ctx):
+    b, x = ctx.b, ctx.x[0]
+    g = ctx.output_grad(0)
+    if any(ctx.need[1:]):
+        raise ctx.fail("gradients of Clip's min/max are not supported")
+    inside = None
+    if len(ctx.x) > 1 and ctx.x[1]:
+        inside = b.op("GreaterOrEqual", [x, ctx.x[1]])
+    if len(ctx.x) > 2 and ctx.x[2]:
+        below = b.op("LessOrEqual", [x, ctx.x[2]])
+        inside = below if inside is None else b.op("And", [inside, below])
+    return [g if inside is None else b.mul(g, b.mask(inside))]
+
+
+# ============================================================================ rectifiers
+
+@rule("Relu")
+def _relu(ctx):
+    b, x, g = ctx.b, ctx.x[0], ctx.output_grad(0)
+    if ctx.rule == "deconvnet":
+        return [b.op("Relu", [g])]
+    passed = b.mul(g, b.mask(b.op("Greater", [x, b.scalar(0.0)])))
+    if ctx.rule == "guided":
+        passed = b.op("Relu", [passed])
+    return [passed]
+
+
+def _leaky_backward(ctx, slope):
+    b, x, g = ctx.b, ctx.x[0], ctx.output_grad(0)
+    if ctx.rule == "deconvnet":
+        # the forward nonlinearity applied to the backward signal
+        return b.op("Where", [b.op("Greater", [g, b.scalar(0.0)]), g, b.mul(g, slope)])
+    positive = b.op("Greater", [x, b.scalar(0.0)])
+    if ctx.rule == "guided":
+        g = b.op("Relu", [g])
+    return b.op("Where", [positive, g, b.mul(g, slope)])
+
+
+@rule("LeakyRelu")
+def _leaky_relu(ctx):
+    return [_leaky_backward(ctx, ctx.b.scalar(float(ctx.attr("alpha", 0.01))))]
+
+
+@rule("PRelu")
+def _prelu(ctx):
+    b, (x, slope) = ctx.b, ctx.x
+    dx = _leaky_backward(ctx, slope) if ctx.need[0] else None
+    dslope = None
+    if ctx.need[1]:
+        g = ctx.output_grad(0)
+        negative_part = b.op("Where", [b.op("Greater", [x, b.scalar(0.0)]), b.scalar(0.0), b.mul(g, x)])
+        dslope = ctx.reduce_to(negative_part, ctx.shape(ctx.y[0]), slope)
+    return [dx, dslope]
+
+
+# ================================================================ softmax family
+
+@rule("Softmax")
+def _softmax(ctx):
+    b, y, g = ctx.b, ctx.y[0], ctx.output_grad(0)
+    axis = ctx.attr("axis", -1)
+    dot = b.reduce_sum(b.mul(g, y), [axis], keepdims=1)
+    return [b.mul(y, b.sub(g, dot))]
+
+
+@rule("LogSoftmax")
+def _log_softmax(ctx):
+    b, y, g = ctx.b, ctx.y[0], ctx.output_grad(0)
+    axis = ctx.attr("axis", -1)
+    total = b.reduce_sum(g, [axis], keepdims=1)
+    return [b.sub(g, b.mul(b.op("Exp", [y]), total))]
+
+
+# ================================================================ linear layers
+
+@rule("Gemm")
+def _gemm(ctx):
+    b = ctx.b
+    a, w = ctx.x[0], ctx.x[1]
+    alpha, beta = float(ctx.attr("alpha", 1.0)), float(ctx.attr("beta", 1.0))
+    trans_a, trans_b = int(ctx.attr("transA", 0)), int(ctx.attr("transB", 0))
+    g = ctx.output_grad(0)
+    grads = [None, None, None]
+    if ctx.need[0]:
+        # dA' = alpha g B'^T ; B'^T is B when transB else B^T
+        da = b.op("Gemm", [g, w], alpha=alpha, transB=0 if trans_b else 1)
+        if ctx.per_sample and not ctx.is_batched(a):
+            raise ctx.fail("per-sample gradients of Gemm's first input need it to carry the batch")
+        grads[0] = b.transpose(da, [1, 0]) if trans_a else da
+    if ctx.need[1]:
+        if ctx.per_sample and not ctx.is_batched(w):
+            if trans_a or not ctx.is_batched(a):
+                raise ctx.fail("per-sample weight gradients need the batch on axis 0 of input A")
+            # per-sample outer products: (N,K,1) @ (N,1,M), or (N,M,1) @ (N,1,K) with transB
+            if trans_b:
+                dw = b.op("MatMul", [b.unsqueeze(g, [2]), b.unsqueeze(a, [1])])
+            else:
+                dw = b.op("MatMul", [b.unsqueeze(a, [2]), b.unsqueeze(g, [1])])
+            grads[1] = b.scale(dw, alpha)
+        else:
+            # dB' = alpha A'^T g ; A'^T is A when transA else A^T
+            dbp = b.op("Gemm", [a, g], alpha=alpha, transA=0 if trans_a else 1)
+            grads[1] = b.transpose(dbp, [1, 0]) if trans_b else dbp
+    if len(ctx.x) > 2 and ctx.x[2] and ctx.need[2]:
+        grads[2] = ctx.reduce_to(b.scale(g, beta), ctx.shape(ctx.y[0]), ctx.x[2])
+    return grads
+
+
+def _swap_last(b, name, rank):
+    perm = list(range(rank))
+    perm[-1], perm[-2] = perm[-2], perm[-1]
+    return b.transpose(name, perm)
+
+
+@rule("MatMul")
+def _matmul(ctx):
+    b = ctx.b
+    a, w = ctx.x
+    a_shape, w_shape = ctx.shape(a), ctx.shape(w)
+    g = ctx.output_grad(0)
+    g_shape = list(ctx.shape(ctx.y[0]))
+    # 1-D operands are promoted to matrices, as the op itself does; g gets the promoted axes back.
+    a_p = (1,) + a_shape if len(a_shape) == 1 else a_shape
+    w_p = w_shape + (1,) if len(w_shape) == 1 else w_shape
+    a2 = b.unsqueeze(a, [0]) if len(a_shape) == 1 else a
+    w2 = b.unsqueeze(w, [1]) if len(w_shape) == 1 else w
+    if len(a_shape) == 1:
+        g = b.unsqueeze(g, [len(g_shape) - (0 if len(w_shape) == 1 else 1)])
+        g_shape.insert(len(g_shape) - (0 if len(w_shape) == 1 else 1), 1)
+    if len(w_shape) == 1:
+        g = b.unsqueeze(g, [len(g_shape)])
+        g_shape.append(1)
+    da = dw = None
+    if ctx.need[0]:
+        full = b.op("MatMul", [g, _swap_last(b, w2, len(w_p))])
+        da = ctx.reduce_to(full, g_shape[:-1] + [w_p[-2]], a, virtual_shape=a_p)
+    if ctx.need[1]:
+        if ctx.per_sample and not ctx.is_batched(w) and len(a_shape) == 2 and ctx.is_batched(a):
+            # the batch is the row axis of A: per-sample outer products
+            dw = b.op("MatMul", [b.unsqueeze(a, [2]), b.unsqueeze(g, [1])])
+            dw = b.reshape(dw, [0] + list(w_shape))
+        else:
+            full = b.op("MatMul", [_swap_last(b, a2, len(a_p)), g])
+            dw = ctx.reduce_to(full, g_shape[:-2] + [a_p[-1], g_shape[-1]], w, virtual_shape=w_p)
+    return [da, dw]
+
+
+# ================================================================== convolution
+
+def _spatial_attrs(ctx, x_shape, w_shape=None, kernel=None):
+    spatial = len(x_shape) - 2
+    kernel = list(kernel or ctx.attr("kernel_shape") or w_shape[2:])
+    strides = list(ctx.attr("strides") or [1] * spatial)
+    dilations = list(ctx.attr("dilations") or [1] * spatial)
+    pads = list(ctx.attr("pads") or [0] * (2 * spatial))
+    auto_pad = ctx.attr("auto_pad", "NOTSET") or "NOTSET"
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        pads = [0] * (2 * spatial)
+        for i in range(spatial):
+            size = x_shape[2 + i]
+            out = -(-size // strides[i])
+            total = max((out - 1) * strides[i] + (kernel[i] - 1) * dilations[i] + 1 - size, 0)
+            small = total // 2
+            pads[i], pads[spatial + i] = (small, total - small) if auto_pad == "SAME_UPPER" else (total - small, small)
+    elif auto_pad == "VALID":
+        pads = [0] * (2 * spatial)
+    return kernel, strides, dilations, pads
+
+
+def _flipped_swapped_kernel(b, w, w_shape, group):
+    """For each group, swap in/out channels and flip the kernel in space: (C, M/g, *k)."""
+    m, cg = w_shape[0], w_shape[1]
+    k = list(w_shape[2:])
+    spatial = len(k)
+    mg = m // group
+    r = b.reshape(w, [group, mg, cg] + k)
+    r = b.transpose(r, [0, 2, 1] + [3 + i for i in range(spatial)])
+    r = b.reshape(r, [group * cg, mg] + k)
+    axes = list(range(2, 2 + spatial))
+    big = np.iinfo(np.int64).max
+    return b.op("Slice", [r, b.ints([-1] * spatial), b.ints([-big] * spatial), b.ints(axes), b.ints([-1] * spatial)])
+
+
+def conv_input_grad(ctx, g, x_shape, y_shape, w, w_shape, strides, dilations, pads, group):
+    b = ctx.b
+    spatial = len(x_shape) - 2
+    k = list(w_shape[2:])
+    edge = [dilations[i] * (k[i] - 1) for i in range(spatial)]
+    new_pads = [edge[i] - pads[i] for i in range(spatial)] + [edge[i] - pads[spatial + i] for i in range(spatial)]
+    if all(s == 1 for s in strides) and all(p >= 0 for p in new_pads):
+        # a plain Conv with the flipped kernel: faster than ConvTranspose in onnxruntime
+        wf = _flipped_swapped_kernel(b, w, w_shape, group)
+        return b.op("Conv", [g, wf], pads=new_pads, dilations=dilations, group=group, strides=[1] * spatial)
+    out_pad = []
+    for i in range(spatial):
+        covered = strides[i] * (y_shape[2 + i] - 1) + edge[i] + 1
+        out_pad.append(x_shape[2 + i] + pads[i] + pads[spatial + i] - covered)
+    return b.op("ConvTranspose", [g, w], strides=strides, pads=pads, dilations=dilations, group=group,
+                output_padding=out_pad, kernel_shape=k)
+
+
+def unfold(ctx, x, x_shape, kernel, strides, dilations, pads):
+    """(N, C, *S) -> (N, C*prod(k), *out): each output channel picks one kernel tap of one channel."""
+    b = ctx.b
+    c = x_shape[1]
+    taps = int(np.prod(kernel))
+    spatial = len(kernel)
+    if taps == 1 and all(s == 1 for s in strides) and not any(pads):
+        return x
+    eye = np.eye(taps, dtype=b.dtype).reshape([taps, 1] + list(kernel))
+    one_hot = np.tile(eye, (c, 1) + (1,) * spatial)
+    return b.op("Conv", [x, b.const(one_hot, hint="unfold_kernel")], group=c, strides=strides,
+                dilations=dilations, pads=pads, kernel_shape=list(kernel))
+
+
+def conv_weight_grad_per_sample(ctx, x, x_shape, g, w_shape, strides, dilations, pads, group):
+    """dL_n/dW for every sample n: unfold of the input, then a batched MatMul with the output gradient."""
+    b = ctx.b
+    m, cg = w_shape[0], w_shape[1]
+    k = list(w_shape[2:])
+    taps = int(np.prod(k))
+    cols = unfold(ctx, x, x_shape, k, strides, dilations, pads)
+    cols = b.reshape(cols, [0, group, cg * taps, -1])
+    gr = b.reshape(g, [0, group, m // group, -1])
+    dw = b.op("MatMul", [gr, b.transpose(cols, [0, 1, 3, 2])])
+    return b.reshape(dw, [0, m, cg] + k)
+
+
+@rule("Conv")
+def _conv(ctx):
+    b = ctx.b
+    x, w = ctx.x[0], ctx.x[1]
+    x_shape, w_shape, y_shape = ctx.shape(x), ctx.shape(w), ctx.shape(ctx.y[0])
+    group = int(ctx.attr("group", 1))
+    kernel, strides, dilations, pads = _spatial_attrs(ctx, x_shape, w_shape)
+    g = ctx.output_grad(0)
+    grads = [None, None, None]
+    if ctx.need[0]:
+        grads[0] = conv_input_grad(ctx, g, x_shape, y_shape, w, w_shape, strides, dilations, pads, group)
+    if ctx.need[1]:
+        if ctx.is_batched(w) or not ctx.is_batched(x):
+            raise ctx.fail("weight gradients need a constant weight and a batched input")
+        per = conv_weight_grad_per_sample(ctx, x, x_shape, g, w_shape, strides, dilations, pads, group)
+        grads[1] = ctx.sum_over_batch(per)
+    if len(ctx.x) > 2 and ctx.x[2] and ctx.need[2]:
+        per = b.reduce_sum(g, list(range(2, len(y_shape))), keepdims=0)
+        grads[2] = ctx.sum_over_batch(per)
+    return grads
+
+
+# ====================================================================== pooling
+
+def pool_output_size(size, kernel, stride, pad_begin, pad_end, ceil_mode, dilation=1):
+    """onnxruntime's pooled length; with ceil_mode a window starting in the end padding is dropped."""
+    span = size + pad_begin + pad_end - ((kernel - 1) * dilation + 1)
+    out = (-(-span // stride) if ceil_mode else span // stride) + 1
+    if ceil_mode and (out - 1) * stride >= size + pad_begin:
+        out -= 1
+    return out
+
+
+def average_pool_divisors(size, out, kernel, stride, pad_begin, pad_end, count_include_pad):
+    """Per-output-position divisor of AveragePool along one axis (onnxruntime/Caffe convention:
+    windows clipped at size + pad_end; without count_include_pad only in-image elements count)."""
+    div = np.empty(out, dtype=np.float64)
+    for i in range(out):
+        start = i * stride - pad_begin
+        end = min(start + kernel, size + pad_end)
+        div[i] = (end - start) if count_include_pad else (min(end, size) - max(start, 0))
+    return div
+
+
+@rule("MaxPool")
+def _maxpool(ctx):
+    b, x = ctx.b, ctx.x[0]
+    if int(ctx.attr("storage_order", 0)) != 0:
+        raise ctx.fail("MaxPool with storage_order=1 is not supported")
+    indices = ctx.request_output(1)
+    flat_size = b.reshape(b.op("Size", [x]), [1])
+    zeros = b.zeros_like_shape(flat_size)
+    flat = b.op("ScatterElements", [zeros, b.reshape(indices, [-1]), b.reshape(ctx.output_grad(0), [-1])],
+                axis=0, reduction="add")
+    return [b.reshape(flat, b.shape_of(x))]
+
+
+@rule("AveragePool")
+def _avgpool(ctx):
+    b, x = ctx.b, ctx.x[0]
+    x_shape, y_shape = ctx.shape(x), ctx.shape(ctx.y[0])
+    spatial = len(x_shape) - 2
+    kernel, strides, dilations, pads = _spatial_attrs(ctx, x_shape, kernel=ctx.attr("kernel_shape"))
+    include = int(ctx.attr("count_include_pad", 0))
+    inv = np.ones([1, 1] + list(y_shape[2:]), dtype=np.float64)
+    for i in range(spatial):
+        div = average_pool_divisors(x_shape[2 + i], y_shape[2 + i], kernel[i], strides[i], pads[i],
+                                    pads[spatial + i], include)
+        shape = [1] * (2 + spatial)
+        shape[2 + i] = -1
+        inv = inv / div.reshape(shape)
+    g = b.mul(ctx.output_grad(0), b.const(inv.astype(b.dtype), hint="avgpool_inv_divisor"))
+    g = b.reshape(g, [-1, 1] + list(y_shape[2:]))
+    end_pads, out_pad = [], []
+    for i in range(spatial):
+        covered = strides[i] * (y_shape[2 + i] - 1) + kernel[i]
+        extra = covered - pads[i] - x_shape[2 + i]
+        end_pads.append(max(extra, 0))
+        out_pad.append(max(-extra, 0))
+    ones = b.const(np.ones([1, 1] + list(kernel), dtype=b.dtype), hint="avgpool_ones")
+    dx = b.op("ConvTranspose", [g, ones], strides=strides, pads=list(pads[:spatial]) + end_pads,
+              output_padding=out_pad, kernel_shape=list(kernel))
+    return [b.reshape(dx, b.shape_of(x))]
+
+
+@rule("GlobalAveragePool")
+def _global_avgpool(ctx):
+    b, x = ctx.b, ctx.x[0]
+    count = float(np.prod(ctx.shape(x)[2:]))
+    return [b.op("Expand", [b.scale(ctx.output_grad(0), 1.0 / count), b.shape_of(x)])]
+
+
+@rule("GlobalMaxPool")
+def _global_maxpool(ctx):
+    b, x = ctx.b, ctx.x[0]
+    flat = b.reshape(x, [0, 0, -1])
+    first = b.op("ArgMax", [flat], axis=2, keepdims=1, select_last_index=0)
+    zeros = b.zeros_like_shape(b.shape_of(flat))
+    routed = b.op("ScatterElements", [zeros, first, b.reshape(ctx.output_grad(0), [0, 0, 1])], axis=2)
+    return [b.reshape(routed, b.shape_of(x))]
+
+
+# ======================================================================= normalisation
+
+@rule("LRN")
+def _lrn(ctx):
+    """y = x * S^-beta, S = bias + alpha/size * sum_{window} x^2 (window over channels)."""
+    b, x, y = ctx.b, ctx.x[0], ctx.y[0]
+    size = int(ctx.attr("size"))
+    alpha, beta, bias = float(ctx.attr("alpha", 1e-4)), float(ctx.attr("beta", 0.75)), float(ctx.attr("bias", 1.0))
+    c = ctx.shape(x)[1]
+    lo, hi = (size - 1) // 2, -(-(size - 1) // 2)
+    ones = b.const(np.ones((1, 1, size, 1), dtype=b.dtype), hint="lrn_window")
+
+    def channel_window_sum(t, before, after):
+        r = b.reshape(t, [0, 1, c, -1])
+        s = b.op("Conv", [r, ones], pads=[before, 0, after, 0], kernel_shape=[size, 1])
+        return b.reshape(s, b.shape_of(t))
+
+    s = b.add(b.scalar(bias), b.scale(channel_window_sum(b.mul(x, x), lo, hi), alpha / size))
+    g = ctx.output_grad(0)
+    direct = b.mul(g, b.op("Pow", [s, b.scalar(-beta)]))
+    # input j appears in the windows of channels j-hi .. j+lo: the transposed window
+    back = channel_window_sum(b.div(b.mul(g, y), s), hi, lo)
+    return [b.sub(direct, b.mul(b.scale(x, 2.0 * alpha * beta / size), back))]
+
+
+@rule("BatchNormalization")
+def _batchnorm(ctx):
+    b = ctx.b
+    if int(ctx.attr("training_mode", 0)):
+        raise ctx.fail("BatchNormalization in training mode is not supported (inference only)")
+    x, scale, bias, mean, var = ctx.x[:5]
+    rank = ctx.rank(x)
+    c = ctx.shape(x)[1]
+    eps = float(ctx.attr("epsilon", 1e-5))
+    col = [c] + [1] * (rank - 2)
+    inv_std = b.op("Reciprocal", [b.op("Sqrt", [b.add(var, b.scalar(eps))])])
+    inv_col = b.reshape(inv_std, col)
+    g = ctx.output_grad(0)
+    grads = [None] * 5
+    if ctx.need[0]:
+        grads[0] = b.mul(g, b.mul(b.reshape(scale, col), inv_col))
+
+    def per_channel(t):
+        axes = [a for a in range(rank) if a != 1 and not (a == 0 and ctx.per_sample)]
+        return b.reduce_sum(t, axes, keepdims=0)
+
+    centered = b.sub(x, b.reshape(mean, col))
+    if ctx.need[1]:
+        grads[1] = per_channel(b.mul(g, b.mul(centered, inv_col)))
+    if ctx.need[2] or ctx.need[3]:
+        g_sum = per_channel(g)
+        if ctx.need[2]:
+            grads[2] = g_sum
+        if ctx.need[3]:
+            grads[3] = b.neg(b.mul(g_sum, b.mul(scale, inv_std)))
+    if ctx.need[4]:
+        cubed = b.mul(inv_std, b.mul(inv_std, inv_std))
+        grads[4] = b.mul(per_channel(b.mul(g, centered)), b.mul(scale, b.scale(cubed, -0.5)))
+    return grads
