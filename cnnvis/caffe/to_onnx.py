@@ -1,0 +1,797 @@
+"""Caffe net + weights -> ONNX graph that computes what Caffe computes in the TEST phase.
+
+Conventions of the graph written here:
+
+* node names are Caffe layer names (helper nodes of a layer are called ``<layer>/<what>``);
+* every layer output is its own tensor, also for in-place layers: the tensor of ``relu1`` working
+  in place on blob ``pool1`` is ``relu1``, while ``pool1`` keeps the value before rectification;
+* the batch dimension of the inputs is symbolic (``N``);
+* ``metadata_props`` holds JSON maps from Caffe blob names to the ONNX tensor with their final
+  value (:data:`META_BLOBS`), from layer names to their output tensors (:data:`META_LAYERS`) and to
+  their Caffe types (:data:`META_TYPES`), and the sha256 of the source files.
+
+Caffe details reproduced exactly: pooling output sizes (rounding up, minus one when the last
+window would start in the padding), the AVE pooling divisor (window clipped at ``H + pad`` before
+clipping to the image), MAX pooling over in-image elements only, LRN in both regions, BatchNorm's
+scale-factor blob, InnerProduct's flattening from its axis.
+"""
+from __future__ import annotations
+
+import json
+import zlib
+
+import numpy as np
+
+from ..errors import CnnvisError
+from .reader import CaffeNetDef, CaffeWeights, blob_from_proto
+
+META_BLOBS = "caffe_blob_tensors"
+META_LAYERS = "caffe_layer_tensors"
+META_TYPES = "caffe_layer_types"
+META_PARAMS = "caffe_layer_params"
+META_PROTOTXT_SHA = "caffe_prototxt_sha256"
+META_WEIGHTS_SHA = "caffe_weights_sha256"
+META_WEIGHTS = "caffe_weights"
+BATCH = "N"
+FILLS = ("he", "xavier", "gaussian")
+
+SUPPORTED_LAYERS = (
+    "Input", "Convolution", "Deconvolution", "InnerProduct", "ReLU", "PReLU", "Sigmoid", "TanH",
+    "Pooling", "LRN", "Dropout", "Softmax", "Concat", "Flatten", "Reshape", "Eltwise", "BatchNorm",
+    "Scale", "Split", "Power", "Slice",
+)
+
+
+def caffe_pool_axis(size: int, kernel: int, stride: int, pad: int, ceil_mode: bool, any_pad: bool):
+    """Caffe's pooling geometry along one axis.
+
+    Returns ``(out, pad_end, divisors, starts)``: the output size, the end padding that makes a
+    floor-mode ONNX pool produce ``out`` windows starting at ``i*stride - pad``, Caffe's AVE
+    divisor of every window and the window starts (in input coordinates).
+    """
+    span = size + 2 * pad - kernel
+    out = (-(-span // stride) if ceil_mode else span // stride) + 1
+    # Caffe drops the last window when it would start in the padding (only when padding is on).
+    if any_pad and (out - 1) * stride >= size + pad:
+        out -= 1
+    starts = [i * stride - pad for i in range(max(out, 0))]
+    divisors = [min(start + kernel, size + pad) - start for start in starts]
+    pad_end = max(0, (out - 1) * stride + kernel - size - pad)
+    return out, pad_end, divisors, starts
+
+
+class _Converter:
+    def __init__(self, net: CaffeNetDef, weights: CaffeWeights | None, fill: str, seed: int):
+        if fill not in FILLS:
+            raise CnnvisError(f"fill {fill!r}: expected one of {', '.join(FILLS)}")
+        self.net, self.weights, self.fill, self.seed = net, weights, fill, int(seed)
+        self.nodes, self.initializers, self.graph_inputs = [], [], []
+        self.shapes = {}  # tensor -> shape tuple, dim 0 None (the batch)
+        self.blob_tensor = {}
+        self.layer_tensors, self.layer_types = {}, {}
+        self.layer_params = {}  # layer -> initializers holding its Caffe blobs (as used by the graph)
+        self.tensor_names, self.node_names = set(), set()
+        self.available = {}  # blobs produced and not consumed yet (Caffe's net outputs), in order
+        self.reserved = {name for name, _ in net.inputs} | {t for layer in net.layers for t in layer.tops}
+
+    # ------------------------------------------------------------ naming and emission
+
+    def unique_tensor(self, base: str) -> str:
+        name, i = base, 1
+        while name in self.tensor_names:
+            i += 1
+            name = f"{base}_{i}"
+        self.tensor_names.add(name)
+        return name
+
+    def const(self, base: str, array, dtype=np.float32) -> str:
+        from onnx import numpy_helper
+
+        name = self.unique_tensor(base)
+        array = np.asarray(array, dtype=dtype)  # keeps 0-d scalars 0-d (ascontiguousarray would not)
+        self.initializers.append(numpy_helper.from_array(array if array.flags.c_contiguous else array.copy(), name))
+        return name
+
+    def param_const(self, layer, kind: str, array) -> str:
+        name = self.const(f"{layer.name}/{kind}", array)
+        self.layer_params.setdefault(layer.name, []).append(name)
+        return name
+
+    def tmp(self, layer, what: str) -> str:
+        return self.unique_tensor(f"{layer.name}/{what}")
+
+    def emit(self, op: str, inputs, outputs, name: str, **attrs):
+        from onnx import helper
+
+        base, i = name, 1
+        while name in self.node_names:
+            i += 1
+            name = f"{base}_{i}"
+        self.node_names.add(name)
+        self.nodes.append(helper.make_node(op, list(inputs), list(outputs), name=name, **attrs))
+
+    # ------------------------------------------------------------ parameters
+
+    def params(self, layer, specs):
+        """The layer's blobs checked against ``specs`` = [(kind, shape, fan_in)], or generated."""
+        expected = [tuple(int(d) for d in shape) for _, shape, _ in specs]
+        kinds = [kind for kind, _, _ in specs]
+        source, where = None, None
+        if len(layer.proto.blobs):  # blobs written into the prototxt itself
+            where = self.net.path
+            source = [blob_from_proto(b, f"{where}: layer {layer.name!r} blob {i}")
+                      for i, b in enumerate(layer.proto.blobs)]
+        elif self.weights is not None:
+            where = self.weights.path
+            if layer.name not in self.weights.layers:
+                raise CnnvisError(
+                    f"{where}: no weights for layer {layer.name!r} ({layer.type}); expected blobs "
+                    f"{_describe(kinds, expected)}. Weights are matched to the prototxt by layer name")
+            source = self.weights.layers[layer.name]
+        if source is None:
+            return [self._generate(layer, kind, shape, fan_in) for kind, shape, fan_in in
+                    zip(kinds, expected, [s[2] for s in specs])]
+        if len(source) != len(expected):
+            raise CnnvisError(
+                f"{where}: layer {layer.name!r} ({layer.type}) has {len(source)} blobs "
+                f"{[b.shape for b in source]}; the prototxt needs {len(expected)}: {_describe(kinds, expected)}")
+        arrays = []
+        for kind, shape, blob in zip(kinds, expected, source):
+            if not _shape_matches(blob, shape):
+                raise CnnvisError(
+                    f"{where}: layer {layer.name!r} ({layer.type}) {kind} blob has shape {blob.shape}, "
+                    f"the prototxt needs {shape}")
+            arrays.append(blob.array.reshape(shape).astype(np.float32, copy=False))
+        return arrays
+
+    def _generate(self, layer, kind, shape, fan_in):
+        rng = np.random.default_rng([self.seed, zlib.crc32(layer.name.encode("utf-8"))])
+        if kind == "weight":
+            fan_in = max(int(fan_in), 1)
+            if self.fill == "he":
+                return rng.standard_normal(shape, dtype=np.float32) * np.float32(np.sqrt(2.0 / fan_in))
+            if self.fill == "xavier":
+                limit = np.sqrt(3.0 / fan_in)
+                return rng.uniform(-limit, limit, size=shape).astype(np.float32)
+            return rng.standard_normal(shape, dtype=np.float32) * np.float32(0.01)
+        constant = {"bias": 0.0, "mean": 0.0, "variance": 1.0, "scale_factor": 1.0, "gamma": 1.0,
+                    "beta": 0.0, "slope": 0.25}[kind]
+        return np.full(shape, constant, dtype=np.float32)
+
+    # ------------------------------------------------------------ driver
+
+    def run(self):
+        for name, shape in self.net.inputs:
+            self.add_input(name, shape, self.net.path)
+        for layer in self.net.layers:
+            self.layer_types[layer.name] = layer.type
+            if layer.type == "Input":
+                self.input_layer(layer)
+                continue
+            handler = getattr(self, "layer_" + layer.type, None)
+            if handler is None:
+                raise CnnvisError(
+                    f"{self.net.path}: layer {layer.name!r} has type {layer.type!r}, which cnnvis cannot "
+                    f"convert; supported: {', '.join(SUPPORTED_LAYERS)}")
+            inputs = []
+            for bottom in layer.bottoms:
+                if bottom not in self.blob_tensor:
+                    raise CnnvisError(f"{self.net.path}: layer {layer.name!r} reads blob {bottom!r}, which "
+                                      "no earlier layer or net input produces")
+                inputs.append(self.blob_tensor[bottom])
+            outputs = self.top_tensors(layer)
+            shapes = handler(layer, inputs, [self.shapes[t] for t in inputs], outputs)
+            for bottom in layer.bottoms:
+                self.available.pop(bottom, None)
+            self.bind(layer, outputs, shapes)
+        return self.build()
+
+    def top_tensors(self, layer):
+        names = []
+        for i, top in enumerate(layer.tops):
+            in_place = top in self.blob_tensor or top in names
+            if not in_place and top not in self.tensor_names:
+                names.append(self.unique_tensor(top))
+            elif (len(layer.tops) == 1 and layer.name not in self.tensor_names
+                  and layer.name not in self.reserved):
+                names.append(self.unique_tensor(layer.name))
+            else:
+                names.append(self.unique_tensor(f"{layer.name}/{top}"))
+        return names
+
+    def bind(self, layer, outputs, shapes):
+        if len(shapes) != len(outputs):  # pragma: no cover - a handler bug
+            raise AssertionError(f"{layer.name}: {len(shapes)} shapes for {len(outputs)} outputs")
+        for top, tensor, shape in zip(layer.tops, outputs, shapes):
+            self.shapes[tensor] = tuple(shape)
+            self.blob_tensor[top] = tensor
+            self.available.pop(top, None)
+            self.available[top] = tensor
+        self.layer_tensors[layer.name] = list(outputs)
+
+    def add_input(self, name, shape, where):
+        from onnx import TensorProto, helper
+
+        shape = tuple(int(d) for d in shape)
+        if len(shape) < 1 or any(d <= 0 for d in shape):
+            raise CnnvisError(f"{where}: input {name!r} has shape {shape}; expected positive dimensions")
+        if name in self.blob_tensor:
+            raise CnnvisError(f"{where}: input blob {name!r} is declared twice")
+        self.tensor_names.add(name)
+        dims = [BATCH] + list(shape[1:])
+        self.graph_inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, dims))
+        self.shapes[name] = (None,) + shape[1:]
+        self.blob_tensor[name] = name
+        self.available[name] = name
+
+    def input_layer(self, layer):
+        shapes = list(layer.param("input_param").shape)
+        if not shapes:
+            raise CnnvisError(f"{self.net.path}: Input layer {layer.name!r} has no input_param shape")
+        if len(shapes) not in (1, len(layer.tops)):
+            raise CnnvisError(f"{self.net.path}: Input layer {layer.name!r} has {len(layer.tops)} tops "
+                              f"but {len(shapes)} shapes")
+        for i, top in enumerate(layer.tops):
+            shape = shapes[i if len(shapes) > 1 else 0]
+            self.add_input(top, tuple(shape.dim), f"{self.net.path}: layer {layer.name!r}")
+        self.layer_tensors[layer.name] = list(layer.tops)
+
+    def build(self):
+        from onnx import TensorProto, helper
+
+        from ..onnxgraph import make_model
+
+        if not self.nodes:
+            raise CnnvisError(f"{self.net.path}: the net has no layers to convert")
+        outputs = []
+        input_names = {vi.name for vi in self.graph_inputs}
+        for blob, tensor in self.available.items():
+            if tensor in input_names:
+                continue
+            shape = self.shapes[tensor]
+            outputs.append(helper.make_tensor_value_info(tensor, TensorProto.FLOAT, [BATCH] + list(shape[1:])))
+        output_names = {vi.name for vi in outputs}
+        value_info = [helper.make_tensor_value_info(t, TensorProto.FLOAT, [BATCH] + list(s[1:]))
+                      for t, s in self.shapes.items() if t not in input_names and t not in output_names]
+        graph = helper.make_graph(self.nodes, self.net.name or "caffe_net", self.graph_inputs, outputs,
+                                  self.initializers, value_info=value_info)
+        model = make_model(graph)
+        helper.set_model_props(model, {
+            META_BLOBS: json.dumps(self.blob_tensor),
+            META_LAYERS: json.dumps(self.layer_tensors),
+            META_TYPES: json.dumps(self.layer_types),
+            META_PARAMS: json.dumps(self.layer_params),
+        })
+        return model
+
+    # ------------------------------------------------------------ helpers for handlers
+
+    def need(self, layer, inputs, count, shapes=None, min_rank=None):
+        if count is not None and len(inputs) != count:
+            raise CnnvisError(f"{self.net.path}: layer {layer.name!r} ({layer.type}) needs {count} bottom "
+                              f"blob(s), has {len(inputs)}")
+        if min_rank is not None:
+            for s in shapes:
+                if len(s) < min_rank:
+                    raise CnnvisError(f"{self.net.path}: layer {layer.name!r} ({layer.type}) needs a "
+                                      f"{min_rank}-D or larger input, got shape {_show(s)}")
+
+    def need_tops(self, layer, count):
+        if len(layer.tops) != count:
+            raise CnnvisError(f"{self.net.path}: layer {layer.name!r} ({layer.type}) needs {count} top "
+                              f"blob(s), has {len(layer.tops)}")
+
+    def axis(self, layer, axis, rank, what="axis", allow_batch=False):
+        if not -rank <= axis < rank:
+            raise CnnvisError(f"{self.net.path}: layer {layer.name!r} {what} {axis} is out of range for a "
+                              f"{rank}-D input")
+        axis = axis + rank if axis < 0 else axis
+        if axis == 0 and not allow_batch:
+            raise CnnvisError(f"{self.net.path}: layer {layer.name!r} ({layer.type}) works across the batch "
+                              f"axis ({what} 0); cnnvis converts nets whose images are independent")
+        return axis
+
+    def fail(self, layer, message):
+        raise CnnvisError(f"{self.net.path}: layer {layer.name!r} ({layer.type}): {message}")
+
+    # ------------------------------------------------------------ layers
+
+    def _geometry(self, layer, p, nsp):
+        def expand(values, default, what):
+            values = [int(v) for v in values]
+            if not values:
+                if default is None:
+                    self.fail(layer, f"{what} is required")
+                return [default] * nsp
+            if len(values) == 1:
+                return values * nsp
+            if len(values) != nsp:
+                self.fail(layer, f"{what} has {len(values)} values for {nsp} spatial axes")
+            return values
+
+        def pair(h, w, repeated, default, what):
+            if p.HasField(h) or p.HasField(w):
+                if nsp != 2:
+                    self.fail(layer, f"{h}/{w} can only be used for 2-D convolution")
+                if len(repeated):
+                    self.fail(layer, f"either {what} or {h}/{w} should be given, not both")
+                if what == "kernel_size" and not (p.HasField(h) and p.HasField(w)):
+                    self.fail(layer, "kernel_h and kernel_w must be given together")
+                return [int(getattr(p, h)), int(getattr(p, w))]
+            return expand(repeated, default, what)
+
+        kernel = pair("kernel_h", "kernel_w", p.kernel_size, None, "kernel_size")
+        pad = pair("pad_h", "pad_w", p.pad, 0, "pad")
+        stride = pair("stride_h", "stride_w", p.stride, 1, "stride")
+        dilation = expand(p.dilation, 1, "dilation")
+        if min(kernel) <= 0 or min(stride) <= 0 or min(dilation) <= 0:
+            self.fail(layer, f"kernel {kernel}, stride {stride} and dilation {dilation} must be positive")
+        return kernel, pad, stride, dilation
+
+    def _conv_common(self, layer, inputs, shapes, deconv):
+        self.need(layer, inputs, 1, shapes, min_rank=3)
+        self.need_tops(layer, 1)
+        p = layer.param("convolution_param")
+        shape = shapes[0]
+        if p.axis not in (1, 1 - len(shape)):
+            self.fail(layer, f"axis {p.axis}: only channel axis 1 is supported")
+        nsp = len(shape) - 2
+        kernel, pad, stride, dilation = self._geometry(layer, p, nsp)
+        channels, num_output, group = shape[1], int(p.num_output), int(p.group)
+        if num_output <= 0:
+            self.fail(layer, "num_output must be positive")
+        if group <= 0 or channels % group or num_output % group:
+            self.fail(layer, f"group {group} must divide the {channels} input channels and num_output {num_output}")
+        extent = [d * (k - 1) + 1 for k, d in zip(kernel, dilation)]
+        if deconv:
+            out = [s * (i - 1) + e - 2 * q for i, s, e, q in zip(shape[2:], stride, extent, pad)]
+            wshape = (channels, num_output // group, *kernel)
+            fan_in = num_output // group * int(np.prod(kernel))
+        else:
+            out = [(i + 2 * q - e) // s + 1 for i, s, e, q in zip(shape[2:], stride, extent, pad)]
+            wshape = (num_output, channels // group, *kernel)
+            fan_in = channels // group * int(np.prod(kernel))
+        if min(out) <= 0:
+            self.fail(layer, f"input {_show(shape)} gives an empty output {out}")
+        specs = [("weight", wshape, fan_in)]
+        if p.bias_term:
+            specs.append(("bias", (num_output,), 1))
+        arrays = self.params(layer, specs)
+        names = [self.param_const(layer, "weight", arrays[0])]
+        if p.bias_term:
+            names.append(self.param_const(layer, "bias", arrays[1]))
+        attrs = dict(kernel_shape=kernel, strides=stride, pads=pad + pad, dilations=dilation, group=group)
+        return inputs[0], names, attrs, (None, num_output, *out)
+
+    def layer_Convolution(self, layer, inputs, shapes, outputs):
+        x, params, attrs, out = self._conv_common(layer, inputs, shapes, deconv=False)
+        self.emit("Conv", [x] + params, outputs, layer.name, **attrs)
+        return [out]
+
+    def layer_Deconvolution(self, layer, inputs, shapes, outputs):
+        x, params, attrs, out = self._conv_common(layer, inputs, shapes, deconv=True)
+        self.emit("ConvTranspose", [x] + params, outputs, layer.name, **attrs)
+        return [out]
+
+    def layer_InnerProduct(self, layer, inputs, shapes, outputs):
+        self.need(layer, inputs, 1, shapes, min_rank=2)
+        self.need_tops(layer, 1)
+        p = layer.param("inner_product_param")
+        shape = shapes[0]
+        axis = self.axis(layer, int(p.axis), len(shape))
+        k = int(np.prod(shape[axis:]))
+        n = int(p.num_output)
+        if n <= 0:
+            self.fail(layer, "num_output must be positive")
+        transpose = bool(p.transpose)
+        specs = [("weight", (k, n) if transpose else (n, k), k)]
+        if p.bias_term:
+            specs.append(("bias", (n,), 1))
+        arrays = self.params(layer, specs)
+        x = inputs[0]
+        if axis == 1:
+            if len(shape) > 2:
+                flat = self.tmp(layer, "flatten")
+                self.emit("Flatten", [x], [flat], f"{layer.name}/flatten", axis=1)
+                x = flat
+            gemm_inputs = [x, self.param_const(layer, "weight", arrays[0])]
+            if p.bias_term:
+                gemm_inputs.append(self.param_const(layer, "bias", arrays[1]))
+            self.emit("Gemm", gemm_inputs, outputs, layer.name, transB=0 if transpose else 1)
+        else:
+            # y[..., :] = x.reshape(leading dims, K) @ W.T + b, leading dims kept as they are.
+            target = self.const(f"{layer.name}/shape", [0] * axis + [k], dtype=np.int64)
+            flat = self.tmp(layer, "flatten")
+            self.emit("Reshape", [x, target], [flat], f"{layer.name}/flatten")
+            weight = arrays[0] if transpose else arrays[0].T
+            w_name = self.param_const(layer, "weight", weight)
+            if p.bias_term:
+                product = self.tmp(layer, "matmul")
+                self.emit("MatMul", [flat, w_name], [product], f"{layer.name}/matmul")
+                self.emit("Add", [product, self.param_const(layer, "bias", arrays[1])], outputs, layer.name)
+            else:
+                self.emit("MatMul", [flat, w_name], outputs, layer.name)
+        return [tuple(shape[:axis]) + (n,)]
+
+    def layer_ReLU(self, layer, inputs, shapes, outputs):
+        self.need(layer, inputs, 1)
+        self.need_tops(layer, 1)
+        slope = float(layer.param("relu_param").negative_slope)
+        if slope == 0.0:
+            self.emit("Relu", inputs, outputs, layer.name)
+        else:
+            self.emit("LeakyRelu", inputs, outputs, layer.name, alpha=slope)
+        return [shapes[0]]
+
+    def layer_PReLU(self, layer, inputs, shapes, outputs):
+        self.need(layer, inputs, 1, shapes, min_rank=2)
+        self.need_tops(layer, 1)
+        shared = bool(layer.param("prelu_param").channel_shared)
+        shape = shapes[0]
+        channels = 1 if shared else shape[1]
+        (slope,) = self.params(layer, [("slope", (channels,), 1)])
+        # (C, 1, 1, ...) broadcasts over the channel axis of an N-D input.
+        slope = slope.reshape((channels,) + (1,) * (len(shape) - 2)) if not shared else slope
+        self.emit("PRelu", [inputs[0], self.param_const(layer, "slope", slope)], outputs, layer.name)
+        return [shape]
+
+    def layer_Sigmoid(self, layer, inputs, shapes, outputs):
+        self.need(layer, inputs, 1)
+        self.need_tops(layer, 1)
+        self.emit("Sigmoid", inputs, outputs, layer.name)
+        return [shapes[0]]
+
+    def layer_TanH(self, layer, inputs, shapes, outputs):
+        self.need(layer, inputs, 1)
+        self.need_tops(layer, 1)
+        self.emit("Tanh", inputs, outputs, layer.name)
+        return [shapes[0]]
+
+    def layer_Dropout(self, layer, inputs, shapes, outputs):
+        self.need(layer, inputs, 1)
+        self.need_tops(layer, 1)
+        # Identity at inference (Caffe scales during training only), like ONNX Dropout.
+        ratio = self.const(f"{layer.name}/ratio", np.float32(layer.param("dropout_param").dropout_ratio))
+        self.emit("Dropout", [inputs[0], ratio], outputs, layer.name)
+        return [shapes[0]]
+
+    def layer_Pooling(self, layer, inputs, shapes, outputs):
+        self.need(layer, inputs, 1)
+        self.need_tops(layer, 1)
+        shape = shapes[0]
+        if len(shape) != 4:
+            self.fail(layer, f"Caffe pools 4-D blobs, got shape {_show(shape)}")
+        p = layer.param("pooling_param")
+        method = p.DESCRIPTOR.fields_by_name["pool"].enum_type.values_by_number[p.pool].name
+        if method not in ("MAX", "AVE"):
+            self.fail(layer, f"pool {method} is not supported (MAX and AVE are)")
+        height, width = shape[2], shape[3]
+        ceil_mode = True
+        if "round_mode" in p.DESCRIPTOR.fields_by_name and p.HasField("round_mode"):
+            ceil_mode = p.round_mode == 0
+        if p.global_pooling:
+            if p.HasField("kernel_size") or p.HasField("kernel_h") or p.HasField("kernel_w"):
+                self.fail(layer, "global_pooling takes no kernel size")
+            if p.pad or p.pad_h or p.pad_w or p.stride != 1 or p.stride_h > 1 or p.stride_w > 1:
+                self.fail(layer, "global_pooling needs pad 0 and stride 1")
+            self.emit("GlobalMaxPool" if method == "MAX" else "GlobalAveragePool", inputs, outputs, layer.name)
+            return [(None, shape[1], 1, 1)]
+        if p.HasField("kernel_size") == (p.HasField("kernel_h") and p.HasField("kernel_w")):
+            self.fail(layer, "give kernel_size or kernel_h and kernel_w (exactly one of them)")
+        kh, kw = (p.kernel_size, p.kernel_size) if p.HasField("kernel_size") else (p.kernel_h, p.kernel_w)
+        ph, pw = (p.pad_h, p.pad_w) if p.HasField("pad_h") else (p.pad, p.pad)
+        sh, sw = (p.stride_h, p.stride_w) if p.HasField("stride_h") else (p.stride, p.stride)
+        if min(kh, kw, sh, sw) <= 0:
+            self.fail(layer, "kernel and stride must be positive")
+        if ph >= kh or pw >= kw:
+            self.fail(layer, f"pad ({ph}, {pw}) must be smaller than the kernel ({kh}, {kw})")
+        any_pad = bool(ph or pw)
+        out_h, pe_h, div_h, starts_h = caffe_pool_axis(height, kh, sh, ph, ceil_mode, any_pad)
+        out_w, pe_w, div_w, starts_w = caffe_pool_axis(width, kw, sw, pw, ceil_mode, any_pad)
+        if out_h <= 0 or out_w <= 0:
+            self.fail(layer, f"input {_show(shape)} gives an empty output ({out_h}, {out_w})")
+        if starts_h[-1] >= height or starts_w[-1] >= width:
+            self.fail(layer, f"the last pooling window starts outside the {height}x{width} input (stride "
+                             "larger than the kernel without padding); Caffe's value there is undefined")
+        attrs = dict(kernel_shape=[kh, kw], strides=[sh, sw], pads=[ph, pw, pe_h, pe_w])
+        out_shape = (None, shape[1], out_h, out_w)
+        if method == "MAX":
+            # ONNX MaxPool ignores padded positions, as Caffe takes the max over in-image elements.
+            self.emit("MaxPool", inputs, outputs, layer.name, **attrs)
+            return [out_shape]
+        # Caffe divides the in-image sum by the window clipped at H + pad (not at H): pool the
+        # zero-padded sum (average with the full kernel counted) and rescale by kh*kw / divisor.
+        factor = (kh * kw) / np.outer(np.asarray(div_h, np.float64), np.asarray(div_w, np.float64))
+        if np.all(factor == 1.0):
+            self.emit("AveragePool", inputs, outputs, layer.name, count_include_pad=1, **attrs)
+            return [out_shape]
+        pooled = self.tmp(layer, "sum_pool")
+        self.emit("AveragePool", inputs, [pooled], f"{layer.name}/sum_pool", count_include_pad=1, **attrs)
+        self.emit("Mul", [pooled, self.const(f"{layer.name}/divisor_scale", factor)], outputs, layer.name)
+        return [out_shape]
+
+    def layer_LRN(self, layer, inputs, shapes, outputs):
+        self.need(layer, inputs, 1)
+        self.need_tops(layer, 1)
+        shape = shapes[0]
+        if len(shape) != 4:
+            self.fail(layer, f"Caffe's LRN needs a 4-D blob, got shape {_show(shape)}")
+        p = layer.param("lrn_param")
+        size = int(p.local_size)
+        if size % 2 == 0:
+            self.fail(layer, f"local_size {size} must be odd (as in Caffe)")
+        region = p.DESCRIPTOR.fields_by_name["norm_region"].enum_type.values_by_number[p.norm_region].name
+        alpha, beta = float(p.alpha), float(p.beta)
+        if region == "ACROSS_CHANNELS":
+            self.emit("LRN", inputs, outputs, layer.name, size=size, alpha=alpha, beta=beta, bias=float(p.k))
+            return [shape]
+        # WITHIN_CHANNEL: y = x * (1 + alpha/n^2 * sum_{n x n, zero padded} x^2)^(-beta); k is unused.
+        # Caffe builds it from a stride-1 AVE pool with pad (n-1)/2, whose windows all count n^2.
+        x = inputs[0]
+        half = (size - 1) // 2
+        square = self.tmp(layer, "square")
+        self.emit("Mul", [x, x], [square], f"{layer.name}/square")
+        mean = self.tmp(layer, "window_mean")
+        self.emit("AveragePool", [square], [mean], f"{layer.name}/window_mean", kernel_shape=[size, size],
+                  strides=[1, 1], pads=[half] * 4, count_include_pad=1)
+        scaled = self.tmp(layer, "scaled")
+        self.emit("Mul", [mean, self.const(f"{layer.name}/alpha", np.float32(alpha))], [scaled],
+                  f"{layer.name}/scaled")
+        shifted = self.tmp(layer, "shifted")
+        self.emit("Add", [scaled, self.const(f"{layer.name}/one", np.float32(1.0))], [shifted],
+                  f"{layer.name}/shifted")
+        power = self.tmp(layer, "power")
+        self.emit("Pow", [shifted, self.const(f"{layer.name}/minus_beta", np.float32(-beta))], [power],
+                  f"{layer.name}/power")
+        self.emit("Mul", [x, power], outputs, layer.name)
+        return [shape]
+
+    def layer_Softmax(self, layer, inputs, shapes, outputs):
+        self.need(layer, inputs, 1)
+        self.need_tops(layer, 1)
+        p = layer.param("softmax_param")
+        axis = self.axis(layer, int(p.axis), len(shapes[0]), allow_batch=False)
+        self.emit("Softmax", inputs, outputs, layer.name, axis=axis)
+        return [shapes[0]]
+
+    def layer_Concat(self, layer, inputs, shapes, outputs):
+        self.need_tops(layer, 1)
+        if not inputs:
+            self.fail(layer, "needs at least one bottom blob")
+        p = layer.param("concat_param")
+        rank = len(shapes[0])
+        raw_axis = int(p.axis) if p.HasField("axis") or not p.HasField("concat_dim") else int(p.concat_dim)
+        axis = self.axis(layer, raw_axis, rank)
+        for s in shapes[1:]:
+            if len(s) != rank or any(a != b for i, (a, b) in enumerate(zip(s, shapes[0])) if i != axis):
+                self.fail(layer, f"bottom shapes {[_show(x) for x in shapes]} differ outside axis {axis}")
+        out = list(shapes[0])
+        out[axis] = sum(s[axis] for s in shapes)
+        self.emit("Concat", inputs, outputs, layer.name, axis=axis)
+        return [tuple(out)]
+
+    def layer_Flatten(self, layer, inputs, shapes, outputs):
+        self.need(layer, inputs, 1)
+        self.need_tops(layer, 1)
+        p = layer.param("flatten_param")
+        shape = shapes[0]
+        axis = self.axis(layer, int(p.axis), len(shape))
+        end = self.axis(layer, int(p.end_axis), len(shape), what="end_axis", allow_batch=True)
+        if end < axis:
+            self.fail(layer, f"end_axis {p.end_axis} comes before axis {p.axis}")
+        out = tuple(shape[:axis]) + (int(np.prod(shape[axis:end + 1])),) + tuple(shape[end + 1:])
+        if axis == 1 and end == len(shape) - 1:
+            self.emit("Flatten", inputs, outputs, layer.name, axis=1)
+        else:
+            target = self.const(f"{layer.name}/shape", [0] + list(out[1:]), dtype=np.int64)
+            self.emit("Reshape", [inputs[0], target], outputs, layer.name)
+        return [out]
+
+    def layer_Reshape(self, layer, inputs, shapes, outputs):
+        self.need(layer, inputs, 1)
+        self.need_tops(layer, 1)
+        p = layer.param("reshape_param")
+        shape = shapes[0]
+        rank = len(shape)
+        spec = [int(d) for d in p.shape.dim]
+        start = int(p.axis)
+        if not -(rank + 1) <= start <= rank:
+            self.fail(layer, f"axis {p.axis} is out of range for a {rank}-D input")
+        start = start + rank + 1 if start < 0 else start
+        end = rank if p.num_axes == -1 else start + int(p.num_axes)
+        if p.num_axes < -1 or end > rank:
+            self.fail(layer, f"num_axes {p.num_axes} does not fit a {rank}-D input from axis {start}")
+        if spec.count(-1) > 1 or any(d < -1 for d in spec):
+            self.fail(layer, f"shape {spec}: at most one -1 and no other negative values")
+        middle = []
+        for i, d in enumerate(spec):
+            if d == 0:
+                if start + i >= rank:
+                    self.fail(layer, f"shape {spec}: dim {i} copies input axis {start + i}, which does not exist")
+                middle.append(shape[start + i])
+            else:
+                middle.append(d)
+        out = list(shape[:start]) + middle + list(shape[end:])
+        replaced = list(shape[start:end])
+        if -1 in middle:
+            known_in = [d for d in replaced if d is not None]
+            known_out = [d for d in middle if d not in (-1, None)]
+            if None in replaced and None not in middle:
+                # The batch is merged into the inferred dimension: fine only when it is alone there.
+                if int(np.prod(known_in)) != int(np.prod(known_out)) or middle.index(-1) + start != 0:
+                    self.fail(layer, f"shape {spec} mixes the batch axis with other axes")
+                out[start + middle.index(-1)] = None
+            else:
+                total = int(np.prod(known_in))
+                part = int(np.prod(known_out))
+                if part == 0 or total % part:
+                    self.fail(layer, f"shape {spec} does not fit input {_show(shape)}")
+                out[start + middle.index(-1)] = total // part
+        if out[0] is not None or any(d is None for d in out[1:]):
+            self.fail(layer, f"shape {spec} moves or changes the batch axis of input {_show(shape)}")
+        if int(np.prod(out[1:])) != int(np.prod(shape[1:])):
+            self.fail(layer, f"shape {spec} gives {_show(out)}, which does not hold the {_show(shape)} input")
+        target = self.const(f"{layer.name}/shape", [0] + list(out[1:]), dtype=np.int64)
+        self.emit("Reshape", [inputs[0], target], outputs, layer.name)
+        return [tuple(out)]
+
+    def layer_Eltwise(self, layer, inputs, shapes, outputs):
+        self.need_tops(layer, 1)
+        if len(inputs) < 2:
+            self.fail(layer, "needs at least two bottom blobs")
+        if any(s != shapes[0] for s in shapes):
+            self.fail(layer, f"bottom shapes differ: {[_show(s) for s in shapes]}")
+        p = layer.param("eltwise_param")
+        op = p.DESCRIPTOR.fields_by_name["operation"].enum_type.values_by_number[p.operation].name
+        coeff = [float(c) for c in p.coeff]
+        if coeff and op != "SUM":
+            self.fail(layer, "coefficients are only allowed for SUM")
+        if coeff and len(coeff) != len(inputs):
+            self.fail(layer, f"{len(coeff)} coefficients for {len(inputs)} bottom blobs")
+        if op == "MAX":
+            self.emit("Max", inputs, outputs, layer.name)
+            return [shapes[0]]
+        terms = list(inputs)
+        if op == "SUM" and coeff:
+            for i, c in enumerate(coeff):
+                if c != 1.0:
+                    scaled = self.tmp(layer, f"scaled{i}")
+                    self.emit("Mul", [terms[i], self.const(f"{layer.name}/coeff{i}", np.float32(c))], [scaled],
+                              f"{layer.name}/scaled{i}")
+                    terms[i] = scaled
+        binary = "Add" if op == "SUM" else "Mul"
+        acc = terms[0]
+        for i, term in enumerate(terms[1:], start=1):
+            last = i == len(terms) - 1
+            out = outputs[0] if last else self.tmp(layer, f"partial{i}")
+            self.emit(binary, [acc, term], [out], layer.name if last else f"{layer.name}/partial{i}")
+            acc = out
+        return [shapes[0]]
+
+    def layer_BatchNorm(self, layer, inputs, shapes, outputs):
+        self.need(layer, inputs, 1, shapes, min_rank=2)
+        self.need_tops(layer, 1)
+        p = layer.param("batch_norm_param")
+        if p.HasField("use_global_stats") and not p.use_global_stats:
+            self.fail(layer, "use_global_stats: false normalises with the statistics of each batch; "
+                             "cnnvis converts the inference form (stored statistics)")
+        channels = shapes[0][1]
+        mean, var, factor = self.params(layer, [("mean", (channels,), 1), ("variance", (channels,), 1),
+                                                ("scale_factor", (1,), 1)])
+        # Caffe stores running sums; the statistics are the sums times 1/scale_factor (0 stays 0).
+        f = np.float32(0.0 if factor[0] == 0 else 1.0 / factor[0])
+        self.emit("BatchNormalization", [
+            inputs[0],
+            self.const(f"{layer.name}/unit_scale", np.ones(channels)),
+            self.const(f"{layer.name}/zero_bias", np.zeros(channels)),
+            self.param_const(layer, "mean", mean * f),
+            self.param_const(layer, "variance", var * f),
+        ], outputs, layer.name, epsilon=float(p.eps))
+        return [shapes[0]]
+
+    def layer_Scale(self, layer, inputs, shapes, outputs):
+        if len(inputs) != 1:
+            self.fail(layer, "only the one-bottom form (scale stored as a parameter blob) is supported")
+        self.need_tops(layer, 1)
+        p = layer.param("scale_param")
+        shape = shapes[0]
+        axis = self.axis(layer, int(p.axis), len(shape))
+        num_axes = int(p.num_axes)
+        if num_axes < -1 or (num_axes >= 0 and axis + num_axes > len(shape)):
+            self.fail(layer, f"num_axes {num_axes} does not fit a {len(shape)}-D input from axis {axis}")
+        end = len(shape) if num_axes == -1 else axis + num_axes
+        pshape = tuple(shape[axis:end])
+        specs = [("gamma", pshape, 1)] + ([("beta", pshape, 1)] if p.bias_term else [])
+        arrays = self.params(layer, specs)
+        # Trailing ones make the parameter broadcast from `axis` of the input.
+        bshape = pshape + (1,) * (len(shape) - end)
+        gamma = self.param_const(layer, "gamma", arrays[0].reshape(bshape))
+        if not p.bias_term:
+            self.emit("Mul", [inputs[0], gamma], outputs, layer.name)
+            return [shape]
+        scaled = self.tmp(layer, "scaled")
+        self.emit("Mul", [inputs[0], gamma], [scaled], f"{layer.name}/scaled")
+        self.emit("Add", [scaled, self.param_const(layer, "beta", arrays[1].reshape(bshape))], outputs, layer.name)
+        return [shape]
+
+    def layer_Split(self, layer, inputs, shapes, outputs):
+        self.need(layer, inputs, 1)
+        if not outputs:
+            self.fail(layer, "needs at least one top blob")
+        for i, out in enumerate(outputs):
+            self.emit("Identity", inputs, [out], layer.name if i == 0 else f"{layer.name}/{i}")
+        return [shapes[0]] * len(outputs)
+
+    def layer_Power(self, layer, inputs, shapes, outputs):
+        self.need(layer, inputs, 1)
+        self.need_tops(layer, 1)
+        p = layer.param("power_param")
+        power, scale, shift = float(p.power), float(p.scale), float(p.shift)
+        steps = []  # y = (shift + scale * x) ^ power
+        if scale != 1.0:
+            steps.append(("Mul", "scale", scale))
+        if shift != 0.0:
+            steps.append(("Add", "shift", shift))
+        if power != 1.0:
+            steps.append(("Pow", "power", power))
+        if not steps:
+            self.emit("Identity", inputs, outputs, layer.name)
+            return [shapes[0]]
+        x = inputs[0]
+        for i, (op, what, value) in enumerate(steps):
+            last = i == len(steps) - 1
+            out = outputs[0] if last else self.tmp(layer, what)
+            self.emit(op, [x, self.const(f"{layer.name}/{what}", np.float32(value))], [out],
+                      layer.name if last else f"{layer.name}/{what}")
+            x = out
+        return [shapes[0]]
+
+    def layer_Slice(self, layer, inputs, shapes, outputs):
+        self.need(layer, inputs, 1)
+        shape = shapes[0]
+        p = layer.param("slice_param")
+        raw_axis = int(p.axis) if p.HasField("axis") or not p.HasField("slice_dim") else int(p.slice_dim)
+        axis = self.axis(layer, raw_axis, len(shape))
+        size = shape[axis]
+        points = [int(v) for v in p.slice_point]
+        if points:
+            if len(points) + 1 != len(outputs):
+                self.fail(layer, f"{len(points)} slice points need {len(points) + 1} tops, found {len(outputs)}")
+            bounds = [0] + points + [size]
+            if any(b <= a for a, b in zip(bounds, bounds[1:])):
+                self.fail(layer, f"slice points {points} must increase within the axis size {size}")
+            sizes = [b - a for a, b in zip(bounds, bounds[1:])]
+        else:
+            if not outputs or size % len(outputs):
+                self.fail(layer, f"axis size {size} does not split evenly into {len(outputs)} tops")
+            sizes = [size // len(outputs)] * len(outputs)
+        split = self.const(f"{layer.name}/split", sizes, dtype=np.int64)
+        self.emit("Split", [inputs[0], split], outputs, layer.name, axis=axis)
+        out_shapes = []
+        for s in sizes:
+            out = list(shape)
+            out[axis] = s
+            out_shapes.append(tuple(out))
+        return out_shapes
+
+
+def _shape_matches(blob, shape) -> bool:
+    if blob.legacy:
+        # Caffe compares legacy (num, channels, height, width) blobs with the shape padded to 4-D.
+        if len(shape) > 4:
+            return False
+        return tuple(blob.shape) == (1,) * (4 - len(shape)) + tuple(shape)
+    return tuple(blob.shape) == tuple(shape)
+
+
+def _describe(kinds, shapes) -> str:
+    return ", ".join(f"{k} {tuple(s)}" for k, s in zip(kinds, shapes))
+
+
+def _show(shape) -> str:
+    return "(" + ", ".join("N" if d is None else str(d) for d in shape) + ")"
+
+
+def convert(net: CaffeNetDef, weights: CaffeWeights | None = None, *, fill: str = "he", seed: int = 0):
+    """An ONNX ModelProto for ``net`` with ``weights`` (generated deterministically when None)."""
+    return _Converter(net, weights, fill, seed).run()
