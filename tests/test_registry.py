@@ -1,0 +1,484 @@
+import hashlib
+import json
+import re
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from cnnvis import registry
+from cnnvis.cli import main
+from cnnvis.errors import CnnvisError
+from cnnvis.onnxgraph import make_model
+
+PAYLOAD = np.random.default_rng(7).integers(0, 256, 300_000, dtype=np.uint8).tobytes()
+PAYLOAD_SHA256 = hashlib.sha256(PAYLOAD).hexdigest()
+PAYLOAD_SHA1 = hashlib.sha1(PAYLOAD).hexdigest()
+FAST = dict(progress=False, retries=2, timeout=5.0, backoff=0.01)
+
+
+# ---------------------------------------------------------------------- loopback HTTP server
+
+class LoopbackServer:
+    """Serves PAYLOAD on 127.0.0.1 under paths that choose a behaviour:
+    /good, /corrupt (one byte flipped), /drop (first response closes half-way),
+    /norange (ignores Range, always 200), /short (announces and sends fewer bytes each time);
+    anything else is 404. Records (path, Range header) of every request."""
+
+    def __init__(self):
+        self.requests = []
+        self.served = {}
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # keep test output clean
+                pass
+
+            def do_GET(self):
+                rng = self.headers.get("Range")
+                outer.requests.append((self.path, rng))
+                count = outer.served[self.path] = outer.served.get(self.path, 0) + 1
+                name = self.path.rsplit("/", 1)[-1]
+                if name not in ("good", "corrupt", "drop", "norange", "short"):
+                    self.send_error(404)
+                    return
+                data = PAYLOAD
+                if name == "corrupt":
+                    data = data[:1000] + bytes([data[1000] ^ 0xFF]) + data[1001:]
+                start = 0
+                if rng and name != "norange":
+                    start = int(re.match(r"bytes=(\d+)-", rng).group(1))
+                body = data[start:]
+                self.send_response(206 if start else 200)
+                if start:
+                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if name == "drop" and count == 1:
+                    self.wfile.write(body[: len(body) // 2])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    return
+                if name == "short":
+                    body = body[:100]
+                self.wfile.write(body)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+        self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def url(self, name):
+        return f"{self.base}/files/{name}"
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(timeout=5)
+
+
+@pytest.fixture
+def server():
+    srv = LoopbackServer()
+    yield srv
+    srv.close()
+
+
+def dead_url():
+    # A port nobody listens on: bind, read the port, close.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/files/good"
+
+
+# ---------------------------------------------------------------------- downloads
+
+def test_download_good_file(server, tmp_path):
+    dest = tmp_path / "cache" / "model.bin"
+    out = registry.download(server.url("good"), dest, sha256=PAYLOAD_SHA256, size=len(PAYLOAD), **FAST)
+    assert out == dest and dest.read_bytes() == PAYLOAD
+    assert not list(dest.parent.glob("*.part"))
+    assert server.requests == [("/files/good", None)]
+
+
+def test_download_corrupted_file_is_deleted(server, tmp_path):
+    dest = tmp_path / "model.bin"
+    with pytest.raises(CnnvisError) as info:
+        registry.download(server.url("corrupt"), dest, sha256=PAYLOAD_SHA256, **FAST)
+    message = str(info.value)
+    assert "sha256" in message and PAYLOAD_SHA256 in message and "deleted" in message and "\n" not in message
+    assert list(tmp_path.iterdir()) == []  # neither the file nor a .part is left
+
+
+def test_download_resumes_after_dropped_connection(server, tmp_path):
+    dest = tmp_path / "model.bin"
+    registry.download(server.url("drop"), dest, sha256=PAYLOAD_SHA256, size=len(PAYLOAD), **FAST)
+    assert dest.read_bytes() == PAYLOAD
+    half = len(PAYLOAD) // 2
+    assert server.requests == [("/files/drop", None), ("/files/drop", f"bytes={half}-")]
+
+
+def test_download_resumes_a_part_file_from_an_earlier_run(server, tmp_path):
+    dest = tmp_path / "model.bin"
+    (tmp_path / "model.bin.part").write_bytes(PAYLOAD[:1234])
+    registry.download(server.url("good"), dest, sha1=PAYLOAD_SHA1, **FAST)
+    assert dest.read_bytes() == PAYLOAD
+    assert server.requests == [("/files/good", "bytes=1234-")]
+
+
+def test_download_restarts_when_server_ignores_range(server, tmp_path):
+    dest = tmp_path / "model.bin"
+    (tmp_path / "model.bin.part").write_bytes(b"stale bytes from elsewhere")
+    registry.download(server.url("norange"), dest, sha256=PAYLOAD_SHA256, **FAST)
+    assert dest.read_bytes() == PAYLOAD
+
+
+def test_download_server_down_is_one_line(tmp_path):
+    t0 = time.monotonic()
+    with pytest.raises(CnnvisError) as info:
+        registry.download(dead_url(), tmp_path / "m.bin", sha256=PAYLOAD_SHA256, **FAST)
+    assert time.monotonic() - t0 < 10
+    message = str(info.value)
+    assert "cannot download m.bin" in message and "refused" in message.lower() and "\n" not in message
+    assert "gave up after 3 attempts" in message  # retries=2: three tries without progress
+    assert not (tmp_path / "m.bin").exists()
+
+
+def test_download_falls_back_to_mirror(server, tmp_path):
+    dest = tmp_path / "m.bin"
+    registry.download([server.url("missing"), server.url("good")], dest, sha256=PAYLOAD_SHA256, **FAST)
+    assert dest.read_bytes() == PAYLOAD
+    assert [p for p, _ in server.requests] == ["/files/missing", "/files/good"]  # 404 is not retried
+
+
+def test_download_wrong_size_and_truncating_server(server, tmp_path):
+    with pytest.raises(CnnvisError, match="expected 5"):
+        registry.download(server.url("good"), tmp_path / "a.bin", size=5, **FAST)
+    # Each response stops after 100 bytes: every resume makes progress, so only the hard bound
+    # on attempts ends it.
+    with pytest.raises(CnnvisError, match=f"gave up after {registry._MAX_ATTEMPTS} attempts"):
+        registry.download(server.url("short"), tmp_path / "b.bin", **FAST)
+    assert server.served["/files/short"] == registry._MAX_ATTEMPTS
+    assert (tmp_path / "b.bin.part").stat().st_size == 100 * registry._MAX_ATTEMPTS  # kept for a later resume
+
+
+# ---------------------------------------------------------------------- fetch through sidecars
+
+@pytest.fixture
+def models_path(tmp_path, monkeypatch):
+    folder = tmp_path / "sidecars"
+    folder.mkdir()
+    monkeypatch.setenv("CNNVIS_MODEL_PATH", str(folder))
+    return folder
+
+
+def write_sidecar(folder, name, **fields):
+    data = {"name": name, **fields}
+    (folder / f"{name}.json").write_text(json.dumps(data))
+    return data
+
+
+def test_fetch_by_name_verifies_and_caches(server, models_path):
+    write_sidecar(models_path, "loop-caffe", kind="caffe", file="loop.caffemodel",
+                  url=server.url("good"), sha1=PAYLOAD_SHA1, size=len(PAYLOAD))
+    assert not registry.is_present("loop-caffe")
+    path = registry.fetch("loop-caffe", progress=False)
+    assert path == registry.cache_dir() / "loop.caffemodel" and path.read_bytes() == PAYLOAD
+    assert registry.is_present("loop-caffe")
+    entry = registry.resolve("loop-caffe")
+    assert entry.kind == "caffe" and entry.weights == path and entry.path is None
+    # Present: verified again, not downloaded again.
+    registry.fetch("loop-caffe", progress=False)
+    assert len(server.requests) == 1
+    path.write_bytes(b"tampered")
+    with pytest.raises(CnnvisError, match="failed verification.*--force"):
+        registry.fetch("loop-caffe", progress=False)
+    registry.fetch("loop-caffe", progress=False, force=True)
+    assert path.read_bytes() == PAYLOAD
+    path.unlink()
+
+
+def test_fetch_url_override_and_cli(server, models_path, capsys):
+    write_sidecar(models_path, "loop-onnx", kind="onnx", file="loop.onnx", url=dead_url(), sha256="0" * 64)
+    # The sidecar's URL is dead and its checksum wrong; the override supplies both.
+    path = registry.fetch("loop-onnx", progress=False, url=server.url("good"), sha256=PAYLOAD_SHA256)
+    assert path.read_bytes() == PAYLOAD
+    path.unlink()
+    assert main(["fetch", "loop-onnx", "--no-progress", "--url", server.url("good"), "--sha256", PAYLOAD_SHA256]) == 0
+    assert str(path) in capsys.readouterr().out
+    path.unlink()
+    assert main(["fetch", "loop-onnx", "--no-progress", "--retries", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("cnnvis fetch: error: cannot download loop-onnx")
+    assert main(["fetch", "no-such-model"]) == 2
+    assert "unknown model 'no-such-model'" in capsys.readouterr().err
+
+
+def test_not_downloaded_model_says_how_to_fetch(models_path):
+    write_sidecar(models_path, "far", kind="onnx", file="far.onnx", url="http://127.0.0.1:9/far.onnx", size=2_000_000)
+    with pytest.raises(CnnvisError, match=r"not downloaded yet: run `cnnvis fetch far` \(2.0 MB\)"):
+        registry.resolve("far")
+
+
+# ---------------------------------------------------------------------- the known models
+
+def test_known_models_and_zoo_facts():
+    known = registry.known_models()
+    assert {"alexnet", "caffenet", "bvlc_alexnet", "bvlc_reference_caffenet", "alexnet-random",
+            "caffenet-random"} <= set(known)
+    alex, caffe = known["alexnet"], known["caffenet"]
+    assert (alex["size"], alex["sha256"]) == (243863787, "6b0da9510f27f234ee96a85dc3809dd210150fdefad87f6850f9788513216945")
+    assert (caffe["size"], caffe["sha256"]) == (243863798, "ea563e5c47d1f58e1717cf1a2d8bf288b8adc07af0ad228b622096cd243aeecb")
+    for side, folder, file in ((alex, "alexnet", "bvlcalexnet-12.onnx"), (caffe, "caffenet", "caffenet-12.onnx")):
+        # Git LFS files: the media URL serves the content, the raw URL redirects there.
+        path = f"validated/vision/classification/{folder}/model/{file}"
+        assert side["url"] == f"https://media.githubusercontent.com/media/onnx/models/main/{path}"
+        assert side["mirrors"] == [f"https://github.com/onnx/models/raw/main/{path}"]
+        assert side["input_size"] == [3, 224, 224] and side["input_name"] == "data_0"
+    assert (alex["output_name"], caffe["output_name"]) == ("softmaxout_1", "prob_1")
+    for name in ("alexnet-random", "caffenet-random"):
+        entry_side = known[name]
+        assert entry_side["trained"] is False and "UNTRAINED" in entry_side["warning"]
+    assert registry.default_model_name() == "alexnet-random"
+    pre = registry.ModelEntry("alexnet", "onnx", None, alex, sidecar_path=registry.REPO_MODELS_DIR / "alexnet.json").preprocessing
+    assert pre.size == (224, 224) and pre.resize_to == (256, 256) and pre.channel_order == "BGR"
+
+
+def test_caffe_sha1_match_the_bvlc_readmes(shared_dir):
+    known = registry.known_models()
+    for name in ("bvlc_alexnet", "bvlc_reference_caffenet"):
+        text = (shared_dir / "caffe" / name / "readme.md").read_text()
+        assert known[name]["sha1"] == re.search(r"^sha1:\s*(\w+)", text, re.M).group(1)
+        assert known[name]["url"] == re.search(r"^caffemodel_url:\s*(\S+)", text, re.M).group(1)
+
+
+def test_imagenet_class_names_in_caffe_order(shared_dir):
+    names = registry.imagenet_class_names()
+    lines = (shared_dir / "imagenet" / "synset.txt").read_text().splitlines()
+    assert len(names) == 1000 == len(lines)
+    assert names == [line.split(" ", 1)[1] for line in lines]
+
+
+def test_builtin_class_lists():
+    assert registry.class_list("cifar10")[3] == "cat" and len(registry.class_list("cifar10")) == 10
+    assert registry.class_list("fashion_mnist")[9] == "Ankle boot"
+    assert len(registry.class_list("imagenet1k")) == 1000
+
+
+def test_models_command(capsys):
+    assert main(["models", "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["alexnet"]["present"] is False and rows["alexnet"]["size"] == 243863787
+    assert rows["alexnet-random"]["trained"] is False and rows["alexnet-random"]["default"] is True
+    assert main(["models"]) == 0
+    table = capsys.readouterr().out
+    assert "alexnet-random (default)" in table
+    # Built by an earlier test in this session or not: either way the table says where it is.
+    assert "built on first use" in table or "alexnet-random-v1-seed0.onnx" in table
+
+
+# ---------------------------------------------------------------------- builders
+
+def test_builder_model_is_built_once_and_loads(models_path):
+    # The AlexNet topology at a small input keeps this test quick; the mechanism is the one
+    # alexnet-random uses (nets.build_alexnet, cache keyed by name, version and seed).
+    write_sidecar(models_path, "tiny-alexnet", kind="builder", builder="alexnet", seed=3, version="t1",
+                  trained=False, input_size=[3, 67, 67], classes="imagenet1k", preprocessing={"preset": "caffe"})
+    entry = registry.resolve("tiny-alexnet")
+    assert entry.path == registry.cache_dir() / "tiny-alexnet-vt1-seed3.onnx" and entry.path.is_file()
+    assert not entry.trained and "UNTRAINED" in entry.warning
+    stamp = entry.path.stat().st_mtime_ns
+    assert registry.resolve("tiny-alexnet").path.stat().st_mtime_ns == stamp  # cached, not rebuilt
+    proto = onnx.load(str(entry.path))
+    assert (proto.ir_version, proto.opset_import[0].version) == (8, 17)
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(entry.path), providers=["CPUExecutionProvider"])
+    x = np.zeros((1, 3, 67, 67), np.float32)
+    (prob,) = sess.run(None, {sess.get_inputs()[0].name: x})
+    assert prob.shape == (1, 1000) and abs(float(prob.sum()) - 1) < 1e-4
+    model = registry.load("tiny-alexnet", device="cpu")
+    assert model.trained is False and len(model.class_names) == 1000 and model.class_names[0].startswith("tench")
+    assert model.sidecar["preprocessing"]["size"] == [67, 67]
+    # Deterministic weights: same seed gives the same file contents.
+    (registry.cache_dir() / "tiny-alexnet-vt1-seed3.onnx").rename(registry.cache_dir() / "old.onnx")
+    again = registry.resolve("tiny-alexnet").path
+    assert again.read_bytes() == (registry.cache_dir() / "old.onnx").read_bytes()
+
+
+def test_default_model_follows_present_default_sidecar(models_path, tmp_path):
+    write_sidecar(models_path, "demo", kind="onnx", file="demo.onnx", default=True)
+    assert registry.default_model_name() == "alexnet-random"  # not present yet
+    (models_path / "demo.onnx").write_bytes(b"x")
+    assert registry.default_model_name() == "demo"
+
+
+# ---------------------------------------------------------------------- file specs
+
+def tiny_onnx(path):
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((2, 1, 3, 3)).astype(np.float32), "conv1.weight")
+    fw = numpy_helper.from_array(rng.standard_normal((3, 2 * 6 * 6)).astype(np.float32), "fc.weight")
+    nodes = [helper.make_node("Conv", ["data", "conv1.weight"], ["conv1"], name="conv1"),
+             helper.make_node("Relu", ["conv1"], ["relu1"], name="relu1"),
+             helper.make_node("Flatten", ["relu1"], ["flat"], name="flat"),
+             helper.make_node("Gemm", ["flat", "fc.weight"], ["fc"], name="fc", transB=1),
+             helper.make_node("Softmax", ["fc"], ["prob"], name="prob", axis=1)]
+    graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("data", TensorProto.FLOAT, [1, 1, 8, 8])],
+                              [helper.make_tensor_value_info("prob", TensorProto.FLOAT, [1, 3])], [w, fw])
+    onnx.save(make_model(graph), str(path))
+    return path
+
+
+def test_onnx_path_with_sidecar_beside(tmp_path):
+    model_file = tiny_onnx(tmp_path / "tiny.onnx")
+    (tmp_path / "names.txt").write_text("zero\none\ntwo\n")
+    (tmp_path / "tiny.onnx.json").write_text(json.dumps(
+        {"display_name": "Tiny", "classes": {"file": "names.txt"}, "preprocessing": {"preset": "grey28", "mean": [0.5]}}))
+    entry = registry.resolve(str(model_file))
+    assert entry.kind == "onnx" and entry.name == "tiny.onnx" and entry.display_name == "Tiny"
+    assert entry.class_names == ["zero", "one", "two"] and entry.trained
+    assert entry.preprocessing_for((1, 8, 8)).size == (8, 8)
+    model = registry.load(str(model_file), device="cpu")
+    assert model.class_names == ["zero", "one", "two"]
+    from cnnvis import preprocess
+
+    pre = preprocess.for_model(model)
+    assert pre.size == (8, 8) and pre.channels == 1 and pre.mean == (0.5,)
+    names, batch = preprocess.load_images(registry.sample_images(model), pre)
+    assert batch.shape == (len(names), 1, 8, 8)
+    prob = model.predict(batch)
+    np.testing.assert_allclose(prob.sum(axis=1), 1, atol=1e-5)
+
+
+def test_onnx_path_without_sidecar_guesses_preprocessing(tmp_path):
+    model_file = tiny_onnx(tmp_path / "bare.onnx")
+    model = registry.load(str(model_file), device="cpu")
+    assert model.sidecar["preprocessing"]["preset"] == "grey28"
+    assert model.sidecar["preprocessing"]["size"] == [8, 8]
+
+
+def test_prototxt_spec_and_errors(tmp_path, models_path):
+    proto = tmp_path / "deploy.prototxt"
+    proto.write_text('name: "x"\n')
+    weights = tmp_path / "w.caffemodel"
+    weights.write_bytes(b"\0")
+    entry = registry.resolve(str(proto), weights=weights)
+    assert (entry.kind, entry.path, entry.weights) == ("caffe", proto, weights)
+    assert entry.preprocessing_for((3, 227, 227)).preset == "caffe"
+    onnx_file = tiny_onnx(tmp_path / "t.onnx")
+    cases = [
+        (dict(spec=str(tmp_path / "missing.onnx")), "missing.onnx: no such file"),
+        (dict(spec=str(onnx_file), weights=weights), "only used with a Caffe .prototxt"),
+        (dict(spec=str(proto), weights=tmp_path / "nope.caffemodel"), "nope.caffemodel: no such file"),
+        (dict(spec=str(weights)), "expected an .onnx file or a Caffe .prototxt"),
+        (dict(spec="alexnet-random", weights=weights), "not a Caffe model"),
+        (dict(spec="alexnett"), "unknown model 'alexnett'; closest: alexnet"),
+    ]
+    for kwargs, pattern in cases:
+        with pytest.raises(CnnvisError, match=pattern):
+            registry.resolve(**kwargs)
+
+
+def test_bad_sidecars_are_one_line_errors(models_path, tmp_path):
+    cases = [
+        ("{not json", "not valid JSON"),
+        (json.dumps({"kind": "onnx", "licence": 3}), "field 'licence' must be str"),
+        (json.dumps({"kind": "onnx", "sha256": "abc"}), "sha256 must be 64 hex digits"),
+        (json.dumps({"kind": "tflite"}), "kind 'tflite'"),
+        (json.dumps({"kind": "onnx", "mean": [1]}), r"unknown sidecar field\(s\) mean"),
+        (json.dumps({"file": "x.onnx"}), "needs 'kind'"),
+        (json.dumps({"kind": "builder"}), "needs a 'builder' field"),
+        (json.dumps({"kind": "onnx", "input_size": [3, 224]}), r"input_size must be \[C, H, W\]"),
+        (json.dumps({"kind": "onnx", "classes": "imagenet21k"}), "classes 'imagenet21k'"),
+        (json.dumps({"kind": "onnx", "preprocessing": {"preset": "caffe", "size": 0}}), "broken.json: preprocessing size"),
+    ]
+    for text, pattern in cases:
+        (models_path / "broken.json").write_text(text)
+        with pytest.raises(CnnvisError, match=pattern) as info:
+            entry = registry.known_models()
+            registry.ModelEntry("broken", "onnx", None, entry["broken"], sidecar_path=models_path / "broken.json").preprocessing
+        assert "broken.json" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_sample_images(tmp_path):
+    photos = registry.sample_images()
+    assert [p.name for p in photos] == ["chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg"]
+
+    class WithSamples:
+        name = "m"
+        sidecar = {"samples": [str(tmp_path / "missing.png")]}
+
+    with pytest.raises(CnnvisError, match="missing.png"):
+        registry.sample_images(WithSamples())
+    Path(tmp_path / "missing.png").write_bytes(b"")
+    assert registry.sample_images(WithSamples()) == [tmp_path / "missing.png"]
+
+
+TINY_DEPLOY = """name: "tiny"
+input: "data"
+input_shape { dim: 1 dim: 1 dim: 8 dim: 8 }
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1" convolution_param { num_output: 2 kernel_size: 3 } }
+layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }
+layer { name: "fc" type: "InnerProduct" bottom: "conv1" top: "fc" inner_product_param { num_output: 3 } }
+layer { name: "prob" type: "Softmax" bottom: "fc" top: "prob" }
+"""
+
+
+def tiny_caffemodel(path, rng):
+    """A binary .caffemodel for TINY_DEPLOY, written with cnnvis's runtime copy of Caffe's schema."""
+    from cnnvis.caffe.schema import messages
+
+    m = messages()
+    net = m.NetParameter(name="tiny")
+    params = {"conv1": [rng.standard_normal((2, 1, 3, 3)), rng.standard_normal(2)],
+              "fc": [rng.standard_normal((3, 72)), rng.standard_normal(3)]}
+    for name, blobs in params.items():
+        layer = net.layer.add(name=name, type="Convolution" if name == "conv1" else "InnerProduct")
+        for array in blobs:
+            blob = layer.blobs.add()
+            blob.shape.dim.extend(array.shape)
+            blob.data.extend(array.astype(np.float32).ravel().tolist())
+    path.write_bytes(net.SerializeToString())
+    return params
+
+
+def test_registry_caffe_model_with_deploy_beside_sidecar(models_path):
+    (models_path / "tiny.prototxt").write_text(TINY_DEPLOY)
+    params = tiny_caffemodel(models_path / "tiny.caffemodel", np.random.default_rng(5))
+    sha1 = hashlib.sha1((models_path / "tiny.caffemodel").read_bytes()).hexdigest()
+    write_sidecar(models_path, "tiny-caffe", kind="caffe", file="tiny.caffemodel", sha1=sha1, deploy="tiny.prototxt",
+                  classes=["a", "b", "c"], input_size=[1, 8, 8], preprocessing={"preset": "grey28"})
+    assert registry.is_present("tiny-caffe")  # the file beside the sidecar counts
+    assert registry.fetch("tiny-caffe", progress=False) == models_path / "tiny.caffemodel"  # verified, kept
+    entry = registry.resolve("tiny-caffe")
+    assert registry.deploy_prototxt(entry) == models_path / "tiny.prototxt"
+    model = registry.load("tiny-caffe", device="cpu")
+    assert model.class_names == ["a", "b", "c"] and model.input_shape == (1, 8, 8)
+    np.testing.assert_allclose(model.param("conv1.weight"), params["conv1"][0], rtol=1e-6)
+    np.testing.assert_allclose(model.param("fc.bias"), params["fc"][1], rtol=1e-6)
+    x = np.random.default_rng(0).standard_normal((2, 1, 8, 8)).astype(np.float32)
+    np.testing.assert_allclose(model.predict(x).sum(axis=1), 1, atol=1e-5)
+
+
+def test_generated_deploy_of_known_caffe_topologies(models_path, shared_dir):
+    from cnnvis import caffe
+
+    if not hasattr(caffe, "write_caffe"):
+        pytest.skip("cnnvis.caffe.write_caffe (the Caffe writer) is not there yet")
+    entry = registry.ModelEntry("bvlc_alexnet", "caffe", None, registry.known_models()["bvlc_alexnet"],
+                                sidecar_path=registry.REPO_MODELS_DIR / "bvlc_alexnet.json")
+    generated = caffe.read_net(registry.deploy_prototxt(entry))
+    real = caffe.read_net(shared_dir / "caffe/bvlc_alexnet/deploy.prototxt")
+    def layers(net):  # the input may be declared as an Input layer or with input: fields
+        return [(layer.name, layer.type) for layer in net.layers if layer.type != "Input"]
+
+    assert layers(generated) == layers(real)
