@@ -3,8 +3,9 @@
 A model spec is a registry name (``cnnvis models``), a path to an ``.onnx`` file, or a Caffe
 ``.prototxt`` (with ``weights``). Registry names come from the sidecars in the repository's
 ``models/`` folder plus any folders listed in ``$CNNVIS_MODEL_PATH`` (``os.pathsep``-separated;
-earlier folders win on equal names). An ``.onnx`` or ``.prototxt`` file may have a sidecar beside
-it, named ``<file>.json`` (or ``<stem>.json``).
+earlier folders win on equal names); there, ``<x>.onnx.json`` registers ``<x>.onnx`` as ``x``. An
+``.onnx`` or ``.prototxt`` file given as a path may have a sidecar beside it, named
+``<file>.json`` (or ``<stem>.json``).
 
 Sidecar fields (all optional except as noted)::
 
@@ -140,9 +141,14 @@ def _registry_sidecars() -> dict:
         if not folder.is_dir():
             continue
         for path in sorted(folder.glob("*.json")):
-            if path.name.endswith(".onnx.json") or path.name.endswith(".prototxt.json"):
-                continue  # sidecars of files, not registry entries
-            data = read_sidecar(path)
+            if path.name.endswith(".onnx.json"):
+                # The sidecar of an .onnx file in the folder: kind and file go without saying.
+                model_file = path.name[: -len(".json")]
+                data = read_sidecar(path, default_name=model_file[: -len(".onnx")])
+                data.setdefault("kind", "onnx")
+                data.setdefault("file", model_file)
+            else:
+                data = read_sidecar(path)
             if not data.get("kind"):
                 raise CnnvisError(f"{path}: a registry sidecar needs 'kind' ({', '.join(KINDS)})")
             found.setdefault(data["name"], (data, path))

@@ -359,6 +359,15 @@ def test_onnx_path_with_sidecar_beside(tmp_path):
     np.testing.assert_allclose(prob.sum(axis=1), 1, atol=1e-5)
 
 
+def test_onnx_sidecar_in_a_registry_folder_registers_the_file(models_path):
+    tiny_onnx(models_path / "small.onnx")
+    (models_path / "small.onnx.json").write_text(json.dumps({"classes": ["x", "y", "z"], "trained": True}))
+    assert registry.known_models()["small"]["kind"] == "onnx"
+    entry = registry.resolve("small")
+    assert entry.path == models_path / "small.onnx" and entry.class_names == ["x", "y", "z"]
+    assert registry.is_present("small")
+
+
 def test_onnx_path_without_sidecar_guesses_preprocessing(tmp_path):
     model_file = tiny_onnx(tmp_path / "bare.onnx")
     model = registry.load(str(model_file), device="cpu")
