@@ -421,7 +421,7 @@ def deploy_prototxt(entry: ModelEntry) -> Path:
         raise CnnvisError(f"{entry.sidecar_path}: Caffe model {entry.name} has no 'deploy'")
     if entry.base_dir is not None and (entry.base_dir / deploy).is_file():
         return entry.base_dir / deploy
-    from . import caffe, nets
+    from . import nets
     from .manifest import atomic_path
 
     build = getattr(nets, f"build_{deploy}", None)
@@ -431,13 +431,15 @@ def deploy_prototxt(entry: ModelEntry) -> Path:
     size = entry.sidecar.get("input_size")
     path = cache_dir() / f"{deploy}{'-' + str(size[1]) if size else ''}-deploy.prototxt"
     if not path.is_file():
-        write_caffe = getattr(caffe, "write_caffe", None)
-        if write_caffe is None:
-            raise CnnvisError(f"model {entry.name}: this cnnvis cannot write Caffe deploy files yet; "
-                              "pass --model deploy.prototxt --weights <file> instead")
+        try:
+            from .caffe.writer import onnx_to_caffe, prototxt_text
+        except ImportError:
+            raise CnnvisError(f"model {entry.name}: this cnnvis cannot write Caffe deploy files; "
+                              "pass --model deploy.prototxt --weights <file> instead") from None
         kwargs = {"input_size": int(size[1])} if size and "input_size" in inspect.signature(build).parameters else {}
+        net, _ = onnx_to_caffe(build(**kwargs), name=entry.name)
         with atomic_path(path) as tmp:
-            write_caffe(build(**kwargs), tmp)
+            tmp.write_text(prototxt_text(net), encoding="utf-8")
     return path
 
 
