@@ -5,7 +5,8 @@ so float64 graphs (used to check gradients to 1e-6) run in ``onnx.reference.Refe
 Its MaxPool disagrees with onnxruntime on ceil-mode output sizes and on tie-breaking, so it gets
 an implementation with onnxruntime's semantics: the output length drops a window that would start
 in the end padding, padding never wins, and on ties the first element in row-major order of the
-window is the switch.
+window is the switch. Its ConvTranspose is wrong for group > 1 (run group by group here) and
+its LRN sums over the wrong axis (replaced).
 """
 from __future__ import annotations
 
@@ -83,7 +84,35 @@ def _reference_ops():
             y, idx = maxpool_first_max(x, kernel, st, pd, dil or [1] * nd, int(ceil_mode or 0))
             return (y.astype(x.dtype), idx)
 
-    return [MaxPool]
+    from onnx.reference.ops.op_conv_transpose import ConvTranspose as _RefConvTranspose
+
+    class ConvTranspose(_RefConvTranspose):
+        # the reference implementation mixes up output channels when group > 1: run group by group
+        def _run(self, X, W, B=None, group=None, **attrs):
+            group = int(group or 1)
+            if group == 1:
+                return super()._run(X, W, B, group=1, **attrs)
+            cin, cout = X.shape[1] // group, W.shape[1]
+            parts = []
+            for gi in range(group):
+                bias = None if B is None else B[gi * cout:(gi + 1) * cout]
+                parts.append(super()._run(X[:, gi * cin:(gi + 1) * cin], W[gi * cin:(gi + 1) * cin], bias,
+                                          group=1, **attrs)[0])
+            return (np.concatenate(parts, axis=1),)
+
+    class LRN(OpRun):
+        # the reference implementation loops over the batch axis instead of the channels
+        op_domain = ""
+
+        def _run(self, x, alpha=None, beta=None, bias=None, size=None):
+            lo, hi = (size - 1) // 2, -(-(size - 1) // 2)
+            sq = x * x
+            window = np.zeros_like(x)
+            for c in range(x.shape[1]):
+                window[:, c] = sq[:, max(0, c - lo):min(x.shape[1], c + hi + 1)].sum(axis=1)
+            return ((x / (bias + (alpha / size) * window) ** beta).astype(x.dtype),)
+
+    return [MaxPool, ConvTranspose, LRN]
 
 
 class Runner:
@@ -117,8 +146,15 @@ class Runner:
 def forward_shapes(model: onnx.ModelProto, sample_shape, backend: str, extra_feeds=None, batch: int = 2) -> dict:
     """Shape of every tensor of ``model`` at batch size ``batch``, found by running it once.
 
-    onnx shape inference gets ceil-mode pooling wrong, so the graph is run instead.
+    Static inference (:func:`.shapes.inferred_shapes`) is used when it sizes every tensor;
+    otherwise the graph is run once on random data.
     """
+    from .shapes import inferred_shapes
+
+    if not extra_feeds:
+        shapes = inferred_shapes(model, sample_shape, batch)
+        if shapes is not None:
+            return shapes
     m = onnx.ModelProto()
     m.CopyFrom(model)
     existing = {o.name for o in m.graph.output}

@@ -57,7 +57,9 @@ class GradientEngine:
         ``log_probability`` and ``cross_entropy``, the softmax output for ``probability``).
     rule : ``gradient`` (exact), ``deconvnet`` (Zeiler & Fergus) or ``guided`` (guided backprop).
     per_sample : weight gradients per sample, ``N x *weight.shape``; otherwise the batch sum (what
-        Caffe stores). Input/activation gradients are always per sample.
+        Caffe stores). Input/activation gradients are always per sample. For ``cross_entropy``
+        every gradient is of the batch mean loss (per-sample ones are each image's share, so they
+        still sum to the batch gradient); ``result.objective`` holds each image's loss.
     training : replace Dropout by multiplication with fed masks (see :meth:`dropout_masks`).
     weights_as_inputs : let :meth:`run` override initializers through ``params`` (default: training).
     outputs : extra forward tensors to return in ``result.outputs``.
@@ -126,9 +128,9 @@ class GradientEngine:
         feeds_all = {}
         if "index" in gg.runtime_inputs:
             value = labels if self.objective == "cross_entropy" and labels is not None else index
-            feeds_all[gg.runtime_inputs["index"]] = self._index_feed(value, n, gg)
+            feeds_all[gg.runtime_inputs["index"]] = index_feed(self.objective, value, n, gg.target, gg.target_shape)
         if "seed" in gg.runtime_inputs:
-            feeds_all[gg.runtime_inputs["seed"]] = self._seed_feed(seed, n, gg)
+            feeds_all[gg.runtime_inputs["seed"]] = seed_feed(seed, n, gg.target, gg.target_shape, self.dtype_)
         if gg.dropout_masks:
             feeds_all.update(self._mask_feeds(masks, n, gg))
         fixed = self._param_feeds(params)
@@ -152,8 +154,11 @@ class GradientEngine:
                     summed[w] = g.astype(np.float64) if summed[w] is None else summed[w] + g
             for o in gg.extra_outputs:
                 extra[o].append(out[o])
-        grads = {w: np.concatenate(parts) for w, parts in per_sample_out.items()}
+        # cross-entropy is the mean over the whole batch (not over a chunk): scale everything by 1/N
         mean = 1.0 / n if self.objective == "cross_entropy" else 1.0
+        grads = {w: np.concatenate(parts) for w, parts in per_sample_out.items()}
+        if mean != 1.0:
+            grads = {w: (g * mean).astype(self.dtype_) for w, g in grads.items()}
         grads.update({w: (s * mean).astype(self.dtype_) for w, s in summed.items()})
         return GradientResult({w: grads[w] for w in gg.wrt}, np.concatenate(objective),
                               {o: np.concatenate(v) for o, v in extra.items()})
@@ -161,49 +166,6 @@ class GradientEngine:
     __call__ = run
 
     # ---------------------------------------------------------------- feeds
-    def _index_feed(self, index, n, gg):
-        what = "labels" if self.objective == "cross_entropy" else "index"
-        if index is None:
-            raise CnnvisError(f"objective {self.objective!r} needs {what}= (one value or one per image)")
-        shape = gg.target_shape
-        size = int(np.prod(shape)) if shape else 1
-        if self.objective.startswith("channel_"):
-            size = shape[0]
-        arr = np.asarray(index)
-        if self.objective == "unit" and (isinstance(index, tuple) or arr.ndim == 2):
-            # a (c, y, x) tuple for every image, or one row of coordinates per image
-            rows = np.broadcast_to(arr.reshape(1, -1), (n, arr.size)) if isinstance(index, tuple) else arr
-            if rows.shape != (n, len(shape)):
-                raise CnnvisError(f"index: expected {len(shape)} coordinates for target {gg.target!r} of "
-                                  f"per-sample shape {tuple(shape)} (one tuple, or {n} rows), got {arr.shape}")
-            for axis, dim in enumerate(shape):
-                bad = (rows[:, axis] < 0) | (rows[:, axis] >= dim)
-                if bad.any():
-                    raise CnnvisError(f"index: coordinate {axis} must be in [0, {dim}) for target "
-                                      f"{gg.target!r} of shape {tuple(shape)}, got {int(rows[bad, axis][0])}")
-            return np.ravel_multi_index(tuple(rows.T.astype(np.int64)), shape).astype(np.int64)
-        if not np.issubdtype(arr.dtype, np.integer):
-            raise CnnvisError(f"{what}: expected integers, got {arr.dtype}")
-        if arr.ndim == 0:
-            arr = np.full(n, int(arr), dtype=np.int64)
-        if arr.shape != (n,):
-            raise CnnvisError(f"{what}: expected one value or {n} values (one per image), got shape {arr.shape}")
-        if (arr < 0).any() or (arr >= size).any():
-            raise CnnvisError(f"{what}: values must be in [0, {size}) for target {gg.target!r} "
-                              f"(per-sample shape {tuple(shape)}), got {int(arr[(arr < 0) | (arr >= size)][0])}")
-        return arr.astype(np.int64)
-
-    def _seed_feed(self, seed, n, gg):
-        if seed is None:
-            raise CnnvisError("objective 'seed' needs seed= (an array shaped like the target)")
-        arr = np.asarray(seed, dtype=self.dtype_)
-        shape = tuple(gg.target_shape)
-        if arr.shape == shape:
-            arr = np.broadcast_to(arr, (n, *shape))
-        if arr.shape != (n, *shape):
-            raise CnnvisError(f"seed: expected shape {(n, *shape)} or {shape} for target {gg.target!r}, got {arr.shape}")
-        return np.ascontiguousarray(arr)
-
     def _mask_feeds(self, masks, n, gg):
         if masks is None:
             raise CnnvisError(f"training graph: pass masks= for {', '.join(gg.dropout_masks)} "
@@ -235,6 +197,53 @@ class GradientEngine:
                 raise CnnvisError(f"params[{name!r}]: expected shape {inits[name]}, got {arr.shape}")
             feeds[name] = arr
         return feeds
+
+
+def index_feed(objective, index, n, target, shape):
+    """The int64 (N,) index input: class, channel or flat unit index per image."""
+    what = "labels" if objective == "cross_entropy" else "index"
+    if index is None:
+        raise CnnvisError(f"objective {objective!r} needs {what}= (one value or one per image)")
+    shape = tuple(shape)
+    size = int(np.prod(shape)) if shape else 1
+    if objective.startswith("channel_"):
+        size = shape[0]
+    arr = np.asarray(index)
+    if objective == "unit" and (isinstance(index, tuple) or arr.ndim == 2):
+        # a (c, y, x) tuple for every image, or one row of coordinates per image
+        rows = np.broadcast_to(arr.reshape(1, -1), (n, arr.size)) if isinstance(index, tuple) else arr
+        if rows.shape != (n, len(shape)):
+            raise CnnvisError(f"index: expected {len(shape)} coordinates for target {target!r} of "
+                              f"per-sample shape {tuple(shape)} (one tuple, or {n} rows), got {arr.shape}")
+        for axis, dim in enumerate(shape):
+            bad = (rows[:, axis] < 0) | (rows[:, axis] >= dim)
+            if bad.any():
+                raise CnnvisError(f"index: coordinate {axis} must be in [0, {dim}) for target "
+                                  f"{target!r} of shape {tuple(shape)}, got {int(rows[bad, axis][0])}")
+        return np.ravel_multi_index(tuple(rows.T.astype(np.int64)), shape).astype(np.int64)
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise CnnvisError(f"{what}: expected integers, got {arr.dtype}")
+    if arr.ndim == 0:
+        arr = np.full(n, int(arr), dtype=np.int64)
+    if arr.shape != (n,):
+        raise CnnvisError(f"{what}: expected one value or {n} values (one per image), got shape {arr.shape}")
+    if (arr < 0).any() or (arr >= size).any():
+        raise CnnvisError(f"{what}: values must be in [0, {size}) for target {target!r} "
+                          f"(per-sample shape {tuple(shape)}), got {int(arr[(arr < 0) | (arr >= size)][0])}")
+    return arr.astype(np.int64)
+
+
+def seed_feed(seed, n, target, shape, dtype):
+    """The seed input: one target-shaped tensor per image (or one for all)."""
+    if seed is None:
+        raise CnnvisError("objective 'seed' needs seed= (an array shaped like the target)")
+    arr = np.asarray(seed, dtype=dtype)
+    shape = tuple(shape)
+    if arr.shape == shape:
+        arr = np.broadcast_to(arr, (n, *shape))
+    if arr.shape != (n, *shape):
+        raise CnnvisError(f"seed: expected shape {(n, *shape)} or {shape} for target {target!r}, got {arr.shape}")
+    return np.ascontiguousarray(arr)
 
 
 # ----------------------------------------------------------------- cached engines

@@ -15,7 +15,7 @@ from onnx import TensorProto, numpy_helper
 
 from ..errors import CnnvisError
 from .backend import Runner
-from .engine import GradientEngine, _as_model
+from .engine import GradientEngine, _as_model, index_feed, seed_feed
 from ..onnxgraph import real_inputs
 from .graph import OBJECTIVE_OUTPUT, build_objective_graph, prepare_forward
 
@@ -78,17 +78,15 @@ def gradcheck(model, x, wrt, objective: str = "logit", target=None, index=None, 
     image = real_inputs(forward64)[0].name
     reports = {}
     for w in wrt:
-        obj_model, runtime, target_name = build_objective_graph(forward64, x.shape[1:], objective, target, free=[w])
+        obj_model, runtime, target_name, target_shape = build_objective_graph(
+            forward64, x.shape[1:], objective, target, free=[w])
         runner = Runner(obj_model, backend="reference")
-        probe = GradientEngine(forward64, [w], objective=objective, target=target, per_sample=False,
-                               backend="reference")
-        gg, _ = probe.graph(x.shape[1:])
         feeds = {image: x64}
         if "index" in runtime:
             value = labels if objective == "cross_entropy" and labels is not None else index
-            feeds[runtime["index"]] = probe._index_feed(value, n, gg)
+            feeds[runtime["index"]] = index_feed(objective, value, n, target_name, target_shape)
         if "seed" in runtime:
-            feeds[runtime["seed"]] = probe._seed_feed(seed, n, gg).astype(np.float64)
+            feeds[runtime["seed"]] = seed_feed(seed, n, target_name, target_shape, np.float64)
         if w == image:
             base = x64
         elif w in inits:

@@ -23,7 +23,7 @@ from .rules import RULES, RuleContext, backward
 #: ``channel_mean`` / ``channel_max``: one channel of the target reduced over space; ``logit``: a
 #: class score before the softmax; ``probability`` / ``log_probability``: after it; ``seed``: the dot
 #: product of the target with a seed tensor; ``cross_entropy``: softmax cross-entropy of the logits
-#: against integer labels (the batch result is the mean over the batch).
+#: against integer labels (gradients are of the batch mean; the engine scales by 1/N).
 OBJECTIVES = ("unit", "channel_sum", "channel_mean", "channel_max", "logit", "probability",
               "log_probability", "seed", "cross_entropy")
 
@@ -138,9 +138,9 @@ def build_gradient_graph(model: onnx.ModelProto, sample_shape, wrt, objective: s
     shapes = forward_shapes(forward, sample_shape, backend)
     constants = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
 
-    nodes = [_copy_node(n) for n in graph.node]
     b = GraphBuilder(dtype, taken=known)
     b.known_constants = constants
+    nodes = _floor_mode_pools([_copy_node(n) for n in graph.node], shapes, b)
     new_inputs = [onnx.ValueInfoProto()]
     new_inputs[0].CopyFrom(real_inputs(forward)[0])
 
@@ -236,6 +236,61 @@ def _copy_node(node):
     n = onnx.NodeProto()
     n.CopyFrom(node)
     return n
+
+
+def _floor_mode_pools(nodes, shapes, b):
+    """Rewrite ceil-mode pools as floor-mode pools with the end padding that gives the same windows.
+
+    onnx shape inference (which onnxruntime applies when loading) sizes ceil-mode pools without
+    onnxruntime's own rule (a window starting in the end padding is dropped); a backward graph
+    that mixes such a pool's output with constants of the true size would be refused. In floor
+    mode both agree. AveragePool counting the padding keeps its divisors via a constant factor
+    when the new end padding is larger than the old one.
+    """
+    from .rules import average_pool_divisors, pool_output_size
+
+    out = []
+    for node in nodes:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type not in ("MaxPool", "AveragePool") or not attrs.get("ceil_mode", 0):
+            out.append(node)
+            continue
+        auto_pad = attrs.get("auto_pad", b"NOTSET")
+        if auto_pad not in (b"NOTSET", "NOTSET", b"", ""):
+            out.append(node)
+            continue
+        in_shape = shapes[node.input[0]]
+        spatial = len(in_shape) - 2
+        kernel = list(attrs["kernel_shape"])
+        strides = list(attrs.get("strides") or [1] * spatial)
+        dil = list(attrs.get("dilations") or [1] * spatial)
+        pads = list(attrs.get("pads") or [0] * (2 * spatial))
+        sizes = [pool_output_size(in_shape[2 + i], kernel[i], strides[i], pads[i], pads[spatial + i], True, dil[i])
+                 for i in range(spatial)]
+        new_end = [max(0, (sizes[i] - 1) * strides[i] + (kernel[i] - 1) * dil[i] + 1 - in_shape[2 + i] - pads[i])
+                   for i in range(spatial)]
+        new_attrs = {k: v for k, v in attrs.items() if k not in ("ceil_mode", "pads")}
+        new_attrs["pads"] = pads[:spatial] + new_end
+        correction = None
+        if node.op_type == "AveragePool" and attrs.get("count_include_pad", 0) and \
+                any(new_end[i] > pads[spatial + i] for i in range(spatial)):
+            # floor mode without counting padding, times in-image count / original divisor
+            new_attrs["count_include_pad"] = 0
+            factor = np.ones([1, 1] + sizes)
+            for i in range(spatial):
+                args = (in_shape[2 + i], sizes[i], kernel[i], strides[i], pads[i], pads[spatial + i])
+                shape = [1] * (2 + spatial)
+                shape[2 + i] = -1
+                factor = factor * (average_pool_divisors(*args, 0) / average_pool_divisors(*args, 1)).reshape(shape)
+            correction = b.const(factor.astype(b.dtype), hint="avgpool_pad_correction")
+        if correction is None:
+            out.append(helper.make_node(node.op_type, list(node.input), list(node.output), name=node.name, **new_attrs))
+        else:
+            inner = b.fresh(node.output[0] + "_floor")
+            out.append(helper.make_node(node.op_type, list(node.input), [inner], name=node.name, **new_attrs))
+            out.append(helper.make_node("Mul", [inner, correction], [node.output[0]], name=b.fresh("avgpool_scale")))
+            shapes[inner] = shapes[node.output[0]]
+    return out
 
 
 def _ancestors(target, producer):
@@ -358,7 +413,8 @@ def build_objective_graph(model: onnx.ModelProto, sample_shape, objective: str =
     """Forward + objective value only, with the tensors in ``free`` turned into graph inputs.
 
     A free initializer becomes an input; a free intermediate tensor is cut from its producer and
-    fed instead. Used by finite differences. Returns (model, runtime inputs, target name).
+    fed instead. Used by finite differences. Returns (model, runtime inputs, target name,
+    per-sample target shape).
     """
     from .backend import forward_shapes
 
@@ -396,4 +452,4 @@ def build_objective_graph(model: onnx.ModelProto, sample_shape, objective: str =
     outs = [helper.make_tensor_value_info(OBJECTIVE_OUTPUT, b.elem_type, ["N"])]
     all_nodes, kept_inits = _prune(nodes + b.nodes, list(inits.values()) + b.initializers, [OBJECTIVE_OUTPUT])
     g = helper.make_graph(all_nodes, "objective", inputs, outs, kept_inits)
-    return make_model(g, opset=max(opset_of(forward), 17)), runtime, target
+    return make_model(g, opset=max(opset_of(forward), 17)), runtime, target, tuple(shapes[target][1:])

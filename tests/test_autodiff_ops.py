@@ -1,0 +1,227 @@
+"""Every backward rule against float64 central differences on tiny random graphs.
+
+Float64 models run in onnx's reference evaluator and must match to 1e-6 (relative to the largest
+sampled gradient); the same float32 models run in onnxruntime and must match to 1e-3.
+"""
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from cnnvis.autodiff import gradcheck, to_float64
+from cnnvis.onnxgraph import create_session, make_model
+
+F64_TOL = 1e-6
+F32_TOL = 1e-3
+
+
+def tiny(nodes, inits, in_shape, out="y", seed=0):
+    rng = np.random.default_rng(seed)
+    tensors = []
+    for name, value in inits.items():
+        arr = value if isinstance(value, np.ndarray) else rng.standard_normal(value) * 0.5
+        if arr.dtype.kind == "f":
+            arr = arr.astype(np.float32)
+        tensors.append(numpy_helper.from_array(arr, name))
+    g = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", *in_shape])],
+                          [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)], tensors)
+    return make_model(g)
+
+
+def n(op, inputs, outputs, **attrs):
+    return helper.make_node(op, inputs, outputs, name=outputs[0] + "_node", **attrs)
+
+
+def check(model, x, wrt, objective="seed", target="y", samples=25, **kw):
+    if objective == "seed" and "seed" not in kw:
+        sess = create_session(model, device="cpu")
+        shape = sess.run([target], {"x": x.astype(np.float32)})[0].shape if target == "y" else None
+        if shape is not None:
+            kw["seed"] = np.random.default_rng(7).standard_normal(shape)
+    for m, tol, dtype in ((to_float64(model), F64_TOL, np.float64), (model, F32_TOL, np.float32)):
+        reports = gradcheck(m, x.astype(dtype), wrt, objective=objective, target=target, samples=samples, **kw)
+        for w, r in reports.items():
+            assert np.max(np.abs(r.numeric)) > 0, f"{w}: gradient is identically zero on the sampled entries"
+            assert r.max_rel_error <= tol, f"{dtype.__name__} {r}"
+
+
+def rand(*shape, seed=1):
+    return np.random.default_rng(seed).standard_normal(shape)
+
+
+CONV_CASES = [
+    dict(kernel_shape=[3, 3], pads=[1, 0, 2, 1], strides=[2, 1]),  # asymmetric pads, stride 2
+    dict(kernel_shape=[3, 3], dilations=[2, 2], pads=[1, 1, 1, 1]),  # dilation, stride 1 -> Conv path
+    dict(kernel_shape=[2, 2], strides=[3, 3]),  # stride larger than the kernel
+    dict(kernel_shape=[3, 3], pads=[3, 3, 3, 3]),  # stride 1 with pads > k-1 -> ConvTranspose path
+    dict(kernel_shape=[3, 3], auto_pad="SAME_UPPER", strides=[2, 2]),
+    dict(kernel_shape=[1, 1]),  # 1x1: unfold is the input itself
+]
+
+
+@pytest.mark.parametrize("attrs", CONV_CASES)
+@pytest.mark.parametrize("group", [1, 2])
+def test_conv(attrs, group):
+    m = tiny([n("Conv", ["x", "w", "b"], ["y"], group=group, **attrs)], {"w": (4, 4 // group, *attrs["kernel_shape"]), "b": (4,)}, (4, 7, 6))
+    check(m, rand(2, 4, 7, 6), ["x", "w", "b"])
+
+
+@pytest.mark.parametrize("op,attrs,positive", [
+    ("Relu", {}, False), ("LeakyRelu", {"alpha": 0.2}, False), ("Sigmoid", {}, False), ("Tanh", {}, False),
+    ("Sqrt", {}, True), ("Softmax", {"axis": 1}, False), ("LogSoftmax", {"axis": -1}, False),
+    ("Identity", {}, False), ("Dropout", {}, False), ("Flatten", {"axis": 1}, False),
+    ("Transpose", {"perm": [0, 2, 3, 1]}, False), ("GlobalAveragePool", {}, False), ("GlobalMaxPool", {}, False),
+])
+def test_unary(op, attrs, positive):
+    nodes = [n("Conv", ["x", "w"], ["c"], kernel_shape=[1, 1])]
+    src = "c"
+    if positive:
+        nodes.append(n("Mul", ["c", "c"], ["sq"]))
+        nodes.append(n("Add", ["sq", "one"], ["pos"]))
+        src = "pos"
+    nodes.append(n(op, [src], ["y"], **attrs))
+    m = tiny(nodes, {"w": (3, 3, 1, 1), "one": np.ones(1, np.float32)}, (3, 4, 5))
+    check(m, rand(2, 3, 4, 5), ["x", "w", "c"])
+
+
+def test_prelu_and_clip():
+    nodes = [n("Conv", ["x", "w"], ["c"], kernel_shape=[1, 1]), n("PRelu", ["c", "slope"], ["p"]),
+             n("Clip", ["p", "lo", "hi"], ["y"])]
+    m = tiny(nodes, {"w": (3, 3, 1, 1), "slope": (3, 1, 1), "lo": np.array(-0.3, np.float32),
+                     "hi": np.array(0.4, np.float32)}, (3, 4, 4))
+    check(m, rand(2, 3, 4, 4), ["x", "slope", "c"])
+
+
+@pytest.mark.parametrize("size", [3, 5])  # onnxruntime accepts odd sizes only
+def test_lrn(size):
+    nodes = [n("Conv", ["x", "w"], ["c"], kernel_shape=[1, 1]),
+             n("LRN", ["c"], ["y"], size=size, alpha=0.5, beta=0.75, bias=1.5)]
+    m = tiny(nodes, {"w": (6, 3, 1, 1)}, (3, 3, 4))
+    check(m, rand(2, 3, 3, 4), ["x", "w"])
+
+
+POOL_CASES = [
+    dict(kernel_shape=[3, 3], strides=[2, 2], ceil_mode=1),  # ceil windows overhang the border
+    dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
+    dict(kernel_shape=[2, 3], strides=[3, 1], pads=[0, 1, 1, 0], ceil_mode=1),  # stride > kernel
+    dict(kernel_shape=[3, 3], strides=[1, 1]),  # overlapping windows
+]
+
+
+@pytest.mark.parametrize("attrs", POOL_CASES)
+def test_maxpool(attrs):
+    m = tiny([n("Conv", ["x", "w"], ["c"], kernel_shape=[1, 1]), n("MaxPool", ["c"], ["y"], **attrs)],
+             {"w": (2, 2, 1, 1)}, (2, 8, 7))
+    check(m, rand(2, 2, 8, 7), ["x", "w"])
+
+
+def test_maxpool_dilation():
+    m = tiny([n("MaxPool", ["x"], ["y"], kernel_shape=[2, 2], dilations=[2, 2], strides=[1, 2])], {}, (2, 7, 7))
+    check(m, rand(2, 2, 7, 7), ["x"])
+
+
+@pytest.mark.parametrize("attrs", POOL_CASES)
+@pytest.mark.parametrize("include_pad", [0, 1])
+def test_avgpool(attrs, include_pad):
+    m = tiny([n("AveragePool", ["x"], ["y"], count_include_pad=include_pad, **attrs)], {}, (2, 8, 7))
+    check(m, rand(2, 2, 8, 7), ["x"])
+
+
+@pytest.mark.parametrize("trans_a,trans_b", [(0, 0), (0, 1), (1, 0), (1, 1)])
+def test_gemm(trans_a, trans_b):
+    nodes = [n("Flatten", ["x"], ["f"])]
+    a = "f"
+    if trans_a:
+        nodes.append(n("Transpose", ["f"], ["ft"], perm=[1, 0]))
+        a = "ft"
+    nodes.append(n("Gemm", [a, "w", "c"], ["y"], alpha=0.7, beta=1.3, transA=trans_a, transB=trans_b))
+    m = tiny(nodes, {"w": (5, 12) if trans_b else (12, 5), "c": (1, 5)}, (3, 2, 2))
+    check(m, rand(3, 3, 2, 2), ["x", "w", "c"])
+
+
+def test_matmul_broadcasting():
+    nodes = [n("Reshape", ["x", "shape"], ["r"]), n("MatMul", ["r", "w"], ["m"]), n("MatMul", ["m", "v"], ["y"])]
+    m = tiny(nodes, {"shape": np.array([0, 3, 4], np.int64), "w": (4, 5), "v": (5,)}, (3, 2, 2))
+    check(m, rand(2, 3, 2, 2), ["x", "w", "v", "m"])
+
+
+@pytest.mark.parametrize("op", ["Add", "Sub", "Mul", "Div", "Pow"])
+@pytest.mark.parametrize("const_shape", [(3, 1, 1), (1, 3, 1, 4), (4,), ()])
+def test_broadcast_binary(op, const_shape):
+    nodes = [n("Sigmoid", ["x"], ["s"]), n(op, ["s", "k"], ["y"])]
+    value = np.random.default_rng(3).uniform(0.5, 1.5, const_shape).astype(np.float32)
+    m = tiny(nodes, {"k": value}, (3, 2, 4))
+    check(m, rand(2, 3, 2, 4), ["x", "k"])
+
+
+def test_binary_both_batched():
+    nodes = [n("Sigmoid", ["x"], ["s"]), n("Tanh", ["x"], ["t"]), n("Div", ["s", "s2"], ["d"]),
+             n("Add", ["t", "one"], ["s2"]), n("Mul", ["d", "t"], ["y"])]
+    nodes = [nodes[0], nodes[1], nodes[3], nodes[2], nodes[4]]
+    m = tiny(nodes, {"one": np.full(1, 2.0, np.float32)}, (2, 3))
+    check(m, rand(2, 2, 3), ["x", "t"])
+
+
+def test_shape_ops():
+    nodes = [
+        n("Conv", ["x", "w"], ["c"], kernel_shape=[1, 1]),
+        n("Split", ["c", "split"], ["s1", "s2"], axis=1),
+        n("Concat", ["s2", "s1", "s2"], ["cat"], axis=1),
+        n("Slice", ["cat", "starts", "ends", "axes", "steps"], ["sl"]),
+        n("Pad", ["sl", "pads"], ["pd"]),
+        n("Reshape", ["pd", "shape"], ["y"]),
+    ]
+    inits = {"w": (3, 3, 1, 1), "split": np.array([1, 2], np.int64),
+             "starts": np.array([4, 1], np.int64), "ends": np.array([-100, 6], np.int64),
+             "axes": np.array([1, 3], np.int64), "steps": np.array([-2, 2], np.int64),
+             "pads": np.array([0, 0, 1, 0, 0, 1, 0, 2], np.int64), "shape": np.array([0, -1], np.int64)}
+    m = tiny(nodes, inits, (3, 4, 6))
+    check(m, rand(2, 3, 4, 6), ["x", "w", "cat", "s1"])
+
+
+def test_batchnorm():
+    nodes = [n("Conv", ["x", "w"], ["c"], kernel_shape=[1, 1]),
+             n("BatchNormalization", ["c", "scale", "bias", "mean", "var"], ["y"], epsilon=1e-3)]
+    var = np.random.default_rng(5).uniform(0.5, 2.0, 3).astype(np.float32)
+    m = tiny(nodes, {"w": (3, 3, 1, 1), "scale": (3,), "bias": (3,), "mean": (3,), "var": var}, (3, 3, 3))
+    check(m, rand(2, 3, 3, 3), ["x", "scale", "bias", "mean", "var"])
+
+
+# ------------------------------------------------------------------ objectives
+
+def _small_net():
+    nodes = [n("Conv", ["x", "w"], ["c"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]), n("Relu", ["c"], ["r"]),
+             n("Flatten", ["r"], ["f"]), n("Gemm", ["f", "fc", "fb"], ["logits"], transB=1),
+             n("Softmax", ["logits"], ["prob"], axis=1)]
+    return tiny(nodes, {"w": (4, 2, 3, 3), "fc": (5, 4 * 3 * 3), "fb": (5,)}, (2, 3, 3), out="prob")
+
+
+@pytest.mark.parametrize("objective,target,index", [
+    ("logit", None, np.array([0, 4])), ("probability", None, np.array([1, 2])),
+    ("log_probability", None, np.array([3, 0])), ("cross_entropy", None, np.array([2, 2])),
+    ("unit", "c", (1, 2, 0)), ("channel_sum", "r", np.array([0, 3])), ("channel_mean", "c", np.array([2, 1])),
+    ("channel_max", "c", np.array([1, 3])),
+])
+def test_objectives(objective, target, index):
+    m = _small_net()
+    kw = {"labels": index} if objective == "cross_entropy" else {"index": index}
+    check(m, rand(2, 2, 3, 3), ["x", "w"], objective=objective, target=target, **kw)
+
+
+def test_seed_objective_on_intermediate():
+    m = _small_net()
+    check(m, rand(2, 2, 3, 3), ["x", "w"], objective="seed", target="r", seed=rand(2, 4, 3, 3, seed=9))
+
+
+def test_float64_engine_matches_float32_onnxruntime():
+    from cnnvis.autodiff import GradientEngine
+
+    m32 = _small_net()
+    x = rand(3, 2, 3, 3)
+    e32 = GradientEngine(m32, ["x", "w"], objective="logit")
+    e64 = GradientEngine(to_float64(m32), ["x", "w"], objective="logit")
+    assert (e32.backend_, e64.backend_) == ("onnxruntime", "reference")
+    r32, r64 = e32.run(x, index=1), e64.run(x, index=1)
+    for w in ("x", "w"):
+        assert r64[w].dtype == np.float64 and r32[w].dtype == np.float32
+        np.testing.assert_allclose(r32[w], r64[w], rtol=0, atol=1e-5 * np.abs(r64[w]).max())
