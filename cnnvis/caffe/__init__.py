@@ -20,6 +20,7 @@ from .to_onnx import (  # noqa: F401
     BATCH, FILLS, META_BLOBS, META_LAYERS, META_PARAMS, META_PROTOTXT_SHA, META_TYPES, META_WEIGHTS, META_WEIGHTS_SHA,
     SUPPORTED_LAYERS, caffe_pool_axis, convert,
 )
+from .writer import SUPPORTED_OPS, caffemodel_bytes, onnx_to_caffe, prototxt_text, write_caffe  # noqa: F401
 
 
 def load_caffe(prototxt, weights=None, *, fill: str = "he", seed: int = 0):

@@ -123,11 +123,11 @@ class _Converter:
                       for i, b in enumerate(layer.proto.blobs)]
         elif self.weights is not None:
             where = self.weights.path
-            if layer.name not in self.weights.layers:
+            source = self.weights.layers.get(layer.name)
+            if not source:  # absent, or present without blobs (e.g. saved from another net)
                 raise CnnvisError(
                     f"{where}: no weights for layer {layer.name!r} ({layer.type}); expected blobs "
                     f"{_describe(kinds, expected)}. Weights are matched to the prototxt by layer name")
-            source = self.weights.layers[layer.name]
         if source is None:
             return [self._generate(layer, kind, shape, fan_in) for kind, shape, fan_in in
                     zip(kinds, expected, [s[2] for s in specs])]
