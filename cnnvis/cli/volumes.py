@@ -113,8 +113,9 @@ def register(sub) -> None:
                    metavar=("W", "H"), help="picture size in pixels (default 800 800)")
     p.add_argument("--azimuth", type=float, default=35.0, help="camera azimuth in degrees")
     p.add_argument("--elevation", type=float, default=25.0, help="camera elevation in degrees")
-    p.add_argument("--gap", type=float, default=4.0,
-                   help="distance of the planes in --mode stack, in z spacings (default 4)")
+    p.add_argument("--gap", type=float, default=None,
+                   help="distance of the planes in --mode stack, in z spacings (default: "
+                        "1.5·max(W, H)/C clipped to 1..4)")
     p.add_argument("--cmap", default="viridis", help="matplotlib colormap (default viridis)")
     p.add_argument("--show", action="store_true",
                    help="open an interactive window instead of writing files (needs a display)")

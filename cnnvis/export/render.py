@@ -4,7 +4,8 @@ Modes (:data:`RENDER_MODES`): ``volume`` (volume rendering of the normalised val
 below ``threshold``), ``isosurface`` (the surface ``normalized == threshold``, coloured by z, i.e.
 by channel order), ``threshold`` (the cells at or above ``threshold``), ``slices`` (three
 orthogonal slices through the centre) and ``stack`` (every channel as its own plane, planes
-``gap`` times further apart than the z spacing).
+``gap`` times further apart than the z spacing; by default ``1.5·max(width, height) / C`` clipped
+to 1..4, so that a few maps are spread out and a deep stack keeps a compact shape).
 
 The volume follows the axis convention of :mod:`cnnvis.export.volumes` (x = column, y up with image
 row 0 at the top, z = channel order). The camera starts looking down -z with y up (channel 0 at the
@@ -122,7 +123,7 @@ def _opacity_ramp(threshold: float, peak: float = 0.9, n: int = 101) -> np.ndarr
     return np.where(x <= t, 0.0, peak * (x - t) / (1.0 - t))
 
 
-def _build_scene(plotter, grid, mode: str, threshold: float, cmap: str, gap: float, title):
+def _build_scene(plotter, grid, mode: str, threshold: float, cmap: str, gap, title):
     import pyvista as pv
 
     clim = (0.0, 1.0)
@@ -151,14 +152,18 @@ def _build_scene(plotter, grid, mode: str, threshold: float, cmap: str, gap: flo
         nx, ny, nz = grid.dimensions
         spread = grid.copy()
         sx, sy, sz = grid.spacing
+        if gap is None:
+            gap = auto_gap(grid)
         spread.spacing = (sx, sy, sz * gap)
         outlined = spread
         planes = [spread.extract_subset((0, nx - 1, 0, ny - 1, k, k)) for k in range(nz)]
         merged = pv.merge(planes) if len(planes) > 1 else planes[0]
-        # Per-point opacity (a named point array): faint below the threshold, opaque at the top.
+        # Per-point opacity (a named point array): faint below the threshold (fainter for deep
+        # stacks, whose many faint planes would add up to a dark block), opaque at the top.
         norm = np.asarray(merged.point_data["normalized"], dtype=np.float64)
         t = min(max(threshold, 0.0), 0.999)
-        ramp = np.where(norm <= t, 0.08, 0.08 + 0.92 * (norm - t) / (1 - t))
+        floor = min(0.08, 2.0 / nz)
+        ramp = np.where(norm <= t, floor, floor + (1 - floor) * (norm - t) / (1 - t))
         merged.point_data["opacity"] = np.clip(ramp, 0.0, 1.0)
         plotter.add_mesh(merged, scalars="normalized", cmap=cmap, clim=clim, opacity="opacity",
                          scalar_bar_args=bar)
@@ -168,6 +173,13 @@ def _build_scene(plotter, grid, mode: str, threshold: float, cmap: str, gap: flo
     plotter.show_axes()
     if title:
         plotter.add_text(str(title), font_size=10, color="black")
+
+
+def auto_gap(grid) -> float:
+    """Default distance of the planes in ``stack`` mode, in z spacings."""
+    nx, ny, nz = grid.dimensions
+    sx, sy, sz = grid.spacing
+    return float(np.clip(1.5 * max(nx * sx, ny * sy) / (nz * sz), 1.0, 4.0))
 
 
 def _place_camera(plotter, azimuth: float, elevation: float):
@@ -182,7 +194,7 @@ def _plotter(array, *, mode, show, window_size, threshold, normalization, spacin
     from .volumes import to_pyvista
 
     _check_mode(mode)
-    if not (isinstance(gap, (int, float)) and gap >= 1.0):
+    if gap is not None and not (isinstance(gap, (int, float)) and gap >= 1.0):
         raise CnnvisError(f"gap {gap!r}: expected a number >= 1 (planes apart, in z spacings)")
     if len(window_size) != 2 or min(window_size) < 16:
         raise CnnvisError(f"window size {window_size!r}: expected two integers >= 16")
@@ -194,7 +206,8 @@ def _plotter(array, *, mode, show, window_size, threshold, normalization, spacin
     plotter = pv.Plotter(off_screen=not show, window_size=[int(v) for v in window_size])
     try:
         plotter.set_background("white")
-        _build_scene(plotter, grid, mode, float(threshold), cmap, float(gap), title)
+        _build_scene(plotter, grid, mode, float(threshold), cmap,
+                     None if gap is None else float(gap), title)
         _place_camera(plotter, azimuth, elevation)
     except BaseException:
         plotter.close()
@@ -204,7 +217,7 @@ def _plotter(array, *, mode, show, window_size, threshold, normalization, spacin
 
 _DEFAULTS = dict(mode="volume", window_size=(800, 800), threshold=0.5, normalization="global",
                  spacing=(1.0, 1.0, 1.0), layout="stack", permutation=None, cmap="viridis",
-                 gap=4.0, azimuth=35.0, elevation=25.0, title=None)
+                 gap=None, azimuth=35.0, elevation=25.0, title=None)
 
 
 def _options(kwargs) -> dict:
