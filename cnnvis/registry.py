@@ -59,6 +59,11 @@ _SCHEMA = {
     "trained": bool, "warning": str, "input_size": list, "input_name": str, "output_name": str,
     "preprocessing": dict, "classes": (str, list, dict), "builder": str, "seed": int,
     "version": str, "deploy": str, "default": bool, "samples": list,
+    # provenance of a model cnnvis trained (see cnnvis.training / `cnnvis train-demo`)
+    "architecture": dict, "training": dict, "test_accuracy": float, "data_licence": str,
+    "caffe_files": dict, "checkpoints": list,
+    # per-model defaults of analyses (e.g. which classes `compare-classes` contrasts)
+    "compare_classes": dict,
 }
 _HEX_LENGTH = {"sha256": 64, "sha1": 40}
 
@@ -141,6 +146,8 @@ def _registry_sidecars() -> dict:
         if not folder.is_dir():
             continue
         for path in sorted(folder.glob("*.json")):
+            if path.name == "manifest.json":  # a command's run record, not a sidecar
+                continue
             if path.name.endswith(".onnx.json"):
                 # The sidecar of an .onnx file in the folder: kind and file go without saying.
                 model_file = path.name[: -len(".json")]
