@@ -112,11 +112,12 @@ def _synthetic_gradients_run(out: Path) -> None:
         run.path("order.json", kind="order").write_text(json.dumps(order))
         Image.fromarray(np.tile(np.arange(0, 250, 5, dtype=np.uint8), (30, 1))).save(
             run.path("gradient_norms.png", kind="plot"))
+        Image.fromarray(np.full((40, 300), 128, np.uint8)).save(run.path("strip.png", kind="plot"))
         run.path("gradient.hdf", kind="volume", layer="conv1", shape=[4, 3, 3, 3]).write_bytes(b"\0" * 64)
         run.path("ghost.npy", kind="gradient", layer="conv1").write_bytes(b"x")
         run.path("broken.json", kind="table").write_text("{not json")
         run.path("damaged.png", kind="plot").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
-        run.extra = {"objective": "fc1[3]"}
+        run.extra = {"objective": "fc1[3]", "summary": {"cat.jpg": {"norm": 2.5}, "dog.jpg": {"norm": 0.25}}}
     (out / "ghost.npy").unlink()  # listed in the manifest, gone from the folder
 
 
@@ -165,8 +166,10 @@ def test_one_section_per_recorded_run_and_no_others(page):
     params = {tr.children[0].text(): tr.children[1].text() for t in acts.iter("table", "kv") for tr in t.iter("tr")}
     assert params["normalization"] == "channel" and params["layers"] == json.dumps(LAYERS)
     grads = found["gradients"]
-    kv = {tr.children[0].text(): tr.children[1].text() for t in grads.iter("table", "kv") for tr in t.iter("tr")}
-    assert kv["objective"] == "fc1[3]"  # extra record keys are shown as results
+    results = next(d for d in grads.iter("details") if next(d.iter("summary")).text() == "Results")
+    rows = [[c.text() for c in tr.children] for tr in results.iter("tr")]  # extra record keys, as tables
+    assert rows == [["key", "value"], ["objective", "fc1[3]"], ["key", "norm"], ["cat.jpg", "2.5"],
+                    ["dog.jpg", "0.25"]]
     assert [li.text() for li in grads.iter("li")] == ["cat.jpg", "dog.jpg"]
 
 
@@ -227,9 +230,9 @@ def test_missing_and_damaged_files_are_flagged_not_fatal(out_dir, page):
         assert rows[name].children[4].text() == "ok" and list(rows[name].iter("a"))
     assert "not readable as a table" in rows["broken.json"].children[6].text()
     assert "not a readable image" in rows["damaged.png"].children[6].text()
-    assert "shape: 4×3×3×3" in rows["gradient.hdf"].children[6].text()
-    srcs = [img.attrs["src"] for img in grads.iter("img")]
-    assert srcs == ["gradients/gradient_norms.png"]
+    assert rows["gradient.hdf"].children[6].text() == "VTKHDF volume: open in ParaView; shape: 4×3×3×3"
+    figs = {next(f.iter("img")).attrs["src"]: f.attrs.get("class") for f in grads.iter("figure")}
+    assert figs == {"gradients/gradient_norms.png": None, "gradients/strip.png": "wide"}  # 300×40 spans a row
 
 
 def test_tables_from_csv_and_json(page):
@@ -253,12 +256,15 @@ def test_tables_from_csv_and_json(page):
     assert kv["permutation"].startswith("[39, 38,") and kv["permutation"].endswith("… (40 items)]")
 
 
-def test_model_cards_flag_untrained_and_show_layer_table(page):
+def test_model_cards_flag_untrained_and_show_layer_table(out_dir, page):
     _, text = page
     root = parse(text)
     cards = {next(c.iter("h2")).text(): c for c in root.iter("article", "model")}
     assert len(cards) == 2  # tiny.onnx (used by two runs) and the untrained random-net
-    tiny = cards["Model: tiny.onnx trained"]
+    # whatever the model loader decided for a bare .onnx file, the card says what the manifest says
+    trained = json.loads((out_dir / "filters" / "manifest.json").read_text())["runs"]["filters"]["model"]["trained"]
+    badge = {True: "trained", False: "UNTRAINED (random weights)", None: "training state unknown"}[trained]
+    tiny = cards[f"Model: tiny.onnx {badge}"]
     rows = {tr.children[0].text(): tr.children[1].text() for tr in tiny.iter("tr")}
     assert rows["input shape"] == "N×3×16×16" and len(rows["sha256"]) == 64 and rows["source"].endswith("tiny.onnx")
     assert [a.text() for a in next(tiny.iter("p", "used")).iter("a")] == ["activations", "filters"]
@@ -270,6 +276,7 @@ def test_model_cards_flag_untrained_and_show_layer_table(page):
     assert [[td.text() for td in tr.iter("td")] for tr in next(layer_table.iter("tbody")).iter("tr")] == \
         [["conv1", "Conv", "4×16×16", "112"], ["fc1", "Gemm", "5", "1285"]]
     assert "UNTRAINED" in next(root.iter("p", "banner")).text()
+    assert len(list(root.iter("p", "banner"))) == 1
     grads_facts = next(sections(root)["gradients"].iter("p", "facts"))
     assert "UNTRAINED" in grads_facts.text()
 
@@ -355,9 +362,12 @@ def test_json_tables_shapes():
     assert rows.header == ["0", "1", "2"] and rows.rows == [[1, 2, 3], [4, None, None]]
     (recs,) = report.json_tables([{"a": 1}, {"b": 2, "a": 3}])
     assert recs.header == ["a", "b"] and recs.rows == [[1, None], [3, 2]]
-    kv, nested = report.json_tables({"score": 1.5, "meta": {"k": 2}, "per_class": [{"c": 0}, {"c": 1}]})
+    kv, nested, per_image = report.json_tables({"score": 1.5, "meta": {"k": 2}, "per_class": [{"c": 0}, {"c": 1}],
+                                                "summary": {"cat": {"r": 0.5}, "dog": {"r": 2, "s": 1}}})
     assert kv.rows == [["score", 1.5], ["meta.k", 2]]
     assert nested.title == "per_class" and nested.rows == [[0], [1]]
+    assert per_image.title == "summary" and per_image.header == ["key", "r", "s"]
+    assert per_image.rows == [["cat", 0.5, None], ["dog", 2, 1]]
     (scalar,) = report.json_tables(7)
     assert scalar.rows == [[7]]
 
@@ -397,7 +407,7 @@ def test_page_works_in_headless_chromium(out_dir, page):
 
         # every image loads once scrolled to (they are lazy)
         n_images = b.execute("return document.images.length")
-        assert n_images == 2 * len(LAYERS) + 1 + 1
+        assert n_images == 2 * len(LAYERS) + 1 + 2
         for i in range(n_images):
             b.execute("document.images[arguments[0]].scrollIntoView()", i)
             b.wait_for("var im = document.images[arguments[0]]; return im.complete && im.naturalWidth > 0", i)
@@ -456,3 +466,29 @@ def test_browser_helper_reports_missing_binaries(monkeypatch):
     assert browser.find_binaries() == (None, None)
     with pytest.raises(browser.WebDriverError, match="not both installed"):
         browser.Browser().__enter__()
+
+
+def test_runs_sharing_one_folder_and_relative_out_dir(tmp_path, monkeypatch, capsys):
+    for command, name in (("filters", "conv1 filters.png"), ("activations", "a#1/conv1?.png")):
+        with RunOutput(tmp_path, command, params={"n": 1}) as run:
+            Image.fromarray(np.eye(8, dtype=np.uint8) * 255).save(run.path(name, kind="grid", layer="conv1"),
+                                                                  format="PNG")
+    monkeypatch.chdir(tmp_path)
+    assert main(["report", "."]) == 0
+    assert "2 run(s)" in capsys.readouterr().out
+    root = parse((tmp_path / "index.html").read_text(encoding="utf-8"))
+    found = sections(root)
+    assert list(found) == ["activations", "filters"]  # one manifest, two runs, no folder label
+    assert not list(found["filters"].iter("span", "folder"))
+    srcs = [img.attrs["src"] for img in root.iter("img")]
+    assert srcs == ["a%231/conv1%3F.png", "conv1%20filters.png"]  # quoted: '#' and '?' are not URL syntax
+    assert all((tmp_path / unquote(s)).is_file() for s in srcs)
+
+
+def test_model_without_training_flag_is_unknown_not_trained(tmp_path):
+    runs = {"custom": {"command": "custom", "files": [], "model": {"name": "m", "sha256": "0" * 64}}}
+    write_json(tmp_path / "manifest.json", {"runs": runs})
+    root = parse(report.build_report(tmp_path))
+    (card,) = list(root.iter("article", "model"))
+    assert next(card.iter("h2")).text() == "Model: m training state unknown"
+    assert not list(root.iter("p", "banner"))

@@ -30,6 +30,13 @@ MAX_TABLE_ROWS = 500  # rows shown per table; the whole file stays one click awa
 MAX_TABLE_BYTES = 8 << 20  # bigger CSV/JSON files are linked, not parsed
 MAX_LIST_ITEMS = 16  # long JSON lists (e.g. a 96-long permutation) are shown shortened
 PIXELATED_BELOW = 256  # small images are upscaled in thumbnails: keep their pixels crisp
+WIDE_ASPECT = 2.5  # wider pictures (before/after strips, plots) take a whole gallery row
+FORMATS = {  # what a reader needs to know to open a file the page cannot show
+    ".hdf": "VTKHDF volume: open in ParaView", ".vti": "VTK image data: ParaView or VTK",
+    ".vox": "CNN-VIS volume (with its .hd header)", ".hd": "CNN-VIS volume header",
+    ".npy": "NumPy array (numpy.load)", ".h5": "HDF5 (h5py)", ".py": "Python script (ParaView: pvpython)",
+    ".onnx": "ONNX model", ".txt": "text", ".log": "log",
+}
 
 
 @dataclasses.dataclass
@@ -230,7 +237,8 @@ def read_table(path) -> list:
 def json_tables(data, title=None) -> list:
     """Tables for a JSON value: records (list of objects), columns (object of equal-length lists),
     rows (list of lists), or a key/value listing of an object's scalars with nested objects
-    flattened into dotted keys; lists of objects inside an object become tables of their own."""
+    flattened into dotted keys; lists of objects, and objects of flat objects, inside an object
+    become tables of their own."""
     if isinstance(data, list):
         if data and all(isinstance(r, dict) for r in data):
             header = []
@@ -259,10 +267,17 @@ def json_tables(data, title=None) -> list:
     return [Table(header=["value"], rows=[[data]], title=title)]
 
 
+def _is_record(value) -> bool:
+    return isinstance(value, dict) and bool(value) and all(not isinstance(v, (dict, list)) for v in value.values())
+
+
 def _flatten(obj: dict, prefix: str, pairs: list, nested: list, depth: int = 0) -> None:
     for key, value in obj.items():
         name = f"{prefix}{key}"
-        if isinstance(value, dict) and value and depth < 4:
+        if isinstance(value, dict) and value and all(_is_record(v) for v in value.values()):
+            # e.g. {"cat.jpg": {"smoothness": ..}, "dog.jpg": {..}}: one row per key
+            nested.append((name, [{"key": k, **v} for k, v in value.items()]))
+        elif isinstance(value, dict) and value and depth < 4:
             _flatten(value, f"{name}.", pairs, nested, depth + 1)
         elif isinstance(value, list) and value and all(isinstance(r, dict) for r in value):
             nested.append((name, value))
@@ -397,13 +412,15 @@ def _model_card(index: int, model: dict, sections: list) -> str:
 
 
 PX_CLASS = ' class="px"'
+WIDE_CLASS = ' class="wide"'
 
 
 def _img_html(f: OutputFile) -> str:
     size = f' width="{f.image_size[0]}" height="{f.image_size[1]}"' if f.image_size else ""
+    wide = bool(f.image_size) and f.image_size[0] > WIDE_ASPECT * f.image_size[1]
     small = f.image_size and max(f.image_size) <= PIXELATED_BELOW
     dims = f" ({f.image_size[0]}×{f.image_size[1]})" if f.image_size else ""
-    return (f'<figure><a class="zoom" href="{_e(f.href)}" title="{_e(f.rel)}{dims}">'
+    return (f'<figure{WIDE_CLASS if wide else ""}><a class="zoom" href="{_e(f.href)}" title="{_e(f.rel)}{dims}">'
             f'<img loading="lazy" src="{_e(f.href)}" alt="{_e(f.kind)}: {_e(f.caption())}"{size}'
             f'{PX_CLASS if small else ""}></a>'
             f"<figcaption>{_e(f.caption())}</figcaption></figure>")
@@ -473,6 +490,8 @@ def _tables_html(folder: Path, table_files: list) -> tuple:
 def _details_text(f: OutputFile) -> str:
     keys = sorted((k for k in f.meta if k not in ("layer", "image")), key=lambda k: (k != "shape", k))
     bits = [f"{k}: {_value_text(k, f.meta[k])}" for k in keys]
+    if f.suffix in FORMATS:
+        bits.insert(0, FORMATS[f.suffix])
     if f.problem:
         bits.insert(0, f.problem)
     return "; ".join(bits)
@@ -533,7 +552,9 @@ def _section_html(report: ReportData, s: RunSection) -> str:
     extra = [(k, v) for k, v in sorted(r.items())
              if k not in ("command", "params", "inputs", "model", "files", "wall_time_s")]
     if extra:
-        parts.append(f"<details open><summary>Results</summary>{_kv_table(extra)}</details>")
+        blocks = "".join((f"<h5>{_e(t.title)}</h5>" if t.title else "") + _table_html(t)
+                         for t in json_tables(dict(extra)))
+        parts.append(f"<details open><summary>Results</summary>{blocks}</details>")
 
     images = [f for f in s.files if f.status == "ok" and f.suffix in IMAGE_SUFFIXES and not f.problem]
     tables = [f for f in s.files if f.status == "ok" and f.suffix in TABLE_SUFFIXES]
@@ -642,6 +663,7 @@ details{margin:6px 0}summary{cursor:pointer;font-weight:600}ul.inputs{margin:4px
 figure{margin:0;background:var(--bg);border:1px solid var(--line);border-radius:6px;padding:6px;
 display:flex;flex-direction:column;align-items:center}
 figure a{display:block;width:100%;text-align:center}
+figure.wide{grid-column:1/-1}figure.wide img{max-height:420px}
 figure img{max-width:100%;height:auto;max-height:240px;object-fit:contain}
 img.px{image-rendering:pixelated;width:100%}
 figcaption{font-size:.8rem;color:var(--muted);margin-top:4px;text-align:center;word-break:break-word}
