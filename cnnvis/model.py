@@ -253,8 +253,10 @@ class Model:
         return [f"class {i}" for i in range(n)]
 
     @property
-    def trained(self) -> bool:
-        return bool(self.sidecar.get("trained", True))
+    def trained(self) -> bool | None:
+        """True/False as the sidecar says; None when nothing says (a bare .onnx file)."""
+        value = self.sidecar.get("trained")
+        return None if value is None else bool(value)
 
     def info(self) -> dict:
         """What manifests record about the model."""

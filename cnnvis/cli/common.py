@@ -103,7 +103,7 @@ def model_warning(model) -> None:
     """Say so when the model is untrained (its pictures show random filters, not learned ones)."""
     import sys
 
-    if not model.trained:
+    if model.trained is False:
         print(f"cnnvis: note: model {model.name} is UNTRAINED (random weights): pictures show "
               "structure of the topology, not learned features", file=sys.stderr)
 

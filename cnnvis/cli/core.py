@@ -49,7 +49,7 @@ def format_layer_table(model) -> str:
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
     total_p = sum(layer.params for layer in model.layers)
     total_m = sum(layer.macs for layer in model.layers)
-    status = "trained" if model.trained else "UNTRAINED (random weights)"
+    status = {True: "trained", False: "UNTRAINED (random weights)", None: "training state unknown"}[model.trained]
     head = (f"model {model.name}: input {model.input_name} N×{'×'.join(map(str, model.input_shape))}, "
             f"{status}, sha256 {model.sha256[:16]}…")
     return "\n".join([head, *lines, f"total: {total_p:,} parameters, {total_m:,} MACs per image"])
