@@ -13,8 +13,8 @@ import onnx
 import pytest
 
 from cnnvis.caffe import (
-    META_BLOBS, META_LAYERS, META_PARAMS, META_PROTOTXT_SHA, META_TYPES, META_WEIGHTS_SHA, caffe_metadata,
-    caffemodel_bytes, is_hdf5, load_caffe, parse_prototxt, read_mean_binaryproto, read_net, read_weights,
+    META_BLOB_FINAL, META_BLOBS, META_LAYERS, META_PARAMS, META_PROTOTXT_SHA, META_TYPES, META_WEIGHTS,
+    META_WEIGHTS_SHA, caffe_metadata, caffemodel_bytes, is_hdf5, load_caffe, parse_prototxt, read_mean_binaryproto, read_net, read_weights,
 )
 from cnnvis.caffe.schema import messages
 from cnnvis.errors import CnnvisError
@@ -132,7 +132,7 @@ def write_net(tmp_path, body, input_shape, blobs=None, name="net"):
 def run_all(model, feeds):
     """Every tensor named in the Caffe metadata, computed by onnxruntime."""
     meta = caffe_metadata(model)
-    wanted = set(meta[META_BLOBS].values()) | {t for ts in meta[META_LAYERS].values() for t in ts}
+    wanted = set(meta[META_BLOB_FINAL].values()) | {t for ts in meta[META_LAYERS].values() for t in ts}
     m = onnx.ModelProto()
     m.CopyFrom(model)
     have = {o.name for o in m.graph.output} | {i.name for i in m.graph.input}
@@ -155,7 +155,7 @@ def assert_close(got, want, what=""):
 def check_blobs(model, x, expected_blobs, expected_layers=None):
     values, meta = run_all(model, {"data": x.astype(np.float32)})
     for blob, want in expected_blobs.items():
-        assert_close(values[meta[META_BLOBS][blob]], want, f"blob {blob}")
+        assert_close(values[meta[META_BLOB_FINAL][blob]], want, f"blob {blob}")
     for layer, want in (expected_layers or {}).items():
         assert_close(values[meta[META_LAYERS][layer][0]], want, f"layer {layer}")
     onnx.checker.check_model(model)
@@ -195,7 +195,8 @@ layer { name: "deconv" type: "Deconvolution" bottom: "conv_b" top: "deconv"
     # In place: the Caffe blob conv_a ends as relu_a's tensor, layer conv_a keeps its own.
     assert meta[META_LAYERS]["conv_a"] == ["conv_a"]
     assert meta[META_LAYERS]["relu_a"] == ["relu_a"]
-    assert meta[META_BLOBS]["conv_a"] == "relu_a"
+    assert meta[META_BLOB_FINAL]["conv_a"] == "relu_a"
+    assert meta[META_BLOBS]["conv_a"] == ["conv_a", "relu_a"]
     assert meta[META_TYPES]["deconv"] == "Deconvolution"
     assert meta[META_PARAMS]["conv_a"] == ["conv_a/weight", "conv_a/bias"]
     assert deconv.shape == (2, 4, 9, 19)  # conv_b is 5x10; deconv: 2*(5-1)+3-2, 2*(10-1)+3-2
@@ -404,7 +405,8 @@ layer { name: "tanh" type: "TanH" bottom: "data" top: "tanh" }
     model = load_caffe(proto)
     assert [o.name for o in model.graph.output] == ["sig", "tanh"]
     meta = caffe_metadata(model)
-    assert meta[META_BLOBS]["data"] == "relu"
+    assert meta[META_BLOB_FINAL]["data"] == "relu"
+    assert meta[META_BLOBS]["data"] == ["data", "relu"]
     assert meta[META_LAYERS]["data"] == ["data"]
 
 
@@ -534,7 +536,7 @@ layer { name: "ip" type: "InnerProduct" bottom: "conv" top: "ip" inner_product_p
     with pytest.raises(CnnvisError, match="fill 'bogus'"):
         load_caffe(proto, fill="bogus")
     meta = {p.key: p.value for p in load_caffe(proto).metadata_props}
-    assert json.loads(meta["caffe_weights"]) == {"generated": "he", "seed": 0}
+    assert json.loads(meta[META_WEIGHTS]) == {"generated": "he", "seed": 0}
     assert meta[META_PROTOTXT_SHA] == sha256_file(proto)
 
 

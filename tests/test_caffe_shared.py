@@ -9,7 +9,7 @@ import onnx
 import pytest
 
 from cnnvis.caffe import (
-    META_BLOBS, META_LAYERS, META_PARAMS, caffe_metadata, is_hdf5, load_caffe, read_weights,
+    META_BLOB_FINAL, META_LAYERS, META_PARAMS, caffe_metadata, is_hdf5, load_caffe, read_weights,
 )
 from cnnvis.onnxgraph import create_session, static_shapes
 
@@ -21,7 +21,7 @@ def _all_tensors(model):
     m = onnx.ModelProto()
     m.CopyFrom(model)
     have = {o.name for o in m.graph.output} | {i.name for i in m.graph.input}
-    wanted = set(meta[META_BLOBS].values()) | {t for ts in meta[META_LAYERS].values() for t in ts}
+    wanted = set(meta[META_BLOB_FINAL].values()) | {t for ts in meta[META_LAYERS].values() for t in ts}
     for name in sorted(wanted - have):
         m.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
     return m, meta
@@ -56,7 +56,7 @@ def test_cifar10_quick_reproduces_every_caffe_blob(cifar):
     checked = []
     for key, want in cifar["forward"].items():
         if key.startswith("blobs_"):
-            tensor = meta[META_BLOBS][key[len("blobs_"):]]
+            tensor = meta[META_BLOB_FINAL][key[len("blobs_"):]]
         else:
             layer, _blob = key[len("layer_"):].split("__top_")
             tensor = meta[META_LAYERS][layer][0]
@@ -68,7 +68,7 @@ def test_cifar10_quick_reproduces_every_caffe_blob(cifar):
     assert len(checked) == 23  # 10 blobs + 13 layer tops
     # pool1 before the in-place relu1 has negative values; after it, none.
     assert values[meta[META_LAYERS]["pool1"][0]].min() < 0
-    assert values[meta[META_BLOBS]["pool1"]].min() >= 0
+    assert values[meta[META_BLOB_FINAL]["pool1"]].min() >= 0
     np.testing.assert_array_equal(values["prob"].argmax(1), cifar["forward"]["blobs_prob"].argmax(1))
 
 

@@ -17,7 +17,7 @@ from .reader import (  # noqa: F401
     read_net, read_weights,
 )
 from .to_onnx import (  # noqa: F401
-    BATCH, FILLS, META_BLOBS, META_LAYERS, META_PARAMS, META_PROTOTXT_SHA, META_TYPES, META_WEIGHTS, META_WEIGHTS_SHA,
+    BATCH, FILLS, META_BLOB_FINAL, META_BLOBS, META_LAYERS, META_PARAMS, META_PROTOTXT_SHA, META_TYPES, META_WEIGHTS, META_WEIGHTS_SHA,
     SUPPORTED_LAYERS, caffe_pool_axis, convert,
 )
 from .writer import SUPPORTED_OPS, caffemodel_bytes, onnx_to_caffe, prototxt_text, write_caffe  # noqa: F401
@@ -56,13 +56,14 @@ def load_caffe(prototxt, weights=None, *, fill: str = "he", seed: int = 0):
 def caffe_metadata(model) -> dict:
     """The Caffe maps a converted model carries (empty for other models).
 
-    Keys: :data:`META_BLOBS` (blob -> tensor with its final value), :data:`META_LAYERS` (layer ->
+    Keys: :data:`META_BLOB_FINAL` (blob -> tensor with its final value), :data:`META_BLOBS` (blob ->
+    every tensor that held a value of it, in order), :data:`META_LAYERS` (layer ->
     output tensors), :data:`META_TYPES` (layer -> Caffe type), :data:`META_PARAMS` (layer ->
     initializers of its parameter blobs), :data:`META_WEIGHTS` and the sha256 entries.
     """
     props = {p.key: p.value for p in model.metadata_props}
     out = {}
-    for key in (META_BLOBS, META_LAYERS, META_TYPES, META_PARAMS, META_WEIGHTS):
+    for key in (META_BLOBS, META_BLOB_FINAL, META_LAYERS, META_TYPES, META_PARAMS, META_WEIGHTS):
         if key in props:
             out[key] = json.loads(props[key])
     for key in (META_PROTOTXT_SHA, META_WEIGHTS_SHA):

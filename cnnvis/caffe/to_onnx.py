@@ -7,8 +7,10 @@ Conventions of the graph written here:
   in place on blob ``pool1`` is ``relu1``, while ``pool1`` keeps the value before rectification;
 * the batch dimension of the inputs is symbolic (``N``);
 * ``metadata_props`` holds JSON maps from Caffe blob names to the ONNX tensor with their final
-  value (:data:`META_BLOBS`), from layer names to their output tensors (:data:`META_LAYERS`) and to
-  their Caffe types (:data:`META_TYPES`), and the sha256 of the source files.
+  value (:data:`META_BLOB_FINAL`) and to every tensor that held a value of the blob, in order
+  (:data:`META_BLOBS`: ``pool1 -> [pool1, relu1]``), from layer names to their output tensors
+  (:data:`META_LAYERS`), Caffe types (:data:`META_TYPES`) and parameter initializers
+  (:data:`META_PARAMS`), and the sha256 of the source files.
 
 Caffe details reproduced exactly: pooling output sizes (rounding up, minus one when the last
 window would start in the padding), the AVE pooling divisor (window clipped at ``H + pad`` before
@@ -25,13 +27,14 @@ import numpy as np
 from ..errors import CnnvisError
 from .reader import CaffeNetDef, CaffeWeights, blob_from_proto
 
-META_BLOBS = "caffe_blob_tensors"
-META_LAYERS = "caffe_layer_tensors"
-META_TYPES = "caffe_layer_types"
-META_PARAMS = "caffe_layer_params"
-META_PROTOTXT_SHA = "caffe_prototxt_sha256"
-META_WEIGHTS_SHA = "caffe_weights_sha256"
-META_WEIGHTS = "caffe_weights"
+META_BLOBS = "cnnvis.caffe.blobs"  # blob -> [tensors holding its successive values]; last = final
+META_BLOB_FINAL = "cnnvis.caffe.blob_final"  # blob -> tensor holding its final value
+META_LAYERS = "cnnvis.caffe.layers"  # layer -> [output tensors]
+META_TYPES = "cnnvis.caffe.types"  # layer -> Caffe type
+META_PARAMS = "cnnvis.caffe.params"  # layer -> [initializers of its parameter blobs]
+META_PROTOTXT_SHA = "cnnvis.caffe.prototxt_sha256"
+META_WEIGHTS_SHA = "cnnvis.caffe.weights_sha256"
+META_WEIGHTS = "cnnvis.caffe.weights"  # {"file", "format"} or {"generated", "seed"}
 BATCH = "N"
 FILLS = ("he", "xavier", "gaussian")
 
@@ -67,7 +70,8 @@ class _Converter:
         self.net, self.weights, self.fill, self.seed = net, weights, fill, int(seed)
         self.nodes, self.initializers, self.graph_inputs = [], [], []
         self.shapes = {}  # tensor -> shape tuple, dim 0 None (the batch)
-        self.blob_tensor = {}
+        self.blob_tensor = {}  # blob -> tensor holding its current value
+        self.blob_history = {}  # blob -> every tensor that held a value of it
         self.layer_tensors, self.layer_types = {}, {}
         self.layer_params = {}  # layer -> initializers holding its Caffe blobs (as used by the graph)
         self.tensor_names, self.node_names = set(), set()
@@ -205,6 +209,7 @@ class _Converter:
         for top, tensor, shape in zip(layer.tops, outputs, shapes):
             self.shapes[tensor] = tuple(shape)
             self.blob_tensor[top] = tensor
+            self.blob_history.setdefault(top, []).append(tensor)
             self.available.pop(top, None)
             self.available[top] = tensor
         self.layer_tensors[layer.name] = list(outputs)
@@ -222,6 +227,7 @@ class _Converter:
         self.graph_inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, dims))
         self.shapes[name] = (None,) + shape[1:]
         self.blob_tensor[name] = name
+        self.blob_history[name] = [name]
         self.available[name] = name
 
     def input_layer(self, layer):
@@ -257,7 +263,8 @@ class _Converter:
                                   self.initializers, value_info=value_info)
         model = make_model(graph)
         helper.set_model_props(model, {
-            META_BLOBS: json.dumps(self.blob_tensor),
+            META_BLOBS: json.dumps(self.blob_history),
+            META_BLOB_FINAL: json.dumps(self.blob_tensor),
             META_LAYERS: json.dumps(self.layer_tensors),
             META_TYPES: json.dumps(self.layer_types),
             META_PARAMS: json.dumps(self.layer_params),

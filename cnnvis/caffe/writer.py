@@ -59,6 +59,7 @@ class _Writer:
         self.graph_outputs = {o.name for o in self.graph.output}
         self.producer = {o: node for node in self.graph.node for o in node.output if o}
         self.alias = {}  # tensor -> blob standing for it (a Flatten folded into InnerProduct)
+        self.inner_product_axis = {}  # MatMul output -> InnerProduct axis when a Reshape was folded
         self.shapes = _infer_shapes(model, self.inits, batch=1)
         self._shapes_batch2 = None
         self.layers = []  # (LayerParameter, [np.ndarray])
@@ -423,7 +424,7 @@ class _Writer:
         if not self.is_const(node.input[1]) or self.const(node.input[1]).ndim != 2:
             self.fail(node, "only x @ W with a 2-D constant W (an InnerProduct) can be written")
         weight = self.const(node.input[1])
-        rank = len(self.shape(node, x))
+        axis = self.inner_product_axis.get(node.output[0], len(self.shape(node, x)) - 1)
         num_output = weight.shape[1]
         blobs, top = [weight.T], node.output[0]
         add = self.single_consumer(top)
@@ -436,8 +437,8 @@ class _Writer:
                 self.absorbed.add(id(add))
         layer = self.layer(node, "InnerProduct", [x], [top], blobs)
         layer.inner_product_param.num_output = num_output
-        if rank - 1 != 1:
-            layer.inner_product_param.axis = rank - 1
+        if axis != 1:
+            layer.inner_product_param.axis = axis
         if len(blobs) == 1:
             layer.inner_product_param.bias_term = False
 
@@ -474,6 +475,16 @@ class _Writer:
         x = self.blob(node, node.input[0])
         in_shape = self.shape(node, x)
         out_shape = self.shape(node, node.output[0])
+        user = self.single_consumer(node.output[0])
+        axis = len(out_shape) - 1
+        if (user is not None and user.op_type == "MatMul" and user.input[0] == node.output[0]
+                and self.is_const(user.input[1]) and 1 <= axis <= len(in_shape)
+                and tuple(out_shape[:axis]) == tuple(in_shape[:axis])
+                and int(np.prod(in_shape[axis:])) == out_shape[-1]):
+            # Flattening the trailing axes for a MatMul: InnerProduct with that axis does it itself.
+            self.alias[node.output[0]] = x
+            self.inner_product_axis[user.output[0]] = axis
+            return
         # Caffe's target is "copy the batch, then fixed dims": check the graph agrees at batch 2.
         if self._shapes_batch2 is None:
             self._shapes_batch2 = _infer_shapes(self.model, self.inits, batch=2)
