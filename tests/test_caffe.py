@@ -208,7 +208,7 @@ layer { name: "deconv" type: "Deconvolution" bottom: "conv_b" top: "deconv"
 
 def test_pooling_ceil_overhang_divisor_and_global(tmp_path):
     r = rng(2)
-    x = r.standard_normal((2, 3, 7, 8)) * 3
+    x = r.standard_normal((2, 3, 7, 8)) - 8  # all negative: zero padding would win a MAX
     body = """
 layer { name: "max_p1" type: "Pooling" bottom: "data" top: "max_p1" pooling_param { pool: MAX kernel_size: 3 stride: 2 pad: 1 } }
 layer { name: "ave_p1" type: "Pooling" bottom: "data" top: "ave_p1" pooling_param { pool: AVE kernel_size: 3 stride: 2 pad: 1 } }
@@ -240,6 +240,7 @@ layer { name: "gave" type: "Pooling" bottom: "data" top: "gave" pooling_param { 
     assert expected["ave_p0"].shape == (2, 3, 3, 4)
     assert expected["drop_last"].shape == (2, 3, 3, 4)
     assert expected["floor"].shape == (2, 3, 3, 3)
+    assert x.max() < 0 and expected["max_p1"].max() < 0
     check_blobs(model, x, expected)
     # Hand-computed border windows. ave_p0 [2, 3]: rows 4..6, columns 6..8 of which 6..7 are in
     # the image; the divisor clips at W + pad = 8, so it is 3 * 2 = 6.
@@ -335,6 +336,7 @@ layer { name: "cat2" type: "Concat" bottom: "a" bottom: "b" top: "cat2" concat_p
 layer { name: "flat" type: "Flatten" bottom: "data" top: "flat" }
 layer { name: "flat_hw" type: "Flatten" bottom: "data" top: "flat_hw" flatten_param { axis: 2 } }
 layer { name: "reshape" type: "Reshape" bottom: "data" top: "reshape" reshape_param { shape { dim: 0 dim: -1 dim: 6 } } }
+layer { name: "reshape_batch" type: "Reshape" bottom: "data" top: "reshape_batch" reshape_param { shape { dim: -1 dim: 72 } } }
 layer { name: "reshape_mid" type: "Reshape" bottom: "data" top: "reshape_mid"
   reshape_param { axis: 1 num_axes: 1 shape { dim: 2 dim: 3 } } }
 layer { name: "sum" type: "Eltwise" bottom: "a" bottom: "b" bottom: "data" top: "sum" eltwise_param { operation: SUM coeff: 0.5 coeff: -2 coeff: 1 } }
@@ -359,6 +361,7 @@ layer { name: "slice_even" type: "Slice" bottom: "data" top: "e1" top: "e2" slic
         "flat": x.reshape(2, -1),
         "flat_hw": x.reshape(2, 6, 12),
         "reshape": x.reshape(2, 12, 6),
+        "reshape_batch": x.reshape(2, 72),
         "reshape_mid": x.reshape(2, 2, 3, 4, 3),
         "sum": sum_,
         "prod": x * (0.5 * x),
@@ -509,6 +512,10 @@ def test_hdf5_weights_detected_by_content(tmp_path):
     out_h5 = create_session(load_caffe(proto, h5_path), device="cpu").run(None, {"data": x})[0]
     out_bin = create_session(load_caffe(proto, binary), device="cpu").run(None, {"data": x})[0]
     np.testing.assert_array_equal(out_h5, out_bin)
+    # ... and a binary model under an HDF5-looking name is still read as binary.
+    renamed = tmp_path / "binary.caffemodel.h5"
+    renamed.write_bytes(binary.read_bytes())
+    assert read_weights(renamed).format == "binary"
     assert_close(out_h5, ref_conv(x.astype(np.float64), w.astype(np.float64), b.astype(np.float64)))
 
 
