@@ -40,9 +40,6 @@ class CaffeLayer:
                 "upgrade the net to the V2 'layer' format")
         return getattr(self.proto, field_name)
 
-    def has_param(self, field_name: str) -> bool:
-        return field_name in self.proto.DESCRIPTOR.fields_by_name and self.proto.HasField(field_name)
-
 
 @dataclass
 class CaffeNetDef:
