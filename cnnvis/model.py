@@ -51,6 +51,7 @@ class Layer:
     params: int = 0
     macs: int = 0
     caffe_blob: str | None = None  # the Caffe blob name this tensor holds a value of, if known
+    caffe_type: str | None = None  # the Caffe layer type, for models imported from Caffe
 
     def as_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -150,7 +151,9 @@ class Model:
             and not any(_GENERIC_NODE_NAME.match(n.name) for n in nodes)
         layers, used = [], set()
         last_param_name = None
-        for i, group in enumerate(_group_nodes(nodes)):
+        caffe_layers = self._metadata_json("cnnvis.caffe.layers") or {}
+        caffe_types = self._metadata_json("cnnvis.caffe.types") or {}
+        for i, group in enumerate(_group_nodes(nodes, caffe_layers)):
             # A Caffe layer built from several ONNX nodes shares one node name: one row, whose
             # output is the group's last tensor and whose weights are the first it uses.
             node = next((n for n in group if n.op_type in PARAM_OPS), group[0])
@@ -161,7 +164,7 @@ class Model:
                 weight = params[0]
                 bias = params[1] if node.op_type in ("Conv", "ConvTranspose", "Gemm") and len(params) > 1 else None
             if use_node_names or (node.name and not _GENERIC_NODE_NAME.match(node.name)):
-                name = node.name
+                name = group[-1].name
             elif weight is not None:
                 name = _name_from_weight(weight) or f"{node.op_type.lower()}{i}"
             elif node.op_type == "Softmax" and group[-1] is nodes[-1]:
@@ -175,8 +178,9 @@ class Model:
                 last_param_name = name
             name = _unique(name, used)
             used.add(name)
-            layer = Layer(name=name, op_type=node.op_type, tensor=out, node=node.name,
-                          inputs=list(node.input), caffe_blob=blob_of_tensor.get(out))
+            layer = Layer(name=name, op_type=node.op_type, tensor=out, node=group[-1].name,
+                          inputs=list(node.input), caffe_blob=blob_of_tensor.get(out),
+                          caffe_type=caffe_types.get(group[-1].name))
             shape = shapes.get(out)
             layer.output_shape = tuple(shape[1:]) if shape and None not in shape[1:] else None
             if weight is not None:
@@ -328,10 +332,16 @@ def load_model(spec, weights=None, device: str = "auto", threads: int | None = N
 
 # ---------------------------------------------------------------------- naming helpers
 
-def _group_nodes(nodes) -> list:
+def _group_nodes(nodes, caffe_layers=()) -> list:
+    """Consecutive nodes of one layer: same name, or (Caffe imports) helper nodes named
+    ``<layer>/<what>`` followed by the node ``<layer>``."""
+    def key(node):
+        prefix = node.name.split("/", 1)[0]
+        return prefix if prefix in caffe_layers else node.name
+
     groups = []
     for node in nodes:
-        if groups and node.name and groups[-1][-1].name == node.name:
+        if groups and node.name and key(groups[-1][-1]) == key(node):
             groups[-1].append(node)
         else:
             groups.append([node])

@@ -40,9 +40,11 @@ def register(sub) -> None:
 
 def format_layer_table(model) -> str:
     rows = [("layer", "op", "output", "weight", "bias", "params", "MACs", "caffe blob")]
+    caffe = any(layer.caffe_type for layer in model.layers)
     for layer in model.layers:
         fmt = lambda s: "×".join(map(str, s)) if s else "-"  # noqa: E731
-        rows.append((layer.name, layer.op_type, fmt(layer.output_shape), fmt(layer.weight_shape),
+        op = f"{layer.op_type} ({layer.caffe_type})" if caffe and layer.caffe_type else layer.op_type
+        rows.append((layer.name, op, fmt(layer.output_shape), fmt(layer.weight_shape),
                      fmt(layer.bias_shape), f"{layer.params:,}" if layer.params else "-",
                      f"{layer.macs:,}" if layer.macs else "-", layer.caffe_blob or "-"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
