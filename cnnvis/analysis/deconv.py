@@ -1,0 +1,219 @@
+"""Deconvnet projections (Zeiler & Fergus 2014): what in the input made one activation fire.
+
+Keep one activation of a layer, zero the rest, and send it back to the pixels through the
+network: unpooling by the max-pool switches of the forward pass, rectification of the backward
+signal at each ReLU, and convolution with the transposed filters. This is the gradient engine with
+``rule="deconvnet"`` and the objective "dot product of the layer with a seed", the seed holding
+the kept activation's value at its position and zeros elsewhere; the projection is the gradient
+with respect to the input.
+
+Many projections run as one batch: row ``i`` of the batch is an image (repeated as needed) and
+its own seed, so all the maps of a layer project in one engine call per ``batch_size`` rows.
+"""
+from __future__ import annotations
+
+import weakref
+
+import numpy as np
+
+from ..errors import CnnvisError
+from .receptive import receptive_field
+
+RULES = ("deconvnet", "guided", "gradient")
+
+_ENGINES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def projection_engine(model, layer: str, rule: str = "deconvnet", batch_size: int = 32):
+    """The (cached per model) GradientEngine projecting seeds at ``layer`` back to the input."""
+    from ..autodiff.engine import GradientEngine
+
+    if rule not in RULES:
+        raise CnnvisError(f"--rule {rule!r}: expected one of {', '.join(RULES)}")
+    tensor = model.tensor_name(layer)
+    if tensor == model.input_name:
+        raise CnnvisError(f"layer {layer}: is the input; name a layer to project from")
+    per_model = _ENGINES.setdefault(model, {})
+    key = (tensor, rule, int(batch_size))
+    if key not in per_model:
+        per_model[key] = GradientEngine(model.proto, wrt=[model.input_name], objective="seed", target=tensor,
+                                        rule=rule, batch_size=int(batch_size), device=model.device,
+                                        threads=model.threads)
+    return per_model[key]
+
+
+def layer_shape(model, layer: str) -> tuple:
+    """Per-image output shape of a layer as (C, H, W) or (F,); errors for anything else."""
+    shape = model.layer(layer).output_shape
+    if shape is None or len(shape) not in (1, 3):
+        raise CnnvisError(f"layer {layer}: output shape {shape} per image; expected C×H×W feature maps "
+                          "or a feature vector")
+    return tuple(int(d) for d in shape)
+
+
+def unit_rows(units, shape) -> np.ndarray:
+    """``units`` as an int64 (N, 3) array of (map, y, x); a vector layer's units are (f, 0, 0)."""
+    arr = np.asarray(units, dtype=np.int64)
+    if arr.ndim == 1:
+        arr = arr[:, None] if len(shape) == 1 else arr[None]
+    if len(shape) == 1 and arr.shape[1] == 1:
+        arr = np.concatenate([arr, np.zeros((len(arr), 2), np.int64)], axis=1)
+    if arr.ndim != 2 or arr.shape[1] != 3:
+        raise CnnvisError(f"units: expected rows of (map, y, x), got shape {arr.shape}")
+    dims = (shape[0], 1, 1) if len(shape) == 1 else shape
+    for axis, (name, dim) in enumerate(zip(("map", "y", "x"), dims)):
+        bad = (arr[:, axis] < 0) | (arr[:, axis] >= dim)
+        if bad.any():
+            raise CnnvisError(f"unit {name} {int(arr[bad, axis][0])}: must be in [0, {dim}) for a layer of "
+                              f"shape {'×'.join(map(str, shape))}")
+    return arr
+
+
+def unit_values(acts, units) -> np.ndarray:
+    """The activation of each row's unit: ``acts`` is N×C×H×W or N×F, ``units`` (N, 3)."""
+    rows = np.arange(len(units))
+    if acts.ndim == 2:
+        return acts[rows, units[:, 0]]
+    return acts[rows, units[:, 0], units[:, 1], units[:, 2]]
+
+
+def project(model, x, layer: str, units, values=None, rule: str = "deconvnet", batch_size: int = 32) -> np.ndarray:
+    """Deconvnet projections: row i keeps activation ``units[i]`` = (map, y, x) of ``layer`` for
+    image ``x[i]`` and returns its projection to the input (N×C×H×W float32).
+
+    ``values``: the kept activations (default: computed by a forward pass); a projection is linear
+    in its seed, so it is scaled by the activation's value as in the paper. Memory stays bounded by
+    ``batch_size`` rows.
+    """
+    x = np.asarray(x)  # may be a broadcast view of one image: rows are copied chunk by chunk
+    model.check_batch(x[:1])
+    shape = layer_shape(model, layer)
+    units = unit_rows(units, shape)
+    if len(units) != len(x):
+        raise CnnvisError(f"project: {len(x)} image rows but {len(units)} units (one unit per row)")
+    if values is None:
+        values = np.concatenate([
+            unit_values(model.run(x[s:s + batch_size].astype(np.float32), [layer], batch_size=batch_size)[layer],
+                        units[s:s + batch_size])
+            for s in range(0, len(x), batch_size)]) if len(x) else np.zeros(0, np.float32)
+    values = np.asarray(values, dtype=np.float32).reshape(-1)
+    if len(values) != len(x):
+        raise CnnvisError(f"project: {len(values)} values for {len(x)} rows")
+    engine = projection_engine(model, layer, rule=rule, batch_size=batch_size)
+    out = np.empty((len(x), *x.shape[1:]), dtype=np.float32)
+    for start in range(0, len(x), batch_size):
+        stop = min(start + batch_size, len(x))
+        seed = np.zeros((stop - start, *shape), dtype=np.float32)
+        u = units[start:stop]
+        rows = np.arange(stop - start)
+        if len(shape) == 1:
+            seed[rows, u[:, 0]] = values[start:stop]
+        else:
+            seed[rows, u[:, 0], u[:, 1], u[:, 2]] = values[start:stop]
+        rows_x = np.ascontiguousarray(x[start:stop], dtype=np.float32)
+        out[start:stop] = engine.run(rows_x, seed=seed)[model.input_name]
+    return out
+
+
+def strongest_units(acts) -> tuple:
+    """Per map of one image's activations (C×H×W or F), the strongest unit (first in row-major
+    order on ties): ``(units (C, 3) of (map, y, x), values (C,))``."""
+    acts = np.asarray(acts)
+    if acts.ndim == 1:
+        acts = acts[:, None, None]
+    c, h, w = acts.shape
+    flat = acts.reshape(c, -1)
+    best = np.argmax(flat, axis=1)  # argmax returns the first maximum
+    units = np.stack([np.arange(c), best // w, best % w], axis=1).astype(np.int64)
+    return units, flat[np.arange(c), best]
+
+
+def deconv_image(model, image, layer: str, maps=None, position=None, rule: str = "deconvnet",
+                 batch_size: int = 32) -> dict:
+    """Project, for one image (C×H×W), each chosen map's strongest activation (or the activation at
+    ``position`` = (y, x)) of ``layer``; all maps in one batched engine call per ``batch_size``.
+
+    Returns ``maps``, ``units`` (M, 3), ``values`` (M,), ``projections`` (M×C×H×W) and
+    ``field`` (the layer's :class:`~cnnvis.analysis.receptive.ReceptiveField`).
+    """
+    image = model.check_batch(np.asarray(image)[None])
+    shape = layer_shape(model, layer)
+    acts = model.run(image, [layer])[layer][0]
+    n_maps = shape[0]
+    maps = list(range(n_maps)) if maps is None else [int(m) for m in maps]
+    for m in maps:
+        if not 0 <= m < n_maps:
+            raise CnnvisError(f"map {m}: layer {layer} has maps 0..{n_maps - 1}")
+    if position is None:
+        all_units, _ = strongest_units(acts)
+        units = all_units[maps]
+    else:
+        if len(shape) == 1:
+            raise CnnvisError(f"layer {layer} is a feature vector; a position (y, x) needs feature maps")
+        y, xx = (int(v) for v in position)
+        units = unit_rows([(m, y, xx) for m in maps], shape)
+    values = unit_values(np.broadcast_to(acts, (len(units), *acts.shape)), units)
+    rows = np.broadcast_to(image, (len(units), *image.shape[1:]))
+    projections = project(model, rows, layer, units, values=values, rule=rule, batch_size=batch_size)
+    return {"maps": maps, "units": units, "values": np.asarray(values, np.float32), "projections": projections,
+            "field": receptive_field(model, layer)}
+
+
+# ------------------------------------------------------------------------------------ display
+
+def deprocess(x, preprocessing) -> np.ndarray:
+    """Model input (C×H×W, or …×C×H×W) back to displayable pixels in [0, 1]: H×W×3 RGB, or H×W
+    for one channel. Undoes std, mean, raw scale and channel order; NaN stays NaN."""
+    x = np.asarray(x, dtype=np.float64)
+    c = x.shape[-3]
+    if preprocessing.std is not None:
+        x = x * np.asarray(preprocessing.std, dtype=np.float64)[:, None, None]
+    if preprocessing.mean is not None:
+        x = x + preprocessing._mean_array()  # per-channel values or the (cropped) mean image
+    x = x / preprocessing.raw_scale
+    return np.clip(channels_last(x, preprocessing.channel_order, c), 0.0, 1.0)
+
+
+def channels_last(x, channel_order: str, channels: int | None = None) -> np.ndarray:
+    """…×C×H×W → …×H×W×3 in RGB order (C = 3), …×H×W (C = 1, or the channel mean otherwise)."""
+    x = np.asarray(x)
+    c = channels or x.shape[-3]
+    if c == 3:
+        rgb = np.moveaxis(x, -3, -1)
+        return rgb[..., ::-1] if str(channel_order).upper() == "BGR" else rgb
+    if c == 1:
+        return x[..., 0, :, :]
+    return x.mean(axis=-3)
+
+
+def projection_display(projection, preprocessing) -> np.ndarray:
+    """A projection (…×C×H×W, input space) as display tiles: channel order to RGB, values as they
+    are (figure grids normalise each tile)."""
+    return channels_last(np.asarray(projection, dtype=np.float64), preprocessing.channel_order)
+
+
+def side_by_side(left, right, ncols: int | None = None, pad: int = 1, gap: int = 3,
+                 right_normalization: str = "global") -> np.ndarray:
+    """One block per row of ``left``/``right`` (M×T×h×w[×3] tile sets): the T left tiles as a grid,
+    a gap, the T right tiles as a grid. Left tiles (projections) are normalised each on its own,
+    right tiles (image patches) together, so patches keep their relative brightness. Every block
+    spans [0, 1] with NaN separators, so a grid of blocks (normalised per block) shows them as is.
+    """
+    from ..export import figures
+
+    left, right = np.asarray(left, dtype=np.float64), np.asarray(right, dtype=np.float64)
+    blocks = []
+    for lt, rt in zip(left, right):
+        a = figures.tile_grid(lt, ncols=ncols, pad=pad, normalization="channel")
+        b = figures.tile_grid(rt, ncols=ncols, pad=pad, normalization=right_normalization)
+        spacer = np.full((a.shape[0], gap, *a.shape[2:]), np.nan)
+        blocks.append(np.concatenate([a, spacer, b], axis=1))
+    return np.stack(blocks)
+
+
+def save_blocks(path, blocks, labels=None, ncols: int | None = None, cmap: str = "gray", scale=None) -> dict:
+    """Write blocks from :func:`side_by_side` as one grid PNG (optionally labelled)."""
+    from ..export import figures
+
+    return figures.grid_png(path, blocks, ncols=ncols, pad=4, normalization="channel", cmap=cmap,
+                            labels=list(labels) if labels is not None else False, scale=scale)

@@ -1,0 +1,176 @@
+"""The k strongest activations of every feature map of a layer over a stream of images
+(Zeiler & Fergus 2014, Figure 2), kept in bounded memory and resumable.
+
+:class:`TopK` holds, per map, the k best (value, image index, position) seen so far and the names
+of the images seen. The order is total: value descending, then image order, then position
+(row-major), so the result does not depend on how the images were split into chunks. Its state
+(:meth:`TopK.to_state` / :meth:`TopK.from_state`) is plain JSON with exact float32 values, so a run
+interrupted after any chunk continues to the same result.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import CnnvisError
+
+STATE_VERSION = 1
+
+
+class TopK:
+    """Running top-``k`` activations per feature map.
+
+    Fitted attributes (after :meth:`update`): ``values_`` (C×m float32, m ≤ k, best first),
+    ``images_`` and ``positions_`` (C×m int64: image index in stream order, flat y·W+x),
+    ``map_shape_`` ((C, H, W); a feature vector of F values is F maps of 1×1) and ``image_names_``.
+    """
+
+    def __init__(self, k: int = 9):
+        if int(k) < 1:
+            raise CnnvisError(f"--k {k}: expected a positive integer")
+        self.k = int(k)
+        self.values_ = None
+        self.images_ = None
+        self.positions_ = None
+        self.map_shape_ = None
+        self.image_names_: list = []
+
+    @property
+    def n_images_(self) -> int:
+        return len(self.image_names_)
+
+    def update(self, acts, names=None) -> "TopK":
+        """Take one chunk: ``acts`` N×C×H×W (or N×F) for the next N images of the stream."""
+        acts = np.asarray(acts)
+        if acts.ndim == 2:
+            acts = acts[:, :, None, None]
+        if acts.ndim != 4:
+            raise CnnvisError(f"top-k: expected N×C×H×W activations or N×F features, got shape {acts.shape}")
+        n, c, h, w = acts.shape
+        names = [f"#{self.n_images_ + i}" for i in range(n)] if names is None else list(names)
+        if len(names) != n:
+            raise CnnvisError(f"top-k: {len(names)} names for {n} images")
+        if self.map_shape_ is None:
+            self.map_shape_ = (c, h, w)
+            self.values_ = np.zeros((c, 0), np.float32)
+            self.images_ = np.zeros((c, 0), np.int64)
+            self.positions_ = np.zeros((c, 0), np.int64)
+        elif tuple(self.map_shape_) != (c, h, w):
+            raise CnnvisError(f"top-k: maps of shape {(c, h, w)} after {tuple(self.map_shape_)}")
+        if n == 0:
+            return self
+        bad = ~np.isfinite(acts)
+        if bad.any():
+            i = int(np.argwhere(bad)[0][0])
+            raise CnnvisError(f"image {names[i]}: the layer's activations contain NaN or infinity")
+        first = self.n_images_
+        # one row per map; column j = image (j // HW), position (j % HW): column order is the tie order
+        flat = np.ascontiguousarray(acts.astype(np.float32, copy=False).transpose(1, 0, 2, 3)).reshape(c, -1)
+        cols = chunk_top(flat, self.k)
+        vals = np.take_along_axis(flat, cols, axis=1)
+        hw = h * w
+        self._merge(vals, first + cols // hw, cols % hw)
+        self.image_names_.extend(str(s) for s in names)
+        return self
+
+    def _merge(self, values, images, positions):
+        v = np.concatenate([self.values_, values], axis=1)
+        i = np.concatenate([self.images_, images], axis=1)
+        p = np.concatenate([self.positions_, positions], axis=1)
+        order = np.lexsort((p, i, -v), axis=1)[:, :self.k]
+        self.values_ = np.take_along_axis(v, order, axis=1)
+        self.images_ = np.take_along_axis(i, order, axis=1)
+        self.positions_ = np.take_along_axis(p, order, axis=1)
+
+    # ------------------------------------------------------------------ results
+    def units(self, m: int) -> list:
+        """Map ``m``'s records, best first: dicts with rank, value, image, name, y, x."""
+        _, _, w = self.map_shape_
+        out = []
+        for r in range(self.values_.shape[1]):
+            img, pos = int(self.images_[m, r]), int(self.positions_[m, r])
+            out.append({"map": int(m), "rank": r, "value": float(self.values_[m, r]), "image": img,
+                        "name": self.image_names_[img], "y": pos // w, "x": pos % w})
+        return out
+
+    def records(self) -> list:
+        """Every map's records (map order, then rank)."""
+        if self.map_shape_ is None:
+            return []
+        return [rec for m in range(self.map_shape_[0]) for rec in self.units(m)]
+
+    # ------------------------------------------------------------------ state
+    def to_state(self) -> dict:
+        """A JSON-ready dict; float32 values round-trip exactly through JSON's float64."""
+        return {"version": STATE_VERSION, "k": self.k,
+                "map_shape": list(self.map_shape_) if self.map_shape_ is not None else None,
+                "images": list(self.image_names_),
+                "values": self.values_.astype(np.float64).tolist() if self.values_ is not None else None,
+                "image_index": self.images_.tolist() if self.images_ is not None else None,
+                "positions": self.positions_.tolist() if self.positions_ is not None else None}
+
+    @classmethod
+    def from_state(cls, state: dict, source: str = "state") -> "TopK":
+        try:
+            if state.get("version") != STATE_VERSION:
+                raise ValueError(f"version {state.get('version')!r}, expected {STATE_VERSION}")
+            top = cls(int(state["k"]))
+            top.image_names_ = [str(s) for s in state["images"]]
+            if state["map_shape"] is not None:
+                top.map_shape_ = tuple(int(d) for d in state["map_shape"])
+                c = top.map_shape_[0]
+                top.values_ = np.asarray(state["values"], np.float64).astype(np.float32).reshape(c, -1)
+                top.images_ = np.asarray(state["image_index"], np.int64).reshape(c, -1)
+                top.positions_ = np.asarray(state["positions"], np.int64).reshape(c, -1)
+                if not (top.values_.shape == top.images_.shape == top.positions_.shape) \
+                        or top.values_.shape[1] > top.k:
+                    raise ValueError("arrays of different shapes")
+                if top.images_.size and (top.images_.min() < 0 or top.images_.max() >= len(top.image_names_)):
+                    raise ValueError("image index out of range")
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise CnnvisError(f"{source}: not a valid top-k state ({exc})") from None
+        return top
+
+
+def chunk_top(flat, k: int) -> np.ndarray:
+    """Column indices of each row's k largest values, best first; ties go to the smaller column.
+
+    ``flat`` is C×M. One ``np.partition`` finds each row's k-th value; everything above it is in,
+    and of the entries equal to it only the first ones (by column) fill the rest, so a dead map
+    (all zeros) costs no more than a live one.
+    """
+    c, m = flat.shape
+    kk = min(int(k), m)
+    if kk == 0:
+        return np.zeros((c, 0), np.int64)
+    kth = np.partition(flat, m - kk, axis=1)[:, m - kk][:, None]
+    greater = flat > kth
+    equal = flat == kth
+    need = kk - greater.sum(axis=1)
+    take = greater
+    surplus = equal.sum(axis=1) > need
+    take[~surplus] |= equal[~surplus]
+    for r in np.flatnonzero(surplus):
+        take[r, np.flatnonzero(equal[r])[:need[r]]] = True
+    cols = np.nonzero(take)[1].reshape(c, kk)  # ascending column within each row
+    vals = np.take_along_axis(flat, cols, axis=1)
+    order = np.lexsort((cols, -vals), axis=1)
+    return np.take_along_axis(cols, order, axis=1)
+
+
+def top_activations(model, chunks, layer: str, k: int = 9, top: TopK | None = None, batch_size: int = 32,
+                    on_chunk=None) -> TopK:
+    """Stream ``(names, batch)`` chunks through ``model`` and keep ``layer``'s top-k per map.
+
+    ``top``: a TopK to continue (its images are taken as already seen). ``on_chunk(top)`` runs after
+    each chunk (to save state; raising from it stops the stream with everything so far kept).
+    """
+    from .deconv import layer_shape
+
+    layer_shape(model, layer)
+    top = TopK(k) if top is None else top
+    for names, batch in chunks:
+        acts = model.run(batch, [layer], batch_size=batch_size)[layer]
+        top.update(acts, names)
+        if on_chunk is not None:
+            on_chunk(top)
+    return top

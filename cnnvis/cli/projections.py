@@ -1,0 +1,454 @@
+"""`cnnvis deconv`, `cnnvis topk`, `cnnvis evolution`: Zeiler & Fergus deconvnet projections."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+import sys
+from pathlib import Path
+
+from . import common
+
+ORDER = 40
+STATE_FILE = "topk_state.json"
+#: exit code of `cnnvis topk --max-chunks` when images are left (rerun to continue)
+INCOMPLETE = 3
+
+
+def register(sub) -> None:
+    p = sub.add_parser("deconv", help="deconvnet projections of a layer's maps to pixels, beside the input "
+                                      "patch under each unit (Zeiler & Fergus)")
+    common.add_input_options(p)
+    common.add_model_options(p)
+    _add_projection_options(p, maps_default="0-15")
+    p.add_argument("--position", default=None, metavar="Y,X",
+                   help="project the activation at this position of every chosen map "
+                        "(default: each map's strongest activation in the image)")
+    common.add_output_options(p, "out/deconv")
+    p.set_defaults(func=cmd_deconv)
+
+    p = sub.add_parser("topk", help="the k strongest activations of every map of a layer over a folder of "
+                                    "images, with deconvnet projections and patches (paper Figure 2); resumable")
+    common.add_input_options(p)
+    common.add_model_options(p)
+    _add_projection_options(p, maps_default="0-15")
+    p.add_argument("--k", type=common.positive_int, default=9, help="activations kept per map (default 9)")
+    p.add_argument("--restart", action="store_true",
+                   help=f"discard a saved {STATE_FILE} in --out (from an interrupted or different run)")
+    p.add_argument("--max-chunks", type=common.positive_int, default=None, metavar="N",
+                   help=f"process at most N chunks of --batch-size images in this run, then stop with exit "
+                        f"code {INCOMPLETE}; a rerun continues from the saved state")
+    common.add_output_options(p, "out/topk")
+    p.set_defaults(func=cmd_topk)
+
+    p = sub.add_parser("evolution", help="per map, the projection of the strongest activation over some images, "
+                                         "for each training checkpoint (paper Figure 4)")
+    common.add_input_options(p)
+    p.add_argument("--checkpoints", "-c", nargs="+", required=True, metavar="PATH",
+                   help="ONNX checkpoints of one architecture, or folders of them; ordered by the (last) "
+                        "number in each file name, e.g. epoch_5.onnx (give image arguments before this option)")
+    g = p.add_argument_group("model")
+    g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    g.add_argument("--threads", type=common.positive_int, default=None, help="onnxruntime intra-op threads")
+    g.add_argument("--batch-size", type=common.positive_int, default=common.DEFAULT_BATCH,
+                   help=f"images per onnxruntime call (default {common.DEFAULT_BATCH})")
+    _add_projection_options(p, maps_default="0-7")
+    common.add_output_options(p, "out/evolution")
+    p.set_defaults(func=cmd_evolution)
+
+
+def _add_projection_options(p, maps_default: str) -> None:
+    g = p.add_argument_group("projection")
+    g.add_argument("--layer", "-l", default=None,
+                   help="layer whose maps are projected (default: the last convolution)")
+    g.add_argument("--maps", default=maps_default,
+                   help=f"maps to show: 'all' or a list like 0,3,8-11 (default {maps_default}, "
+                        "clipped to the layer's maps)")
+    g.add_argument("--rule", default="deconvnet", choices=("deconvnet", "guided", "gradient"),
+                   help="backward rule through ReLUs: deconvnet (Zeiler & Fergus, default), guided, gradient")
+
+
+# ------------------------------------------------------------------------------ helpers
+
+def parse_maps(text: str, n_maps: int, default: bool = False) -> list:
+    """'all' or '0,3,8-11' → sorted unique map indices; a default range is clipped to the layer."""
+    from ..errors import CnnvisError
+
+    if text.strip() == "all":
+        return list(range(n_maps))
+    maps = []
+    for part in text.split(","):
+        part = part.strip()
+        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        if not m:
+            raise CnnvisError(f"--maps {text}: expected 'all' or indices and ranges like 0,3,8-11")
+        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+        if hi < lo:
+            raise CnnvisError(f"--maps {text}: range {part} runs backwards")
+        maps.extend(range(lo, hi + 1))
+    if default:
+        maps = [m for m in maps if m < n_maps]
+    bad = [m for m in maps if m >= n_maps]
+    if bad:
+        raise CnnvisError(f"--maps {text}: map {bad[0]} out of range; the layer has maps 0..{n_maps - 1}")
+    return sorted(set(maps))
+
+
+def _maps(args, parser_default: str, n_maps: int) -> list:
+    return parse_maps(args.maps, n_maps, default=args.maps == parser_default)
+
+
+def default_layer(model) -> str:
+    from ..errors import CnnvisError
+
+    convs = [layer.name for layer in model.layers if layer.op_type == "Conv"]
+    if not convs:
+        raise CnnvisError(f"model {model.name} has no convolution layer; name one with --layer")
+    return convs[-1]
+
+
+class Inputs:
+    """The input images of a command as an indexable list: names, chunks from any start, and any
+    subset by index (for second passes over a few images)."""
+
+    def __init__(self, args, model):
+        from .. import preprocess
+
+        self.args = args
+        self.pre = common.preprocessing_for(args, model)
+        if args.input_array:
+            self.array = preprocess.load_input_array(args.input_array, expected_shape=model.input_shape)
+            stem = Path(args.input_array).stem
+            self.names = [f"{stem}[{i}]" for i in range(len(self.array))]
+            self.files = None
+            self.sources = [str(args.input_array)]
+        else:
+            self.array = None
+            given = list(args.images) or common.default_images(model)
+            self.sources = [str(p) for p in given]
+            self.files = preprocess.list_images(given)
+            self.names = preprocess.display_names(self.files)
+
+    def __len__(self):
+        return len(self.names)
+
+    def load(self, indices):
+        from .. import preprocess
+
+        indices = [int(i) for i in indices]
+        if self.array is not None:
+            return self.array[indices]
+        return preprocess.load_batch([self.files[i] for i in indices], self.pre)
+
+    def chunks(self, start: int = 0, size: int = 32):
+        for s in range(start, len(self), size):
+            idx = list(range(s, min(s + size, len(self))))
+            yield [self.names[i] for i in idx], self.load(idx)
+
+    def fingerprint(self) -> dict:
+        from ..manifest import sha256_file
+
+        if self.array is not None:
+            return {"input_array": str(self.args.input_array), "sha256": sha256_file(self.args.input_array)}
+        return {"images": self.sources, "preprocessing": self.pre.to_dict()}
+
+
+def _display_cmap(model) -> str:
+    return "gray" if model.input_shape[0] != 3 else "viridis"
+
+
+def _tiles(deconv, field, pre, images, projections, units):
+    """RF-sized crops of projections and images, as display tiles (NaN outside the image)."""
+    import numpy as np
+
+    proj = np.stack([field.patch(p, int(u[1]), int(u[2])) for p, u in zip(projections, units)])
+    patch = np.stack([field.patch(x, int(u[1]), int(u[2])) for x, u in zip(images, units)])
+    return proj, deconv.projection_display(proj, pre), deconv.deprocess(patch, pre)
+
+
+# ------------------------------------------------------------------------------ deconv
+
+def cmd_deconv(args) -> int:
+    import numpy as np
+
+    from ..analysis import deconv
+    from ..errors import CnnvisError
+    from ..manifest import RunOutput, save_npy, write_json
+
+    model = common.load_model(args)
+    layer = model.layer(args.layer or default_layer(model)).name
+    shape = deconv.layer_shape(model, layer)
+    maps = _maps(args, "0-15", shape[0])
+    position = None
+    if args.position is not None:
+        m = re.fullmatch(r"\s*(\d+)\s*,\s*(\d+)\s*", args.position)
+        if not m:
+            raise CnnvisError(f"--position {args.position}: expected Y,X (two non-negative integers)")
+        position = (int(m.group(1)), int(m.group(2)))
+        if len(shape) == 3 and not (position[0] < shape[1] and position[1] < shape[2]):
+            raise CnnvisError(f"--position {args.position}: layer {layer} maps are {shape[1]}×{shape[2]}")
+    inputs = Inputs(args, model)
+    common.model_warning(model)
+    lname = common.safe_name(layer)
+    params = {"layer": layer, "maps": maps, "position": position, "rule": args.rule,
+              "batch_size": args.batch_size, "input_array": args.input_array}
+    used = {}
+    with RunOutput(args.out, "deconv", params=params, inputs=inputs.sources, model=model.info()) as run:
+        for names, batch in inputs.chunks(0, args.batch_size):
+            for name, safe, image in zip(names, common.unique_names(names, used), batch):
+                res = deconv.deconv_image(model, image, layer, maps=maps, position=position, rule=args.rule,
+                                          batch_size=args.batch_size)
+                field, units = res["field"], res["units"]
+                rows = np.broadcast_to(image, (len(units), *image.shape))
+                _, proj_tiles, patch_tiles = _tiles(deconv, field, inputs.pre, rows, res["projections"], units)
+                blocks = deconv.side_by_side(proj_tiles[:, None], patch_tiles[:, None], ncols=1)
+                meta = deconv.save_blocks(run.path(f"{safe}/{lname}_deconv.png", kind="deconv-grid", layer=layer,
+                                                   image=name), blocks, labels=maps, cmap=_display_cmap(model))
+                save_npy(run.path(f"{safe}/{lname}_projections.npy", kind="projections", layer=layer, image=name,
+                                  shape=list(res["projections"].shape)), res["projections"])
+                records = [{"map": int(u[0]), "y": int(u[1]), "x": int(u[2]), "value": float(v),
+                            "box": list(field.box(int(u[1]), int(u[2])))}
+                           for u, v in zip(units, res["values"])]
+                write_json(run.path(f"{safe}/{lname}_deconv.json", kind="records", layer=layer, image=name),
+                           {"image": name, "layer": layer, "rule": args.rule, "receptive_field": field.as_dict(),
+                            "records": records, "grid": meta,
+                            "layout": "per map: projection crop | input patch under the receptive field"})
+    print(f"cnnvis deconv: {len(used)} image(s) × {len(maps)} map(s) of {layer} -> {args.out}")
+    return 0
+
+
+# ------------------------------------------------------------------------------ topk
+
+def _read_state(path: Path, fingerprint: dict, names: list):
+    from ..analysis.topk import TopK
+    from ..errors import CnnvisError
+
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        old = saved["fingerprint"]
+        state = saved["topk"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CnnvisError(f"{path}: unreadable top-k state ({exc}); use --restart to start over") from None
+    if old != fingerprint:
+        diff = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
+        key = diff[0]
+        raise CnnvisError(f"{path}: saved by a different run ({key}: {_short(old.get(key))} there, "
+                          f"{_short(fingerprint.get(key))} now); use --restart to start over or another --out")
+    top = TopK.from_state(state, source=str(path))
+    done = top.image_names_
+    if done != names[:len(done)]:
+        raise CnnvisError(f"{path}: the {len(done)} images already processed are not the first images of this "
+                          "input list (files changed?); use --restart to start over")
+    return top
+
+
+def _short(value) -> str:
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _write_state(path: Path, fingerprint: dict, top, complete: bool) -> None:
+    from ..manifest import write_text
+
+    write_text(path, json.dumps({"fingerprint": fingerprint, "complete": complete, "topk": top.to_state()},
+                                sort_keys=True, separators=(",", ":")) + "\n")
+
+
+def _project_records(model, inputs, layer, records, rule, batch_size):
+    """Projections (RF crops, raw and displayed) and display patches for top-k records, loading only
+    their images, ``batch_size`` rows at a time."""
+    import numpy as np
+
+    from ..analysis import deconv
+    from ..analysis.receptive import receptive_field
+
+    field = receptive_field(model, layer)
+    raw, proj, patches = [], [], []
+    for s in range(0, len(records), batch_size):
+        chunk = records[s:s + batch_size]
+        needed = sorted({r["image"] for r in chunk})
+        loaded = dict(zip(needed, inputs.load(needed)))
+        x = np.stack([loaded[r["image"]] for r in chunk])
+        units = np.array([[r["map"], r["y"], r["x"]] for r in chunk], np.int64)
+        values = np.array([r["value"] for r in chunk], np.float32)
+        p = deconv.project(model, x, layer, units, values=values, rule=rule, batch_size=batch_size)
+        r_crop, p_tiles, i_tiles = _tiles(deconv, field, inputs.pre, x, p, units)
+        raw.append(r_crop.astype(np.float32))
+        proj.append(p_tiles)
+        patches.append(i_tiles)
+    return field, np.concatenate(raw), np.concatenate(proj), np.concatenate(patches)
+
+
+def cmd_topk(args) -> int:
+    import numpy as np
+
+    from ..analysis import deconv
+    from ..analysis.topk import TopK, top_activations
+    from ..manifest import RunOutput, ensure_writable_dir, save_npy, write_json, write_text
+
+    model = common.load_model(args)
+    layer = model.layer(args.layer or default_layer(model)).name
+    shape = deconv.layer_shape(model, layer)
+    maps = _maps(args, "0-15", shape[0])
+    inputs = Inputs(args, model)
+    out = ensure_writable_dir(args.out)
+    state_path = out / STATE_FILE
+    fingerprint = {"command": "topk", "model_sha256": model.sha256, "layer": layer, "k": args.k,
+                   **inputs.fingerprint()}
+    if state_path.exists() and not args.restart:
+        top = _read_state(state_path, fingerprint, inputs.names)
+    else:
+        top = TopK(args.k)
+    common.model_warning(model)
+    start = top.n_images_
+    if start:
+        print(f"cnnvis topk: continuing from {state_path}: {start} of {len(inputs)} images already done",
+              file=sys.stderr)
+    chunks_done = [0]
+
+    def saved(top_now):
+        chunks_done[0] += 1
+        _write_state(state_path, fingerprint, top_now, complete=top_now.n_images_ == len(inputs))
+
+    def limited(chunks):
+        for item in chunks:
+            if args.max_chunks is not None and chunks_done[0] >= args.max_chunks:
+                return
+            yield item
+
+    top = top_activations(model, limited(inputs.chunks(start, args.batch_size)), layer, k=args.k, top=top,
+                          batch_size=args.batch_size, on_chunk=saved)
+    if top.n_images_ < len(inputs):
+        print(f"cnnvis topk: stopped after {chunks_done[0]} chunk(s) (--max-chunks): {top.n_images_} of "
+              f"{len(inputs)} images done, state in {state_path}; rerun to continue", file=sys.stderr)
+        return INCOMPLETE
+    if chunks_done[0] == 0:
+        _write_state(state_path, fingerprint, top, complete=True)
+
+    # second pass: projections of the final top-k of the chosen maps only
+    shown = [rec for m in maps for rec in top.units(m)]
+    field, raw, proj, patches = _project_records(model, inputs, layer, shown, args.rule, args.batch_size)
+    per_map = top.values_.shape[1]
+    lname = common.safe_name(layer)
+    records = top.records()
+    for rec in records:
+        rec["box"] = list(field.box(rec["y"], rec["x"]))
+    params = {"layer": layer, "k": args.k, "maps": maps, "rule": args.rule, "batch_size": args.batch_size,
+              "input_array": args.input_array}
+    with RunOutput(out, "topk", params=params, inputs=inputs.sources, model=model.info()) as run:
+        run.extra["state_file"] = STATE_FILE
+        ncols = int(np.ceil(np.sqrt(per_map)))
+        blocks = deconv.side_by_side(proj.reshape(len(maps), per_map, *proj.shape[1:]),
+                                     patches.reshape(len(maps), per_map, *patches.shape[1:]), ncols=ncols)
+        meta = deconv.save_blocks(run.path(f"{lname}_top{args.k}.png", kind="topk-grid", layer=layer), blocks,
+                                  labels=maps, ncols=int(np.ceil(np.sqrt(len(maps)))), cmap=_display_cmap(model))
+        save_npy(run.path(f"{lname}_top{args.k}_projections.npy", kind="projections", layer=layer,
+                          shape=list(raw.shape), maps=maps),
+                 raw.reshape(len(maps), per_map, *raw.shape[1:]))
+        write_json(run.path(f"{lname}_top{args.k}.json", kind="records", layer=layer),
+                   {"layer": layer, "k": args.k, "map_shape": list(top.map_shape_), "n_images": top.n_images_,
+                    "receptive_field": field.as_dict(), "maps_shown": maps, "grid": meta,
+                    "order": "value descending, then image order, then position (row-major)",
+                    "records": records})
+        write_text(run.path(f"{lname}_top{args.k}.csv", kind="records-csv", layer=layer), _records_csv(records))
+    print(f"cnnvis topk: {top.n_images_} image(s), top {per_map} of {shape[0]} map(s) of {layer}; "
+          f"{len(maps)} shown -> {args.out}")
+    return 0
+
+
+def _records_csv(records) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["map", "rank", "value", "image", "name", "y", "x", "top", "left", "bottom", "right"])
+    for r in records:
+        writer.writerow([r["map"], r["rank"], repr(r["value"]), r["image"], r["name"], r["y"], r["x"], *r["box"]])
+    return buf.getvalue()
+
+
+# ------------------------------------------------------------------------------ evolution
+
+def checkpoint_files(paths) -> list:
+    """ONNX checkpoints from files and folders, ordered by the last number in each file name."""
+    from ..errors import CnnvisError
+
+    files = []
+    for item in paths:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted((c for c in p.iterdir() if c.is_file() and c.suffix.lower() == ".onnx"),
+                           key=lambda c: c.name)
+            if not found:
+                raise CnnvisError(f"--checkpoints {p}: folder has no .onnx files")
+            files.extend(found)
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise CnnvisError(f"--checkpoints {p}: no such file or folder")
+    keyed = []
+    for f in files:
+        numbers = re.findall(r"\d+", f.stem)
+        if not numbers:
+            raise CnnvisError(f"--checkpoints {f}: expected a number in the file name (e.g. epoch_5.onnx) "
+                              "to order the checkpoints")
+        keyed.append((int(numbers[-1]), f.name, f))
+    keyed.sort(key=lambda t: (t[0], t[1]))
+    if len({str(f.resolve()) for _, _, f in keyed}) != len(keyed):
+        raise CnnvisError("--checkpoints: the same file is given twice")
+    return [(n, f) for n, _, f in keyed]
+
+
+def _architecture(model) -> list:
+    return [(layer.name, layer.op_type, layer.output_shape, layer.weight_shape) for layer in model.layers]
+
+
+def cmd_evolution(args) -> int:
+    import numpy as np
+
+    from .. import registry
+    from ..analysis import deconv
+    from ..analysis.topk import top_activations
+    from ..errors import CnnvisError
+    from ..export import figures
+    from ..manifest import RunOutput, save_npy, write_json
+
+    checkpoints = checkpoint_files(args.checkpoints)
+    first = registry.load(str(checkpoints[0][1]), device=args.device, threads=args.threads)
+    layer = first.layer(args.layer or default_layer(first)).name
+    shape = deconv.layer_shape(first, layer)
+    maps = _maps(args, "0-7", shape[0])
+    inputs = Inputs(args, first)
+    arch = _architecture(first)
+    common.model_warning(first)
+    columns, raw_cols, tiles_cols = [], [], []
+    for number, path in checkpoints:
+        model = first if path == checkpoints[0][1] else registry.load(str(path), device=args.device,
+                                                                      threads=args.threads)
+        if _architecture(model) != arch or model.input_shape != first.input_shape:
+            raise CnnvisError(f"--checkpoints {path}: a different architecture from {checkpoints[0][1]} "
+                              "(layer names, shapes or weights differ)")
+        top = top_activations(model, inputs.chunks(0, args.batch_size), layer, k=1, batch_size=args.batch_size)
+        shown = [top.units(m)[0] for m in maps]
+        field, raw, proj, _ = _project_records(model, inputs, layer, shown, args.rule, args.batch_size)
+        raw_cols.append(raw)
+        tiles_cols.append(proj)
+        columns.append({"checkpoint": str(path), "number": number, "sha256": model.sha256, "records": shown})
+        del model
+    k = len(checkpoints)
+    # rows = maps, columns = checkpoints
+    tiles = np.stack(tiles_cols, axis=1).reshape(len(maps) * k, *tiles_cols[0].shape[1:])
+    labels = [(f"{m}" if c == 0 else "") for m in maps for c in range(k)]
+    lname = common.safe_name(layer)
+    params = {"layer": layer, "maps": maps, "rule": args.rule, "batch_size": args.batch_size,
+              "checkpoints": [str(p) for _, p in checkpoints], "input_array": args.input_array}
+    with RunOutput(args.out, "evolution", params=params, inputs=inputs.sources, model=first.info()) as run:
+        meta = figures.grid_png(run.path(f"{lname}_evolution.png", kind="evolution-grid", layer=layer), tiles,
+                                ncols=k, pad=2, normalization="channel", cmap=_display_cmap(first), labels=labels)
+        save_npy(run.path(f"{lname}_evolution.npy", kind="projections", layer=layer,
+                          shape=[len(maps), k, *raw_cols[0].shape[1:]]), np.stack(raw_cols, axis=1))
+        write_json(run.path(f"{lname}_evolution.json", kind="records", layer=layer),
+                   {"layer": layer, "maps": maps, "n_images": len(inputs), "receptive_field": field.as_dict(),
+                    "layout": "rows = maps, columns = checkpoints in this order", "grid": meta,
+                    "checkpoints": columns})
+    print(f"cnnvis evolution: {len(maps)} map(s) of {layer} × {k} checkpoint(s) -> {args.out}")
+    return 0

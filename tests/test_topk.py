@@ -1,0 +1,215 @@
+"""Top-k activations: exact order against a brute-force sort, planted patterns, resumability."""
+import csv
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from PIL import Image
+
+from cnnvis.analysis.topk import TopK, chunk_top, top_activations
+from cnnvis.cli import main
+from cnnvis.cli.projections import STATE_FILE, parse_maps
+from cnnvis.errors import CnnvisError
+from cnnvis.model import Model
+from cnnvis.onnxgraph import make_model
+
+CROSS = np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]], np.float32)
+# (image, y, x, amplitude) of the planted crosses; different amplitudes fix their order
+PLANTED = [(4, 9, 5, 1.0), (11, 3, 12, 0.85), (17, 12, 10, 0.7)]
+
+
+def brute_force(acts, k):
+    """Sort every (value, image, position) of each map with Python's sort: the specification."""
+    n, c = acts.shape[:2]
+    flat = acts.reshape(n, c, -1)
+    out = []
+    for m in range(c):
+        entries = [(-float(flat[i, m, p]), i, p) for i in range(n) for p in range(flat.shape[2])]
+        entries.sort()
+        out.append([(-v, i, p) for v, i, p in entries[:k]])
+    return out
+
+
+def as_triples(top):
+    return [[(float(top.values_[m, r]), int(top.images_[m, r]), int(top.positions_[m, r]))
+             for r in range(top.values_.shape[1])] for m in range(top.values_.shape[0])]
+
+
+def test_chunk_top_matches_sort_with_ties_and_dead_maps():
+    rng = np.random.default_rng(0)
+    flat = rng.integers(0, 4, size=(6, 50)).astype(np.float32)  # many ties
+    flat[2] = 0.0  # a dead map: every entry ties
+    flat[3, 7] = 9.0
+    for k in (1, 3, 9, 50, 60):
+        cols = chunk_top(flat, k)
+        for m in range(6):
+            want = sorted(range(50), key=lambda j: (-flat[m, j], j))[:k]
+            assert cols[m].tolist() == want, (k, m)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 20])
+def test_topk_is_independent_of_chunking(chunk):
+    rng = np.random.default_rng(1)
+    acts = np.maximum(rng.normal(size=(20, 5, 3, 4)), 0).round(1).astype(np.float32)  # zeros and ties
+    acts[:, 4] = 0.0
+    top = TopK(9)
+    for s in range(0, 20, chunk):
+        top.update(acts[s:s + chunk], [f"img{i}" for i in range(s, min(s + chunk, 20))])
+    assert as_triples(top) == brute_force(acts, 9)
+    assert top.image_names_ == [f"img{i}" for i in range(20)]
+    rec = top.units(1)[0]
+    assert rec["name"] == f"img{rec['image']}" and rec["y"] * 4 + rec["x"] == top.positions_[1, 0]
+
+
+def test_feature_vectors_and_small_streams():
+    top = TopK(9).update(np.array([[1.0, 5.0], [3.0, 5.0]], np.float32))
+    assert top.map_shape_ == (2, 1, 1) and top.values_.shape == (2, 2)  # fewer units than k
+    assert as_triples(top) == [[(3.0, 1, 0), (1.0, 0, 0)], [(5.0, 0, 0), (5.0, 1, 0)]]
+    with pytest.raises(CnnvisError, match="NaN or infinity"):
+        TopK(2).update(np.array([[[[np.nan]]]], np.float32), ["bad.png"])
+    with pytest.raises(CnnvisError, match="maps of shape"):
+        top.update(np.zeros((1, 3), np.float32))
+
+
+def test_state_round_trip_is_exact():
+    rng = np.random.default_rng(2)
+    top = TopK(4).update(rng.normal(size=(6, 3, 2, 2)).astype(np.float32))
+    state = json.loads(json.dumps(top.to_state()))
+    back = TopK.from_state(state)
+    assert np.array_equal(back.values_, top.values_) and back.values_.dtype == np.float32
+    assert np.array_equal(back.images_, top.images_) and np.array_equal(back.positions_, top.positions_)
+    state["image_index"][0][0] = 99
+    with pytest.raises(CnnvisError, match="not a valid top-k state"):
+        TopK.from_state(state)
+
+
+# ------------------------------------------------------------------ a model with a preferred pattern
+
+def cross_model_proto():
+    """grey 1×16×16 → conv1 (map 0: zero-mean cross detector, map 1: box blur; 3×3, pad 1) → relu1 →
+    pool1 (max 2×2) → GAP → Flatten."""
+    w = np.stack([CROSS - CROSS.mean(), np.full((3, 3), 1 / 9, np.float32)])[:, None]
+    nodes = [helper.make_node("Conv", ["data", "w"], ["conv1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["conv1"], ["relu1"], name="relu1"),
+             helper.make_node("MaxPool", ["relu1"], ["pool1"], name="pool1", kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("GlobalAveragePool", ["pool1"], ["gap"], name="gap"),
+             helper.make_node("Flatten", ["gap"], ["prob"], name="flat")]
+    graph = helper.make_graph(nodes, "cross", [helper.make_tensor_value_info("data", TensorProto.FLOAT, ["N", 1, 16, 16])],
+                              [helper.make_tensor_value_info("prob", TensorProto.FLOAT, ["N", 2])],
+                              [numpy_helper.from_array(w.astype(np.float32), "w")])
+    return make_model(graph)
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    """20 grey noise images (uint8 PNG), a bright cross planted in 3 of them at known centres."""
+    folder = tmp_path_factory.mktemp("planted")
+    rng = np.random.default_rng(5)
+    images = rng.uniform(0, 0.2, size=(20, 16, 16))
+    for i, y, x, amp in PLANTED:
+        images[i, y - 1:y + 2, x - 1:x + 2] = np.maximum(images[i, y - 1:y + 2, x - 1:x + 2], amp * CROSS)
+    pixels = np.round(images * 255).astype(np.uint8)
+    (folder / "imgs").mkdir()
+    for i, p in enumerate(pixels):
+        Image.fromarray(p, mode="L").save(folder / "imgs" / f"im{i:02d}.png")
+    onnx.save(cross_model_proto(), folder / "cross.onnx")
+    return folder, pixels.astype(np.float32) / 255
+
+
+def test_planted_crosses_found_exactly(planted):
+    folder, pixels = planted
+    model = Model(cross_model_proto(), name="cross")
+    chunks = (([f"im{i:02d}" for i in range(s, min(s + 6, 20))], pixels[s:s + 6, None]) for s in range(0, 20, 6))
+    top = top_activations(model, chunks, "relu1", k=9)
+    found = [(r["image"], r["y"], r["x"]) for r in top.units(0)[:3]]
+    assert found == [(i, y, x) for i, y, x, _ in PLANTED]
+    assert top.units(0)[3]["value"] < 0.5 * top.units(0)[2]["value"]  # the rest is far below
+
+
+def _run(argv, capsys):
+    code = main(argv)
+    return code, capsys.readouterr()
+
+
+def _outputs(out):
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*"))
+            if p.is_file() and p.name != "manifest.json"}
+
+
+def test_topk_command_planted_resume_and_determinism(planted, tmp_path, capsys):
+    folder, _ = planted
+    base = ["topk", str(folder / "imgs"), "--model", str(folder / "cross.onnx"), "--layer", "relu1",
+            "--batch-size", "6", "--maps", "all"]
+    full = tmp_path / "full"
+    code, cap = _run(base + ["--out", str(full)], capsys)
+    assert code == 0, cap.err
+    files = _outputs(full)
+    assert sorted(files) == sorted([STATE_FILE, "relu1_top9.csv", "relu1_top9.json", "relu1_top9.png",
+                                    "relu1_top9_projections.npy"])
+    data = json.loads(files["relu1_top9.json"])
+    top3 = [(r["name"], r["y"], r["x"]) for r in data["records"] if r["map"] == 0][:3]
+    assert top3 == [(f"im{i:02d}", y, x) for i, y, x, _ in PLANTED]
+    assert data["n_images"] == 20 and len(data["records"]) == 2 * 9
+    rows = list(csv.DictReader(files["relu1_top9.csv"].decode().splitlines()))
+    assert [(int(r["map"]), int(r["rank"])) for r in rows] == [(m, k) for m in range(2) for k in range(9)]
+    assert float(rows[0]["value"]) == data["records"][0]["value"]
+    proj = np.load(full / "relu1_top9_projections.npy")
+    assert proj.shape == (2, 9, 1, 3, 3)  # maps × k × the 3×3 receptive field
+    # the strongest cross unit's projection is the cross detector times its activation
+    w0 = (CROSS - CROSS.mean())
+    np.testing.assert_allclose(proj[0, 0, 0], data["records"][0]["value"] * w0, rtol=1e-5, atol=1e-6)
+
+    # interrupted after the first chunk, then continued: byte-identical outputs
+    part = tmp_path / "part"
+    code, cap = _run(base + ["--out", str(part), "--max-chunks", "1"], capsys)
+    assert code == 3 and "6 of 20 images done" in cap.err
+    assert json.loads((part / STATE_FILE).read_text())["topk"]["images"] == [f"im{i:02d}" for i in range(6)]
+    assert not (part / "relu1_top9.json").exists()
+    code, cap = _run(base + ["--out", str(part), "--max-chunks", "2"], capsys)
+    assert code == 3 and "continuing" in cap.err and "18 of 20" in cap.err
+    code, cap = _run(base + ["--out", str(part)], capsys)
+    assert code == 0, cap.err
+    assert _outputs(part) == files
+
+    # a rerun of a finished run recomputes nothing and writes the same files
+    code, cap = _run(base + ["--out", str(full)], capsys)
+    assert code == 0 and _outputs(full) == files
+
+    # different arguments refuse the saved state with one line, unless --restart
+    code, cap = _run(base + ["--out", str(part), "--k", "4"], capsys)
+    assert code == 2 and "saved by a different run (k: 9 there, 4 now)" in cap.err and "--restart" in cap.err
+    code, cap = _run(base + ["--out", str(part), "--k", "4", "--restart"], capsys)
+    assert code == 0, cap.err
+    assert json.loads((part / "relu1_top4.json").read_text())["records"][0]["name"] == "im04"
+
+
+def test_resume_after_an_exception_in_the_stream():
+    """Library level: stop by raising from the per-chunk callback, restore the saved state, continue."""
+    model = Model(cross_model_proto(), name="cross")
+    x = np.random.default_rng(3).uniform(size=(11, 1, 16, 16)).astype(np.float32)
+    chunks = lambda start: ((["i%d" % i for i in range(s, min(s + 4, 11))], x[s:s + 4]) for s in range(start, 11, 4))  # noqa: E731
+    full = top_activations(model, chunks(0), "conv1", k=5)
+    saved = {}
+
+    def stop_after_first(top):
+        saved["state"] = json.dumps(top.to_state())
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        top_activations(model, chunks(0), "conv1", k=5, on_chunk=stop_after_first)
+    restored = TopK.from_state(json.loads(saved["state"]))
+    assert restored.n_images_ == 4
+    resumed = top_activations(model, chunks(restored.n_images_), "conv1", k=5, top=restored)
+    assert json.dumps(resumed.to_state()) == json.dumps(full.to_state())
+
+
+def test_parse_maps():
+    assert parse_maps("0,3,5-7,3", 10) == [0, 3, 5, 6, 7]
+    assert parse_maps("all", 3) == [0, 1, 2]
+    assert parse_maps("0-15", 4, default=True) == [0, 1, 2, 3]
+    with pytest.raises(CnnvisError, match="map 4 out of range"):
+        parse_maps("2-4", 4)
+    with pytest.raises(CnnvisError, match="expected 'all'"):
+        parse_maps("a-b", 4)
