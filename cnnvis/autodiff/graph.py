@@ -67,7 +67,7 @@ def model_dtype(model: onnx.ModelProto):
 
 
 def prepare_forward(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of the forward model with a symbolic batch dimension on the image input."""
+    """The forward model with a symbolic batch dimension on the image input (a copy if changed)."""
     inputs = real_inputs(model)
     if len(inputs) != 1:
         names = ", ".join(i.name for i in inputs)
@@ -75,9 +75,7 @@ def prepare_forward(model: onnx.ModelProto) -> onnx.ModelProto:
     dims = inputs[0].type.tensor_type.shape.dim
     if len(dims) and not dims[0].dim_param:
         return make_batch_dynamic(model)
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    return m
+    return model  # callers copy the nodes they change; weights are not copied needlessly
 
 
 def default_target(model: onnx.ModelProto, objective: str) -> str:
@@ -218,18 +216,27 @@ def build_gradient_graph(model: onnx.ModelProto, sample_shape, wrt, objective: s
 
     all_nodes = nodes + b.nodes
     inits = list(graph.initializer) + b.initializers
-    if weights_as_inputs:
-        for init in graph.initializer:
-            if init.data_type == b.elem_type:
-                new_inputs.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
     all_nodes, inits = _prune(all_nodes, inits, [o.name for o in out_infos])
-    g = helper.make_graph(all_nodes, (graph.name or "model") + "_gradients", new_inputs, out_infos, inits)
-    built = make_model(g, opset=max(opset_of(forward), 17))
+    if weights_as_inputs:
+        # listed as inputs too, initializers become defaults that a run may override (IR >= 4)
+        kept = {i.name for i in inits}
+        for init in graph.initializer:
+            if init.data_type == b.elem_type and init.name in kept:
+                new_inputs.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+    built = _assemble(all_nodes, (graph.name or "model") + "_gradients", new_inputs, out_infos, inits,
+                      max(opset_of(forward), 17))
     return GradientGraph(
         model=built, input_name=image, sample_shape=sample_shape, objective=objective, target=target,
         target_shape=tuple(shapes[target][1:]), wrt=wrt, grad_outputs=grad_outputs, wrt_shapes=wrt_shapes,
         batched_wrt={w for w in wrt if w in batched}, per_sample=per_sample, rule=rule, runtime_inputs=runtime,
         dropout_masks=masks, extra_outputs=list(outputs), dtype=dtype)
+
+
+def _assemble(nodes, name, inputs, outputs, initializers, opset):
+    # make_graph + make_model would copy the weights twice; add them once, to the final model
+    model = make_model(helper.make_graph(nodes, name, inputs, outputs), opset=opset)
+    model.graph.initializer.extend(initializers)
+    return model
 
 
 def _copy_node(node):
@@ -409,12 +416,12 @@ def _objective_head(b, objective, target, target_shape, runtime, new_inputs):
 
 
 def build_objective_graph(model: onnx.ModelProto, sample_shape, objective: str = "logit", target=None, free=(),
-                          backend: str = "reference"):
+                          backend: str = "reference", outputs=()):
     """Forward + objective value only, with the tensors in ``free`` turned into graph inputs.
 
     A free initializer becomes an input; a free intermediate tensor is cut from its producer and
-    fed instead. Used by finite differences. Returns (model, runtime inputs, target name,
-    per-sample target shape).
+    fed instead; ``outputs`` are extra tensors to expose. Used by finite differences. Returns
+    (model, runtime inputs, target name, per-sample target shape).
     """
     from .backend import forward_shapes
 
@@ -433,6 +440,7 @@ def build_objective_graph(model: onnx.ModelProto, sample_shape, objective: str =
     inits = {i.name: i for i in graph.initializer}
     nodes = [_copy_node(n) for n in graph.node]
     free = [f for f in free if f != image.name]
+    shapes = forward_shapes(forward, tuple(sample_shape), backend)
     for f in free:
         if f not in names:
             raise unknown_name_error("tensor", f, names)
@@ -444,12 +452,12 @@ def build_objective_graph(model: onnx.ModelProto, sample_shape, objective: str =
             for k, o in enumerate(node.output):
                 if o == f:
                     node.output[k] = b.fresh("cut")
-        inputs.append(helper.make_tensor_value_info(f, b.elem_type, None))
+        inputs.append(helper.make_tensor_value_info(f, b.elem_type, ["N", *shapes[f][1:]]))
     runtime = {}
-    shapes = forward_shapes(forward, tuple(sample_shape), backend)
     _, value = _objective_head(b, objective, target, shapes[target], runtime, inputs)
     b.op("Identity", [value], outputs=[OBJECTIVE_OUTPUT])
-    outs = [helper.make_tensor_value_info(OBJECTIVE_OUTPUT, b.elem_type, ["N"])]
-    all_nodes, kept_inits = _prune(nodes + b.nodes, list(inits.values()) + b.initializers, [OBJECTIVE_OUTPUT])
-    g = helper.make_graph(all_nodes, "objective", inputs, outs, kept_inits)
-    return make_model(g, opset=max(opset_of(forward), 17)), runtime, target, tuple(shapes[target][1:])
+    outs = [helper.make_tensor_value_info(OBJECTIVE_OUTPUT, b.elem_type, ["N"])] + [value_info(o) for o in outputs]
+    all_nodes, kept_inits = _prune(nodes + b.nodes, list(inits.values()) + b.initializers,
+                                   [OBJECTIVE_OUTPUT, *outputs])
+    built = _assemble(all_nodes, "objective", inputs, outs, kept_inits, max(opset_of(forward), 17))
+    return built, runtime, target, tuple(shapes[target][1:])
