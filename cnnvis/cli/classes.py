@@ -1,0 +1,359 @@
+"""`cnnvis conv-gradients` and `cnnvis compare-classes`: gradients of a class neuron (the logit
+before the softmax) with respect to a convolution layer's filters, per image and between groups."""
+from __future__ import annotations
+
+import argparse
+import itertools
+
+from . import common
+from ..errors import CnnvisError
+
+ORDER = 45
+FORMAT_CHOICES = ("hdf", "vti", "vox", "npy")
+ROLES = ("reference", "similar", "dissimilar")
+
+CONV_EPILOG = """outputs per image (folder IMAGE/):
+  LAYER_gradient.npy                 d logit / d weights, O×Cin×kh×kw float32
+  LAYER_gradient_volume.{hdf,...}    the same as a 3-D volume ((O·Cin)×kh×kw slices) for ParaView
+  importance.png, importance_sorted.png, importance.csv   per-filter L2 norm of the gradient
+  top_filters.png                    rows: the top-k filters; columns: weights, gradient
+and summary.csv / summary.json (predicted class and probability, class differentiated, ...)."""
+
+COMPARE_EPILOG = """groups: each of --reference/--similar/--dissimilar takes image files, folders, preprocessed
+N×C×H×W .npy arrays, or class names/indices of the model's sample images. Defaults come from the
+model sidecar's "compare_classes" entry; --reference defaults to the samples of --neuron's class.
+
+outputs: summary.json, images.csv, importance.csv, importance_raw.png, importance_normalized.png,
+cosine_similarity.{png,csv,npy}, permutation_tests.csv, top_filters_GROUP.{csv,png},
+volumes/mean_GROUP.* and volumes/difference_REFERENCE-minus-GROUP.* (ParaView), manifest.json."""
+
+
+def register(sub) -> None:
+    raw = argparse.RawDescriptionHelpFormatter
+    p = sub.add_parser("conv-gradients", epilog=CONV_EPILOG, formatter_class=raw,
+                       help="per image: gradient of a class logit w.r.t. a conv layer's filters (volume, "
+                            "per-filter importance, top filters beside their weights)")
+    common.add_input_options(p)
+    common.add_model_options(p)
+    p.add_argument("--class", "-c", dest="target", default=None, metavar="K",
+                   help="class index or name whose logit is differentiated (default: each image's "
+                        "predicted class)")
+    p.add_argument("--seed", type=int, default=0, help="seed choosing the --check-numerical entries (default 0)")
+    _add_layer_options(p)
+    common.add_output_options(p, "out/conv_gradients")
+    p.set_defaults(func=cmd_conv_gradients)
+
+    p = sub.add_parser("compare-classes", epilog=COMPARE_EPILOG, formatter_class=raw,
+                       help="how one class neuron's filter gradients differ between groups of images "
+                            "(reference / similar / dissimilar): means, cosine similarity, permutation tests")
+    common.add_model_options(p)
+    p.add_argument("--preprocess", default=None, metavar="PRESET",
+                   help="preprocessing preset (default: the model's own)")
+    p.add_argument("--neuron", "-n", default=None, metavar="K",
+                   help="class index or name whose logit is differentiated (default: the sidecar's)")
+    for role in ROLES:
+        p.add_argument(f"--{role}", nargs="+", default=None, metavar="ITEM",
+                       help=f"the {role} group: files, folders, .npy arrays or sample class names")
+    p.add_argument("--per-item", action="store_true",
+                   help="make each item of --similar/--dissimilar its own group (e.g. one per class)")
+    p.add_argument("--permutations", type=common.positive_int, default=999,
+                   help="relabellings per permutation test (default 999)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the permutation tests and checks (default 0)")
+    p.add_argument("--max-vectors-per-group", type=common.positive_int, default=1000,
+                   help="images per group kept (first ones) for the cosine matrix and the gradient "
+                        "permutation test; means, stds and importance tests use all (default 1000)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_layer_options(p)
+    common.add_output_options(p, "out/compare_classes")
+    p.set_defaults(func=cmd_compare_classes)
+
+
+def _add_layer_options(p) -> None:
+    p.add_argument("--layer", "-l", default=None, help="convolution layer (default: the first, conv1)")
+    p.add_argument("--top-k", type=common.positive_int, default=8, help="filters shown and listed (default 8)")
+    g = p.add_argument_group("volumes")
+    g.add_argument("--format", "-f", action="append", choices=FORMAT_CHOICES, default=None,
+                   help="volume formats (repeatable; default: all of hdf, vti, vox, npy)")
+    g.add_argument("--normalization", default="symmetric", choices=("symmetric", "global", "per-channel"),
+                   help="how gradients become 0..1 in the volumes (default symmetric: 0 stays at 0.5)")
+    g.add_argument("--threshold", type=float, default=0.5,
+                   help="volume mask = normalized > THRESHOLD (default 0.5: positive gradients)")
+    p.add_argument("--check-numerical", type=int, default=0, metavar="N",
+                   help="check N random weights of the first image's gradient by float64 central "
+                        "differences and report the error (default 0 = no check)")
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def _channel_order(args, model, weights) -> str:
+    if weights.shape[1] != 3:
+        return "RGB"
+    return common.preprocessing_for(args, model).channel_order
+
+
+def _write_volume(run, rel_base, array, formats, args, meta, kind) -> None:
+    """Register ``rel_base``.<fmt> (and companions) with the run and write the volume files."""
+    from ..export import volumes
+
+    kwargs = dict(layout="stack", normalization=args.normalization, threshold=args.threshold, metadata=meta)
+    volumes.prepare_volume(array, **kwargs)  # every check before anything is registered
+    base = None
+    for fmt in formats:
+        rel = f"{rel_base}.{fmt}"
+        base = run.path(rel, kind=f"{kind}-{fmt}", layer=meta.get("layer"), image=meta.get("image")).with_suffix("")
+        for companion in volumes.companion_paths(rel):
+            run.path(companion.as_posix(), kind=f"{kind}-{fmt}-companion", layer=meta.get("layer"))
+    volumes.write_volumes(base, array, formats=formats, **kwargs)
+
+
+def _check_args(args) -> None:
+    if not 0.0 <= args.threshold <= 1.0:
+        raise CnnvisError(f"--threshold {args.threshold}: expected a number in [0, 1]")
+    if args.check_numerical < 0:
+        raise CnnvisError(f"--check-numerical {args.check_numerical}: expected 0 or a positive number of entries")
+
+
+# ------------------------------------------------------------------------------------ conv-gradients
+
+
+def cmd_conv_gradients(args) -> int:
+    import numpy as np
+
+    from ..analysis import class_gradients as cgm
+    from ..manifest import RunOutput, save_npy, write_json
+
+    _check_args(args)
+    formats = list(dict.fromkeys(args.format or FORMAT_CHOICES))
+    model = common.load_model(args)
+    cg = cgm.ClassGradients(model, args.layer, args.batch_size)
+    layer = cg.layer_.name
+    target = None if args.target is None else cgm.class_index(model, args.target, "--class")
+    chunks = common.iter_input_chunks(args, model)
+    first = next(chunks)  # unreadable inputs fail here, before anything is staged
+    common.model_warning(model)
+    weights = cg.weights_
+    order = _channel_order(args, model, weights)
+    top_k = min(args.top_k, weights.shape[0])
+    classes = model.class_names
+    params = {"layer": layer, "class": target, "top_k": top_k, "formats": formats,
+              "normalization": args.normalization, "threshold": args.threshold,
+              "check_numerical": args.check_numerical, "seed": args.seed, "batch_size": args.batch_size,
+              "input_array": args.input_array, "objective": "logit (pre-softmax class score)"}
+    rows, used, gradcheck = [], {}, None
+    lname = common.safe_name(layer)
+    with RunOutput(args.out, "conv-gradients", params=params, inputs=args.images or [args.input_array],
+                   model=model.info()) as run:
+        for names, x in itertools.chain([first], chunks):
+            batch = cg.compute(x, target)
+            if args.check_numerical and gradcheck is None:
+                report = cg.check_numerical(x[:1], int(batch.targets[0]), args.check_numerical, args.seed,
+                                            analytic=batch.gradients[0])
+                gradcheck = cgm.gradcheck_dict(report, names[0])
+                print(f"cnnvis conv-gradients: numerical check on {names[0]}: {report}")
+            for i, (name, safe) in enumerate(zip(names, common.unique_names(names, used))):
+                grad = batch.gradients[i]
+                imp = batch.importance[i]
+                k = int(batch.targets[i])
+                top = [int(f) for f in np.argsort(-imp, kind="stable")[:top_k]]
+                meta = {"model": model.name, "model_sha256": model.sha256, "layer": layer, "image": name,
+                        "class": k, "class_name": classes[k], "objective": "logit"}
+                save_npy(run.path(f"{safe}/{lname}_gradient.npy", kind="gradient", layer=layer, image=name,
+                                  shape=list(grad.shape), **{"class": k}), grad)
+                _write_volume(run, f"{safe}/{lname}_gradient_volume", grad, formats, args, meta, "gradient-volume")
+                title = f"{name}: d logit[{k} {classes[k]}] / d {layer}"
+                cgm.plot_importance(run.path(f"{safe}/importance.png", kind="importance-plot", layer=layer,
+                                             image=name), imp, title, highlight=top)
+                cgm.plot_importance(run.path(f"{safe}/importance_sorted.png", kind="importance-plot-sorted",
+                                             layer=layer, image=name), imp, title + " (sorted)", sort=True,
+                                    highlight=top)
+                grid = cgm.save_filters_beside(
+                    run.path(f"{safe}/top_filters.png", kind="top-filters", layer=layer, image=name,
+                             columns=["weights", "gradient"], filters=top),
+                    [weights, grad], top, channel_order=order)
+                ranks = np.empty(len(imp), dtype=np.int64)
+                ranks[np.argsort(-imp, kind="stable")] = np.arange(1, len(imp) + 1)
+                run.path(f"{safe}/importance.csv", kind="importance-table", layer=layer, image=name).write_text(
+                    cgm.csv_text(["filter", "importance", "rank"],
+                                 [(f, float(imp[f]), int(ranks[f])) for f in range(len(imp))]), encoding="utf-8")
+                pred = int(batch.predicted[i])
+                rows.append({
+                    "image": name, "folder": safe, "predicted": pred, "predicted_name": classes[pred],
+                    "predicted_probability": float(batch.probabilities[i, pred]), "class": k,
+                    "class_name": classes[k], "class_logit": float(batch.target_logits[i]),
+                    "class_probability": float(batch.target_probabilities[i]),
+                    "gradient_norm": float(np.sqrt(np.sum(imp ** 2))), "top_filters": top, "grid": grid,
+                })
+                print(f"cnnvis conv-gradients: {name}: predicted {classes[pred]} ({pred}, p={rows[-1]['predicted_probability']:.3f}); "
+                      f"d logit[{classes[k]}]/d {layer}: |g|={rows[-1]['gradient_norm']:.4g}, top filters {top[:5]}")
+        header = ["image", "predicted", "predicted_name", "predicted_probability", "class", "class_name",
+                  "class_logit", "class_probability", "gradient_norm", "top_filters"]
+        run.path("summary.csv", kind="summary-table").write_text(cgm.csv_text(
+            header, [[r[h] if h != "top_filters" else " ".join(map(str, r[h])) for h in header] for r in rows]),
+            encoding="utf-8")
+        write_json(run.path("summary.json", kind="summary"),
+                   {"layer": layer, "weight_shape": list(weights.shape), "images": rows, "gradcheck": gradcheck})
+        run.extra["gradcheck"] = gradcheck
+    print(f"cnnvis conv-gradients: {len(rows)} image(s), layer {layer} -> {args.out}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------ compare-classes
+
+
+def _groups_from_args(args, model):
+    """Ordered {group name: (items, files)}; the first is the reference."""
+    from ..analysis import class_gradients as cgm
+
+    defaults = cgm.compare_defaults(model)
+    neuron = args.neuron if args.neuron is not None else defaults.get("neuron")
+    if neuron is None:
+        raise CnnvisError(f"--neuron: model {model.name} has no compare_classes defaults in its sidecar; "
+                          "give the class index or name")
+    neuron = cgm.class_index(model, neuron, "--neuron")
+    chosen = {role: getattr(args, role) if getattr(args, role) is not None else defaults.get(role) for role in ROLES}
+    if not chosen["reference"]:
+        chosen["reference"] = [model.class_names[neuron]]
+    if not chosen["similar"] and not chosen["dissimilar"]:
+        raise CnnvisError("--similar/--dissimilar: give at least one group to compare the reference with "
+                          "(or a compare_classes entry in the model's sidecar)")
+    groups = {}
+    for role in ROLES:
+        items = chosen[role]
+        if not items:
+            continue
+        if args.per_item and role != "reference" and len(items) > 1:
+            for item in items:
+                name = f"{role}-{common.safe_name(str(item))}"
+                groups[name] = ([item], cgm.resolve_group(model, [item], f"--{role} {item}"))
+        else:
+            groups[role] = (list(items), cgm.resolve_group(model, items, f"--{role}"))
+    return neuron, groups
+
+
+def cmd_compare_classes(args) -> int:
+    from ..analysis import class_gradients as cgm
+    from ..manifest import RunOutput
+
+    _check_args(args)
+    formats = list(dict.fromkeys(args.format or FORMAT_CHOICES))
+    model = common.load_model(args)
+    layer = cgm.conv_layer(model, args.layer).name
+    neuron, groups = _groups_from_args(args, model)
+    pre = common.preprocessing_for(args, model)
+    totals = {g: cgm.group_size(model, files) for g, (_, files) in groups.items()}
+    common.model_warning(model)
+    cmp = cgm.ClassComparison(model, neuron, layer=layer, batch_size=args.batch_size,
+                              n_permutations=args.permutations, seed=args.seed,
+                              max_vectors_per_group=args.max_vectors_per_group, top_k=args.top_k,
+                              progress=not args.no_progress, check_numerical=args.check_numerical)
+    classes = model.class_names
+    params = {"neuron": neuron, "neuron_name": classes[neuron], "layer": layer,
+              "groups": {g: [str(i) for i in items] for g, (items, _) in groups.items()},
+              "permutations": args.permutations, "seed": args.seed, "top_k": args.top_k,
+              "max_vectors_per_group": args.max_vectors_per_group, "formats": formats,
+              "normalization": args.normalization, "threshold": args.threshold,
+              "check_numerical": args.check_numerical, "per_item": args.per_item,
+              "batch_size": args.batch_size, "preprocessing": pre.to_dict()}
+    inputs = [str(f) for _, files in groups.values() for f in files]
+    with RunOutput(args.out, "compare-classes", params=params, inputs=inputs, model=model.info()) as run:
+        cmp.fit({g: cgm.iter_group_chunks(model, files, pre, args.batch_size) for g, (_, files) in groups.items()},
+                totals=totals)
+        _write_comparison(run, cmp, args, model, formats)
+        run.extra["summary"] = {
+            "counts": cmp.counts_,
+            "gradient_p_values": {g: t.p_value for g, t in cmp.gradient_tests_.items()},
+            "cosine_within_mean": cmp.cosine_summary_["within_mean"],
+            "cosine_between_mean": cmp.cosine_summary_["between_mean"],
+            "gradcheck": cmp.summary_["gradcheck"],
+        }
+    ref = cmp.group_names_[0]
+    print(f"cnnvis compare-classes: neuron {neuron} ({classes[neuron]}), layer {layer}; "
+          + ", ".join(f"{g}: {n} images" for g, n in cmp.counts_.items()))
+    for g, t in cmp.gradient_tests_.items():
+        it = cmp.importance_tests_[g]
+        top = ", ".join(str(f["filter"]) for f in cmp.top_filters_[g][:5])
+        print(f"  {ref} vs {g}: mean-gradient distance {t.observed:.4g} (p={t.p_value:.4g}, "
+              f"{t.n_permutations} permutations, seed {t.seed}); importance distance p={it.p_value:.4g}; "
+              f"filters differing most: {top}")
+    cs = cmp.cosine_summary_
+    if cs["within_mean"] is not None and cs["between_mean"] is not None:
+        print(f"  cosine similarity: within groups {cs['within_mean']:.4f}, between groups {cs['between_mean']:.4f}")
+    if cmp.gradcheck_ is not None:
+        print(f"  numerical check ({cmp.gradcheck_image_}): {cmp.gradcheck_}")
+    print(f"cnnvis compare-classes: -> {args.out}")
+    return 0
+
+
+def _write_comparison(run, cmp, args, model, formats) -> None:
+    import numpy as np
+
+    from ..analysis import class_gradients as cgm
+    from ..manifest import save_npy, write_json
+
+    names = cmp.group_names_
+    ref = names[0]
+    layer = cmp.layer_
+    safe = {g: common.safe_name(g) for g in names}
+    neuron_label = f"{cmp.neuron_} {model.class_names[cmp.neuron_]}"
+    write_json(run.path("summary.json", kind="summary", layer=layer), cmp.summary_)
+
+    header = ["group", "image", "kept_for_cosine", "predicted", "predicted_name", "predicted_probability",
+              "neuron_logit", "neuron_probability", "gradient_norm"]
+    run.path("images.csv", kind="images-table").write_text(
+        cgm.csv_text(header, [[r[h] for h in header] for r in cmp.images_]), encoding="utf-8")
+
+    header = ["filter"] + [f"{g}_{s}" for g in names for s in ("mean", "std", "normalized_mean", "normalized_std")]
+    rows = [[f] + [v for g in names for v in (cmp.importance_mean_[g][f], cmp.importance_std_[g][f],
+                                              cmp.normalized_mean_[g][f], cmp.normalized_std_[g][f])]
+            for f in range(len(cmp.weights_))]
+    run.path("importance.csv", kind="importance-table", layer=layer).write_text(cgm.csv_text(header, rows),
+                                                                                 encoding="utf-8")
+    cgm.plot_group_importance(run.path("importance_raw.png", kind="importance-plot", layer=layer),
+                              cmp.importance_mean_, cmp.importance_std_,
+                              f"‖∂logit[{neuron_label}]/∂W_f‖₂ per {layer} filter (mean ± std)",
+                              ylabel="importance")
+    cgm.plot_group_importance(run.path("importance_normalized.png", kind="importance-plot", layer=layer),
+                              cmp.normalized_mean_, cmp.normalized_std_,
+                              "per-image min-max normalised importance (mean ± std)", ylabel="normalised importance")
+
+    cgm.plot_cosine_matrix(run.path("cosine_similarity.png", kind="cosine-plot", layer=layer), cmp.cosine_,
+                           cmp.cosine_groups_, names,
+                           f"cosine similarity of ∂logit[{neuron_label}]/∂{layer} between images")
+    labels = [f"{names[g]}/{n}" for g, n in zip(cmp.cosine_groups_, cmp.cosine_names_)]
+    run.path("cosine_similarity.csv", kind="cosine-table").write_text(
+        cgm.csv_text([""] + labels, [[lab] + [float(v) for v in row] for lab, row in zip(labels, cmp.cosine_)]),
+        encoding="utf-8")
+    save_npy(run.path("cosine_similarity.npy", kind="cosine-matrix", images=labels), cmp.cosine_.astype(np.float64))
+
+    header = ["reference", "group", "features", "statistic", "observed", "p_value", "n_permutations", "seed",
+              "n_reference", "n_group"]
+    rows = []
+    for g in names[1:]:
+        for feats, t in (("gradient", cmp.gradient_tests_[g]), ("importance", cmp.importance_tests_[g])):
+            rows.append([ref, g, feats, t.statistic, t.observed, t.p_value, t.n_permutations, t.seed, t.n_a, t.n_b])
+    run.path("permutation_tests.csv", kind="permutation-tests").write_text(cgm.csv_text(header, rows),
+                                                                             encoding="utf-8")
+
+    order = _channel_order(args, model, cmp.weights_)
+    header = ["filter", "difference", "reference_mean", "other_mean", "reference_std", "other_std",
+              "effect_size", "p_value", "p_adjusted"]
+    for g in names[1:]:
+        top = cmp.top_filters_[g]
+        run.path(f"top_filters_{safe[g]}.csv", kind="top-filters-table", group=g).write_text(
+            cgm.csv_text(header, [[t[h] for h in header] for t in top]), encoding="utf-8")
+        filters = [t["filter"] for t in top]
+        cgm.save_filters_beside(
+            run.path(f"top_filters_{safe[g]}.png", kind="top-filters", layer=layer, group=g, filters=filters,
+                     columns=["weights", f"mean gradient {ref}", f"mean gradient {g}", f"{ref} - {g}"]),
+            [cmp.weights_, cmp.mean_gradient_[ref], cmp.mean_gradient_[g], cmp.difference_[g]], filters,
+            channel_order=order)
+
+    base_meta = {"model": model.name, "model_sha256": model.sha256, "layer": layer, "neuron": cmp.neuron_,
+                 "neuron_name": model.class_names[cmp.neuron_], "objective": "logit"}
+    for g in names:
+        _write_volume(run, f"volumes/mean_{safe[g]}", cmp.mean_gradient_[g], formats, args,
+                      {**base_meta, "image": f"mean of {cmp.counts_[g]} images ({g})", "group": g}, "mean-gradient")
+    for g in names[1:]:
+        _write_volume(run, f"volumes/difference_{safe[ref]}-minus-{safe[g]}", cmp.difference_[g], formats, args,
+                      {**base_meta, "image": f"mean {ref} - mean {g}", "group": g}, "difference-gradient")
