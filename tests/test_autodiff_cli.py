@@ -1,0 +1,98 @@
+"""`cnnvis gradients` and `cnnvis gradcheck` on a tiny model saved to a temporary .onnx file."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from cnnvis.autodiff import GradientEngine
+from cnnvis.cli import main
+from cnnvis.onnxgraph import make_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def tiny_onnx(tmp_path):
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Conv", ["data", "conv1.weight", "conv1.bias"], ["conv1"], name="conv1",
+                              kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["conv1"], ["relu1"], name="relu1"),
+             helper.make_node("MaxPool", ["relu1"], ["pool1"], name="pool1", kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("Flatten", ["pool1"], ["flat"], name="flat"),
+             helper.make_node("Gemm", ["flat", "fc.weight", "fc.bias"], ["fc"], name="fc", transB=1),
+             helper.make_node("Softmax", ["fc"], ["prob"], name="prob", axis=1)]
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32) * 0.5, name) for name, s in
+             (("conv1.weight", (4, 3, 3, 3)), ("conv1.bias", (4,)), ("fc.weight", (5, 4 * 4 * 4)), ("fc.bias", (5,)))]
+    g = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("data", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                          [helper.make_tensor_value_info("prob", TensorProto.FLOAT, ["N", 5])], inits)
+    path = tmp_path / "tiny.onnx"
+    onnx.save(make_model(g), path)
+    x = rng.standard_normal((3, 3, 8, 8)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    return path, tmp_path / "x.npy", x
+
+
+def test_gradients_command_writes_npy_hdf5_and_manifest(tiny_onnx, tmp_path):
+    model_path, x_path, x = tiny_onnx
+    out = tmp_path / "out"
+    code = main(["gradients", "--input-array", str(x_path), "--model", str(model_path), "--class", "2",
+                 "--wrt", "conv1.weight", "--wrt", "input", "--wrt", "relu1", "--out", str(out)])
+    assert code == 0
+    w = np.load(out / "conv1.weight.npy")
+    assert w.shape == (3, 4, 3, 3, 3)
+    expected = GradientEngine(onnx.load(model_path), ["conv1.weight", "data"], target="fc").run(x, index=2)
+    np.testing.assert_allclose(w, expected["conv1.weight"], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(np.load(out / "input.npy"), expected["data"], rtol=1e-6, atol=1e-7)
+    assert np.load(out / "relu1.npy").shape == (3, 4, 8, 8)
+    with h5py.File(out / "gradients.h5", "r") as h5:
+        np.testing.assert_array_equal(h5["conv1.weight"][()], w)
+        assert list(h5["classes"][()]) == [2, 2, 2]
+    manifest = json.loads((out / "manifest.json").read_text())
+    files = {f["path"]: f for f in manifest["runs"]["gradients"]["files"]}
+    assert files["conv1.weight.npy"]["kind"] == "gradient" and files["conv1.weight.npy"]["shape"] == [3, 4, 3, 3, 3]
+    # --batch-sum: what Caffe stores
+    code = main(["gradients", "--input-array", str(x_path), "--model", str(model_path), "--class", "2",
+                 "--wrt", "conv1.weight", "--batch-sum", "--rule", "guided", "--out", str(tmp_path / "sum")])
+    assert code == 0
+    summed = np.load(tmp_path / "sum" / "conv1.weight.npy")
+    assert summed.shape == (4, 3, 3, 3)
+
+
+def test_gradients_bad_input_is_a_one_line_error_and_writes_nothing(tiny_onnx, tmp_path, capsys):
+    model_path, x_path, _ = tiny_onnx
+    out = tmp_path / "bad"
+    code = main(["gradients", "--input-array", str(x_path), "--model", str(model_path), "--class", "2",
+                 "--wrt", "conv9.weight", "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "conv9" in err
+    assert not (out / "manifest.json").exists()
+    code = main(["gradients", "--input-array", str(x_path), "--model", str(model_path), "--class", "7",
+                 "--out", str(out)])
+    assert code == 2 and "[0, 5)" in capsys.readouterr().err
+
+
+def test_gradcheck_command_passes_and_fails_on_tolerance(tiny_onnx, capsys):
+    model_path, x_path, _ = tiny_onnx
+    args = ["gradcheck", "--model", str(model_path), "--input-array", str(x_path), "--class", "1",
+            "--wrt", "conv1.weight", "--wrt", "input", "--samples", "12"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "conv1.weight: 12 entries" in out and "OK" in out
+    rel = float(out.split("conv1.weight: 12 entries, max abs error ")[1].split("max relative error ")[1].split()[0])
+    assert rel <= 1e-3
+    assert main(args + ["--tolerance", "1e-12"]) == 1
+    assert "FAILED" in capsys.readouterr().err
+
+
+def test_gradcheck_runs_as_a_module_command(tiny_onnx):
+    model_path, _, _ = tiny_onnx
+    proc = subprocess.run([sys.executable, "-m", "cnnvis", "gradcheck", "--model", str(model_path), "--wrt",
+                           "fc.weight", "--samples", "5", "--class", "0"], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert "fc.weight: 5 entries" in proc.stdout
