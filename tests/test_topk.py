@@ -49,15 +49,22 @@ def test_chunk_top_matches_sort_with_ties_and_dead_maps():
             assert cols[m].tolist() == want, (k, m)
 
 
+@pytest.mark.parametrize("k", [2, 9])
+@pytest.mark.parametrize("rising", [False, True])
 @pytest.mark.parametrize("chunk", [1, 3, 7, 20])
-def test_topk_is_independent_of_chunking(chunk):
+def test_topk_is_independent_of_chunking(chunk, rising, k):
+    """Covers both update paths: few candidates above the running k-th values (merged sparsely) and,
+    with activations rising image after image, many (the dense per-chunk selection; with k=2 and
+    chunks of 7 also after the maps are full)."""
     rng = np.random.default_rng(1)
     acts = np.maximum(rng.normal(size=(20, 5, 3, 4)), 0).round(1).astype(np.float32)  # zeros and ties
+    if rising:
+        acts *= np.arange(1, 21, dtype=np.float32)[:, None, None, None]
     acts[:, 4] = 0.0
-    top = TopK(9)
+    top = TopK(k)
     for s in range(0, 20, chunk):
         top.update(acts[s:s + chunk], [f"img{i}" for i in range(s, min(s + chunk, 20))])
-    assert as_triples(top) == brute_force(acts, 9)
+    assert as_triples(top) == brute_force(acts, k)
     assert top.image_names_ == [f"img{i}" for i in range(20)]
     rec = top.units(1)[0]
     assert rec["name"] == f"img{rec['image']}" and rec["y"] * 4 + rec["x"] == top.positions_[1, 0]

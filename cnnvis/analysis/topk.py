@@ -58,19 +58,47 @@ class TopK:
             raise CnnvisError(f"top-k: maps of shape {(c, h, w)} after {tuple(self.map_shape_)}")
         if n == 0:
             return self
-        bad = ~np.isfinite(acts)
-        if bad.any():
-            i = int(np.argwhere(bad)[0][0])
+        if not (np.isfinite(acts.min()) and np.isfinite(acts.max())):  # two reductions, no mask
+            i = int(np.argwhere(~np.isfinite(acts))[0][0])
             raise CnnvisError(f"image {names[i]}: the layer's activations contain NaN or infinity")
         first = self.n_images_
-        # one row per map; column j = image (j // HW), position (j % HW): column order is the tie order
-        flat = np.ascontiguousarray(acts.astype(np.float32, copy=False).transpose(1, 0, 2, 3)).reshape(c, -1)
-        cols = chunk_top(flat, self.k)
-        vals = np.take_along_axis(flat, cols, axis=1)
-        hw = h * w
-        self._merge(vals, first + cols // hw, cols % hw)
+        acts = acts.astype(np.float32, copy=False)
+        if not self._sparse_update(acts, first):
+            # one row per map; column j = image (j // HW), position (j % HW): column order is the tie order
+            flat = np.ascontiguousarray(acts.transpose(1, 0, 2, 3)).reshape(c, -1)
+            cols = chunk_top(flat, self.k)
+            vals = np.take_along_axis(flat, cols, axis=1)
+            hw = h * w
+            self._merge(vals, first + cols // hw, cols % hw)
         self.image_names_.extend(str(s) for s in names)
         return self
+
+    def _sparse_update(self, acts, first) -> bool:
+        """Once every map holds k entries, only activations strictly above a map's k-th value can
+        enter (an equal one loses the tie: its image comes later). After the first chunks these are
+        few, so they are found with one comparison and merged with one flat sort, without copying
+        the chunk. Returns False (nothing done) when the candidates are too many for that to pay."""
+        c, k = self.map_shape_[0], self.k
+        if self.values_.shape[1] < k:
+            return False
+        n = acts.shape[0]
+        by_map = acts.reshape(n, c, -1)
+        above = by_map > self.values_[None, :, k - 1:k]
+        if np.count_nonzero(above) > 4 * c * k:
+            return False
+        img, maps, pos = np.nonzero(above)
+        all_maps = np.concatenate([np.repeat(np.arange(c), k), maps])
+        all_vals = np.concatenate([self.values_.reshape(-1), by_map[img, maps, pos]])
+        all_imgs = np.concatenate([self.images_.reshape(-1), first + img])
+        all_pos = np.concatenate([self.positions_.reshape(-1), pos])
+        order = np.lexsort((all_pos, all_imgs, -all_vals, all_maps))
+        grouped = all_maps[order]
+        rank = np.arange(len(order)) - np.searchsorted(grouped, grouped)  # rank within its map
+        keep = order[rank < k]  # map by map, best first: exactly k per map
+        self.values_ = all_vals[keep].reshape(c, k)
+        self.images_ = all_imgs[keep].reshape(c, k)
+        self.positions_ = all_pos[keep].reshape(c, k)
+        return True
 
     def _merge(self, values, images, positions):
         v = np.concatenate([self.values_, values], axis=1)
