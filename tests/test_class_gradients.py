@@ -398,3 +398,43 @@ def test_compare_classes_per_item_and_errors(cli_model, tmp_path, capsys):
     assert main(["compare-classes", "--model", str(path), "--similar", "dog", "--out", str(tmp_path / "x")]) == 2
     assert "no compare_classes defaults" in capsys.readouterr().err
     assert not (tmp_path / "x" / "manifest.json").exists()
+
+
+def test_any_conv_layer_grouped_conv2_of_the_demo_topology():
+    from cnnvis.nets import build_fashion_caffenet
+
+    model = Model(build_fashion_caffenet(seed=0), name="demo", sidecar={"trained": False})
+    x = np.random.default_rng(2).random((3, 1, 28, 28)).astype(np.float32)
+    cg = cgm.ClassGradients(model, "conv2", batch_size=2)
+    res = cg.compute(x, target=6)
+    assert res.gradients.shape == (3, 64, 24, 5, 5)  # group 2: 48 input channels split in two
+    report = cg.check_numerical(x, 6, n_entries=6, seed=1, analytic=res.gradients[0])
+    assert report.max_rel_error < 1e-3, str(report)  # float32 engine vs float64 differences
+
+
+def test_groups_from_sidecar_defaults_and_npy_items(tmp_path):
+    import argparse
+
+    from cnnvis.cli import classes
+
+    folder, files = _sample_folder(tmp_path)
+    proto, _ = tiny_proto(channels=3, size=8)
+    side = {"classes": CLASSES, "samples": [str(f) for f in files],
+            "compare_classes": {"neuron": "cat", "similar": ["dog", "car"], "per_item": True}}
+    model = Model(proto, name="t", sidecar=side)
+    arr = tmp_path / "extra.npy"
+    np.save(arr, np.random.default_rng(0).random((5, 3, 8, 8)).astype(np.float32))
+    args = argparse.Namespace(neuron=None, reference=None, similar=None, dissimilar=[str(arr)], per_item=None)
+    neuron, groups, per_item = classes._groups_from_args(args, model)
+    assert neuron == 0 and per_item is True
+    assert list(groups) == ["reference", "similar-dog", "similar-car", "dissimilar"]
+    assert [p.name for p in groups["reference"][1]] == ["cat_0.png", "cat_1.png", "cat_2.png"]
+    assert cgm.group_size(model, groups["dissimilar"][1]) == 5
+    from cnnvis import preprocess
+
+    chunks = list(cgm.iter_group_chunks(model, groups["dissimilar"][1] + groups["similar-dog"][1],
+                                        preprocess.for_model(model), 3))
+    assert [names for names, _ in chunks] == [["extra[0]", "extra[1]", "extra[2]"], ["extra[3]", "extra[4]"],
+                                              ["dog_0", "dog_1", "dog_2"]]
+    args.per_item = False
+    assert list(classes._groups_from_args(args, model)[1]) == ["reference", "similar", "dissimilar"]

@@ -372,7 +372,8 @@ def group_size(model, files) -> int:
 
 def compare_defaults(model) -> dict:
     """The model's sidecar ``compare_classes`` entry: ``{"neuron": ..., "reference": [...],
-    "similar": [...], "dissimilar": [...]}`` (lists of class names, files or folders); {} if none."""
+    "similar": [...], "dissimilar": [...], "per_item": false}`` (lists of class names, files or
+    folders; ``per_item``: each item of similar/dissimilar its own group); {} if none."""
     entry = model.sidecar.get("compare_classes") or {}
     if not isinstance(entry, dict):
         raise CnnvisError(f"model {model.name}: sidecar 'compare_classes' must be an object")
@@ -380,11 +381,15 @@ def compare_defaults(model) -> dict:
     for key, value in entry.items():
         if key == "neuron":
             out[key] = value
+        elif key == "per_item":
+            if not isinstance(value, bool):
+                raise CnnvisError(f"model {model.name}: sidecar compare_classes.per_item must be true or false")
+            out[key] = value
         elif key in ("reference", "similar", "dissimilar"):
             out[key] = [value] if isinstance(value, (str, int)) else list(value)
         else:
             raise CnnvisError(f"model {model.name}: sidecar 'compare_classes' has unknown key {key!r} "
-                              "(known: neuron, reference, similar, dissimilar)")
+                              "(known: neuron, reference, similar, dissimilar, per_item)")
     return out
 
 

@@ -54,8 +54,9 @@ def register(sub) -> None:
     for role in ROLES:
         p.add_argument(f"--{role}", nargs="+", default=None, metavar="ITEM",
                        help=f"the {role} group: files, folders, .npy arrays or sample class names")
-    p.add_argument("--per-item", action="store_true",
-                   help="make each item of --similar/--dissimilar its own group (e.g. one per class)")
+    p.add_argument("--per-item", action="store_true", default=None,
+                   help="make each item of --similar/--dissimilar its own group (e.g. one per class; "
+                        "default: the sidecar's per_item, else one group per option)")
     p.add_argument("--permutations", type=common.positive_int, default=999,
                    help="relabellings per permutation test (default 999)")
     p.add_argument("--seed", type=int, default=0, help="seed of the permutation tests and checks (default 0)")
@@ -63,6 +64,9 @@ def register(sub) -> None:
                    help="images per group kept (first ones) for the cosine matrix and the gradient "
                         "permutation test; means, stds and importance tests use all (default 1000)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--tmp-dir", default=None, metavar="DIR",
+                   help="folder for the temporary float32 memmap of the kept gradient vectors "
+                        "(default: the system's temporary folder; up to 4·d bytes per kept image)")
     _add_layer_options(p)
     common.add_output_options(p, "out/compare_classes")
     p.set_defaults(func=cmd_compare_classes)
@@ -202,7 +206,7 @@ def cmd_conv_gradients(args) -> int:
 
 
 def _groups_from_args(args, model):
-    """Ordered {group name: (items, files)}; the first is the reference."""
+    """``(neuron, {group name: (items, files)}, per_item)``; the first group is the reference."""
     from ..analysis import class_gradients as cgm
 
     defaults = cgm.compare_defaults(model)
@@ -217,18 +221,19 @@ def _groups_from_args(args, model):
     if not chosen["similar"] and not chosen["dissimilar"]:
         raise CnnvisError("--similar/--dissimilar: give at least one group to compare the reference with "
                           "(or a compare_classes entry in the model's sidecar)")
+    per_item = args.per_item if args.per_item is not None else defaults.get("per_item", False)
     groups = {}
     for role in ROLES:
         items = chosen[role]
         if not items:
             continue
-        if args.per_item and role != "reference" and len(items) > 1:
+        if per_item and role != "reference" and len(items) > 1:
             for item in items:
                 name = f"{role}-{common.safe_name(str(item))}"
                 groups[name] = ([item], cgm.resolve_group(model, [item], f"--{role} {item}"))
         else:
             groups[role] = (list(items), cgm.resolve_group(model, items, f"--{role}"))
-    return neuron, groups
+    return neuron, groups, per_item
 
 
 def cmd_compare_classes(args) -> int:
@@ -239,21 +244,22 @@ def cmd_compare_classes(args) -> int:
     formats = list(dict.fromkeys(args.format or FORMAT_CHOICES))
     model = common.load_model(args)
     layer = cgm.conv_layer(model, args.layer).name
-    neuron, groups = _groups_from_args(args, model)
+    neuron, groups, per_item = _groups_from_args(args, model)
     pre = common.preprocessing_for(args, model)
     totals = {g: cgm.group_size(model, files) for g, (_, files) in groups.items()}
     common.model_warning(model)
     cmp = cgm.ClassComparison(model, neuron, layer=layer, batch_size=args.batch_size,
                               n_permutations=args.permutations, seed=args.seed,
                               max_vectors_per_group=args.max_vectors_per_group, top_k=args.top_k,
-                              progress=not args.no_progress, check_numerical=args.check_numerical)
+                              progress=not args.no_progress, check_numerical=args.check_numerical,
+                              tmp_dir=args.tmp_dir)
     classes = model.class_names
     params = {"neuron": neuron, "neuron_name": classes[neuron], "layer": layer,
               "groups": {g: [str(i) for i in items] for g, (items, _) in groups.items()},
               "permutations": args.permutations, "seed": args.seed, "top_k": args.top_k,
               "max_vectors_per_group": args.max_vectors_per_group, "formats": formats,
               "normalization": args.normalization, "threshold": args.threshold,
-              "check_numerical": args.check_numerical, "per_item": args.per_item,
+              "check_numerical": args.check_numerical, "per_item": per_item,
               "batch_size": args.batch_size, "preprocessing": pre.to_dict()}
     inputs = [str(f) for _, files in groups.values() for f in files]
     with RunOutput(args.out, "compare-classes", params=params, inputs=inputs, model=model.info()) as run:
