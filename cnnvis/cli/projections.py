@@ -293,6 +293,8 @@ def cmd_topk(args) -> int:
     maps = _maps(args, "0-15", shape[0])
     inputs = Inputs(args, model)
     out = ensure_writable_dir(args.out)
+    # The state file is the one thing written outside RunOutput: it must survive an interrupted run
+    # (RunOutput discards its staging folder on errors). Each write is atomic (temp file + rename).
     state_path = out / STATE_FILE
     fingerprint = {"command": "topk", "model_sha256": model.sha256, "layer": layer, "k": args.k,
                    **inputs.fingerprint()}
