@@ -359,7 +359,8 @@ def test_compare_classes_command(cli_model, tmp_path, capsys):
     assert main(args) == 0
     files = _files(out)
     expected = ["summary.json", "images.csv", "importance.csv", "importance_raw.png", "importance_normalized.png",
-                "cosine_similarity.png", "cosine_similarity.csv", "cosine_similarity.npy", "permutation_tests.csv",
+                "cosine_similarity.png", "cosine_similarity.csv", "cosine_similarity.npy", "cosine_images.csv",
+                "permutation_tests.csv",
                 "top_filters_similar.csv", "top_filters_similar.png", "top_filters_dissimilar.csv",
                 "top_filters_dissimilar.png", "volumes/mean_reference.hdf", "volumes/mean_reference.npy",
                 "volumes/mean_reference_paraview.py", "volumes/mean_similar.hdf", "volumes/mean_dissimilar.npy",

@@ -464,6 +464,7 @@ class ClassComparison:
         moments = {g: (stats.RunningMoments(), stats.RunningMoments(), stats.RunningMoments()) for g in names}
         importance_rows, group_of_row, self.images_ = [], [], []
         self.gradcheck_ = None
+        class_names = self.model.class_names
         kept_groups, kept_names = [], []
         with tempfile.TemporaryDirectory(prefix="cnnvis-classgrad-", dir=self.tmp_dir) as tmp:
             # Sparse file: only rows actually written take disk space.
@@ -497,7 +498,7 @@ class ClassComparison:
                         for i, name in enumerate(chunk_names):
                             self.images_.append({
                                 "group": g, "image": name, "kept_for_cosine": i < take,
-                                "predicted": int(pred[i]), "predicted_name": self.model.class_names[pred[i]],
+                                "predicted": int(pred[i]), "predicted_name": class_names[pred[i]],
                                 "predicted_probability": float(batch.probabilities[i, pred[i]]),
                                 "neuron_logit": float(batch.target_logits[i]),
                                 "neuron_probability": float(batch.target_probabilities[i]),

@@ -11,6 +11,8 @@ from ..errors import CnnvisError
 ORDER = 45
 FORMAT_CHOICES = ("hdf", "vti", "vox", "npy")
 ROLES = ("reference", "similar", "dissimilar")
+#: the cosine matrix is also written as CSV up to this many images (always as .npy)
+COSINE_CSV_MAX = 1000
 
 CONV_EPILOG = """outputs per image (folder IMAGE/):
   LAYER_gradient.npy                 d logit / d weights, O×Cin×kh×kw float32
@@ -24,7 +26,7 @@ N×C×H×W .npy arrays, or class names/indices of the model's sample images. Def
 model sidecar's "compare_classes" entry; --reference defaults to the samples of --neuron's class.
 
 outputs: summary.json, images.csv, importance.csv, importance_raw.png, importance_normalized.png,
-cosine_similarity.{png,csv,npy}, permutation_tests.csv, top_filters_GROUP.{csv,png},
+cosine_similarity.{png,npy} (+ .csv up to 1000 images), cosine_images.csv, permutation_tests.csv, top_filters_GROUP.{csv,png},
 volumes/mean_GROUP.* and volumes/difference_REFERENCE-minus-GROUP.* (ParaView), manifest.json."""
 
 
@@ -146,8 +148,8 @@ def cmd_conv_gradients(args) -> int:
               "input_array": args.input_array, "objective": "logit (pre-softmax class score)"}
     rows, used, gradcheck = [], {}, None
     lname = common.safe_name(layer)
-    with RunOutput(args.out, "conv-gradients", params=params, inputs=args.images or [args.input_array],
-                   model=model.info()) as run:
+    inputs = list(args.images) or ([args.input_array] if args.input_array else common.default_images(model))
+    with RunOutput(args.out, "conv-gradients", params=params, inputs=inputs, model=model.info()) as run:
         for names, x in itertools.chain([first], chunks):
             batch = cg.compute(x, target)
             if args.check_numerical and gradcheck is None:
@@ -327,10 +329,16 @@ def _write_comparison(run, cmp, args, model, formats) -> None:
                            cmp.cosine_groups_, names,
                            f"cosine similarity of ∂logit[{neuron_label}]/∂{layer} between images")
     labels = [f"{names[g]}/{n}" for g, n in zip(cmp.cosine_groups_, cmp.cosine_names_)]
-    run.path("cosine_similarity.csv", kind="cosine-table").write_text(
-        cgm.csv_text([""] + labels, [[lab] + [float(v) for v in row] for lab, row in zip(labels, cmp.cosine_)]),
+    run.path("cosine_images.csv", kind="cosine-rows").write_text(
+        cgm.csv_text(["row", "group", "image"], [(i, names[g], n) for i, (g, n) in
+                                                 enumerate(zip(cmp.cosine_groups_, cmp.cosine_names_))]),
         encoding="utf-8")
-    save_npy(run.path("cosine_similarity.npy", kind="cosine-matrix", images=labels), cmp.cosine_.astype(np.float64))
+    save_npy(run.path("cosine_similarity.npy", kind="cosine-matrix", rows="cosine_images.csv"),
+             cmp.cosine_.astype(np.float64))
+    if len(labels) <= COSINE_CSV_MAX:  # beyond that the text matrix is too large to be useful
+        run.path("cosine_similarity.csv", kind="cosine-table").write_text(
+            cgm.csv_text([""] + labels, [[lab] + [float(v) for v in row] for lab, row in zip(labels, cmp.cosine_)]),
+            encoding="utf-8")
 
     header = ["reference", "group", "features", "statistic", "observed", "p_value", "n_permutations", "seed",
               "n_reference", "n_group"]
