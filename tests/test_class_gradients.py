@@ -439,3 +439,16 @@ def test_groups_from_sidecar_defaults_and_npy_items(tmp_path):
                                               ["dog_0", "dog_1", "dog_2"]]
     args.per_item = False
     assert list(classes._groups_from_args(args, model)[1]) == ["reference", "similar", "dissimilar"]
+
+
+def test_labels_file_variants_and_bad_label(tmp_path):
+    folder, files = _sample_folder(tmp_path, labels=None)
+    proto, _ = tiny_proto(channels=3, size=8)
+    model = Model(proto, name="t", sidecar={"classes": CLASSES, "samples": [str(f) for f in files]})
+    (folder / "labels.txt").write_text("# made by hand\nfilename class\ncat_0.png 0\ncat_1.png cat\n"
+                                       "dog_0.png\tdog\n")
+    assert {k: [p.name for p in v] for k, v in cgm.sample_classes(model).items()} == \
+        {0: ["cat_0.png", "cat_1.png"], 1: ["dog_0.png"]}
+    (folder / "labels.txt").write_text("cat_0.png,zebra\n")
+    with pytest.raises(CnnvisError, match=r"labels.txt: sample cat_0.png: unknown class 'zebra'"):
+        cgm.sample_classes(model)

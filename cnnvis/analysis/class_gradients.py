@@ -237,7 +237,10 @@ def sample_classes(model) -> dict:
             label = table.get(key, table.get(p.name))
             if label is None:
                 continue
-            idx = class_index(model, label, f"{labels_path}: label")
+            try:
+                idx = class_index(model, label, "label")
+            except CnnvisError as exc:
+                raise CnnvisError(f"{labels_path}: sample {p.name}: {exc}") from None
             by_class.setdefault(idx, []).append(p)
         return by_class
     names = model.class_names
@@ -280,6 +283,7 @@ def _read_labels(path: Path) -> dict:
         else:
             raise CnnvisError(f"{path}: expected {{\"file\": label}} or a list of {{\"file\", \"label\"}} objects")
         return {Path(str(f)).as_posix(): str(lab) for f, lab in items}
+    first_row = True
     for line_no, line in enumerate(text.splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
@@ -291,8 +295,10 @@ def _read_labels(path: Path) -> dict:
         if len(row) < 2:
             raise CnnvisError(f"{path}:{line_no}: expected 'file,label', got {line!r}")
         file, label = row[0].strip(), row[1].strip()
-        if line_no == 1 and file.lower() in ("file", "filename", "path", "image"):
-            continue  # header
+        header = first_row and file.lower() in ("file", "filename", "path", "image")
+        first_row = False
+        if header:
+            continue
         table[Path(file).as_posix()] = label
     return table
 
