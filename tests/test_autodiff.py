@@ -272,7 +272,8 @@ def test_training_cross_entropy_with_dropout_masks_matches_numpy():
     (mask_name, mask), = masks.items()
     assert mask.shape == (5, 6) and set(np.unique(mask)) <= {0.0, 1.0}
     new_w2 = rng.standard_normal((3, 6)).astype(np.float32)
-    got = engine.run(x, labels=labels, masks=masks, params={"w2": new_w2})
+    # every weight may be fed, also those the training graph no longer reads (the dropout ratio)
+    got = engine.run(x, labels=labels, masks=masks, params={"w2": new_w2, "ratio": ratio})
     # numpy float64 reference with the overridden weight
     w1_, b1_, w2_, b2_ = (a.astype(np.float32).astype(np.float64) for a in (w1, b1, new_w2, b2))
     h = x @ w1_.T + b1_

@@ -4,7 +4,6 @@ Float64 models run in onnx's reference evaluator and must match to 1e-6 (relativ
 sampled gradient); the same float32 models run in onnxruntime and must match to 1e-3.
 """
 import numpy as np
-import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 

@@ -37,9 +37,9 @@ def _as_model(model) -> onnx.ModelProto:
 
         try:
             return fold_constants(onnx.load(str(model)))
-        except (OSError, onnx.onnx_cpp2py_export.checker.ValidationError, Exception) as exc:
-            if isinstance(exc, CnnvisError):
-                raise
+        except CnnvisError:
+            raise
+        except Exception as exc:  # unreadable or invalid file: one line for the user
             raise CnnvisError(f"{model}: not a readable ONNX model ({exc})") from None
     raise CnnvisError(f"model: expected an onnx ModelProto or a path, got {type(model).__name__}")
 
@@ -133,7 +133,9 @@ class GradientEngine:
             feeds_all[gg.runtime_inputs["seed"]] = seed_feed(seed, n, gg.target, gg.target_shape, self.dtype_)
         if gg.dropout_masks:
             feeds_all.update(self._mask_feeds(masks, n, gg))
-        fixed = self._param_feeds(params)
+        # weights the built graph does not read (e.g. a replaced Dropout's ratio) change nothing
+        graph_inputs = {i.name for i in gg.model.graph.input}
+        fixed = {k: v for k, v in self._param_feeds(params).items() if k in graph_inputs}
         bs = int(batch_size or self.batch_size)
         per_sample_out = {w: [] for w in gg.wrt if w in gg.batched_wrt or gg.per_sample}
         summed = {w: None for w in gg.wrt if w not in per_sample_out}
@@ -192,7 +194,7 @@ class GradientEngine:
                 from ..errors import unknown_name_error
 
                 raise unknown_name_error("weight", name, inits)
-            arr = np.ascontiguousarray(value, dtype=self.dtype_)
+            arr = np.array(value, dtype=self.dtype_, order="C")  # (ascontiguousarray makes 0-d arrays 1-d)
             if arr.shape != inits[name]:
                 raise CnnvisError(f"params[{name!r}]: expected shape {inits[name]}, got {arr.shape}")
             feeds[name] = arr

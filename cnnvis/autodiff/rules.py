@@ -136,10 +136,6 @@ def backward(ctx: RuleContext):
     return list(grads) + [None] * (len(ctx.node.input) - len(grads))
 
 
-def _needs_weight_grad(ctx, i):
-    return len(ctx.x) > i and ctx.x[i] and ctx.need[i]
-
-
 # ============================================================ pass-through and shape ops
 
 @rule("Identity", "Dropout")
