@@ -107,6 +107,8 @@ class NetBuilder:
         return name
 
     def dropout(self, name, ratio=0.5):
+        if ratio == 0.5:  # ONNX's default ratio: no extra input
+            return self._node("Dropout", name, [self.top])
         ratio_name = self._add_param(f"{name}.ratio", np.array(ratio, np.float32))
         return self._node("Dropout", name, [self.top, ratio_name])
 
