@@ -90,9 +90,6 @@ class Trainer:
                                 device=self.device, threads=self.threads)
         inits = {i.name: i for i in self.proto.graph.initializer}
         self.params_ = {n: numpy_helper.to_array(inits[n]).astype(np.float32).copy() for n in names}
-        # the engine takes every weight as an input; the untrained ones (dropout ratios) are fed as they are
-        fixed = {n: numpy_helper.to_array(i) for n, i in inits.items()
-                 if n not in self.params_ and i.data_type == onnx.TensorProto.FLOAT}
         velocity = {n: np.zeros_like(v) for n, v in self.params_.items()}
         decay = {n: (r.weight_decay if self.params_[n].ndim > 1 else 0.0) for n in names}  # no decay on biases
         rng = np.random.default_rng(r.seed)
@@ -112,7 +109,7 @@ class Trainer:
                     flip = rng.random(len(xb)) < 0.5
                     xb = np.where(flip[:, None, None, None], xb[..., ::-1], xb)
                 masks = engine.dropout_masks(len(xb), xb.shape[1:], rng)
-                res = engine.run(xb, labels=yb, masks=masks, params={**fixed, **self.params_})
+                res = engine.run(xb, labels=yb, masks=masks, params=self.params_)
                 lr = self.learning_rate(step, total)
                 for n in names:
                     g = res[n] + decay[n] * self.params_[n]
