@@ -268,7 +268,10 @@ def test_model_cards_flag_untrained_and_show_layer_table(out_dir, page):
     rows = {tr.children[0].text(): tr.children[1].text() for tr in tiny.iter("tr")}
     assert rows["input shape"] == "N×3×16×16" and len(rows["sha256"]) == 64 and rows["source"].endswith("tiny.onnx")
     assert [a.text() for a in next(tiny.iter("p", "used")).iter("a")] == ["activations", "filters"]
-    assert not list(tiny.iter("table", "sortable"))  # no layer list in these manifests: no layer table
+    # `activations` records the layer table in its model card: the report shows it
+    tiny_layers = next(tiny.iter("table", "sortable"))
+    assert [tr.iter("td").__next__().text() for tr in next(tiny_layers.iter("tbody")).iter("tr")][:2] == \
+        ["conv1", "relu1"]
     untrained = cards["Model: random-net UNTRAINED (random weights)"]
     assert "is-untrained" in untrained.attrs["class"]
     layer_table = next(untrained.iter("table", "sortable"))

@@ -386,6 +386,12 @@ def _trained_badge(model: dict) -> str:
     return '<span class="badge unknown">training state unknown</span>'
 
 
+#: layer-table columns in reading order; the hidden ones are ONNX plumbing
+LAYER_COLUMNS = ("name", "op_type", "caffe_type", "output_shape", "weight_shape", "bias_shape", "params", "macs",
+                 "caffe_blob")
+LAYER_COLUMNS_HIDDEN = ("tensor", "node", "inputs", "weight", "bias")
+
+
 def _model_card(index: int, model: dict, sections: list) -> str:
     used_by = [s for s in sections if s.model_index == index]
     shape = model.get("input_shape")
@@ -405,7 +411,11 @@ def _model_card(index: int, model: dict, sections: list) -> str:
         parts.append(f'<p class="used">Used by: {links}</p>')
     layers = model.get("layers")
     if isinstance(layers, list) and layers and all(isinstance(r, dict) for r in layers):
-        table = json_tables(layers)[0]
+        # the columns a reader wants first, in this order; other keys follow as they come
+        first = [k for k in LAYER_COLUMNS if any(k in r for r in layers)]
+        rest = [k for r in layers for k in r if k not in first and k not in LAYER_COLUMNS_HIDDEN]
+        columns = first + list(dict.fromkeys(rest))
+        table = json_tables([{k: r.get(k) for k in columns} for r in layers])[0]
         parts.append(f"<details open><summary>Layers ({len(layers)})</summary>{_table_html(table)}</details>")
     parts.append("</article>")
     return "".join(parts)
