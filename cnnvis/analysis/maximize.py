@@ -1,0 +1,171 @@
+"""Activation maximisation: input patterns that excite a channel or a class.
+
+Start from seeded noise around the neutral grey and climb the gradient of the objective — a
+channel's mean activation (``channel_mean``) or a class logit (``logit``) — with respect to the
+input, one batch element per channel or class (a per-sample index), so many patterns are
+optimised in one batch. Regularisers keep the patterns image-like (Yosinski et al. 2015):
+
+* ``jitter``: each step sees the image rolled by a random offset of up to ``jitter`` pixels;
+* ``blur_sigma`` / ``blur_every``: a Gaussian blur every few steps;
+* ``decay``: L2 decay, pulling the pattern towards the neutral grey by that fraction per step;
+* ``clip="range"``: keep every pixel inside the valid [0, 1] pixel range of the preprocessing;
+* ``norm_bound``: keep the pattern within an L2 ball (input units) around the grey.
+
+Each step moves by ``learning_rate`` × the pixel range along the gradient scaled to unit RMS per
+pattern, so the same settings work for 0–255 Caffe inputs and 0–1 inputs.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import CnnvisError
+from .occlusion import default_feature_layer, input_space
+
+OBJECTIVES = ("channel_mean", "logit")
+CLIPS = ("range", "none")
+
+
+class ActivationMaximization:
+    """Gradient ascent on the input for several channels or classes at once.
+
+    Parameters
+    ----------
+    model : :class:`cnnvis.model.Model`
+    layer : layer whose channels are maximised (``channel_mean``; default: the last layer with
+        C×H×W maps). Ignored for ``logit``.
+    objective : ``channel_mean`` or ``logit``.
+    steps, learning_rate : number and size of the ascent steps (see the module docstring).
+    jitter, blur_sigma, blur_every, decay, clip, norm_bound : regularisers (module docstring).
+    init_scale : standard deviation of the starting noise, as a fraction of the pixel range.
+    seed : for the starting noise and the jitter offsets.
+    preprocessing : defines the grey, the pixel range and the display (default: the model's).
+    batch_size : patterns per onnxruntime call.
+
+    After :meth:`fit`: ``indices_``, ``patterns_`` (N×C×H×W, input space), ``objective_`` (the
+    final objective per pattern, without jitter), ``history_`` (steps×N objective values).
+    """
+
+    def __init__(self, model, layer=None, objective: str = "channel_mean", steps: int = 200,
+                 learning_rate: float = 0.05, jitter: int = 0, blur_sigma: float = 0.0, blur_every: int = 4,
+                 decay: float = 0.0, clip: str = "range", norm_bound=None, init_scale: float = 0.1,
+                 seed: int = 0, preprocessing=None, batch_size: int = 32):
+        self.model = model
+        self.layer = layer
+        self.objective = objective
+        self.steps = steps
+        self.learning_rate = learning_rate
+        self.jitter = jitter
+        self.blur_sigma = blur_sigma
+        self.blur_every = blur_every
+        self.decay = decay
+        self.clip = clip
+        self.norm_bound = norm_bound
+        self.init_scale = init_scale
+        self.seed = seed
+        self.preprocessing = preprocessing
+        self.batch_size = batch_size
+
+    def _check(self):
+        if self.objective not in OBJECTIVES:
+            raise CnnvisError(f"--objective {self.objective!r}: expected one of {', '.join(OBJECTIVES)}")
+        if self.clip not in CLIPS:
+            raise CnnvisError(f"--clip {self.clip!r}: expected one of {', '.join(CLIPS)}")
+        if int(self.steps) < 0 or int(self.jitter) < 0 or int(self.blur_every) < 1:
+            raise CnnvisError("steps and jitter must be >= 0 and blur_every >= 1")
+        if not 0.0 <= float(self.decay) < 1.0:
+            raise CnnvisError(f"--decay {self.decay}: expected a fraction in [0, 1)")
+        if self.norm_bound is not None and float(self.norm_bound) <= 0:
+            raise CnnvisError(f"--norm-bound {self.norm_bound}: expected a positive number")
+
+    def target_layer(self):
+        """The layer whose output the objective reads (the logits for ``logit``)."""
+        if self.objective == "logit":
+            return self.model.logits_layer
+        return self.model.layer(self.layer or default_feature_layer(self.model))
+
+    def fit(self, indices):
+        """Optimise one pattern per channel (or class) index in ``indices``."""
+        from ..autodiff import cached_engine
+
+        self._check()
+        model = self.model
+        indices = np.atleast_1d(np.asarray(indices))
+        if indices.ndim != 1 or not np.issubdtype(indices.dtype, np.integer) or len(indices) == 0:
+            raise CnnvisError("indices: expected a non-empty list of channel or class numbers")
+        layer = self.target_layer()
+        size = (layer.output_shape or (0,))[0]
+        bad = indices[(indices < 0) | (indices >= size)]
+        if bad.size:
+            raise CnnvisError(f"index {int(bad[0])}: layer {layer.name} has {size} "
+                              f"{'classes' if self.objective == 'logit' else 'channels'}")
+        if self.objective == "channel_mean" and (layer.output_shape is None or len(layer.output_shape) < 2):
+            raise CnnvisError(f"--layer {layer.name}: outputs {layer.output_shape}; channel_mean needs C×H×W maps "
+                              "(use --objective logit for class neurons)")
+        space = input_space(model, self.preprocessing)
+        engine = cached_engine(model.proto, [model.input_name], objective=self.objective, target=layer.tensor,
+                               batch_size=int(self.batch_size), device=model.device, threads=model.threads)
+        rng = np.random.default_rng(self.seed)
+        n = len(indices)
+        c, h, w = model.input_shape
+        span = space.pixel_span.reshape(1, c, 1, 1)
+        grey = space.grey_.reshape(1, c, *space.grey_.shape[1:])
+        x = grey + float(self.init_scale) * span * rng.standard_normal((n, c, h, w))
+        x = self._constrain(x, space, grey)
+        history = np.empty((int(self.steps), n))
+        jitter = int(self.jitter)
+        for step in range(int(self.steps)):
+            shifts = rng.integers(-jitter, jitter + 1, size=(n, 2)) if jitter else None
+            seen = _roll(x, shifts) if jitter else x
+            res = engine.run(seen.astype(np.float32), index=indices.astype(np.int64))
+            grad = res[model.input_name].astype(np.float64)
+            if jitter:
+                grad = _roll(grad, -shifts)
+            history[step] = res.objective
+            rms = np.sqrt((grad ** 2).reshape(n, -1).mean(axis=1)).reshape(n, 1, 1, 1)
+            x = x + float(self.learning_rate) * span * grad / np.where(rms > 0, rms, 1.0)
+            if self.decay:
+                x = grey + (1.0 - float(self.decay)) * (x - grey)
+            if self.blur_sigma and (step + 1) % int(self.blur_every) == 0:
+                from scipy.ndimage import gaussian_filter
+
+                x = gaussian_filter(x, sigma=(0, 0, float(self.blur_sigma), float(self.blur_sigma)), mode="nearest")
+            x = self._constrain(x, space, grey)
+        final = engine.run(x.astype(np.float32), index=indices.astype(np.int64))
+        self.indices_ = indices.astype(np.int64)
+        self.layer_ = layer.name
+        self.patterns_ = x.astype(np.float32)
+        self.objective_ = np.asarray(final.objective, dtype=np.float64)
+        self.history_ = history
+        self.space_ = space
+        return self
+
+    def _constrain(self, x, space, grey):
+        if self.clip == "range":
+            x = space.clip(x)
+        if self.norm_bound is not None:
+            d = x - grey
+            norm = np.sqrt((d ** 2).reshape(len(x), -1).sum(axis=1)).reshape(-1, 1, 1, 1)
+            x = grey + d * np.minimum(1.0, float(self.norm_bound) / np.where(norm > 0, norm, 1.0))
+        return x
+
+    def display_tiles(self) -> np.ndarray:
+        """The patterns as tiles for :func:`cnnvis.export.figures.grid_png`: N×H×W×3 RGB (colour
+        models) or N×H×W (grey), deviations from the grey (each tile is min–max scaled there)."""
+        p = self.patterns_.astype(np.float64) - self.space_.grey_[None]
+        if p.shape[1] == 1:
+            return p[:, 0]
+        if self.space_.preprocessing.channel_order == "BGR":
+            p = p[:, ::-1]
+        return np.ascontiguousarray(p.transpose(0, 2, 3, 1))
+
+
+def _roll(x, shifts):
+    out = np.empty_like(x)
+    for i, (dy, dx) in enumerate(shifts):
+        out[i] = np.roll(x[i], (int(dy), int(dx)), axis=(1, 2))
+    return out
+
+
+def maximize(model, indices, **options) -> ActivationMaximization:
+    """One-call form: ``maximize(model, range(16), layer="conv5").patterns_``."""
+    return ActivationMaximization(model, **options).fit(indices)

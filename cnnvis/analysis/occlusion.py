@@ -1,0 +1,754 @@
+"""Occlusion sensitivity (Zeiler & Fergus 2014, section 4.2 and Figure 7).
+
+A grey square slides over the image; at each position the network sees the occluded image and we
+record (a) the probability of a chosen class, (b) the most probable class and (c) the total
+activation of one feature map of a chosen layer (the map strongest in the unoccluded image).
+
+All window positions run through onnxruntime in batches. When it saves work, the windows are
+computed *incrementally*: a window changes only a rectangle of each early layer's output, so the
+first layers (a chain of convolutions, poolings and pointwise ops) are evaluated only on that
+rectangle (plus its receptive halo), pasted into the unoccluded image's maps, and the rest of the
+network runs from there. This gives the same numbers as occluding the image and running the whole
+network (tested to float32 rounding), with less arithmetic.
+
+This module also holds the small input-space helpers the sensitivity analyses share: the neutral
+grey (the preprocessing mean), the valid pixel range, conversion back to a displayable picture,
+and heat-map overlays.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from ..errors import CnnvisError
+
+#: ops whose output is a feature map a user would call "the layer" (not pools or bookkeeping)
+FEATURE_OPS = ("Conv", "Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Sigmoid", "Tanh", "Clip",
+               "BatchNormalization")
+
+
+# ----------------------------------------------------------------------------- input space
+
+class InputSpace:
+    """Where a model's input values live, derived from its :class:`~cnnvis.preprocess.Preprocessing`.
+
+    ``low_`` / ``high_`` are the input-space values of black and white pixels (C×H×W; the map
+    pixel → input is affine per channel, so these two define it), ``grey_`` is the neutral grey
+    (the preprocessing mean, which is 0 after mean subtraction; mid-grey when there is no mean).
+    """
+
+    def __init__(self, preprocessing, input_shape):
+        self.preprocessing = preprocessing
+        self.input_shape = tuple(int(d) for d in input_shape)
+        c, h, w = self.input_shape
+        if tuple(preprocessing.input_shape) != self.input_shape:
+            raise CnnvisError(f"preprocessing gives {'×'.join(map(str, preprocessing.input_shape))} inputs; "
+                              f"the model expects {'×'.join(map(str, self.input_shape))}")
+        self.low_ = preprocessing.from_pixels(np.zeros((h, w, c))).astype(np.float64)
+        self.high_ = preprocessing.from_pixels(np.ones((h, w, c))).astype(np.float64)
+        if preprocessing.mean is not None:
+            # the mean pixel minus the mean: exactly 0 whatever the scale and std
+            self.grey_ = np.zeros((c, 1, 1))
+        else:
+            # no mean: mid-grey, the input value of the pixel 0.5 (the map is affine per channel)
+            self.grey_ = (0.5 * (self.low_ + self.high_))[:, :1, :1]
+
+    @property
+    def channels(self) -> int:
+        return self.input_shape[0]
+
+    def to_pixels(self, x) -> np.ndarray:
+        """Input-space C×H×W → pixels in [0, 1], C×H×W, in the model's channel order."""
+        x = np.asarray(x, dtype=np.float64)
+        span = self.high_ - self.low_
+        return np.clip((x - self.low_) / span, 0.0, 1.0)
+
+    def to_display(self, x) -> np.ndarray:
+        """Input-space C×H×W → an H×W×3 RGB picture in [0, 1] (grey repeated; BGR swapped back)."""
+        p = self.to_pixels(x)
+        if p.shape[0] == 3 and self.preprocessing.channel_order == "BGR":
+            p = p[::-1]
+        if p.shape[0] == 1:
+            p = np.repeat(p, 3, axis=0)
+        return np.ascontiguousarray(p.transpose(1, 2, 0))
+
+    def clip(self, x) -> np.ndarray:
+        """Clip a batch (N×C×H×W) or image to the valid pixel range."""
+        lo = np.minimum(self.low_, self.high_)
+        hi = np.maximum(self.low_, self.high_)
+        return np.clip(x, lo, hi)
+
+    @property
+    def pixel_span(self) -> np.ndarray:
+        """Per-channel size of the [0, 1] pixel range in input units (C,)."""
+        return np.abs(self.high_ - self.low_).reshape(self.channels, -1).mean(axis=1)
+
+
+def input_space(model, preprocessing=None) -> InputSpace:
+    """The :class:`InputSpace` of a model (its own preprocessing unless one is given)."""
+    if preprocessing is None:
+        from ..preprocess import for_model
+
+        preprocessing = for_model(model)
+    return InputSpace(preprocessing, model.input_shape)
+
+
+def overlay_heatmap(rgb, heat, alpha: float = 0.5, cmap: str = "jet") -> np.ndarray:
+    """Blend a heat map (H×W, any range; NaN = no value) over an H×W×3 [0, 1] picture → uint8.
+
+    The heat is min–max scaled to [0, 1]; where it is NaN the picture shows through unchanged.
+    """
+    from ..export.figures import colorize, normalize
+
+    rgb = np.asarray(rgb, dtype=np.float64)
+    heat = np.asarray(heat, dtype=np.float64)
+    if heat.shape != rgb.shape[:2]:
+        raise ValueError(f"heat map {heat.shape} and picture {rgb.shape[:2]} differ in size")
+    valid = np.isfinite(heat)
+    scaled = np.where(valid, normalize(np.where(valid, heat, np.nan)), np.nan) if valid.any() else heat
+    colour = colorize(np.where(valid, scaled, 0.0), cmap=cmap).astype(np.float64) / 255.0
+    a = np.where(valid, float(alpha), 0.0)[..., None]
+    out = (1.0 - a) * rgb + a * colour
+    return np.clip(np.rint(out * 255.0), 0, 255).astype(np.uint8)
+
+
+def resolve_class(model, spec):
+    """A class index from an int, a numeric string or a class name (None stays None)."""
+    if spec is None or (isinstance(spec, str) and spec in ("", "predicted")):
+        return None
+    names = model.class_names
+    if isinstance(spec, (int, np.integer)) or (isinstance(spec, str) and spec.strip().lstrip("-").isdigit()):
+        k = int(spec)
+        if not 0 <= k < len(names):
+            raise CnnvisError(f"--class {spec}: expected a class index in [0, {len(names)}) or a class name")
+        return k
+    if spec in names:
+        return names.index(spec)
+    lowered = [n.lower() for n in names]
+    if str(spec).lower() in lowered:
+        return lowered.index(str(spec).lower())
+    from ..errors import unknown_name_error
+
+    raise unknown_name_error("class", str(spec), names)
+
+
+def probabilities(model, output) -> np.ndarray:
+    """The model's output as class probabilities (softmax unless the graph ends in one)."""
+    out = np.asarray(output, dtype=np.float64)
+    if model.layer(model.output_name).op_type == "Softmax":
+        return out
+    z = out - out.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def default_feature_layer(model) -> str:
+    """The last layer whose output is C×H×W feature maps (e.g. relu5 of AlexNet)."""
+    for layer in reversed(model.layers):
+        if layer.op_type in FEATURE_OPS and layer.output_shape is not None and len(layer.output_shape) == 3:
+            return layer.name
+    raise CnnvisError(f"model {model.name} has no layer with C×H×W feature maps; name one with --layer")
+
+
+# ----------------------------------------------------------------------------- windows
+
+def _pair(value, what):
+    if isinstance(value, (int, np.integer)):
+        value = (int(value), int(value))
+    value = tuple(int(v) for v in value)
+    if len(value) != 2 or min(value) <= 0:
+        raise CnnvisError(f"{what}: expected a positive size (or height, width), got {value}")
+    return value
+
+
+def window_positions(image_hw, window, stride):
+    """Top-left corners of every window: (ys, xs), starting at 0, every ``stride`` while it fits."""
+    (h, w), (wh, ww), (sh, sw) = image_hw, window, stride
+    if wh > h or ww > w:
+        raise CnnvisError(f"--window {wh}x{ww}: larger than the {h}x{w} input")
+    return np.arange(0, h - wh + 1, sh), np.arange(0, w - ww + 1, sw)
+
+
+def coverage_mean(values, ys, xs, window, image_hw) -> np.ndarray:
+    """Per pixel, the mean of ``values[i, j]`` over the windows covering it (NaN where none does)."""
+    h, w = image_hw
+    wh, ww = window
+    total = np.zeros((h + 1, w + 1))
+    count = np.zeros((h + 1, w + 1))
+    values = np.asarray(values, dtype=np.float64)
+    for i, y in enumerate(ys):
+        for j, x in enumerate(xs):
+            # 2-D difference array: +v at the top-left, -v past the right and bottom edges
+            for arr, v in ((total, values[i, j]), (count, 1.0)):
+                arr[y, x] += v
+                arr[y, x + ww] -= v
+                arr[y + wh, x] -= v
+                arr[y + wh, x + ww] += v
+    total = total.cumsum(0).cumsum(1)[:h, :w]
+    count = np.rint(count.cumsum(0).cumsum(1)[:h, :w])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+
+
+@dataclasses.dataclass
+class OcclusionMaps:
+    """The maps of one image; map cell (i, j) is the window with top-left corner (ys[i], xs[j])."""
+
+    target: int
+    window: tuple
+    stride: tuple
+    ys: np.ndarray
+    xs: np.ndarray
+    probability: np.ndarray  # of ``target``
+    top_class: np.ndarray
+    top_probability: np.ndarray
+    base_probability: float  # of ``target`` without occluder
+    base_top_class: int
+    layer: str | None = None
+    channel: int | None = None
+    activation: np.ndarray | None = None  # total activation of ``channel`` of ``layer``
+    base_activation: float | None = None
+    image_hw: tuple = (0, 0)
+
+    def to_pixels(self, values) -> np.ndarray:
+        """A map as an image-sized array (mean over the windows covering each pixel)."""
+        return coverage_mean(values, self.ys, self.xs, self.window, self.image_hw)
+
+    def summary(self) -> dict:
+        i, j = np.unravel_index(int(np.argmin(self.probability)), self.probability.shape)
+        out = {"target": self.target, "window": list(self.window), "stride": list(self.stride),
+               "grid": [len(self.ys), len(self.xs)], "base_probability": self.base_probability,
+               "base_top_class": self.base_top_class,
+               "min_probability": float(self.probability[i, j]),
+               "min_probability_window": [int(self.ys[i]), int(self.xs[j])],
+               "top_classes": sorted({int(c) for c in np.unique(self.top_class)})}
+        if self.activation is not None:
+            k = np.unravel_index(int(np.argmin(self.activation)), self.activation.shape)
+            out.update(layer=self.layer, channel=self.channel, base_activation=self.base_activation,
+                       min_activation=float(self.activation[k]),
+                       min_activation_window=[int(self.ys[k[0]]), int(self.xs[k[1]])])
+        return out
+
+
+# ----------------------------------------------------------------------------- incremental plan
+
+_SPATIAL = ("Conv", "MaxPool", "AveragePool")
+_UNARY = ("Relu", "LeakyRelu", "Sigmoid", "Tanh", "Elu", "Selu", "Softplus", "Softsign", "HardSigmoid",
+          "Identity", "Dropout", "LRN", "Abs", "Neg", "Exp", "Log", "Sqrt", "Erf", "Celu", "ThresholdedRelu")
+_WITH_CONSTANTS = ("Add", "Sub", "Mul", "Div", "PRelu", "BatchNormalization", "Clip", "Max", "Min", "Pow")
+
+
+@dataclasses.dataclass
+class _Stage:
+    """One spatial op (or none, for pointwise ops on the image) and the pointwise ops after it."""
+
+    nodes: list
+    input: str
+    tensors: list  # every output tensor of the stage, in order; tensors[-1] is the stage output
+    spatial: bool = False  # nodes[0] is a Conv / pool
+    kernel: tuple = (1, 1)  # dilated extent (k - 1) * d + 1
+    stride: tuple = (1, 1)
+    pad_begin: tuple = (0, 0)
+    pad_value: float = 0.0
+    per_output_cost: float = 0.0
+    # filled from real shapes
+    in_hw: tuple = (0, 0)
+    out_shape: tuple = (0, 0, 0)
+    pad_end: tuple = (0, 0)
+    length: tuple = (0, 0)  # output rectangle size (fixed for all windows)
+    crop: tuple = (0, 0)  # input crop size
+    starts: tuple = ()  # (ys, xs) output rectangle starts per window
+
+    @property
+    def output(self):
+        return self.tensors[-1]
+
+
+def _attrs(node):
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _spatial_params(node, inits):
+    """Kernel extent, stride, begin pads and pad value of a 2-D Conv / pool node, or None."""
+    a = _attrs(node)
+    auto_pad = a.get("auto_pad", b"NOTSET")
+    if auto_pad not in (b"NOTSET", "NOTSET", b"", ""):
+        return None
+    if node.op_type == "Conv":
+        if len(node.input) < 2 or node.input[1] not in inits or any(i and i not in inits for i in node.input[2:]):
+            return None
+        wshape = tuple(inits[node.input[1]].dims)
+        if len(wshape) != 4:
+            return None
+        kernel = list(a.get("kernel_shape") or wshape[2:])
+        per_output = wshape[1] * wshape[2] * wshape[3]
+        pad_value = 0.0
+    else:
+        if len(node.output) > 1 and any(node.output[1:]):
+            return None  # pool indices are used
+        kernel = list(a["kernel_shape"])
+        if len(kernel) != 2:
+            return None
+        per_output = kernel[0] * kernel[1]
+        pad_value = 0.0
+        if node.op_type == "MaxPool":
+            pad_value = -np.inf  # padding never wins a max
+        elif any(a.get("pads", [0] * 4)) or a.get("ceil_mode", 0):
+            return None  # average divisors would depend on the position
+    strides = list(a.get("strides") or [1, 1])
+    dil = list(a.get("dilations") or [1, 1])
+    pads = list(a.get("pads") or [0, 0, 0, 0])
+    extent = tuple((kernel[i] - 1) * dil[i] + 1 for i in range(2))
+    return extent, tuple(strides), (pads[0], pads[1]), pad_value, per_output
+
+
+def _constant_is_pointwise(arr_dims) -> bool:
+    dims = tuple(arr_dims)
+    size = int(np.prod(dims)) if dims else 1
+    # a constant broadcast over the spatial axes (numpy broadcasting aligns trailing axes)
+    return size == 1 or (len(dims) >= 2 and dims[-1] == 1 and dims[-2] == 1)
+
+
+def _is_pointwise(node, current, inits) -> bool:
+    if node.op_type in _UNARY:
+        if node.op_type == "Dropout" and len(node.output) > 1 and node.output[1]:
+            return False
+        return node.input[0] == current and all(i in inits for i in node.input[1:] if i)
+    if node.op_type in _WITH_CONSTANTS:
+        others = [i for i in node.input if i and i != current]
+        if current not in node.input or any(i not in inits for i in others):
+            return False
+        if node.op_type in ("BatchNormalization", "Clip"):
+            return node.input[0] == current
+        return all(_constant_is_pointwise(inits[i].dims) for i in others)
+    return False
+
+
+def _chain_stages(proto, input_name):
+    """The longest prefix of the graph that is a chain of local 2-D ops, cut into stages."""
+    inits = {i.name: i for i in proto.graph.initializer}
+    consumers = {}
+    for node in proto.graph.node:
+        for i in node.input:
+            if i:
+                consumers.setdefault(i, []).append(node)
+    outputs = {o.name for o in proto.graph.output}
+    stages, current = [], input_name
+    while True:
+        users = consumers.get(current, [])
+        if len(users) != 1 or (current in outputs and current != input_name):
+            break
+        node = users[0]
+        if any(i and i not in inits and i != current for i in node.input):
+            break
+        if node.op_type in _SPATIAL and node.input[0] == current:
+            params = _spatial_params(node, inits)
+            if params is None:
+                break
+            extent, stride, pad_begin, pad_value, per_output = params
+            stages.append(_Stage([node], current, [node.output[0]], True, extent, stride, pad_begin, pad_value,
+                                 float(per_output)))
+        elif _is_pointwise(node, current, inits):
+            if not stages:
+                stages.append(_Stage([], current, []))
+            stages[-1].nodes.append(node)
+            stages[-1].tensors.append(node.output[0])
+            stages[-1].per_output_cost += 1.0
+        else:
+            break
+        current = node.output[0]
+    return stages
+
+
+def _out_interval(lo, hi, extent, stride, pad, size_out):
+    """Outputs whose window [o*s - p, o*s - p + extent) meets input rows [lo, hi)."""
+    first = max(0, -(-(lo + pad - extent + 1) // stride))
+    last = min(size_out, (hi - 1 + pad) // stride + 1)
+    return first, last
+
+
+def _node_cost(node, shapes, inits) -> float:
+    out = shapes.get(node.output[0]) if node.output else None
+    n_out = float(np.prod(out[1:])) if out and None not in out[1:] else 0.0
+    if node.op_type == "Conv" and len(node.input) > 1 and node.input[1] in inits:
+        return n_out * float(np.prod(inits[node.input[1]].dims[1:]))
+    if node.op_type in ("Gemm", "MatMul") and len(node.input) > 1 and node.input[1] in inits:
+        return float(np.prod(inits[node.input[1]].dims))
+    if node.op_type in ("MaxPool", "AveragePool"):
+        k = _attrs(node).get("kernel_shape", [1, 1])
+        return n_out * float(np.prod(k))
+    return n_out
+
+
+def _submodel(proto, nodes, input_name, input_chw, outputs):
+    """A model computing ``outputs`` from ``input_name`` (N×C×H×W) with the given nodes."""
+    from ..onnxgraph import make_model, opset_of
+
+    needed = set(outputs)
+    kept = []
+    for node in reversed(nodes):
+        if any(o in needed for o in node.output if o):
+            kept.append(node)
+            needed.update(i for i in node.input if i)
+    kept.reverse()
+    inits = [i for i in proto.graph.initializer if i.name in needed]
+    inp = helper.make_tensor_value_info(input_name, TensorProto.FLOAT, ["N", *input_chw])
+    outs = [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs]
+    graph = helper.make_graph(kept, "cnnvis_occlusion_part", [inp], outs, inits)
+    return make_model(graph, opset=max(opset_of(proto), 13))
+
+
+def _unpadded(node):
+    """A copy of a spatial node with no padding and floor rounding (the crop carries the padding)."""
+    a = _attrs(node)
+    a.pop("ceil_mode", None)
+    a.pop("auto_pad", None)
+    a["pads"] = [0, 0, 0, 0]
+    if node.op_type == "Conv" and "kernel_shape" in a:
+        a["kernel_shape"] = list(a["kernel_shape"])
+    return helper.make_node(node.op_type, list(node.input), list(node.output[:1]), name=node.name, **a)
+
+
+def _quiet_session(proto, device="auto", threads=None):
+    """An onnxruntime session whose idle threads sleep instead of spinning.
+
+    The incremental path alternates between several small sessions; with onnxruntime's default
+    spin-waiting, the threads of the session that just ran keep a core busy while the next one
+    runs, which on a 2-core machine made the whole path 2-3x slower than its arithmetic.
+    """
+    import onnxruntime as ort
+
+    from ..onnxgraph import select_providers
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    if threads:
+        opts.intra_op_num_threads = int(threads)
+        opts.inter_op_num_threads = 1
+    providers = select_providers(device)
+    try:
+        return ort.InferenceSession(proto.SerializeToString(), sess_options=opts, providers=providers)
+    except Exception:
+        if providers[0] != "CUDAExecutionProvider" or device != "auto":
+            raise
+        return ort.InferenceSession(proto.SerializeToString(), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+class _IncrementalPlan:
+    """Stages evaluated on rectangles, the cut after them and the sessions that run it all."""
+
+    def __init__(self, model, window, ys, xs, tap, max_stages=None):
+        self.model = model
+        proto = model.proto
+        self.tap = tap
+        stages = _chain_stages(proto, model.input_name)
+        if max_stages is not None:
+            stages = stages[:max_stages]
+        # real shapes from one forward run (onnxruntime's own rounding of ceil-mode pools)
+        # (the same tap set serves the unoccluded run of every image: one session per tap layer)
+        self.base_outputs = list(dict.fromkeys([model.output_name] + ([tap] if tap else [])
+                                               + [t for s in stages for t in s.tensors]))
+        x0 = np.zeros((1, *model.input_shape), np.float32)
+        values = dict(zip(self.base_outputs, model.session(tuple(self.base_outputs)).run(
+            self.base_outputs, {model.input_name: x0})))
+        shapes = {model.input_name: (1, *model.input_shape), **{t: v.shape for t, v in values.items()}}
+        usable = []
+        for s in stages:
+            if any(len(shapes[t]) != 4 for t in s.tensors) or len(shapes[s.input]) != 4:
+                break
+            usable.append(s)
+        stages = usable
+        # per-window rectangles through the stages
+        wh, ww = window
+        lo = [np.asarray(ys, np.int64), np.asarray(xs, np.int64)]
+        hi = [lo[0] + wh, lo[1] + ww]
+        grid_y, grid_x = np.meshgrid(np.arange(len(ys)), np.arange(len(xs)), indexing="ij")
+        self.window_index = (grid_y.ravel(), grid_x.ravel())
+        for s in stages:
+            in_shape = shapes[s.input]
+            s.in_hw = tuple(in_shape[2:])
+            s.out_shape = tuple(shapes[s.output][1:])
+            starts, lengths = [], []
+            for axis in range(2):
+                size_out = s.out_shape[1 + axis]
+                first, last = zip(*[_out_interval(int(a), int(b), s.kernel[axis], s.stride[axis],
+                                                  s.pad_begin[axis], size_out) for a, b in zip(lo[axis], hi[axis])])
+                first, last = np.asarray(first), np.asarray(last)
+                length = max(1, int((last - first).max()))
+                starts.append(np.clip(first, 0, size_out - length))
+                lengths.append(length)
+                lo[axis], hi[axis] = starts[-1], starts[-1] + length
+            s.length = tuple(lengths)
+            s.starts = tuple(starts)
+            s.crop = tuple((s.length[i] - 1) * s.stride[i] + s.kernel[i] for i in range(2))
+            s.pad_end = tuple(max(0, (s.out_shape[1 + i] - 1) * s.stride[i] + s.kernel[i] - s.pad_begin[i]
+                                  - s.in_hw[i]) for i in range(2))
+        self.all_stages = stages
+        self._choose_cut(proto, shapes)
+
+    def _choose_cut(self, proto, shapes):
+        from ..onnxgraph import static_shapes
+
+        model = self.model
+        inits = {i.name: i for i in proto.graph.initializer}
+        full_shapes = static_shapes(proto, (1, *model.input_shape))
+        full_shapes.update(shapes)
+        node_cost = {n.output[0]: _node_cost(n, full_shapes, inits) for n in proto.graph.node if n.output}
+        total = float(sum(node_cost.values()))
+        c, h, w = model.input_shape
+        costs = [total + c * h * w]  # d = 0: the whole network on occluded copies of the image
+        prefix = 0.0
+        patch = 0.0
+        for s in self.all_stages:
+            prefix += sum(node_cost.get(n.output[0], 0.0) for n in s.nodes)
+            cout = s.out_shape[0]
+            cin = shapes[s.input][1]
+            patch += cout * s.length[0] * s.length[1] * max(1.0, s.per_output_cost) \
+                + cin * s.crop[0] * s.crop[1]  # the crop copy
+            tail = total - prefix
+            paste = float(np.prod(s.out_shape))  # copying the unoccluded maps per window
+            costs.append(patch + tail + paste)
+        self.costs = costs
+        best = int(np.argmin(costs))
+        # the incremental path only when it saves a clear share of the work
+        self.depth = best if costs[best] < 0.9 * costs[0] else 0
+        self.stages = self.all_stages[:self.depth]
+        self.full_cost, self.cost = costs[0], costs[self.depth]
+
+    def describe(self) -> dict:
+        return {"incremental_stages": [s.output for s in self.stages],
+                "estimated_work_ratio": round(self.cost / self.full_cost, 4)}
+
+
+class Occlusion:
+    """Occlusion maps of images, Zeiler & Fergus style.
+
+    Parameters
+    ----------
+    model : :class:`cnnvis.model.Model`
+    window, stride : occluder size and step in input pixels (int or (height, width)).
+    layer : layer whose strongest feature map's total activation is mapped (default: the last
+        layer with C×H×W maps); ``False`` for none.
+    fill : occluder value in input space, broadcastable to C×H×W (default: the preprocessing's
+        neutral grey, see :class:`InputSpace`).
+    preprocessing : for the default fill (default: the model's own).
+    batch_size : windows per onnxruntime call.
+    incremental : evaluate early layers only on the changed rectangles when that saves work
+        (``"auto"``), never (``False``), or always as deep as possible (``True``, for tests).
+
+    After :meth:`run`, ``plan_`` describes how the last image was computed (``plan_.describe()``).
+    """
+
+    def __init__(self, model, window=35, stride=8, layer=None, fill=None, preprocessing=None,
+                 batch_size: int = 32, incremental="auto"):
+        self.model = model
+        self.window = window
+        self.stride = stride
+        self.layer = layer
+        self.fill = fill
+        self.preprocessing = preprocessing
+        self.batch_size = batch_size
+        self.incremental = incremental
+        self._plans = {}
+        self._sessions = {}
+
+    # -------------------------------------------------------------- helpers
+    def _fill_array(self):
+        c, h, w = self.model.input_shape
+        fill = self.fill
+        if fill is None:
+            fill = input_space(self.model, self.preprocessing).grey_
+        fill = np.asarray(fill, dtype=np.float32)
+        if fill.ndim == 1:
+            fill = fill.reshape(-1, 1, 1)
+        try:
+            return np.broadcast_to(fill, (c, h, w))
+        except ValueError:
+            raise CnnvisError(f"fill: shape {fill.shape} does not broadcast to the input {c}x{h}x{w}") from None
+
+    def _layer_tensor(self):
+        if self.layer is False:
+            return None, None
+        name = self.layer or default_feature_layer(self.model)
+        layer = self.model.layer(name)
+        return layer.name, layer.tensor
+
+    def _session(self, key, build):
+        sess = self._sessions.get(key)
+        if sess is None:
+            from ..onnxgraph import decompose_lrn
+
+            sess = _quiet_session(decompose_lrn(build()), device=self.model.device, threads=self.model.threads)
+            self._sessions[key] = sess
+        return sess
+
+    def plan(self, ys, xs, tap):
+        window = _pair(self.window, "window")
+        key = (window, tuple(ys), tuple(xs), tap)
+        if key not in self._plans:
+            if self.incremental is False:
+                max_stages = 0
+            else:
+                max_stages = None
+            plan = _IncrementalPlan(self.model, window, ys, xs, tap, max_stages=max_stages)
+            if self.incremental is True:
+                plan.depth = len(plan.all_stages)
+                plan.stages = plan.all_stages
+                plan.cost = plan.costs[plan.depth]
+            self._plans[key] = plan
+        return self._plans[key]
+
+    # -------------------------------------------------------------- running
+    def run(self, image, target=None, channel=None) -> OcclusionMaps:
+        """The maps of one preprocessed image (C×H×W). ``target``: class (default: predicted);
+        ``channel``: feature map of ``layer`` (default: the strongest in the unoccluded image)."""
+        model = self.model
+        image = np.asarray(image)
+        if image.ndim == 4 and image.shape[0] == 1:
+            image = image[0]
+        x = model.check_batch(image[None])[0]
+        window = _pair(self.window, "window")
+        stride = _pair(self.stride, "stride")
+        ys, xs = window_positions(x.shape[1:], window, stride)
+        layer_name, tap = self._layer_tensor()
+        plan = self.plan_ = self.plan(ys, xs, tap)
+        fill = self._fill_array()
+
+        # the unoccluded image: every map the plan needs, the tap and the output
+        out_name = model.output_name
+        wanted = plan.base_outputs
+        base = dict(zip(wanted, model.session(tuple(wanted)).run(wanted, {model.input_name: x[None]})))
+        base = {k: v[0] for k, v in base.items()}
+        base[model.input_name] = x
+        base_prob = probabilities(model, base[out_name][None])[0]
+        base_top = int(np.argmax(base_prob))
+        if target is None:
+            target = base_top
+        target = int(target)
+        if not 0 <= target < base_prob.shape[0]:
+            raise CnnvisError(f"class {target}: expected an index in [0, {base_prob.shape[0]})")
+        if tap:
+            per_channel = base[tap].reshape(base[tap].shape[0], -1).astype(np.float64).sum(axis=1)
+            if channel is None:
+                channel = int(np.argmax(per_channel))
+            channel = int(channel)
+            if not 0 <= channel < per_channel.shape[0]:
+                raise CnnvisError(f"channel {channel}: layer {layer_name} has {per_channel.shape[0]} maps")
+            base_activation = float(per_channel[channel])
+        else:
+            channel, base_activation = None, None
+
+        # each stage's unoccluded input, padded once for all windows (its own pad value)
+        padded = [np.pad(np.asarray(base[st.input], np.float32),
+                         ((0, 0), (st.pad_begin[0], st.pad_end[0]), (st.pad_begin[1], st.pad_end[1])),
+                         constant_values=np.float32(st.pad_value)) for st in plan.stages]
+        n = len(ys) * len(xs)
+        prob = np.empty((n, base_prob.shape[0]))
+        activation = np.empty(n) if tap else None
+        step = max(1, int(self.batch_size))
+        for start in range(0, n, step):
+            idx = np.arange(start, min(n, start + step))
+            p, act = self._windows(plan, x, fill, base, padded, idx, ys, xs, window, tap, channel)
+            prob[idx] = p
+            if tap:
+                activation[idx] = act
+        shape = (len(ys), len(xs))
+        top = np.argmax(prob, axis=1)
+        return OcclusionMaps(
+            target=target, window=window, stride=stride, ys=ys, xs=xs,
+            probability=prob[:, target].reshape(shape), top_class=top.reshape(shape).astype(np.int64),
+            top_probability=prob[np.arange(n), top].reshape(shape), base_probability=float(base_prob[target]),
+            base_top_class=base_top, layer=layer_name, channel=channel,
+            activation=activation.reshape(shape) if tap else None, base_activation=base_activation,
+            image_hw=tuple(x.shape[1:]))
+
+    def _stage_session(self, plan, i, outs):
+        s = plan.stages[i]
+        cin = self.model.input_shape[0] if i == 0 else plan.stages[i - 1].out_shape[0]
+
+        def build():
+            nodes = ([_unpadded(s.nodes[0])] + s.nodes[1:]) if s.spatial else list(s.nodes)
+            return _submodel(self.model.proto, nodes, s.input, (cin, *s.crop), outs)
+
+        return self._session(("stage", id(plan), i, tuple(outs)), build)
+
+    def _tail_session(self, plan, outs):
+        model = self.model
+        last = plan.stages[-1]
+        inside = {t for st in plan.stages for t in st.tensors}
+        remaining = [n for n in model.proto.graph.node if not (n.output and n.output[0] in inside)]
+        return self._session(("tail", id(plan), tuple(outs)), lambda: _submodel(
+            model.proto, remaining, last.output, last.out_shape, outs))
+
+    def _windows(self, plan, x, fill, base, padded, idx, ys, xs, window, tap, channel):
+        """Probabilities (B×classes) and the tapped channel's totals (B,) for windows ``idx``."""
+        model = self.model
+        wh, ww = window
+        iy, ix = plan.window_index[0][idx], plan.window_index[1][idx]  # per-axis position numbers
+        wy, wx = ys[iy], xs[ix]
+        b = len(idx)
+        out_name = model.output_name
+        if not plan.stages:
+            batch = np.repeat(x[None], b, axis=0)
+            for k in range(b):
+                batch[k, :, wy[k]:wy[k] + wh, wx[k]:wx[k] + ww] = fill[:, wy[k]:wy[k] + wh, wx[k]:wx[k] + ww]
+            names = list(dict.fromkeys([out_name] + ([tap] if tap else [])))
+            res = dict(zip(names, model.session(tuple(names)).run(names, {model.input_name: batch})))
+            act = res[tap][:, channel].reshape(b, -1).astype(np.float64).sum(axis=1) if tap else None
+            return probabilities(model, res[out_name]), act
+
+        # the occluded square is the changed rectangle of the image
+        prev_rect = (wy, wx, (wh, ww))
+        prev_values = np.stack([fill[:, wy[k]:wy[k] + wh, wx[k]:wx[k] + ww] for k in range(b)])
+        tap_sum = None
+        for i, s in enumerate(plan.stages):
+            src = padded[i]
+            ry, rx = s.starts[0][iy], s.starts[1][ix]  # output rectangle corners
+            sy, sx = ry * s.stride[0], rx * s.stride[1]  # input crop corners (padded coordinates)
+            crops = np.empty((b, src.shape[0], *s.crop), np.float32)
+            py, px, (ph, pw) = prev_rect
+            for k in range(b):
+                crops[k] = src[:, sy[k]:sy[k] + s.crop[0], sx[k]:sx[k] + s.crop[1]]
+                # paste the changed rectangle (in padded coordinates) where it meets the crop
+                y0, x0 = py[k] + s.pad_begin[0], px[k] + s.pad_begin[1]
+                ty0, tx0 = max(y0, sy[k]), max(x0, sx[k])
+                ty1, tx1 = min(y0 + ph, sy[k] + s.crop[0]), min(x0 + pw, sx[k] + s.crop[1])
+                if ty1 > ty0 and tx1 > tx0:
+                    crops[k, :, ty0 - sy[k]:ty1 - sy[k], tx0 - sx[k]:tx1 - sx[k]] = \
+                        prev_values[k, :, ty0 - y0:ty1 - y0, tx0 - x0:tx1 - x0]
+            outs = list(dict.fromkeys([s.output] + ([tap] if tap in s.tensors else [])))
+            res = dict(zip(outs, self._stage_session(plan, i, outs).run(outs, {s.input: crops})))
+            if tap in s.tensors:
+                # total = unoccluded total - unoccluded rectangle + recomputed rectangle
+                ly, lx = s.length
+                full = base[tap][channel].astype(np.float64)
+                inside = np.array([full[ry[k]:ry[k] + ly, rx[k]:rx[k] + lx].sum() for k in range(b)])
+                tap_sum = full.sum() - inside + res[tap][:, channel].reshape(b, -1).astype(np.float64).sum(1)
+            prev_rect = (ry, rx, s.length)
+            prev_values = res[s.output]
+        last = plan.stages[-1]
+        maps = np.repeat(base[last.output][None], b, axis=0)
+        ly, lx = last.length
+        ry, rx, _ = prev_rect
+        for k in range(b):
+            maps[k, :, ry[k]:ry[k] + ly, rx[k]:rx[k] + lx] = prev_values[k]
+        outs = list(dict.fromkeys([out_name] + ([tap] if tap and tap_sum is None else [])))
+        res = dict(zip(outs, self._tail_session(plan, outs).run(outs, {last.output: maps})))
+        if tap and tap_sum is None:
+            tap_sum = res[tap][:, channel].reshape(b, -1).astype(np.float64).sum(axis=1)
+        return probabilities(model, res[out_name]), tap_sum
+
+
+def occlusion_maps(model, image, window=35, stride=8, target=None, layer=None, channel=None, fill=None,
+                   batch_size: int = 32, incremental="auto") -> OcclusionMaps:
+    """One-call form of :class:`Occlusion` for one preprocessed image."""
+    occ = Occlusion(model, window=window, stride=stride, layer=layer, fill=fill, batch_size=batch_size,
+                    incremental=incremental)
+    return occ.run(image, target=target, channel=channel)

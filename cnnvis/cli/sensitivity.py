@@ -1,0 +1,531 @@
+"""`cnnvis occlusion`, `cnnvis invariance`, `cnnvis maximize`, `cnnvis saliency`: what the output
+is sensitive to (Zeiler & Fergus sections 4.2 and 4.4, activation maximisation, saliency maps)."""
+from __future__ import annotations
+
+import argparse
+
+from . import common
+from ..errors import CnnvisError
+
+ORDER = 45
+
+
+# ------------------------------------------------------------------------------------ options
+
+def _number_list(text: str) -> list:
+    try:
+        return [float(v) for v in text.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
+
+
+def _window_pair(text: str):
+    parts = text.lower().replace("x", " ").replace(",", " ").split()
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 2) or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive size N or HxW, got {text!r}")
+    return (values[0], values[-1])
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
+    return value
+
+
+def register(sub) -> None:
+    p = sub.add_parser("occlusion", help="occlusion sensitivity: slide a grey square, map class probability, "
+                                         "most probable class and a feature map's activity (Z&F Fig. 7)")
+    common.add_input_options(p)
+    common.add_model_options(p)
+    g = p.add_argument_group("occlusion")
+    g.add_argument("--window", type=_window_pair, default=None, metavar="N|HxW",
+                   help="occluder size in input pixels (default: 35 at 227, scaled to the input)")
+    g.add_argument("--stride", type=_window_pair, default=None, metavar="N|HxW",
+                   help="occluder step (default: 8 at 227, scaled to the input)")
+    g.add_argument("--class", dest="target", default=None,
+                   help="class index or name whose probability is mapped (default: the predicted class)")
+    g.add_argument("--layer", "-l", default=None,
+                   help="layer whose strongest feature map's total activation is mapped "
+                        "(default: the last layer with C×H×W maps; 'none' to skip)")
+    g.add_argument("--channel", type=int, default=None,
+                   help="feature map of --layer (default: the strongest in the unoccluded image)")
+    g.add_argument("--fill", type=float, default=None,
+                   help="occluder value in model-input units (default: the preprocessing mean, i.e. grey)")
+    g.add_argument("--no-incremental", action="store_true",
+                   help="run the whole network for every window (default: recompute only the changed "
+                        "part of the early layers when that saves work; same numbers)")
+    _add_picture_options(p)
+    common.add_output_options(p, "out/occlusion")
+    p.set_defaults(func=cmd_occlusion)
+
+    p = sub.add_parser("invariance", help="feature distance and class probability under translation, "
+                                          "scaling and rotation (Z&F Fig. 5)")
+    common.add_input_options(p)
+    common.add_model_options(p)
+    g = p.add_argument_group("invariance")
+    g.add_argument("--layer", "-l", action="append", default=None,
+                   help="layer whose feature vector is compared (repeatable; default: the first "
+                        "convolution block and the top hidden layer)")
+    g.add_argument("--translations", type=_number_list, default=None, metavar="LIST",
+                   help="shifts in pixels, e.g. --translations=-20,-10,0,10,20 (default: ±H/4; '' to skip)")
+    g.add_argument("--scales", type=_number_list, default=None, metavar="LIST",
+                   help="scale factors (default 0.6..1.8 by 0.1; '' to skip)")
+    g.add_argument("--rotations", type=_number_list, default=None, metavar="LIST",
+                   help="angles in degrees, counter-clockwise (default 0..360 by 30; '' to skip)")
+    g.add_argument("--axis", default="vertical", choices=("vertical", "horizontal"),
+                   help="direction of the translations (default vertical, as in the paper)")
+    g.add_argument("--class", dest="target", default=None,
+                   help="class whose probability is plotted (default: each image's predicted class)")
+    common.add_output_options(p, "out/invariance")
+    p.set_defaults(func=cmd_invariance)
+
+    p = sub.add_parser("maximize", help="activation maximisation: input patterns that excite the first N "
+                                        "channels of a layer (or classes), optimised in one batch")
+    common.add_model_options(p)
+    p.add_argument("--preprocess", default=None, metavar="PRESET",
+                   help="preprocessing preset defining grey, pixel range and display (default: the model's)")
+    g = p.add_argument_group("objective")
+    g.add_argument("--objective", default="channel_mean", choices=("channel_mean", "logit"),
+                   help="a channel's mean activation at --layer, or a class logit")
+    g.add_argument("--layer", "-l", default=None, help="layer (default: the last layer with C×H×W maps)")
+    g.add_argument("--channels", type=common.positive_int, default=16, metavar="N",
+                   help="optimise the first N channels / classes (default 16)")
+    g.add_argument("--index", type=int, action="append", default=None,
+                   help="a channel / class index (repeatable; instead of --channels)")
+    g = p.add_argument_group("ascent and regularisers")
+    g.add_argument("--steps", type=int, default=200, help="gradient steps (default 200)")
+    g.add_argument("--lr", type=float, default=0.05,
+                   help="step size as a fraction of the pixel range per unit-RMS gradient (default 0.05)")
+    g.add_argument("--jitter", type=int, default=2, help="random roll of up to N pixels per step (default 2)")
+    g.add_argument("--blur-sigma", type=float, default=0.5, help="Gaussian blur sigma in pixels (0: none)")
+    g.add_argument("--blur-every", type=common.positive_int, default=4, help="blur every N steps (default 4)")
+    g.add_argument("--decay", type=_fraction, default=0.01, help="L2 decay towards grey per step (default 0.01)")
+    g.add_argument("--clip", default="range", choices=("range", "none"),
+                   help="keep pixels in the valid range of the preprocessing (default) or not")
+    g.add_argument("--norm-bound", type=float, default=None,
+                   help="keep each pattern within this L2 distance (input units) of the grey")
+    g.add_argument("--init-scale", type=float, default=0.1, help="starting noise, fraction of the pixel range")
+    g.add_argument("--seed", type=int, default=0, help="seed of the starting noise and the jitter")
+    g.add_argument("--ncols", type=common.positive_int, default=None, help="grid columns")
+    common.add_output_options(p, "out/maximize")
+    p.set_defaults(func=cmd_maximize)
+
+    p = sub.add_parser("saliency", help="saliency heat maps: vanilla gradient, guided backpropagation, "
+                                        "Grad-CAM, overlaid on the image")
+    common.add_input_options(p)
+    common.add_model_options(p)
+    g = p.add_argument_group("saliency")
+    g.add_argument("--method", action="append", default=None, choices=("gradient", "guided", "gradcam"),
+                   help="method (repeatable; default: all three)")
+    g.add_argument("--class", dest="target", default=None,
+                   help="class index or name (default: each image's predicted class)")
+    g.add_argument("--layer", "-l", default=None,
+                   help="Grad-CAM layer (default: the last layer with C×H×W maps)")
+    _add_picture_options(p)
+    common.add_output_options(p, "out/saliency")
+    p.set_defaults(func=cmd_saliency)
+
+
+def _add_picture_options(p):
+    g = p.add_argument_group("pictures")
+    g.add_argument("--cmap", default="jet", help="colormap of heat maps (default jet)")
+    g.add_argument("--alpha", type=_fraction, default=0.5, help="heat-map opacity over the image (default 0.5)")
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+def _scaled_default(value, base: int, input_hw) -> tuple:
+    if value is not None:
+        return tuple(value)
+    return tuple(max(1, int(round(base * s / 227))) for s in input_hw)
+
+
+def _first_chunk(args, model):
+    chunks = common.iter_input_chunks(args, model)
+    first = next(chunks)  # bad inputs fail here, before anything is staged
+
+    def chain():
+        yield first
+        yield from chunks
+
+    return chain()
+
+
+def _picture(rgb01, min_side: int = 224):
+    """A [0, 1] H×W×3 picture as uint8, enlarged (nearest) so small inputs stay visible."""
+    import numpy as np
+
+    from ..export import figures
+
+    rgb = np.clip(np.rint(np.asarray(rgb01) * 255.0), 0, 255).astype(np.uint8)
+    return figures.upscale(rgb, _zoom(rgb.shape[:2], min_side))
+
+
+def _enlarge(rgb_uint8, min_side: int = 224):
+    from ..export import figures
+
+    return figures.upscale(rgb_uint8, _zoom(rgb_uint8.shape[:2], min_side))
+
+
+def _zoom(hw, min_side: int = 224) -> int:
+    return max(1, -(-min_side // max(hw)))
+
+
+def _heat_picture(values, cmap: str, min_side: int = 224):
+    import numpy as np
+
+    from ..export import figures
+
+    values = np.asarray(values, dtype=np.float64)
+    finite = np.isfinite(values)
+    scaled = np.full(values.shape, np.nan)
+    if finite.any():
+        scaled[finite] = figures.normalize(values[finite])
+    rgb = figures.colorize(scaled, cmap=cmap, separator=(0, 0, 0))
+    return figures.upscale(rgb, _zoom(rgb.shape[:2], min_side))
+
+
+def _category_picture(classes, colours: dict, min_side: int = 224):
+    import numpy as np
+
+    from ..export import figures
+
+    rgb = np.zeros((*classes.shape, 3), np.uint8)
+    for k, colour in colours.items():
+        rgb[classes == k] = colour
+    return figures.upscale(rgb, _zoom(rgb.shape[:2], min_side))
+
+
+def _class_colours(classes) -> dict:
+    """Fixed colours for the classes present (tab20 in class order)."""
+    from matplotlib import colormaps
+
+    table = colormaps["tab20"]
+    return {int(k): tuple(int(round(255 * c)) for c in table(i % 20)[:3]) for i, k in enumerate(sorted(set(classes)))}
+
+
+def _save_figure(fig, path):
+    from ..manifest import atomic_path
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100, metadata={"Software": None})
+
+
+def _class_name(model, k) -> str:
+    names = model.class_names
+    return names[k] if 0 <= k < len(names) else f"class {k}"
+
+
+# ------------------------------------------------------------------------------------ occlusion
+
+def cmd_occlusion(args) -> int:
+    import numpy as np
+
+    from ..analysis import occlusion
+    from ..export import figures
+    from ..manifest import RunOutput, save_npy, write_json
+
+    model = common.load_model(args)
+    pre = common.preprocessing_for(args, model)
+    space = occlusion.InputSpace(pre, model.input_shape)
+    target = occlusion.resolve_class(model, args.target)
+    hw = model.input_shape[1:]
+    window = _scaled_default(args.window, 35, hw)
+    stride = _scaled_default(args.stride, 8, hw)
+    layer = None if args.layer in (None, "") else (False if args.layer.lower() == "none" else model.layer(args.layer).name)
+    fill = space.grey_ if args.fill is None else args.fill
+    analysis = occlusion.Occlusion(model, window=window, stride=stride, layer=layer, fill=fill,
+                                   preprocessing=pre, batch_size=args.batch_size,
+                                   incremental=False if args.no_incremental else "auto")
+    chunks = _first_chunk(args, model)
+    common.model_warning(model)
+    params = {"window": list(window), "stride": list(stride), "class": target, "layer": layer, "channel": args.channel,
+              "fill": "preprocessing mean (grey)" if args.fill is None else args.fill,
+              "incremental": not args.no_incremental, "batch_size": args.batch_size, "cmap": args.cmap,
+              "alpha": args.alpha, "preprocessing": pre.to_dict(), "input_array": args.input_array}
+    used, summaries = {}, []
+    with RunOutput(args.out, "occlusion", params=params, inputs=args.images, model=model.info()) as run:
+        for names, batch in chunks:
+            for name, safe, x in zip(names, common.unique_names(names, used), batch):
+                res = analysis.run(x, target=target, channel=args.channel)
+                meta = dict(image=name, layer=res.layer)
+                for key in ("probability", "top_class", "top_probability", "activation"):
+                    value = getattr(res, key)
+                    if value is not None:
+                        save_npy(run.path(f"{safe}/{key}.npy", kind=f"occlusion-{key}", shape=list(value.shape),
+                                          **meta), value)
+                rgb = space.to_display(x)
+                figures.save_png(run.path(f"{safe}/probability.png", kind="occlusion-map", **meta),
+                                 _heat_picture(res.probability, args.cmap))
+                figures.save_png(run.path(f"{safe}/probability_overlay.png", kind="occlusion-overlay", **meta),
+                                 _enlarge(occlusion.overlay_heatmap(rgb, res.to_pixels(res.probability), args.alpha,
+                                                                    args.cmap)))
+                colours = _class_colours(np.unique(res.top_class).tolist())
+                figures.save_png(run.path(f"{safe}/top_class.png", kind="occlusion-map", **meta),
+                                 _category_picture(res.top_class, colours))
+                if res.activation is not None:
+                    figures.save_png(run.path(f"{safe}/activation.png", kind="occlusion-map", **meta),
+                                     _heat_picture(res.activation, args.cmap))
+                    figures.save_png(run.path(f"{safe}/activation_overlay.png", kind="occlusion-overlay", **meta),
+                                     _enlarge(occlusion.overlay_heatmap(rgb, res.to_pixels(res.activation),
+                                                                        args.alpha, args.cmap)))
+                _occlusion_figure(run.path(f"{safe}/figure.png", kind="occlusion-figure", **meta),
+                                  model, rgb, res, colours, args.cmap)
+                summary = res.summary()
+                summary.update(image=name, target_name=_class_name(model, res.target),
+                               base_top_class_name=_class_name(model, res.base_top_class),
+                               top_class_names={str(k): _class_name(model, k) for k in summary["top_classes"]},
+                               top_class_colours={str(k): list(c) for k, c in colours.items()})
+                summaries.append(summary)
+                print(f"cnnvis occlusion: {name}: p({_class_name(model, res.target)}) {res.base_probability:.3f} "
+                      f"-> min {summary['min_probability']:.3f} at window {summary['min_probability_window']}")
+        run.extra["incremental"] = analysis.plan_.describe() if summaries else None
+        write_json(run.path("occlusion.json", kind="occlusion-summary"),
+                   {"images": summaries, "window": list(window), "stride": list(stride)})
+    print(f"cnnvis occlusion: {len(summaries)} image(s) -> {args.out}")
+    return 0
+
+
+def _occlusion_figure(path, model, rgb, res, colours, cmap):
+    """Input, feature-map activity, class probability and most probable class (paper Fig. 7)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    extent = (-0.5, rgb.shape[1] - 0.5, rgb.shape[0] - 0.5, -0.5)
+    panels = 4 if res.activation is not None else 3
+    fig, axes = plt.subplots(1, panels, figsize=(3.3 * panels, 3.6))
+    axes[0].imshow(rgb, interpolation="nearest")
+    axes[0].set_title("input", fontsize=9)
+    k = 1
+    if res.activation is not None:
+        im = axes[k].imshow(res.to_pixels(res.activation), cmap=cmap, extent=extent, interpolation="nearest")
+        axes[k].set_title(f"{res.layer} map {res.channel}: total activation", fontsize=9)
+        fig.colorbar(im, ax=axes[k], fraction=0.046)
+        k += 1
+    im = axes[k].imshow(res.to_pixels(res.probability), cmap=cmap, extent=extent, interpolation="nearest")
+    axes[k].set_title(f"p({_class_name(model, res.target)})", fontsize=9)
+    fig.colorbar(im, ax=axes[k], fraction=0.046)
+    k += 1
+    import numpy as np
+
+    rgb_top = np.zeros((*res.image_hw, 3))
+    # a pixel covered by windows of different winners shows the class of the window centred nearest
+    nearest = _nearest_window_classes(res)
+    for cls, colour in colours.items():
+        rgb_top[nearest == cls] = np.asarray(colour) / 255.0
+    axes[k].imshow(rgb_top, interpolation="nearest")
+    axes[k].set_title("most probable class", fontsize=9)
+    handles = [Patch(color=np.asarray(c) / 255.0, label=_class_name(model, cls)[:24]) for cls, c in colours.items()]
+    axes[k].legend(handles=handles[:12], fontsize=6, loc="upper right", framealpha=0.7)
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    _save_figure(fig, path)
+    plt.close(fig)
+
+
+def _nearest_window_classes(res):
+    """Per pixel, the winning class of the window whose centre is nearest (ties: first window)."""
+    import numpy as np
+
+    h, w = res.image_hw
+    cy = res.ys + (res.window[0] - 1) / 2.0
+    cx = res.xs + (res.window[1] - 1) / 2.0
+    iy = np.abs(np.arange(h)[:, None] - cy[None]).argmin(axis=1)
+    ix = np.abs(np.arange(w)[:, None] - cx[None]).argmin(axis=1)
+    return res.top_class[iy[:, None], ix[None, :]]
+
+
+# ------------------------------------------------------------------------------------ invariance
+
+def cmd_invariance(args) -> int:
+    import csv
+    import io
+
+    import numpy as np
+
+    from ..analysis import invariance, occlusion
+    from ..export import figures
+    from ..manifest import RunOutput, write_json, write_text
+
+    model = common.load_model(args)
+    pre = common.preprocessing_for(args, model)
+    space = occlusion.InputSpace(pre, model.input_shape)
+    target = occlusion.resolve_class(model, args.target)
+    amounts = {"translation": args.translations, "scale": args.scales, "rotation": args.rotations}
+    analysis = invariance.Invariance(model, layers=args.layer, amounts=amounts, axis=args.axis,
+                                     preprocessing=pre, batch_size=args.batch_size)
+    sweeps = analysis.sweeps()
+    layers = [model.layer(n).name for n in (args.layer or invariance.default_layers(model))]
+    analysis.layers = layers
+    chunks = _first_chunk(args, model)
+    common.model_warning(model)
+    params = {"layers": layers, "amounts": {k: v.tolist() for k, v in sweeps.items()}, "axis": args.axis,
+              "class": target, "distance": "||f(Tx) - f(x)|| / ||f(x)||", "batch_size": args.batch_size,
+              "preprocessing": pre.to_dict(), "input_array": args.input_array}
+    used, rows, curves = {}, [], []
+    with RunOutput(args.out, "invariance", params=params, inputs=args.images, model=model.info()) as run:
+        for names, batch in chunks:
+            for name, safe, x in zip(names, common.unique_names(names, used), batch):
+                res = analysis.run(x, target=target)
+                rows.extend(res.rows(name))
+                curves.append((name, res))
+                for kind, values in sweeps.items():
+                    tiles = np.stack([space.to_display(invariance.transform_image(x, kind, a, space.grey_.reshape(-1),
+                                                                                  args.axis)) for a in values])
+                    figures.grid_png(run.path(f"examples/{safe}_{kind}.png", kind="invariance-examples", image=name,
+                                              transform=kind), tiles, ncols=len(values), normalization="global",
+                                     scale=_zoom(model.input_shape[1:], 96))
+                print(f"cnnvis invariance: {name}: class {_class_name(model, res.target)}")
+        fields = ["image", "transform", "amount", "target", "probability", "top_class"] + \
+            [f"distance_{layer}" for layer in layers]
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: (f"{v:.9g}" if isinstance(v, float) else v) for k, v in row.items()})
+        write_text(run.path("invariance.csv", kind="table"), buf.getvalue())
+        write_json(run.path("invariance.json", kind="invariance", layers=layers),
+                   {"layers": layers, "distance": params["distance"], "class_names": {
+                       str(r["target"]): _class_name(model, r["target"]) for r in rows}, "records": rows})
+        _invariance_figure(run.path("invariance.png", kind="invariance-figure"), model, curves, sweeps, layers)
+    print(f"cnnvis invariance: {len(curves)} image(s) × {sum(len(v) for v in sweeps.values())} transform(s) -> {args.out}")
+    return 0
+
+
+def _invariance_figure(path, model, curves, sweeps, layers):
+    """Rows: transforms; columns: distance per layer, then the class probability (paper Fig. 5)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = list(sweeps)
+    cols = len(layers) + 1
+    fig, axes = plt.subplots(len(kinds), cols, figsize=(3.2 * cols, 2.6 * len(kinds)), squeeze=False)
+    units = {"translation": "shift (pixels)", "scale": "scale factor", "rotation": "rotation (degrees)"}
+    for r, kind in enumerate(kinds):
+        for name, res in curves:
+            amounts = res.amounts[kind]
+            for c, layer in enumerate(layers):
+                axes[r, c].plot(amounts, res.distance[kind][layer], marker=".", label=name[:20])
+            axes[r, -1].plot(amounts, res.probability[kind], marker=".", label=name[:20])
+        for c, layer in enumerate(layers):
+            axes[r, c].set_title(f"{layer}: normalised distance", fontsize=8)
+        axes[r, -1].set_title("p(class)", fontsize=8)
+        axes[r, -1].set_ylim(-0.02, 1.02)
+        for c in range(cols):
+            axes[r, c].set_xlabel(units[kind], fontsize=8)
+            axes[r, c].tick_params(labelsize=7)
+    axes[0, -1].legend(fontsize=6)
+    fig.tight_layout()
+    _save_figure(fig, path)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------ maximize
+
+def cmd_maximize(args) -> int:
+    import numpy as np
+
+    from ..analysis import maximize
+    from ..export import figures
+    from ..manifest import RunOutput, save_npy, write_json
+
+    model = common.load_model(args)
+    pre = common.preprocessing_for(args, model)
+    analysis = maximize.ActivationMaximization(
+        model, layer=args.layer, objective=args.objective, steps=args.steps, learning_rate=args.lr,
+        jitter=args.jitter, blur_sigma=args.blur_sigma, blur_every=args.blur_every, decay=args.decay,
+        clip=args.clip, norm_bound=args.norm_bound, init_scale=args.init_scale, seed=args.seed,
+        preprocessing=pre, batch_size=args.batch_size)
+    layer = analysis.target_layer()
+    size = (layer.output_shape or (0,))[0]
+    indices = np.asarray(args.index if args.index else range(min(args.channels, size)), dtype=np.int64)
+    common.model_warning(model)
+    params = {"objective": args.objective, "layer": layer.name, "indices": indices.tolist(), "steps": args.steps,
+              "lr": args.lr, "jitter": args.jitter, "blur_sigma": args.blur_sigma, "blur_every": args.blur_every,
+              "decay": args.decay, "clip": args.clip, "norm_bound": args.norm_bound, "init_scale": args.init_scale,
+              "seed": args.seed, "batch_size": args.batch_size, "preprocessing": pre.to_dict()}
+    analysis.fit(indices)
+    lname = common.safe_name(layer.name)
+    labels = [_class_name(model, int(k)) for k in indices] if args.objective == "logit" else [int(k) for k in indices]
+    with RunOutput(args.out, "maximize", params=params, model=model.info()) as run:
+        tiles = analysis.display_tiles()
+        meta = figures.grid_png(run.path(f"{lname}_patterns.png", kind="maximize-grid", layer=layer.name),
+                                tiles, ncols=args.ncols, normalization="channel", cmap="gray",
+                                labels=[str(v) for v in labels], scale=max(1, figures.auto_scale(*tiles.shape[1:3],
+                                                                                                 target=96)))
+        save_npy(run.path(f"{lname}_patterns.npy", kind="maximize-patterns", layer=layer.name,
+                          shape=list(analysis.patterns_.shape), grid=meta), analysis.patterns_)
+        write_json(run.path(f"{lname}_maximize.json", kind="maximize", layer=layer.name), {
+            "layer": layer.name, "objective": args.objective, "indices": indices.tolist(), "labels": labels,
+            "final_objective": analysis.objective_.tolist(), "start_objective": analysis.history_[0].tolist()
+            if len(analysis.history_) else [], "history_every_10": analysis.history_[::10].tolist()})
+    gain = analysis.objective_ - (analysis.history_[0] if len(analysis.history_) else analysis.objective_)
+    print(f"cnnvis maximize: {layer.name}: {len(indices)} pattern(s), objective gain median "
+          f"{float(np.median(gain)):.4g} -> {args.out}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------ saliency
+
+def cmd_saliency(args) -> int:
+    import numpy as np
+
+    from ..analysis import occlusion, saliency
+    from ..export import figures
+    from ..manifest import RunOutput, save_npy, write_json
+
+    model = common.load_model(args)
+    pre = common.preprocessing_for(args, model)
+    space = occlusion.InputSpace(pre, model.input_shape)
+    target = occlusion.resolve_class(model, args.target)
+    methods = list(dict.fromkeys(args.method or saliency.METHODS))
+    runners = {m: saliency.Saliency(model, method=m, layer=args.layer, batch_size=args.batch_size) for m in methods}
+    if "gradcam" in methods:  # a bad --layer fails before anything is staged
+        layer = model.layer(args.layer or occlusion.default_feature_layer(model))
+        if layer.output_shape is None or len(layer.output_shape) != 3:
+            raise CnnvisError(f"--layer {layer.name}: Grad-CAM needs a layer with C×H×W maps")
+    chunks = _first_chunk(args, model)
+    common.model_warning(model)
+    params = {"methods": methods, "class": target, "layer": args.layer, "cmap": args.cmap, "alpha": args.alpha,
+              "batch_size": args.batch_size, "preprocessing": pre.to_dict(), "input_array": args.input_array}
+    used, records = {}, []
+    with RunOutput(args.out, "saliency", params=params, inputs=args.images, model=model.info()) as run:
+        for names, batch in chunks:
+            results = {m: r.run(batch, target=target) for m, r in runners.items()}
+            for i, (name, safe) in enumerate(zip(names, common.unique_names(names, used))):
+                rgb = space.to_display(batch[i])
+                first = results[methods[0]]
+                record = {"image": name, "class": int(first.targets[i]),
+                          "class_name": _class_name(model, int(first.targets[i])),
+                          "probability": float(first.probability[i]), "files": {}}
+                for m, res in results.items():
+                    meta = dict(image=name, method=m, layer=res.layer)
+                    save_npy(run.path(f"{safe}/{m}_heatmap.npy", kind="saliency-heatmap", **meta), res.heatmap[i])
+                    figures.save_png(run.path(f"{safe}/{m}_heatmap.png", kind="saliency-map", **meta),
+                                     _heat_picture(res.heatmap[i], args.cmap))
+                    figures.save_png(run.path(f"{safe}/{m}_overlay.png", kind="saliency-overlay", **meta),
+                                     _enlarge(occlusion.overlay_heatmap(rgb, res.heatmap[i], args.alpha,
+                                                                        args.cmap)))
+                    if res.gradient is not None:
+                        figures.save_png(run.path(f"{safe}/{m}_gradient.png", kind="saliency-gradient", **meta),
+                                         _picture(saliency.gradient_picture(res.gradient[i], pre.channel_order)))
+                    if res.cam is not None:
+                        save_npy(run.path(f"{safe}/{m}_cam.npy", kind="saliency-cam", **meta), res.cam[i])
+                    record["files"][m] = f"{safe}/{m}_overlay.png"
+                records.append(record)
+                print(f"cnnvis saliency: {name}: {record['class_name']} (p={record['probability']:.3f})")
+        write_json(run.path("saliency.json", kind="saliency-summary"), {"methods": methods, "images": records})
+    print(f"cnnvis saliency: {len(records)} image(s) × {len(methods)} method(s) -> {args.out}")
+    return 0

@@ -1,0 +1,172 @@
+"""Activation maximisation on models with a known optimal stimulus, batching, regularisers,
+determinism and the CLI."""
+import json
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from cnnvis.analysis import maximize as mx
+from cnnvis.analysis.occlusion import InputSpace
+from cnnvis.cli import main
+from cnnvis.errors import CnnvisError
+from cnnvis.model import Model
+from cnnvis.onnxgraph import make_model
+from cnnvis.preprocess import preset
+
+
+def _model(nodes, inits, in_shape, out, out_dim, sidecar):
+    graph = helper.make_graph(
+        nodes, "m", [helper.make_tensor_value_info("data", TensorProto.FLOAT, ["N", *in_shape])],
+        [helper.make_tensor_value_info(out, TensorProto.FLOAT, ["N", out_dim])],
+        [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in inits.items()])
+    proto = make_model(graph)
+    return Model(proto, name="m", sidecar=sidecar), proto
+
+
+def smooth_filters(n=2, size=8, seed=0):
+    """Smooth, distinct 3×size×size filters (Gaussian bumps times colour weights)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    out = []
+    for _ in range(n):
+        cy, cx = rng.uniform(2, size - 3, 2)
+        bump = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 6.0) - 0.3
+        out.append(rng.standard_normal((3, 1, 1)) * bump)
+    return np.stack(out).astype(np.float32)
+
+
+SIDE = {"preprocessing": preset("imagenet", (3, 8, 8)).to_dict()}  # a mean: grey is 0
+
+
+def one_filter_model(weights):
+    """conv with kernels as large as the 3×8×8 input: channel c's mean = <w_c, x> + b_c."""
+    n = weights.shape[0]
+    nodes = [helper.make_node("Conv", ["data", "w", "b"], ["conv"], name="conv", kernel_shape=[8, 8]),
+             helper.make_node("Flatten", ["conv"], ["flat"], name="flat", axis=1),
+             helper.make_node("Gemm", ["flat", "fw", "fb"], ["fc"], name="fc", transB=1),
+             helper.make_node("Softmax", ["fc"], ["prob"], name="prob", axis=1)]
+    inits = {"w": weights, "b": np.full(n, 0.3), "fw": np.eye(n), "fb": np.zeros(n)}
+    return _model(nodes, inits, (3, 8, 8), "prob", n, SIDE)
+
+
+def _cos(a, b):
+    a, b = np.ravel(a).astype(np.float64), np.ravel(b).astype(np.float64)
+    return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+def test_linear_filter_maximiser_is_the_filter_scaled():
+    w = smooth_filters(2)
+    model, _ = one_filter_model(w)
+    am = mx.ActivationMaximization(model, layer="conv", steps=60, learning_rate=0.1, clip="none", norm_bound=3.0,
+                                   seed=1).fit([0, 1])
+    assert am.patterns_.shape == (2, 3, 8, 8)
+    for c in range(2):
+        # under ||x|| <= r the maximiser of <w, x> is r w / ||w||
+        assert _cos(am.patterns_[c], w[c]) > 0.99
+        assert np.linalg.norm(am.patterns_[c]) == pytest.approx(3.0, rel=1e-4)
+        assert am.objective_[c] == pytest.approx(3.0 * np.linalg.norm(w[c]) + 0.3, rel=1e-3)
+    # the objective climbed
+    assert (am.history_[-1] > am.history_[0]).all()
+
+
+def test_blur_decay_and_clip_keep_the_answer_for_a_smooth_filter():
+    w = smooth_filters(2, seed=4)
+    model, _ = one_filter_model(w)
+    am = mx.ActivationMaximization(model, layer="conv", steps=80, learning_rate=0.1, blur_sigma=0.5, blur_every=4,
+                                   decay=0.01, clip="range", norm_bound=3.0, seed=0).fit([0, 1])
+    for c in range(2):
+        assert _cos(am.patterns_[c], w[c]) > 0.95
+    space = InputSpace(preset("imagenet", (3, 8, 8)), (3, 8, 8))
+    assert (am.patterns_ >= np.minimum(space.low_, space.high_) - 1e-5).all()
+    assert (am.patterns_ <= np.maximum(space.low_, space.high_) + 1e-5).all()
+
+
+def _jitter_average(wc, j):
+    """The maximiser of the expected objective E_s <w, roll(x, s)> over uniform shifts |s| <= j is
+    the average of the filter rolled back by every shift."""
+    acc = np.zeros(wc.shape)
+    for dy in range(-j, j + 1):
+        for dx in range(-j, j + 1):
+            acc += np.roll(wc, (-dy, -dx), axis=(1, 2))
+    return acc
+
+
+def test_jitter_maximises_the_shift_averaged_objective():
+    w = smooth_filters(2, seed=4)
+    model, _ = one_filter_model(w)
+    # small steps: the pattern averages many randomly shifted gradients
+    am = mx.ActivationMaximization(model, layer="conv", steps=150, learning_rate=0.01, jitter=1, clip="none",
+                                   norm_bound=3.0, seed=0).fit([0, 1])
+    for c in range(2):
+        assert _cos(am.patterns_[c], _jitter_average(w[c], 1)) > 0.95
+
+
+def test_logit_objective_maximises_each_class_in_one_batch():
+    rng = np.random.default_rng(2)
+    wfc = rng.standard_normal((3, 12)).astype(np.float32)
+    nodes = [helper.make_node("Flatten", ["data"], ["flat"], name="flat", axis=1),
+             helper.make_node("Gemm", ["flat", "fw", "fb"], ["fc"], name="fc", transB=1),
+             helper.make_node("Softmax", ["fc"], ["prob"], name="prob", axis=1)]
+    side = {"preprocessing": preset("imagenet", (3, 2, 2)).to_dict()}
+    model, _ = _model(nodes, {"fw": wfc, "fb": np.zeros(3)}, (3, 2, 2), "prob", 3, side)
+    am = mx.ActivationMaximization(model, objective="logit", steps=40, learning_rate=0.1, clip="none",
+                                   norm_bound=1.0).fit([2, 0, 1])
+    assert am.layer_ == "fc" and am.indices_.tolist() == [2, 0, 1]
+    for row, k in enumerate([2, 0, 1]):
+        assert _cos(am.patterns_[row], wfc[k]) > 0.99  # each batch element followed its own class
+
+
+def test_deterministic_by_seed_and_channel_mean_on_a_relu_layer():
+    w = np.random.default_rng(3).standard_normal((4, 3, 3, 3)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["data", "w", "b"], ["conv"], name="conv", kernel_shape=[3, 3]),
+             helper.make_node("Relu", ["conv"], ["relu"], name="relu"),
+             helper.make_node("Flatten", ["relu"], ["flat"], name="flat", axis=1),
+             helper.make_node("Gemm", ["flat", "fw", "fb"], ["fc"], name="fc", transB=1)]
+    inits = {"w": w, "b": np.zeros(4), "fw": np.ones((2, 4 * 36)), "fb": np.zeros(2)}
+    model, _ = _model(nodes, inits, (3, 8, 8), "fc", 2, SIDE)
+    kw = dict(steps=15, jitter=2, blur_sigma=0.7, blur_every=3, decay=0.02, seed=7)
+    a = mx.maximize(model, [0, 1, 2, 3], **kw)
+    b = mx.maximize(model, [0, 1, 2, 3], **kw)
+    c = mx.maximize(model, [0, 1, 2, 3], **{**kw, "seed": 8})
+    assert a.layer_ == "relu"  # the default: last layer with maps
+    assert np.array_equal(a.patterns_, b.patterns_) and np.array_equal(a.history_, b.history_)
+    assert not np.array_equal(a.patterns_, c.patterns_)
+    assert (a.objective_ > a.history_[0]).all()
+    tiles = a.display_tiles()
+    assert tiles.shape == (4, 8, 8, 3)
+
+
+def test_errors_name_the_problem():
+    model, _ = one_filter_model(smooth_filters(2))
+    with pytest.raises(CnnvisError, match="index 5"):
+        mx.maximize(model, [5], layer="conv", steps=1)
+    with pytest.raises(CnnvisError, match="channel_mean needs"):
+        mx.maximize(model, [0], layer="fc", steps=1)
+    with pytest.raises(CnnvisError, match="objective"):
+        mx.maximize(model, [0], objective="loss", steps=1)
+    with pytest.raises(CnnvisError, match="decay"):
+        mx.maximize(model, [0], layer="conv", decay=1.5, steps=1)
+
+
+def test_cli_maximize_grid_and_files(tmp_path):
+    _, proto = one_filter_model(smooth_filters(3))
+    path = tmp_path / "m.onnx"
+    path.write_bytes(proto.SerializeToString())
+    (tmp_path / "m.onnx.json").write_text(json.dumps(SIDE))
+    outs = []
+    for run in ("a", "b"):
+        out = tmp_path / run
+        assert main(["maximize", "--model", str(path), "--layer", "conv", "--channels", "2", "--steps", "10",
+                     "--out", str(out)]) == 0
+        outs.append(out)
+    data = json.loads((outs[0] / "conv_maximize.json").read_text())
+    assert data["indices"] == [0, 1] and len(data["final_objective"]) == 2
+    assert np.load(outs[0] / "conv_patterns.npy").shape == (2, 3, 8, 8)
+    for name in ("conv_patterns.png", "conv_patterns.npy", "conv_maximize.json"):
+        assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes()
+    assert main(["maximize", "--model", str(path), "--objective", "logit", "--index", "2", "--steps", "3",
+                 "--out", str(tmp_path / "logit")]) == 0
+    assert json.loads((tmp_path / "logit" / "fc_maximize.json").read_text())["labels"] == ["class 2"]
+    assert main(["maximize", "--model", str(path), "--layer", "conv", "--index", "9", "--steps", "3",
+                 "--out", str(tmp_path / "bad")]) == 2
