@@ -231,12 +231,15 @@ def _sample_folder(tmp_path, labels="csv"):
             files.append((name, cls))
     if labels == "csv":
         (folder / "labels.csv").write_text("file,label\n" + "".join(f"{f},{c}\n" for f, c in files))
+    elif labels == "demo":  # the layout cnnvis.demo writes: index label, then name and more columns
+        (folder / "labels.csv").write_text("file,label,class,test_index,predicted\n" + "".join(
+            f"{f},{CLASSES.index(c)},{c},{i},{c}\n" for i, (f, c) in enumerate(files)))
     elif labels == "json":
         (folder / "labels.json").write_text(json.dumps({f: CLASSES.index(c) for f, c in files}))
     return folder, [folder / f for f, _ in files]
 
 
-@pytest.mark.parametrize("labels", ["csv", "json"])
+@pytest.mark.parametrize("labels", ["csv", "json", "demo"])
 def test_sample_classes_from_labels_file(tmp_path, labels):
     folder, files = _sample_folder(tmp_path, labels)
     proto, _ = tiny_proto(channels=3, size=8)
@@ -297,7 +300,8 @@ def cli_model(tmp_path):
     path = tmp_path / "tiny.onnx"
     onnx.save(proto, str(path))
     side = {"classes": CLASSES, "input_size": [3, 8, 8], "preprocessing": {"preset": "raw"},
-            "samples": [f"samples/{f.name}" for f in files]}
+            "samples": [f"samples/{f.name}" for f in files],
+            "compare_classes": {"neuron": "dog", "similar": ["cat"], "dissimilar": ["car"]}}
     (tmp_path / "tiny.onnx.json").write_text(json.dumps(side))
     return path, folder
 
@@ -393,11 +397,28 @@ def test_compare_classes_per_item_and_errors(cli_model, tmp_path, capsys):
     assert main(["compare-classes", "--model", str(path), "--neuron", "0", "--similar", "dog", "car",
                  "--per-item", "--permutations", "9", "-f", "npy", "--no-progress", "--out", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["groups"] == ["reference", "similar-dog", "similar-car"]
-    assert main(["compare-classes", "--model", str(path), "--neuron", "cat", "--out", str(tmp_path / "x")]) == 2
-    assert "--similar/--dissimilar" in capsys.readouterr().err
+    assert summary["groups"] == ["reference", "similar-dog", "similar-car", "dissimilar"]  # + the sidecar's
+    assert main(["compare-classes", "--model", str(path), "--similar", "nothing", "--out", str(tmp_path / "x")]) == 2
+    assert "--similar 'nothing': not an image file, folder or .npy" in capsys.readouterr().err
+    assert not (tmp_path / "x" / "manifest.json").exists()
+
+
+def test_compare_classes_defaults_from_the_sidecar_file(cli_model, tmp_path, capsys):
+    path, _ = cli_model
+    out = tmp_path / "d"
+    assert main(["compare-classes", "--model", str(path), "--permutations", "9", "-f", "npy", "--no-progress",
+                 "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["neuron_name"] == "dog" and summary["counts"] == {"reference": 3, "similar": 3, "dissimilar": 3}
+    params = json.loads((out / "manifest.json").read_text())["runs"]["compare-classes"]["params"]
+    assert params["groups"] == {"reference": ["dog"], "similar": ["cat"], "dissimilar": ["car"]}
+    side = json.loads((path.parent / "tiny.onnx.json").read_text())
+    del side["compare_classes"]
+    (path.parent / "tiny.onnx.json").write_text(json.dumps(side))
     assert main(["compare-classes", "--model", str(path), "--similar", "dog", "--out", str(tmp_path / "x")]) == 2
     assert "no compare_classes defaults" in capsys.readouterr().err
+    assert main(["compare-classes", "--model", str(path), "--neuron", "cat", "--out", str(tmp_path / "x")]) == 2
+    assert "--similar/--dissimilar" in capsys.readouterr().err
     assert not (tmp_path / "x" / "manifest.json").exists()
 
 
