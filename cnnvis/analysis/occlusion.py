@@ -18,11 +18,9 @@ and heat-map overlays.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import numpy as np
-import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from ..errors import CnnvisError
 
