@@ -100,7 +100,7 @@ def torch_module_from_onnx(proto):
             if not a.get("transB", 0):
                 w = w.T
             fc = torch.nn.Linear(w.shape[1], w.shape[0])
-            fc.weight.data = torch.from_numpy(np.ascontiguousarray(w))
+            fc.weight.data = torch.from_numpy(np.array(w, dtype=np.float32))  # a writable copy
             fc.bias.data = torch.from_numpy(inits[node.input[2]].copy())
             layers.append(fc)
         elif op == "Dropout":

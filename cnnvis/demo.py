@@ -14,14 +14,14 @@ import numpy as np
 
 from . import datasets, nets
 from .manifest import RunOutput, dumps_json, sha256_file
-from .training import Trainer, TrainingRecipe, evaluate, with_weights
+from .training import Trainer, TrainingRecipe, evaluate
 
 MODEL_NAME = "fashion_caffenet"
 #: mean and std of the Fashion-MNIST training pixels in [0, 1] (the preprocessing of the demo model)
 PIXEL_MEAN, PIXEL_STD = 0.2860, 0.3530
 PREPROCESSING = {"preset": "grey28", "mean": [PIXEL_MEAN], "std": [PIXEL_STD]}
 SAMPLES_PER_CLASS = 10
-COMPARE_CLASSES = {"neuron": "Shirt", "reference": ["Shirt"], "similar": ["T-shirt/top", "Pullover", "Coat"],
+COMPARE_CLASSES = {"neuron": "Shirt", "reference": ["Shirt"], "similar": ["T-shirt/top", "Pullover", "Coat"], "per_item": True,
                    "dissimilar": ["Sneaker", "Bag", "Trouser"]}
 
 

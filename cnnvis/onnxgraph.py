@@ -235,14 +235,21 @@ def select_providers(device: str = "auto", available=None) -> list:
     return ["CPUExecutionProvider"]
 
 
-def create_session(model, device: str = "auto", threads: int | None = None):
-    """An onnxruntime InferenceSession for a ModelProto (or serialized bytes)."""
+def create_session(model, device: str = "auto", threads: int | None = None, spinning: bool = True):
+    """An onnxruntime InferenceSession for a ModelProto (or serialized bytes).
+
+    ``spinning=False`` lets idle worker threads sleep: for code that alternates between several
+    small sessions, spin-waiting threads of one would otherwise keep a core busy while another runs.
+    """
     import onnxruntime as ort
 
     data = model if isinstance(model, (bytes, bytearray)) else model.SerializeToString()
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3
+    if not spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
     if threads:
         opts.intra_op_num_threads = int(threads)
         opts.inter_op_num_threads = 1

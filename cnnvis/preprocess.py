@@ -284,10 +284,24 @@ class Preprocessing:
             x = x[::-1]
         x = x * self.raw_scale
         if self.mean is not None:
-            x = x - self._mean_array()
+            x = x - self.mean_array()
         if self.std is not None:
             x = x / np.asarray(self.std, dtype=np.float64)[:, None, None]
         return np.ascontiguousarray(x, dtype=np.float32)
+
+    def to_pixels(self, x) -> np.ndarray:
+        """Model input (…×C×H×W) back to pixels in [0, 1], still C×H×W in the model's channel order:
+        undoes std, mean and raw scale (not the geometry). NaN stays NaN."""
+        x = np.asarray(x, dtype=np.float64)
+        if self.std is not None:
+            x = x * np.asarray(self.std, dtype=np.float64)[:, None, None]
+        if self.mean is not None:
+            x = x + self.mean_array()
+        return np.clip(x / self.raw_scale, 0.0, 1.0)
+
+    def to_display(self, x) -> np.ndarray:
+        """Model input (…×C×H×W) → a picture in [0, 1]: …×H×W×3 RGB (BGR swapped back) or …×H×W grey."""
+        return channels_last(self.to_pixels(x), self.channel_order)
 
     def _geometry(self, pixels: np.ndarray) -> np.ndarray:
         h, w = pixels.shape[:2]
@@ -316,10 +330,73 @@ class Preprocessing:
         resized = resize_pixels(pixels, target, self.interpolation)
         return center_crop(resized, (out_h, out_w))
 
-    def _mean_array(self) -> np.ndarray:
+    def mean_array(self) -> np.ndarray:
+        """The mean to subtract, C×1×1 (per-channel values) or C×H×W (a mean image)."""
         if isinstance(self.mean, str):
             return _mean_image(self.mean, self.channels, self.size)
         return np.asarray(self.mean, dtype=np.float64)[:, None, None]
+
+
+def channels_last(x, channel_order: str = "RGB") -> np.ndarray:
+    """…×C×H×W → …×H×W×3 in RGB order (C = 3), …×H×W (C = 1; the channel mean for other C)."""
+    x = np.asarray(x)
+    c = x.shape[-3]
+    if c == 3:
+        rgb = np.moveaxis(x, -3, -1)
+        return rgb[..., ::-1] if str(channel_order).upper() == "BGR" else rgb
+    if c == 1:
+        return x[..., 0, :, :]
+    return x.mean(axis=-3)
+
+
+class InputSpace:
+    """Where a model's input values live: the affine map pixel ↔ input of its preprocessing.
+
+    ``low_`` / ``high_`` are the input values of black and white pixels (C×H×W), ``grey_`` the
+    neutral grey (the preprocessing mean, which is 0 after mean subtraction; mid-grey when there is
+    no mean). Used for occluders, clipping optimised images and showing inputs as pictures.
+    """
+
+    def __init__(self, preprocessing: "Preprocessing", input_shape):
+        self.preprocessing = preprocessing
+        self.input_shape = tuple(int(d) for d in input_shape)
+        c, h, w = self.input_shape
+        if tuple(preprocessing.input_shape) != self.input_shape:
+            raise CnnvisError(f"preprocessing gives {'×'.join(map(str, preprocessing.input_shape))} inputs; "
+                              f"the model expects {'×'.join(map(str, self.input_shape))}")
+        self.low_ = preprocessing.from_pixels(np.zeros((h, w, c))).astype(np.float64)
+        self.high_ = preprocessing.from_pixels(np.ones((h, w, c))).astype(np.float64)
+        if preprocessing.mean is not None:
+            self.grey_ = np.zeros((c, 1, 1))  # the mean pixel minus the mean, whatever scale and std
+        else:
+            self.grey_ = (0.5 * (self.low_ + self.high_))[:, :1, :1]  # the input value of pixel 0.5
+
+    @property
+    def channels(self) -> int:
+        return self.input_shape[0]
+
+    def to_pixels(self, x) -> np.ndarray:
+        """Input-space C×H×W → pixels in [0, 1], C×H×W, in the model's channel order."""
+        return np.clip((np.asarray(x, dtype=np.float64) - self.low_) / (self.high_ - self.low_), 0.0, 1.0)
+
+    def to_display(self, x) -> np.ndarray:
+        """Input-space C×H×W → an H×W×3 RGB picture in [0, 1] (grey repeated; BGR swapped back)."""
+        p = channels_last(self.to_pixels(x), self.preprocessing.channel_order)
+        return np.ascontiguousarray(np.repeat(p[..., None], 3, axis=-1) if p.ndim == 2 else p)
+
+    def clip(self, x) -> np.ndarray:
+        """Clip a batch (N×C×H×W) or image to the valid pixel range."""
+        return np.clip(x, np.minimum(self.low_, self.high_), np.maximum(self.low_, self.high_))
+
+    @property
+    def pixel_span(self) -> np.ndarray:
+        """Per-channel size of the [0, 1] pixel range in input units (C,)."""
+        return np.abs(self.high_ - self.low_).reshape(self.channels, -1).mean(axis=1)
+
+
+def input_space(model, preprocessing=None) -> InputSpace:
+    """The :class:`InputSpace` of a model (its own preprocessing unless one is given)."""
+    return InputSpace(preprocessing if preprocessing is not None else for_model(model), model.input_shape)
 
 
 def preset(name: str, input_shape=None, **overrides) -> Preprocessing:

@@ -11,7 +11,6 @@ from cnnvis.cli import main
 from cnnvis.errors import CnnvisError
 from cnnvis.model import Model
 from cnnvis.onnxgraph import make_model
-from cnnvis.preprocess import preset
 
 RNG = np.random.default_rng(0)
 W_CONV = RNG.standard_normal((3, 2, 3, 3)).astype(np.float32)

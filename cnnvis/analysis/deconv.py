@@ -161,34 +161,11 @@ def deconv_image(model, image, layer: str, maps=None, position=None, rule: str =
 
 # ------------------------------------------------------------------------------------ display
 
-def deprocess(x, preprocessing) -> np.ndarray:
-    """Model input (C×H×W, or …×C×H×W) back to displayable pixels in [0, 1]: H×W×3 RGB, or H×W
-    for one channel. Undoes std, mean, raw scale and channel order; NaN stays NaN."""
-    x = np.asarray(x, dtype=np.float64)
-    c = x.shape[-3]
-    if preprocessing.std is not None:
-        x = x * np.asarray(preprocessing.std, dtype=np.float64)[:, None, None]
-    if preprocessing.mean is not None:
-        x = x + preprocessing._mean_array()  # per-channel values or the (cropped) mean image
-    x = x / preprocessing.raw_scale
-    return np.clip(channels_last(x, preprocessing.channel_order, c), 0.0, 1.0)
-
-
-def channels_last(x, channel_order: str, channels: int | None = None) -> np.ndarray:
-    """…×C×H×W → …×H×W×3 in RGB order (C = 3), …×H×W (C = 1, or the channel mean otherwise)."""
-    x = np.asarray(x)
-    c = channels or x.shape[-3]
-    if c == 3:
-        rgb = np.moveaxis(x, -3, -1)
-        return rgb[..., ::-1] if str(channel_order).upper() == "BGR" else rgb
-    if c == 1:
-        return x[..., 0, :, :]
-    return x.mean(axis=-3)
-
-
 def projection_display(projection, preprocessing) -> np.ndarray:
     """A projection (…×C×H×W, input space) as display tiles: channel order to RGB, values as they
     are (figure grids normalise each tile)."""
+    from ..preprocess import channels_last
+
     return channels_last(np.asarray(projection, dtype=np.float64), preprocessing.channel_order)
 
 

@@ -18,7 +18,8 @@ import math
 import numpy as np
 
 from ..errors import CnnvisError
-from .occlusion import FEATURE_OPS, input_space, probabilities
+from ..preprocess import input_space
+from .occlusion import FEATURE_OPS, probabilities
 
 TRANSFORMS = ("translation", "scale", "rotation")
 AXES = ("vertical", "horizontal")

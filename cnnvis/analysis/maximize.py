@@ -19,7 +19,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import CnnvisError
-from .occlusion import default_feature_layer, input_space
+from ..preprocess import input_space
+from .occlusion import default_feature_layer
 
 OBJECTIVES = ("channel_mean", "logit")
 CLIPS = ("range", "none")

@@ -23,6 +23,7 @@ import numpy as np
 from onnx import TensorProto, helper
 
 from ..errors import CnnvisError
+from ..preprocess import InputSpace, input_space  # noqa: F401  (re-exported for the analyses)
 
 #: ops whose output is a feature map a user would call "the layer" (not pools or bookkeeping)
 FEATURE_OPS = ("Conv", "Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Sigmoid", "Tanh", "Clip",
@@ -30,70 +31,6 @@ FEATURE_OPS = ("Conv", "Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Sigmoid", "
 
 
 # ----------------------------------------------------------------------------- input space
-
-class InputSpace:
-    """Where a model's input values live, derived from its :class:`~cnnvis.preprocess.Preprocessing`.
-
-    ``low_`` / ``high_`` are the input-space values of black and white pixels (C×H×W; the map
-    pixel → input is affine per channel, so these two define it), ``grey_`` is the neutral grey
-    (the preprocessing mean, which is 0 after mean subtraction; mid-grey when there is no mean).
-    """
-
-    def __init__(self, preprocessing, input_shape):
-        self.preprocessing = preprocessing
-        self.input_shape = tuple(int(d) for d in input_shape)
-        c, h, w = self.input_shape
-        if tuple(preprocessing.input_shape) != self.input_shape:
-            raise CnnvisError(f"preprocessing gives {'×'.join(map(str, preprocessing.input_shape))} inputs; "
-                              f"the model expects {'×'.join(map(str, self.input_shape))}")
-        self.low_ = preprocessing.from_pixels(np.zeros((h, w, c))).astype(np.float64)
-        self.high_ = preprocessing.from_pixels(np.ones((h, w, c))).astype(np.float64)
-        if preprocessing.mean is not None:
-            # the mean pixel minus the mean: exactly 0 whatever the scale and std
-            self.grey_ = np.zeros((c, 1, 1))
-        else:
-            # no mean: mid-grey, the input value of the pixel 0.5 (the map is affine per channel)
-            self.grey_ = (0.5 * (self.low_ + self.high_))[:, :1, :1]
-
-    @property
-    def channels(self) -> int:
-        return self.input_shape[0]
-
-    def to_pixels(self, x) -> np.ndarray:
-        """Input-space C×H×W → pixels in [0, 1], C×H×W, in the model's channel order."""
-        x = np.asarray(x, dtype=np.float64)
-        span = self.high_ - self.low_
-        return np.clip((x - self.low_) / span, 0.0, 1.0)
-
-    def to_display(self, x) -> np.ndarray:
-        """Input-space C×H×W → an H×W×3 RGB picture in [0, 1] (grey repeated; BGR swapped back)."""
-        p = self.to_pixels(x)
-        if p.shape[0] == 3 and self.preprocessing.channel_order == "BGR":
-            p = p[::-1]
-        if p.shape[0] == 1:
-            p = np.repeat(p, 3, axis=0)
-        return np.ascontiguousarray(p.transpose(1, 2, 0))
-
-    def clip(self, x) -> np.ndarray:
-        """Clip a batch (N×C×H×W) or image to the valid pixel range."""
-        lo = np.minimum(self.low_, self.high_)
-        hi = np.maximum(self.low_, self.high_)
-        return np.clip(x, lo, hi)
-
-    @property
-    def pixel_span(self) -> np.ndarray:
-        """Per-channel size of the [0, 1] pixel range in input units (C,)."""
-        return np.abs(self.high_ - self.low_).reshape(self.channels, -1).mean(axis=1)
-
-
-def input_space(model, preprocessing=None) -> InputSpace:
-    """The :class:`InputSpace` of a model (its own preprocessing unless one is given)."""
-    if preprocessing is None:
-        from ..preprocess import for_model
-
-        preprocessing = for_model(model)
-    return InputSpace(preprocessing, model.input_shape)
-
 
 def overlay_heatmap(rgb, heat, alpha: float = 0.5, cmap: str = "jet") -> np.ndarray:
     """Blend a heat map (H×W, any range; NaN = no value) over an H×W×3 [0, 1] picture → uint8.
@@ -411,33 +348,6 @@ def _unpadded(node):
     return helper.make_node(node.op_type, list(node.input), list(node.output[:1]), name=node.name, **a)
 
 
-def _quiet_session(proto, device="auto", threads=None):
-    """An onnxruntime session whose idle threads sleep instead of spinning.
-
-    The incremental path alternates between several small sessions; with onnxruntime's default
-    spin-waiting, the threads of the session that just ran keep a core busy while the next one
-    runs, which on a 2-core machine made the whole path 2-3x slower than its arithmetic.
-    """
-    import onnxruntime as ort
-
-    from ..onnxgraph import select_providers
-
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.log_severity_level = 3
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    if threads:
-        opts.intra_op_num_threads = int(threads)
-        opts.inter_op_num_threads = 1
-    providers = select_providers(device)
-    try:
-        return ort.InferenceSession(proto.SerializeToString(), sess_options=opts, providers=providers)
-    except Exception:
-        if providers[0] != "CUDAExecutionProvider" or device != "auto":
-            raise
-        return ort.InferenceSession(proto.SerializeToString(), sess_options=opts, providers=["CPUExecutionProvider"])
-
 
 class _IncrementalPlan:
     """Stages evaluated on rectangles, the cut after them and the sessions that run it all."""
@@ -535,7 +445,7 @@ class Occlusion:
     layer : layer whose strongest feature map's total activation is mapped (default: the last
         layer with C×H×W maps); ``False`` for none.
     fill : occluder value in input space, broadcastable to C×H×W (default: the preprocessing's
-        neutral grey, see :class:`InputSpace`).
+        neutral grey, see :class:`cnnvis.preprocess.InputSpace`).
     preprocessing : for the default fill (default: the model's own).
     batch_size : windows per onnxruntime call.
     incremental : evaluate early layers only on the changed rectangles when that saves work
@@ -581,9 +491,11 @@ class Occlusion:
     def _session(self, key, build):
         sess = self._sessions.get(key)
         if sess is None:
-            from ..onnxgraph import decompose_lrn
+            from ..onnxgraph import create_session, decompose_lrn
 
-            sess = _quiet_session(decompose_lrn(build()), device=self.model.device, threads=self.model.threads)
+            # idle threads sleep: the incremental path alternates between several small sessions
+            sess = create_session(decompose_lrn(build()), device=self.model.device, threads=self.model.threads,
+                                  spinning=False)
             self._sessions[key] = sess
         return sess
 

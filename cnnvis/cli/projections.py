@@ -164,7 +164,7 @@ def _tiles(deconv, field, pre, images, projections, units):
 
     proj = np.stack([field.patch(p, int(u[1]), int(u[2])) for p, u in zip(projections, units)])
     patch = np.stack([field.patch(x, int(u[1]), int(u[2])) for x, u in zip(images, units)])
-    return proj, deconv.projection_display(proj, pre), deconv.deprocess(patch, pre)
+    return proj, deconv.projection_display(proj, pre), pre.to_display(patch)
 
 
 # ------------------------------------------------------------------------------ deconv

@@ -6,6 +6,7 @@ import argparse
 
 from . import common
 from ..errors import CnnvisError
+from ..preprocess import InputSpace
 
 ORDER = 45
 
@@ -232,7 +233,7 @@ def cmd_occlusion(args) -> int:
 
     model = common.load_model(args)
     pre = common.preprocessing_for(args, model)
-    space = occlusion.InputSpace(pre, model.input_shape)
+    space = InputSpace(pre, model.input_shape)
     target = occlusion.resolve_class(model, args.target)
     hw = model.input_shape[1:]
     window = _scaled_default(args.window, 35, hw)
@@ -359,7 +360,7 @@ def cmd_invariance(args) -> int:
 
     model = common.load_model(args)
     pre = common.preprocessing_for(args, model)
-    space = occlusion.InputSpace(pre, model.input_shape)
+    space = InputSpace(pre, model.input_shape)
     target = occlusion.resolve_class(model, args.target)
     amounts = {"translation": args.translations, "scale": args.scales, "rotation": args.rotations}
     analysis = invariance.Invariance(model, layers=args.layer, amounts=amounts, axis=args.axis,
@@ -480,7 +481,6 @@ def cmd_maximize(args) -> int:
 # ------------------------------------------------------------------------------------ saliency
 
 def cmd_saliency(args) -> int:
-    import numpy as np
 
     from ..analysis import occlusion, saliency
     from ..export import figures
@@ -488,7 +488,7 @@ def cmd_saliency(args) -> int:
 
     model = common.load_model(args)
     pre = common.preprocessing_for(args, model)
-    space = occlusion.InputSpace(pre, model.input_shape)
+    space = InputSpace(pre, model.input_shape)
     target = occlusion.resolve_class(model, args.target)
     methods = list(dict.fromkeys(args.method or saliency.METHODS))
     runners = {m: saliency.Saliency(model, method=m, layer=args.layer, batch_size=args.batch_size) for m in methods}

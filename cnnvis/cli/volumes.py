@@ -177,10 +177,11 @@ def _open_source(args) -> _Source:
             raise CnnvisError(f"{option} {path}: no such file")
         vol = volumes.read_volume(path)
         array = vol.values
+        # validate now (one-line errors before anything is staged); the command converts later
         if array.ndim == 4:
-            stack, _ = volumes.stack_from_array(array, layout=args.layout, name=f"{option} {path}")
+            volumes.stack_from_array(array, layout=args.layout, name=f"{option} {path}")
         else:
-            stack = volumes.as_stack(array, name=f"{option} {path}")
+            volumes.as_stack(array, name=f"{option} {path}")
         meta = {k: vol.metadata[k] for k in ("model", "layer", "image") if k in vol.metadata}
         meta["source"] = str(path)
         label = common.safe_name(meta.get("layer", "volume"))
