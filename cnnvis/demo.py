@@ -68,7 +68,7 @@ def architecture_summary(proto) -> dict:
 
 
 def train_and_write(out, recipe: TrainingRecipe | None = None, data_dir=None, limit: int | None = None,
-                    checkpoints=(1, 2, 5, 10), device: str = "auto", threads=None, caffe: bool = True,
+                    checkpoints=(1, 2, 4, 8), device: str = "auto", threads=None, caffe: bool = True,
                     progress: bool = True) -> dict:
     """Train the demo model and write it, its sidecar, checkpoints, Caffe files and samples."""
     from .model import Model

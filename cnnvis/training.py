@@ -21,7 +21,7 @@ from .errors import CnnvisError
 class TrainingRecipe:
     """Hyper-parameters; stored in the model's sidecar so a result can be reproduced."""
 
-    epochs: int = 10
+    epochs: int = 8
     batch_size: int = 64
     lr: float = 0.02
     momentum: float = 0.9

@@ -19,8 +19,8 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--limit", type=common.positive_int, default=None,
                    help="train on the first N training images only (quick runs)")
-    p.add_argument("--checkpoints", default="1,2,5,10",
-                   help="epochs whose weights are also saved (comma separated; default 1,2,5,10)")
+    p.add_argument("--checkpoints", default="1,2,4,8",
+                   help="epochs whose weights are also saved (comma separated; default 1,2,4,8)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--threads", type=common.positive_int, default=None)
     p.add_argument("--no-caffe", action="store_true", help="do not also write Caffe prototxt + caffemodel")
