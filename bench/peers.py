@@ -110,3 +110,29 @@ def torch_module_from_onnx(proto):
         else:
             raise ValueError(f"torch peer: op {op} not supported")
     return torch.nn.Sequential(*layers).eval()
+
+
+def float64_conv1_gradients(proto, x, cls: int, limit: int = 8):
+    """Per-image d logit[cls] / d conv1.weight in float64 PyTorch (a loop), for the first ``limit``
+    images: the reference both cnnvis (float32) and PyTorch's float32 peers are checked against.
+
+    float32 results of the same network can differ from each other by percents on some images
+    (random AlexNet weights give huge activations; a last-bit change can flip a max-pool switch),
+    so neither float32 implementation is the reference for the other.
+    """
+    torch = try_torch()
+    module = torch_module_from_onnx(proto)[:-1].double()
+    conv1 = module[0]
+    out = []
+    for i in range(min(limit, len(x))):
+        module.zero_grad()
+        module(torch.from_numpy(np.asarray(x[i:i + 1], np.float64)))[0, cls].backward()
+        out.append(conv1.weight.grad.numpy().copy())
+    return np.stack(out)
+
+
+def relative_error(got, ref) -> float:
+    """max |got - ref| / max |ref|, per image, worst image."""
+    got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
+    axes = tuple(range(1, ref.ndim))
+    return float((np.abs(got - ref).max(axis=axes) / np.abs(ref).max(axis=axes)).max())
