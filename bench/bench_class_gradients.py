@@ -89,7 +89,7 @@ def main(argv=None):
         tx = torch.from_numpy(x)
         from peers import float64_conv1_gradients, relative_error
 
-        ref = float64_conv1_gradients(proto, x, CLASS)
+        ref = float64_conv1_gradients(proto, x[:len(mine)], CLASS)
         print(f"cnnvis (float32) vs PyTorch float64 reference: {relative_error(mine[:len(ref)], ref):.1e}")
         for name, peer in (("torch autograd+unfold", torch_unfold_peer), ("torch.func vmap(grad)", torch_vmap_peer)):
             try:
