@@ -314,13 +314,43 @@ class Model:
 
     def predict(self, x, batch_size: int = 32) -> np.ndarray:
         """Class probabilities (softmax of the logits if the graph does not end in a softmax)."""
-        out = self.run(x, [self.output_name], batch_size)[self.output_name]
+        return self.probabilities(self.run(x, [self.output_name], batch_size)[self.output_name])
+
+    def probabilities(self, output) -> np.ndarray:
+        """The graph's output as class probabilities: as is after a final Softmax, else its softmax."""
         last = self._by_tensor.get(self.output_name)
-        if last is None or last.op_type != "Softmax":
-            z = out - out.max(axis=1, keepdims=True)
-            e = np.exp(z)
-            out = e / e.sum(axis=1, keepdims=True)
-        return out
+        if last is not None and last.op_type == "Softmax":
+            return np.asarray(output)
+        return softmax(output)
+
+    def class_index(self, spec, what: str = "--class") -> int:
+        """A class index from an index (int or digit string) or a class name.
+
+        Names match exactly, then case-insensitively, then against any comma-separated alias of
+        the name ('tabby' finds 'tabby, tabby cat'); an alias shared by several classes is an error.
+        """
+        names = self.class_names
+        n = len(names)
+        if isinstance(spec, (bool, np.bool_)):
+            raise CnnvisError(f"{what} {spec!r}: expected a class index or name")
+        if isinstance(spec, (int, np.integer)) or (isinstance(spec, str) and spec.strip().lstrip("-").isdigit()):
+            idx = int(spec)
+            if not 0 <= idx < n:
+                raise CnnvisError(f"{what} {spec}: class index must be in [0, {n}) for model {self.name}")
+            return idx
+        text = str(spec).strip()
+        if text in names:
+            return names.index(text)
+        low = text.lower()
+        for rule in (lambda name: name.lower() == low,
+                     lambda name: low in [a.strip().lower() for a in name.split(",")]):
+            hits = [i for i, name in enumerate(names) if rule(name)]
+            if len(hits) == 1:
+                return hits[0]
+            if len(hits) > 1:
+                shown = ", ".join(f"{i} ({names[i]})" for i in hits)
+                raise CnnvisError(f"{what} {text!r}: matches several classes: {shown}; give the index")
+        raise unknown_name_error("class", text, names)
 
 
 def load_model(spec, weights=None, device: str = "auto", threads: int | None = None) -> Model:
@@ -328,6 +358,14 @@ def load_model(spec, weights=None, device: str = "auto", threads: int | None = N
     from . import registry
 
     return registry.load(spec, weights=weights, device=device, threads=threads)
+
+
+def softmax(logits) -> np.ndarray:
+    """Row-wise softmax in float64 (N × classes)."""
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
 
 
 # ---------------------------------------------------------------------- naming helpers

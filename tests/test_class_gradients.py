@@ -118,15 +118,15 @@ def test_chunking_does_not_change_results(tiny):
 
 def test_class_index_names_and_errors(tiny):
     model = tiny[0]
-    assert cgm.class_index(model, "dog") == 1
-    assert cgm.class_index(model, "DOG") == 1
-    assert cgm.class_index(model, "tabby") == 3  # alias before the comma
-    assert cgm.class_index(model, "tabby, tabby cat") == 3
-    assert cgm.class_index(model, "2") == 2 and cgm.class_index(model, np.int64(0)) == 0
+    assert model.class_index("dog") == 1
+    assert model.class_index("DOG") == 1
+    assert model.class_index("tabby") == 3  # alias before the comma
+    assert model.class_index("tabby, tabby cat") == 3
+    assert model.class_index("2") == 2 and model.class_index(np.int64(0)) == 0
     with pytest.raises(CnnvisError, match=r"\[0, 4\)"):
-        cgm.class_index(model, 4)
+        model.class_index(4)
     with pytest.raises(CnnvisError, match="unknown class 'dgo'.*dog"):
-        cgm.class_index(model, "dgo")
+        model.class_index("dgo")
     with pytest.raises(CnnvisError, match="is a Relu"):
         cgm.conv_layer(model, "relu1")
 

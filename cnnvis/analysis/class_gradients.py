@@ -32,7 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import CnnvisError, unknown_name_error
+from ..errors import CnnvisError
+from ..model import softmax
 from . import stats
 
 #: names of labels files looked up in the folder of a model's sample images
@@ -42,36 +43,6 @@ DEFAULT_DDOF = 1
 
 
 # ----------------------------------------------------------------------------- names and layers
-
-
-def class_index(model, spec, what: str = "--class") -> int:
-    """A class index from an index (int or digit string) or a class name of ``model``.
-
-    Names match exactly, then case-insensitively, then against any comma-separated alias of the
-    name ('tabby' finds 'tabby, tabby cat'); an alias shared by several classes is an error.
-    """
-    names = model.class_names
-    n = len(names)
-    if isinstance(spec, (bool, np.bool_)):
-        raise CnnvisError(f"{what} {spec!r}: expected a class index or name")
-    if isinstance(spec, (int, np.integer)) or (isinstance(spec, str) and spec.strip().lstrip("-").isdigit()):
-        idx = int(spec)
-        if not 0 <= idx < n:
-            raise CnnvisError(f"{what} {spec}: class index must be in [0, {n}) for model {model.name}")
-        return idx
-    text = str(spec).strip()
-    if text in names:
-        return names.index(text)
-    low = text.lower()
-    for rule in (lambda name: name.lower() == low,
-                 lambda name: low in [a.strip().lower() for a in name.split(",")]):
-        hits = [i for i, name in enumerate(names) if rule(name)]
-        if len(hits) == 1:
-            return hits[0]
-        if len(hits) > 1:
-            shown = ", ".join(f"{i} ({names[i]})" for i in hits)
-            raise CnnvisError(f"{what} {text!r}: matches several classes: {shown}; give the index")
-    raise unknown_name_error("class", text, names)
 
 
 def conv_layer(model, name=None):
@@ -95,13 +66,6 @@ def filter_importance(gradients) -> np.ndarray:
         raise ValueError(f"filter_importance: expected N × O × ..., got shape {g.shape}")
     flat = g.reshape(g.shape[0], g.shape[1], -1).astype(np.float64)
     return np.sqrt(np.einsum("nok,nok->no", flat, flat))
-
-
-def softmax(logits) -> np.ndarray:
-    z = np.asarray(logits, dtype=np.float64)
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
 
 
 # ----------------------------------------------------------------------------- per-image gradients
@@ -178,8 +142,8 @@ class ClassGradients:
         if isinstance(target, (list, tuple, np.ndarray)):
             if len(target) != n:
                 raise CnnvisError(f"target: {len(target)} classes given for {n} images")
-            return np.array([class_index(self.model, t, "target") for t in target], dtype=np.int64)
-        return np.full(n, class_index(self.model, target, "target"), dtype=np.int64)
+            return np.array([self.model.class_index(t, "target") for t in target], dtype=np.int64)
+        return np.full(n, self.model.class_index(target, "target"), dtype=np.int64)
 
     def compute(self, x, target=None) -> ClassGradientBatch:
         """Gradients of each image's target logit with respect to the layer's weights."""
@@ -238,7 +202,7 @@ def sample_classes(model) -> dict:
             if label is None:
                 continue
             try:
-                idx = class_index(model, label, "label")
+                idx = model.class_index(label, "label")
             except CnnvisError as exc:
                 raise CnnvisError(f"{labels_path}: sample {p.name}: {exc}") from None
             by_class.setdefault(idx, []).append(p)
@@ -320,7 +284,7 @@ def resolve_group(model, items, what: str = "group") -> list:
             if by_class is None:
                 by_class = sample_classes(model)
             try:
-                idx = class_index(model, str(item), what)
+                idx = model.class_index(str(item), what)
             except CnnvisError:
                 idx = None
             if idx is None or idx not in by_class:
@@ -457,7 +421,7 @@ class ClassComparison:
             raise CnnvisError(f"max_vectors_per_group {self.max_vectors_per_group}: expected a positive integer")
         if int(self.top_k) < 1:
             raise CnnvisError(f"top_k {self.top_k}: expected a positive integer")
-        self.neuron_ = class_index(self.model, self.neuron, "--neuron")
+        self.neuron_ = self.model.class_index(self.neuron, "--neuron")
         cg = ClassGradients(self.model, self.layer, self.batch_size)
         self.layer_ = cg.layer_.name
         self.weights_ = cg.weights_

@@ -52,33 +52,15 @@ def overlay_heatmap(rgb, heat, alpha: float = 0.5, cmap: str = "jet") -> np.ndar
 
 
 def resolve_class(model, spec):
-    """A class index from an int, a numeric string or a class name (None stays None)."""
+    """A class index from an index or a name (None, '' and 'predicted' mean the predicted class)."""
     if spec is None or (isinstance(spec, str) and spec in ("", "predicted")):
         return None
-    names = model.class_names
-    if isinstance(spec, (int, np.integer)) or (isinstance(spec, str) and spec.strip().lstrip("-").isdigit()):
-        k = int(spec)
-        if not 0 <= k < len(names):
-            raise CnnvisError(f"--class {spec}: expected a class index in [0, {len(names)}) or a class name")
-        return k
-    if spec in names:
-        return names.index(spec)
-    lowered = [n.lower() for n in names]
-    if str(spec).lower() in lowered:
-        return lowered.index(str(spec).lower())
-    from ..errors import unknown_name_error
-
-    raise unknown_name_error("class", str(spec), names)
+    return model.class_index(spec)
 
 
 def probabilities(model, output) -> np.ndarray:
-    """The model's output as class probabilities (softmax unless the graph ends in one)."""
-    out = np.asarray(output, dtype=np.float64)
-    if model.layer(model.output_name).op_type == "Softmax":
-        return out
-    z = out - out.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
+    """The model's output as class probabilities (see :meth:`cnnvis.model.Model.probabilities`)."""
+    return model.probabilities(np.asarray(output, dtype=np.float64))
 
 
 def default_feature_layer(model) -> str:

@@ -134,7 +134,7 @@ def cmd_conv_gradients(args) -> int:
     model = common.load_model(args)
     cg = cgm.ClassGradients(model, args.layer, args.batch_size)
     layer = cg.layer_.name
-    target = None if args.target is None else cgm.class_index(model, args.target, "--class")
+    target = None if args.target is None else model.class_index(args.target, "--class")
     chunks = common.iter_input_chunks(args, model)
     first = next(chunks)  # unreadable inputs fail here, before anything is staged
     common.model_warning(model)
@@ -216,7 +216,7 @@ def _groups_from_args(args, model):
     if neuron is None:
         raise CnnvisError(f"--neuron: model {model.name} has no compare_classes defaults in its sidecar; "
                           "give the class index or name")
-    neuron = cgm.class_index(model, neuron, "--neuron")
+    neuron = model.class_index(neuron, "--neuron")
     chosen = {role: getattr(args, role) if getattr(args, role) is not None else defaults.get(role) for role in ROLES}
     if not chosen["reference"]:
         chosen["reference"] = [model.class_names[neuron]]

@@ -90,10 +90,9 @@ def resolve_wrt(model, spec: str) -> str:
 def _targets(model, args, x):
     import numpy as np
 
-    from ..analysis.class_gradients import class_index
 
     if args.class_ is not None:
-        return np.full(len(x), class_index(model, args.class_), dtype=np.int64)
+        return np.full(len(x), model.class_index(args.class_), dtype=np.int64)
     logits = model.run(x, [model.logits_layer.tensor], batch_size=args.batch_size)[model.logits_layer.tensor]
     return np.argmax(logits.reshape(len(x), -1), axis=1).astype(np.int64)
 
