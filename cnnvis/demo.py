@@ -88,6 +88,8 @@ def train_and_write(out, recipe: TrainingRecipe | None = None, data_dir=None, li
             if epoch in checkpoints:
                 path = run.path(f"checkpoints/{MODEL_NAME}_epoch{epoch:02d}.onnx", kind="checkpoint", epoch=epoch)
                 path.write_bytes(trainer.trained_proto().SerializeToString())
+                run.path(f"checkpoints/{path.name}.json", kind="sidecar", epoch=epoch).write_text(
+                    dumps_json(checkpoint_sidecar(epoch, recipe.epochs)), encoding="utf-8")
                 saved.append(f"checkpoints/{path.name}")
 
         t0 = time.perf_counter()
@@ -115,7 +117,7 @@ def train_and_write(out, recipe: TrainingRecipe | None = None, data_dir=None, li
             "data_licence": f"Fashion-MNIST, {datasets.FASHION_MNIST_LICENSE}",
             "architecture": architecture_summary(final),
             "training": {"recipe": recipe.as_dict(), "train_images": int(len(train_x)),
-                         "history": trainer.history_, "seconds": round(train_seconds, 1),
+                         "history": trainer.history_,
                          "optimizer": "SGD with momentum, weight decay on weights (not biases), "
                                       "linear warm-up then cosine decay; random horizontal flips"},
             "test_accuracy": round(result["accuracy"], 4),
@@ -130,7 +132,18 @@ def train_and_write(out, recipe: TrainingRecipe | None = None, data_dir=None, li
             sidecar["caffe_files"] = caffe_files
         run.path(f"{MODEL_NAME}.json", kind="sidecar").write_text(dumps_json(sidecar), encoding="utf-8")
         run.extra["test_accuracy"] = result["accuracy"]
+        run.extra["train_seconds"] = round(train_seconds, 1)  # here, not in the sidecar: reruns give identical files
     return {"test_accuracy": result["accuracy"], "test_n": result["n"], "history": trainer.history_}
+
+
+def checkpoint_sidecar(epoch: int, epochs: int) -> dict:
+    """The sidecar beside a checkpoint: the demo model's preprocessing, classes and samples, so
+    that a checkpoint loaded on its own (e.g. by `cnnvis evolution`) sees what the model saw."""
+    samples = [f"../samples/{slug(name)}_{i:02d}.png" for name in datasets.FASHION_MNIST_CLASSES
+               for i in range(SAMPLES_PER_CLASS)]
+    return {"display_name": f"{MODEL_NAME} after epoch {epoch} of {epochs}", "trained": True,
+            "input_size": [1, 28, 28], "preprocessing": PREPROCESSING, "classes": "fashion_mnist",
+            "samples": samples, "notes": "a training checkpoint of the cnnvis demo model"}
 
 
 def _write_samples(run, images, labels, indices, predictions) -> list:

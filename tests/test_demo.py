@@ -81,3 +81,14 @@ def test_accuracy_reproduces_on_the_full_test_set(model, sidecar):
         pytest.skip(str(exc))
     assert result["n"] == 10000
     assert abs(result["accuracy"] - sidecar["test_accuracy"]) < 1e-4
+
+
+def test_checkpoints_carry_the_demo_preprocessing(sidecar):
+    from cnnvis import preprocess
+
+    for rel in sidecar["checkpoints"]:
+        m = registry.load(str(MODELS / rel))
+        assert m.trained is True
+        assert preprocess.for_model(m) == demo.preprocessing()
+        assert m.class_names[6] == "Shirt"
+        assert len(registry.sample_images(m)) == 100 and all(p.is_file() for p in registry.sample_images(m))
