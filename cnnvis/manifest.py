@@ -181,8 +181,19 @@ class RunOutput:
         manifest_path = self.out / MANIFEST_NAME
         manifest = read_manifest(manifest_path) if manifest_path.exists() else {}
         runs = manifest.get("runs", {})
-        runs[self.command] = record
+        runs[run_key(runs, self.command, record["params"])] = record
         write_json(manifest_path, {"cnnvis_version": __version__, "runs": runs})
+
+
+def run_key(runs: dict, command: str, params: dict) -> str:
+    """The key of a run in ``manifest.json``: the command name; a run of the same command with other
+    parameters in the same folder gets ``command [hash of its parameters]``, so that neither run's
+    record is lost. A rerun with the same parameters replaces its own record."""
+    params = to_jsonable(params)
+    if command not in runs or to_jsonable(runs[command].get("params")) == params:
+        return command
+    digest = hashlib.sha256(dumps_json(params).encode()).hexdigest()[:8]
+    return f"{command} [{digest}]"
 
 
 def read_manifest(path) -> dict:

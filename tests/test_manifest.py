@@ -50,3 +50,13 @@ def test_atomic_path_removes_temp_on_error(tmp_path):
             tmp.write_bytes(b"half")
             raise ValueError
     assert os.listdir(tmp_path) == []
+
+
+def test_same_command_with_other_parameters_keeps_both_records(tmp_path):
+    for k in (1, 2, 1):
+        with RunOutput(tmp_path, "order", params={"method": f"m{k}"}) as run:
+            write_json(run.path(f"order_m{k}.json", kind="table"), {"k": k})
+    runs = json.loads((tmp_path / "manifest.json").read_text())["runs"]
+    assert len(runs) == 2 and runs["order"]["params"] == {"method": "m1"}
+    (other,) = [key for key in runs if key != "order"]
+    assert other.startswith("order [") and runs[other]["params"] == {"method": "m2"}
