@@ -89,6 +89,7 @@ def cmd_run_all(args) -> int:
         model_args += ["--weights", args.weights]
     if args.threads:
         model_args += ["--threads", str(args.threads)]
+    model_args += ["--batch-size", str(args.batch_size)]
     images = [str(p) for p in (args.images or common.default_images(model))]
     steps = plan(model, model_args, images, args.out.rstrip("/"))
     names = [name for name, _ in steps]
@@ -107,7 +108,13 @@ def cmd_run_all(args) -> int:
     for name, argv in chosen:
         t0 = time.perf_counter()
         print(f"== {name}: cnnvis {' '.join(argv[:1])} ...", flush=True)
-        code = cli_main(argv)
+        try:
+            code = cli_main(argv)
+        except Exception as exc:  # a bug in one analysis must not cost the others (and the report)
+            if getattr(args, "debug", False):
+                raise
+            print(f"cnnvis {argv[0]}: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
+            code = 1
         status = "ok" if code == 0 else f"FAILED (exit {code})"
         print(f"   {name}: {status} in {time.perf_counter() - t0:.1f} s", flush=True)
         if code != 0:

@@ -1,0 +1,53 @@
+"""`cnnvis run-all` on the embedded demo model: every analysis end to end, then the report."""
+import json
+
+import pytest
+
+from cnnvis.cli import main
+from cnnvis.cli import pipeline
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runall") / "out"
+    code = main(["run-all", "--out", str(out)])
+    return code, out
+
+
+def test_run_all_runs_every_step_and_writes_the_report(full_run, capsys):
+    code, out = full_run
+    assert code == 0
+    manifests = sorted(out.rglob("manifest.json"))
+    commands = set()
+    for m in manifests:
+        for record in json.loads(m.read_text())["runs"].values():
+            commands.add(record["command"])
+            for f in record["files"]:
+                assert (m.parent / f["path"]).is_file(), f["path"]
+    assert {"activations", "filters", "volume", "order", "render", "conv-gradients", "compare-classes",
+            "deconv", "topk", "occlusion", "invariance", "maximize", "saliency", "evolution"} <= commands
+    html = (out / "index.html").read_text()
+    assert "fashion_caffenet" in html and "compare-classes" in html
+    # compare-classes on the demo defaults: the Shirt neuron, one group per similar/dissimilar class
+    summary = json.loads((out / "compare_classes" / "summary.json").read_text())
+    assert "Shirt" in json.dumps(summary)
+
+
+def test_a_failing_step_is_reported_and_the_rest_still_run(tmp_path, monkeypatch, capsys):
+    real_plan = pipeline.plan
+
+    def plan_with_a_broken_step(model, model_args, images, out):
+        steps = real_plan(model, model_args, images, out)[:2]
+        return [("broken", ["layers", "--model", "/no/such/model.onnx"])] + steps
+
+    monkeypatch.setattr(pipeline, "plan", plan_with_a_broken_step)
+    code = main(["run-all", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 1 and "1 step(s) failed: broken" in err
+    assert (tmp_path / "o" / "activations" / "manifest.json").is_file()
+    assert (tmp_path / "o" / "index.html").is_file()
+
+
+def test_unknown_step_is_one_line(capsys):
+    assert main(["run-all", "--only", "nonsense", "--out", "unused"]) == 2
+    assert "unknown step(s) nonsense" in capsys.readouterr().err
