@@ -304,3 +304,19 @@ def test_companion_paths(tmp_path):
     assert V.companion_paths(tmp_path / "a.vox") == [tmp_path / "a.hd"]
     assert V.companion_paths(tmp_path / "a.hdf") == [tmp_path / "a_paraview.py"]
     assert V.companion_paths(tmp_path / "a.npy") == []
+
+
+def test_damaged_volume_files_are_one_line(tmp_path):
+    import h5py
+
+    from cnnvis.errors import CnnvisError
+    from cnnvis.export import volumes
+
+    (tmp_path / "empty.npy").write_bytes(b"")
+    with pytest.raises(CnnvisError, match="empty.npy"):
+        volumes.read_volume(tmp_path / "empty.npy")
+    with h5py.File(tmp_path / "noattrs.hdf", "w") as f:
+        g = f.create_group("VTKHDF")
+        g.attrs["Type"] = np.bytes_("ImageData")
+    with pytest.raises(CnnvisError, match="noattrs.hdf"):
+        volumes.read_volume(tmp_path / "noattrs.hdf")

@@ -334,7 +334,10 @@ def group_size(model, files) -> int:
     total = 0
     for f in files:
         if Path(f).suffix.lower() == ".npy":
-            total += int(np.load(f, mmap_mode="r", allow_pickle=False).shape[0])
+            try:
+                total += int(np.load(f, mmap_mode="r", allow_pickle=False).shape[0])
+            except (OSError, EOFError, ValueError, IndexError) as exc:
+                raise CnnvisError(f"{f}: not a readable N×C×H×W .npy array ({exc})") from None
         else:
             total += 1
     return total

@@ -45,7 +45,12 @@ def cmd_convert_caffe(args) -> int:
     prototxt = Path(args.prototxt)
     output = Path(args.output) if args.output else Path.cwd() / (prototxt.stem + ".onnx")
     model = caffe.load_caffe(prototxt, args.weights, fill=args.fill, seed=args.seed)
-    onnx.checker.check_model(model)
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as exc:  # a converter gap, said in one line
+        from ..errors import CnnvisError
+
+        raise CnnvisError(f"{prototxt}: the converted ONNX graph is invalid ({str(exc).splitlines()[0]})") from None
     inputs = [str(prototxt)] + ([str(args.weights)] if args.weights else [])
     params = {"fill": args.fill, "seed": args.seed} if args.weights is None else {}
     meta = caffe.caffe_metadata(model)

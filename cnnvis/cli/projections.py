@@ -228,6 +228,8 @@ def _read_state(path: Path, fingerprint: dict, names: list):
         saved = json.loads(path.read_text(encoding="utf-8"))
         old = saved["fingerprint"]
         state = saved["topk"]
+        if not isinstance(old, dict):
+            raise TypeError("fingerprint is not an object")
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise CnnvisError(f"{path}: unreadable top-k state ({exc}); use --restart to start over") from None
     if old != fingerprint:

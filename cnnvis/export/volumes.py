@@ -475,7 +475,12 @@ def read_volume(path, array: str | None = None) -> VolumeData:
     if not path.is_file():
         raise CnnvisError(f"{path}: no such volume file")
     reader = {"hdf": _read_hdf, "vti": _read_vti, "vox": _read_vox, "npy": _read_npy}[fmt]
-    vol = reader(path)
+    try:
+        vol = reader(path)
+    except CnnvisError:
+        raise
+    except (OSError, EOFError, KeyError, ValueError, TypeError) as exc:  # damaged or foreign files
+        raise CnnvisError(f"{path}: not a readable .{fmt} volume ({type(exc).__name__}: {exc})") from None
     vol.format = fmt
     if vol.arrays:
         if array is None:
