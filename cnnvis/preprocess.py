@@ -375,13 +375,9 @@ class InputSpace:
     def channels(self) -> int:
         return self.input_shape[0]
 
-    def to_pixels(self, x) -> np.ndarray:
-        """Input-space C×H×W → pixels in [0, 1], C×H×W, in the model's channel order."""
-        return np.clip((np.asarray(x, dtype=np.float64) - self.low_) / (self.high_ - self.low_), 0.0, 1.0)
-
     def to_display(self, x) -> np.ndarray:
         """Input-space C×H×W → an H×W×3 RGB picture in [0, 1] (grey repeated; BGR swapped back)."""
-        p = channels_last(self.to_pixels(x), self.preprocessing.channel_order)
+        p = self.preprocessing.to_display(x)
         return np.ascontiguousarray(np.repeat(p[..., None], 3, axis=-1) if p.ndim == 2 else p)
 
     def clip(self, x) -> np.ndarray:

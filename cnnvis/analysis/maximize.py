@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import CnnvisError
-from ..preprocess import input_space
+from ..preprocess import channels_last, input_space
 from .occlusion import default_feature_layer
 
 OBJECTIVES = ("channel_mean", "logit")
@@ -153,11 +153,7 @@ class ActivationMaximization:
         """The patterns as tiles for :func:`cnnvis.export.figures.grid_png`: N×H×W×3 RGB (colour
         models) or N×H×W (grey), deviations from the grey (each tile is min–max scaled there)."""
         p = self.patterns_.astype(np.float64) - self.space_.grey_[None]
-        if p.shape[1] == 1:
-            return p[:, 0]
-        if self.space_.preprocessing.channel_order == "BGR":
-            p = p[:, ::-1]
-        return np.ascontiguousarray(p.transpose(0, 2, 3, 1))
+        return np.ascontiguousarray(channels_last(p, self.space_.preprocessing.channel_order))
 
 
 def _roll(x, shifts):

@@ -17,6 +17,7 @@ import dataclasses
 import numpy as np
 
 from ..errors import CnnvisError
+from ..preprocess import channels_last
 from .occlusion import default_feature_layer, probabilities
 
 METHODS = ("gradient", "guided", "gradcam")
@@ -54,12 +55,8 @@ def gradient_picture(gradient, channel_order: str = "RGB") -> np.ndarray:
     """A gradient C×H×W as an H×W×3 picture in [0, 1]: 0.5 = zero, symmetric scaling."""
     g = np.asarray(gradient, dtype=np.float64)
     peak = np.abs(g).max()
-    pic = 0.5 + 0.5 * g / peak if peak > 0 else np.full_like(g, 0.5)
-    if pic.shape[0] == 3 and channel_order.upper() == "BGR":
-        pic = pic[::-1]
-    if pic.shape[0] == 1:
-        pic = np.repeat(pic, 3, axis=0)
-    return np.ascontiguousarray(pic.transpose(1, 2, 0))
+    pic = channels_last(0.5 + 0.5 * g / peak if peak > 0 else np.full_like(g, 0.5), channel_order)
+    return np.ascontiguousarray(np.repeat(pic[..., None], 3, axis=-1) if pic.ndim == 2 else pic)
 
 
 @dataclasses.dataclass

@@ -142,12 +142,9 @@ def grid_png(path, stack, ncols=None, pad: int = 1, normalization: str = "channe
 
 def filters_rgb_stack(weights, channel_order: str = "RGB") -> np.ndarray:
     """Conv weights O×I×kh×kw -> O tiles for display: kh×kw×3 (RGB) when I == 3, else kh×kw (mean over I)."""
+    from ..preprocess import channels_last
+
     w = np.asarray(weights, dtype=np.float64)
     if w.ndim != 4:
         raise CnnvisError(f"expected conv weights O×I×kh×kw, got shape {w.shape}")
-    if w.shape[1] == 3:
-        tiles = np.transpose(w, (0, 2, 3, 1))
-        if channel_order.upper() == "BGR":
-            tiles = tiles[..., ::-1]
-        return tiles
-    return w.mean(axis=1)
+    return channels_last(w, channel_order)  # one input channel: O×kh×kw; other counts: the mean
