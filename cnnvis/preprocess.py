@@ -608,12 +608,15 @@ def list_images(inputs) -> list:
 
 def display_names(paths) -> list:
     """Short unique names for output files: the file stem, or parent_stem where stems collide."""
+    import collections
+
     paths = [Path(p) for p in paths]
     stems = [p.stem for p in paths]
+    counts = collections.Counter(stems)  # (not stems.count: folders of tens of thousands of images)
     names = []
     seen = {}
     for p, stem in zip(paths, stems):
-        name = stem if stems.count(stem) == 1 else f"{p.parent.name}_{stem}" if p.parent.name else stem
+        name = stem if counts[stem] == 1 else f"{p.parent.name}_{stem}" if p.parent.name else stem
         # Still colliding (same folder name twice): number them in order.
         k = seen.get(name, 0)
         seen[name] = k + 1

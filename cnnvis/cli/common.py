@@ -61,10 +61,7 @@ def load_inputs(args, model):
         batch = preprocess.load_input_array(args.input_array, expected_shape=model.input_shape)
         stem = os.path.splitext(os.path.basename(args.input_array))[0]
         return [f"{stem}[{i}]" for i in range(len(batch))], batch
-    paths = list(args.images) or default_images(model)
-    pre = preprocessing_for(args, model)
-    files = preprocess.list_images(paths)
-    return preprocess.display_names(files), preprocess.load_batch(files, pre)
+    return preprocess.load_images(input_paths(args, model), preprocessing_for(args, model))
 
 
 def iter_input_chunks(args, model):
@@ -76,13 +73,13 @@ def iter_input_chunks(args, model):
         for start in range(0, len(batch), args.batch_size):
             yield names[start:start + args.batch_size], batch[start:start + args.batch_size]
         return
-    paths = list(args.images) or default_images(model)
-    files = preprocess.list_images(paths)
-    names = preprocess.display_names(files)
-    pre = preprocessing_for(args, model)
-    for start in range(0, len(files), args.batch_size):
-        chunk = files[start:start + args.batch_size]
-        yield names[start:start + args.batch_size], preprocess.load_batch(chunk, pre)
+    yield from preprocess.iter_image_batches(input_paths(args, model), preprocessing_for(args, model),
+                                             batch_size=args.batch_size)
+
+
+def input_paths(args, model) -> list:
+    """The image arguments, or the model's sample images when there are none."""
+    return list(args.images) or default_images(model)
 
 
 def preprocessing_for(args, model):
@@ -91,6 +88,13 @@ def preprocessing_for(args, model):
     if getattr(args, "preprocess", None):
         return preprocess.preset(args.preprocess, model.input_shape)
     return preprocess.for_model(model)
+
+
+def recorded_inputs(args, model) -> list:
+    """What a manifest records as the inputs: the --input-array file, or the images actually used."""
+    if getattr(args, "input_array", None):
+        return [str(args.input_array)]
+    return [str(p) for p in input_paths(args, model)]
 
 
 def default_images(model) -> list:

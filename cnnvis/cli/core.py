@@ -85,7 +85,7 @@ def cmd_activations(args) -> int:
     used = {}
     # the layer table rides along in this run's model card (the report shows it)
     card = dict(model.info(), layers=[layer.as_dict() for layer in model.layers])
-    with RunOutput(args.out, "activations", params=params, inputs=args.images, model=card) as run:
+    with RunOutput(args.out, "activations", params=params, inputs=common.recorded_inputs(args, model), model=card) as run:
         for names, acts in activations.iter_activations(model, _chain(first, chunks), layers, args.batch_size):
             for i, (name, safe) in enumerate(zip(names, common.unique_names(names, used))):
                 h5_path = run.path(f"{safe}/activations.h5", kind="stack-hdf5", image=name)

@@ -123,7 +123,7 @@ def cmd_gradients(args) -> int:
     result = engine.run(x, index=targets)
     params = {"wrt": specs, "rule": args.rule, "objective": args.objective, "batch_sum": args.batch_sum,
               "classes": targets.tolist(), "model": model.name}
-    with RunOutput(args.out, "gradients", params=params, inputs=args.images or [args.input_array],
+    with RunOutput(args.out, "gradients", params=params, inputs=common.recorded_inputs(args, model),
                    model=model.info()) as run:
         import h5py
 

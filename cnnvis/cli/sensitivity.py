@@ -250,7 +250,7 @@ def cmd_occlusion(args) -> int:
               "incremental": not args.no_incremental, "batch_size": args.batch_size, "cmap": args.cmap,
               "alpha": args.alpha, "preprocessing": pre.to_dict(), "input_array": args.input_array}
     used, summaries = {}, []
-    with RunOutput(args.out, "occlusion", params=params, inputs=args.images, model=model.info()) as run:
+    with RunOutput(args.out, "occlusion", params=params, inputs=common.recorded_inputs(args, model), model=model.info()) as run:
         for names, batch in chunks:
             for name, safe, x in zip(names, common.unique_names(names, used), batch):
                 res = analysis.run(x, target=target, channel=args.channel)
@@ -374,7 +374,7 @@ def cmd_invariance(args) -> int:
               "class": target, "distance": "||f(Tx) - f(x)|| / ||f(x)||", "batch_size": args.batch_size,
               "preprocessing": pre.to_dict(), "input_array": args.input_array}
     used, rows, curves = {}, [], []
-    with RunOutput(args.out, "invariance", params=params, inputs=args.images, model=model.info()) as run:
+    with RunOutput(args.out, "invariance", params=params, inputs=common.recorded_inputs(args, model), model=model.info()) as run:
         for names, batch in chunks:
             for name, safe, x in zip(names, common.unique_names(names, used), batch):
                 res = analysis.run(x, target=target)
@@ -501,7 +501,7 @@ def cmd_saliency(args) -> int:
     params = {"methods": methods, "class": target, "layer": args.layer, "cmap": args.cmap, "alpha": args.alpha,
               "batch_size": args.batch_size, "preprocessing": pre.to_dict(), "input_array": args.input_array}
     used, records = {}, []
-    with RunOutput(args.out, "saliency", params=params, inputs=args.images, model=model.info()) as run:
+    with RunOutput(args.out, "saliency", params=params, inputs=common.recorded_inputs(args, model), model=model.info()) as run:
         for names, batch in chunks:
             results = {m: r.run(batch, target=target) for m, r in runners.items()}
             for i, (name, safe) in enumerate(zip(names, common.unique_names(names, used))):
