@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CnnvisError
+from ..export import figures
 from ..model import softmax
 from . import stats
 
@@ -592,18 +593,6 @@ def _csv_cell(v):
     return v
 
 
-def save_figure(fig, path) -> None:
-    """Write a matplotlib Figure as PNG with no software/date metadata (same bytes on rerun)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    from ..manifest import write_bytes
-
-    FigureCanvasAgg(fig)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
-    write_bytes(path, buf.getvalue())
-
-
 def _figure(width, height):
     from matplotlib.figure import Figure
 
@@ -630,7 +619,7 @@ def plot_importance(path, importance, title: str = "", sort: bool = False, highl
         ax.set_xlabel("filter")
     ax.set_ylabel("‖∂logit/∂W_f‖₂")
     ax.set_title(title, fontsize=10)
-    save_figure(fig, path)
+    figures.save_figure(fig, path)
     return [int(f) for f in order]
 
 
@@ -651,7 +640,7 @@ def plot_group_importance(path, means: dict, stds: dict, title: str = "", ylabel
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
-    save_figure(fig, path)
+    figures.save_figure(fig, path)
 
 
 def plot_cosine_matrix(path, cosine, groups, group_names, title: str = "") -> None:
@@ -673,7 +662,7 @@ def plot_cosine_matrix(path, cosine, groups, group_names, title: str = "") -> No
     ax.set_xticks(centres, labels, fontsize=8, rotation=30, ha="right")
     ax.set_yticks(centres, labels, fontsize=8)
     ax.set_title(title, fontsize=10)
-    save_figure(fig, path)
+    figures.save_figure(fig, path)
 
 
 def save_filters_beside(path, columns, filters, channel_order: str = "RGB") -> dict:

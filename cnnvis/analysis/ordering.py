@@ -37,7 +37,7 @@ import warnings
 import numpy as np
 
 from ..errors import CnnvisError
-from ..manifest import atomic_path
+from ..export.figures import save_png
 
 METHODS = ("kmeans-rows", "pca-rows", "pca-maps", "kmeans-maps", "smooth")
 
@@ -506,15 +506,6 @@ def slice_image(stack, row: int, permutation=None, boundaries=(), lo=None, hi=No
     return rgb
 
 
-def _save_png(path, rgb: np.ndarray):
-    from PIL import Image
-
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            Image.fromarray(rgb).save(f, format="PNG")
-    return path
-
-
 def _picture_scale(c: int, w: int) -> int:
     return max(1, min(8, 384 // max(c, w, 1)))
 
@@ -526,7 +517,8 @@ def save_slice_png(path, stack, result: dict, row: int | None = None, separator:
     scale = _picture_scale(stack.shape[0], stack.shape[2])
     rgb = slice_image(stack, row, result["permutation"], result.get("boundaries", ()),
                       scale=scale, separator=separator)
-    return _save_png(path, rgb)
+    save_png(path, rgb)
+    return path
 
 
 def _picture_row(stack, result, row):
@@ -563,7 +555,8 @@ def save_before_after(path, stack, result: dict, row: int | None = None, separat
               fill=(0, 0, 0))
     draw.text((2, 14), f"{result['method']}: {result['smoothness']:.4g} "
               f"(ratio {result['ratio']:.3f})", fill=(0, 0, 0))
-    return _save_png(path, np.asarray(img))
+    save_png(path, np.asarray(img))
+    return path
 
 
 __all__ = ["METHODS", "PCARows", "PCAMaps", "KMeansRows", "KMeansMaps", "SmoothOrder",

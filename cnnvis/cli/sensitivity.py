@@ -6,6 +6,7 @@ import argparse
 
 from . import common
 from ..errors import CnnvisError
+from ..export import figures
 from ..preprocess import InputSpace
 
 ORDER = 45
@@ -210,13 +211,6 @@ def _class_colours(classes) -> dict:
     return {int(k): tuple(int(round(255 * c)) for c in table(i % 20)[:3]) for i, k in enumerate(sorted(set(classes)))}
 
 
-def _save_figure(fig, path):
-    from ..manifest import atomic_path
-
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100, metadata={"Software": None})
-
-
 def _class_name(model, k) -> str:
     names = model.class_names
     return names[k] if 0 <= k < len(names) else f"class {k}"
@@ -330,7 +324,7 @@ def _occlusion_figure(path, model, rgb, res, colours, cmap):
         ax.set_xticks([])
         ax.set_yticks([])
     fig.tight_layout()
-    _save_figure(fig, path)
+    figures.save_figure(fig, path)
     plt.close(fig)
 
 
@@ -429,7 +423,7 @@ def _invariance_figure(path, model, curves, sweeps, layers):
             axes[r, c].tick_params(labelsize=7)
     axes[0, -1].legend(fontsize=6)
     fig.tight_layout()
-    _save_figure(fig, path)
+    figures.save_figure(fig, path)
     plt.close(fig)
 
 

@@ -123,6 +123,21 @@ def save_png(path, rgb) -> None:
         Image.fromarray(rgb).save(tmp, format="PNG", optimize=False)
 
 
+def save_figure(fig, path, dpi: int = 100) -> None:
+    """Write a matplotlib Figure as PNG, atomically, with no software/date metadata (same bytes on
+    rerun)."""
+    import io
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from ..manifest import write_bytes
+
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, metadata={"Software": None})
+    write_bytes(path, buf.getvalue())
+
+
 def grid_png(path, stack, ncols=None, pad: int = 1, normalization: str = "channel", cmap: str = "viridis",
              labels: bool | list = False, scale: int | None = None) -> dict:
     """Write the grid picture of a C×H×W stack; returns its layout (for manifests)."""

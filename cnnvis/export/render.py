@@ -242,12 +242,9 @@ def render_image(array, **options) -> np.ndarray:
 
 def render_png(array, path, **options) -> Path:
     """Render ``array`` off-screen into the PNG ``path`` (written atomically)."""
-    from PIL import Image
+    from .figures import save_png
 
-    image = render_image(array, **options)
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            Image.fromarray(image).save(f, format="PNG")
+    save_png(path, render_image(array, **options))
     return Path(path)
 
 
