@@ -231,9 +231,6 @@ def _blob_proto(array):
 
 
 def test_mean_binaryproto_through_caffe_reader(tmp_path):
-    caffe = pytest.importorskip("cnnvis.caffe")
-    if not hasattr(caffe, "read_mean_binaryproto"):
-        pytest.skip("cnnvis.caffe.read_mean_binaryproto is not written yet")
     mean = np.arange(3 * 4 * 4, dtype=np.float32).reshape(3, 4, 4)
     (tmp_path / "mean.binaryproto").write_bytes(_blob_proto(mean))
     path = save(tmp_path / "w.png", np.full((4, 4, 3), 255, np.uint8))

@@ -481,7 +481,6 @@ def test_registry_caffe_model_with_deploy_beside_sidecar(models_path):
 def test_generated_deploy_of_known_caffe_topologies(models_path, shared_dir):
     from cnnvis import caffe
 
-    pytest.importorskip("cnnvis.caffe.writer", reason="the Caffe writer is not there yet")
     entry = registry.ModelEntry("bvlc_alexnet", "caffe", None, registry.known_models()["bvlc_alexnet"],
                                 sidecar_path=registry.REPO_MODELS_DIR / "bvlc_alexnet.json")
     generated = caffe.read_net(registry.deploy_prototxt(entry))

@@ -1,7 +1,6 @@
 """`cnnvis train-demo` (train the embedded Fashion-MNIST model) and `cnnvis evaluate`."""
 from __future__ import annotations
 
-import sys
 
 from . import common
 
@@ -51,7 +50,7 @@ def cmd_train_demo(args) -> int:
         raise CnnvisError(f"--checkpoints {args.checkpoints!r}: expected comma-separated epoch numbers") from None
     result = demo.train_and_write(args.out, recipe, data_dir=args.data, limit=args.limit,
                                   checkpoints=checkpoints, device=args.device, threads=args.threads,
-                                  caffe=not args.no_caffe, progress=sys.stderr.isatty() or True)
+                                  caffe=not args.no_caffe, progress=True)
     print(f"cnnvis train-demo: test accuracy {result['test_accuracy']:.4f} on {result['test_n']} images; "
           f"wrote {args.out}")
     return 0

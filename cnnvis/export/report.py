@@ -620,11 +620,7 @@ def write_report(out_dir, title: str | None = None) -> Path:
     path = data.folder / REPORT_NAME
     text = render_html(data, title=title)
     try:
-        write_text(path, text)
-        # the atomic temporary file is private (0600); a page is for reading: honour the umask
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(path, 0o666 & ~umask)
+        write_text(path, text)  # atomic, with the umask's permissions
     except OSError as exc:
         raise CnnvisError(f"{path}: cannot write the report ({exc.strerror or exc})") from None
     return path
