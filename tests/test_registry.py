@@ -247,7 +247,7 @@ def test_known_models_and_zoo_facts():
     for name in ("alexnet-random", "caffenet-random"):
         entry_side = known[name]
         assert entry_side["trained"] is False and "UNTRAINED" in entry_side["warning"]
-    assert registry.default_model_name() == "alexnet-random"
+    assert registry.default_model_name() == "fashion_caffenet"  # the embedded demo model (present, "default")
     pre = registry.ModelEntry("alexnet", "onnx", None, alex, sidecar_path=registry.REPO_MODELS_DIR / "alexnet.json").preprocessing
     assert pre.size == (224, 224) and pre.resize_to == (256, 256) and pre.channel_order == "BGR"
 
@@ -277,10 +277,11 @@ def test_models_command(capsys):
     assert main(["models", "--json"]) == 0
     rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
     assert rows["alexnet"]["present"] is False and rows["alexnet"]["size"] == 243863787
-    assert rows["alexnet-random"]["trained"] is False and rows["alexnet-random"]["default"] is True
+    assert rows["alexnet-random"]["trained"] is False and rows["alexnet-random"]["default"] is False
+    assert rows["fashion_caffenet"]["trained"] is True and rows["fashion_caffenet"]["default"] is True
     assert main(["models"]) == 0
     table = capsys.readouterr().out
-    assert "alexnet-random (default)" in table
+    assert "fashion_caffenet (default)" in table and "alexnet-random (default)" not in table
     # Built by an earlier test in this session or not: either way the table says where it is.
     assert "built on first use" in table or "alexnet-random-v1-seed0.onnx" in table
 
@@ -316,7 +317,7 @@ def test_builder_model_is_built_once_and_loads(models_path):
 
 def test_default_model_follows_present_default_sidecar(models_path, tmp_path):
     write_sidecar(models_path, "demo", kind="onnx", file="demo.onnx", default=True)
-    assert registry.default_model_name() == "alexnet-random"  # not present yet
+    assert registry.default_model_name() == "fashion_caffenet"  # demo.onnx not present yet: the repo's default
     (models_path / "demo.onnx").write_bytes(b"x")
     assert registry.default_model_name() == "demo"
 
