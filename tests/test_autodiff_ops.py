@@ -92,11 +92,53 @@ def test_prelu_and_clip():
 
 
 @pytest.mark.parametrize("size", [3, 5])  # onnxruntime accepts odd sizes only
-def test_lrn(size):
+@pytest.mark.parametrize("beta", [0.75, 0.5, 1.0, 0.6])  # the expanded forward has a branch for each but 0.6
+def test_lrn(size, beta):
     nodes = [n("Conv", ["x", "w"], ["c"], kernel_shape=[1, 1]),
-             n("LRN", ["c"], ["y"], size=size, alpha=0.5, beta=0.75, bias=1.5)]
+             n("LRN", ["c"], ["y"], size=size, alpha=0.5, beta=beta, bias=1.5)]
     m = tiny(nodes, {"w": (6, 3, 1, 1)}, (3, 3, 4))
     check(m, rand(2, 3, 3, 4), ["x", "w"])
+
+
+def test_lrn_expanded_forward_matches_the_op():
+    # the gradient graph writes LRN out (faster, and it keeps s**beta for the backward pass); its
+    # forward values must be the op's: onnxruntime's (4-D only) and a float64 numpy one (3-D, 5-D)
+    from cnnvis.autodiff import GradientEngine
+
+    size, alpha, beta, bias = 5, 0.3, 0.75, 1.2
+    for in_shape in [(7, 3, 4), (7, 5), (7, 2, 3, 2)]:
+        m = tiny([n("LRN", ["x"], ["y"], size=size, alpha=alpha, beta=beta, bias=bias)], {}, in_shape)
+        x = (rand(2, *in_shape) * 3).astype(np.float32)
+        x64 = x.astype(np.float64)
+        window = np.stack([(x64[:, max(0, c - 2):c + 3] ** 2).sum(axis=1) for c in range(7)], axis=1)
+        want = x64 / (bias + alpha / size * window) ** beta
+        got = GradientEngine(m, "x", objective="seed", target="y", outputs=["y"]).run(
+            x, seed=np.ones((2, *in_shape))).outputs["y"]
+        np.testing.assert_allclose(got, want, rtol=2e-6, atol=0)
+        if len(in_shape) == 3:
+            np.testing.assert_allclose(create_session(m, device="cpu").run(None, {"x": x})[0], want, rtol=2e-6, atol=0)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_relu_mask_folded_into_the_following_maxpool(shared):
+    # Relu -> MaxPool: the Relu's mask is applied on the pooled gradient instead (exact); not when the
+    # Relu output has another reader or is itself asked for
+    nodes = [n("Conv", ["x", "w"], ["c"], kernel_shape=[1, 1]), n("Relu", ["c"], ["r"]),
+             n("MaxPool", ["r"], ["p"], kernel_shape=[3, 3], strides=[2, 2], ceil_mode=1)]
+    if shared:
+        nodes += [n("Flatten", ["p"], ["pf"]), n("Flatten", ["r"], ["rf"]), n("Concat", ["pf", "rf"], ["y"], axis=1)]
+    else:
+        nodes += [n("Identity", ["p"], ["y"])]
+    m = tiny(nodes, {"w": (3, 2, 1, 1)}, (2, 7, 6))
+    x = rand(3, 2, 7, 6)
+    check(m, x, ["x", "w", "c"])
+    check(m, x, ["x", "r"])  # the Relu output asked for: its gradient must not be masked
+
+    from cnnvis.autodiff import build_gradient_graph
+
+    gg = build_gradient_graph(m, (2, 7, 6), ["w"], objective="seed", target="y")
+    masked = {node.input[0] for node in gg.model.graph.node if node.op_type == "Greater"}
+    assert masked == ({"r"} if shared else {"p"})
 
 
 POOL_CASES = [

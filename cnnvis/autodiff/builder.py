@@ -5,6 +5,8 @@ Backward rules only talk to this class, so they read like the formulas they impl
 """
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -22,6 +24,23 @@ class GraphBuilder:
         self._prefix = prefix
         self._count = 0
         self._consts: dict = {}
+        # facts about the forward graph that some rules use (set by the graph pass)
+        self.backend = "onnxruntime"
+        self.known_constants: dict = {}
+        self.producer: dict = {}  # tensor -> forward node
+        self.consumers: dict = {}  # tensor -> number of forward node inputs reading it
+        self.protected: set = set()  # tensors whose own gradient is asked for (wrt, target)
+        self.premasked: set = set()  # Relu outputs whose gradient a MaxPool rule already masked
+        self.lrn_parts: dict = {}  # LRN output -> (normaliser s, s**beta) names the forward must define
+
+    @contextlib.contextmanager
+    def emitting_into(self, nodes: list):
+        """Append nodes to ``nodes`` instead of the backward list (for rewritten forward nodes)."""
+        saved, self.nodes = self.nodes, nodes
+        try:
+            yield nodes
+        finally:
+            self.nodes = saved
 
     # ------------------------------------------------------------------ names
     def fresh(self, hint: str = "t") -> str:

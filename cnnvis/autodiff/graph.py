@@ -8,6 +8,7 @@ masks) are graph inputs, so one built graph serves every class and unit.
 """
 from __future__ import annotations
 
+import collections
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -138,6 +139,7 @@ def build_gradient_graph(model: onnx.ModelProto, sample_shape, wrt, objective: s
 
     b = GraphBuilder(dtype, taken=known)
     b.known_constants = constants
+    b.backend = backend
     nodes = _floor_mode_pools([_copy_node(n) for n in graph.node], shapes, b)
     new_inputs = [onnx.ValueInfoProto()]
     new_inputs[0].CopyFrom(real_inputs(forward)[0])
@@ -164,6 +166,9 @@ def build_gradient_graph(model: onnx.ModelProto, sample_shape, wrt, objective: s
 
     # the tensors on a path wrt -> target
     producer = {o: n for n in nodes for o in n.output if o}
+    b.producer = producer
+    b.consumers = collections.Counter(i for n in nodes for i in n.input if i)
+    b.protected = set(wrt) | {target}
     ancestors = _ancestors(target, producer)
     for w in wrt:
         if w not in ancestors:
@@ -214,7 +219,7 @@ def build_gradient_graph(model: onnx.ModelProto, sample_shape, wrt, objective: s
     for o in outputs:
         out_infos.append(value_info(o))
 
-    all_nodes = nodes + b.nodes
+    all_nodes = _expand_lrns(nodes, b, shapes) + b.nodes
     inits = list(graph.initializer) + b.initializers
     all_nodes, inits = _prune(all_nodes, inits, [o.name for o in out_infos])
     if weights_as_inputs:
@@ -297,6 +302,20 @@ def _floor_mode_pools(nodes, shapes, b):
             out.append(helper.make_node(node.op_type, list(node.input), [inner], name=node.name, **new_attrs))
             out.append(helper.make_node("Mul", [inner, correction], [node.output[0]], name=b.fresh("avgpool_scale")))
             shapes[inner] = shapes[node.output[0]]
+    return out
+
+
+def _expand_lrns(nodes, b, shapes):
+    """The forward nodes with every LRN written out (see :func:`rules.expand_lrn`)."""
+    from .rules import expand_lrn
+
+    out = []
+    for node in nodes:
+        if node.op_type == "LRN" and node.domain in ("", "ai.onnx"):
+            with b.emitting_into(out):
+                expand_lrn(b, node, shapes[node.input[0]])
+        else:
+            out.append(node)
     return out
 
 

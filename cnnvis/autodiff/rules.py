@@ -351,10 +351,14 @@ def _clip(ctx):
 
 @rule("Relu")
 def _relu(ctx):
-    b, x, g = ctx.b, ctx.x[0], ctx.output_grad(0)
+    b, g = ctx.b, ctx.output_grad(0)
+    if ctx.rule == "gradient" and ctx.y[0] in b.premasked:
+        return [g]  # the MaxPool reading this Relu applied the mask on its smaller tensor
     if ctx.rule == "deconvnet":
         return [b.op("Relu", [g])]
-    passed = b.mul(g, b.mask(b.op("Greater", [x, b.scalar(0.0)])))
+    # the mask from the output (y > 0 exactly where x > 0) leaves x to the Relu alone, so
+    # onnxruntime can fuse the producing Conv with the Relu
+    passed = b.mul(g, b.mask(b.op("Greater", [ctx.y[0], b.scalar(0.0)])))
     if ctx.rule == "guided":
         passed = b.op("Relu", [passed])
     return [passed]
@@ -611,9 +615,17 @@ def _maxpool(ctx):
     if int(ctx.attr("storage_order", 0)) != 0:
         raise ctx.fail("MaxPool with storage_order=1 is not supported")
     indices = ctx.request_output(1)
+    g = ctx.output_grad(0)
+    relu = b.producer.get(x)
+    if ctx.rule == "gradient" and relu is not None and relu.op_type == "Relu" and b.consumers.get(x) == 1 \
+            and x not in b.protected:
+        # Fold the Relu's backward mask into the pooled gradient (4x smaller here): a window's
+        # switch holds a positive value exactly when the window's maximum is positive.
+        g = b.mul(g, b.mask(b.op("Greater", [ctx.y[0], b.scalar(0.0)])))
+        b.premasked.add(x)
     flat_size = b.reshape(b.op("Size", [x]), [1])
     zeros = b.zeros_like_shape(flat_size)
-    flat = b.op("ScatterElements", [zeros, b.reshape(indices, [-1]), b.reshape(ctx.output_grad(0), [-1])],
+    flat = b.op("ScatterElements", [zeros, b.reshape(indices, [-1]), b.reshape(g, [-1])],
                 axis=0, reduction="add")
     return [b.reshape(flat, b.shape_of(x))]
 
@@ -665,27 +677,81 @@ def _global_maxpool(ctx):
 
 # ======================================================================= normalisation
 
+def lrn_attrs(node):
+    a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
+    return int(a["size"]), float(a.get("alpha", 1e-4)), float(a.get("beta", 0.75)), float(a.get("bias", 1.0))
+
+
+def channel_window_mean(b, t, shape, size, before, after):
+    """Mean of ``t`` (static shape N x C x ...) over ``size`` consecutive channels, zeros outside."""
+    c = shape[1]
+    if b.backend == "reference":
+        # onnx's reference AveragePool loops in Python; its Conv is cnnvis's fast one (backend.py)
+        r = b.reshape(t, [0, 1, c, -1])
+        window = b.const(np.full((1, 1, size, 1), 1.0 / size), hint="lrn_window")
+        m = b.op("Conv", [r, window], pads=[before, 0, after, 0], kernel_shape=[size, 1])
+    else:
+        # a (size, 1, 1) AveragePool over (C, S0, rest): onnxruntime's fastest channel window,
+        # several times faster than a 1-channel Conv or its own LRN kernel
+        s0 = shape[2] if len(shape) > 2 else 1
+        r = b.reshape(t, [0, 1, c, s0, -1])
+        m = b.op("AveragePool", [r], kernel_shape=[size, 1, 1], pads=[before, 0, 0, after, 0, 0],
+                 count_include_pad=1)
+    return b.reshape(m, [0] + list(shape[1:]))
+
+
+def lrn_power(b, s, beta, out=None):
+    """s ** beta; Caffe's 0.75 as two square roots (twice as fast as Pow in onnxruntime)."""
+    outputs = [out] if out else None
+    if beta == 0.75:
+        root = b.op("Sqrt", [s])
+        return b.op("Mul", [root, b.op("Sqrt", [root])], outputs=outputs)
+    if beta == 0.5:
+        return b.op("Sqrt", [s], outputs=outputs)
+    if beta == 1.0:
+        return b.op("Identity", [s], outputs=outputs) if out else s
+    return b.op("Pow", [s, b.scalar(beta)], outputs=outputs)
+
+
+def lrn_windows(size):
+    """Channels before and after c in c's window (onnxruntime: floor and ceil of (size-1)/2)."""
+    before = (size - 1) // 2
+    return before, size - 1 - before
+
+
+def expand_lrn(b, node, x_shape):
+    """Emit y = x / s**beta, s = bias + alpha * mean_window(x^2), in place of an LRN node.
+
+    The same function as the op, faster in onnxruntime, and it keeps s and s**beta (names in
+    ``b.lrn_parts`` when the backward rule asked for them) for the backward pass.
+    """
+    size, alpha, beta, bias = lrn_attrs(node)
+    x, y = node.input[0], node.output[0]
+    s_name, d_name = b.lrn_parts.get(y, (None, None))
+    before, after = lrn_windows(size)
+    mean = channel_window_mean(b, b.mul(x, x), x_shape, size, before, after)
+    s = b.op("Add", [b.mul(mean, b.scalar(alpha)), b.scalar(bias)], outputs=[s_name] if s_name else None)
+    d = lrn_power(b, s, beta, out=d_name)
+    b.op("Div", [x, d], outputs=[y])
+
+
 @rule("LRN")
 def _lrn(ctx):
-    """y = x * S^-beta, S = bias + alpha/size * sum_{window} x^2 (window over channels)."""
+    """y = x / d, d = s^beta, s = bias + alpha/size * sum_{window} x^2 (window over channels).
+
+    dx_j = g_j / d_j - 2 alpha beta / size * x_j * sum_{i: j in window(i)} g_i y_i / s_i;
+    s and d come from the expanded forward (:func:`expand_lrn`).
+    """
     b, x, y = ctx.b, ctx.x[0], ctx.y[0]
-    size = int(ctx.attr("size"))
-    alpha, beta, bias = float(ctx.attr("alpha", 1e-4)), float(ctx.attr("beta", 0.75)), float(ctx.attr("bias", 1.0))
-    c = ctx.shape(x)[1]
-    lo, hi = (size - 1) // 2, -(-(size - 1) // 2)
-    ones = b.const(np.ones((1, 1, size, 1), dtype=b.dtype), hint="lrn_window")
-
-    def channel_window_sum(t, before, after):
-        r = b.reshape(t, [0, 1, c, -1])
-        s = b.op("Conv", [r, ones], pads=[before, 0, after, 0], kernel_shape=[size, 1])
-        return b.reshape(s, b.shape_of(t))
-
-    s = b.add(b.scalar(bias), b.scale(channel_window_sum(b.mul(x, x), lo, hi), alpha / size))
+    size, alpha, beta, _ = lrn_attrs(ctx.node)
+    if y not in b.lrn_parts:
+        b.lrn_parts[y] = (b.fresh("lrn_s"), b.fresh("lrn_s_pow_beta"))
+    s, d = b.lrn_parts[y]
     g = ctx.output_grad(0)
-    direct = b.mul(g, b.op("Pow", [s, b.scalar(-beta)]))
-    # input j appears in the windows of channels j-hi .. j+lo: the transposed window
-    back = channel_window_sum(b.div(b.mul(g, y), s), hi, lo)
-    return [b.sub(direct, b.mul(b.scale(x, 2.0 * alpha * beta / size), back))]
+    before, after = lrn_windows(size)
+    # input j appears in the windows of channels j-after .. j+before: the transposed window
+    back = channel_window_mean(b, b.div(b.mul(g, y), s), ctx.shape(x), size, after, before)
+    return [b.sub(b.div(g, d), b.mul(x, b.scale(back, 2.0 * alpha * beta)))]
 
 
 @rule("BatchNormalization")
