@@ -55,6 +55,9 @@ CONV_CASES = [
     dict(kernel_shape=[3, 3], pads=[3, 3, 3, 3]),  # stride 1 with pads > k-1 -> ConvTranspose path
     dict(kernel_shape=[3, 3], auto_pad="SAME_UPPER", strides=[2, 2]),
     dict(kernel_shape=[1, 1]),  # 1x1: unfold is the input itself
+    # big strided kernels: weight gradients unfold space-to-depth blocks (padded, or cropped)
+    dict(kernel_shape=[7, 7], strides=[2, 2], pads=[3, 2, 1, 3]),
+    dict(kernel_shape=[5, 6], strides=[5, 3], pads=[1, 0, 0, 2]),
 ]
 
 

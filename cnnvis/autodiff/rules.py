@@ -538,30 +538,91 @@ def conv_input_grad(ctx, g, x_shape, y_shape, w, w_shape, strides, dilations, pa
                 output_padding=out_pad, kernel_shape=k)
 
 
-def unfold(ctx, x, x_shape, kernel, strides, dilations, pads):
-    """(N, C, *S) -> (N, C*prod(k), *out): each output channel picks one kernel tap of one channel."""
+def unfold(ctx, x, x_shape, kernel, strides, dilations, pads, out_spatial=None):
+    """(N, C, *S) -> (N, C*prod(k), *out): each output channel picks one kernel tap of one channel.
+
+    Returns (columns, order): ``order`` is None when the columns come in (channel, tap) order, else
+    the column of each (channel, tap) of one group's channels (see :func:`_unfold_space_to_depth`).
+    """
     b = ctx.b
     c = x_shape[1]
     taps = int(np.prod(kernel))
     spatial = len(kernel)
     if taps == 1 and all(s == 1 for s in strides) and not any(pads):
-        return x
+        return x, None
+    if out_spatial is not None and _space_to_depth_pays(kernel, strides, dilations):
+        return _unfold_space_to_depth(ctx, x, x_shape, kernel, strides, pads, out_spatial)
     eye = np.eye(taps, dtype=b.dtype).reshape([taps, 1] + list(kernel))
     one_hot = np.tile(eye, (c, 1) + (1,) * spatial)
     return b.op("Conv", [x, b.const(one_hot, hint="unfold_kernel")], group=c, strides=strides,
-                dilations=dilations, pads=pads, kernel_shape=list(kernel))
+                dilations=dilations, pads=pads, kernel_shape=list(kernel)), None
 
 
-def conv_weight_grad_per_sample(ctx, x, x_shape, g, w_shape, strides, dilations, pads, group):
+def _space_to_depth_pays(kernel, strides, dilations):
+    # onnxruntime runs the one-hot depthwise Conv as im2col times an identity matrix: taps^2
+    # multiply-adds per output. A strided big kernel is better unfolded as a stride-1 small one on
+    # space-to-depth blocks, if the rounded-up kernel does not add many columns.
+    if len(kernel) != 2 or all(s == 1 for s in strides) or any(d != 1 for d in dilations):
+        return False
+    taps = kernel[0] * kernel[1]
+    blocks = [-(-k // s) * s for k, s in zip(kernel, strides)]
+    return taps >= 25 and blocks[0] * blocks[1] <= 1.35 * taps
+
+
+def _unfold_space_to_depth(ctx, x, x_shape, kernel, strides, pads, out_spatial):
+    """Unfold of a strided 2-D conv: tap i = a*s + r is tap a of the stride-1 conv on block offset r.
+
+    The input is padded/cropped to whole s x s blocks, rearranged to (N, C*sh*sw, Hs, Ws) and
+    unfolded with an (ah, aw) = ceil(k/s) kernel at stride 1. Columns come in (channel, rh, rw, ah,
+    aw) order; taps beyond the kernel (a*s + r >= k) are extra columns that ``order`` skips.
+    """
+    b = ctx.b
+    n_c = x_shape[1]
+    (kh, kw), (sh, sw) = kernel, strides
+    ah, aw = -(-kh // sh), -(-kw // sw)
+    hs, ws = out_spatial[0] - 1 + ah, out_spatial[1] - 1 + aw
+    ends = [hs * sh - pads[0] - x_shape[2], ws * sw - pads[1] - x_shape[3]]
+    xp = b.op("Pad", [x, b.ints([0, 0, pads[0], pads[1], 0, 0, max(ends[0], 0), max(ends[1], 0)])])
+    if min(ends) < 0:  # windows never reach the cropped end
+        xp = b.op("Slice", [xp, b.ints([0, 0]), b.ints([hs * sh, ws * sw]), b.ints([2, 3])])
+    # (N, C, hs*sh, ws*sw) -> (N, C*sh*sw, hs, ws) in two 4-D transposes (onnxruntime's 6-D
+    # transpose is four times slower)
+    rows_first = b.transpose(b.reshape(xp, [-1, hs, sh, ws * sw]), [0, 2, 1, 3])
+    blocks = b.transpose(b.reshape(rows_first, [-1, hs, ws, sw]), [0, 3, 1, 2])
+    blocks = b.reshape(blocks, [-1, n_c * sh * sw, hs, ws])
+    small_taps = ah * aw
+    eye = np.eye(small_taps, dtype=b.dtype).reshape(small_taps, 1, ah, aw)
+    one_hot = np.tile(eye, (n_c * sh * sw, 1, 1, 1))
+    cols = b.op("Conv", [blocks, b.const(one_hot, hint="unfold_kernel")], group=n_c * sh * sw,
+                kernel_shape=[ah, aw])
+    return cols, _space_to_depth_order(x_shape[1], kernel, strides)
+
+
+def _space_to_depth_order(channels, kernel, strides):
+    (kh, kw), (sh, sw) = kernel, strides
+    ah, aw = -(-kh // sh), -(-kw // sw)
+    order = []
+    for c in range(channels):
+        for i in range(kh):
+            for j in range(kw):
+                (ai, ri), (aj, rj) = divmod(i, sh), divmod(j, sw)
+                order.append((((c * sh + ri) * sw + rj) * ah + ai) * aw + aj)
+    return np.asarray(order, dtype=np.int64)
+
+
+def conv_weight_grad_per_sample(ctx, x, x_shape, g, w_shape, strides, dilations, pads, group, out_spatial=None):
     """dL_n/dW for every sample n: unfold of the input, then a batched MatMul with the output gradient."""
     b = ctx.b
     m, cg = w_shape[0], w_shape[1]
     k = list(w_shape[2:])
     taps = int(np.prod(k))
-    cols = unfold(ctx, x, x_shape, k, strides, dilations, pads)
-    cols = b.reshape(cols, [0, group, cg * taps, -1])
+    cols, order = unfold(ctx, x, x_shape, k, strides, dilations, pads, out_spatial)
+    cols = b.reshape(cols, [0, group, -1, int(np.prod(out_spatial)) if out_spatial else -1])
     gr = b.reshape(g, [0, group, m // group, -1])
     dw = b.op("MatMul", [gr, b.transpose(cols, [0, 1, 3, 2])])
+    if order is not None:
+        # one group's column order is every group's (channels of a group are contiguous)
+        dw = b.op("Gather", [dw, b.const(order[:cg * taps])], axis=3)
     return b.reshape(dw, [0, m, cg] + k)
 
 
@@ -579,7 +640,8 @@ def _conv(ctx):
     if ctx.need[1]:
         if ctx.is_batched(w) or not ctx.is_batched(x):
             raise ctx.fail("weight gradients need a constant weight and a batched input")
-        per = conv_weight_grad_per_sample(ctx, x, x_shape, g, w_shape, strides, dilations, pads, group)
+        per = conv_weight_grad_per_sample(ctx, x, x_shape, g, w_shape, strides, dilations, pads, group,
+                                          out_spatial=y_shape[2:])
         grads[1] = ctx.sum_over_batch(per)
     if len(ctx.x) > 2 and ctx.x[2] and ctx.need[2]:
         per = b.reduce_sum(g, list(range(2, len(y_shape))), keepdims=0)
