@@ -51,3 +51,14 @@ def test_a_failing_step_is_reported_and_the_rest_still_run(tmp_path, monkeypatch
 def test_unknown_step_is_one_line(capsys):
     assert main(["run-all", "--only", "nonsense", "--out", "unused"]) == 2
     assert "unknown step(s) nonsense" in capsys.readouterr().err
+
+
+def test_without_gl_libraries_render_is_skipped_with_the_reason(tmp_path, monkeypatch, capsys):
+    from cnnvis.export import render
+
+    monkeypatch.setattr(render, "gl_problem", lambda show=False: "off-screen 3D rendering needs libEGL.so.1")
+    code = main(["run-all", "--only", "filters", "render", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 0 and "skipping render: off-screen 3D rendering needs libEGL.so.1" in err
+    assert (tmp_path / "o" / "filters" / "manifest.json").is_file()
+    assert not (tmp_path / "o" / "render").exists()

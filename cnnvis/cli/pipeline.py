@@ -102,6 +102,12 @@ def cmd_run_all(args) -> int:
 
         raise CnnvisError(f"unknown step(s) {', '.join(unknown)}; steps: {', '.join(names)}")
     chosen = [(n, a) for n, a in steps if n not in args.skip and (args.only is None or n in args.only)]
+    from ..export.render import gl_problem
+
+    problem = gl_problem() if any(n == "render" for n, _ in chosen) else None
+    if problem:  # a machine without GL libraries still gets every other analysis, and is told why
+        print(f"cnnvis run-all: skipping render: {problem}", file=sys.stderr)
+        chosen = [(n, a) for n, a in chosen if n != "render"]
     common.model_warning(model)
     print(f"cnnvis run-all: model {model.name}, {len(images)} image(s), {len(chosen)} step(s) -> {args.out}/")
     failed = []
