@@ -463,12 +463,29 @@ def load(spec: str | None = None, weights=None, device: str = "auto", threads: i
         from . import caffe
 
         prototxt = entry.path if entry.path is not None else deploy_prototxt(entry)
-        proto = caffe.load_caffe(prototxt, entry.weights)
-        model = Model(proto, name=entry.name, sidecar=side, device=device, threads=threads,
-                      source=str(entry.weights or entry.path))
+        if entry.path is None and entry.weights is not None:
+            # a registry Caffe download: converted on first use, the ONNX cached beside it
+            from .manifest import atomic_path
+
+            converted = converted_caffe_path(entry)
+            if not converted.is_file():
+                with atomic_path(converted) as tmp:
+                    tmp.write_bytes(caffe.load_caffe(prototxt, entry.weights).SerializeToString())
+            model = Model.from_file(converted, name=entry.name, sidecar=side, device=device, threads=threads)
+        else:
+            proto = caffe.load_caffe(prototxt, entry.weights)
+            model = Model(proto, name=entry.name, sidecar=side, device=device, threads=threads,
+                          source=str(entry.weights or entry.path))
     if not model.sidecar.get("preprocessing"):
         model.sidecar["preprocessing"] = entry.preprocessing_for(model.input_shape).to_dict()
     return model
+
+
+def converted_caffe_path(entry: "ModelEntry") -> Path:
+    """Where the ONNX conversion of a registry Caffe model is cached: keyed by the weights' sha1
+    (from the sidecar) so that new weights are converted again."""
+    key = (entry.sidecar.get("sha1") or "unverified")[:12]
+    return cache_dir() / f"{entry.name}-{key}-converted.onnx"
 
 
 def sample_images(model=None) -> list:

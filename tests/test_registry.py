@@ -477,6 +477,12 @@ def test_registry_caffe_model_with_deploy_beside_sidecar(models_path):
     np.testing.assert_allclose(model.param("fc.bias"), params["fc"][1], rtol=1e-6)
     x = np.random.default_rng(0).standard_normal((2, 1, 8, 8)).astype(np.float32)
     np.testing.assert_allclose(model.predict(x).sum(axis=1), 1, atol=1e-5)
+    # converted on first use and cached: the second load reads the cached ONNX
+    cached = registry.converted_caffe_path(entry)
+    assert cached.is_file() and cached.name.startswith(f"tiny-caffe-{sha1[:12]}")
+    again = registry.load("tiny-caffe", device="cpu")
+    assert again.source == str(cached)
+    np.testing.assert_array_equal(again.predict(x), model.predict(x))
 
 
 def test_generated_deploy_of_known_caffe_topologies(models_path, shared_dir):
