@@ -72,6 +72,7 @@ def test_activations_writes_grids_stacks_and_manifest(tiny, tmp_path, capsys):
     with h5py.File(out / "im0" / "activations.h5") as h5:
         np.testing.assert_array_equal(h5["conv1"][()], stack)
         assert h5.attrs["image"] == "im0"
+        assert json.loads(h5.attrs["preprocessing"])["preset"] == "raw" and h5.attrs["model_sha256"]
     manifest = json.loads((out / "manifest.json").read_text())["runs"]["activations"]
     assert manifest["params"]["layers"] == ["conv1", "prob"]
     assert {f["kind"] for f in manifest["files"]} == {"grid", "stack", "stack-hdf5"}

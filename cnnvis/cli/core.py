@@ -83,6 +83,8 @@ def cmd_activations(args) -> int:
     params = {"layers": layers, "normalization": args.normalization, "cmap": args.cmap,
               "batch_size": args.batch_size, "input_array": args.input_array}
     used = {}
+    preprocessing_json = ("--input-array (preprocessed by the user)" if args.input_array else
+                          json.dumps(common.preprocessing_for(args, model).to_dict(), sort_keys=True))
     # the layer table rides along in this run's model card (the report shows it)
     card = dict(model.info(), layers=[layer.as_dict() for layer in model.layers])
     with RunOutput(args.out, "activations", params=params, inputs=common.recorded_inputs(args, model), model=card) as run:
@@ -93,6 +95,7 @@ def cmd_activations(args) -> int:
                     h5.attrs["image"] = name
                     h5.attrs["model"] = model.name
                     h5.attrs["model_sha256"] = model.sha256
+                    h5.attrs["preprocessing"] = preprocessing_json
                     for layer in layers:
                         values = acts[layer][i]
                         lname = common.safe_name(layer)
