@@ -308,7 +308,9 @@ class Model:
             for start in range(0, len(x), step):
                 for t, value in zip(unique, sess.run(unique, {self.input_name: x[start:start + step]})):
                     results[t].append(value)
-        merged = {t: np.concatenate(v) if v else np.zeros((0,)) for t, v in results.items()}
+        # one chunk: its arrays as they are (a concatenate would copy every tapped tensor again)
+        merged = {t: (v[0] if len(v) == 1 else np.concatenate(v)) if v else np.zeros((0,))
+                  for t, v in results.items()}
         merged[self.input_name] = x
         return {n: merged[t] for n, t in zip(names, tensors)}
 
