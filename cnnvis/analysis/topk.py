@@ -74,26 +74,44 @@ class TopK:
         return self
 
     def _sparse_update(self, acts, first) -> bool:
-        """Once every map holds k entries, only activations strictly above a map's k-th value can
-        enter (an equal one loses the tie: its image comes later). After the first chunks these are
-        few, so they are found with one comparison and merged with one flat sort, without copying
-        the chunk. Returns False (nothing done) when the candidates are too many for that to pay."""
+        """Merge a chunk by looking only at entries that can still enter a map's top k.
+
+        Two bounds rule entries out: a map's stored k-th value (an entry must beat it strictly: an
+        equal one loses the tie, its image comes later) and the k-th largest of this chunk's
+        per-image peaks (k entries of the chunk reach it, so the map's final k-th value is at
+        least that). One max over each map of each image finds the (image, map) pairs worth a
+        look; only those are compared element by element and merged with one flat sort. Returns
+        False (nothing done) when the candidates are too many for that to pay."""
         c, k = self.map_shape_[0], self.k
-        if self.values_.shape[1] < k:
-            return False
         n = acts.shape[0]
         by_map = acts.reshape(n, c, -1)
-        above = by_map > self.values_[None, :, k - 1:k]
-        if np.count_nonzero(above) > 4 * c * k:
+        peak = by_map.max(axis=2)  # n × c
+        low = np.full(c, -np.inf, np.float32)
+        if n >= k:
+            low = -np.partition(-peak, k - 1, axis=0)[k - 1]  # reached by k entries of the chunk
+        full = self.values_.shape[1] >= k
+        kth = self.values_[:, k - 1] if full else np.full(c, -np.inf, np.float32)
+        pairs = (peak >= low[None]) & (peak > kth[None])
+        img, maps = np.nonzero(pairs)
+        if len(img) > 8 * c * k:
             return False
-        img, maps, pos = np.nonzero(above)
-        all_maps = np.concatenate([np.repeat(np.arange(c), k), maps])
-        all_vals = np.concatenate([self.values_.reshape(-1), by_map[img, maps, pos]])
-        all_imgs = np.concatenate([self.images_.reshape(-1), first + img])
+        rows = by_map[img, maps]  # pairs × HW, a small copy
+        hit = (rows >= low[maps][:, None]) & (rows > kth[maps][:, None])
+        if np.count_nonzero(hit) > 16 * c * k:
+            return False
+        r, pos = np.nonzero(hit)
+        maps_new, img_new = maps[r], img[r]
+        have = self.values_.shape[1]
+        all_maps = np.concatenate([np.repeat(np.arange(c), have), maps_new])
+        all_vals = np.concatenate([self.values_.reshape(-1), rows[r, pos]])
+        all_imgs = np.concatenate([self.images_.reshape(-1), first + img_new])
         all_pos = np.concatenate([self.positions_.reshape(-1), pos])
         order = np.lexsort((all_pos, all_imgs, -all_vals, all_maps))
         grouped = all_maps[order]
         rank = np.arange(len(order)) - np.searchsorted(grouped, grouped)  # rank within its map
+        counts = np.bincount(grouped, minlength=c)
+        if counts.min() < k:  # a map with fewer than k candidates in all (tiny maps): the dense path
+            return False
         keep = order[rank < k]  # map by map, best first: exactly k per map
         self.values_ = all_vals[keep].reshape(c, k)
         self.images_ = all_imgs[keep].reshape(c, k)
