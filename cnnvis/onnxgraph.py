@@ -149,6 +149,18 @@ def _ordered_unique(seq):
     return out
 
 
+def prune(nodes, initializers, outputs) -> tuple:
+    """The nodes (in order) and initializers needed to compute ``outputs``; the rest dropped."""
+    needed = set(outputs)
+    kept = []
+    for node in reversed(list(nodes)):
+        if any(o in needed for o in node.output if o):
+            kept.append(node)
+            needed.update(i for i in node.input if i)
+    kept.reverse()
+    return kept, [i for i in initializers if i.name in needed]
+
+
 def make_batch_dynamic(model: onnx.ModelProto, batch_name: str = "N") -> onnx.ModelProto:
     """Give the single image input and all outputs a symbolic batch dimension.
 

@@ -303,16 +303,9 @@ def _node_cost(node, shapes, inits) -> float:
 
 def _submodel(proto, nodes, input_name, input_chw, outputs):
     """A model computing ``outputs`` from ``input_name`` (N×C×H×W) with the given nodes."""
-    from ..onnxgraph import make_model, opset_of
+    from ..onnxgraph import make_model, opset_of, prune
 
-    needed = set(outputs)
-    kept = []
-    for node in reversed(nodes):
-        if any(o in needed for o in node.output if o):
-            kept.append(node)
-            needed.update(i for i in node.input if i)
-    kept.reverse()
-    inits = [i for i in proto.graph.initializer if i.name in needed]
+    kept, inits = prune(nodes, proto.graph.initializer, outputs)
     inp = helper.make_tensor_value_info(input_name, TensorProto.FLOAT, ["N", *input_chw])
     outs = [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs]
     graph = helper.make_graph(kept, "cnnvis_occlusion_part", [inp], outs, inits)

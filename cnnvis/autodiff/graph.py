@@ -16,7 +16,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import CnnvisError, unknown_name_error
-from ..onnxgraph import make_batch_dynamic, make_model, opset_of, real_inputs
+from ..onnxgraph import make_batch_dynamic, make_model, opset_of, prune, real_inputs
 from .builder import GraphBuilder, value_info
 from .rules import RULES, RuleContext, backward
 
@@ -221,7 +221,7 @@ def build_gradient_graph(model: onnx.ModelProto, sample_shape, wrt, objective: s
 
     all_nodes = _expand_lrns(nodes, b, shapes) + b.nodes
     inits = list(graph.initializer) + b.initializers
-    all_nodes, inits = _prune(all_nodes, inits, [o.name for o in out_infos])
+    all_nodes, inits = prune(all_nodes, inits, [o.name for o in out_infos])
     if weights_as_inputs:
         # listed as inputs too, initializers become defaults that a run may override (IR >= 4)
         kept = {i.name for i in inits}
@@ -339,17 +339,6 @@ def _descendants(sources, nodes):
         if any(i in seen for i in node.input if i):
             seen.update(o for o in node.output if o)
     return seen
-
-
-def _prune(nodes, inits, outputs):
-    needed = set(outputs)
-    kept = []
-    for node in reversed(nodes):
-        if any(o in needed for o in node.output if o):
-            kept.append(node)
-            needed.update(i for i in node.input if i)
-    kept.reverse()
-    return kept, [i for i in inits if i.name in needed]
 
 
 def _dropout_as_masks(nodes, b, constants, shapes, dtype):
@@ -476,7 +465,7 @@ def build_objective_graph(model: onnx.ModelProto, sample_shape, objective: str =
     _, value = _objective_head(b, objective, target, shapes[target], runtime, inputs)
     b.op("Identity", [value], outputs=[OBJECTIVE_OUTPUT])
     outs = [helper.make_tensor_value_info(OBJECTIVE_OUTPUT, b.elem_type, ["N"])] + [value_info(o) for o in outputs]
-    all_nodes, kept_inits = _prune(nodes + b.nodes, list(inits.values()) + b.initializers,
+    all_nodes, kept_inits = prune(nodes + b.nodes, list(inits.values()) + b.initializers,
                                    [OBJECTIVE_OUTPUT, *outputs])
     built = _assemble(all_nodes, "objective", inputs, outs, kept_inits, max(opset_of(forward), 17))
     return built, runtime, target, tuple(shapes[target][1:])
