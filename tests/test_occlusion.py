@@ -270,3 +270,11 @@ def test_cli_occlusion_files_match_the_api_and_rerun_identically(tmp_path):
     assert params["window"] == [3, 3] and params["stride"] == [1, 1]
     assert main(["occlusion", "--model", str(path), "--input-array", str(tmp_path / "x.npy"),
                  "--out", str(tmp_path / "bad"), "--window", "30"]) == 2
+
+
+def test_windows_cover_every_pixel_when_the_stride_does_not_divide():
+    ys, xs = occ.window_positions((224, 224), (35, 35), (8, 8))
+    assert ys[0] == 0 and ys[-1] == 224 - 35 and np.all(np.diff(ys) > 0)
+    assert ys[-2] == 184 and len(ys) == 25  # 0..184 by 8, then 189 flush with the edge
+    ys, _ = occ.window_positions((227, 227), (35, 35), (8, 8))
+    assert len(ys) == 25 and ys[-1] == 192  # the stride lands on the edge: no extra window

@@ -83,11 +83,18 @@ def _pair(value, what):
 
 
 def window_positions(image_hw, window, stride):
-    """Top-left corners of every window: (ys, xs), starting at 0, every ``stride`` while it fits."""
+    """Top-left corners of every window: (ys, xs), starting at 0, every ``stride`` while it fits,
+    plus one window flush with the far edge when the stride does not land there (so every pixel
+    is covered)."""
     (h, w), (wh, ww), (sh, sw) = image_hw, window, stride
     if wh > h or ww > w:
         raise CnnvisError(f"--window {wh}x{ww}: larger than the {h}x{w} input")
-    return np.arange(0, h - wh + 1, sh), np.arange(0, w - ww + 1, sw)
+
+    def axis(size, win, step):
+        starts = np.arange(0, size - win + 1, step)
+        return starts if starts[-1] == size - win else np.append(starts, size - win)
+
+    return axis(h, wh, sh), axis(w, ww, sw)
 
 
 def coverage_mean(values, ys, xs, window, image_hw) -> np.ndarray:
