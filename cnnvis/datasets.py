@@ -16,8 +16,8 @@ import numpy as np
 from .errors import CnnvisError
 
 FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
-FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+#: the 10 class names in label order (the same list the registry's "fashion_mnist" classes name)
+FASHION_MNIST_CLASSES = (Path(__file__).parent / "data" / "fashion_mnist.txt").read_text(encoding="utf-8").split("\n")[:10]
 FASHION_MNIST_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", 60000),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", 10000),
