@@ -275,6 +275,22 @@ def create_session(model, device: str = "auto", threads: int | None = None, spin
         raise CnnvisError(f"onnxruntime cannot load the model: {str(exc).splitlines()[0]}") from None
 
 
+def _divide_by_power(x, base, beta, y, p, name) -> list:
+    """Nodes computing y = x / base**beta. Caffe's beta 0.75 (and 0.5, 1) avoid Pow, which
+    onnxruntime runs several times slower than Sqrt: base**0.75 = sqrt(base)·sqrt(sqrt(base))."""
+    if beta == 1.0:
+        return [helper.make_node("Div", [x, base], [y], name=name)]
+    nodes = [helper.make_node("Sqrt", [base], [f"{p}_sqrt"], name=f"{p}_sqrt")]
+    if beta == 0.5:
+        return nodes + [helper.make_node("Div", [x, f"{p}_sqrt"], [y], name=name)]
+    if beta == 0.75:
+        return nodes + [helper.make_node("Sqrt", [f"{p}_sqrt"], [f"{p}_qrt"], name=f"{p}_qrt"),
+                        helper.make_node("Mul", [f"{p}_sqrt", f"{p}_qrt"], [f"{p}_pow"], name=f"{p}_pow"),
+                        helper.make_node("Div", [x, f"{p}_pow"], [y], name=name)]
+    return [helper.make_node("Pow", [base, f"{p}_negbeta"], [f"{p}_factor"], name=f"{p}_pow"),
+            helper.make_node("Mul", [x, f"{p}_factor"], [y], name=name)]
+
+
 def decompose_lrn(model: onnx.ModelProto) -> onnx.ModelProto:
     """Replace every ``LRN`` node by elementwise ops and an average pool over channels.
 
@@ -296,8 +312,9 @@ def decompose_lrn(model: onnx.ModelProto) -> onnx.ModelProto:
         before, after = (size - 1) // 2, size - 1 - (size - 1) // 2
         consts += [numpy_helper.from_array(np.array([1], np.int64), f"{p}_axis"),
                    numpy_helper.from_array(np.array(alpha, np.float32), f"{p}_alpha"),
-                   numpy_helper.from_array(np.array(bias, np.float32), f"{p}_bias"),
-                   numpy_helper.from_array(np.array(-beta, np.float32), f"{p}_negbeta")]
+                   numpy_helper.from_array(np.array(bias, np.float32), f"{p}_bias")]
+        if beta not in (0.5, 0.75, 1.0):
+            consts.append(numpy_helper.from_array(np.array(-beta, np.float32), f"{p}_negbeta"))
         nodes += [
             helper.make_node("Mul", [x, x], [f"{p}_sq"], name=f"{p}_sq"),
             helper.make_node("Unsqueeze", [f"{p}_sq", f"{p}_axis"], [f"{p}_sq5"], name=f"{p}_unsq"),
@@ -306,8 +323,7 @@ def decompose_lrn(model: onnx.ModelProto) -> onnx.ModelProto:
             helper.make_node("Squeeze", [f"{p}_mean5", f"{p}_axis"], [f"{p}_mean"], name=f"{p}_squeeze"),
             helper.make_node("Mul", [f"{p}_mean", f"{p}_alpha"], [f"{p}_scaled"], name=f"{p}_alpha"),
             helper.make_node("Add", [f"{p}_scaled", f"{p}_bias"], [f"{p}_base"], name=f"{p}_bias"),
-            helper.make_node("Pow", [f"{p}_base", f"{p}_negbeta"], [f"{p}_factor"], name=f"{p}_pow"),
-            helper.make_node("Mul", [x, f"{p}_factor"], [y], name=node.name or y),
+            *_divide_by_power(x, f"{p}_base", beta, y, p, node.name or y),
         ]
     if not consts:
         return m

@@ -101,7 +101,8 @@ def lrn_f64(x, size, alpha, beta, bias):
     return x / (bias + alpha / size * s) ** beta
 
 
-@pytest.mark.parametrize("size,alpha,beta,bias", [(5, 1e-4, 0.75, 1.0), (3, 0.3, 0.6, 2.0), (4, 0.5, 0.9, 1.5)])
+@pytest.mark.parametrize("size,alpha,beta,bias", [(5, 1e-4, 0.75, 1.0), (3, 0.3, 0.6, 2.0), (4, 0.5, 0.9, 1.5),
+                                                  (5, 0.2, 0.75, 1.0), (3, 0.3, 0.5, 1.0), (5, 0.1, 1.0, 2.0)])
 def test_decomposed_lrn_equals_formula(size, alpha, beta, bias):
     from cnnvis import nets
 
