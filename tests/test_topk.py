@@ -87,7 +87,15 @@ def test_state_round_trip_is_exact():
     back = TopK.from_state(state)
     assert np.array_equal(back.values_, top.values_) and back.values_.dtype == np.float32
     assert np.array_equal(back.images_, top.images_) and np.array_equal(back.positions_, top.positions_)
-    state["image_index"][0][0] = 99
+    import base64
+
+    bad = TopK(4).update(rng.normal(size=(6, 3, 2, 2)).astype(np.float32)).to_state()
+    index = np.frombuffer(base64.b64decode(bad["image_index"]), "<i8").copy()
+    index[0] = 99  # an image that was never seen
+    bad["image_index"] = base64.b64encode(index.tobytes()).decode()
+    with pytest.raises(CnnvisError, match="not a valid top-k state"):
+        TopK.from_state(bad)
+    state["values"] = "not base64!"
     with pytest.raises(CnnvisError, match="not a valid top-k state"):
         TopK.from_state(state)
 

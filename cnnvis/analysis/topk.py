@@ -9,11 +9,14 @@ interrupted after any chunk continues to the same result.
 """
 from __future__ import annotations
 
+import base64
+import binascii
+
 import numpy as np
 
 from ..errors import CnnvisError
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # arrays as base64 of little-endian bytes (v1: JSON lists, 30 ms a chunk for fc6)
 
 
 class TopK:
@@ -150,9 +153,8 @@ class TopK:
         return {"version": STATE_VERSION, "k": self.k,
                 "map_shape": list(self.map_shape_) if self.map_shape_ is not None else None,
                 "images": list(self.image_names_),
-                "values": self.values_.astype(np.float64).tolist() if self.values_ is not None else None,
-                "image_index": self.images_.tolist() if self.images_ is not None else None,
-                "positions": self.positions_.tolist() if self.positions_ is not None else None}
+                "values": _pack(self.values_, "<f4"), "image_index": _pack(self.images_, "<i8"),
+                "positions": _pack(self.positions_, "<i8")}
 
     @classmethod
     def from_state(cls, state: dict, source: str = "state") -> "TopK":
@@ -164,17 +166,28 @@ class TopK:
             if state["map_shape"] is not None:
                 top.map_shape_ = tuple(int(d) for d in state["map_shape"])
                 c = top.map_shape_[0]
-                top.values_ = np.asarray(state["values"], np.float64).astype(np.float32).reshape(c, -1)
-                top.images_ = np.asarray(state["image_index"], np.int64).reshape(c, -1)
-                top.positions_ = np.asarray(state["positions"], np.int64).reshape(c, -1)
+                top.values_ = _unpack(state["values"], "<f4", np.float32).reshape(c, -1)
+                top.images_ = _unpack(state["image_index"], "<i8", np.int64).reshape(c, -1)
+                top.positions_ = _unpack(state["positions"], "<i8", np.int64).reshape(c, -1)
                 if not (top.values_.shape == top.images_.shape == top.positions_.shape) \
                         or top.values_.shape[1] > top.k:
                     raise ValueError("arrays of different shapes")
                 if top.images_.size and (top.images_.min() < 0 or top.images_.max() >= len(top.image_names_)):
                     raise ValueError("image index out of range")
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError, binascii.Error) as exc:
             raise CnnvisError(f"{source}: not a valid top-k state ({exc})") from None
         return top
+
+
+def _pack(array, dtype: str):
+    """An array as base64 text of its little-endian bytes (exact, and fast for 10^5 entries)."""
+    if array is None:
+        return None
+    return base64.b64encode(np.ascontiguousarray(array, dtype=dtype).tobytes()).decode("ascii")
+
+
+def _unpack(text, dtype: str, as_type) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(text.encode("ascii"), validate=True), dtype=dtype).astype(as_type)
 
 
 def chunk_top(flat, k: int) -> np.ndarray:
