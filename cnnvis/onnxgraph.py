@@ -195,30 +195,80 @@ def make_batch_dynamic(model: onnx.ModelProto, batch_name: str = "N") -> onnx.Mo
     return m
 
 
+def pool_output_size(size, kernel, stride, pad_begin, pad_end, ceil_mode, dilation=1):
+    """onnxruntime's pooled length; with ceil_mode a window starting in the end padding is dropped."""
+    span = size + pad_begin + pad_end - ((kernel - 1) * dilation + 1)
+    out = (-(-span // stride) if ceil_mode else span // stride) + 1
+    if ceil_mode and (out - 1) * stride >= size + pad_begin:
+        out -= 1
+    return out
+
+
 def static_shapes(model: onnx.ModelProto, input_shape) -> dict:
-    """Shapes of every tensor for a fixed input shape, by onnx shape inference.
+    """Shapes of every tensor for a fixed input shape (N, C, H, W), by onnx shape inference.
 
     Large initializers are replaced by typed graph inputs first, so that inference does not copy
-    hundreds of megabytes of weights.
+    hundreds of megabytes of weights. onnx sizes ceil-mode pooling without onnxruntime's rule (a
+    window that would start in the end padding is dropped), so each ceil-mode pool is replaced, in
+    that throwaway copy, by the floor-mode pool with the end padding that gives onnxruntime's size.
+    Tensors inference cannot size have None dimensions (or are absent).
     """
     graph = model.graph
     small, large = [], []
     for init in graph.initializer:
-        (small if int(np.prod(init.dims)) <= 64 else large).append(init)
+        (small if int(np.prod(init.dims)) <= 4096 else large).append(init)
     inp = real_inputs(model)[0]
     typed_inputs = [helper.make_tensor_value_info(inp.name, inp.type.tensor_type.elem_type, list(input_shape))]
     typed_inputs += [helper.make_tensor_value_info(i.name, i.data_type, list(i.dims)) for i in large]
     outputs = [helper.make_tensor_value_info(o.name, o.type.tensor_type.elem_type, None) for o in graph.output]
-    light = make_model(helper.make_graph(list(graph.node), "shapes", typed_inputs, outputs, small),
-                       opset=opset_of(model))
-    inferred = onnx.shape_inference.infer_shapes(light, data_prop=True)
+    nodes = [_copy(n) for n in graph.node]  # the ceil-mode rewrite below edits these copies
+    light = make_model(helper.make_graph(nodes, "shapes", typed_inputs, outputs, small), opset=opset_of(model))
+    shapes = _infer_shapes(light)
+    changed = False
+    for node in light.graph.node:
+        if node.op_type not in ("MaxPool", "AveragePool"):
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        in_shape = shapes.get(node.input[0])
+        if not attrs.get("ceil_mode", 0) or in_shape is None or None in in_shape:
+            continue
+        if attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET", b"", ""):
+            continue
+        spatial = len(in_shape) - 2
+        kernel = list(attrs["kernel_shape"])
+        strides = list(attrs.get("strides") or [1] * spatial)
+        dil = list(attrs.get("dilations") or [1] * spatial)
+        pads = list(attrs.get("pads") or [0] * (2 * spatial))
+        new_pads = list(pads)
+        for i in range(spatial):
+            size = in_shape[2 + i]
+            out = pool_output_size(size, kernel[i], strides[i], pads[i], pads[spatial + i], True, dil[i])
+            new_pads[spatial + i] = max(0, (out - 1) * strides[i] + (kernel[i] - 1) * dil[i] + 1 - size - pads[i])
+        kept = [helper.make_attribute(a.name, helper.get_attribute_value(a))
+                for a in node.attribute if a.name not in ("ceil_mode", "pads")]  # copies: del frees them
+        del node.attribute[:]
+        node.attribute.extend(kept + [helper.make_attribute("pads", new_pads)])
+        changed = True
+    if changed:
+        shapes = _infer_shapes(light)
+    for init in graph.initializer:
+        shapes[init.name] = tuple(init.dims)
+    return shapes
+
+
+def _copy(node):
+    out = onnx.NodeProto()
+    out.CopyFrom(node)
+    return out
+
+
+def _infer_shapes(model) -> dict:
+    inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
     shapes = {}
     for vi in list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input):
         tt = vi.type.tensor_type
         if tt.HasField("shape"):
             shapes[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim)
-    for init in graph.initializer:
-        shapes[init.name] = tuple(init.dims)
     return shapes
 
 

@@ -114,3 +114,17 @@ def test_decomposed_lrn_equals_formula(size, alpha, beta, bias):
     got = onnxgraph.create_session(dec, device="cpu").run(["norm"], {"data": x})[0]
     ref = lrn_f64(x, size, alpha, beta, bias)
     assert np.abs(got - ref).max() / np.abs(ref).max() < 1e-6
+
+
+def test_static_shapes_use_onnxruntimes_ceil_mode_sizes():
+    # 5 wide, kernel 2, stride 2, pads 1+1, ceil: the 4th window would start in the end padding,
+    # which onnxruntime drops (3 outputs); plain onnx shape inference says 4
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 5, 5])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    pool = helper.make_node("MaxPool", ["x"], ["y"], kernel_shape=[2, 2], strides=[2, 2], pads=[1, 1, 1, 1],
+                            ceil_mode=1)
+    m = onnxgraph.make_model(helper.make_graph([pool], "g", [x], [y]))
+    ran = onnxgraph.create_session(m, device="cpu").run(None, {"x": np.zeros((1, 1, 5, 5), np.float32)})[0]
+    assert onnxgraph.static_shapes(m, (1, 1, 5, 5))["y"] == ran.shape == (1, 1, 3, 3)
+    assert onnxgraph.pool_output_size(5, 2, 2, 1, 1, True) == 3
+    assert onnxgraph.pool_output_size(6, 2, 2, 1, 1, True) == 4  # here the last window starts in the image

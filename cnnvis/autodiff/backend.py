@@ -32,7 +32,7 @@ def resolve_backend(backend: str, dtype) -> str:
 
 def maxpool_first_max(x, kernel, strides, pads, dilations, ceil_mode):
     """MaxPool with flat indices over the whole tensor (N, C, *spatial), first maximum on ties."""
-    from .rules import pool_output_size
+    from ..onnxgraph import pool_output_size
 
     n, c = x.shape[:2]
     spatial = x.shape[2:]

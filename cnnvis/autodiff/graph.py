@@ -259,7 +259,8 @@ def _floor_mode_pools(nodes, shapes, b):
     mode both agree. AveragePool counting the padding keeps its divisors via a constant factor
     when the new end padding is larger than the old one.
     """
-    from .rules import average_pool_divisors, pool_output_size
+    from ..onnxgraph import pool_output_size
+    from .rules import average_pool_divisors
 
     out = []
     for node in nodes:

@@ -651,15 +651,6 @@ def _conv(ctx):
 
 # ====================================================================== pooling
 
-def pool_output_size(size, kernel, stride, pad_begin, pad_end, ceil_mode, dilation=1):
-    """onnxruntime's pooled length; with ceil_mode a window starting in the end padding is dropped."""
-    span = size + pad_begin + pad_end - ((kernel - 1) * dilation + 1)
-    out = (-(-span // stride) if ceil_mode else span // stride) + 1
-    if ceil_mode and (out - 1) * stride >= size + pad_begin:
-        out -= 1
-    return out
-
-
 def average_pool_divisors(size, out, kernel, stride, pad_begin, pad_end, count_include_pad):
     """Per-output-position divisor of AveragePool along one axis (onnxruntime/Caffe convention:
     windows clipped at size + pad_end; without count_include_pad only in-image elements count)."""
