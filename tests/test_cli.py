@@ -195,3 +195,13 @@ def test_import_cnnvis_stays_light():
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "", f"heavy modules imported: {proc.stdout}"
+
+
+def test_unique_names_never_collide_across_chunks():
+    from cnnvis.cli.common import unique_names
+
+    used = {}
+    first = unique_names(["cat", "cat_2"], used)
+    second = unique_names(["cat", "dog/1"], used)
+    assert first == ["cat", "cat_2"] and second == ["cat_3", "dog_1"]
+    assert len(set(first + second)) == 4

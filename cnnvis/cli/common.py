@@ -119,12 +119,16 @@ def safe_name(text: str) -> str:
 
 
 def unique_names(names, used: dict) -> list:
-    """File-name-safe names, de-duplicated in order (cat, cat_2, ...); ``used`` carries the counts
-    across chunks."""
+    """File-name-safe names, de-duplicated in order (cat, cat_2, ...); ``used`` (the names given so
+    far) carries across chunks, so a real image named ``cat_2`` never shares a folder with a
+    second ``cat``."""
     out = []
     for name in names:
         base = safe_name(name)
-        k = used.get(base, 0) + 1
-        used[base] = k
-        out.append(base if k == 1 else f"{base}_{k}")
+        unique, k = base, 1
+        while unique in used:
+            k += 1
+            unique = f"{base}_{k}"
+        used[unique] = True
+        out.append(unique)
     return out
