@@ -144,6 +144,28 @@ def test_relu_mask_folded_into_the_following_maxpool(shared):
     assert masked == ({"r"} if shared else {"p"})
 
 
+@pytest.mark.parametrize("reader", [None, "r", "l"])
+def test_relu_mask_folded_through_an_lrn_into_the_maxpool(reader):
+    # AlexNet's Relu -> LRN -> MaxPool: the pooled gradient carries the Relu's mask (exact: the LRN
+    # keeps zeros zero), unless the Relu or LRN output is read elsewhere
+    nodes = [n("Conv", ["x", "w"], ["c"], kernel_shape=[1, 1]), n("Relu", ["c"], ["r"]),
+             n("LRN", ["r"], ["l"], size=3, alpha=0.5, beta=0.75, bias=1.0),
+             n("MaxPool", ["l"], ["p"], kernel_shape=[3, 3], strides=[2, 2], ceil_mode=1)]
+    if reader:
+        nodes += [n("Flatten", ["p"], ["pf"]), n("Flatten", [reader], ["rf"]), n("Concat", ["pf", "rf"], ["y"], axis=1)]
+    else:
+        nodes += [n("Identity", ["p"], ["y"])]
+    m = tiny(nodes, {"w": (4, 3, 1, 1)}, (3, 7, 6))
+    x = rand(2, 3, 7, 6)
+    check(m, x, ["x", "w"])
+
+    from cnnvis.autodiff import build_gradient_graph
+
+    gg = build_gradient_graph(m, (3, 7, 6), ["w"], objective="seed", target="y")
+    masked = {node.input[0] for node in gg.model.graph.node if node.op_type == "Greater"}
+    assert masked == ({"p"} if reader is None else {"r"})
+
+
 POOL_CASES = [
     dict(kernel_shape=[3, 3], strides=[2, 2], ceil_mode=1),  # ceil windows overhang the border
     dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),

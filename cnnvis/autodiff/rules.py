@@ -662,6 +662,31 @@ def average_pool_divisors(size, out, kernel, stride, pad_begin, pad_end, count_i
     return div
 
 
+def _premaskable_relu_output(ctx, x):
+    """The Relu output whose backward mask a MaxPool reading ``x`` may apply on its own output.
+
+    That is ``x`` itself, or the input of an across-channel LRN producing ``x``: with a positive
+    bias the LRN keeps zeros zero and positives positive, and where its input is zero its input
+    gradient is zero once the routed gradient is (dx = g / d - c * x * window(...)). Each tensor on
+    the way must feed nothing else and have no gradient of its own asked for.
+    """
+    b = ctx.b
+
+    def private(t):
+        return b.consumers.get(t) == 1 and t not in b.protected
+
+    node = b.producer.get(x)
+    if node is not None and node.op_type == "LRN" and private(x):
+        _, alpha, _, bias = lrn_attrs(node)
+        if bias <= 0 or alpha < 0:
+            return None
+        x = node.input[0]
+        node = b.producer.get(x)
+    if node is not None and node.op_type == "Relu" and private(x):
+        return x
+    return None
+
+
 @rule("MaxPool")
 def _maxpool(ctx):
     b, x = ctx.b, ctx.x[0]
@@ -669,13 +694,12 @@ def _maxpool(ctx):
         raise ctx.fail("MaxPool with storage_order=1 is not supported")
     indices = ctx.request_output(1)
     g = ctx.output_grad(0)
-    relu = b.producer.get(x)
-    if ctx.rule == "gradient" and relu is not None and relu.op_type == "Relu" and b.consumers.get(x) == 1 \
-            and x not in b.protected:
+    rectified = _premaskable_relu_output(ctx, x) if ctx.rule == "gradient" else None
+    if rectified is not None:
         # Fold the Relu's backward mask into the pooled gradient (4x smaller here): a window's
         # switch holds a positive value exactly when the window's maximum is positive.
         g = b.mul(g, b.mask(b.op("Greater", [ctx.y[0], b.scalar(0.0)])))
-        b.premasked.add(x)
+        b.premasked.add(rectified)
     flat_size = b.reshape(b.op("Size", [x]), [1])
     zeros = b.zeros_like_shape(flat_size)
     flat = b.op("ScatterElements", [zeros, b.reshape(indices, [-1]), b.reshape(g, [-1])],
