@@ -162,7 +162,7 @@ def main(argv=None):
     fwd = best_time(lambda: sess.run(None, {image: x}), args.repeats)
     engine = GradientEngine(model, [model.graph.node[0].input[1]], objective="logit", per_sample=True,
                             batch_size=args.batch, device="cpu", threads=args.threads)
-    target = engine.graph(x.shape[1:])[0].target
+    target = engine.graph(x.shape[1:]).target
     t0 = time.perf_counter()
     res = engine.run(x, index=CLASS)
     print(f"cnnvis: gradient graph built and first run in {time.perf_counter() - t0:.2f} s")

@@ -30,6 +30,9 @@ class TrainingRecipe:
     warmup_steps: int = 200
     hflip: bool = True  # random horizontal flips (clothes are roughly mirror-symmetric)
     seed: int = 0
+    # each batch runs as this many concurrent parts whose gradients are summed (GradientEngine's
+    # workers): faster on a multi-core CPU; the sum's last bits depend on it, so it is recorded
+    workers: int = 2
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -87,7 +90,7 @@ class Trainer:
         logits = _logits_tensor(self.proto)
         engine = GradientEngine(self.proto, wrt=names, objective="cross_entropy", training=True,
                                 per_sample=False, outputs=[logits], batch_size=r.batch_size,
-                                device=self.device, threads=self.threads)
+                                device=self.device, threads=self.threads, workers=r.workers)
         inits = {i.name: i for i in self.proto.graph.initializer}
         self.params_ = {n: numpy_helper.to_array(inits[n]).astype(np.float32).copy() for n in names}
         velocity = {n: np.zeros_like(v) for n, v in self.params_.items()}

@@ -7,6 +7,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from cnnvis.autodiff import GradientEngine, gradcheck, gradients, supported_ops, to_float64
+from cnnvis.autodiff.engine import _parts
 from cnnvis.errors import CnnvisError
 from cnnvis.onnxgraph import create_session, make_model
 
@@ -198,6 +199,38 @@ def test_results_do_not_depend_on_the_chunk_size(small_cnn):
         np.testing.assert_allclose(per["w1"], per_ref["w1"], rtol=0, atol=1e-6 * np.abs(per_ref["w1"]).max())
 
 
+def test_parts_cut_chunks_into_near_equal_nonempty_pieces():
+    assert _parts(7, 4, 1) == [(0, 4), (4, 7)]
+    assert _parts(7, 4, 2) == [(0, 2), (2, 4), (4, 6), (6, 7)]
+    assert _parts(3, 8, 4) == [(0, 1), (1, 2), (2, 3)]
+
+
+@pytest.mark.parametrize("per_sample", [True, False])
+def test_workers_run_parts_concurrently_with_the_same_results(small_cnn, per_sample):
+    x = np.random.default_rng(9).standard_normal((7, 2, 9, 9)).astype(np.float32)
+    idx = np.arange(7) % 6
+    ref = GradientEngine(small_cnn, ["x", "w1", "fc_w"], objective="logit", per_sample=per_sample,
+                         batch_size=4).run(x, index=idx)
+    engine = GradientEngine(small_cnn, ["x", "w1", "fc_w"], objective="logit", per_sample=per_sample,
+                            batch_size=4, workers=2, threads=2)
+    got = engine.run(x, index=idx)
+    assert len(engine._runners_for(engine.graph(x.shape[1:]))) == 2
+    np.testing.assert_allclose(got.objective, ref.objective, rtol=1e-6)
+    for k in ref:
+        assert got[k].shape == ref[k].shape
+        np.testing.assert_allclose(got[k], ref[k], rtol=0, atol=1e-6 * np.abs(ref[k]).max())
+    # the same workers repeat exactly
+    again = engine.run(x, index=idx)
+    for k in ref:
+        np.testing.assert_array_equal(again[k], got[k])
+
+
+def test_workers_need_onnxruntime_and_a_positive_count(small_cnn):
+    with pytest.raises(CnnvisError, match="workers 0: expected a positive integer"):
+        GradientEngine(small_cnn, "x", workers=0)
+    assert GradientEngine(to_float64(small_cnn), "x", workers=2).workers_ == 1  # reference evaluator
+
+
 def test_one_graph_serves_every_class_and_is_built_once(small_cnn):
     engine = GradientEngine(small_cnn, "x", objective="logit")
     x = np.random.default_rng(6).standard_normal((2, 2, 9, 9)).astype(np.float32)
@@ -257,7 +290,8 @@ def test_user_errors(small_cnn):
 
 # ------------------------------------------------------------ training graphs
 
-def test_training_cross_entropy_with_dropout_masks_matches_numpy():
+@pytest.mark.parametrize("workers", [1, 2])
+def test_training_cross_entropy_with_dropout_masks_matches_numpy(workers):
     rng = np.random.default_rng(8)
     w1, b1, w2, b2 = rng.standard_normal((6, 4)), rng.standard_normal(6), rng.standard_normal((3, 6)), rng.standard_normal(3)
     ratio = np.array(0.25, np.float32)
@@ -265,7 +299,8 @@ def test_training_cross_entropy_with_dropout_masks_matches_numpy():
              n("Dropout", ["r", "ratio"], ["d"]), n("Gemm", ["d", "w2", "b2"], ["z"], transB=1),
              n("Softmax", ["z"], ["prob"], axis=1)]
     m = model_of(nodes, {"w1": w1, "b1": b1, "w2": w2, "b2": b2, "ratio": ratio}, (4,), "prob")
-    engine = GradientEngine(m, ["w1", "b1", "w2", "b2"], objective="cross_entropy", training=True, per_sample=False)
+    engine = GradientEngine(m, ["w1", "b1", "w2", "b2"], objective="cross_entropy", training=True, per_sample=False,
+                            workers=workers)  # 2: parts of 2 and 3 images, masks and labels cut with them
     x = rng.standard_normal((5, 4)).astype(np.float32)
     labels = np.array([0, 2, 1, 1, 0])
     masks = engine.dropout_masks(5, (4,), np.random.default_rng(0))
@@ -300,9 +335,11 @@ def test_alexnet_class_logit_conv1_weight_gradient_against_finite_differences():
     nets = pytest.importorskip("cnnvis.nets")
     model = nets.build_alexnet(seed=0)
     x = np.random.default_rng(0).standard_normal((1, 3, 227, 227)).astype(np.float32) * 50
-    engine = GradientEngine(model, ["conv1.weight", "conv1.bias"], objective="logit")
-    assert engine.graph((3, 227, 227))[0].target == "fc8"
+    # batch_size 1: the image is a full chunk, run in the graph specialised to one image
+    engine = GradientEngine(model, ["conv1.weight", "conv1.bias"], objective="logit", batch_size=1)
+    assert engine.graph((3, 227, 227)).target == "fc8"
     res = engine.run(x, index=281)
+    assert engine.graph((3, 227, 227), batch=1).static_batch == 1
     assert res["conv1.weight"].shape == (1, 96, 3, 11, 11) and res["conv1.bias"].shape == (1, 96)
     reports = gradcheck(model, x, "conv1.weight", index=281, samples=20,
                         analytic={"conv1.weight": res["conv1.weight"][0]})

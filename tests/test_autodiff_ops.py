@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from cnnvis.autodiff import gradcheck, to_float64
+from cnnvis.autodiff import GradientEngine, gradcheck, to_float64
 from cnnvis.onnxgraph import create_session, make_model
 
 F64_TOL = 1e-6
@@ -66,6 +66,34 @@ CONV_CASES = [
 def test_conv(attrs, group):
     m = tiny([n("Conv", ["x", "w", "b"], ["y"], group=group, **attrs)], {"w": (4, 4 // group, *attrs["kernel_shape"]), "b": (4,)}, (4, 7, 6))
     check(m, rand(2, 4, 7, 6), ["x", "w", "b"])
+
+
+@pytest.mark.parametrize("attrs", [a for a in CONV_CASES if a.get("strides", [1])[0] > 1 and a["kernel_shape"][0] >= 5])
+@pytest.mark.parametrize("group", [1, 2])
+def test_per_sample_conv_weight_gradient_for_a_fixed_batch(attrs, group):
+    # big strided kernels: full chunks of batch_size images run in a graph specialised to that size,
+    # where each sample's weight gradient is one group of a grouped convolution; it must agree with
+    # the float64 engine (itself checked against finite differences above) and with the general graph
+    m = tiny([n("Conv", ["x", "w", "b"], ["c"], group=group, **attrs), n("Relu", ["c"], ["y"])],
+             {"w": (4, 4 // group, *attrs["kernel_shape"]), "b": (4,)}, (4, 9, 8))
+    x = rand(3, 4, 9, 8).astype(np.float32)
+    seed = rand(3, *create_session(m, device="cpu").run(None, {"x": x})[0].shape[1:], seed=2)
+    fixed = GradientEngine(m, "w", objective="seed", target="y", batch_size=3)
+    got = fixed.run(x, seed=seed)["w"]
+    specialised = fixed.graph(x.shape[1:], batch=3)
+    assert specialised.static_batch == 3
+    conv_groups = {a.i for node in specialised.model.graph.node if node.op_type == "Conv"
+                   for a in node.attribute if a.name == "group"}
+    assert 3 * group in conv_groups  # one group per (sample, conv group)
+    general = GradientEngine(m, "w", objective="seed", target="y", batch_size=4).run(x, seed=seed)["w"]
+    want = GradientEngine(to_float64(m), "w", objective="seed", target="y").run(x.astype(np.float64), seed=seed)["w"]
+    scale = np.abs(want).max()
+    assert got.shape == want.shape == (3, 4, 4 // group, *attrs["kernel_shape"])
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * scale)
+    np.testing.assert_allclose(general, want, rtol=0, atol=1e-5 * scale)
+    # a run with a shorter last chunk: full chunks in the fixed graph, the rest in the general one
+    mixed = GradientEngine(m, "w", objective="seed", target="y", batch_size=2).run(x, seed=seed)["w"]
+    np.testing.assert_allclose(mixed, want, rtol=0, atol=1e-5 * scale)
 
 
 @pytest.mark.parametrize("op,attrs,positive", [

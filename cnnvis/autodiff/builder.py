@@ -32,6 +32,8 @@ class GraphBuilder:
         self.protected: set = set()  # tensors whose own gradient is asked for (wrt, target)
         self.premasked: set = set()  # Relu outputs whose gradient a MaxPool rule already masked
         self.lrn_parts: dict = {}  # LRN output -> (normaliser s, s**beta) names the forward must define
+        self.static_batch: int | None = None  # the one batch size the graph is built for, if any
+        self.wants_static_batch = False  # set by a rule that has a faster form for a fixed batch size
 
     @contextlib.contextmanager
     def emitting_into(self, nodes: list):

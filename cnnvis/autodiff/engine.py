@@ -5,12 +5,16 @@
     result.objective                         # the objective's value per image
 
 One engine serves every class, unit and seed (they are graph inputs). Graphs are built per input
-shape and cached; large batches are run in chunks of ``batch_size`` images.
+shape and cached; large batches are run in chunks of ``batch_size`` images. Where a backward rule
+has a faster form for a fixed batch size (per-sample weight gradients of a big strided kernel, e.g.
+AlexNet's conv1), full chunks run in a second graph built for exactly ``batch_size`` images.
 """
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import hashlib
+import os
 
 import numpy as np
 import onnx
@@ -18,6 +22,8 @@ import onnx
 from ..errors import CnnvisError
 from .backend import Runner, resolve_backend
 from .graph import OBJECTIVE_OUTPUT, OBJECTIVES, build_gradient_graph, model_dtype
+
+_MAX_SPECIALISED = 2  # batch-specialised graphs kept per engine (each session holds the weights)
 
 
 class GradientResult(dict):
@@ -66,11 +72,18 @@ class GradientEngine:
     batch_size : images per onnxruntime call; bounds memory.
     device, threads : onnxruntime session options; backend: ``auto`` (onnxruntime for float32,
         onnx's reference evaluator for float64), ``onnxruntime`` or ``reference``.
+    workers : data parallelism (onnxruntime only). Each chunk of ``batch_size`` images is split
+        into this many parts, run at the same time in separate sessions that share the ``threads``
+        (default: all cores) between them. Small graphs keep the cores busier this way than with
+        one session's intra-op threads (training the demo network: about 10% faster with 2).
+        Per-sample results do not change; batch sums are summed over parts in float64, so they
+        differ from ``workers=1`` in the last bits (the same ``workers`` repeats exactly).
     """
 
     def __init__(self, model, wrt, objective: str = "logit", target=None, rule: str = "gradient",
                  per_sample: bool = True, training: bool = False, weights_as_inputs=None, outputs=(),
-                 batch_size: int = 32, device: str = "auto", threads=None, backend: str = "auto"):
+                 batch_size: int = 32, device: str = "auto", threads=None, backend: str = "auto",
+                 workers: int = 1):
         self.model = _as_model(model)
         self.wrt = [wrt] if isinstance(wrt, str) else list(wrt)
         self.objective = objective
@@ -88,25 +101,53 @@ class GradientEngine:
             raise CnnvisError(f"objective {objective!r}: expected one of {', '.join(OBJECTIVES)}")
         if int(batch_size) < 1:
             raise CnnvisError(f"batch_size {batch_size}: expected a positive integer")
+        if int(workers) < 1:
+            raise CnnvisError(f"workers {workers}: expected a positive integer")
+        self.workers = workers
         self.dtype_ = model_dtype(self.model)
         self.backend_ = resolve_backend(backend, self.dtype_)
-        self._built = {}
+        # onnx's reference evaluator runs Python under the GIL: parts would only take turns
+        self.workers_ = int(workers) if self.backend_ == "onnxruntime" else 1
+        self._built = {}  # (sample shape, batch or None) -> GradientGraph
+        self._specialised = []  # keys of batch-specialised graphs, oldest first
+        self._runners = {}
+        self._pool = None
 
     # ------------------------------------------------------------------ graphs
-    def graph(self, sample_shape):
-        """The built :class:`GradientGraph` and its runner for one per-sample input shape (cached)."""
-        key = tuple(int(d) for d in sample_shape)
+    def graph(self, sample_shape, batch: int | None = None):
+        """The built :class:`GradientGraph` for one per-sample input shape (cached): for any batch
+        size, or specialised to ``batch`` images (see ``GradientGraph.batch_specialisable``)."""
+        key = (tuple(int(d) for d in sample_shape), int(batch) if batch else None)
         if key not in self._built:
             gg = build_gradient_graph(
-                self.model, key, self.wrt, objective=self.objective, target=self.target, rule=self.rule,
+                self.model, key[0], self.wrt, objective=self.objective, target=self.target, rule=self.rule,
                 per_sample=self.per_sample, training=self.training, weights_as_inputs=self.weights_as_inputs,
-                outputs=self.outputs, backend=self.backend_)
-            self._built[key] = (gg, Runner(gg.model, backend=self.backend_, device=self.device, threads=self.threads))
+                outputs=self.outputs, backend=self.backend_, batch=key[1])
+            self._built[key] = gg
+            if key[1] is not None:
+                # a specialised graph serves one chunk size (the engine's batch_size, unless a run
+                # asks for another): keep the latest few
+                self._specialised.append(key)
+                while len(self._specialised) > _MAX_SPECIALISED:
+                    old = self._specialised.pop(0)
+                    self._built.pop(old, None)
+                    self._runners.pop(old, None)
         return self._built[key]
+
+    def _runners_for(self, gg: "GradientGraph") -> list:
+        """The sessions running ``gg``, one per worker (created on first use)."""
+        key = (gg.sample_shape, gg.static_batch)
+        if key not in self._runners:
+            share = self.threads
+            if self.workers_ > 1:
+                share = max(1, int(self.threads or os.cpu_count() or 1) // self.workers_)
+            self._runners[key] = [Runner(gg.model, backend=self.backend_, device=self.device, threads=share)
+                                  for _ in range(self.workers_)]
+        return self._runners[key]
 
     def dropout_masks(self, n: int, sample_shape, rng) -> dict:
         """Random 0/1 dropout masks for ``n`` samples (keep probability 1 - ratio), by mask input name."""
-        gg, _ = self.graph(sample_shape)
+        gg = self.graph(sample_shape)
         return {name: (rng.random((n, *shape)) >= ratio).astype(self.dtype_)
                 for name, (shape, ratio) in gg.dropout_masks.items()}
 
@@ -124,7 +165,11 @@ class GradientEngine:
             raise CnnvisError(f"input: expected a batch N x C x H x W, got shape {x.shape}")
         x = np.ascontiguousarray(x, dtype=self.dtype_)
         n = x.shape[0]
-        gg, runner = self.graph(x.shape[1:])
+        gg = self.graph(x.shape[1:])
+        bs = int(batch_size or self.batch_size)
+        # full chunks run in a graph specialised to the chunk size when that is faster; a shorter
+        # last chunk runs in the graph for any batch size
+        full = self.graph(x.shape[1:], batch=bs) if gg.batch_specialisable and self.workers_ == 1 and n >= bs else gg
         feeds_all = {}
         if "index" in gg.runtime_inputs:
             value = labels if self.objective == "cross_entropy" and labels is not None else index
@@ -136,17 +181,20 @@ class GradientEngine:
         # weights the built graph does not read (e.g. a replaced Dropout's ratio) change nothing
         graph_inputs = {i.name for i in gg.model.graph.input}
         fixed = {k: v for k, v in self._param_feeds(params).items() if k in graph_inputs}
-        bs = int(batch_size or self.batch_size)
         per_sample_out = {w: [] for w in gg.wrt if w in gg.batched_wrt or gg.per_sample}
         summed = {w: None for w in gg.wrt if w not in per_sample_out}
         objective, extra = [], {o: [] for o in gg.extra_outputs}
         wanted = [OBJECTIVE_OUTPUT] + [gg.grad_outputs[w] for w in gg.wrt] + gg.extra_outputs
-        for start in range(0, n, bs):
-            stop = min(start + bs, n)
+
+        def feeds_of(start, stop):
             feeds = {gg.input_name: x[start:stop]}
             feeds.update({k: v[start:stop] for k, v in feeds_all.items()})
             feeds.update(fixed)
-            out = runner(feeds, wanted)
+            return feeds
+
+        parts = _parts(n, bs, self.workers_)
+        graphs = [full if stop - start == bs else gg for start, stop in parts]
+        for out in self._run_parts(graphs, parts, feeds_of, wanted):
             objective.append(out[OBJECTIVE_OUTPUT])
             for w in gg.wrt:
                 g = out[gg.grad_outputs[w]]
@@ -166,6 +214,22 @@ class GradientEngine:
                               {o: np.concatenate(v) for o, v in extra.items()})
 
     __call__ = run
+
+    def _run_parts(self, graphs, parts, feeds_of, wanted):
+        """Outputs of every (start, stop) part, each in its graph, in order; with several workers,
+        up to that many parts at a time (then every part is in the same graph)."""
+        if self.workers_ == 1:
+            for graph, (start, stop) in zip(graphs, parts):
+                yield self._runners_for(graph)[0](feeds_of(start, stop), wanted)
+            return
+        runners = self._runners_for(graphs[0])
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(len(runners), thread_name_prefix="cnnvis-worker")
+        for i in range(0, len(parts), len(runners)):
+            futures = [self._pool.submit(runner, feeds_of(*part), wanted)
+                       for runner, part in zip(runners, parts[i:i + len(runners)])]
+            for future in futures:
+                yield future.result()
 
     # ---------------------------------------------------------------- feeds
     def _mask_feeds(self, masks, n, gg):
@@ -199,6 +263,17 @@ class GradientEngine:
                 raise CnnvisError(f"params[{name!r}]: expected shape {inits[name]}, got {arr.shape}")
             feeds[name] = arr
         return feeds
+
+
+def _parts(n: int, batch_size: int, workers: int) -> list:
+    """(start, stop) of every part: chunks of ``batch_size``, each cut into ``workers`` near-equal
+    parts (none empty)."""
+    parts = []
+    for start in range(0, n, batch_size):
+        stop = min(start + batch_size, n)
+        cuts = np.linspace(start, stop, min(workers, stop - start) + 1).round().astype(int)
+        parts.extend(zip(cuts[:-1].tolist(), cuts[1:].tolist()))
+    return parts
 
 
 def index_feed(objective, index, n, target, shape):

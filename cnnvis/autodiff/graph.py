@@ -58,6 +58,8 @@ class GradientGraph:
     dropout_masks: dict = field(default_factory=dict)  # input name -> (per-sample shape, drop ratio)
     extra_outputs: list = field(default_factory=list)
     dtype: type = np.float32
+    static_batch: int | None = None  # the graph runs only batches of this size (else any size)
+    batch_specialisable: bool = False  # a graph built for one batch size would be faster
 
 
 def model_dtype(model: onnx.ModelProto):
@@ -106,8 +108,12 @@ def tensor_names(model: onnx.ModelProto) -> list:
 
 def build_gradient_graph(model: onnx.ModelProto, sample_shape, wrt, objective: str = "logit", target=None,
                          rule: str = "gradient", per_sample: bool = True, training: bool = False,
-                         weights_as_inputs: bool = False, outputs=(), backend: str = "onnxruntime") -> GradientGraph:
-    """Forward + objective + backward as one ONNX model (see :class:`GradientGraph`)."""
+                         weights_as_inputs: bool = False, outputs=(), backend: str = "onnxruntime",
+                         batch: int | None = None) -> GradientGraph:
+    """Forward + objective + backward as one ONNX model (see :class:`GradientGraph`).
+
+    ``batch``: let rules specialise to this batch size (the graph then runs only batches of it).
+    """
     from .backend import forward_shapes
 
     if rule not in RULES:
@@ -140,6 +146,7 @@ def build_gradient_graph(model: onnx.ModelProto, sample_shape, wrt, objective: s
     b = GraphBuilder(dtype, taken=known)
     b.known_constants = constants
     b.backend = backend
+    b.static_batch = int(batch) if batch else None
     nodes = _floor_mode_pools([_copy_node(n) for n in graph.node], shapes, b)
     new_inputs = [onnx.ValueInfoProto()]
     new_inputs[0].CopyFrom(real_inputs(forward)[0])
@@ -234,7 +241,8 @@ def build_gradient_graph(model: onnx.ModelProto, sample_shape, wrt, objective: s
         model=built, input_name=image, sample_shape=sample_shape, objective=objective, target=target,
         target_shape=tuple(shapes[target][1:]), wrt=wrt, grad_outputs=grad_outputs, wrt_shapes=wrt_shapes,
         batched_wrt={w for w in wrt if w in batched}, per_sample=per_sample, rule=rule, runtime_inputs=runtime,
-        dropout_masks=masks, extra_outputs=list(outputs), dtype=dtype)
+        dropout_masks=masks, extra_outputs=list(outputs), dtype=dtype,
+        static_batch=b.static_batch if b.wants_static_batch else None, batch_specialisable=b.wants_static_batch)
 
 
 def _assemble(nodes, name, inputs, outputs, initializers, opset):

@@ -626,6 +626,35 @@ def conv_weight_grad_per_sample(ctx, x, x_shape, g, w_shape, strides, dilations,
     return b.reshape(dw, [0, m, cg] + k)
 
 
+def conv_weight_grad_grouped(ctx, x, x_shape, g, y_shape, w_shape, strides, dilations, pads, group, n):
+    """dL_n/dW for a batch of exactly ``n`` samples as one grouped convolution.
+
+    dW[n, o, c, k] = sum_i g[n, o, i] * x[n, c, s*i + d*k]: a convolution of sample n's input
+    (channels as the batch) with its own output gradient as the kernel, dilated by the stride s
+    and moved with stride d. One group per (sample, conv group), so ``group`` is n times the conv's:
+    the graph then serves only batches of n. onnxruntime unfolds one group at a time, in cache,
+    where the unfold-and-MatMul form writes the whole unfolded batch to memory first.
+    """
+    b = ctx.b
+    m, cg = w_shape[0], w_shape[1]
+    kernel, out_spatial = list(w_shape[2:]), list(y_shape[2:])
+    spatial = len(kernel)
+    # (N, G*cg, *S) -> (cg, N*G, *S): the batch is a group's input channel, the channels (sample, group)
+    xt = b.transpose(b.reshape(x, [n * group, cg, -1]), [1, 0, 2])
+    xt = b.reshape(xt, [cg, n * group] + list(x_shape[2:]))
+    kernels = b.reshape(g, [n * m, 1] + out_spatial)
+    out = b.op("Conv", [xt, kernels], group=n * group, strides=list(dilations), dilations=list(strides),
+               pads=list(pads), kernel_shape=out_spatial)
+    # windows past the conv's last one give extra taps beyond the kernel: crop them
+    reach = [(x_shape[2 + i] + pads[i] + pads[i + spatial] - (strides[i] * (out_spatial[i] - 1) + 1)) // dilations[i] + 1
+             for i in range(spatial)]
+    if reach != kernel:
+        out = b.op("Slice", [out, b.ints([0] * spatial), b.ints(kernel), b.ints(list(range(2, 2 + spatial)))])
+    # (cg, N*M, *k) -> (N, M, cg, *k)
+    out = b.transpose(b.reshape(out, [cg, n * m, -1]), [1, 0, 2])
+    return b.reshape(out, [n, m, cg] + kernel)
+
+
 @rule("Conv")
 def _conv(ctx):
     b = ctx.b
@@ -640,9 +669,15 @@ def _conv(ctx):
     if ctx.need[1]:
         if ctx.is_batched(w) or not ctx.is_batched(x):
             raise ctx.fail("weight gradients need a constant weight and a batched input")
-        per = conv_weight_grad_per_sample(ctx, x, x_shape, g, w_shape, strides, dilations, pads, group,
-                                          out_spatial=y_shape[2:])
-        grads[1] = ctx.sum_over_batch(per)
+        if ctx.per_sample and b.backend == "onnxruntime" and _space_to_depth_pays(kernel, strides, dilations):
+            b.wants_static_batch = True
+        if ctx.per_sample and b.static_batch and b.wants_static_batch:
+            grads[1] = conv_weight_grad_grouped(ctx, x, x_shape, g, y_shape, w_shape, strides, dilations, pads,
+                                                group, b.static_batch)
+        else:
+            per = conv_weight_grad_per_sample(ctx, x, x_shape, g, w_shape, strides, dilations, pads, group,
+                                              out_spatial=y_shape[2:])
+            grads[1] = ctx.sum_over_batch(per)
     if len(ctx.x) > 2 and ctx.x[2] and ctx.need[2]:
         per = b.reduce_sum(g, list(range(2, len(y_shape))), keepdims=0)
         grads[2] = ctx.sum_over_batch(per)

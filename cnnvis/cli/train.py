@@ -16,6 +16,8 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=common.positive_int, default=None)
     p.add_argument("--lr", type=float, default=None, help="peak learning rate")
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--workers", type=common.positive_int, default=None,
+                   help="concurrent parts per batch (default 2; the committed model used 1)")
     p.add_argument("--limit", type=common.positive_int, default=None,
                    help="train on the first N training images only (quick runs)")
     p.add_argument("--checkpoints", default="1,2,4,8",
@@ -38,7 +40,7 @@ def cmd_train_demo(args) -> int:
     from ..training import TrainingRecipe
 
     recipe = TrainingRecipe()
-    for field in ("epochs", "batch_size", "lr", "seed"):
+    for field in ("epochs", "batch_size", "lr", "seed", "workers"):
         value = getattr(args, field)
         if value is not None:
             setattr(recipe, field, value)
