@@ -225,10 +225,15 @@ def test_workers_run_parts_concurrently_with_the_same_results(small_cnn, per_sam
         np.testing.assert_array_equal(again[k], got[k])
 
 
-def test_workers_need_onnxruntime_and_a_positive_count(small_cnn):
+def test_workers_need_onnxruntime_on_cpu_and_a_positive_count(small_cnn, monkeypatch):
     with pytest.raises(CnnvisError, match="workers 0: expected a positive integer"):
         GradientEngine(small_cnn, "x", workers=0)
+    assert GradientEngine(small_cnn, "x", workers=2, device="cpu").workers_ == 2
     assert GradientEngine(to_float64(small_cnn), "x", workers=2).workers_ == 1  # reference evaluator
+    import cnnvis.autodiff.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "select_providers", lambda device: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert GradientEngine(small_cnn, "x", workers=2).workers_ == 1  # a GPU takes the whole chunk
 
 
 def test_one_graph_serves_every_class_and_is_built_once(small_cnn):

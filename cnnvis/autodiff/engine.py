@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 
 from ..errors import CnnvisError
+from ..onnxgraph import select_providers
 from .backend import Runner, resolve_backend
 from .graph import OBJECTIVE_OUTPUT, OBJECTIVES, build_gradient_graph, model_dtype
 
@@ -72,7 +73,7 @@ class GradientEngine:
     batch_size : images per onnxruntime call; bounds memory.
     device, threads : onnxruntime session options; backend: ``auto`` (onnxruntime for float32,
         onnx's reference evaluator for float64), ``onnxruntime`` or ``reference``.
-    workers : data parallelism (onnxruntime only). Each chunk of ``batch_size`` images is split
+    workers : data parallelism (onnxruntime on CPU only). Each chunk of ``batch_size`` images is split
         into this many parts, run at the same time in separate sessions that share the ``threads``
         (default: all cores) between them. Small graphs keep the cores busier this way than with
         one session's intra-op threads (training the demo network: about 10% faster with 2).
@@ -106,8 +107,12 @@ class GradientEngine:
         self.workers = workers
         self.dtype_ = model_dtype(self.model)
         self.backend_ = resolve_backend(backend, self.dtype_)
-        # onnx's reference evaluator runs Python under the GIL: parts would only take turns
-        self.workers_ = int(workers) if self.backend_ == "onnxruntime" else 1
+        self.workers_ = int(workers)
+        if self.backend_ != "onnxruntime":
+            self.workers_ = 1  # onnx's reference evaluator runs Python under the GIL: parts would take turns
+        elif self.workers_ > 1 and select_providers(device)[0] != "CPUExecutionProvider":
+            self.workers_ = 1  # a GPU runs the whole chunk at once
+
         self._built = {}  # (sample shape, batch or None) -> GradientGraph
         self._specialised = []  # keys of batch-specialised graphs, oldest first
         self._runners = {}
