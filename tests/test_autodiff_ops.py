@@ -96,6 +96,28 @@ def test_per_sample_conv_weight_gradient_for_a_fixed_batch(attrs, group):
     np.testing.assert_allclose(mixed, want, rtol=0, atol=1e-5 * scale)
 
 
+@pytest.mark.parametrize("pads", [[2, 2, 2, 2], [2, 1, 0, 2]])
+@pytest.mark.parametrize("group", [1, 2])
+def test_batch_summed_conv_weight_gradient_in_a_one_thread_session(pads, group):
+    # one-thread sessions (training workers): a 5x5 kernel over >= 16 channels a group takes its
+    # batch-summed weight gradient as a convolution with the output gradient as the kernel
+    m = tiny([n("Conv", ["x", "w", "b"], ["y"], group=group, kernel_shape=[5, 5], pads=pads)],
+             {"w": (4, 32 // group, 5, 5), "b": (4,)}, (32, 9, 8))
+    x = rand(3, 32, 9, 8).astype(np.float32)
+    seed = rand(3, *create_session(m, device="cpu").run(None, {"x": x})[0].shape[1:], seed=2)
+    one = GradientEngine(m, "w", objective="seed", target="y", per_sample=False, threads=1)
+    got = one.run(x, seed=seed)["w"]
+    want = GradientEngine(to_float64(m), "w", objective="seed", target="y", per_sample=False).run(
+        x.astype(np.float64), seed=seed)["w"]
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+    def unfolds(engine):
+        return sum("unfold_kernel" in i.name for i in engine.graph(x.shape[1:]).model.graph.initializer)
+
+    assert unfolds(one) == 0 and unfolds(GradientEngine(m, "w", objective="seed", target="y", per_sample=False,
+                                                        threads=2)) == 1
+
+
 @pytest.mark.parametrize("op,attrs,positive", [
     ("Relu", {}, False), ("LeakyRelu", {"alpha": 0.2}, False), ("Sigmoid", {}, False), ("Tanh", {}, False),
     ("Sqrt", {}, True), ("Softmax", {"axis": 1}, False), ("LogSoftmax", {"axis": -1}, False),

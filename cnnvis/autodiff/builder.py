@@ -34,6 +34,7 @@ class GraphBuilder:
         self.lrn_parts: dict = {}  # LRN output -> (normaliser s, s**beta) names the forward must define
         self.static_batch: int | None = None  # the one batch size the graph is built for, if any
         self.wants_static_batch = False  # set by a rule that has a faster form for a fixed batch size
+        self.session_threads: int | None = None  # intra-op threads of the session that will run it
 
     @contextlib.contextmanager
     def emitting_into(self, nodes: list):

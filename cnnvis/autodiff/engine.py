@@ -127,7 +127,7 @@ class GradientEngine:
             gg = build_gradient_graph(
                 self.model, key[0], self.wrt, objective=self.objective, target=self.target, rule=self.rule,
                 per_sample=self.per_sample, training=self.training, weights_as_inputs=self.weights_as_inputs,
-                outputs=self.outputs, backend=self.backend_, batch=key[1])
+                outputs=self.outputs, backend=self.backend_, batch=key[1], session_threads=self._session_threads())
             self._built[key] = gg
             if key[1] is not None:
                 # a specialised graph serves one chunk size (the engine's batch_size, unless a run
@@ -139,15 +139,18 @@ class GradientEngine:
                     self._runners.pop(old, None)
         return self._built[key]
 
+    def _session_threads(self):
+        """Intra-op threads of each session (None: onnxruntime's default, one per core)."""
+        if self.workers_ > 1:
+            return max(1, int(self.threads or os.cpu_count() or 1) // self.workers_)
+        return int(self.threads) if self.threads else (1 if os.cpu_count() == 1 else None)
+
     def _runners_for(self, gg: "GradientGraph") -> list:
         """The sessions running ``gg``, one per worker (created on first use)."""
         key = (gg.sample_shape, gg.static_batch)
         if key not in self._runners:
-            share = self.threads
-            if self.workers_ > 1:
-                share = max(1, int(self.threads or os.cpu_count() or 1) // self.workers_)
-            self._runners[key] = [Runner(gg.model, backend=self.backend_, device=self.device, threads=share)
-                                  for _ in range(self.workers_)]
+            self._runners[key] = [Runner(gg.model, backend=self.backend_, device=self.device,
+                                         threads=self._session_threads()) for _ in range(self.workers_)]
         return self._runners[key]
 
     def dropout_masks(self, n: int, sample_shape, rng) -> dict:

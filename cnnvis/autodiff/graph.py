@@ -109,10 +109,12 @@ def tensor_names(model: onnx.ModelProto) -> list:
 def build_gradient_graph(model: onnx.ModelProto, sample_shape, wrt, objective: str = "logit", target=None,
                          rule: str = "gradient", per_sample: bool = True, training: bool = False,
                          weights_as_inputs: bool = False, outputs=(), backend: str = "onnxruntime",
-                         batch: int | None = None) -> GradientGraph:
+                         batch: int | None = None, session_threads: int | None = None) -> GradientGraph:
     """Forward + objective + backward as one ONNX model (see :class:`GradientGraph`).
 
     ``batch``: let rules specialise to this batch size (the graph then runs only batches of it).
+    ``session_threads``: intra-op threads of the session that will run the graph, when known;
+    some rules pick another form for one thread.
     """
     from .backend import forward_shapes
 
@@ -147,6 +149,7 @@ def build_gradient_graph(model: onnx.ModelProto, sample_shape, wrt, objective: s
     b.known_constants = constants
     b.backend = backend
     b.static_batch = int(batch) if batch else None
+    b.session_threads = session_threads
     nodes = _floor_mode_pools([_copy_node(n) for n in graph.node], shapes, b)
     new_inputs = [onnx.ValueInfoProto()]
     new_inputs[0].CopyFrom(real_inputs(forward)[0])
