@@ -236,6 +236,13 @@ def test_workers_need_onnxruntime_on_cpu_and_a_positive_count(small_cnn, monkeyp
     assert GradientEngine(small_cnn, "x", workers=2).workers_ == 1  # a GPU takes the whole chunk
 
 
+def test_a_graph_without_a_fixed_batch_form_serves_full_and_short_chunks(small_cnn):
+    engine = GradientEngine(small_cnn, ["x", "w1"], objective="logit", batch_size=4)
+    engine.run(np.zeros((7, 2, 9, 9), np.float32), index=0)
+    engine.run(np.zeros((2, 2, 9, 9), np.float32), index=0)
+    assert len({id(g) for g in engine._built.values()}) == 1 and len(engine._runners) == 1
+
+
 def test_one_graph_serves_every_class_and_is_built_once(small_cnn):
     engine = GradientEngine(small_cnn, "x", objective="logit")
     x = np.random.default_rng(6).standard_normal((2, 2, 9, 9)).astype(np.float32)

@@ -112,7 +112,6 @@ class GradientEngine:
             self.workers_ = 1  # onnx's reference evaluator runs Python under the GIL: parts would take turns
         elif self.workers_ > 1 and select_providers(device)[0] != "CPUExecutionProvider":
             self.workers_ = 1  # a GPU runs the whole chunk at once
-
         self._built = {}  # (sample shape, batch or None) -> GradientGraph
         self._specialised = []  # keys of batch-specialised graphs, oldest first
         self._runners = {}
@@ -123,13 +122,18 @@ class GradientEngine:
         """The built :class:`GradientGraph` for one per-sample input shape (cached): for any batch
         size, or specialised to ``batch`` images (see ``GradientGraph.batch_specialisable``)."""
         key = (tuple(int(d) for d in sample_shape), int(batch) if batch else None)
+        general = self._built.get((key[0], None))
+        if general is not None and not general.batch_specialisable:
+            return general
         if key not in self._built:
             gg = build_gradient_graph(
                 self.model, key[0], self.wrt, objective=self.objective, target=self.target, rule=self.rule,
                 per_sample=self.per_sample, training=self.training, weights_as_inputs=self.weights_as_inputs,
                 outputs=self.outputs, backend=self.backend_, batch=key[1], session_threads=self._session_threads())
             self._built[key] = gg
-            if key[1] is not None:
+            if key[1] is not None and gg.static_batch is None:
+                self._built[(key[0], None)] = gg  # no rule used the batch size: the graph serves any
+            elif key[1] is not None:
                 # a specialised graph serves one chunk size (the engine's batch_size, unless a run
                 # asks for another): keep the latest few
                 self._specialised.append(key)
@@ -173,11 +177,14 @@ class GradientEngine:
             raise CnnvisError(f"input: expected a batch N x C x H x W, got shape {x.shape}")
         x = np.ascontiguousarray(x, dtype=self.dtype_)
         n = x.shape[0]
-        gg = self.graph(x.shape[1:])
         bs = int(batch_size or self.batch_size)
         # full chunks run in a graph specialised to the chunk size when that is faster; a shorter
         # last chunk runs in the graph for any batch size
-        full = self.graph(x.shape[1:], batch=bs) if gg.batch_specialisable and self.workers_ == 1 and n >= bs else gg
+        if self.per_sample and self.workers_ == 1 and n >= bs:
+            full = self.graph(x.shape[1:], batch=bs)
+            gg = self.graph(x.shape[1:]) if full.static_batch and n % bs else full
+        else:
+            gg = full = self.graph(x.shape[1:])
         feeds_all = {}
         if "index" in gg.runtime_inputs:
             value = labels if self.objective == "cross_entropy" and labels is not None else index
