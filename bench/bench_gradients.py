@@ -163,9 +163,9 @@ def main(argv=None):
     fwd = best_time(lambda: sess.run(None, {image: x}), args.repeats)
     engine = GradientEngine(model, [model.graph.node[0].input[1]], objective="logit", per_sample=True,
                             batch_size=args.batch, device="cpu", threads=args.threads)
-    target = engine.graph(x.shape[1:]).target
     t0 = time.perf_counter()
     res = engine.run(x, index=CLASS)
+    target = engine.graph_info(x.shape[1:]).target
     print(f"cnnvis: gradient graph built and first run in {time.perf_counter() - t0:.2f} s")
     grad = best_time(lambda: engine.run(x, index=CLASS), args.repeats)
     ms = 1000 / args.batch

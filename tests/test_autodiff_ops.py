@@ -81,6 +81,7 @@ def test_per_sample_conv_weight_gradient_for_a_fixed_batch(attrs, group):
     fixed = GradientEngine(m, "w", objective="seed", target="y", batch_size=3)
     got = fixed.run(x, seed=seed)["w"]
     assert list(fixed._built) == [((4, 9, 8), 3)]  # no remainder: the general graph is never built
+    assert fixed.graph_info(x.shape[1:]).target == "y" and len(fixed._built) == 1
     specialised = fixed.graph(x.shape[1:], batch=3)
     assert specialised.static_batch == 3
     conv_groups = {a.i for node in specialised.model.graph.node if node.op_type == "Conv"

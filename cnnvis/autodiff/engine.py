@@ -143,6 +143,15 @@ class GradientEngine:
                     self._runners.pop(old, None)
         return self._built[key]
 
+    def graph_info(self, sample_shape) -> "GradientGraph":
+        """A graph built for this per-sample shape, for what it describes (target, shapes, which
+        gradients are per sample): any one already built, else the general one."""
+        shape = tuple(int(d) for d in sample_shape)
+        for (built_shape, _), gg in self._built.items():
+            if built_shape == shape:
+                return gg
+        return self.graph(shape)
+
     def _session_threads(self):
         """Intra-op threads of each session (None: onnxruntime's default, one per core)."""
         if self.workers_ > 1:
@@ -159,7 +168,7 @@ class GradientEngine:
 
     def dropout_masks(self, n: int, sample_shape, rng) -> dict:
         """Random 0/1 dropout masks for ``n`` samples (keep probability 1 - ratio), by mask input name."""
-        gg = self.graph(sample_shape)
+        gg = self.graph_info(sample_shape)
         return {name: (rng.random((n, *shape)) >= ratio).astype(self.dtype_)
                 for name, (shape, ratio) in gg.dropout_masks.items()}
 

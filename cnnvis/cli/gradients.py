@@ -135,7 +135,7 @@ def cmd_gradients(args) -> int:
             h5.create_dataset("objective", data=result.objective)
             for spec in specs:
                 grad = result[names[spec]]
-                per_image = names[spec] in engine.graph(x.shape[1:]).batched_wrt or not args.batch_sum
+                per_image = names[spec] in engine.graph_info(x.shape[1:]).batched_wrt or not args.batch_sum
                 stem = common.safe_name(spec)
                 save_npy(run.path(f"{stem}.npy", kind="gradient", wrt=spec, tensor=names[spec],
                                   shape=list(grad.shape), per_image=per_image), grad)
