@@ -2,7 +2,7 @@
 conv/pool/LRN/fc layer tapped, beside PyTorch eager and torch.compile on the same weights, and as a
 fraction of this machine's peak fp32 matmul rate — all measured in this run.
 
-    python bench/bench_forward.py [--batches 1 32] [--repeats 5]
+    python bench/bench_forward.py [--batches 1 32] [--repeats 7]
 """
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ import argparse
 
 import numpy as np
 
-from peers import machine_report, median_time, peak_matmul_gflops, torch_module_from_onnx, try_torch
+from peers import interleaved_medians, machine_report, peak_matmul_gflops, torch_module_from_onnx, try_torch
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile (slow to warm up)")
     args = ap.parse_args(argv)
 
@@ -40,18 +40,24 @@ def main(argv=None):
     rows = []
     for n in args.batches:
         x = np.random.default_rng(0).standard_normal((n, 3, 227, 227)).astype(np.float32)
-        res = {}
-        res["cnnvis"] = median_time(lambda: model.run(x, batch_size=n), args.repeats)
-        res["cnnvis+taps"] = median_time(lambda: model.run(x, taps, batch_size=n), args.repeats)
+        runs = {"cnnvis": lambda: model.run(x, batch_size=n), "cnnvis+taps": lambda: model.run(x, taps, batch_size=n)}
         if torch is not None:
             tx = torch.from_numpy(x)
             with torch.inference_mode():
                 ref = tmod(tx).numpy()
-                got = model.run(x, batch_size=n)[model.output_name]
-                assert np.abs(ref - got).max() < 1e-4, "torch peer computes something else"
-                res["torch eager"] = median_time(lambda: tmod(tx), args.repeats)
-                if compiled is not None:
-                    res["torch.compile"] = median_time(lambda: compiled(tx), args.repeats, warmup=2)
+            got = model.run(x, batch_size=n)[model.output_name]
+            assert np.abs(ref - got).max() < 1e-4, "torch peer computes something else"
+
+            def in_inference_mode(fn):
+                def run():
+                    with torch.inference_mode():
+                        return fn(tx)
+                return run
+
+            runs["torch eager"] = in_inference_mode(tmod)
+            if compiled is not None:
+                runs["torch.compile"] = in_inference_mode(compiled)
+        res = interleaved_medians(runs, args.repeats)
         for name, t in res.items():
             rows.append((n, name, n / t, gflop * n / t / peak))
         base = res.get("torch.compile") or res.get("torch eager")

@@ -7,11 +7,10 @@ size, in the same run; plus the projected time of the committed recipe.
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 
-from peers import machine_report, torch_module_from_onnx, try_torch
+from peers import interleaved_medians, machine_report, torch_module_from_onnx, try_torch
 
 
 def main(argv=None):
@@ -36,8 +35,8 @@ def main(argv=None):
     def cnnvis_run():
         Trainer(proto, recipe).fit(x, y, progress=False)
 
+    runs = {"cnnvis": cnnvis_run}
     torch = try_torch()
-    torch_epoch = None
     if torch is not None:
         model = torch_module_from_onnx(proto)[:-1].train()  # logits; softmax is in the loss
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
@@ -51,21 +50,13 @@ def main(argv=None):
                 loss.backward()
                 opt.step()
 
-    # warm-up, then the two alternate so that a slow phase of the VM hits both
-    runners = {"cnnvis": cnnvis_run, **({"PyTorch": torch_epoch} if torch_epoch else {})}
-    times = {name: [] for name in runners}
-    for fn in runners.values():
-        fn()
-    for _ in range(args.repeats):
-        for name, fn in runners.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    ours = n / float(np.median(times["cnnvis"]))
+        runs["PyTorch"] = torch_epoch
+    times = interleaved_medians(runs, args.repeats, warmup=1)
+    ours = n / times["cnnvis"]
     print(f"cnnvis  : {ours:7.1f} img/s (batch {args.batch_size}, {recipe.workers} concurrent parts per batch; "
           "includes engine set-up per fit)")
-    if torch_epoch:
-        theirs = n / float(np.median(times["PyTorch"]))
+    if "PyTorch" in times:
+        theirs = n / times["PyTorch"]
         print(f"PyTorch : {theirs:7.1f} img/s (eager, {torch.get_num_threads()} threads, same network and batch)")
         print(f"ratio   : cnnvis = {ours / theirs:.2f}x PyTorch (target >= 0.7x)")
     recipe = TrainingRecipe()

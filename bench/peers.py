@@ -27,6 +27,23 @@ def median_time(fn, repeats: int = 5, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
+def interleaved_medians(runs: dict, repeats: int, warmup: int = 2) -> dict:
+    """Median time of each function over ``repeats`` rounds that run every function in turn, so
+    that a slow phase of a shared VM hits all of them alike. Each turn starts with one untimed
+    run: the previous peer's worker threads may still be spinning for a moment."""
+    for fn in runs.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            fn()
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def machine_report() -> str:
     """Cores, BLAS kernel in use (threadpoolctl), and OpenBLAS environment overrides."""
     from threadpoolctl import threadpool_info
