@@ -29,14 +29,16 @@ def median_time(fn, repeats: int = 5, warmup: int = 1) -> float:
 
 def interleaved_medians(runs: dict, repeats: int, warmup: int = 2) -> dict:
     """Median time of each function over ``repeats`` rounds that run every function in turn, so
-    that a slow phase of a shared VM hits all of them alike. Each turn starts with one untimed
-    run: the previous peer's worker threads may still be spinning for a moment."""
+    that a slow phase of a shared VM hits all of them alike. Each turn starts with a 50 ms pause
+    and one untimed run: the previous peer's worker threads spin for a while after its run
+    (measured here: on 2 cores that made a 16 ms forward take 27 ms)."""
     for fn in runs.values():
         for _ in range(warmup):
             fn()
     times = {name: [] for name in runs}
     for _ in range(repeats):
         for name, fn in runs.items():
+            time.sleep(0.05)
             fn()
             t0 = time.perf_counter()
             fn()
