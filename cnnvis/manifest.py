@@ -95,6 +95,24 @@ def save_npy(path, array) -> Path:
     return Path(path)
 
 
+def load_npy(path, what: str, expected: str | None = None, mmap: bool = False):
+    """A user's ``.npy`` file as an array: never unpickles, and an unreadable, empty, truncated,
+    pickled or ``.npz`` file is one CnnvisError naming ``what``, the path and ``expected``."""
+    import numpy as np
+
+    path = Path(path)
+    tail = f"; expected {expected}" if expected else ""
+    try:
+        array = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CnnvisError(f"{what} {path}: not a readable .npy array ({reason}){tail}") from None
+    if not isinstance(array, np.ndarray):
+        array.close()
+        raise CnnvisError(f"{what} {path}: an .npz archive, not a single .npy array{tail}")
+    return array
+
+
 def ensure_writable_dir(out) -> Path:
     """Create ``out`` if needed and check that files can be written there (one-line error if not)."""
     out = Path(out)

@@ -526,11 +526,10 @@ def _mean_image_cached(path: str, mtime: float, channels: int, size: tuple) -> n
 
         mean = np.asarray(read_mean_binaryproto(p), dtype=np.float64)
     else:
-        try:
-            mean = np.load(p, allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise CnnvisError(f"mean image {p}: not a readable .npy array ({exc})") from None
-        if not isinstance(mean, np.ndarray) or not np.issubdtype(mean.dtype, np.number):
+        from .manifest import load_npy
+
+        mean = load_npy(p, "mean image", "a C x H x W numeric array")
+        if not np.issubdtype(mean.dtype, np.number):
             raise CnnvisError(f"mean image {p}: expected a numeric array")
         mean = mean.astype(np.float64)
     while mean.ndim == 4 and mean.shape[0] == 1:
@@ -666,13 +665,9 @@ def load_input_array(path, expected_shape: Sequence) -> np.ndarray:
         else " x ".join("?" if d is None else str(d) for d in expected)
     if not path.is_file():
         raise CnnvisError(f"--input-array {path}: no such file (expected a {shown} float .npy)")
-    try:
-        array = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise CnnvisError(f"--input-array {path}: not a readable .npy array ({reason}); expected {shown} float") from None
-    if not isinstance(array, np.ndarray):  # an .npz archive
-        raise CnnvisError(f"--input-array {path}: expected a single {shown} float .npy array, not an archive")
+    from .manifest import load_npy
+
+    array = load_npy(path, "--input-array", f"{shown} float")
     if not np.issubdtype(array.dtype, np.floating):
         raise CnnvisError(f"--input-array {path}: expected floats, got dtype {array.dtype} (shape {shown})")
     if array.ndim != 4:

@@ -98,6 +98,23 @@ def test_per_sample_conv_weight_gradient_for_a_fixed_batch(attrs, group):
     np.testing.assert_allclose(mixed, want, rtol=0, atol=1e-5 * scale)
 
 
+def test_fixed_batch_form_is_chosen_per_conv():
+    # a 3x3 stride-1 conv before a 7x7 stride-2 one: only the big strided kernel takes the grouped form
+    m = tiny([n("Conv", ["x", "w1"], ["c1"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]), n("Relu", ["c1"], ["r1"]),
+              n("Conv", ["r1", "w2"], ["y"], kernel_shape=[7, 7], strides=[2, 2], pads=[3, 3, 3, 3])],
+             {"w1": (4, 4, 3, 3), "w2": (4, 4, 7, 7)}, (4, 9, 8))
+    x = rand(3, 4, 9, 8).astype(np.float32)
+    seed = rand(3, *create_session(m, device="cpu").run(None, {"x": x})[0].shape[1:], seed=2)
+    engine = GradientEngine(m, ["w1", "w2"], objective="seed", target="y", batch_size=3)
+    got = engine.run(x, seed=seed)
+    groups = [a.i for node in engine.graph(x.shape[1:], batch=3).model.graph.node if node.op_type == "Conv"
+              for a in node.attribute if a.name == "group"]
+    assert groups.count(3) == 1
+    want = GradientEngine(to_float64(m), ["w1", "w2"], objective="seed", target="y").run(x.astype(np.float64), seed=seed)
+    for w in ("w1", "w2"):
+        np.testing.assert_allclose(got[w], want[w], rtol=0, atol=1e-5 * np.abs(want[w]).max())
+
+
 @pytest.mark.parametrize("pads", [[2, 2, 2, 2], [2, 1, 0, 2]])
 @pytest.mark.parametrize("group", [1, 2])
 def test_batch_summed_conv_weight_gradient_in_a_one_thread_session(pads, group):

@@ -60,3 +60,17 @@ def test_same_command_with_other_parameters_keeps_both_records(tmp_path):
     assert len(runs) == 2 and runs["order"]["params"] == {"method": "m1"}
     (other,) = [key for key in runs if key != "order"]
     assert other.startswith("order [") and runs[other]["params"] == {"method": "m2"}
+
+
+def test_load_npy_refuses_every_bad_file_in_one_line(bad_npy_files):
+    from cnnvis.manifest import load_npy
+
+    for name, path in bad_npy_files.items():
+        for mmap in (False, True):
+            with pytest.raises(CnnvisError) as info:
+                load_npy(path, "--thing", "a 2-D array", mmap=mmap)
+            msg = str(info.value)
+            assert msg.startswith(f"--thing {path}: ") and msg.endswith("; expected a 2-D array") and "\n" not in msg
+            assert ("an .npz archive" if name == "archive" else "not a readable .npy array") in msg
+    np.save(path.parent / "ok.npy", np.arange(6.0).reshape(2, 3))
+    np.testing.assert_array_equal(load_npy(path.parent / "ok.npy", "--thing"), np.arange(6.0).reshape(2, 3))

@@ -34,6 +34,7 @@ import numpy as np
 
 from ..errors import CnnvisError
 from ..export import figures
+from ..manifest import load_npy
 from ..model import softmax
 from . import stats
 
@@ -335,10 +336,10 @@ def group_size(model, files) -> int:
     total = 0
     for f in files:
         if Path(f).suffix.lower() == ".npy":
-            try:
-                total += int(np.load(f, mmap_mode="r", allow_pickle=False).shape[0])
-            except (OSError, EOFError, ValueError, IndexError) as exc:
-                raise CnnvisError(f"{f}: not a readable N×C×H×W .npy array ({exc})") from None
+            array = load_npy(f, "image group file", "an N×C×H×W array", mmap=True)
+            if array.ndim == 0:
+                raise CnnvisError(f"image group file {f}: a single value; expected an N×C×H×W array")
+            total += int(array.shape[0])
         else:
             total += 1
     return total

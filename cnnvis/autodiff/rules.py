@@ -704,9 +704,10 @@ def _conv(ctx):
     if ctx.need[1]:
         if ctx.is_batched(w) or not ctx.is_batched(x):
             raise ctx.fail("weight gradients need a constant weight and a batched input")
-        if ctx.per_sample and b.backend == "onnxruntime" and _space_to_depth_pays(kernel, strides, dilations):
-            b.wants_static_batch = True
-        if ctx.per_sample and b.static_batch and b.wants_static_batch:
+        # per node: only big strided kernels have the faster fixed-batch form
+        grouped_pays = ctx.per_sample and b.backend == "onnxruntime" and _space_to_depth_pays(kernel, strides, dilations)
+        b.wants_static_batch = b.wants_static_batch or grouped_pays
+        if grouped_pays and b.static_batch:
             grads[1] = conv_weight_grad_grouped(ctx, x, x_shape, g, y_shape, w_shape, strides, dilations, pads,
                                                 group, b.static_batch)
         elif not ctx.per_sample and _summed_by_conv_pays(b, kernel, strides, dilations, w_shape[1]):

@@ -143,13 +143,12 @@ class _Source:
 
 def _is_stack_array(path) -> bool:
     """True when --input-array holds a 3-D C×H×W stack (not a preprocessed N×C×H×W batch)."""
-    import numpy as np
+    from ..manifest import load_npy
 
     try:
-        arr = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError, EOFError):
+        return load_npy(path, "--input-array", mmap=True).ndim == 3
+    except CnnvisError:
         return False  # the model-input loader reports the problem in its own words
-    return isinstance(arr, np.ndarray) and arr.ndim == 3
 
 
 def _first_conv(model) -> str:

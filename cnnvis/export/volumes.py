@@ -608,11 +608,9 @@ def _read_vox(path: Path) -> VolumeData:
 
 
 def _read_npy(path: Path) -> VolumeData:
-    try:
-        data = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise CnnvisError(f"{path}: not a readable .npy array ({exc})") from None
-    return VolumeData(values=data)
+    from ..manifest import load_npy
+
+    return VolumeData(values=load_npy(path, "volume", "a C x H x W stack"))
 
 
 def to_pyvista(array, *, layout="stack", permutation=None, normalization="global", threshold=0.5,
