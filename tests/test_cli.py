@@ -101,6 +101,11 @@ def test_input_array_equals_images(tiny, tmp_path, capsys):
     assert run(["activations", "--input-array", str(tmp_path / "x.npy"), "--model", tiny["model"],
                 "--layer", "conv1", "--out", str(out)], capsys)[0] == 0
     np.testing.assert_array_equal(np.load(out / "x[1]" / "conv1.npy"), model.run(x, ["conv1"])["conv1"][1])
+    # both at once: one line, exit 2, nothing written (the images used to be silently ignored)
+    code, _, err = run(["activations", "--input-array", str(tmp_path / "x.npy"), str(files[0]), "--model", tiny["model"],
+                        "--out", str(tmp_path / "both")], capsys)
+    assert code == 2 and "give either images or --input-array, not both" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "both").exists()
 
 
 def test_filters_picture(tiny, tmp_path, capsys):

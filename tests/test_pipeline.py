@@ -48,6 +48,22 @@ def test_a_failing_step_is_reported_and_the_rest_still_run(tmp_path, monkeypatch
     assert (tmp_path / "o" / "index.html").is_file()
 
 
+def test_ctrl_c_stops_the_whole_run(tmp_path, monkeypatch, capsys):
+    import cnnvis.cli as cli
+
+    calls = []
+    real = cli.main
+
+    def interrupted(argv=None):
+        calls.append(argv[0] if argv else None)
+        return 130 if argv and argv[0] != "run-all" else real(argv)
+
+    monkeypatch.setattr(cli, "main", interrupted)
+    code = real(["run-all", "--out", str(tmp_path / "o")])
+    assert code == 130 and len(calls) == 1  # the first step was interrupted: no further step, no report
+    assert "interrupted during" in capsys.readouterr().err and not (tmp_path / "o" / "index.html").exists()
+
+
 def test_unknown_step_is_one_line(capsys):
     assert main(["run-all", "--only", "nonsense", "--out", "unused"]) == 2
     assert "unknown step(s) nonsense" in capsys.readouterr().err

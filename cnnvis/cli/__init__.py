@@ -13,6 +13,8 @@ import sys
 
 from ..errors import CnnvisError
 
+INTERRUPTED = 130  # exit code after Ctrl-C (128 + SIGINT)
+
 
 def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
@@ -40,6 +42,8 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if getattr(args, "images", None) and getattr(args, "input_array", None):
+            raise CnnvisError("--input-array: give either images or --input-array, not both")
         return int(args.func(args) or 0)
     except CnnvisError as exc:
         if debug:
@@ -48,4 +52,4 @@ def main(argv=None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         print(f"cnnvis {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return INTERRUPTED

@@ -148,8 +148,8 @@ def cmd_conv_gradients(args) -> int:
               "input_array": args.input_array, "objective": "logit (pre-softmax class score)"}
     rows, used, gradcheck = [], {}, None
     lname = common.safe_name(layer)
-    inputs = list(args.images) or ([args.input_array] if args.input_array else common.default_images(model))
-    with RunOutput(args.out, "conv-gradients", params=params, inputs=inputs, model=model.info()) as run:
+    with RunOutput(args.out, "conv-gradients", params=params, inputs=common.recorded_inputs(args, model),
+                   model=model.info()) as run:
         for names, x in itertools.chain([first], chunks):
             batch = cg.compute(x, target)
             if args.check_numerical and gradcheck is None:

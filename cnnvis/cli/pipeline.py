@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 import time
 
-from . import common
+from . import INTERRUPTED, common
 
 ORDER = 90
 
@@ -121,6 +121,9 @@ def cmd_run_all(args) -> int:
                 raise
             print(f"cnnvis {argv[0]}: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
             code = 1
+        if code == INTERRUPTED:  # Ctrl-C stops the whole run, not just this step
+            print(f"cnnvis run-all: interrupted during {name}; no report written", file=sys.stderr)
+            return INTERRUPTED
         status = "ok" if code == 0 else f"FAILED (exit {code})"
         print(f"   {name}: {status} in {time.perf_counter() - t0:.1f} s", flush=True)
         if code != 0:

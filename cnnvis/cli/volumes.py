@@ -168,8 +168,6 @@ def _open_source(args) -> _Source:
     if args.volume and (args.images or args.input_array):
         raise CnnvisError("--volume: give either a volume file or images/--input-array, not both")
     if args.volume or (args.input_array and _is_stack_array(args.input_array)):
-        if args.images:
-            raise CnnvisError("--input-array: a C×H×W stack replaces the images; give one of them")
         path = Path(args.volume or args.input_array)
         option = "--volume" if args.volume else "--input-array"
         if not path.is_file():
@@ -221,8 +219,7 @@ def _open_source(args) -> _Source:
         yield args.reduce, stack.astype(np.float32), {
             **meta_base, "image": f"{args.reduce} of {count} images", "images": names}
 
-    inputs = [args.input_array] if args.input_array else list(args.images)
-    return _Source(model.info(), inputs, common.safe_name(layer),
+    return _Source(model.info(), common.recorded_inputs(args, model), common.safe_name(layer),
                    per_image() if args.reduce == "none" else reduced())
 
 
