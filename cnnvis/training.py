@@ -47,7 +47,8 @@ class Trainer:
     recipe : :class:`TrainingRecipe`.
     device, threads : onnxruntime session options.
 
-    After :meth:`fit`: ``params_`` (name → array), ``history_`` (one dict per epoch).
+    After :meth:`fit`: ``params_`` (name → array), ``history_`` (one dict per epoch), ``workers_`` (the
+    concurrent parts per batch actually run: fewer than the recipe's on a GPU or with fewer threads).
     """
 
     def __init__(self, proto: onnx.ModelProto, recipe: TrainingRecipe | None = None,
@@ -80,6 +81,7 @@ class Trainer:
         from tqdm import tqdm
 
         from .autodiff import GradientEngine
+        from .autodiff.graph import default_target
 
         r = self.recipe
         x = np.ascontiguousarray(x, dtype=np.float32)
@@ -87,10 +89,11 @@ class Trainer:
         if x.ndim != 4 or len(x) != len(labels):
             raise CnnvisError(f"training data: expected N×C×H×W images and N labels, got {x.shape} and {labels.shape}")
         names = self._trainable()
-        logits = _logits_tensor(self.proto)
+        logits = default_target(self.proto, "cross_entropy")  # the tensor the loss reads
         engine = GradientEngine(self.proto, wrt=names, objective="cross_entropy", training=True,
                                 per_sample=False, outputs=[logits], batch_size=r.batch_size,
                                 device=self.device, threads=self.threads, workers=r.workers)
+        self.workers_ = engine.workers_
         inits = {i.name: i for i in self.proto.graph.initializer}
         self.params_ = {n: numpy_helper.to_array(inits[n]).astype(np.float32).copy() for n in names}
         velocity = {n: np.zeros_like(v) for n, v in self.params_.items()}
@@ -158,13 +161,6 @@ def with_weights(proto: onnx.ModelProto, params: dict, doc: str | None = None) -
     if doc is not None:
         out.graph.doc_string = doc
     return out
-
-
-def _logits_tensor(proto: onnx.ModelProto) -> str:
-    last = proto.graph.node[-1]
-    if last.op_type in ("Softmax", "LogSoftmax"):
-        return last.input[0]
-    return proto.graph.output[0].name
 
 
 def evaluate(model, x, labels, batch_size: int = 256) -> dict:

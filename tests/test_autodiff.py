@@ -229,6 +229,7 @@ def test_workers_need_onnxruntime_on_cpu_and_a_positive_count(small_cnn, monkeyp
     with pytest.raises(CnnvisError, match="workers 0: expected a positive integer"):
         GradientEngine(small_cnn, "x", workers=0)
     assert GradientEngine(small_cnn, "x", workers=2, device="cpu").workers_ == 2
+    assert GradientEngine(small_cnn, "x", workers=2, threads=1, device="cpu").workers_ == 1  # one core asked for
     assert GradientEngine(to_float64(small_cnn), "x", workers=2).workers_ == 1  # reference evaluator
     import cnnvis.autodiff.engine as engine_module
 

@@ -87,6 +87,7 @@ def test_per_sample_conv_weight_gradient_for_a_fixed_batch(attrs, group):
     conv_groups = {a.i for node in specialised.model.graph.node if node.op_type == "Conv"
                    for a in node.attribute if a.name == "group"}
     assert 3 * group in conv_groups  # one group per (sample, conv group)
+    assert specialised.model.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 3
     general = GradientEngine(m, "w", objective="seed", target="y", batch_size=4).run(x, seed=seed)["w"]
     want = GradientEngine(to_float64(m), "w", objective="seed", target="y").run(x.astype(np.float64), seed=seed)["w"]
     scale = np.abs(want).max()

@@ -22,7 +22,7 @@ import onnx
 from ..errors import CnnvisError
 from ..onnxgraph import select_providers
 from .backend import Runner, resolve_backend
-from .graph import OBJECTIVE_OUTPUT, OBJECTIVES, build_gradient_graph, model_dtype
+from .graph import OBJECTIVE_OUTPUT, OBJECTIVES, GradientGraph, build_gradient_graph, model_dtype
 
 _MAX_SPECIALISED = 2  # batch-specialised graphs kept per engine (each session holds the weights)
 
@@ -78,8 +78,9 @@ class GradientEngine:
         (default: all cores) between them. Small graphs keep the cores busier this way than with
         one session's intra-op threads (training the demo network: 8% faster with 2, about 20%
         with the one-thread form of its conv2 weight gradient that one-thread sessions get).
-        Per-sample results do not change; batch sums are summed over parts in float64, so they
-        differ from ``workers=1`` in the last bits (the same ``workers`` repeats exactly).
+        Batch sums are summed over parts in float64, and with several workers the graphs are not
+        specialised to a batch size (see the module docstring), so results differ from
+        ``workers=1`` in the last bits; the same ``workers`` repeats exactly. Capped at ``threads``.
     """
 
     def __init__(self, model, wrt, objective: str = "logit", target=None, rule: str = "gradient",
@@ -113,6 +114,8 @@ class GradientEngine:
             self.workers_ = 1  # onnx's reference evaluator runs Python under the GIL: parts would take turns
         elif self.workers_ > 1 and select_providers(device)[0] != "CPUExecutionProvider":
             self.workers_ = 1  # a GPU runs the whole chunk at once
+        if threads:
+            self.workers_ = min(self.workers_, int(threads))  # never more cores than asked for
         self._built = {}  # (sample shape, batch or None) -> GradientGraph
         self._specialised = []  # keys of batch-specialised graphs, oldest first
         self._runners = {}
@@ -144,7 +147,7 @@ class GradientEngine:
                     self._runners.pop(old, None)
         return self._built[key]
 
-    def graph_info(self, sample_shape) -> "GradientGraph":
+    def graph_info(self, sample_shape) -> GradientGraph:
         """A graph built for this per-sample shape, for what it describes (target, shapes, which
         gradients are per sample): any one already built, else the general one."""
         shape = tuple(int(d) for d in sample_shape)
@@ -159,9 +162,11 @@ class GradientEngine:
             return max(1, int(self.threads or os.cpu_count() or 1) // self.workers_)
         return int(self.threads) if self.threads else (1 if os.cpu_count() == 1 else None)
 
-    def _runners_for(self, gg: "GradientGraph") -> list:
+    def _runners_for(self, gg: GradientGraph) -> list:
         """The sessions running ``gg``, one per worker (created on first use)."""
         key = (gg.sample_shape, gg.static_batch)
+        for stale in [k for k in self._runners if k not in self._built]:  # their graph was evicted
+            del self._runners[stale]
         if key not in self._runners:
             self._runners[key] = [Runner(gg.model, backend=self.backend_, device=self.device,
                                          threads=self._session_threads()) for _ in range(self.workers_)]

@@ -240,6 +240,12 @@ def build_gradient_graph(model: onnx.ModelProto, sample_shape, wrt, objective: s
                 new_inputs.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
     built = _assemble(all_nodes, (graph.name or "model") + "_gradients", new_inputs, out_infos, inits,
                       max(opset_of(forward), 17))
+    if b.wants_static_batch and b.static_batch:
+        # a graph specialised to one batch size says so, so that another size fails at the input
+        for info in list(built.graph.input) + list(built.graph.output):
+            dims = info.type.tensor_type.shape.dim
+            if len(dims) and dims[0].dim_param == "N":
+                dims[0].dim_value = b.static_batch
     return GradientGraph(
         model=built, input_name=image, sample_shape=sample_shape, objective=objective, target=target,
         target_shape=tuple(shapes[target][1:]), wrt=wrt, grad_outputs=grad_outputs, wrt_shapes=wrt_shapes,

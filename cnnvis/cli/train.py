@@ -32,7 +32,7 @@ def register(sub) -> None:
     common.add_model_options(p)
     p.add_argument("--data", default=None, help="folder with the Fashion-MNIST IDX files")
     p.add_argument("--debug", action="store_true")
-    p.set_defaults(func=cmd_evaluate)
+    p.set_defaults(func=cmd_evaluate, batch_size=256)  # 10,000 small images: larger batches by default
 
 
 def cmd_train_demo(args) -> int:
@@ -62,7 +62,7 @@ def cmd_evaluate(args) -> int:
     from .. import demo
 
     model = common.load_model(args)
-    result = demo.evaluate_on_fashion_mnist(model, data_dir=args.data, batch_size=max(args.batch_size, 256))
+    result = demo.evaluate_on_fashion_mnist(model, data_dir=args.data, batch_size=args.batch_size)
     print(f"{model.name}: accuracy {result['accuracy']:.4f} on the {result['n']} Fashion-MNIST test images")
     names = model.class_names
     conf = result["confusion"]
