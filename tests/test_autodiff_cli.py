@@ -46,10 +46,11 @@ def test_gradients_command_writes_npy_hdf5_and_manifest(tiny_onnx, tmp_path):
     assert code == 0
     w = np.load(out / "conv1.weight.npy")
     assert w.shape == (3, 4, 3, 3, 3)
-    expected = GradientEngine(onnx.load(model_path), ["conv1.weight", "data"], target="fc").run(x, index=2)
+    expected = GradientEngine(onnx.load(model_path), ["conv1.weight", "data", "relu1"], target="fc").run(x, index=2)
     np.testing.assert_allclose(w, expected["conv1.weight"], rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(np.load(out / "input.npy"), expected["data"], rtol=1e-6, atol=1e-7)
-    assert np.load(out / "relu1.npy").shape == (3, 4, 8, 8)
+    np.testing.assert_allclose(np.load(out / "relu1.npy"), expected["relu1"], rtol=1e-6, atol=1e-7)
+    assert expected["relu1"].shape == (3, 4, 8, 8)
     with h5py.File(out / "gradients.h5", "r") as h5:
         np.testing.assert_array_equal(h5["conv1.weight"][()], w)
         assert list(h5["classes"][()]) == [2, 2, 2]
@@ -61,7 +62,11 @@ def test_gradients_command_writes_npy_hdf5_and_manifest(tiny_onnx, tmp_path):
                  "--wrt", "conv1.weight", "--batch-sum", "--rule", "guided", "--out", str(tmp_path / "sum")])
     assert code == 0
     summed = np.load(tmp_path / "sum" / "conv1.weight.npy")
+    guided = GradientEngine(onnx.load(model_path), ["conv1.weight"], target="fc", rule="guided",
+                            per_sample=False).run(x, index=2)["conv1.weight"]
     assert summed.shape == (4, 3, 3, 3)
+    np.testing.assert_allclose(summed, guided, rtol=1e-6, atol=1e-7)
+    assert not np.allclose(guided, w.sum(0), rtol=1e-3)  # the guided rule is not the plain gradient
 
 
 def test_gradients_bad_input_is_a_one_line_error_and_writes_nothing(tiny_onnx, tmp_path, capsys):

@@ -104,7 +104,13 @@ def test_volume_from_images(tiny, tmp_path, capsys):
     code, _, err = _run(["volume", "--model", str(model), str(image), "-f", "hdf",
                          "--out", str(tmp_path / "out")], capsys)
     assert code == 0, err
-    assert V.read_volume(tmp_path / "out" / "pic" / "conv1.hdf").values.shape == (6, 10, 12)
+    from cnnvis import preprocess
+    from cnnvis.model import Model
+
+    batch = preprocess.load_batch([image], preprocess.for_model(Model.from_file(model)))
+    values = V.read_volume(tmp_path / "out" / "pic" / "conv1.hdf").values
+    assert values.shape == (6, 10, 12)
+    np.testing.assert_allclose(values, conv1_f64(batch[0]), rtol=0, atol=1e-5)
 
 
 def test_order_of_a_stack_array_and_reuse_of_its_permutation(tmp_path, capsys):
