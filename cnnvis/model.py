@@ -105,6 +105,7 @@ class Model:
         self.sha256 = sha256 or hashlib.sha256(proto.SerializeToString()).hexdigest()
         self._inits = onnxgraph.initializer_map(self.proto)
         self._sessions: dict = {}
+        self._engines: dict = {}
         self.layers = self._layer_table()
         self._by_name = {layer.name: layer for layer in self.layers}
         self._by_tensor = {layer.tensor: layer for layer in self.layers}
@@ -268,6 +269,19 @@ class Model:
                 "trained": self.trained, "input_shape": list(self.input_shape)}
 
     # ------------------------------------------------------------------ running
+    def gradient_engine(self, wrt, **options):
+        """The GradientEngine (``cnnvis.autodiff``) for ``wrt`` and ``options`` on this model, shared by
+        every caller asking for the same ones: its graphs and sessions are built once per model.
+        ``device`` and ``threads`` default to the model's."""
+        from .autodiff import GradientEngine
+
+        wrt = [wrt] if isinstance(wrt, str) else list(wrt)
+        options = {"device": self.device, "threads": self.threads, **options}
+        key = (tuple(wrt), tuple(sorted((k, repr(v)) for k, v in options.items())))
+        if key not in self._engines:
+            self._engines[key] = GradientEngine(self.proto, wrt, **options)
+        return self._engines[key]
+
     def session(self, outputs=()):
         """The cached onnxruntime session whose outputs are ``outputs`` (tensor names)."""
         key = tuple(outputs)

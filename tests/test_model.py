@@ -120,6 +120,22 @@ def test_one_cached_session_per_tap_set_and_batch_split_is_exact():
     np.testing.assert_allclose(m.predict(x).sum(axis=1), 1.0, rtol=1e-6)
 
 
+def test_one_gradient_engine_per_wrt_and_options_shared_by_callers():
+    from cnnvis.analysis.deconv import projection_engine
+
+    m = tiny_model()
+    w = m.param_name("conv1.weight")
+    a = m.gradient_engine([w], objective="logit", batch_size=4)
+    assert m.gradient_engine(w, objective="logit", batch_size=4) is a
+    assert m.gradient_engine([w], objective="logit", batch_size=8) is not a
+    assert (a.device, a.threads) == (m.device, m.threads)
+    # the deconvnet projection and a direct request with the same options get the same engine
+    assert projection_engine(m, "pool1", batch_size=4) is m.gradient_engine(
+        [m.input_name], objective="seed", target=m.tensor_name("pool1"), rule="deconvnet", batch_size=4)
+    x = np.random.default_rng(1).standard_normal((2, 3, 12, 12)).astype(np.float32)
+    np.testing.assert_allclose(a.run(x, index=1).objective, m.run(x, ["fc1"])["fc1"][:, 1], rtol=1e-5)
+
+
 def test_unknown_layer_lists_closest_names():
     m = tiny_model()
     with pytest.raises(CnnvisError, match=r"unknown layer 'conv2'.*closest: conv1"):

@@ -116,7 +116,6 @@ class ClassGradients:
         self.layer_ = conv_layer(model, layer)
         self.weight_name_ = self.layer_.weight
         self.logits_layer_ = model.logits_layer
-        self._engine = None
 
     @property
     def weights_(self) -> np.ndarray:
@@ -124,15 +123,10 @@ class ClassGradients:
 
     @property
     def engine_(self):
-        # Built once per instance: one graph serves every class (the index is a graph input).
-        if self._engine is None:
-            from ..autodiff import GradientEngine
-
-            self._engine = GradientEngine(
-                self.model.proto, [self.weight_name_], objective="logit", target=self.logits_layer_.tensor,
-                per_sample=True, outputs=[self.logits_layer_.tensor], batch_size=self.batch_size,
-                device=self.model.device, threads=self.model.threads)
-        return self._engine
+        # one graph serves every class (the index is a graph input), shared per model
+        return self.model.gradient_engine([self.weight_name_], objective="logit", target=self.logits_layer_.tensor,
+                                          per_sample=True, outputs=(self.logits_layer_.tensor,),
+                                          batch_size=self.batch_size)
 
     def targets(self, x, target) -> np.ndarray:
         """Class index per image: ``None`` = the predicted class, an index or name for all images,

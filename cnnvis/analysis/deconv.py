@@ -12,7 +12,6 @@ its own seed, so all the maps of a layer project in one engine call per ``batch_
 """
 from __future__ import annotations
 
-import weakref
 
 import numpy as np
 
@@ -21,25 +20,15 @@ from .receptive import receptive_field
 
 RULES = ("deconvnet", "guided", "gradient")
 
-_ENGINES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
 def projection_engine(model, layer: str, rule: str = "deconvnet", batch_size: int = 32):
-    """The (cached per model) GradientEngine projecting seeds at ``layer`` back to the input."""
-    from ..autodiff.engine import GradientEngine
-
+    """The GradientEngine (shared per model) projecting seeds at ``layer`` back to the input."""
     if rule not in RULES:
         raise CnnvisError(f"--rule {rule!r}: expected one of {', '.join(RULES)}")
     tensor = model.tensor_name(layer)
     if tensor == model.input_name:
         raise CnnvisError(f"layer {layer}: is the input; name a layer to project from")
-    per_model = _ENGINES.setdefault(model, {})
-    key = (tensor, rule, int(batch_size))
-    if key not in per_model:
-        per_model[key] = GradientEngine(model.proto, wrt=[model.input_name], objective="seed", target=tensor,
-                                        rule=rule, batch_size=int(batch_size), device=model.device,
-                                        threads=model.threads)
-    return per_model[key]
+    return model.gradient_engine([model.input_name], objective="seed", target=tensor, rule=rule,
+                                 batch_size=int(batch_size))
 
 
 def layer_shape(model, layer: str) -> tuple:

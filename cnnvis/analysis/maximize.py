@@ -86,8 +86,6 @@ class ActivationMaximization:
 
     def fit(self, indices):
         """Optimise one pattern per channel (or class) index in ``indices``."""
-        from ..autodiff import cached_engine
-
         self._check()
         model = self.model
         indices = np.atleast_1d(np.asarray(indices))
@@ -103,8 +101,8 @@ class ActivationMaximization:
             raise CnnvisError(f"--layer {layer.name}: outputs {layer.output_shape}; channel_mean needs C×H×W maps "
                               "(use --objective logit for class neurons)")
         space = input_space(model, self.preprocessing)
-        engine = cached_engine(model.proto, [model.input_name], objective=self.objective, target=layer.tensor,
-                               batch_size=int(self.batch_size), device=model.device, threads=model.threads)
+        engine = model.gradient_engine([model.input_name], objective=self.objective, target=layer.tensor,
+                                       batch_size=int(self.batch_size))
         rng = np.random.default_rng(self.seed)
         n = len(indices)
         c, h, w = model.input_shape

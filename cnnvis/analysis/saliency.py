@@ -93,16 +93,9 @@ class Saliency:
             raise CnnvisError(f"--method {method!r}: expected one of {', '.join(METHODS)}")
 
     def _engine(self, wrt, rule, outputs=()):
-        # built once per Saliency object: run() is called chunk after chunk
-        key = (wrt, rule, tuple(outputs))
-        engines = self.__dict__.setdefault("_engines", {})
-        if key not in engines:
-            from ..autodiff import GradientEngine
-
-            m = self.model
-            engines[key] = GradientEngine(m.proto, [wrt], objective="logit", rule=rule, outputs=tuple(outputs),
-                                          batch_size=int(self.batch_size), device=m.device, threads=m.threads)
-        return engines[key]
+        # shared per model: run() is called chunk after chunk
+        return self.model.gradient_engine([wrt], objective="logit", rule=rule, outputs=tuple(outputs),
+                                          batch_size=int(self.batch_size))
 
     def run(self, x, target=None) -> SaliencyResult:
         """Maps for a batch ``x`` (N×C×H×W); ``target``: one class for all, one per image, or

@@ -364,7 +364,10 @@ def model_fingerprint(model: onnx.ModelProto) -> str:
 
 
 def cached_engine(model, wrt, **options) -> GradientEngine:
-    """A GradientEngine shared by calls with the same model and options (a small LRU cache)."""
+    """A GradientEngine shared by calls with the same model and options (a small LRU cache).
+
+    For a bare ModelProto or path (it fingerprints the model by serialising it, every call); code
+    holding a :class:`cnnvis.model.Model` asks ``model.gradient_engine(...)`` instead."""
     model = _as_model(model)
     wrt = [wrt] if isinstance(wrt, str) else list(wrt)
     key = (model_fingerprint(model), tuple(wrt), tuple(sorted((k, repr(v)) for k, v in options.items())))
