@@ -227,3 +227,9 @@ def test_scripts_are_thin_wrappers(tmp_path):
     for name in ("02_export_volumes.py", "03_kmeans_order.py", "07_render_3d.py"):
         text = (ROOT / "scripts" / name).read_text()
         assert "from cnnvis.cli import main" in text and "sys.exit(main([" in text
+
+
+def test_cli_volume_formats_are_the_writers():
+    from cnnvis.cli import common
+
+    assert sorted(common.VOLUME_FORMATS) == sorted(V.FORMATS.values())

@@ -9,7 +9,6 @@ from . import common
 from ..errors import CnnvisError
 
 ORDER = 45
-FORMAT_CHOICES = ("hdf", "vti", "vox", "npy")
 ROLES = ("reference", "similar", "dissimilar")
 #: the cosine matrix is also written as CSV up to this many images (always as .npy)
 COSINE_CSV_MAX = 1000
@@ -78,7 +77,7 @@ def _add_layer_options(p) -> None:
     p.add_argument("--layer", "-l", default=None, help="convolution layer (default: the first, conv1)")
     p.add_argument("--top-k", type=common.positive_int, default=8, help="filters shown and listed (default 8)")
     g = p.add_argument_group("volumes")
-    g.add_argument("--format", "-f", action="append", choices=FORMAT_CHOICES, default=None,
+    g.add_argument("--format", "-f", action="append", choices=common.VOLUME_FORMATS, default=None,
                    help="volume formats (repeatable; default: all of hdf, vti, vox, npy)")
     g.add_argument("--normalization", default="symmetric", choices=("symmetric", "global", "per-channel"),
                    help="how gradients become 0..1 in the volumes (default symmetric: 0 stays at 0.5)")
@@ -99,18 +98,8 @@ def _channel_order(args, model, weights) -> str:
 
 
 def _write_volume(run, rel_base, array, formats, args, meta, kind) -> None:
-    """Register ``rel_base``.<fmt> (and companions) with the run and write the volume files."""
-    from ..export import volumes
-
-    kwargs = dict(layout="stack", normalization=args.normalization, threshold=args.threshold, metadata=meta)
-    volumes.prepare_volume(array, **kwargs)  # every check before anything is registered
-    base = None
-    for fmt in formats:
-        rel = f"{rel_base}.{fmt}"
-        base = run.path(rel, kind=f"{kind}-{fmt}", layer=meta.get("layer"), image=meta.get("image")).with_suffix("")
-        for companion in volumes.companion_paths(rel):
-            run.path(companion.as_posix(), kind=f"{kind}-{fmt}-companion", layer=meta.get("layer"))
-    volumes.write_volumes(base, array, formats=formats, **kwargs)
+    common.write_run_volumes(run, rel_base, array, formats, kind, meta, layout="stack",
+                             normalization=args.normalization, threshold=args.threshold, metadata=meta)
 
 
 def _check_args(args) -> None:
@@ -130,7 +119,7 @@ def cmd_conv_gradients(args) -> int:
     from ..manifest import RunOutput, save_npy, write_json
 
     _check_args(args)
-    formats = list(dict.fromkeys(args.format or FORMAT_CHOICES))
+    formats = list(dict.fromkeys(args.format or common.VOLUME_FORMATS))
     model = common.load_model(args)
     cg = cgm.ClassGradients(model, args.layer, args.batch_size)
     layer = cg.layer_.name
@@ -243,7 +232,7 @@ def cmd_compare_classes(args) -> int:
     from ..manifest import RunOutput
 
     _check_args(args)
-    formats = list(dict.fromkeys(args.format or FORMAT_CHOICES))
+    formats = list(dict.fromkeys(args.format or common.VOLUME_FORMATS))
     model = common.load_model(args)
     layer = cgm.conv_layer(model, args.layer).name
     neuron, groups, per_item = _groups_from_args(args, model)

@@ -5,6 +5,7 @@ import argparse
 import os
 
 DEFAULT_BATCH = 32
+VOLUME_FORMATS = ("hdf", "vti", "vox", "npy")  # cnnvis.export.volumes.FORMATS, without importing numpy
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
@@ -132,3 +133,18 @@ def unique_names(names, used: dict) -> list:
         used[unique] = True
         out.append(unique)
     return out
+
+
+def write_run_volumes(run, rel_base: str, array, formats, kind: str, meta: dict, **kwargs) -> None:
+    """Check and prepare a volume, then register ``rel_base``.<fmt> (and each format's companion
+    files) with ``run`` and write them: every check happens before a file is registered."""
+    from ..export import volumes
+
+    prep = volumes.prepare_volume(array, **kwargs)
+    base = None
+    for fmt in formats:
+        rel = f"{rel_base}.{fmt}"
+        base = run.path(rel, kind=f"{kind}-{fmt}", layer=meta.get("layer"), image=meta.get("image")).with_suffix("")
+        for companion in volumes.companion_paths(rel):
+            run.path(companion.as_posix(), kind=f"{kind}-{fmt}-companion", layer=meta.get("layer"))
+    volumes.write_prepared(base, prep, formats)

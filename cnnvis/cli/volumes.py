@@ -19,7 +19,6 @@ from . import common
 from ..errors import CnnvisError
 
 ORDER = 30
-FORMAT_CHOICES = ("hdf", "vti", "vox", "npy")
 SOURCES_HELP = """stack sources (one of):
   IMAGE ... --layer L        the layer's maps for each image (or --reduce mean|max over them)
   --input-array X.npy        a preprocessed N×C×H×W batch for the model, or a C×H×W stack as is
@@ -70,7 +69,7 @@ def register(sub) -> None:
     _add_source_options(p)
     _add_volume_look_options(p, "mask = normalized > THRESHOLD (the binary output of each "
                                 "filter; also where ParaView's opacity starts), default 0.5")
-    p.add_argument("--format", "-f", action="append", choices=FORMAT_CHOICES, default=None,
+    p.add_argument("--format", "-f", action="append", choices=common.VOLUME_FORMATS, default=None,
                    help="file format (repeatable; default: all of hdf, vti, vox, npy)")
     common.add_output_options(p, "out/volumes")
     p.set_defaults(func=cmd_volume)
@@ -93,7 +92,7 @@ def register(sub) -> None:
                    help="white pixel rows between clusters in the pictures (default 2; 0 = none)")
     _add_volume_look_options(p, "mask threshold of the written volumes, default 0.5",
                              permutation=False)
-    p.add_argument("--format", "-f", action="append", choices=FORMAT_CHOICES, default=None,
+    p.add_argument("--format", "-f", action="append", choices=common.VOLUME_FORMATS, default=None,
                    help="formats of the reordered volume (repeatable; default: all)")
     common.add_output_options(p, "out/order")
     p.set_defaults(func=cmd_order)
@@ -255,28 +254,13 @@ def _volume_kwargs(args, array, meta, permutation):
                 metadata={k: v for k, v in meta.items() if k != "images"})
 
 
-def _register_volume_files(run, rel_base: str, formats, kind: str, meta: dict) -> Path:
-    """Register ``rel_base``.<fmt> and the companion files; return the staging path of the base."""
-    from ..export import volumes
-
-    base = None
-    for fmt in formats:
-        rel = f"{rel_base}.{fmt}"
-        staged = run.path(rel, kind=f"{kind}-{fmt}", layer=meta.get("layer"), image=meta.get("image"))
-        base = staged.with_suffix("")
-        for companion in volumes.companion_paths(rel):
-            run.path(companion.as_posix(), kind=f"{kind}-{fmt}-companion", layer=meta.get("layer"))
-    return base
-
-
 # ------------------------------------------------------------------------------------ commands
 
 
 def cmd_volume(args) -> int:
-    from ..export import volumes
     from ..manifest import RunOutput
 
-    formats = list(dict.fromkeys(args.format or FORMAT_CHOICES))
+    formats = list(dict.fromkeys(args.format or common.VOLUME_FORMATS))
     perm_list = _read_permutation(args.permutation)
     source = _open_source(args)
     params = {"formats": formats, "layout": args.layout, "normalization": args.normalization,
@@ -287,10 +271,8 @@ def cmd_volume(args) -> int:
                    model=source.model_info) as run:
         for name, array, meta in source.stacks():
             perm = _check_permutation(perm_list, array, args.layout, args.permutation)
-            kwargs = _volume_kwargs(args, array, meta, perm)
-            volumes.prepare_volume(array, **kwargs)  # every check before files are registered
-            base = _register_volume_files(run, f"{name}/{source.label}", formats, "volume", meta)
-            volumes.write_volumes(base, array, formats=formats, **kwargs)
+            common.write_run_volumes(run, f"{name}/{source.label}", array, formats, "volume", meta,
+                                     **_volume_kwargs(args, array, meta, perm))
             written += 1
             print(f"cnnvis volume: {name}: {'×'.join(map(str, array.shape))} -> "
                   f"{name}/{source.label}.{{{','.join(formats)}}}")
@@ -322,7 +304,7 @@ def cmd_order(args) -> int:
     from ..export import volumes
     from ..manifest import RunOutput, dumps_json
 
-    formats = list(dict.fromkeys(args.format or FORMAT_CHOICES))
+    formats = list(dict.fromkeys(args.format or common.VOLUME_FORMATS))
     if args.separator < 0:
         raise CnnvisError(f"--separator {args.separator}: expected 0 or more pixel rows")
     source = _open_source(args)
@@ -351,9 +333,8 @@ def cmd_order(args) -> int:
             kwargs = _volume_kwargs(args, stack, meta, result["permutation"])
             kwargs["layout"] = "stack"
             kwargs["metadata"]["ordering"] = args.method
-            base = _register_volume_files(run, f"{folder}/{source.label}_ordered", formats,
-                                          "ordered-volume", meta)
-            volumes.write_volumes(base, stack, formats=formats, **kwargs)
+            common.write_run_volumes(run, f"{folder}/{source.label}_ordered", stack, formats, "ordered-volume",
+                                     meta, **kwargs)
             run.path(f"{folder}/order.json", kind="order", method=args.method).write_text(
                 dumps_json(result), encoding="utf-8")
             summaries.append((name, result))

@@ -280,14 +280,17 @@ def write_volume(path, array, *, layout="stack", permutation=None, normalization
 def write_volumes(base, array, formats=("hdf", "vti", "vox", "npy"), **kwargs) -> list:
     """Write the same volume in several formats: ``base`` + ``.hdf``, ``.vti``, ... (see
     :func:`write_volume` for the keyword arguments). Returns every path written."""
+    return write_prepared(base, prepare_volume(array, **kwargs), formats)
+
+
+def write_prepared(base, prep, formats) -> list:
+    """Write a :func:`prepare_volume` result in ``formats`` beside ``base`` (suffixes added)."""
     base = Path(base)
-    known = sorted(set(FORMATS.values()))
     suffix_of = {v: k for k, v in FORMATS.items()}
     formats = list(formats)
     for fmt in formats:
         if fmt not in suffix_of:
-            raise CnnvisError(f"volume format {fmt!r}: expected one of {', '.join(known)}")
-    prep = prepare_volume(array, **kwargs)
+            raise CnnvisError(f"volume format {fmt!r}: expected one of {', '.join(sorted(suffix_of))}")
     written = []
     for fmt in formats:
         writer = {"hdf": _write_hdf, "vti": _write_vti, "vox": _write_vox, "npy": _write_npy}[fmt]
