@@ -95,6 +95,12 @@ def test_gradient_methods_equal_hand_backprop(model, images, method):
         expected = _input_grad(images[n], k, guided=method == "guided")
         np.testing.assert_allclose(res.gradient[n], expected, rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(res.heatmap[n], np.abs(expected).max(axis=0), rtol=1e-4, atol=1e-5)
+    # probabilities passed in (one forward pass for several methods) give the same result
+    given = sal.Saliency(model, method=method).run(images, target=[0, 2, 3], probs=model.predict(images))
+    np.testing.assert_array_equal(given.gradient, res.gradient)
+    np.testing.assert_allclose(given.probability, res.probability, rtol=1e-6)
+    with pytest.raises(CnnvisError, match="probs: 2 rows for 3 images"):
+        sal.Saliency(model, method=method).run(images, probs=model.predict(images)[:2])
 
 
 def test_gradcam_equals_hand_computation(model, images):

@@ -97,13 +97,18 @@ class Saliency:
         return self.model.gradient_engine([wrt], objective="logit", rule=rule, outputs=tuple(outputs),
                                           batch_size=int(self.batch_size))
 
-    def run(self, x, target=None) -> SaliencyResult:
+    def run(self, x, target=None, probs=None) -> SaliencyResult:
         """Maps for a batch ``x`` (N×C×H×W); ``target``: one class for all, one per image, or
-        None for each image's predicted class."""
+        None for each image's predicted class. ``probs``: the model's class probabilities for ``x``
+        when the caller has them already (several methods on one batch need one forward pass)."""
         model = self.model
         x = model.check_batch(x)
         n = len(x)
-        probs = probabilities(model, model.run(x, batch_size=self.batch_size)[model.output_name])
+        if probs is None:
+            probs = probabilities(model, model.run(x, batch_size=self.batch_size)[model.output_name])
+        probs = np.asarray(probs)
+        if probs.shape[0] != n:
+            raise CnnvisError(f"probs: {probs.shape[0]} rows for {n} images")
         if target is None:
             targets = np.argmax(probs, axis=1)
         else:

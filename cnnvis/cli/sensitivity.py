@@ -497,7 +497,8 @@ def cmd_saliency(args) -> int:
     used, records = {}, []
     with RunOutput(args.out, "saliency", params=params, inputs=common.recorded_inputs(args, model), model=model.info()) as run:
         for names, batch in chunks:
-            results = {m: r.run(batch, target=target) for m, r in runners.items()}
+            probs = model.predict(batch, batch_size=args.batch_size)  # one forward pass for every method
+            results = {m: r.run(batch, target=target, probs=probs) for m, r in runners.items()}
             for i, (name, safe) in enumerate(zip(names, common.unique_names(names, used))):
                 rgb = space.to_display(batch[i])
                 first = results[methods[0]]
