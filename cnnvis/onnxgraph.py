@@ -341,6 +341,12 @@ def _divide_by_power(x, base, beta, y, p, name) -> list:
             helper.make_node("Mul", [x, f"{p}_factor"], [y], name=name)]
 
 
+def lrn_windows(size):
+    """Channels before and after c in c's window (onnxruntime: floor and ceil of (size-1)/2)."""
+    before = (size - 1) // 2
+    return before, size - 1 - before
+
+
 def decompose_lrn(model: onnx.ModelProto) -> onnx.ModelProto:
     """Replace every ``LRN`` node by elementwise ops and an average pool over channels.
 
@@ -359,7 +365,7 @@ def decompose_lrn(model: onnx.ModelProto) -> onnx.ModelProto:
         size, alpha = int(a["size"]), float(a.get("alpha", 1e-4))
         beta, bias = float(a.get("beta", 0.75)), float(a.get("bias", 1.0))
         x, y, p = node.input[0], node.output[0], f"{node.output[0]}__lrn"
-        before, after = (size - 1) // 2, size - 1 - (size - 1) // 2
+        before, after = lrn_windows(size)
         consts += [numpy_helper.from_array(np.array([1], np.int64), f"{p}_axis"),
                    numpy_helper.from_array(np.array(alpha, np.float32), f"{p}_alpha"),
                    numpy_helper.from_array(np.array(bias, np.float32), f"{p}_bias")]

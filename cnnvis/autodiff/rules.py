@@ -19,6 +19,7 @@ import numpy as np
 from onnx import helper
 
 from ..errors import CnnvisError
+from ..onnxgraph import lrn_windows
 
 RULES = ("gradient", "deconvnet", "guided")
 
@@ -861,12 +862,6 @@ def lrn_power(b, s, beta, out=None):
     if beta == 1.0:
         return b.op("Identity", [s], outputs=outputs) if out else s
     return b.op("Pow", [s, b.scalar(beta)], outputs=outputs)
-
-
-def lrn_windows(size):
-    """Channels before and after c in c's window (onnxruntime: floor and ceil of (size-1)/2)."""
-    before = (size - 1) // 2
-    return before, size - 1 - before
 
 
 def expand_lrn(b, node, x_shape):
