@@ -204,8 +204,10 @@ def pool_output_size(size, kernel, stride, pad_begin, pad_end, ceil_mode, dilati
     return out
 
 
-def static_shapes(model: onnx.ModelProto, input_shape) -> dict:
+def static_shapes(model: onnx.ModelProto, input_shape, onnxruntime_pools: bool = True) -> dict:
     """Shapes of every tensor for a fixed input shape (N, C, H, W), by onnx shape inference.
+    ``input_shape`` may also be a dict giving the shape of each runtime input by name.
+    ``onnxruntime_pools=False`` keeps the ONNX specification's ceil-mode pool sizes.
 
     Large initializers are replaced by typed graph inputs first, so that inference does not copy
     hundreds of megabytes of weights. onnx sizes ceil-mode pooling without onnxruntime's rule (a
@@ -217,15 +219,18 @@ def static_shapes(model: onnx.ModelProto, input_shape) -> dict:
     small, large = [], []
     for init in graph.initializer:
         (small if int(np.prod(init.dims)) <= 4096 else large).append(init)
-    inp = real_inputs(model)[0]
-    typed_inputs = [helper.make_tensor_value_info(inp.name, inp.type.tensor_type.elem_type, list(input_shape))]
+    fed = {i.name: i for i in real_inputs(model)}
+    if not isinstance(input_shape, dict):
+        input_shape = {next(iter(fed)): input_shape}
+    typed_inputs = [helper.make_tensor_value_info(name, fed[name].type.tensor_type.elem_type, list(shape))
+                    for name, shape in input_shape.items()]
     typed_inputs += [helper.make_tensor_value_info(i.name, i.data_type, list(i.dims)) for i in large]
     outputs = [helper.make_tensor_value_info(o.name, o.type.tensor_type.elem_type, None) for o in graph.output]
     nodes = [_copy(n) for n in graph.node]  # the ceil-mode rewrite below edits these copies
     light = make_model(helper.make_graph(nodes, "shapes", typed_inputs, outputs, small), opset=opset_of(model))
     shapes = _infer_shapes(light)
     changed = False
-    for node in light.graph.node:
+    for node in light.graph.node if onnxruntime_pools else ():
         if node.op_type not in ("MaxPool", "AveragePool"):
             continue
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}

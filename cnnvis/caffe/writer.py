@@ -27,7 +27,6 @@ SUPPORTED_OPS = (
     "Reshape", "Concat", "Add", "Sub", "Mul", "Max", "Sum", "Pow", "BatchNormalization", "Split",
     "Identity",
 )
-_SMALL_CONSTANT = 4096  # initializers up to this size stay visible to shape inference
 
 
 class _Writer:
@@ -60,7 +59,7 @@ class _Writer:
         self.producer = {o: node for node in self.graph.node for o in node.output if o}
         self.alias = {}  # tensor -> blob standing for it (a Flatten folded into InnerProduct)
         self.inner_product_axis = {}  # MatMul output -> InnerProduct axis when a Reshape was folded
-        self.shapes = _infer_shapes(model, self.inits, batch=1)
+        self.shapes = _infer_shapes(model, batch=1)
         self._shapes_batch2 = None
         self.layers = []  # (LayerParameter, [np.ndarray])
         self.layer_names = set()
@@ -487,7 +486,7 @@ class _Writer:
             return
         # Caffe's target is "copy the batch, then fixed dims": check the graph agrees at batch 2.
         if self._shapes_batch2 is None:
-            self._shapes_batch2 = _infer_shapes(self.model, self.inits, batch=2)
+            self._shapes_batch2 = _infer_shapes(self.model, batch=2)
         in2 = self._shapes_batch2.get(x)
         out2 = self._shapes_batch2.get(node.output[0])
         if (in_shape[0] != out_shape[0] or in2 is None or out2 is None or in2[0] != out2[0]
@@ -702,43 +701,19 @@ def _run_pool_on_ones(node, size):
     return out[0, 0].astype(np.float64)
 
 
-def _infer_shapes(model, inits, batch: int) -> dict:
-    """Static shapes of every tensor with the batch fixed, without copying big weights."""
-    import onnx
-    from onnx import helper
+def _infer_shapes(model, batch: int) -> dict:
+    """Static shapes of every tensor with the batch fixed (unknown other dimensions taken as 1)."""
+    from ..onnxgraph import real_inputs, static_shapes
 
-    graph = model.graph
-    inputs, small = [], []
-    for vi in graph.input:
-        if vi.name in inits:
-            continue
-        new = onnx.ValueInfoProto()
-        new.CopyFrom(vi)
-        dims = new.type.tensor_type.shape.dim
-        for i, d in enumerate(dims):
-            if i == 0 or not d.HasField("dim_value"):
-                d.Clear()
-                d.dim_value = batch if i == 0 else 1
-        inputs.append(new)
-    for init in graph.initializer:
-        count = int(np.prod(init.dims)) if len(init.dims) else 1
-        if count <= _SMALL_CONSTANT:
-            small.append(init)
-        else:  # big weights: their shape is all inference needs
-            inputs.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
-    light = helper.make_graph(list(graph.node), graph.name or "g", inputs, [], small)
-    light_model = helper.make_model(light, opset_imports=list(model.opset_import))
-    light_model.ir_version = model.ir_version
+    fed = {}
+    for vi in real_inputs(model):
+        dims = vi.type.tensor_type.shape.dim
+        fed[vi.name] = [batch if i == 0 else (d.dim_value if d.HasField("dim_value") else 1) for i, d in enumerate(dims)]
     try:
-        inferred = onnx.shape_inference.infer_shapes(light_model, data_prop=True)
+        # the specification's pool sizes: each pool is then checked against Caffe's rounding
+        return static_shapes(model, fed, onnxruntime_pools=False)
     except Exception as exc:  # onnx raises InferenceError subclasses
         raise CnnvisError(f"ONNX shape inference failed: {str(exc).splitlines()[0]}") from None
-    shapes = {}
-    for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
-        tt = vi.type.tensor_type
-        if tt.HasField("shape"):
-            shapes[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim)
-    return shapes
 
 
 def onnx_to_caffe(model, name: str | None = None):
