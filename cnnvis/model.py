@@ -204,6 +204,15 @@ class Model:
                     return None
         return None
 
+    def conv_layers(self, transposed: bool = False) -> list:
+        """The convolution layers in graph order (with ``transposed``, ConvTranspose ones too);
+        one line naming the model when there is none."""
+        kinds = ("Conv", "ConvTranspose") if transposed else ("Conv",)
+        convs = [layer for layer in self.layers if layer.op_type in kinds]
+        if not convs:
+            raise CnnvisError(f"model {self.name} has no convolution layer; name one with --layer")
+        return convs
+
     def layer(self, name: str) -> Layer:
         """A layer by its cnnvis name, its ONNX tensor name, its node name or its Caffe blob name."""
         if name in self._by_name:

@@ -136,6 +136,14 @@ def test_one_gradient_engine_per_wrt_and_options_shared_by_callers():
     np.testing.assert_allclose(a.run(x, index=1).objective, m.run(x, ["fc1"])["fc1"][:, 1], rtol=1e-5)
 
 
+def test_conv_layers_in_graph_order_or_one_line():
+    assert [layer.name for layer in tiny_model().conv_layers()] == ["conv1"]
+    b = nets.NetBuilder((3, 4, 4), seed=0)
+    b.fc("fc1", 2)
+    with pytest.raises(CnnvisError, match="model dense has no convolution layer; name one with --layer"):
+        Model(b.build("dense"), name="dense").conv_layers()
+
+
 def test_unknown_layer_lists_closest_names():
     m = tiny_model()
     with pytest.raises(CnnvisError, match=r"unknown layer 'conv2'.*closest: conv1"):

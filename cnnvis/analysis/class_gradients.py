@@ -50,8 +50,8 @@ DEFAULT_DDOF = 1
 def conv_layer(model, name=None):
     """The convolution layer ``name`` (default: the model's first convolution with weights)."""
     if name is None:
-        for layer in model.layers:
-            if layer.op_type == "Conv" and layer.weight is not None:
+        for layer in model.conv_layers():
+            if layer.weight is not None:
                 return layer
         raise CnnvisError(f"model {model.name}: no convolution layer with weights")
     layer = model.layer(name)

@@ -123,12 +123,7 @@ def cmd_filters(args) -> int:
     if args.layer:
         layer = model.layer(args.layer)
     else:
-        convs = [layer for layer in model.layers if layer.op_type == "Conv"]
-        if not convs:
-            from ..errors import CnnvisError
-
-            raise CnnvisError(f"model {model.name} has no convolution layer")
-        layer = convs[0]
+        layer = model.conv_layers()[0]
     if layer.op_type not in ("Conv", "ConvTranspose") or layer.weight is None:
         from ..errors import CnnvisError
 

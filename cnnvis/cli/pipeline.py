@@ -27,12 +27,8 @@ def register(sub) -> None:
 
 def plan(model, model_args: list, images: list, out: str) -> list:
     """``[(step, argv)]``: the commands run-all runs, in order, for ``model`` and ``images``."""
-    from ..errors import CnnvisError
-
-    convs = [layer.name for layer in model.layers if layer.op_type == "Conv"]
-    if not convs:
-        raise CnnvisError(f"model {model.name} has no convolution layer to analyse")
-    first, last = convs[0], convs[-1]
+    convs = model.conv_layers()
+    first, last = convs[0].name, convs[-1].name
     # up to ten images spread over the list (the demo samples are ten per class, class by class)
     step = max(1, len(images) // 10)
     few = images[::step][:10]

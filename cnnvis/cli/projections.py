@@ -100,12 +100,7 @@ def _maps(args, parser_default: str, n_maps: int) -> list:
 
 
 def default_layer(model) -> str:
-    from ..errors import CnnvisError
-
-    convs = [layer.name for layer in model.layers if layer.op_type == "Conv"]
-    if not convs:
-        raise CnnvisError(f"model {model.name} has no convolution layer; name one with --layer")
-    return convs[-1]
+    return model.conv_layers()[-1].name
 
 
 class Inputs:

@@ -151,9 +151,8 @@ def _is_stack_array(path) -> bool:
 
 
 def _first_conv(model) -> str:
-    for layer in model.layers:
-        if layer.op_type in ("Conv", "ConvTranspose") and layer.output_shape is not None \
-                and len(layer.output_shape) == 3:
+    for layer in model.conv_layers(transposed=True):
+        if layer.output_shape is not None and len(layer.output_shape) == 3:
             return layer.name
     raise CnnvisError(f"model {model.name}: no convolution layer with C×H×W output; pass --layer")
 
