@@ -3,7 +3,6 @@ before the softmax) with respect to a convolution layer's filters, per image and
 from __future__ import annotations
 
 import argparse
-import itertools
 
 from . import common
 from ..errors import CnnvisError
@@ -124,8 +123,7 @@ def cmd_conv_gradients(args) -> int:
     cg = cgm.ClassGradients(model, args.layer, args.batch_size)
     layer = cg.layer_.name
     target = None if args.target is None else model.class_index(args.target, "--class")
-    chunks = common.iter_input_chunks(args, model)
-    first = next(chunks)  # unreadable inputs fail here, before anything is staged
+    chunks = common.checked_input_chunks(args, model)  # unreadable inputs fail here, before anything is staged
     common.model_warning(model)
     weights = cg.weights_
     order = _channel_order(args, model, weights)
@@ -139,7 +137,7 @@ def cmd_conv_gradients(args) -> int:
     lname = common.safe_name(layer)
     with RunOutput(args.out, "conv-gradients", params=params, inputs=common.recorded_inputs(args, model),
                    model=model.info()) as run:
-        for names, x in itertools.chain([first], chunks):
+        for names, x in chunks:
             batch = cg.compute(x, target)
             if args.check_numerical and gradcheck is None:
                 report = cg.check_numerical(x[:1], int(batch.targets[0]), args.check_numerical, args.seed,

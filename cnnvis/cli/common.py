@@ -78,6 +78,19 @@ def iter_input_chunks(args, model):
                                              batch_size=args.batch_size)
 
 
+def checked_input_chunks(args, model):
+    """:func:`iter_input_chunks` with the first chunk already read, so that bad inputs fail before
+    the caller stages any output."""
+    chunks = iter_input_chunks(args, model)
+    first = next(chunks)
+
+    def chain():
+        yield first
+        yield from chunks
+
+    return chain()
+
+
 def input_paths(args, model) -> list:
     """The image arguments, or the model's sample images when there are none."""
     return list(args.images) or default_images(model)

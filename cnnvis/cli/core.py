@@ -77,8 +77,7 @@ def cmd_activations(args) -> int:
 
     model = common.load_model(args)
     layers = activations.resolve_layers(model, args.layer)
-    chunks = common.iter_input_chunks(args, model)
-    first = next(chunks)  # bad inputs fail here, before anything is staged
+    chunks = common.checked_input_chunks(args, model)  # bad inputs fail here, before anything is staged
     common.model_warning(model)
     params = {"layers": layers, "normalization": args.normalization, "cmap": args.cmap,
               "batch_size": args.batch_size, "input_array": args.input_array}
@@ -88,7 +87,7 @@ def cmd_activations(args) -> int:
     # the layer table rides along in this run's model card (the report shows it)
     card = dict(model.info(), layers=[layer.as_dict() for layer in model.layers])
     with RunOutput(args.out, "activations", params=params, inputs=common.recorded_inputs(args, model), model=card) as run:
-        for names, acts in activations.iter_activations(model, _chain(first, chunks), layers, args.batch_size):
+        for names, acts in activations.iter_activations(model, chunks, layers, args.batch_size):
             for i, (name, safe) in enumerate(zip(names, common.unique_names(names, used))):
                 h5_path = run.path(f"{safe}/activations.h5", kind="stack-hdf5", image=name)
                 with h5py.File(h5_path, "w") as h5:
@@ -143,7 +142,4 @@ def cmd_filters(args) -> int:
     return 0
 
 
-def _chain(first, rest):
-    yield first
-    yield from rest
 

@@ -147,15 +147,6 @@ def _scaled_default(value, base: int, input_hw) -> tuple:
     return tuple(max(1, int(round(base * s / 227))) for s in input_hw)
 
 
-def _first_chunk(args, model):
-    chunks = common.iter_input_chunks(args, model)
-    first = next(chunks)  # bad inputs fail here, before anything is staged
-
-    def chain():
-        yield first
-        yield from chunks
-
-    return chain()
 
 
 def _picture(rgb01, min_side: int = 224):
@@ -237,7 +228,7 @@ def cmd_occlusion(args) -> int:
     analysis = occlusion.Occlusion(model, window=window, stride=stride, layer=layer, fill=fill,
                                    preprocessing=pre, batch_size=args.batch_size,
                                    incremental=False if args.no_incremental else "auto")
-    chunks = _first_chunk(args, model)
+    chunks = common.checked_input_chunks(args, model)
     common.model_warning(model)
     params = {"window": list(window), "stride": list(stride), "class": target, "layer": layer, "channel": args.channel,
               "fill": "preprocessing mean (grey)" if args.fill is None else args.fill,
@@ -362,7 +353,7 @@ def cmd_invariance(args) -> int:
     sweeps = analysis.sweeps()
     layers = [model.layer(n).name for n in (args.layer or invariance.default_layers(model))]
     analysis.layers = layers
-    chunks = _first_chunk(args, model)
+    chunks = common.checked_input_chunks(args, model)
     common.model_warning(model)
     params = {"layers": layers, "amounts": {k: v.tolist() for k, v in sweeps.items()}, "axis": args.axis,
               "class": target, "distance": "||f(Tx) - f(x)|| / ||f(x)||", "batch_size": args.batch_size,
@@ -490,7 +481,7 @@ def cmd_saliency(args) -> int:
         layer = model.layer(args.layer or occlusion.default_feature_layer(model))
         if layer.output_shape is None or len(layer.output_shape) != 3:
             raise CnnvisError(f"--layer {layer.name}: Grad-CAM needs a layer with C×H×W maps")
-    chunks = _first_chunk(args, model)
+    chunks = common.checked_input_chunks(args, model)
     common.model_warning(model)
     params = {"methods": methods, "class": target, "layer": args.layer, "cmap": args.cmap, "alpha": args.alpha,
               "batch_size": args.batch_size, "preprocessing": pre.to_dict(), "input_array": args.input_array}

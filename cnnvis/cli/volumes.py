@@ -11,7 +11,6 @@ Each command takes its C×H×W stack(s) from one of:
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 from pathlib import Path
 
@@ -189,21 +188,20 @@ def _open_source(args) -> _Source:
     if shape is None or len(shape) != 3:
         raise CnnvisError(f"--layer {layer}: outputs shape {shape} per image; a volume needs "
                           "C×H×W feature maps (a convolution, pooling or LRN layer)")
-    chunks = common.iter_input_chunks(args, model)
-    first = next(chunks)  # unreadable inputs fail here, before any output is staged
+    chunks = common.checked_input_chunks(args, model)  # unreadable inputs fail here, before any output is staged
     common.model_warning(model)
     meta_base = {"model": model.name, "model_sha256": model.sha256, "layer": layer}
 
     def per_image():
         used = {}
-        for names, batch in itertools.chain([first], chunks):
+        for names, batch in chunks:
             acts = model.run(batch, [layer], batch_size=args.batch_size)[layer]
             for name, safe, maps in zip(names, common.unique_names(names, used), acts):
                 yield safe, maps, {**meta_base, "image": name}
 
     def reduced():
         total, count, names = None, 0, []
-        for chunk_names, batch in itertools.chain([first], chunks):
+        for chunk_names, batch in chunks:
             acts = model.run(batch, [layer], batch_size=args.batch_size)[layer].astype(np.float64)
             names += list(chunk_names)
             if args.reduce == "mean":
