@@ -182,12 +182,15 @@ def test_every_numbered_script_wraps_a_registered_command():
     commands = set(parser._subparsers._group_actions[0].choices)
     scripts = sorted((ROOT / "scripts").glob("*.py"))
     assert len(scripts) >= 20
+    wrapped = set()
     for script in scripts:
         text = script.read_text()
         m = re.search(r'main\(\["([a-z0-9-]+)"', text)
         assert m, f"{script.name} is not a thin wrapper of cnnvis.cli.main"
         assert m.group(1) in commands, f"{script.name} wraps unknown command {m.group(1)}"
         assert len([line for line in text.splitlines() if line.strip()]) <= 10, f"{script.name} holds logic"
+        wrapped.add(m.group(1))
+    assert commands <= wrapped, f"commands without a script: {sorted(commands - wrapped)}"
 
 
 def test_script_and_module_entry_points_run(tiny):
