@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CnnvisError
-from ..manifest import atomic_path, to_jsonable
+from ..manifest import atomic_path, save_npy, to_jsonable, write_bytes, write_text
 
 #: File formats by suffix.
 FORMATS = {".hdf": "hdf", ".vti": "vti", ".vox": "vox", ".npy": "npy"}
@@ -387,18 +387,13 @@ def _write_vox(path: Path, prep: _Prepared) -> list:
     data = vox_bytes(prep.normalized)
     header = companion_paths(path)[0]
     sx, sy, sz = prep.spacing
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(np.ascontiguousarray(data).tobytes(order="C"))
-    with atomic_path(header) as tmp:
-        tmp.write_text(f"Size {nx}x{ny}x{nz} unsigned byte\nSpacing {sx!r}x{sy!r}x{sz!r}\n",
-                       encoding="ascii")
+    write_bytes(path, np.ascontiguousarray(data).tobytes(order="C"))
+    write_text(header, f"Size {nx}x{ny}x{nz} unsigned byte\nSpacing {sx!r}x{sy!r}x{sz!r}\n")
     return [path, header]
 
 
 def _write_npy(path: Path, prep: _Prepared) -> list:
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, prep.values, allow_pickle=False)
+    save_npy(path, prep.values)
     return [path]
 
 
