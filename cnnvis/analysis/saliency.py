@@ -17,6 +17,7 @@ import dataclasses
 import numpy as np
 
 from ..errors import CnnvisError
+from ..export import figures
 from ..preprocess import channels_last
 from .occlusion import default_feature_layer, probabilities
 
@@ -53,9 +54,7 @@ def gradcam_from(activations, gradients) -> np.ndarray:
 
 def gradient_picture(gradient, channel_order: str = "RGB") -> np.ndarray:
     """A gradient C×H×W as an H×W×3 picture in [0, 1]: 0.5 = zero, symmetric scaling."""
-    g = np.asarray(gradient, dtype=np.float64)
-    peak = np.abs(g).max()
-    pic = channels_last(0.5 + 0.5 * g / peak if peak > 0 else np.full_like(g, 0.5), channel_order)
+    pic = channels_last(figures.symmetric(gradient), channel_order)
     return np.ascontiguousarray(np.repeat(pic[..., None], 3, axis=-1) if pic.ndim == 2 else pic)
 
 

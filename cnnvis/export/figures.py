@@ -25,6 +25,13 @@ def normalize(x, axis=None, eps: float = 0.0) -> np.ndarray:
     return np.where(span > eps, (x - lo) / safe, 0.0)
 
 
+def symmetric(x) -> np.ndarray:
+    """Scale to [0, 1] with 0.5 at zero and the largest magnitude at 0 or 1 (all zero: 0.5)."""
+    x = np.asarray(x, dtype=np.float64)
+    peak = float(np.abs(x).max()) if x.size else 0.0
+    return 0.5 + x / (2.0 * peak) if peak > 0 else np.full_like(x, 0.5)
+
+
 def grid_shape(n: int, ncols: int | None = None) -> tuple:
     """A near-square (rows, cols) layout for n tiles; cols ≥ rows."""
     if n <= 0:

@@ -181,20 +181,15 @@ def normalize(stack: np.ndarray, mode: str = "global"):
     """
     if mode not in NORMALIZATIONS:
         raise CnnvisError(f"normalization {mode!r}: expected one of {', '.join(NORMALIZATIONS)}")
+    from . import figures
+
     x = np.asarray(stack, dtype=np.float64)
     if mode == "global":
-        lo, hi = float(x.min()), float(x.max())
-        out = (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
-        return out, {"mode": mode, "min": lo, "max": hi}
+        return figures.normalize(x), {"mode": mode, "min": float(x.min()), "max": float(x.max())}
     if mode == "per-channel":
-        lo = x.min(axis=(1, 2), keepdims=True)
-        hi = x.max(axis=(1, 2), keepdims=True)
-        span = hi - lo
-        out = np.where(span > 0, (x - lo) / np.where(span > 0, span, 1.0), 0.0)
-        return out, {"mode": mode, "min": lo.ravel().tolist(), "max": hi.ravel().tolist()}
-    peak = float(np.abs(x).max())
-    out = 0.5 + x / (2.0 * peak) if peak > 0 else np.full_like(x, 0.5)
-    return out, {"mode": mode, "max_abs": peak}
+        return figures.normalize(x, axis=(1, 2)), {"mode": mode, "min": x.min(axis=(1, 2)).tolist(),
+                                                    "max": x.max(axis=(1, 2)).tolist()}
+    return figures.symmetric(x), {"mode": mode, "max_abs": float(np.abs(x).max())}
 
 
 @dataclass
