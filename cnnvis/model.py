@@ -278,6 +278,12 @@ class Model:
                 "trained": self.trained, "input_shape": list(self.input_shape)}
 
     # ------------------------------------------------------------------ running
+    def release(self) -> None:
+        """Drop the cached onnxruntime sessions and gradient engines (each holds a copy of the
+        weights); they are built again when needed."""
+        self._sessions.clear()
+        self._engines.clear()
+
     def gradient_engine(self, wrt, **options):
         """The GradientEngine (``cnnvis.autodiff``) for ``wrt`` and ``options`` on this model, shared by
         every caller asking for the same ones: its graphs and sessions are built once per model.

@@ -78,3 +78,20 @@ def test_without_gl_libraries_render_is_skipped_with_the_reason(tmp_path, monkey
     assert code == 0 and "skipping render: off-screen 3D rendering needs libEGL.so.1" in err
     assert (tmp_path / "o" / "filters" / "manifest.json").is_file()
     assert not (tmp_path / "o" / "render").exists()
+
+
+def test_steps_share_one_loaded_model(tmp_path, monkeypatch):
+    from cnnvis import registry
+
+    loads = []
+    real_load = registry.load
+
+    def counting_load(*a, **k):
+        loads.append(a[0] if a else k.get("spec"))
+        return real_load(*a, **k)
+
+    monkeypatch.setattr(registry, "load", counting_load)
+    assert main(["run-all", "--only", "activations", "volume", "--out", str(tmp_path / "o")]) == 0
+    assert len(loads) == 1  # run-all's own load serves both steps (a Caffe model is converted once)
+    loads.clear()
+    assert main(["layers"]) == 0 and len(loads) == 1  # outside run-all nothing is shared

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 
 DEFAULT_BATCH = 32
@@ -46,12 +47,36 @@ def positive_int(text: str) -> int:
     return value
 
 
+_shared_models = None  # while run-all runs: loaded models by what names them, for every step
+
+
+@contextlib.contextmanager
+def sharing_models():
+    """Within this block, commands naming the same model share one loaded Model (run-all: a Caffe
+    model is converted once, not once per step). Each command starts with its sessions released,
+    so memory stays that of one command."""
+    global _shared_models
+    _shared_models = {}
+    try:
+        yield
+    finally:
+        _shared_models = None
+
+
 def load_model(args):
     """The Model named by --model/--weights/--device/--threads (registry default when absent)."""
     from .. import registry
 
     spec = args.model or registry.default_model_name()
-    return registry.load(spec, weights=args.weights, device=args.device, threads=args.threads)
+    key = (spec, args.weights, args.device, args.threads)
+    if _shared_models is not None and key in _shared_models:
+        model = _shared_models[key]
+        model.release()
+        return model
+    model = registry.load(spec, weights=args.weights, device=args.device, threads=args.threads)
+    if _shared_models is not None:
+        _shared_models[key] = model
+    return model
 
 
 def load_inputs(args, model):

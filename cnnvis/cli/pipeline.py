@@ -75,6 +75,11 @@ def plan(model, model_args: list, images: list, out: str) -> list:
 
 
 def cmd_run_all(args) -> int:
+    with common.sharing_models():  # the model is loaded (a Caffe one converted) once for every step
+        return _run_all(args)
+
+
+def _run_all(args) -> int:
     from . import main as cli_main
 
     from .. import registry
