@@ -24,7 +24,6 @@ memory for the importance tests.
 from __future__ import annotations
 
 import csv
-import io
 import json
 import tempfile
 from dataclasses import dataclass
@@ -569,23 +568,6 @@ def _num(value):
 
 
 # ----------------------------------------------------------------------------- tables and plots
-
-
-def csv_text(header, rows) -> str:
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(header)
-    for row in rows:
-        writer.writerow([_csv_cell(v) for v in row])
-    return buf.getvalue()
-
-
-def _csv_cell(v):
-    if isinstance(v, (float, np.floating)):
-        return "" if not np.isfinite(v) else repr(float(v))
-    if v is None:
-        return ""
-    return v
 
 
 def _figure(width, height):

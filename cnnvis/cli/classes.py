@@ -6,6 +6,7 @@ import argparse
 
 from . import common
 from ..errors import CnnvisError
+from ..export.tables import csv_text
 
 ORDER = 45
 ROLES = ("reference", "similar", "dissimilar")
@@ -167,7 +168,7 @@ def cmd_conv_gradients(args) -> int:
                 ranks = np.empty(len(imp), dtype=np.int64)
                 ranks[np.argsort(-imp, kind="stable")] = np.arange(1, len(imp) + 1)
                 run.path(f"{safe}/importance.csv", kind="importance-table", layer=layer, image=name).write_text(
-                    cgm.csv_text(["filter", "importance", "rank"],
+                    csv_text(["filter", "importance", "rank"],
                                  [(f, float(imp[f]), int(ranks[f])) for f in range(len(imp))]), encoding="utf-8")
                 pred = int(batch.predicted[i])
                 rows.append({
@@ -181,7 +182,7 @@ def cmd_conv_gradients(args) -> int:
                       f"d logit[{classes[k]}]/d {layer}: |g|={rows[-1]['gradient_norm']:.4g}, top filters {top[:5]}")
         header = ["image", "predicted", "predicted_name", "predicted_probability", "class", "class_name",
                   "class_logit", "class_probability", "gradient_norm", "top_filters"]
-        run.path("summary.csv", kind="summary-table").write_text(cgm.csv_text(
+        run.path("summary.csv", kind="summary-table").write_text(csv_text(
             header, [[r[h] if h != "top_filters" else " ".join(map(str, r[h])) for h in header] for r in rows]),
             encoding="utf-8")
         write_json(run.path("summary.json", kind="summary"),
@@ -296,13 +297,13 @@ def _write_comparison(run, cmp, args, model, formats) -> None:
     header = ["group", "image", "kept_for_cosine", "predicted", "predicted_name", "predicted_probability",
               "neuron_logit", "neuron_probability", "gradient_norm"]
     run.path("images.csv", kind="images-table").write_text(
-        cgm.csv_text(header, [[r[h] for h in header] for r in cmp.images_]), encoding="utf-8")
+        csv_text(header, [[r[h] for h in header] for r in cmp.images_]), encoding="utf-8")
 
     header = ["filter"] + [f"{g}_{s}" for g in names for s in ("mean", "std", "normalized_mean", "normalized_std")]
     rows = [[f] + [v for g in names for v in (cmp.importance_mean_[g][f], cmp.importance_std_[g][f],
                                               cmp.normalized_mean_[g][f], cmp.normalized_std_[g][f])]
             for f in range(len(cmp.weights_))]
-    run.path("importance.csv", kind="importance-table", layer=layer).write_text(cgm.csv_text(header, rows),
+    run.path("importance.csv", kind="importance-table", layer=layer).write_text(csv_text(header, rows),
                                                                                  encoding="utf-8")
     cgm.plot_group_importance(run.path("importance_raw.png", kind="importance-plot", layer=layer),
                               cmp.importance_mean_, cmp.importance_std_,
@@ -317,14 +318,14 @@ def _write_comparison(run, cmp, args, model, formats) -> None:
                            f"cosine similarity of ∂logit[{neuron_label}]/∂{layer} between images")
     labels = [f"{names[g]}/{n}" for g, n in zip(cmp.cosine_groups_, cmp.cosine_names_)]
     run.path("cosine_images.csv", kind="cosine-rows").write_text(
-        cgm.csv_text(["row", "group", "image"], [(i, names[g], n) for i, (g, n) in
+        csv_text(["row", "group", "image"], [(i, names[g], n) for i, (g, n) in
                                                  enumerate(zip(cmp.cosine_groups_, cmp.cosine_names_))]),
         encoding="utf-8")
     save_npy(run.path("cosine_similarity.npy", kind="cosine-matrix", rows="cosine_images.csv"),
              cmp.cosine_.astype(np.float64))
     if len(labels) <= COSINE_CSV_MAX:  # beyond that the text matrix is too large to be useful
         run.path("cosine_similarity.csv", kind="cosine-table").write_text(
-            cgm.csv_text([""] + labels, [[lab] + [float(v) for v in row] for lab, row in zip(labels, cmp.cosine_)]),
+            csv_text([""] + labels, [[lab] + [float(v) for v in row] for lab, row in zip(labels, cmp.cosine_)]),
             encoding="utf-8")
 
     header = ["reference", "group", "features", "statistic", "observed", "p_value", "n_permutations", "seed",
@@ -333,7 +334,7 @@ def _write_comparison(run, cmp, args, model, formats) -> None:
     for g in names[1:]:
         for feats, t in (("gradient", cmp.gradient_tests_[g]), ("importance", cmp.importance_tests_[g])):
             rows.append([ref, g, feats, t.statistic, t.observed, t.p_value, t.n_permutations, t.seed, t.n_a, t.n_b])
-    run.path("permutation_tests.csv", kind="permutation-tests").write_text(cgm.csv_text(header, rows),
+    run.path("permutation_tests.csv", kind="permutation-tests").write_text(csv_text(header, rows),
                                                                              encoding="utf-8")
 
     order = _channel_order(args, model, cmp.weights_)
@@ -342,7 +343,7 @@ def _write_comparison(run, cmp, args, model, formats) -> None:
     for g in names[1:]:
         top = cmp.top_filters_[g]
         run.path(f"top_filters_{safe[g]}.csv", kind="top-filters-table", group=g).write_text(
-            cgm.csv_text(header, [[t[h] for h in header] for t in top]), encoding="utf-8")
+            csv_text(header, [[t[h] for h in header] for t in top]), encoding="utf-8")
         filters = [t["filter"] for t in top]
         cgm.save_filters_beside(
             run.path(f"top_filters_{safe[g]}.png", kind="top-filters", layer=layer, group=g, filters=filters,

@@ -1,14 +1,13 @@
 """`cnnvis deconv`, `cnnvis topk`, `cnnvis evolution`: Zeiler & Fergus deconvnet projections."""
 from __future__ import annotations
 
-import csv
-import io
 import json
 import re
 import sys
 from pathlib import Path
 
 from . import common
+from ..export.tables import csv_text
 
 ORDER = 40
 STATE_FILE = "topk_state.json"
@@ -357,12 +356,9 @@ def cmd_topk(args) -> int:
 
 
 def _records_csv(records) -> str:
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["map", "rank", "value", "image", "name", "y", "x", "top", "left", "bottom", "right"])
-    for r in records:
-        writer.writerow([r["map"], r["rank"], repr(r["value"]), r["image"], r["name"], r["y"], r["x"], *r["box"]])
-    return buf.getvalue()
+    return csv_text(["map", "rank", "value", "image", "name", "y", "x", "top", "left", "bottom", "right"],
+                    [[r["map"], r["rank"], r["value"], r["image"], r["name"], r["y"], r["x"], *r["box"]]
+                     for r in records])
 
 
 # ------------------------------------------------------------------------------ evolution

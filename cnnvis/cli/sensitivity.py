@@ -7,6 +7,7 @@ import argparse
 from . import common
 from ..errors import CnnvisError
 from ..export import figures
+from ..export.tables import csv_text
 from ..preprocess import InputSpace
 
 ORDER = 45
@@ -334,9 +335,6 @@ def _nearest_window_classes(res):
 # ------------------------------------------------------------------------------------ invariance
 
 def cmd_invariance(args) -> int:
-    import csv
-    import io
-
     import numpy as np
 
     from ..analysis import invariance, occlusion
@@ -374,12 +372,7 @@ def cmd_invariance(args) -> int:
                 print(f"cnnvis invariance: {name}: class {_class_name(model, res.target)}")
         fields = ["image", "transform", "amount", "target", "probability", "top_class"] + \
             [f"distance_{layer}" for layer in layers]
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: (f"{v:.9g}" if isinstance(v, float) else v) for k, v in row.items()})
-        write_text(run.path("invariance.csv", kind="table"), buf.getvalue())
+        write_text(run.path("invariance.csv", kind="table"), csv_text(fields, [[row[k] for k in fields] for row in rows]))
         write_json(run.path("invariance.json", kind="invariance", layers=layers),
                    {"layers": layers, "distance": params["distance"], "class_names": {
                        str(r["target"]): _class_name(model, r["target"]) for r in rows}, "records": rows})
