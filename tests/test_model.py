@@ -90,8 +90,22 @@ def test_light_zoo_alexnet_folds_and_gets_caffe_names():
     assert not [n for n in m.proto.graph.node if n.op_type in ("ConstantOfShape", "Constant")]
     assert [i.name for i in m.proto.graph.input] == ["data_0"]
     # the file fixes batch 1; cnnvis runs any batch
-    out = m.run(np.zeros((3, 3, 224, 224), np.float32), ["pool5", "prob"])
+    x = np.random.default_rng(0).standard_normal((3, 3, 224, 224)).astype(np.float32) * 20
+    out = m.run(x, ["pool5", "prob"])
     assert out["pool5"].shape == (3, 256, 6, 6) and out["prob"].shape == (3, 1000)
+    # folding, the batch rewrite and the LRN decomposition change no value: the original file, run
+    # image by image in onnxruntime (its LRN op), gives the same pool5 (its constant weights make
+    # every probability 1/1000, so pool5 is where the values differ)
+    import onnxruntime as ort
+
+    original = onnx.load(LIGHT_ALEXNET)
+    pool5 = m.layer("pool5").tensor
+    original.graph.output.append(onnx.helper.make_tensor_value_info(pool5, onnx.TensorProto.FLOAT, None))
+    sess = ort.InferenceSession(original.SerializeToString(), providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    want = np.concatenate([sess.run([pool5], {name: x[i:i + 1]})[0] for i in range(3)])
+    assert np.unique(want).size > 10
+    np.testing.assert_allclose(out["pool5"], want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
     assert m.layer("r0").name == "conv1"  # tensor names resolve too
 
 
