@@ -150,19 +150,23 @@ def test_errors_name_the_problem():
 
 
 def test_cli_maximize_grid_and_files(tmp_path):
-    _, proto = one_filter_model(smooth_filters(3))
+    w = smooth_filters(3)
+    _, proto = one_filter_model(w)
     path = tmp_path / "m.onnx"
     path.write_bytes(proto.SerializeToString())
     (tmp_path / "m.onnx.json").write_text(json.dumps(SIDE))
     outs = []
     for run in ("a", "b"):
         out = tmp_path / run
-        assert main(["maximize", "--model", str(path), "--layer", "conv", "--channels", "2", "--steps", "10",
+        assert main(["maximize", "--model", str(path), "--layer", "conv", "--channels", "2", "--steps", "30",
                      "--out", str(out)]) == 0
         outs.append(out)
     data = json.loads((outs[0] / "conv_maximize.json").read_text())
     assert data["indices"] == [0, 1] and len(data["final_objective"]) == 2
-    assert np.load(outs[0] / "conv_patterns.npy").shape == (2, 3, 8, 8)
+    patterns = np.load(outs[0] / "conv_patterns.npy")
+    assert patterns.shape == (2, 3, 8, 8)
+    for c in range(2):  # each channel's pattern looks like its own filter (0.85 here), not the other's
+        assert _cos(patterns[c], w[c]) > 0.7 and _cos(patterns[c], w[c]) > _cos(patterns[c], w[1 - c]) + 0.2
     for name in ("conv_patterns.png", "conv_patterns.npy", "conv_maximize.json"):
         assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes()
     assert main(["maximize", "--model", str(path), "--objective", "logit", "--index", "2", "--steps", "3",
