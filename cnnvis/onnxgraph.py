@@ -357,12 +357,23 @@ def decompose_lrn(model: onnx.ModelProto) -> onnx.ModelProto:
 
     Same function (y = x · (bias + alpha/size · Σ_window x²)^-beta), but onnxruntime runs it about
     20% faster than its LRN kernel on CaffeNet. Tensor names are kept, so taps still work.
+
+    A Relu feeding an LRN becomes ``Max(x, 0)`` (the same values): onnxruntime's blocked-layout pass
+    keeps a Relu in the convolution's blocked layout, and its output then has to be reordered for
+    the LRN's elementwise ops, which run in NCHW. A Max runs in NCHW on the tensor that is reordered
+    anyway when the convolution's output is tapped: AlexNet's tapped forward is about 6% faster.
     """
     m = onnx.ModelProto()
     m.CopyFrom(model)
     nodes = []
     consts = []
+    lrn_inputs = {node.input[0] for node in m.graph.node if node.op_type == "LRN"}
     for node in m.graph.node:
+        if node.op_type == "Relu" and node.output[0] in lrn_inputs:
+            zero = f"{node.output[0]}__zero"
+            consts.append(numpy_helper.from_array(np.array(0, np.float32), zero))
+            nodes.append(helper.make_node("Max", [node.input[0], zero], list(node.output), name=node.name))
+            continue
         if node.op_type != "LRN":
             nodes.append(node)
             continue

@@ -116,6 +116,34 @@ def test_decomposed_lrn_equals_formula(size, alpha, beta, bias):
     assert np.abs(got - ref).max() / np.abs(ref).max() < 1e-6
 
 
+def test_decomposed_lrn_takes_its_relu_out_of_the_blocked_layout():
+    # the Relu before an LRN becomes Max(x, 0) so that it runs in NCHW beside the LRN's ops;
+    # every tensor, tapped or not, keeps its value
+    from cnnvis import nets
+
+    b = nets.NetBuilder((3, 12, 12))
+    b.conv("conv1", 16, 3)
+    b.relu("relu1")
+    b.lrn("norm1", size=5, alpha=0.2, beta=0.75, k=1.0)
+    b.relu("relu2")
+    proto = b.build("lrn")
+    dec = onnxgraph.decompose_lrn(proto)
+    ops = {n.name: n.op_type for n in dec.graph.node}
+    assert ops["relu1"] == "Max" and ops["relu2"] == "Relu"  # only the Relu feeding the LRN
+    x = np.random.default_rng(3).standard_normal((2, 3, 12, 12)).astype(np.float32)
+    names = ["conv1", "relu1", "norm1", "relu2"]
+    del dec.graph.output[:], proto.graph.output[:]
+    for m in (dec, proto):
+        m.graph.output.extend(helper.make_tensor_value_info(t, TensorProto.FLOAT, None) for t in names)
+    got = dict(zip(names, onnxgraph.create_session(dec, device="cpu").run(names, {"data": x})))
+    ref = dict(zip(names, onnxgraph.create_session(proto, device="cpu").run(names, {"data": x})))
+    assert (got["relu1"] >= 0).all() and (got["relu1"] == 0).any()
+    for t in ("conv1", "relu1"):
+        np.testing.assert_array_equal(got[t], ref[t])
+    for t in ("norm1", "relu2"):  # onnxruntime's LRN kernel sums in another order
+        assert np.abs(got[t] - ref[t]).max() / np.abs(ref[t]).max() < 1e-6
+
+
 def test_static_shapes_use_onnxruntimes_ceil_mode_sizes():
     # 5 wide, kernel 2, stride 2, pads 1+1, ceil: the 4th window would start in the end padding,
     # which onnxruntime drops (3 outputs); plain onnx shape inference says 4
