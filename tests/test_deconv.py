@@ -195,17 +195,6 @@ def test_deprocess_inverts_the_documented_pipeline():
     np.testing.assert_allclose(grey.to_display(((g - 0.5) / 0.25)[None]), g, atol=1e-12)
 
 
-def test_blocks_keep_values_through_the_outer_grid():
-    left = np.random.default_rng(0).normal(size=(2, 4, 3, 3))
-    right = np.random.default_rng(1).uniform(0.2, 0.8, size=(2, 4, 3, 3))
-    blocks = deconv.side_by_side(left, right, ncols=2, pad=1, gap=2)
-    assert blocks.shape == (2, 7, 7 + 2 + 7)
-    assert np.nanmin(blocks[0]) == 0 and np.nanmax(blocks[0]) == 1
-    # right half: the patches scaled together (global min-max over the block's patches)
-    lo, hi = right[0].min(), right[0].max()
-    np.testing.assert_allclose(blocks[0][:3, 9:12], (right[0, 0] - lo) / (hi - lo))
-
-
 def test_deconv_command_outputs(tiny, tmp_path, capsys):
     model_path = tmp_path / "tiny.onnx"
     onnx.save(tiny_proto(), model_path)

@@ -218,14 +218,14 @@ def test_coverage_mean_by_hand():
     np.testing.assert_allclose(out, expected)
 
 
-def test_overlay_keeps_the_picture_where_there_is_no_heat():
-    rgb = np.full((4, 4, 3), 0.25)
-    heat = np.array([[0.0, 1.0, np.nan, 0.5]] * 4)
-    out = occ.overlay_heatmap(rgb, heat, alpha=0.5, cmap="gray")
-    assert out.dtype == np.uint8 and out.shape == (4, 4, 3)
-    assert (out[:, 2] == 64).all()  # 0.25 * 255 rounded: untouched
-    assert (out[:, 1] == np.rint(255 * (0.5 * 0.25 + 0.5 * 1.0))).all()
-    assert (out[:, 0] == np.rint(255 * 0.125)).all()
+def test_nearest_window_classes_gives_each_pixel_the_class_of_the_nearest_window_centre():
+    top = np.array([[1, 2, 3], [4, 5, 6], [7, 8, 9]])
+    res = occ.OcclusionMaps(target=0, window=(3, 3), stride=(2, 2), ys=np.array([0, 2, 4]), xs=np.array([0, 2, 4]),
+                            probability=np.zeros((3, 3)), top_class=top, top_probability=np.zeros((3, 3)),
+                            base_probability=1.0, base_top_class=0, image_hw=(7, 7))
+    # centres at 1, 3, 5; pixel rows 2 and 4 lie halfway between two centres: the first window wins
+    nearest = [0, 0, 0, 1, 1, 2, 2]
+    np.testing.assert_array_equal(res.nearest_window_classes(), top[np.ix_(nearest, nearest)])
 
 
 def test_default_feature_layer_is_the_last_map_layer():

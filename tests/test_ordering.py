@@ -218,19 +218,3 @@ def test_unknown_method_and_parameter():
         O.make_ordering("pca-maps").transform(np.zeros((2, 2, 2)))
 
 
-def test_pictures(tmp_path, templates):
-    from PIL import Image
-
-    stack, _ = templates
-    r = O.order_stack(stack, "kmeans-rows", n_clusters=3, row=3)
-    img = O.slice_image(stack, 3, r["permutation"], r["boundaries"], scale=2, separator=3)
-    assert img.shape == (24 * 2 + 2 * 3, 8 * 2, 3) and img.dtype == np.uint8
-    assert np.all(img[16:19] == 255) and np.all(img[35:38] == 255)  # white separator rows
-    O.save_slice_png(tmp_path / "slice.png", stack, r)
-    O.save_before_after(tmp_path / "before_after.png", stack, r)
-    with Image.open(tmp_path / "before_after.png") as pic:
-        arr = np.asarray(pic.convert("RGB"))
-    assert arr.shape[0] > 24 and arr.std() > 20
-    with pytest.raises(CnnvisError, match="row 8"):
-        O.save_before_after(tmp_path / "bad.png", stack, r, row=8)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["before_after.png", "slice.png"]

@@ -143,12 +143,7 @@ def test_upsample_bilinear_by_hand():
     assert sal.upsample_bilinear(np.ones((2, 3, 3)), (7, 5)).shape == (2, 7, 5)
 
 
-def test_gradient_picture_and_errors(model, images):
-    g = np.zeros((3, 2, 2))
-    g[0, 0, 0], g[2, 1, 1] = 2.0, -1.0
-    pic = sal.gradient_picture(g, "BGR")
-    assert pic.shape == (2, 2, 3)
-    assert pic[0, 0, 2] == 1.0 and pic[1, 1, 0] == 0.25 and pic[0, 1, 1] == 0.5  # BGR → RGB
+def test_bad_method_layer_and_class(model, images):
     with pytest.raises(CnnvisError, match="method"):
         sal.Saliency(model, method="lrp")
     with pytest.raises(CnnvisError, match="C×H×W"):

@@ -32,7 +32,6 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CnnvisError
-from ..export import figures
 from ..manifest import load_npy
 from ..model import softmax
 from . import stats
@@ -565,93 +564,3 @@ def gradcheck_dict(report, image=None):
 def _num(value):
     value = float(value)
     return value if np.isfinite(value) else None
-
-
-# ----------------------------------------------------------------------------- tables and plots
-
-
-def _figure(width, height):
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=(width, height), layout="constrained")
-
-
-def plot_importance(path, importance, title: str = "", sort: bool = False, highlight=()) -> list:
-    """Bar chart of per-filter importance, in filter order or sorted (largest first); the
-    ``highlight`` filters are drawn in a second colour. Returns the filter order drawn."""
-    imp = np.asarray(importance, dtype=np.float64)
-    order = np.argsort(-imp, kind="stable") if sort else np.arange(len(imp))
-    fig = _figure(max(6.0, min(20.0, 0.12 * len(imp) + 2)), 3.2)
-    ax = fig.add_subplot()
-    marked = set(int(h) for h in highlight)
-    colours = ["tab:orange" if int(f) in marked else "tab:blue" for f in order]
-    ax.bar(np.arange(len(imp)), imp[order], color=colours, width=0.85)
-    ax.set_xlim(-0.7, len(imp) - 0.3)
-    if sort:
-        ax.set_xlabel("filters sorted by importance")
-        step = max(1, len(imp) // 24)
-        ticks = np.arange(0, len(imp), step)
-        ax.set_xticks(ticks, [str(int(order[t])) for t in ticks], fontsize=7, rotation=90)
-    else:
-        ax.set_xlabel("filter")
-    ax.set_ylabel("‖∂logit/∂W_f‖₂")
-    ax.set_title(title, fontsize=10)
-    figures.save_figure(fig, path)
-    return [int(f) for f in order]
-
-
-def plot_group_importance(path, means: dict, stds: dict, title: str = "", ylabel: str = "importance") -> None:
-    """Grouped bars: each group's mean per-filter importance with ± std error bars."""
-    names = list(means)
-    n_filters = len(next(iter(means.values())))
-    fig = _figure(max(7.0, min(24.0, 0.05 * n_filters * len(names) + 3)), 3.6)
-    ax = fig.add_subplot()
-    width = 0.85 / len(names)
-    x = np.arange(n_filters)
-    for i, g in enumerate(names):
-        err = np.nan_to_num(np.asarray(stds[g], dtype=np.float64))
-        ax.bar(x + (i - (len(names) - 1) / 2) * width, means[g], width=width, yerr=err, label=g,
-               error_kw={"elinewidth": 0.5, "capsize": 0})
-    ax.set_xlim(-0.7, n_filters - 0.3)
-    ax.set_xlabel("filter")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8)
-    figures.save_figure(fig, path)
-
-
-def plot_cosine_matrix(path, cosine, groups, group_names, title: str = "") -> None:
-    """Heatmap of the cosine-similarity matrix, images ordered by group, group borders drawn."""
-    cosine = np.asarray(cosine)
-    groups = np.asarray(groups)
-    fig = _figure(6.4, 5.6)
-    ax = fig.add_subplot()
-    im = ax.imshow(cosine, vmin=-1, vmax=1, cmap="RdBu_r", interpolation="nearest")
-    fig.colorbar(im, ax=ax, shrink=0.8, label="cosine similarity")
-    edges = np.flatnonzero(np.diff(groups)) + 0.5
-    for e in edges:
-        ax.axhline(e, color="black", linewidth=0.8)
-        ax.axvline(e, color="black", linewidth=0.8)
-    starts = np.concatenate([[0], np.flatnonzero(np.diff(groups)) + 1])
-    stops = np.concatenate([starts[1:], [len(groups)]])
-    centres = (starts + stops - 1) / 2.0
-    labels = [group_names[groups[s]] for s in starts]
-    ax.set_xticks(centres, labels, fontsize=8, rotation=30, ha="right")
-    ax.set_yticks(centres, labels, fontsize=8)
-    ax.set_title(title, fontsize=10)
-    figures.save_figure(fig, path)
-
-
-def save_filters_beside(path, columns, filters, channel_order: str = "RGB") -> dict:
-    """A grid with one row per filter in ``filters``: the tiles of each array of ``columns``
-    (O×Cin×kh×kw each: weights, gradients, ...) side by side, each tile min-max scaled on its own;
-    the first tile of a row is labelled with the filter index. Returns the grid layout."""
-    from ..export import figures
-
-    tiles = [figures.filters_rgb_stack(np.asarray(c), channel_order=channel_order) for c in columns]
-    stack = np.stack([t[f] for f in filters for t in tiles])
-    labels = [str(f) if j == 0 else "" for f in filters for j in range(len(tiles))]
-    # small kernels (5×5, 11×11) need a large zoom to be seen; about 80–100 pixels per tile
-    scale = int(max(2, min(16, 96 // max(stack.shape[1:3]))))
-    return figures.grid_png(path, stack, ncols=len(tiles), normalization="channel", cmap="gray",
-                            labels=labels, scale=scale)

@@ -156,30 +156,3 @@ def projection_display(projection, preprocessing) -> np.ndarray:
     from ..preprocess import channels_last
 
     return channels_last(np.asarray(projection, dtype=np.float64), preprocessing.channel_order)
-
-
-def side_by_side(left, right, ncols: int | None = None, pad: int = 1, gap: int = 3,
-                 right_normalization: str = "global") -> np.ndarray:
-    """One block per row of ``left``/``right`` (M×T×h×w[×3] tile sets): the T left tiles as a grid,
-    a gap, the T right tiles as a grid. Left tiles (projections) are normalised each on its own,
-    right tiles (image patches) together, so patches keep their relative brightness. Every block
-    spans [0, 1] with NaN separators, so a grid of blocks (normalised per block) shows them as is.
-    """
-    from ..export import figures
-
-    left, right = np.asarray(left, dtype=np.float64), np.asarray(right, dtype=np.float64)
-    blocks = []
-    for lt, rt in zip(left, right):
-        a = figures.tile_grid(lt, ncols=ncols, pad=pad, normalization="channel")
-        b = figures.tile_grid(rt, ncols=ncols, pad=pad, normalization=right_normalization)
-        spacer = np.full((a.shape[0], gap, *a.shape[2:]), np.nan)
-        blocks.append(np.concatenate([a, spacer, b], axis=1))
-    return np.stack(blocks)
-
-
-def save_blocks(path, blocks, labels=None, ncols: int | None = None, cmap: str = "gray", scale=None) -> dict:
-    """Write blocks from :func:`side_by_side` as one grid PNG (optionally labelled)."""
-    from ..export import figures
-
-    return figures.grid_png(path, blocks, ncols=ncols, pad=4, normalization="channel", cmap=cmap,
-                            labels=list(labels) if labels is not None else False, scale=scale)

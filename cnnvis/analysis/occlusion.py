@@ -12,8 +12,8 @@ network runs from there. This gives the same numbers as occluding the image and 
 network (tested to float32 rounding), with less arithmetic.
 
 This module also holds the small input-space helpers the sensitivity analyses share: the neutral
-grey (the preprocessing mean), the valid pixel range, conversion back to a displayable picture,
-and heat-map overlays.
+grey (the preprocessing mean), the valid pixel range and conversion back to a displayable picture
+(the heat-map overlays are drawn by :mod:`cnnvis.export.plots`).
 """
 from __future__ import annotations
 
@@ -28,27 +28,6 @@ from ..preprocess import InputSpace, input_space  # noqa: F401  (re-exported for
 #: ops whose output is a feature map a user would call "the layer" (not pools or bookkeeping)
 FEATURE_OPS = ("Conv", "Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Sigmoid", "Tanh", "Clip",
                "BatchNormalization")
-
-
-# ----------------------------------------------------------------------------- input space
-
-def overlay_heatmap(rgb, heat, alpha: float = 0.5, cmap: str = "jet") -> np.ndarray:
-    """Blend a heat map (H×W, any range; NaN = no value) over an H×W×3 [0, 1] picture → uint8.
-
-    The heat is min–max scaled to [0, 1]; where it is NaN the picture shows through unchanged.
-    """
-    from ..export.figures import colorize, normalize
-
-    rgb = np.asarray(rgb, dtype=np.float64)
-    heat = np.asarray(heat, dtype=np.float64)
-    if heat.shape != rgb.shape[:2]:
-        raise ValueError(f"heat map {heat.shape} and picture {rgb.shape[:2]} differ in size")
-    valid = np.isfinite(heat)
-    scaled = np.where(valid, normalize(np.where(valid, heat, np.nan)), np.nan) if valid.any() else heat
-    colour = colorize(np.where(valid, scaled, 0.0), cmap=cmap).astype(np.float64) / 255.0
-    a = np.where(valid, float(alpha), 0.0)[..., None]
-    out = (1.0 - a) * rgb + a * colour
-    return np.clip(np.rint(out * 255.0), 0, 255).astype(np.uint8)
 
 
 def resolve_class(model, spec):
@@ -141,6 +120,16 @@ class OcclusionMaps:
     def to_pixels(self, values) -> np.ndarray:
         """A map as an image-sized array (mean over the windows covering each pixel)."""
         return coverage_mean(values, self.ys, self.xs, self.window, self.image_hw)
+
+    def nearest_window_classes(self) -> np.ndarray:
+        """Per pixel, the most probable class of the window whose centre is nearest (ties: the
+        first window): a pixel covered by windows with different winners gets one class."""
+        h, w = self.image_hw
+        cy = self.ys + (self.window[0] - 1) / 2.0
+        cx = self.xs + (self.window[1] - 1) / 2.0
+        iy = np.abs(np.arange(h)[:, None] - cy[None]).argmin(axis=1)
+        ix = np.abs(np.arange(w)[:, None] - cx[None]).argmin(axis=1)
+        return self.top_class[iy[:, None], ix[None, :]]
 
     def summary(self) -> dict:
         i, j = np.unravel_index(int(np.argmin(self.probability)), self.probability.shape)

@@ -37,7 +37,6 @@ import warnings
 import numpy as np
 
 from ..errors import CnnvisError
-from ..export.figures import save_png
 
 METHODS = ("kmeans-rows", "pca-rows", "pca-maps", "kmeans-maps", "smooth")
 
@@ -475,90 +474,6 @@ def order_stack(stack, method: str = "pca-maps", **params) -> dict:
     return make_ordering(method, **params).fit(stack).result_
 
 
-# --------------------------------------------------------------------------------------------
-# pictures
-
-
-def slice_image(stack, row: int, permutation=None, boundaries=(), lo=None, hi=None,
-                scale: int = 1, separator: int = 0, cmap: str = "viridis") -> np.ndarray:
-    """RGB uint8 picture of the C×W slice at ``row`` (one image row per channel, in
-    ``permutation``'s order), with ``separator`` white pixel rows before each index in
-    ``boundaries`` (cluster starts)."""
-    from matplotlib import colormaps
-
-    stack = np.asarray(stack, dtype=np.float64)
-    sl = stack[:, row, :]
-    if permutation is not None:
-        sl = sl[np.asarray(permutation)]
-    lo = float(sl.min()) if lo is None else lo
-    hi = float(sl.max()) if hi is None else hi
-    norm = (sl - lo) / (hi - lo) if hi > lo else np.zeros_like(sl)
-    rgb = (colormaps[cmap](np.clip(norm, 0, 1))[..., :3] * 255).round().astype(np.uint8)
-    rgb = np.repeat(np.repeat(rgb, scale, axis=0), scale, axis=1)
-    if separator > 0 and len(boundaries):
-        parts, start = [], 0
-        white = np.full((separator, rgb.shape[1], 3), 255, dtype=np.uint8)
-        for b in boundaries:
-            parts += [rgb[start * scale:b * scale], white]
-            start = b
-        parts.append(rgb[start * scale:])
-        rgb = np.concatenate(parts, axis=0)
-    return rgb
-
-
-def _picture_scale(c: int, w: int) -> int:
-    return max(1, min(8, 384 // max(c, w, 1)))
-
-
-def save_slice_png(path, stack, result: dict, row: int | None = None, separator: int = 2):
-    """PNG of the reordered C×W slice at ``row`` (default: the result's row, else the middle)."""
-    stack = check_stack(stack)
-    row = _picture_row(stack, result, row)
-    scale = _picture_scale(stack.shape[0], stack.shape[2])
-    rgb = slice_image(stack, row, result["permutation"], result.get("boundaries", ()),
-                      scale=scale, separator=separator)
-    save_png(path, rgb)
-    return path
-
-
-def _picture_row(stack, result, row):
-    h = stack.shape[1]
-    row = result.get("row", h // 2) if row is None else row
-    if not isinstance(row, (int, np.integer)) or not 0 <= row < h:
-        raise CnnvisError(f"row {row!r}: expected an integer in 0..{h - 1}")
-    return int(row)
-
-
-def save_before_after(path, stack, result: dict, row: int | None = None, separator: int = 2):
-    """PNG with the C×W slice at ``row`` before (left) and after (right) the ordering, on one
-    colour scale, clusters separated by white rows; captions give the smoothness scores."""
-    from PIL import Image, ImageDraw
-
-    stack = check_stack(stack)
-    row = _picture_row(stack, result, row)
-    sl = stack[:, row, :]
-    lo, hi = float(sl.min()), float(sl.max())
-    scale = _picture_scale(stack.shape[0], stack.shape[2])
-    before = slice_image(stack, row, None, (), lo, hi, scale)
-    after = slice_image(stack, row, result["permutation"], result.get("boundaries", ()), lo, hi,
-                        scale, separator)
-    caption, gap = 28, 12
-    height = caption + max(before.shape[0], after.shape[0])
-    width = before.shape[1] + gap + after.shape[1]
-    canvas = np.full((height, max(width, 320), 3), 255, dtype=np.uint8)
-    canvas[caption:caption + before.shape[0], :before.shape[1]] = before
-    x0 = before.shape[1] + gap
-    canvas[caption:caption + after.shape[0], x0:x0 + after.shape[1]] = after
-    img = Image.fromarray(canvas)
-    draw = ImageDraw.Draw(img)
-    draw.text((2, 2), f"row {row}: input order  {result['smoothness_unordered']:.4g}",
-              fill=(0, 0, 0))
-    draw.text((2, 14), f"{result['method']}: {result['smoothness']:.4g} "
-              f"(ratio {result['ratio']:.3f})", fill=(0, 0, 0))
-    save_png(path, np.asarray(img))
-    return path
-
-
 __all__ = ["METHODS", "PCARows", "PCAMaps", "KMeansRows", "KMeansMaps", "SmoothOrder",
            "make_ordering", "order_stack", "smoothness", "path_length", "first_component",
-           "two_opt", "or_opt", "local_search", "shortest_path_exact", "check_stack", "slice_image", "save_slice_png", "save_before_after"]
+           "two_opt", "or_opt", "local_search", "shortest_path_exact", "check_stack"]

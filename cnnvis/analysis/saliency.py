@@ -17,8 +17,6 @@ import dataclasses
 import numpy as np
 
 from ..errors import CnnvisError
-from ..export import figures
-from ..preprocess import channels_last
 from .occlusion import default_feature_layer, probabilities
 
 METHODS = ("gradient", "guided", "gradcam")
@@ -50,12 +48,6 @@ def gradcam_from(activations, gradients) -> np.ndarray:
         raise CnnvisError(f"Grad-CAM needs N×C×H×W activations and gradients, got {a.shape} and {g.shape}")
     weights = g.mean(axis=(2, 3))
     return np.maximum(np.einsum("nc,nchw->nhw", weights, a), 0.0)
-
-
-def gradient_picture(gradient, channel_order: str = "RGB") -> np.ndarray:
-    """A gradient C×H×W as an H×W×3 picture in [0, 1]: 0.5 = zero, symmetric scaling."""
-    pic = channels_last(figures.symmetric(gradient), channel_order)
-    return np.ascontiguousarray(np.repeat(pic[..., None], 3, axis=-1) if pic.ndim == 2 else pic)
 
 
 @dataclasses.dataclass

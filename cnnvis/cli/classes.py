@@ -116,6 +116,7 @@ def cmd_conv_gradients(args) -> int:
     import numpy as np
 
     from ..analysis import class_gradients as cgm
+    from ..export import plots
     from ..manifest import RunOutput, save_npy, write_json
 
     _check_args(args)
@@ -156,12 +157,12 @@ def cmd_conv_gradients(args) -> int:
                                   shape=list(grad.shape), **{"class": k}), grad)
                 _write_volume(run, f"{safe}/{lname}_gradient_volume", grad, formats, args, meta, "gradient-volume")
                 title = f"{name}: d logit[{k} {classes[k]}] / d {layer}"
-                cgm.plot_importance(run.path(f"{safe}/importance.png", kind="importance-plot", layer=layer,
+                plots.plot_importance(run.path(f"{safe}/importance.png", kind="importance-plot", layer=layer,
                                              image=name), imp, title, highlight=top)
-                cgm.plot_importance(run.path(f"{safe}/importance_sorted.png", kind="importance-plot-sorted",
+                plots.plot_importance(run.path(f"{safe}/importance_sorted.png", kind="importance-plot-sorted",
                                              layer=layer, image=name), imp, title + " (sorted)", sort=True,
                                     highlight=top)
-                grid = cgm.save_filters_beside(
+                grid = plots.save_filters_beside(
                     run.path(f"{safe}/top_filters.png", kind="top-filters", layer=layer, image=name,
                              columns=["weights", "gradient"], filters=top),
                     [weights, grad], top, channel_order=order)
@@ -284,7 +285,7 @@ def cmd_compare_classes(args) -> int:
 def _write_comparison(run, cmp, args, model, formats) -> None:
     import numpy as np
 
-    from ..analysis import class_gradients as cgm
+    from ..export import plots
     from ..manifest import save_npy, write_json
 
     names = cmp.group_names_
@@ -305,15 +306,15 @@ def _write_comparison(run, cmp, args, model, formats) -> None:
             for f in range(len(cmp.weights_))]
     run.path("importance.csv", kind="importance-table", layer=layer).write_text(csv_text(header, rows),
                                                                                  encoding="utf-8")
-    cgm.plot_group_importance(run.path("importance_raw.png", kind="importance-plot", layer=layer),
+    plots.plot_group_importance(run.path("importance_raw.png", kind="importance-plot", layer=layer),
                               cmp.importance_mean_, cmp.importance_std_,
                               f"‖∂logit[{neuron_label}]/∂W_f‖₂ per {layer} filter (mean ± std)",
                               ylabel="importance")
-    cgm.plot_group_importance(run.path("importance_normalized.png", kind="importance-plot", layer=layer),
+    plots.plot_group_importance(run.path("importance_normalized.png", kind="importance-plot", layer=layer),
                               cmp.normalized_mean_, cmp.normalized_std_,
                               "per-image min-max normalised importance (mean ± std)", ylabel="normalised importance")
 
-    cgm.plot_cosine_matrix(run.path("cosine_similarity.png", kind="cosine-plot", layer=layer), cmp.cosine_,
+    plots.plot_cosine_matrix(run.path("cosine_similarity.png", kind="cosine-plot", layer=layer), cmp.cosine_,
                            cmp.cosine_groups_, names,
                            f"cosine similarity of ∂logit[{neuron_label}]/∂{layer} between images")
     labels = [f"{names[g]}/{n}" for g, n in zip(cmp.cosine_groups_, cmp.cosine_names_)]
@@ -345,7 +346,7 @@ def _write_comparison(run, cmp, args, model, formats) -> None:
         run.path(f"top_filters_{safe[g]}.csv", kind="top-filters-table", group=g).write_text(
             csv_text(header, [[t[h] for h in header] for t in top]), encoding="utf-8")
         filters = [t["filter"] for t in top]
-        cgm.save_filters_beside(
+        plots.save_filters_beside(
             run.path(f"top_filters_{safe[g]}.png", kind="top-filters", layer=layer, group=g, filters=filters,
                      columns=["weights", f"mean gradient {ref}", f"mean gradient {g}", f"{ref} - {g}"]),
             [cmp.weights_, cmp.mean_gradient_[ref], cmp.mean_gradient_[g], cmp.difference_[g]], filters,

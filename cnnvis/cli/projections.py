@@ -168,6 +168,7 @@ def cmd_deconv(args) -> int:
 
     from ..analysis import deconv
     from ..errors import CnnvisError
+    from ..export import plots
     from ..manifest import RunOutput, save_npy, write_json
 
     model = common.load_model(args)
@@ -196,8 +197,8 @@ def cmd_deconv(args) -> int:
                 field, units = res["field"], res["units"]
                 rows = np.broadcast_to(image, (len(units), *image.shape))
                 _, proj_tiles, patch_tiles = _tiles(deconv, field, inputs.pre, rows, res["projections"], units)
-                blocks = deconv.side_by_side(proj_tiles[:, None], patch_tiles[:, None], ncols=1)
-                meta = deconv.save_blocks(run.path(f"{safe}/{lname}_deconv.png", kind="deconv-grid", layer=layer,
+                blocks = plots.side_by_side(proj_tiles[:, None], patch_tiles[:, None], ncols=1)
+                meta = plots.save_blocks(run.path(f"{safe}/{lname}_deconv.png", kind="deconv-grid", layer=layer,
                                                    image=name), blocks, labels=maps, cmap=_display_cmap(model))
                 save_npy(run.path(f"{safe}/{lname}_projections.npy", kind="projections", layer=layer, image=name,
                                   shape=list(res["projections"].shape)), res["projections"])
@@ -281,6 +282,7 @@ def cmd_topk(args) -> int:
 
     from ..analysis import deconv
     from ..analysis.topk import TopK, top_activations
+    from ..export import plots
     from ..manifest import RunOutput, ensure_writable_dir, save_npy, write_json, write_text
 
     model = common.load_model(args)
@@ -337,9 +339,9 @@ def cmd_topk(args) -> int:
     with RunOutput(out, "topk", params=params, inputs=inputs.sources, model=model.info()) as run:
         run.extra["state_file"] = STATE_FILE
         ncols = int(np.ceil(np.sqrt(per_map)))
-        blocks = deconv.side_by_side(proj.reshape(len(maps), per_map, *proj.shape[1:]),
+        blocks = plots.side_by_side(proj.reshape(len(maps), per_map, *proj.shape[1:]),
                                      patches.reshape(len(maps), per_map, *patches.shape[1:]), ncols=ncols)
-        meta = deconv.save_blocks(run.path(f"{lname}_top{args.k}.png", kind="topk-grid", layer=layer), blocks,
+        meta = plots.save_blocks(run.path(f"{lname}_top{args.k}.png", kind="topk-grid", layer=layer), blocks,
                                   labels=maps, ncols=int(np.ceil(np.sqrt(len(maps)))), cmap=_display_cmap(model))
         save_npy(run.path(f"{lname}_top{args.k}_projections.npy", kind="projections", layer=layer,
                           shape=list(raw.shape), maps=maps),

@@ -6,7 +6,6 @@ import argparse
 
 from . import common
 from ..errors import CnnvisError
-from ..export import figures
 from ..export.tables import csv_text
 from ..preprocess import InputSpace
 
@@ -148,61 +147,6 @@ def _scaled_default(value, base: int, input_hw) -> tuple:
     return tuple(max(1, int(round(base * s / 227))) for s in input_hw)
 
 
-
-
-def _picture(rgb01, min_side: int = 224):
-    """A [0, 1] H×W×3 picture as uint8, enlarged (nearest) so small inputs stay visible."""
-    import numpy as np
-
-    from ..export import figures
-
-    rgb = np.clip(np.rint(np.asarray(rgb01) * 255.0), 0, 255).astype(np.uint8)
-    return figures.upscale(rgb, _zoom(rgb.shape[:2], min_side))
-
-
-def _enlarge(rgb_uint8, min_side: int = 224):
-    from ..export import figures
-
-    return figures.upscale(rgb_uint8, _zoom(rgb_uint8.shape[:2], min_side))
-
-
-def _zoom(hw, min_side: int = 224) -> int:
-    return max(1, -(-min_side // max(hw)))
-
-
-def _heat_picture(values, cmap: str, min_side: int = 224):
-    import numpy as np
-
-    from ..export import figures
-
-    values = np.asarray(values, dtype=np.float64)
-    finite = np.isfinite(values)
-    scaled = np.full(values.shape, np.nan)
-    if finite.any():
-        scaled[finite] = figures.normalize(values[finite])
-    rgb = figures.colorize(scaled, cmap=cmap, separator=(0, 0, 0))
-    return figures.upscale(rgb, _zoom(rgb.shape[:2], min_side))
-
-
-def _category_picture(classes, colours: dict, min_side: int = 224):
-    import numpy as np
-
-    from ..export import figures
-
-    rgb = np.zeros((*classes.shape, 3), np.uint8)
-    for k, colour in colours.items():
-        rgb[classes == k] = colour
-    return figures.upscale(rgb, _zoom(rgb.shape[:2], min_side))
-
-
-def _class_colours(classes) -> dict:
-    """Fixed colours for the classes present (tab20 in class order)."""
-    from matplotlib import colormaps
-
-    table = colormaps["tab20"]
-    return {int(k): tuple(int(round(255 * c)) for c in table(i % 20)[:3]) for i, k in enumerate(sorted(set(classes)))}
-
-
 def _class_name(model, k) -> str:
     names = model.class_names
     return names[k] if 0 <= k < len(names) else f"class {k}"
@@ -214,7 +158,7 @@ def cmd_occlusion(args) -> int:
     import numpy as np
 
     from ..analysis import occlusion
-    from ..export import figures
+    from ..export import figures, plots
     from ..manifest import RunOutput, save_npy, write_json
 
     model = common.load_model(args)
@@ -248,21 +192,21 @@ def cmd_occlusion(args) -> int:
                                           **meta), value)
                 rgb = space.to_display(x)
                 figures.save_png(run.path(f"{safe}/probability.png", kind="occlusion-map", **meta),
-                                 _heat_picture(res.probability, args.cmap))
+                                 plots.heat_picture(res.probability, args.cmap))
                 figures.save_png(run.path(f"{safe}/probability_overlay.png", kind="occlusion-overlay", **meta),
-                                 _enlarge(occlusion.overlay_heatmap(rgb, res.to_pixels(res.probability), args.alpha,
+                                 plots.enlarge(plots.overlay_heatmap(rgb, res.to_pixels(res.probability), args.alpha,
                                                                     args.cmap)))
-                colours = _class_colours(np.unique(res.top_class).tolist())
+                colours = plots.class_colours(np.unique(res.top_class).tolist())
                 figures.save_png(run.path(f"{safe}/top_class.png", kind="occlusion-map", **meta),
-                                 _category_picture(res.top_class, colours))
+                                 plots.category_picture(res.top_class, colours))
                 if res.activation is not None:
                     figures.save_png(run.path(f"{safe}/activation.png", kind="occlusion-map", **meta),
-                                     _heat_picture(res.activation, args.cmap))
+                                     plots.heat_picture(res.activation, args.cmap))
                     figures.save_png(run.path(f"{safe}/activation_overlay.png", kind="occlusion-overlay", **meta),
-                                     _enlarge(occlusion.overlay_heatmap(rgb, res.to_pixels(res.activation),
+                                     plots.enlarge(plots.overlay_heatmap(rgb, res.to_pixels(res.activation),
                                                                         args.alpha, args.cmap)))
-                _occlusion_figure(run.path(f"{safe}/figure.png", kind="occlusion-figure", **meta),
-                                  model, rgb, res, colours, args.cmap)
+                plots.occlusion_figure(run.path(f"{safe}/figure.png", kind="occlusion-figure", **meta),
+                                       res, rgb, colours, lambda k: _class_name(model, k), args.cmap)
                 summary = res.summary()
                 summary.update(image=name, target_name=_class_name(model, res.target),
                                base_top_class_name=_class_name(model, res.base_top_class),
@@ -278,67 +222,13 @@ def cmd_occlusion(args) -> int:
     return 0
 
 
-def _occlusion_figure(path, model, rgb, res, colours, cmap):
-    """Input, feature-map activity, class probability and most probable class (paper Fig. 7)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Patch
-
-    extent = (-0.5, rgb.shape[1] - 0.5, rgb.shape[0] - 0.5, -0.5)
-    panels = 4 if res.activation is not None else 3
-    fig, axes = plt.subplots(1, panels, figsize=(3.3 * panels, 3.6))
-    axes[0].imshow(rgb, interpolation="nearest")
-    axes[0].set_title("input", fontsize=9)
-    k = 1
-    if res.activation is not None:
-        im = axes[k].imshow(res.to_pixels(res.activation), cmap=cmap, extent=extent, interpolation="nearest")
-        axes[k].set_title(f"{res.layer} map {res.channel}: total activation", fontsize=9)
-        fig.colorbar(im, ax=axes[k], fraction=0.046)
-        k += 1
-    im = axes[k].imshow(res.to_pixels(res.probability), cmap=cmap, extent=extent, interpolation="nearest")
-    axes[k].set_title(f"p({_class_name(model, res.target)})", fontsize=9)
-    fig.colorbar(im, ax=axes[k], fraction=0.046)
-    k += 1
-    import numpy as np
-
-    rgb_top = np.zeros((*res.image_hw, 3))
-    # a pixel covered by windows of different winners shows the class of the window centred nearest
-    nearest = _nearest_window_classes(res)
-    for cls, colour in colours.items():
-        rgb_top[nearest == cls] = np.asarray(colour) / 255.0
-    axes[k].imshow(rgb_top, interpolation="nearest")
-    axes[k].set_title("most probable class", fontsize=9)
-    handles = [Patch(color=np.asarray(c) / 255.0, label=_class_name(model, cls)[:24]) for cls, c in colours.items()]
-    axes[k].legend(handles=handles[:12], fontsize=6, loc="upper right", framealpha=0.7)
-    for ax in axes:
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.tight_layout()
-    figures.save_figure(fig, path)
-    plt.close(fig)
-
-
-def _nearest_window_classes(res):
-    """Per pixel, the winning class of the window whose centre is nearest (ties: first window)."""
-    import numpy as np
-
-    h, w = res.image_hw
-    cy = res.ys + (res.window[0] - 1) / 2.0
-    cx = res.xs + (res.window[1] - 1) / 2.0
-    iy = np.abs(np.arange(h)[:, None] - cy[None]).argmin(axis=1)
-    ix = np.abs(np.arange(w)[:, None] - cx[None]).argmin(axis=1)
-    return res.top_class[iy[:, None], ix[None, :]]
-
-
 # ------------------------------------------------------------------------------------ invariance
 
 def cmd_invariance(args) -> int:
     import numpy as np
 
     from ..analysis import invariance, occlusion
-    from ..export import figures
+    from ..export import figures, plots
     from ..manifest import RunOutput, write_json, write_text
 
     model = common.load_model(args)
@@ -368,7 +258,7 @@ def cmd_invariance(args) -> int:
                                                                                   args.axis)) for a in values])
                     figures.grid_png(run.path(f"examples/{safe}_{kind}.png", kind="invariance-examples", image=name,
                                               transform=kind), tiles, ncols=len(values), normalization="global",
-                                     scale=_zoom(model.input_shape[1:], 96))
+                                     scale=plots.zoom_for(model.input_shape[1:], 96))
                 print(f"cnnvis invariance: {name}: class {_class_name(model, res.target)}")
         fields = ["image", "transform", "amount", "target", "probability", "top_class"] + \
             [f"distance_{layer}" for layer in layers]
@@ -376,39 +266,9 @@ def cmd_invariance(args) -> int:
         write_json(run.path("invariance.json", kind="invariance", layers=layers),
                    {"layers": layers, "distance": params["distance"], "class_names": {
                        str(r["target"]): _class_name(model, r["target"]) for r in rows}, "records": rows})
-        _invariance_figure(run.path("invariance.png", kind="invariance-figure"), model, curves, sweeps, layers)
+        plots.invariance_figure(run.path("invariance.png", kind="invariance-figure"), curves, sweeps, layers)
     print(f"cnnvis invariance: {len(curves)} image(s) × {sum(len(v) for v in sweeps.values())} transform(s) -> {args.out}")
     return 0
-
-
-def _invariance_figure(path, model, curves, sweeps, layers):
-    """Rows: transforms; columns: distance per layer, then the class probability (paper Fig. 5)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    kinds = list(sweeps)
-    cols = len(layers) + 1
-    fig, axes = plt.subplots(len(kinds), cols, figsize=(3.2 * cols, 2.6 * len(kinds)), squeeze=False)
-    units = {"translation": "shift (pixels)", "scale": "scale factor", "rotation": "rotation (degrees)"}
-    for r, kind in enumerate(kinds):
-        for name, res in curves:
-            amounts = res.amounts[kind]
-            for c, layer in enumerate(layers):
-                axes[r, c].plot(amounts, res.distance[kind][layer], marker=".", label=name[:20])
-            axes[r, -1].plot(amounts, res.probability[kind], marker=".", label=name[:20])
-        for c, layer in enumerate(layers):
-            axes[r, c].set_title(f"{layer}: normalised distance", fontsize=8)
-        axes[r, -1].set_title("p(class)", fontsize=8)
-        axes[r, -1].set_ylim(-0.02, 1.02)
-        for c in range(cols):
-            axes[r, c].set_xlabel(units[kind], fontsize=8)
-            axes[r, c].tick_params(labelsize=7)
-    axes[0, -1].legend(fontsize=6)
-    fig.tight_layout()
-    figures.save_figure(fig, path)
-    plt.close(fig)
 
 
 # ------------------------------------------------------------------------------------ maximize
@@ -461,7 +321,7 @@ def cmd_maximize(args) -> int:
 def cmd_saliency(args) -> int:
 
     from ..analysis import occlusion, saliency
-    from ..export import figures
+    from ..export import figures, plots
     from ..manifest import RunOutput, save_npy, write_json
 
     model = common.load_model(args)
@@ -493,13 +353,13 @@ def cmd_saliency(args) -> int:
                     meta = dict(image=name, method=m, layer=res.layer)
                     save_npy(run.path(f"{safe}/{m}_heatmap.npy", kind="saliency-heatmap", **meta), res.heatmap[i])
                     figures.save_png(run.path(f"{safe}/{m}_heatmap.png", kind="saliency-map", **meta),
-                                     _heat_picture(res.heatmap[i], args.cmap))
+                                     plots.heat_picture(res.heatmap[i], args.cmap))
                     figures.save_png(run.path(f"{safe}/{m}_overlay.png", kind="saliency-overlay", **meta),
-                                     _enlarge(occlusion.overlay_heatmap(rgb, res.heatmap[i], args.alpha,
+                                     plots.enlarge(plots.overlay_heatmap(rgb, res.heatmap[i], args.alpha,
                                                                         args.cmap)))
                     if res.gradient is not None:
                         figures.save_png(run.path(f"{safe}/{m}_gradient.png", kind="saliency-gradient", **meta),
-                                         _picture(saliency.gradient_picture(res.gradient[i], pre.channel_order)))
+                                         plots.picture(plots.gradient_picture(res.gradient[i], pre.channel_order)))
                     if res.cam is not None:
                         save_npy(run.path(f"{safe}/{m}_cam.npy", kind="saliency-cam", **meta), res.cam[i])
                     record["files"][m] = f"{safe}/{m}_overlay.png"

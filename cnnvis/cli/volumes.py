@@ -298,7 +298,7 @@ def _check_order_args(args, stack, name):
 
 def cmd_order(args) -> int:
     from ..analysis import ordering
-    from ..export import volumes
+    from ..export import plots, volumes
     from ..manifest import RunOutput, dumps_json
 
     formats = list(dict.fromkeys(args.format or common.VOLUME_FORMATS))
@@ -320,11 +320,11 @@ def cmd_order(args) -> int:
             result.update({k: v for k, v in meta.items() if k != "images"})
             folder = f"{name}/{args.method}"
             row = result.get("row", stack.shape[1] // 2 if args.row is None else args.row)
-            ordering.save_before_after(
+            plots.save_before_after(
                 run.path(f"{folder}/before_after.png", kind="order-picture", image=meta.get("image")),
                 stack, result, row=row, separator=args.separator)
             if args.method.endswith("-rows"):
-                ordering.save_slice_png(
+                plots.save_slice_png(
                     run.path(f"{folder}/slice_row{row}.png", kind="order-slice", row=row),
                     stack, result, row=row, separator=args.separator)
             kwargs = _volume_kwargs(args, stack, meta, result["permutation"])

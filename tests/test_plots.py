@@ -1,0 +1,203 @@
+"""cnnvis.export.plots: pictures of analysis results — exact pixels where they are defined by hand,
+the same bytes on rerun, nothing written on bad input."""
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cnnvis.analysis import ordering
+from cnnvis.analysis.occlusion import OcclusionMaps
+from cnnvis.errors import CnnvisError
+from cnnvis.export import plots
+
+
+def _png(path) -> np.ndarray:
+    with Image.open(path) as pic:
+        return np.asarray(pic.convert("RGB"))
+
+
+# ------------------------------------------------------------------------------------ pictures
+
+def test_zoom_and_enlarge_reach_the_minimum_side():
+    assert plots.zoom_for((28, 28)) == 8 and plots.zoom_for((227, 227)) == 1 and plots.zoom_for((10, 50), 100) == 2
+    rgb = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
+    big = plots.enlarge(rgb, min_side=9)
+    assert big.shape == (6, 9, 3) and (big[::3, ::3] == rgb).all() and (big[1, 4] == rgb[0, 1]).all()
+    np.testing.assert_array_equal(plots.picture(np.full((2, 2, 3), 0.5), min_side=2), np.full((2, 2, 3), 128))
+
+
+def test_heat_picture_scales_the_finite_values_and_draws_missing_ones_black():
+    values = np.array([[0.0, 2.0], [np.nan, 1.0]])
+    out = plots.heat_picture(values, "gray", min_side=2)
+    np.testing.assert_array_equal(out[..., 0], [[0, 255], [0, 128]])
+    assert (out[1, 0] == 0).all()
+    assert (plots.heat_picture(np.full((2, 2), np.nan), "gray", min_side=2) == 0).all()
+
+
+def test_class_colours_are_fixed_by_class_order_and_paint_the_category_map():
+    from matplotlib import colormaps
+
+    colours = plots.class_colours([7, 3, 7])
+    tab20 = colormaps["tab20"]
+    assert list(colours) == [3, 7]
+    assert colours[3] == tuple(int(round(255 * c)) for c in tab20(0)[:3])
+    assert colours[7] == tuple(int(round(255 * c)) for c in tab20(1)[:3])
+    pic = plots.category_picture(np.array([[3, 7], [7, 3]]), colours, min_side=2)
+    assert tuple(pic[0, 0]) == colours[3] and tuple(pic[0, 1]) == colours[7]
+
+
+def test_overlay_keeps_the_picture_where_there_is_no_heat():
+    rgb = np.full((4, 4, 3), 0.25)
+    heat = np.array([[0.0, 1.0, np.nan, 0.5]] * 4)
+    out = plots.overlay_heatmap(rgb, heat, alpha=0.5, cmap="gray")
+    assert out.dtype == np.uint8 and out.shape == (4, 4, 3)
+    assert (out[:, 2] == 64).all()  # 0.25 * 255 rounded: untouched
+    assert (out[:, 1] == np.rint(255 * (0.5 * 0.25 + 0.5 * 1.0))).all()
+    assert (out[:, 0] == np.rint(255 * 0.125)).all()
+    with pytest.raises(ValueError, match="differ in size"):
+        plots.overlay_heatmap(rgb, heat[:3], alpha=0.5)
+
+
+def test_gradient_picture_is_symmetric_about_grey_and_in_display_order():
+    g = np.zeros((3, 2, 2))
+    g[0, 0, 0], g[2, 1, 1] = 2.0, -1.0
+    pic = plots.gradient_picture(g, "BGR")
+    assert pic.shape == (2, 2, 3)
+    assert pic[0, 0, 2] == 1.0 and pic[1, 1, 0] == 0.25 and pic[0, 1, 1] == 0.5  # BGR → RGB
+    grey = plots.gradient_picture(np.array([[[1.0, -1.0]]]))
+    assert grey.shape == (1, 2, 3) and (grey[0, 0] == 1.0).all() and (grey[0, 1] == 0.0).all()
+
+
+# ------------------------------------------------------------------------------------ figures
+
+def _occlusion_maps(activation: bool) -> OcclusionMaps:
+    rng = np.random.default_rng(0)
+    return OcclusionMaps(target=1, window=(3, 3), stride=(2, 2), ys=np.array([0, 2, 4]), xs=np.array([0, 2, 4]),
+                         probability=rng.uniform(size=(3, 3)), top_class=np.array([[1, 1, 0], [1, 2, 2], [0, 0, 1]]),
+                         top_probability=rng.uniform(size=(3, 3)), base_probability=0.9, base_top_class=1,
+                         layer="conv1" if activation else None, channel=4 if activation else None,
+                         activation=rng.uniform(size=(3, 3)) if activation else None, image_hw=(7, 7))
+
+
+@pytest.mark.parametrize("activation", [True, False])
+def test_occlusion_figure_is_the_same_file_on_rerun(tmp_path, activation):
+    res = _occlusion_maps(activation)
+    rgb = np.random.default_rng(1).uniform(size=(7, 7, 3))
+    colours = plots.class_colours(np.unique(res.top_class).tolist())
+    for name in ("a.png", "b.png"):
+        plots.occlusion_figure(tmp_path / name, res, rgb, colours, lambda k: f"class {k}", "jet")
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+    # one panel per map: input, [activation,] probability, most probable class — wider with activation
+    assert _png(tmp_path / "a.png").shape[1] == int(100 * 3.3 * (4 if activation else 3))
+
+
+def test_invariance_figure_has_a_row_per_transform_and_is_the_same_file_on_rerun(tmp_path):
+    sweeps = {"translation": np.array([-2.0, 0.0, 2.0]), "rotation": np.array([0.0, 90.0])}
+    res = SimpleNamespace(amounts=sweeps,
+                          distance={k: {"conv1": np.linspace(0, 1, len(v)), "fc7": np.linspace(0, 2, len(v))}
+                                    for k, v in sweeps.items()},
+                          probability={k: np.linspace(1, 0.5, len(v)) for k, v in sweeps.items()})
+    for name in ("a.png", "b.png"):
+        plots.invariance_figure(tmp_path / name, [("cat.png", res)], sweeps, ["conv1", "fc7"])
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+    assert _png(tmp_path / "a.png").shape[:2] == (int(100 * 2.6 * 2), int(100 * 3.2 * 3))
+
+
+def test_class_gradient_plots_are_deterministic(tmp_path):
+    imp = np.abs(np.random.default_rng(0).standard_normal(20))
+    order = plots.plot_importance(tmp_path / "a.png", imp, "t", sort=True, highlight=[1, 2])
+    plots.plot_importance(tmp_path / "b.png", imp, "t", sort=True, highlight=[1, 2])
+    assert order == list(np.argsort(-imp, kind="stable"))
+    assert plots.plot_importance(tmp_path / "e.png", imp) == list(range(20))
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+    assert b"Software" not in (tmp_path / "a.png").read_bytes()
+    c = np.corrcoef(np.random.default_rng(1).standard_normal((6, 10)))
+    plots.plot_cosine_matrix(tmp_path / "c.png", c, [0, 0, 1, 1, 1, 2], ["r", "s", "d"])
+    plots.plot_cosine_matrix(tmp_path / "d.png", c, [0, 0, 1, 1, 1, 2], ["r", "s", "d"])
+    assert (tmp_path / "c.png").read_bytes() == (tmp_path / "d.png").read_bytes()
+
+
+def test_filters_beside_puts_one_filter_per_row(tmp_path):
+    w = np.random.default_rng(0).normal(size=(5, 3, 4, 4))
+    layout = plots.save_filters_beside(tmp_path / "f.png", [w, 2 * w, -w], [4, 0])
+    assert layout["rows"] == 2 and layout["cols"] == 3 and layout["scale"] == 16
+    pic = _png(tmp_path / "f.png")
+    assert pic.shape == (2 * 4 * 16 + 16, 3 * 4 * 16 + 2 * 16, 3)
+    # columns 0 and 1 differ by a positive factor: each tile min-max scaled, so the same pixels
+    # (the label in the first tile's corner aside)
+    np.testing.assert_array_equal(pic[40:64, 40:64], pic[40:64, 80 + 40:80 + 64])
+
+
+# ------------------------------------------------------------------------------------ ordered volumes
+
+@pytest.fixture(scope="module")
+def ordered():
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(3, 8, 8))
+    ids = np.repeat(np.arange(3), 8)
+    rng.shuffle(ids)
+    stack = base[ids] + 0.1 * rng.normal(size=(24, 8, 8))
+    return stack, ordering.order_stack(stack, "kmeans-rows", n_clusters=3, row=3)
+
+
+def test_slice_image_is_the_colormap_of_the_reordered_slice_with_separators(ordered):
+    from matplotlib import colormaps
+
+    stack, r = ordered
+    img = plots.slice_image(stack, 3, r["permutation"], r["boundaries"], scale=2, separator=3)
+    assert img.shape == (24 * 2 + 2 * 3, 8 * 2, 3) and img.dtype == np.uint8
+    assert list(r["boundaries"]) == [8, 16]
+    assert np.all(img[16:19] == 255) and np.all(img[35:38] == 255)  # white separator rows
+    sl = stack[np.asarray(r["permutation"]), 3, :]
+    expected = np.rint(colormaps["viridis"]((sl - sl.min()) / (sl.max() - sl.min()))[..., :3] * 255)
+    np.testing.assert_array_equal(img[:16:2, ::2], expected[:8])
+    np.testing.assert_array_equal(img[19:35:2, ::2], expected[8:16])
+
+
+def test_slice_pictures_write_files_and_reject_a_bad_row(tmp_path, ordered):
+    stack, r = ordered
+    plots.save_slice_png(tmp_path / "slice.png", stack, r)
+    plots.save_before_after(tmp_path / "before_after.png", stack, r)
+    arr = _png(tmp_path / "before_after.png")
+    assert arr.shape[0] > 24 and arr.std() > 20
+    with pytest.raises(CnnvisError, match="row 8"):
+        plots.save_before_after(tmp_path / "bad.png", stack, r, row=8)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["before_after.png", "slice.png"]
+
+
+# ------------------------------------------------------------------------------------ deconvnet
+
+def test_blocks_keep_values_through_the_outer_grid(tmp_path):
+    left = np.random.default_rng(0).normal(size=(2, 4, 3, 3))
+    right = np.random.default_rng(1).uniform(0.2, 0.8, size=(2, 4, 3, 3))
+    blocks = plots.side_by_side(left, right, ncols=2, pad=1, gap=2)
+    assert blocks.shape == (2, 7, 7 + 2 + 7)
+    assert np.nanmin(blocks[0]) == 0 and np.nanmax(blocks[0]) == 1
+    # right half: the patches scaled together (global min-max over the block's patches)
+    lo, hi = right[0].min(), right[0].max()
+    np.testing.assert_allclose(blocks[0][:3, 9:12], (right[0, 0] - lo) / (hi - lo))
+    layout = plots.save_blocks(tmp_path / "blocks.png", blocks, labels=["a", "b"], ncols=1, scale=2)
+    assert layout["rows"] == 2 and layout["cols"] == 1
+    assert _png(tmp_path / "blocks.png").shape == ((2 * 7 + 4) * 2, 16 * 2, 3)
+
+
+def test_analyses_compute_and_only_export_draws():
+    """The one-way flow: no module of cnnvis.analysis imports cnnvis.export (or matplotlib/Pillow)."""
+    import ast
+    from pathlib import Path
+
+    import cnnvis.analysis
+
+    found = []
+    for path in sorted(Path(cnnvis.analysis.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                names = [("." * node.level) + (node.module or "")]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            found += [f"{path.name}: {n}" for n in names
+                      if n.startswith(("..export", "cnnvis.export", "matplotlib", "PIL"))]
+    assert found == []
