@@ -38,3 +38,16 @@ def bad_npy_files(tmp_path):
     with open(files["archive"], "wb") as f:
         np.savez(f, a=np.zeros((2, 3, 4, 5), np.float32))
     return files
+
+
+@pytest.fixture(scope="session")
+def templates():
+    """24 noisy copies of 3 random 8×8 templates, shuffled; returns (stack, template id): a
+    feature-map stack whose right ordering is known (the orderings and their pictures use it)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(3, 8, 8))
+    ids = np.repeat(np.arange(3), 8)
+    rng.shuffle(ids)
+    return base[ids] + 0.1 * rng.normal(size=(24, 8, 8)), ids

@@ -9,16 +9,6 @@ from cnnvis.errors import CnnvisError
 
 
 @pytest.fixture(scope="module")
-def templates():
-    """24 noisy copies of 3 random 8×8 templates, shuffled; returns (stack, template id)."""
-    rng = np.random.default_rng(0)
-    base = rng.normal(size=(3, 8, 8))
-    ids = np.repeat(np.arange(3), 8)
-    rng.shuffle(ids)
-    return base[ids] + 0.1 * rng.normal(size=(24, 8, 8)), ids
-
-
-@pytest.fixture(scope="module")
 def continuum():
     """30 maps along a 1-D continuum (A → B) in shuffled order; returns (stack, position t)."""
     rng = np.random.default_rng(1)
