@@ -34,10 +34,7 @@ def preprocessing():
 def to_model_input(images_u8) -> np.ndarray:
     """N×28×28 uint8 dataset images → N×1×28×28 float32, exactly as the image pipeline does it for
     the sample PNGs (pixels/255, minus mean, over std)."""
-    pre = preprocessing()
-    x = images_u8.astype(np.float64)[:, None] / 255.0 * pre.raw_scale
-    x = (x - np.asarray(pre.mean)[None, :, None, None]) / np.asarray(pre.std)[None, :, None, None]
-    return x.astype(np.float32)
+    return preprocessing().normalize(np.asarray(images_u8, dtype=np.float64)[:, None] / 255.0)
 
 
 def pick_samples(labels, per_class: int = SAMPLES_PER_CLASS) -> np.ndarray:

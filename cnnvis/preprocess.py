@@ -279,9 +279,14 @@ class Preprocessing:
         pixels = np.asarray(pixels, dtype=np.float64)
         if pixels.ndim != 3 or pixels.shape[2] != self.channels:
             raise ValueError(f"expected H x W x {self.channels} pixels, got shape {pixels.shape}")
-        x = self._geometry(pixels).transpose(2, 0, 1)
+        return self.normalize(self._geometry(pixels).transpose(2, 0, 1))
+
+    def normalize(self, planes) -> np.ndarray:
+        """Pixels in [0, 1] as …×C×H×W planes at the model's size, RGB → model input, float32: the
+        value steps of :meth:`from_pixels` (channel order, raw scale, mean, std), without geometry."""
+        x = np.asarray(planes, dtype=np.float64)
         if self.channels == 3 and self.channel_order == "BGR":
-            x = x[::-1]
+            x = x[..., ::-1, :, :]
         x = x * self.raw_scale
         if self.mean is not None:
             x = x - self.mean_array()

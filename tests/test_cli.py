@@ -204,12 +204,40 @@ def test_script_and_module_entry_points_run(tiny):
 
 def test_import_cnnvis_stays_light():
     code = ("import sys, cnnvis, cnnvis.cli; cnnvis.cli.build_parser(); "
-            "heavy = [m for m in ('onnxruntime', 'pyvista', 'vtk', 'matplotlib', 'sklearn', 'torch') if m in sys.modules]; "
+            "heavy = [m for m in ('numpy', 'onnxruntime', 'pyvista', 'vtk', 'matplotlib', 'sklearn', 'torch') if m in sys.modules]; "
             "print(','.join(heavy))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "", f"heavy modules imported: {proc.stdout}"
+
+
+def test_inputs_list_chunks_and_subsets_of_images_and_arrays(tiny, tmp_path):
+    import argparse
+
+    from cnnvis.cli.common import Inputs
+    from cnnvis.model import load_model
+
+    model = load_model(tiny["model"])
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("b", "a", "c"):
+        Image.fromarray(rng.integers(0, 256, (9, 9, 3), dtype=np.uint8)).save(folder / f"{name}.png")
+    args = argparse.Namespace(images=[str(folder)], input_array=None, preprocess=None, batch_size=2)
+    inputs = Inputs(args, model)
+    assert inputs.names == ["a", "b", "c"] and len(inputs) == 3 and inputs.sources == [str(folder)]
+    whole = inputs.load(range(3))
+    chunks = list(inputs.chunks(1, 1))
+    assert [n for n, _ in chunks] == [["b"], ["c"]]
+    np.testing.assert_array_equal(np.concatenate([b for _, b in chunks]), whole[1:])
+    np.testing.assert_array_equal(inputs.load([2, 0]), whole[[2, 0]])
+    np.save(tmp_path / "x.npy", whole)
+    args = argparse.Namespace(images=[], input_array=str(tmp_path / "x.npy"), preprocess=None, batch_size=2)
+    arrays = Inputs(args, model)
+    assert arrays.names == ["x[0]", "x[1]", "x[2]"] and arrays.sources == [str(tmp_path / "x.npy")]
+    assert [len(b) for _, b in arrays.chunks(0, 2)] == [2, 1]
+    assert set(arrays.fingerprint()) == {"input_array", "sha256"}
 
 
 def test_unique_names_never_collide_across_chunks():

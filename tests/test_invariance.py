@@ -106,6 +106,22 @@ def test_distance_is_zero_at_identity_and_grows_for_a_non_invariant_model():
     assert len(rows) == 17 and rows[0]["image"] == "blob" and "distance_relu" in rows[0]
 
 
+def test_transformed_is_the_sweep_that_run_measures():
+    model, _ = identity_model()
+    x = blob()
+    analysis = inv.Invariance(model, layers=["relu"], amounts={"translation": [-3, 0, 5], "scale": [], "rotation": []})
+    assert analysis.layer_names() == ["relu"] and list(analysis.sweeps()) == ["translation"]
+    batch = analysis.transformed(x, "translation")
+    assert batch.shape == (3, *x.shape)
+    for t, a in zip(batch, [-3, 0, 5]):
+        np.testing.assert_array_equal(t, inv.transform_image(x, "translation", a, fill=0.0))
+    # layer 'relu' is the image: run's distances are those of exactly these images
+    d = analysis.run(x).distance["translation"]["relu"]
+    expected = [np.linalg.norm(np.maximum(t, 0) - x) / np.linalg.norm(x) for t in batch]
+    np.testing.assert_allclose(d, expected, rtol=1e-5)
+    np.testing.assert_array_equal(analysis.transformed(x, "rotation", [0.0])[0], x)
+
+
 def test_default_layers_and_amounts():
     b = NetBuilder((3, 32, 32), seed=0)
     b.conv("conv1", 4, 5, stride=2)

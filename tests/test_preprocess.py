@@ -195,6 +195,19 @@ def test_channel_order_scale_mean_std(tmp_path):
     assert out_rgb.dtype == np.float32
 
 
+def test_normalize_is_the_value_part_of_the_pipeline_for_a_batch(tmp_path):
+    rng = np.random.default_rng(0)
+    planes = rng.uniform(size=(2, 3, 4, 4))
+    pre = Preprocessing(size=(4, 4), channel_order="BGR", raw_scale=255.0, mean=[1.0, 2.0, 3.0], std=[2.0, 4.0, 8.0])
+    out = pre.normalize(planes)
+    assert out.dtype == np.float32 and out.shape == (2, 3, 4, 4)
+    expected = (planes[:, ::-1] * 255.0 - np.array([1.0, 2.0, 3.0])[:, None, None]) / np.array([2.0, 4.0, 8.0])[:, None, None]
+    np.testing.assert_allclose(out, expected, rtol=1e-6)
+    # one image at the model's size: the same numbers as the whole pipeline (no resize there)
+    np.testing.assert_array_equal(out[1], pre.from_pixels(planes[1].transpose(1, 2, 0)))
+    np.testing.assert_allclose(pre.to_pixels(out), planes[:, ::-1], atol=1e-5)
+
+
 def test_mean_image_npy_cropped_and_checked(tmp_path, bad_npy_files):
     rgb = np.full((4, 4, 3), 255, np.uint8)
     path = save(tmp_path / "w.png", rgb)

@@ -196,14 +196,24 @@ class Invariance:
             raise CnnvisError("no transform amounts to sweep")
         return out
 
+    def layer_names(self) -> list:
+        """The compared layers, by their layer-table names."""
+        return [self.model.layer(n).name for n in (self.layers or default_layers(self.model))]
+
+    def transformed(self, image, kind: str, amounts=None) -> np.ndarray:
+        """One preprocessed image (C×H×W) under each amount of transform ``kind`` (default: the
+        sweep's amounts): A×C×H×W, uncovered pixels at the fill value — what :meth:`run` measures."""
+        fill = self.fill
+        if fill is None:
+            fill = input_space(self.model, self.preprocessing).grey_.reshape(-1)
+        amounts = self.sweeps()[kind] if amounts is None else amounts
+        return np.stack([transform_image(image, kind, a, fill, self.axis) for a in amounts])
+
     def run(self, image, target=None) -> InvarianceCurves:
         """The curves of one preprocessed image (C×H×W); ``target`` class (default: predicted)."""
         model = self.model
         x = model.check_batch(np.asarray(image)[None])[0]
-        layers = [model.layer(n).name for n in (self.layers or default_layers(model))]
-        fill = self.fill
-        if fill is None:
-            fill = input_space(model, self.preprocessing).grey_.reshape(-1)
+        layers = self.layer_names()
         sweeps = self.sweeps()
         names = list(dict.fromkeys(layers + [model.output_name]))
         ref = model.run(x[None], names, batch_size=1)
@@ -213,7 +223,7 @@ class Invariance:
             raise CnnvisError(f"class {target}: expected an index in [0, {ref_prob.shape[0]})")
         distance, prob, top = {}, {}, {}
         for kind, amounts in sweeps.items():
-            batch = np.stack([transform_image(x, kind, a, fill, self.axis) for a in amounts])
+            batch = self.transformed(x, kind, amounts)
             out = model.run(batch, names, batch_size=self.batch_size)
             p = probabilities(model, out[model.output_name])
             prob[kind] = p[:, target]

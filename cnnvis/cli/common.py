@@ -79,28 +79,66 @@ def load_model(args):
     return model
 
 
-def load_inputs(args, model):
-    """``(names, batch)`` from --input-array or the image arguments (default: the model's samples)."""
-    from .. import preprocess
+class Inputs:
+    """The inputs of a command — ``--input-array`` or the image arguments (default: the model's
+    samples) — as an indexable list: names, chunks from any start, any subset by index (second
+    passes over a few images). Images are decoded when loaded; an array is read once."""
 
-    if args.input_array:
-        batch = preprocess.load_input_array(args.input_array, expected_shape=model.input_shape)
-        stem = os.path.splitext(os.path.basename(args.input_array))[0]
-        return [f"{stem}[{i}]" for i in range(len(batch))], batch
-    return preprocess.load_images(input_paths(args, model), preprocessing_for(args, model))
+    def __init__(self, args, model):
+        from .. import preprocess
+
+        self.args = args
+        self.pre = preprocessing_for(args, model)
+        self.sources = recorded_inputs(args, model)
+        if args.input_array:
+            self.array = preprocess.load_input_array(args.input_array, expected_shape=model.input_shape)
+            stem = os.path.splitext(os.path.basename(args.input_array))[0]
+            self.names = [f"{stem}[{i}]" for i in range(len(self.array))]
+            self.files = None
+        else:
+            self.array = None
+            self.files = preprocess.list_images(input_paths(args, model))
+            self.names = preprocess.display_names(self.files)
+
+    def __len__(self):
+        return len(self.names)
+
+    def load(self, indices):
+        """N×C×H×W float32 of the inputs at ``indices``."""
+        from .. import preprocess
+
+        indices = [int(i) for i in indices]
+        if self.array is not None:
+            return self.array[indices]
+        return preprocess.load_batch([self.files[i] for i in indices], self.pre)
+
+    def chunks(self, start: int = 0, size: int = DEFAULT_BATCH):
+        """``(names, batch)`` of at most ``size`` inputs each, from input ``start`` on."""
+        from .. import preprocess
+
+        for s in range(start, len(self), size):
+            e = min(s + size, len(self))
+            batch = self.array[s:e] if self.array is not None else preprocess.load_batch(self.files[s:e], self.pre)
+            yield self.names[s:e], batch
+
+    def fingerprint(self) -> dict:
+        """What identifies these inputs (for resumable state)."""
+        from ..manifest import sha256_file
+
+        if self.array is not None:
+            return {"input_array": str(self.args.input_array), "sha256": sha256_file(self.args.input_array)}
+        return {"images": self.sources, "preprocessing": self.pre.to_dict()}
+
+
+def load_inputs(args, model):
+    """``(names, batch)`` of every input at once (small sets)."""
+    inputs = Inputs(args, model)
+    return inputs.names, inputs.load(range(len(inputs)))
 
 
 def iter_input_chunks(args, model):
-    """Like :func:`load_inputs` but yields ``(names, batch)`` chunks of --batch-size (bounded memory)."""
-    from .. import preprocess
-
-    if args.input_array:
-        names, batch = load_inputs(args, model)
-        for start in range(0, len(batch), args.batch_size):
-            yield names[start:start + args.batch_size], batch[start:start + args.batch_size]
-        return
-    yield from preprocess.iter_image_batches(input_paths(args, model), preprocessing_for(args, model),
-                                             batch_size=args.batch_size)
+    """``(names, batch)`` chunks of --batch-size (bounded memory: images are decoded per chunk)."""
+    yield from Inputs(args, model).chunks(0, args.batch_size)
 
 
 def checked_input_chunks(args, model):

@@ -102,52 +102,6 @@ def default_layer(model) -> str:
     return model.conv_layers()[-1].name
 
 
-class Inputs:
-    """The input images of a command as an indexable list: names, chunks from any start, and any
-    subset by index (for second passes over a few images)."""
-
-    def __init__(self, args, model):
-        from .. import preprocess
-
-        self.args = args
-        self.pre = common.preprocessing_for(args, model)
-        if args.input_array:
-            self.array = preprocess.load_input_array(args.input_array, expected_shape=model.input_shape)
-            stem = Path(args.input_array).stem
-            self.names = [f"{stem}[{i}]" for i in range(len(self.array))]
-            self.files = None
-            self.sources = [str(args.input_array)]
-        else:
-            self.array = None
-            given = list(args.images) or common.default_images(model)
-            self.sources = [str(p) for p in given]
-            self.files = preprocess.list_images(given)
-            self.names = preprocess.display_names(self.files)
-
-    def __len__(self):
-        return len(self.names)
-
-    def load(self, indices):
-        from .. import preprocess
-
-        indices = [int(i) for i in indices]
-        if self.array is not None:
-            return self.array[indices]
-        return preprocess.load_batch([self.files[i] for i in indices], self.pre)
-
-    def chunks(self, start: int = 0, size: int = 32):
-        for s in range(start, len(self), size):
-            idx = list(range(s, min(s + size, len(self))))
-            yield [self.names[i] for i in idx], self.load(idx)
-
-    def fingerprint(self) -> dict:
-        from ..manifest import sha256_file
-
-        if self.array is not None:
-            return {"input_array": str(self.args.input_array), "sha256": sha256_file(self.args.input_array)}
-        return {"images": self.sources, "preprocessing": self.pre.to_dict()}
-
-
 def _display_cmap(model) -> str:
     return "gray" if model.input_shape[0] != 3 else "viridis"
 
@@ -183,7 +137,7 @@ def cmd_deconv(args) -> int:
         position = (int(m.group(1)), int(m.group(2)))
         if len(shape) == 3 and not (position[0] < shape[1] and position[1] < shape[2]):
             raise CnnvisError(f"--position {args.position}: layer {layer} maps are {shape[1]}×{shape[2]}")
-    inputs = Inputs(args, model)
+    inputs = common.Inputs(args, model)
     common.model_warning(model)
     lname = common.safe_name(layer)
     params = {"layer": layer, "maps": maps, "position": position, "rule": args.rule,
@@ -289,7 +243,7 @@ def cmd_topk(args) -> int:
     layer = model.layer(args.layer or default_layer(model)).name
     shape = deconv.layer_shape(model, layer)
     maps = _maps(args, "0-15", shape[0])
-    inputs = Inputs(args, model)
+    inputs = common.Inputs(args, model)
     out = ensure_writable_dir(args.out)
     # The state file is the one thing written outside RunOutput: it must survive an interrupted run
     # (RunOutput discards its staging folder on errors). Each write is atomic (temp file + rename).
@@ -414,7 +368,7 @@ def cmd_evolution(args) -> int:
     layer = first.layer(args.layer or default_layer(first)).name
     shape = deconv.layer_shape(first, layer)
     maps = _maps(args, "0-7", shape[0])
-    inputs = Inputs(args, first)
+    inputs = common.Inputs(args, first)
     arch = _architecture(first)
     common.model_warning(first)
     columns, raw_cols, tiles_cols = [], [], []

@@ -7,7 +7,6 @@ import argparse
 from . import common
 from ..errors import CnnvisError
 from ..export.tables import csv_text
-from ..preprocess import InputSpace
 
 ORDER = 45
 
@@ -160,6 +159,7 @@ def cmd_occlusion(args) -> int:
     from ..analysis import occlusion
     from ..export import figures, plots
     from ..manifest import RunOutput, save_npy, write_json
+    from ..preprocess import InputSpace
 
     model = common.load_model(args)
     pre = common.preprocessing_for(args, model)
@@ -230,6 +230,7 @@ def cmd_invariance(args) -> int:
     from ..analysis import invariance, occlusion
     from ..export import figures, plots
     from ..manifest import RunOutput, write_json, write_text
+    from ..preprocess import InputSpace
 
     model = common.load_model(args)
     pre = common.preprocessing_for(args, model)
@@ -239,8 +240,7 @@ def cmd_invariance(args) -> int:
     analysis = invariance.Invariance(model, layers=args.layer, amounts=amounts, axis=args.axis,
                                      preprocessing=pre, batch_size=args.batch_size)
     sweeps = analysis.sweeps()
-    layers = [model.layer(n).name for n in (args.layer or invariance.default_layers(model))]
-    analysis.layers = layers
+    layers = analysis.layer_names()
     chunks = common.checked_input_chunks(args, model)
     common.model_warning(model)
     params = {"layers": layers, "amounts": {k: v.tolist() for k, v in sweeps.items()}, "axis": args.axis,
@@ -254,8 +254,7 @@ def cmd_invariance(args) -> int:
                 rows.extend(res.rows(name))
                 curves.append((name, res))
                 for kind, values in sweeps.items():
-                    tiles = np.stack([space.to_display(invariance.transform_image(x, kind, a, space.grey_.reshape(-1),
-                                                                                  args.axis)) for a in values])
+                    tiles = np.stack([space.to_display(t) for t in analysis.transformed(x, kind, values)])
                     figures.grid_png(run.path(f"examples/{safe}_{kind}.png", kind="invariance-examples", image=name,
                                               transform=kind), tiles, ncols=len(values), normalization="global",
                                      scale=plots.zoom_for(model.input_shape[1:], 96))
@@ -323,6 +322,7 @@ def cmd_saliency(args) -> int:
     from ..analysis import occlusion, saliency
     from ..export import figures, plots
     from ..manifest import RunOutput, save_npy, write_json
+    from ..preprocess import InputSpace
 
     model = common.load_model(args)
     pre = common.preprocessing_for(args, model)

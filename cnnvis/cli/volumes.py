@@ -100,7 +100,7 @@ def register(sub) -> None:
                        help="3-D pictures of a stack: volume rendering, isosurface, threshold, "
                             "orthogonal slices, separated slices; orbit GIF")
     _add_source_options(p)
-    from ..export.render import RENDER_MODES
+    from ..export import RENDER_MODES
 
     p.add_argument("--mode", action="append", choices=RENDER_MODES, default=None,
                    help="what to draw (repeatable; default volume)")

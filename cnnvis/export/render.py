@@ -26,8 +26,8 @@ import numpy as np
 
 from ..errors import CnnvisError
 from ..manifest import atomic_path
+from . import RENDER_MODES
 
-RENDER_MODES = ("volume", "isosurface", "threshold", "slices", "stack")
 INSTALL_HINT = "apt-get install libegl1 libgl1-mesa-dri"
 _DRI_DIRS = ("/usr/lib/x86_64-linux-gnu/dri", "/usr/lib/aarch64-linux-gnu/dri", "/usr/lib64/dri",
              "/usr/lib/dri", "/usr/local/lib/dri")
