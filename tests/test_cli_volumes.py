@@ -182,6 +182,69 @@ def test_render_command(tmp_path, capsys):
     assert names == ["conv1_slices.png", "conv1_slices_orbit.gif", "conv1_threshold.png"]
 
 
+@pytest.fixture
+def x_display():
+    """A private Xvfb server; yields its DISPLAY (skips without Xvfb)."""
+    import os
+    import shutil
+    import time
+
+    if shutil.which("Xvfb") is None:
+        pytest.skip("needs Debian's xvfb (Xvfb) for a real X display")
+    display = f":{200 + os.getpid() % 700}"
+    server = subprocess.Popen(["Xvfb", display, "-screen", "0", "800x600x24", "-nolisten", "tcp"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    socket = Path(f"/tmp/.X11-unix/X{display[1:]}")
+    deadline = time.monotonic() + 15
+    while not socket.exists() and server.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if not socket.exists():
+        server.kill()
+        pytest.skip(f"Xvfb did not start on {display}")
+    try:
+        yield display
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def test_render_show_opens_a_window_per_stack_and_mode_and_writes_nothing(tmp_path, x_display):
+    """--show on a real X server (Xvfb): the window is drawn (its content captured where the
+    interactive loop would start), once per mode, and no file is written."""
+    import os
+
+    stack = np.zeros((4, 12, 14), np.float32)
+    stack[:, 2:6, 3:8] = 1.0
+    np.save(tmp_path / "s.npy", stack)
+    shots = tmp_path / "shots"
+    shots.mkdir()
+    code = (
+        "import sys, numpy as np, pyvista as pv\n"
+        "count, interactive_show = [], pv.Plotter.show\n"
+        "def show(self, *args, **kwargs):\n"
+        "    assert not self.off_screen and not args and not kwargs\n"
+        "    interactive_show(self, interactive=False, auto_close=False)  # draw, but no event loop\n"
+        "    np.save(f'{sys.argv[1]}/{len(count)}.npy', self.screenshot(return_img=True))\n"
+        "    count.append(1)\n"
+        "pv.Plotter.show = show\n"
+        "from cnnvis.cli import main\n"
+        "sys.exit(main(sys.argv[2:]))\n")
+    env = {k: v for k, v in os.environ.items() if k != "VTK_DEFAULT_OPENGL_WINDOW"}
+    env.update(DISPLAY=x_display, PYTHONPATH=str(ROOT))
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-c", code, str(shots), "render", "--input-array", str(tmp_path / "s.npy"),
+                           "--show", "--mode", "slices", "--mode", "threshold", "--window-size", "160", "120",
+                           "--out", str(out)], capture_output=True, text=True, env=env, timeout=300)
+    if proc.returncode == 2 and "OpenGL libraries for a window are missing" in proc.stderr:
+        pytest.skip(proc.stderr.strip())
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    pictures = [np.load(shots / f"{i}.npy") for i in range(2)]
+    assert sorted(p.name for p in shots.iterdir()) == ["0.npy", "1.npy"]
+    for picture in pictures:
+        assert picture.shape[:2] == (120, 160) and picture[..., :3].std() > 10  # drawn, not blank
+    assert not out.exists() or list(out.iterdir()) == []
+
+
 @pytest.mark.parametrize("argv, message", [
     (["order", "--method", "kmeans-maps", "-k", "9"], "--clusters 9: more clusters than the 7"),
     (["order", "--method", "pca-rows", "--row", "5"], "--row 5: the maps of stack have 5 rows"),
