@@ -1,4 +1,7 @@
 import os
+import shutil
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -51,3 +54,49 @@ def templates():
     ids = np.repeat(np.arange(3), 8)
     rng.shuffle(ids)
     return base[ids] + 0.1 * rng.normal(size=(24, 8, 8)), ids
+
+
+def _display_answers(display: str) -> bool:
+    """Whether an X client can connect to ``display`` now (Xlib through ctypes; else its socket)."""
+    import ctypes
+
+    try:
+        xlib = ctypes.CDLL("libX11.so.6")
+    except OSError:
+        return Path(f"/tmp/.X11-unix/X{display[1:]}").exists()
+    xlib.XOpenDisplay.restype = ctypes.c_void_p
+    xlib.XOpenDisplay.argtypes = [ctypes.c_char_p]
+    xlib.XCloseDisplay.argtypes = [ctypes.c_void_p]
+    handle = xlib.XOpenDisplay(display.encode())
+    if handle:
+        xlib.XCloseDisplay(handle)
+    return bool(handle)
+
+
+@pytest.fixture
+def x_display():
+    """A private Xvfb server that already answers X clients; yields its DISPLAY (skips without
+    Xvfb). Its own display number (not xvfb-run's shared guess), free of lock files."""
+    if shutil.which("Xvfb") is None:
+        pytest.skip("needs Debian's xvfb (Xvfb) for an X display")
+    start = os.getpid() % 800
+    for number in [100 + (start + 7 * k) % 800 for k in range(40)]:
+        if Path(f"/tmp/.X{number}-lock").exists():
+            continue
+        display = f":{number}"
+        server = subprocess.Popen(["Xvfb", display, "-screen", "0", "1024x768x24", "-nolisten", "tcp"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 20
+        while server.poll() is None and time.monotonic() < deadline and not _display_answers(display):
+            time.sleep(0.1)
+        if server.poll() is None and _display_answers(display):
+            break
+        server.kill()
+        server.wait(timeout=10)
+    else:
+        pytest.skip("no Xvfb server started")
+    try:
+        yield display
+    finally:
+        server.terminate()
+        server.wait(timeout=10)

@@ -182,32 +182,6 @@ def test_render_command(tmp_path, capsys):
     assert names == ["conv1_slices.png", "conv1_slices_orbit.gif", "conv1_threshold.png"]
 
 
-@pytest.fixture
-def x_display():
-    """A private Xvfb server; yields its DISPLAY (skips without Xvfb)."""
-    import os
-    import shutil
-    import time
-
-    if shutil.which("Xvfb") is None:
-        pytest.skip("needs Debian's xvfb (Xvfb) for a real X display")
-    display = f":{200 + os.getpid() % 700}"
-    server = subprocess.Popen(["Xvfb", display, "-screen", "0", "800x600x24", "-nolisten", "tcp"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    socket = Path(f"/tmp/.X11-unix/X{display[1:]}")
-    deadline = time.monotonic() + 15
-    while not socket.exists() and server.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.1)
-    if not socket.exists():
-        server.kill()
-        pytest.skip(f"Xvfb did not start on {display}")
-    try:
-        yield display
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
-
-
 def test_render_show_opens_a_window_per_stack_and_mode_and_writes_nothing(tmp_path, x_display):
     """--show on a real X server (Xvfb): the window is drawn (its content captured where the
     interactive loop would start), once per mode, and no file is written."""
