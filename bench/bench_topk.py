@@ -1,6 +1,7 @@
 """Top-9 throughput of `cnnvis topk`'s streaming pass on alexnet-random, against the plain forward
 pass with the same layer tapped (target: top-9 within 1.2× of the forward time), and the cost of
-the second pass (deconvnet projections of the final top-9 of some maps), all measured in this run.
+the second pass (deconvnet projections of the final top-9 of some maps), all measured in this run
+(forward and top-9 in interleaved rounds; medians).
 
     python bench/bench_topk.py [--images 256] [--batch 32] [--layers conv1 conv5 fc6] [--maps 16]
 
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from peers import machine_report, median_time
+from peers import interleaved_medians, machine_report
 
 
 def main(argv=None):
@@ -27,7 +28,7 @@ def main(argv=None):
     ap.add_argument("--layers", nargs="+", default=["conv1", "conv5", "fc6"])
     ap.add_argument("--k", type=int, default=9)
     ap.add_argument("--maps", type=int, default=16, help="maps projected in the second pass")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5, help="interleaved rounds (median)")
     args = ap.parse_args(argv)
 
     from cnnvis import nets
@@ -59,8 +60,8 @@ def main(argv=None):
             def topk():
                 return top_activations(model, chunks(), layer, k=args.k, batch_size=args.batch, on_chunk=save)
 
-            t_fwd = median_time(forward, args.repeats)
-            t_top = median_time(topk, args.repeats)
+            times = interleaved_medians({"forward": forward, "topk": topk}, args.repeats, warmup=1)
+            t_fwd, t_top = times["forward"], times["topk"]
             top = topk()
             maps = list(range(min(args.maps, top.map_shape_[0])))
             recs = [r for m in maps for r in top.units(m)]

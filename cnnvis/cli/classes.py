@@ -158,10 +158,10 @@ def cmd_conv_gradients(args) -> int:
                 _write_volume(run, f"{safe}/{lname}_gradient_volume", grad, formats, args, meta, "gradient-volume")
                 title = f"{name}: d logit[{k} {classes[k]}] / d {layer}"
                 plots.plot_importance(run.path(f"{safe}/importance.png", kind="importance-plot", layer=layer,
-                                             image=name), imp, title, highlight=top)
+                                               image=name), imp, title, highlight=top)
                 plots.plot_importance(run.path(f"{safe}/importance_sorted.png", kind="importance-plot-sorted",
-                                             layer=layer, image=name), imp, title + " (sorted)", sort=True,
-                                    highlight=top)
+                                               layer=layer, image=name), imp, title + " (sorted)", sort=True,
+                                      highlight=top)
                 grid = plots.save_filters_beside(
                     run.path(f"{safe}/top_filters.png", kind="top-filters", layer=layer, image=name,
                              columns=["weights", "gradient"], filters=top),
@@ -307,16 +307,16 @@ def _write_comparison(run, cmp, args, model, formats) -> None:
     run.path("importance.csv", kind="importance-table", layer=layer).write_text(csv_text(header, rows),
                                                                                  encoding="utf-8")
     plots.plot_group_importance(run.path("importance_raw.png", kind="importance-plot", layer=layer),
-                              cmp.importance_mean_, cmp.importance_std_,
-                              f"‖∂logit[{neuron_label}]/∂W_f‖₂ per {layer} filter (mean ± std)",
-                              ylabel="importance")
+                                cmp.importance_mean_, cmp.importance_std_,
+                                f"‖∂logit[{neuron_label}]/∂W_f‖₂ per {layer} filter (mean ± std)",
+                                ylabel="importance")
     plots.plot_group_importance(run.path("importance_normalized.png", kind="importance-plot", layer=layer),
-                              cmp.normalized_mean_, cmp.normalized_std_,
-                              "per-image min-max normalised importance (mean ± std)", ylabel="normalised importance")
+                                cmp.normalized_mean_, cmp.normalized_std_,
+                                "per-image min-max normalised importance (mean ± std)", ylabel="normalised importance")
 
     plots.plot_cosine_matrix(run.path("cosine_similarity.png", kind="cosine-plot", layer=layer), cmp.cosine_,
-                           cmp.cosine_groups_, names,
-                           f"cosine similarity of ∂logit[{neuron_label}]/∂{layer} between images")
+                             cmp.cosine_groups_, names,
+                             f"cosine similarity of ∂logit[{neuron_label}]/∂{layer} between images")
     labels = [f"{names[g]}/{n}" for g, n in zip(cmp.cosine_groups_, cmp.cosine_names_)]
     run.path("cosine_images.csv", kind="cosine-rows").write_text(
         csv_text(["row", "group", "image"], [(i, names[g], n) for i, (g, n) in

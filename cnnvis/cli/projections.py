@@ -153,7 +153,7 @@ def cmd_deconv(args) -> int:
                 _, proj_tiles, patch_tiles = _tiles(deconv, field, inputs.pre, rows, res["projections"], units)
                 blocks = plots.side_by_side(proj_tiles[:, None], patch_tiles[:, None], ncols=1)
                 meta = plots.save_blocks(run.path(f"{safe}/{lname}_deconv.png", kind="deconv-grid", layer=layer,
-                                                   image=name), blocks, labels=maps, cmap=_display_cmap(model))
+                                                  image=name), blocks, labels=maps, cmap=_display_cmap(model))
                 save_npy(run.path(f"{safe}/{lname}_projections.npy", kind="projections", layer=layer, image=name,
                                   shape=list(res["projections"].shape)), res["projections"])
                 records = [{"map": int(u[0]), "y": int(u[1]), "x": int(u[2]), "value": float(v),
@@ -294,9 +294,9 @@ def cmd_topk(args) -> int:
         run.extra["state_file"] = STATE_FILE
         ncols = int(np.ceil(np.sqrt(per_map)))
         blocks = plots.side_by_side(proj.reshape(len(maps), per_map, *proj.shape[1:]),
-                                     patches.reshape(len(maps), per_map, *patches.shape[1:]), ncols=ncols)
+                                    patches.reshape(len(maps), per_map, *patches.shape[1:]), ncols=ncols)
         meta = plots.save_blocks(run.path(f"{lname}_top{args.k}.png", kind="topk-grid", layer=layer), blocks,
-                                  labels=maps, ncols=int(np.ceil(np.sqrt(len(maps)))), cmap=_display_cmap(model))
+                                 labels=maps, ncols=int(np.ceil(np.sqrt(len(maps)))), cmap=_display_cmap(model))
         save_npy(run.path(f"{lname}_top{args.k}_projections.npy", kind="projections", layer=layer,
                           shape=list(raw.shape), maps=maps),
                  raw.reshape(len(maps), per_map, *raw.shape[1:]))

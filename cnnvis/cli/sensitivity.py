@@ -195,7 +195,7 @@ def cmd_occlusion(args) -> int:
                                  plots.heat_picture(res.probability, args.cmap))
                 figures.save_png(run.path(f"{safe}/probability_overlay.png", kind="occlusion-overlay", **meta),
                                  plots.enlarge(plots.overlay_heatmap(rgb, res.to_pixels(res.probability), args.alpha,
-                                                                    args.cmap)))
+                                                                     args.cmap)))
                 colours = plots.class_colours(np.unique(res.top_class).tolist())
                 figures.save_png(run.path(f"{safe}/top_class.png", kind="occlusion-map", **meta),
                                  plots.category_picture(res.top_class, colours))
@@ -204,7 +204,7 @@ def cmd_occlusion(args) -> int:
                                      plots.heat_picture(res.activation, args.cmap))
                     figures.save_png(run.path(f"{safe}/activation_overlay.png", kind="occlusion-overlay", **meta),
                                      plots.enlarge(plots.overlay_heatmap(rgb, res.to_pixels(res.activation),
-                                                                        args.alpha, args.cmap)))
+                                                                         args.alpha, args.cmap)))
                 plots.occlusion_figure(run.path(f"{safe}/figure.png", kind="occlusion-figure", **meta),
                                        res, rgb, colours, lambda k: _class_name(model, k), args.cmap)
                 summary = res.summary()
@@ -356,7 +356,7 @@ def cmd_saliency(args) -> int:
                                      plots.heat_picture(res.heatmap[i], args.cmap))
                     figures.save_png(run.path(f"{safe}/{m}_overlay.png", kind="saliency-overlay", **meta),
                                      plots.enlarge(plots.overlay_heatmap(rgb, res.heatmap[i], args.alpha,
-                                                                        args.cmap)))
+                                                                         args.cmap)))
                     if res.gradient is not None:
                         figures.save_png(run.path(f"{safe}/{m}_gradient.png", kind="saliency-gradient", **meta),
                                          plots.picture(plots.gradient_picture(res.gradient[i], pre.channel_order)))
