@@ -330,20 +330,63 @@ def create_session(model, device: str = "auto", threads: int | None = None, spin
         raise CnnvisError(f"onnxruntime cannot load the model: {str(exc).splitlines()[0]}") from None
 
 
-def _divide_by_power(x, base, beta, y, p, name) -> list:
-    """Nodes computing y = x / base**beta. Caffe's beta 0.75 (and 0.5, 1) avoid Pow, which
-    onnxruntime runs several times slower than Sqrt: base**0.75 = sqrt(base)·sqrt(sqrt(base))."""
-    if beta == 1.0:
-        return [helper.make_node("Div", [x, base], [y], name=name)]
-    nodes = [helper.make_node("Sqrt", [base], [f"{p}_sqrt"], name=f"{p}_sqrt")]
-    if beta == 0.5:
-        return nodes + [helper.make_node("Div", [x, f"{p}_sqrt"], [y], name=name)]
+class _NodeWriter:
+    """The two builder calls :func:`write_lrn` makes (``op``, ``scalar``), writing plain nodes and
+    float32 initializers named after ``prefix`` (the gradient engine passes its GraphBuilder)."""
+
+    def __init__(self, prefix: str, nodes: list, initializers: list):
+        self.prefix, self.nodes, self.initializers, self._count = prefix, nodes, initializers, 0
+
+    def _fresh(self, hint: str) -> str:
+        self._count += 1
+        return f"{self.prefix}_{hint}{self._count}"
+
+    def op(self, op_type: str, inputs, outputs=None, **attrs) -> str:
+        outputs = list(outputs) if outputs else [self._fresh(op_type.lower())]
+        self.nodes.append(helper.make_node(op_type, list(inputs), outputs, name=self._fresh(op_type), **attrs))
+        return outputs[0]
+
+    def scalar(self, value) -> str:
+        name = self._fresh("c")
+        self.initializers.append(numpy_helper.from_array(np.array(value, np.float32), name))
+        return name
+
+    def ints(self, values) -> str:
+        name = self._fresh("i")
+        self.initializers.append(numpy_helper.from_array(np.asarray(values, np.int64).reshape(-1), name))
+        return name
+
+
+def lrn_attributes(node) -> tuple:
+    """``(size, alpha, beta, bias)`` of an LRN node, with ONNX's defaults."""
+    a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
+    return int(a["size"]), float(a.get("alpha", 1e-4)), float(a.get("beta", 0.75)), float(a.get("bias", 1.0))
+
+
+def lrn_power(b, s, beta: float, out=None) -> str:
+    """``s ** beta`` through builder ``b``. Caffe's 0.75 (and 0.5, 1) avoid Pow, which onnxruntime
+    runs several times slower than Sqrt: s**0.75 = sqrt(s)·sqrt(sqrt(s))."""
+    outputs = [out] if out else None
     if beta == 0.75:
-        return nodes + [helper.make_node("Sqrt", [f"{p}_sqrt"], [f"{p}_qrt"], name=f"{p}_qrt"),
-                        helper.make_node("Mul", [f"{p}_sqrt", f"{p}_qrt"], [f"{p}_pow"], name=f"{p}_pow"),
-                        helper.make_node("Div", [x, f"{p}_pow"], [y], name=name)]
-    return [helper.make_node("Pow", [base, f"{p}_negbeta"], [f"{p}_factor"], name=f"{p}_pow"),
-            helper.make_node("Mul", [x, f"{p}_factor"], [y], name=name)]
+        root = b.op("Sqrt", [s])
+        return b.op("Mul", [root, b.op("Sqrt", [root])], outputs=outputs)
+    if beta == 0.5:
+        return b.op("Sqrt", [s], outputs=outputs)
+    if beta == 1.0:
+        return b.op("Identity", [s], outputs=outputs) if out else s
+    return b.op("Pow", [s, b.scalar(beta)], outputs=outputs)
+
+
+def write_lrn(b, node, window_mean, s_name=None, d_name=None) -> None:
+    """Write an LRN node out through builder ``b`` (``op``/``scalar``, as :class:`_NodeWriter` and
+    the gradient engine's GraphBuilder have): y = x / d, d = s**beta, s = bias + alpha ·
+    window_mean(x²), where ``window_mean(t)`` emits the mean of ``t`` over each channel's window.
+    ``s_name``/``d_name`` name s and d (the LRN backward rule reads them); y keeps its name."""
+    size, alpha, beta, bias = lrn_attributes(node)
+    x, y = node.input[0], node.output[0]
+    mean = window_mean(b.op("Mul", [x, x]))
+    s = b.op("Add", [b.op("Mul", [mean, b.scalar(alpha)]), b.scalar(bias)], outputs=[s_name] if s_name else None)
+    b.op("Div", [x, lrn_power(b, s, beta, out=d_name)], outputs=[y])
 
 
 def lrn_windows(size):
@@ -377,26 +420,18 @@ def decompose_lrn(model: onnx.ModelProto) -> onnx.ModelProto:
         if node.op_type != "LRN":
             nodes.append(node)
             continue
-        a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
-        size, alpha = int(a["size"]), float(a.get("alpha", 1e-4))
-        beta, bias = float(a.get("beta", 0.75)), float(a.get("bias", 1.0))
-        x, y, p = node.input[0], node.output[0], f"{node.output[0]}__lrn"
+        b = _NodeWriter(f"{node.output[0]}__lrn", nodes, consts)
+        size = lrn_attributes(node)[0]
         before, after = lrn_windows(size)
-        consts += [numpy_helper.from_array(np.array([1], np.int64), f"{p}_axis"),
-                   numpy_helper.from_array(np.array(alpha, np.float32), f"{p}_alpha"),
-                   numpy_helper.from_array(np.array(bias, np.float32), f"{p}_bias")]
-        if beta not in (0.5, 0.75, 1.0):
-            consts.append(numpy_helper.from_array(np.array(-beta, np.float32), f"{p}_negbeta"))
-        nodes += [
-            helper.make_node("Mul", [x, x], [f"{p}_sq"], name=f"{p}_sq"),
-            helper.make_node("Unsqueeze", [f"{p}_sq", f"{p}_axis"], [f"{p}_sq5"], name=f"{p}_unsq"),
-            helper.make_node("AveragePool", [f"{p}_sq5"], [f"{p}_mean5"], name=f"{p}_pool",
-                             kernel_shape=[size, 1, 1], pads=[before, 0, 0, after, 0, 0], count_include_pad=1),
-            helper.make_node("Squeeze", [f"{p}_mean5", f"{p}_axis"], [f"{p}_mean"], name=f"{p}_squeeze"),
-            helper.make_node("Mul", [f"{p}_mean", f"{p}_alpha"], [f"{p}_scaled"], name=f"{p}_alpha"),
-            helper.make_node("Add", [f"{p}_scaled", f"{p}_bias"], [f"{p}_base"], name=f"{p}_bias"),
-            *_divide_by_power(x, f"{p}_base", beta, y, p, node.name or y),
-        ]
+        axis = b.ints([1])
+
+        def channel_window_mean(t, b=b, axis=axis, size=size, before=before, after=after):
+            # a (size, 1, 1) AveragePool over (C, H, W): onnxruntime's fastest channel window
+            pooled = b.op("AveragePool", [b.op("Unsqueeze", [t, axis])], kernel_shape=[size, 1, 1],
+                          pads=[before, 0, 0, after, 0, 0], count_include_pad=1)
+            return b.op("Squeeze", [pooled, axis])
+
+        write_lrn(b, node, channel_window_mean)
     if not consts:
         return m
     del m.graph.node[:]

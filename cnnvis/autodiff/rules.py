@@ -19,7 +19,7 @@ import numpy as np
 from onnx import helper
 
 from ..errors import CnnvisError
-from ..onnxgraph import lrn_windows
+from ..onnxgraph import lrn_attributes, lrn_windows, write_lrn
 
 RULES = ("gradient", "deconvnet", "guided")
 
@@ -751,7 +751,7 @@ def _premaskable_relu_output(ctx, x):
 
     node = b.producer.get(x)
     if node is not None and node.op_type == "LRN" and private(x):
-        _, alpha, _, bias = lrn_attrs(node)
+        _, alpha, _, bias = lrn_attributes(node)
         if bias <= 0 or alpha < 0:
             return None
         x = node.input[0]
@@ -828,11 +828,6 @@ def _global_maxpool(ctx):
 
 # ======================================================================= normalisation
 
-def lrn_attrs(node):
-    a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
-    return int(a["size"]), float(a.get("alpha", 1e-4)), float(a.get("beta", 0.75)), float(a.get("bias", 1.0))
-
-
 def channel_window_mean(b, t, shape, size, before, after):
     """Mean of ``t`` (static shape N x C x ...) over ``size`` consecutive channels, zeros outside."""
     c = shape[1]
@@ -851,33 +846,15 @@ def channel_window_mean(b, t, shape, size, before, after):
     return b.reshape(m, [0] + list(shape[1:]))
 
 
-def lrn_power(b, s, beta, out=None):
-    """s ** beta; Caffe's 0.75 as two square roots (twice as fast as Pow in onnxruntime)."""
-    outputs = [out] if out else None
-    if beta == 0.75:
-        root = b.op("Sqrt", [s])
-        return b.op("Mul", [root, b.op("Sqrt", [root])], outputs=outputs)
-    if beta == 0.5:
-        return b.op("Sqrt", [s], outputs=outputs)
-    if beta == 1.0:
-        return b.op("Identity", [s], outputs=outputs) if out else s
-    return b.op("Pow", [s, b.scalar(beta)], outputs=outputs)
-
-
 def expand_lrn(b, node, x_shape):
-    """Emit y = x / s**beta, s = bias + alpha * mean_window(x^2), in place of an LRN node.
-
-    The same function as the op, faster in onnxruntime, and it keeps s and s**beta (names in
+    """Write an LRN node out (:func:`cnnvis.onnxgraph.write_lrn`) in the forward graph: the same
+    function as the op, faster in onnxruntime, and it keeps s and s**beta (names in
     ``b.lrn_parts`` when the backward rule asked for them) for the backward pass.
     """
-    size, alpha, beta, bias = lrn_attrs(node)
-    x, y = node.input[0], node.output[0]
-    s_name, d_name = b.lrn_parts.get(y, (None, None))
+    size = lrn_attributes(node)[0]
     before, after = lrn_windows(size)
-    mean = channel_window_mean(b, b.mul(x, x), x_shape, size, before, after)
-    s = b.op("Add", [b.mul(mean, b.scalar(alpha)), b.scalar(bias)], outputs=[s_name] if s_name else None)
-    d = lrn_power(b, s, beta, out=d_name)
-    b.op("Div", [x, d], outputs=[y])
+    s_name, d_name = b.lrn_parts.get(node.output[0], (None, None))
+    write_lrn(b, node, lambda t: channel_window_mean(b, t, x_shape, size, before, after), s_name, d_name)
 
 
 @rule("LRN")
@@ -888,7 +865,7 @@ def _lrn(ctx):
     s and d come from the expanded forward (:func:`expand_lrn`).
     """
     b, x, y = ctx.b, ctx.x[0], ctx.y[0]
-    size, alpha, beta, _ = lrn_attrs(ctx.node)
+    size, alpha, beta, _ = lrn_attributes(ctx.node)
     if y not in b.lrn_parts:
         b.lrn_parts[y] = (b.fresh("lrn_s"), b.fresh("lrn_s_pow_beta"))
     s, d = b.lrn_parts[y]
