@@ -116,9 +116,11 @@ def test_transformed_is_the_sweep_that_run_measures():
     for t, a in zip(batch, [-3, 0, 5]):
         np.testing.assert_array_equal(t, inv.transform_image(x, "translation", a, fill=0.0))
     # layer 'relu' is the image: run's distances are those of exactly these images
-    d = analysis.run(x).distance["translation"]["relu"]
+    res = analysis.run(x, keep_inputs=True)
     expected = [np.linalg.norm(np.maximum(t, 0) - x) / np.linalg.norm(x) for t in batch]
-    np.testing.assert_allclose(d, expected, rtol=1e-5)
+    np.testing.assert_allclose(res.distance["translation"]["relu"], expected, rtol=1e-5)
+    np.testing.assert_array_equal(res.inputs["translation"], batch)
+    assert analysis.run(x).inputs is None
     np.testing.assert_array_equal(analysis.transformed(x, "rotation", [0.0])[0], x)
 
 

@@ -142,6 +142,7 @@ class InvarianceCurves:
     distance: dict  # transform -> {layer: (A,)}
     probability: dict  # transform -> (A,) probability of ``target``
     top_class: dict  # transform -> (A,)
+    inputs: dict | None = None  # transform -> A×C×H×W transformed images (run(..., keep_inputs=True))
 
     def rows(self, image: str = "") -> list:
         """Flat records (one per transform and amount) for CSV/JSON."""
@@ -209,8 +210,9 @@ class Invariance:
         amounts = self.sweeps()[kind] if amounts is None else amounts
         return np.stack([transform_image(image, kind, a, fill, self.axis) for a in amounts])
 
-    def run(self, image, target=None) -> InvarianceCurves:
-        """The curves of one preprocessed image (C×H×W); ``target`` class (default: predicted)."""
+    def run(self, image, target=None, keep_inputs: bool = False) -> InvarianceCurves:
+        """The curves of one preprocessed image (C×H×W); ``target`` class (default: predicted).
+        ``keep_inputs``: also return the transformed images (to show what was measured)."""
         model = self.model
         x = model.check_batch(np.asarray(image)[None])[0]
         layers = self.layer_names()
@@ -221,13 +223,15 @@ class Invariance:
         target = int(np.argmax(ref_prob)) if target is None else int(target)
         if not 0 <= target < ref_prob.shape[0]:
             raise CnnvisError(f"class {target}: expected an index in [0, {ref_prob.shape[0]})")
-        distance, prob, top = {}, {}, {}
+        distance, prob, top, inputs = {}, {}, {}, {}
         for kind, amounts in sweeps.items():
             batch = self.transformed(x, kind, amounts)
+            if keep_inputs:
+                inputs[kind] = batch
             out = model.run(batch, names, batch_size=self.batch_size)
             p = probabilities(model, out[model.output_name])
             prob[kind] = p[:, target]
             top[kind] = np.argmax(p, axis=1)
             distance[kind] = {layer: feature_distance(out[layer], ref[layer][0]) for layer in layers}
         return InvarianceCurves(target=target, layers=layers, amounts=sweeps, distance=distance,
-                                probability=prob, top_class=top)
+                                probability=prob, top_class=top, inputs=inputs if keep_inputs else None)

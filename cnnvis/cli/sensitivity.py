@@ -250,11 +250,11 @@ def cmd_invariance(args) -> int:
     with RunOutput(args.out, "invariance", params=params, inputs=common.recorded_inputs(args, model), model=model.info()) as run:
         for names, batch in chunks:
             for name, safe, x in zip(names, common.unique_names(names, used), batch):
-                res = analysis.run(x, target=target)
+                res = analysis.run(x, target=target, keep_inputs=True)
                 rows.extend(res.rows(name))
                 curves.append((name, res))
                 for kind, values in sweeps.items():
-                    tiles = np.stack([space.to_display(t) for t in analysis.transformed(x, kind, values)])
+                    tiles = np.stack([space.to_display(t) for t in res.inputs[kind]])
                     figures.grid_png(run.path(f"examples/{safe}_{kind}.png", kind="invariance-examples", image=name,
                                               transform=kind), tiles, ncols=len(values), normalization="global",
                                      scale=plots.zoom_for(model.input_shape[1:], 96))
