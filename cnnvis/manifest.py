@@ -113,6 +113,28 @@ def load_npy(path, what: str, expected: str | None = None, mmap: bool = False):
     return array
 
 
+def list_files(items, suffixes, what: str, label: str = "") -> list:
+    """User files from files and folders, in the given order: a folder gives its files whose suffix
+    is in ``suffixes`` (lower case, not recursive), sorted by name; a file named explicitly is kept
+    whatever its suffix. A missing path, or a folder without such files, is a CnnvisError
+    ``"<label> <path>: ..."`` naming ``what`` (e.g. "image files")."""
+    prefix = f"{label} " if label else ""
+    files = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted((c for c in p.iterdir() if c.is_file() and c.suffix.lower() in suffixes),
+                           key=lambda c: c.name)
+            if not found:
+                raise CnnvisError(f"{prefix}{p}: folder has no {what}")
+            files.extend(found)
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise CnnvisError(f"{prefix}{p}: no such file or folder")
+    return files
+
+
 def ensure_writable_dir(out) -> Path:
     """Create ``out`` if needed and check that files can be written there (one-line error if not)."""
     out = Path(out)

@@ -33,6 +33,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from .errors import CnnvisError
+from .manifest import list_files
 
 #: File name endings listed when a folder is given (case-insensitive).
 IMAGE_EXTENSIONS = (
@@ -592,19 +593,7 @@ def list_images(inputs) -> list:
     """
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
-    paths = []
-    for item in inputs:
-        p = Path(item)
-        if p.is_dir():
-            found = sorted((c for c in p.iterdir() if c.is_file() and c.suffix.lower() in IMAGE_EXTENSIONS),
-                           key=lambda c: c.name)
-            if not found:
-                raise CnnvisError(f"{p}: folder has no image files ({', '.join(IMAGE_EXTENSIONS[:6])}, ...)")
-            paths.extend(found)
-        elif p.is_file():
-            paths.append(p)
-        else:
-            raise CnnvisError(f"{p}: no such image file or folder")
+    paths = list_files(inputs, IMAGE_EXTENSIONS, f"image files ({', '.join(IMAGE_EXTENSIONS[:6])}, ...)")
     if not paths:
         raise CnnvisError("no input images given")
     return paths

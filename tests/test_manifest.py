@@ -74,3 +74,22 @@ def test_load_npy_refuses_every_bad_file_in_one_line(bad_npy_files):
             assert ("an .npz archive" if name == "archive" else "not a readable .npy array") in msg
     np.save(path.parent / "ok.npy", np.arange(6.0).reshape(2, 3))
     np.testing.assert_array_equal(load_npy(path.parent / "ok.npy", "--thing"), np.arange(6.0).reshape(2, 3))
+
+
+def test_list_files_expands_folders_by_suffix_and_keeps_named_files(tmp_path):
+    from cnnvis.manifest import list_files
+
+    folder = tmp_path / "ckpts"
+    folder.mkdir()
+    for name in ("b.onnx", "A.ONNX", "notes.txt"):
+        (folder / name).write_text("x")
+    (folder / "sub.onnx").mkdir()  # a folder is not a file, whatever its name
+    named = tmp_path / "final.bin"
+    named.write_text("x")
+    files = list_files([named, folder], (".onnx",), ".onnx files")
+    assert [f.name for f in files] == ["final.bin", "A.ONNX", "b.onnx"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CnnvisError, match=r"^--checkpoints .*empty: folder has no \.onnx files$"):
+        list_files([tmp_path / "empty"], (".onnx",), ".onnx files", label="--checkpoints")
+    with pytest.raises(CnnvisError, match=r"^.*missing: no such file or folder$"):
+        list_files([tmp_path / "missing"], (".onnx",), ".onnx files")

@@ -328,7 +328,7 @@ def test_list_images_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CnnvisError, match="empty: folder has no image files"):
         preprocess.list_images([tmp_path / "empty"])
-    with pytest.raises(CnnvisError, match="nope.jpg: no such image file or folder"):
+    with pytest.raises(CnnvisError, match="nope.jpg: no such file or folder"):
         preprocess.list_images([tmp_path / "nope.jpg"])
     with pytest.raises(CnnvisError, match="no input images"):
         preprocess.list_images([])

@@ -322,20 +322,9 @@ def _records_csv(records) -> str:
 def checkpoint_files(paths) -> list:
     """ONNX checkpoints from files and folders, ordered by the last number in each file name."""
     from ..errors import CnnvisError
+    from ..manifest import list_files
 
-    files = []
-    for item in paths:
-        p = Path(item)
-        if p.is_dir():
-            found = sorted((c for c in p.iterdir() if c.is_file() and c.suffix.lower() == ".onnx"),
-                           key=lambda c: c.name)
-            if not found:
-                raise CnnvisError(f"--checkpoints {p}: folder has no .onnx files")
-            files.extend(found)
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise CnnvisError(f"--checkpoints {p}: no such file or folder")
+    files = list_files(paths, (".onnx",), ".onnx files", label="--checkpoints")
     keyed = []
     for f in files:
         numbers = re.findall(r"\d+", f.stem)
