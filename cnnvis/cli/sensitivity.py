@@ -318,7 +318,6 @@ def cmd_maximize(args) -> int:
 # ------------------------------------------------------------------------------------ saliency
 
 def cmd_saliency(args) -> int:
-
     from ..analysis import occlusion, saliency
     from ..export import figures, plots
     from ..manifest import RunOutput, save_npy, write_json
