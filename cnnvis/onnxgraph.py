@@ -6,6 +6,8 @@ execution-provider selection.
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -331,8 +333,9 @@ def create_session(model, device: str = "auto", threads: int | None = None, spin
 
 
 class _NodeWriter:
-    """The two builder calls :func:`write_lrn` makes (``op``, ``scalar``), writing plain nodes and
-    float32 initializers named after ``prefix`` (the gradient engine passes its GraphBuilder)."""
+    """The builder calls :func:`write_lrn` makes (``op``, ``scalar``; ``ints`` for the caller's
+    axes), appending plain nodes and float32 initializers named after ``prefix``. The gradient
+    engine passes its own GraphBuilder instead."""
 
     def __init__(self, prefix: str, nodes: list, initializers: list):
         self.prefix, self.nodes, self.initializers, self._count = prefix, nodes, initializers, 0
@@ -395,6 +398,14 @@ def lrn_windows(size):
     return before, size - 1 - before
 
 
+def _pooled_channel_mean(b, axis, size, before, after, t) -> str:
+    """Mean of ``t`` (N×C×H×W) over each channel's LRN window: a (size, 1, 1) AveragePool over
+    (C, H, W), onnxruntime's fastest channel window."""
+    pooled = b.op("AveragePool", [b.op("Unsqueeze", [t, axis])], kernel_shape=[size, 1, 1],
+                  pads=[before, 0, 0, after, 0, 0], count_include_pad=1)
+    return b.op("Squeeze", [pooled, axis])
+
+
 def decompose_lrn(model: onnx.ModelProto) -> onnx.ModelProto:
     """Replace every ``LRN`` node by elementwise ops and an average pool over channels.
 
@@ -424,14 +435,7 @@ def decompose_lrn(model: onnx.ModelProto) -> onnx.ModelProto:
         size = lrn_attributes(node)[0]
         before, after = lrn_windows(size)
         axis = b.ints([1])
-
-        def channel_window_mean(t, b=b, axis=axis, size=size, before=before, after=after):
-            # a (size, 1, 1) AveragePool over (C, H, W): onnxruntime's fastest channel window
-            pooled = b.op("AveragePool", [b.op("Unsqueeze", [t, axis])], kernel_shape=[size, 1, 1],
-                          pads=[before, 0, 0, after, 0, 0], count_include_pad=1)
-            return b.op("Squeeze", [pooled, axis])
-
-        write_lrn(b, node, channel_window_mean)
+        write_lrn(b, node, functools.partial(_pooled_channel_mean, b, axis, size, before, after))
     if not consts:
         return m
     del m.graph.node[:]
