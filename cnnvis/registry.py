@@ -451,19 +451,22 @@ def deploy_prototxt(entry: ModelEntry) -> Path:
 
 
 def load(spec: str | None = None, weights=None, device: str = "auto", threads: int | None = None,
-         download: bool = False):
-    """A :class:`cnnvis.model.Model` for ``spec`` (default: :func:`default_model_name`)."""
+         download: bool = False, input_shape=None):
+    """A :class:`cnnvis.model.Model` for ``spec`` (default: :func:`default_model_name`).
+    ``input_shape`` (C,H,W) is the input of a Caffe net (see :func:`cnnvis.caffe.load_caffe`)."""
     from .model import Model
 
     entry = resolve(spec, weights=weights, download=download)
     side = entry.model_sidecar()
+    if input_shape is not None and entry.kind != "caffe":
+        raise CnnvisError(f"--input-shape {input_shape}: only used with a Caffe model, not {entry.name} ({entry.kind})")
     if entry.kind in ("onnx", "builder"):
         model = Model.from_file(entry.path, name=entry.name, sidecar=side, device=device, threads=threads)
     else:
         from . import caffe
 
         prototxt = entry.path if entry.path is not None else deploy_prototxt(entry)
-        if entry.path is None and entry.weights is not None:
+        if entry.path is None and entry.weights is not None and input_shape is None:
             # a registry Caffe download: converted on first use, the ONNX cached beside it
             from .manifest import atomic_path
 
@@ -473,7 +476,7 @@ def load(spec: str | None = None, weights=None, device: str = "auto", threads: i
                     tmp.write_bytes(caffe.load_caffe(prototxt, entry.weights).SerializeToString())
             model = Model.from_file(converted, name=entry.name, sidecar=side, device=device, threads=threads)
         else:
-            proto = caffe.load_caffe(prototxt, entry.weights)
+            proto = caffe.load_caffe(prototxt, entry.weights, input_shape=input_shape)
             model = Model(proto, name=entry.name, sidecar=side, device=device, threads=threads,
                           source=str(entry.weights or entry.path))
     if not model.sidecar.get("preprocessing"):

@@ -604,10 +604,10 @@ def _error(fn, *args, **kwargs):
 
 
 def test_error_unsupported_layer(tmp_path):
-    body = 'layer { name: "elu1" type: "ELU" bottom: "data" top: "elu1" }\n'
+    body = 'layer { name: "spp1" type: "SPP" bottom: "data" top: "spp1" }\n'
     proto, _ = write_net(tmp_path, body, (1, 2, 3, 3))
     message = _error(load_caffe, proto)
-    assert "'elu1'" in message and "'ELU'" in message and "Convolution" in message and "Slice" in message
+    assert "'spp1'" in message and "'SPP'" in message and "Convolution" in message and "Slice" in message
 
 
 def test_error_missing_and_misshapen_weights(tmp_path):

@@ -35,14 +35,25 @@ META_PARAMS = "cnnvis.caffe.params"  # layer -> [initializers of its parameter b
 META_PROTOTXT_SHA = "cnnvis.caffe.prototxt_sha256"
 META_WEIGHTS_SHA = "cnnvis.caffe.weights_sha256"
 META_WEIGHTS = "cnnvis.caffe.weights"  # {"file", "format"} or {"generated", "seed"}
+META_NOTES = "cnnvis.caffe.notes"  # [one-line notes on what the conversion changed]: train/test nets
 BATCH = "N"
 FILLS = ("he", "xavier", "gaussian")
 
-SUPPORTED_LAYERS = (
-    "Input", "Convolution", "Deconvolution", "InnerProduct", "ReLU", "PReLU", "Sigmoid", "TanH",
-    "Pooling", "LRN", "Dropout", "Softmax", "Concat", "Flatten", "Reshape", "Eltwise", "BatchNorm",
-    "Scale", "Split", "Power", "Slice",
+#: Layers that read data from a source (database, files, memory): their first top becomes the net's
+#: input, further tops (labels) are not computed.
+DATA_LAYERS = ("Input", "Data", "ImageData", "HDF5Data", "MemoryData", "DummyData", "WindowData")
+#: Layers of a training net that do not compute a feature: dropped when a train/test net is opened
+#: as a deploy net, with the layers that only fed them. (Any other type ending in "Loss" too.)
+DROPPED_LAYERS = (
+    "Accuracy", "SoftmaxWithLoss", "EuclideanLoss", "HingeLoss", "InfogainLoss", "MultinomialLogisticLoss",
+    "SigmoidCrossEntropyLoss", "ContrastiveLoss", "Silence", "HDF5Output",
 )
+
+SUPPORTED_LAYERS = (
+    "Convolution", "Deconvolution", "InnerProduct", "ReLU", "PReLU", "ELU", "Sigmoid", "TanH", "AbsVal",
+    "BNLL", "Power", "Pooling", "LRN", "Dropout", "Softmax", "Concat", "Flatten", "Reshape", "Eltwise",
+    "BatchNorm", "Scale", "Split", "Slice", "Crop",
+) + DATA_LAYERS + DROPPED_LAYERS
 
 
 def caffe_pool_axis(size: int, kernel: int, stride: int, pad: int, ceil_mode: bool, any_pad: bool):
@@ -63,11 +74,38 @@ def caffe_pool_axis(size: int, kernel: int, stride: int, pad: int, ceil_mode: bo
     return out, pad_end, divisors, starts
 
 
+def is_dropped_type(type_name: str) -> bool:
+    """True for the layers a deploy net does not have: losses, Accuracy, Silence, HDF5Output."""
+    return type_name in DROPPED_LAYERS or type_name.endswith("Loss")
+
+
+def parse_input_shape(text) -> tuple:
+    """``--input-shape``: ``C,H,W`` (or ``N,C,H,W``, ``CxHxW``) as a (C, H, W)-like tuple of ints."""
+    if isinstance(text, (tuple, list)):
+        parts = [str(v) for v in text]
+    else:
+        parts = [p for p in str(text).replace("x", ",").replace("×", ",").replace(" ", ",").split(",") if p]
+    try:
+        dims = [int(p) for p in parts]
+    except ValueError:
+        dims = []
+    if not 1 <= len(dims) <= 4 or any(d <= 0 for d in dims):
+        raise CnnvisError(f"--input-shape {text}: expected positive sizes such as 3,224,224 (C,H,W) or "
+                          "1,3,224,224")
+    return tuple(dims[1:]) if len(dims) == 4 else tuple(dims)
+
+
 class _Converter:
-    def __init__(self, net: CaffeNetDef, weights: CaffeWeights | None, fill: str, seed: int):
+    def __init__(self, net: CaffeNetDef, weights: CaffeWeights | None, fill: str, seed: int,
+                 input_shape=None):
         if fill not in FILLS:
             raise CnnvisError(f"fill {fill!r}: expected one of {', '.join(FILLS)}")
         self.net, self.weights, self.fill, self.seed = net, weights, fill, int(seed)
+        self.input_shape = parse_input_shape(input_shape) if input_shape is not None else None
+        self.labels = {}  # label blobs of data layers -> data layer name (not computed)
+        self.input_notes = []  # how each input's shape was found, for the note of a train/test net
+        self.global_stats_forced = []  # BatchNorm layers of a training net using stored statistics
+        self.training = False
         self.nodes, self.initializers, self.graph_inputs = [], [], []
         self.shapes = {}  # tensor -> shape tuple, dim 0 None (the batch)
         self.blob_tensor = {}  # blob -> tensor holding its current value
@@ -164,13 +202,58 @@ class _Converter:
 
     # ------------------------------------------------------------ driver
 
+    def plan(self):
+        """(layers to convert, dropped layers, pruned layers) of the TEST-phase net.
+
+        A deploy net is converted as it is. A train/test net (data layers, losses, Accuracy) loses
+        its losses, Accuracy, Silence and HDF5Output layers, and the layers whose results only
+        they used (GoogLeNet's auxiliary classifiers): what remains computes the blobs nothing
+        reads (as in a deploy net) and the prediction the last loss or Accuracy layer read.
+        """
+        layers = list(self.net.layers)
+        dropped = [layer for layer in layers if is_dropped_type(layer.type)]
+        self.training = bool(dropped) or any(l.type in DATA_LAYERS and l.type != "Input" for l in layers)
+        if not dropped:
+            return layers, [], []
+        labels = {top for l in layers if l.type in DATA_LAYERS and l.type != "Input" for top in l.tops[1:]}
+        keep, read_later = [], set()
+        for layer in reversed(layers):
+            if not is_dropped_type(layer.type):
+                keep.extend(t for t in layer.tops if t not in read_later and t not in labels and t not in keep)
+            read_later.update(layer.bottoms)
+        keep.reverse()
+        predictions = [l.bottoms[0] for l in dropped if l.bottoms and l.type not in ("Silence", "HDF5Output")
+                       and l.bottoms[0] not in labels]
+        if predictions and predictions[-1] not in keep:
+            keep.append(predictions[-1])
+        needed, kept = set(keep), []
+        for layer in reversed(layers):
+            if is_dropped_type(layer.type) or not needed.intersection(layer.tops):
+                continue
+            kept.append(layer)
+            needed.difference_update(layer.tops)
+            needed.update(layer.bottoms)
+        kept.reverse()
+        kept_ids = {id(l) for l in kept}
+        pruned = [l for l in layers if id(l) not in kept_ids and not is_dropped_type(l.type)]
+        return kept, dropped, pruned
+
     def run(self):
+        layers, dropped, pruned = self.plan()
+        inputs_count = len(self.net.inputs) + sum(
+            len(l.tops) if l.type == "Input" else 1 for l in layers if l.type in DATA_LAYERS)
+        if self.input_shape is not None and inputs_count != 1:
+            raise CnnvisError(f"{self.net.path}: --input-shape sets the shape of the one net input, but the "
+                              f"net has {inputs_count} inputs")
         for name, shape in self.net.inputs:
             self.add_input(name, shape, self.net.path)
-        for layer in self.net.layers:
+        for index, layer in enumerate(layers):
             self.layer_types[layer.name] = layer.type
             if layer.type == "Input":
                 self.input_layer(layer)
+                continue
+            if layer.type in DATA_LAYERS:
+                self.data_layer(layer, layers[index + 1:])
                 continue
             handler = getattr(self, "layer_" + layer.type, None)
             if handler is None:
@@ -179,6 +262,11 @@ class _Converter:
                     f"convert; supported: {', '.join(SUPPORTED_LAYERS)}")
             inputs = []
             for bottom in layer.bottoms:
+                if bottom in self.labels and bottom not in self.blob_tensor:
+                    raise CnnvisError(
+                        f"{self.net.path}: layer {layer.name!r} ({layer.type}) reads {bottom!r}, a label "
+                        f"top of data layer {self.labels[bottom]!r}; cnnvis computes the net from its "
+                        "image input only")
                 if bottom not in self.blob_tensor:
                     raise CnnvisError(f"{self.net.path}: layer {layer.name!r} reads blob {bottom!r}, which "
                                       "no earlier layer or net input produces")
@@ -188,7 +276,27 @@ class _Converter:
             for bottom in layer.bottoms:
                 self.available.pop(bottom, None)
             self.bind(layer, outputs, shapes)
-        return self.build()
+        notes = [self.training_note(dropped, pruned)] if self.training else []
+        return self.build(notes)
+
+    def training_note(self, dropped, pruned) -> str:
+        """One line on how a train/test net became a deploy net."""
+        parts = [f"{self.net.path}: train/test net opened as a deploy net (phase TEST)"]
+        parts.extend(self.input_notes)
+        if dropped:
+            kinds = sorted({l.type for l in dropped})
+            text = f"dropped {len(dropped)} layer(s) a deploy net does not have ({', '.join(kinds)})"
+            if pruned:
+                text += f" and {len(pruned)} layer(s) that only fed them"
+            parts.append(text)
+        if self.global_stats_forced:
+            parts.append(f"{len(self.global_stats_forced)} BatchNorm layer(s) with use_global_stats: false "
+                         "use their stored statistics")
+        input_names = {vi.name for vi in self.graph_inputs}
+        outputs = [t for t in self.available.values() if t not in input_names]
+        if outputs:
+            parts.append("output " + ", ".join(repr(t) for t in outputs))
+        return "; ".join(parts)
 
     def top_tensors(self, layer):
         names = []
@@ -217,6 +325,8 @@ class _Converter:
     def add_input(self, name, shape, where):
         from onnx import TensorProto, helper
 
+        if self.input_shape is not None:
+            shape = (1,) + self.input_shape
         shape = tuple(int(d) for d in shape)
         if len(shape) < 1 or any(d <= 0 for d in shape):
             raise CnnvisError(f"{where}: input {name!r} has shape {shape}; expected positive dimensions")
@@ -242,7 +352,127 @@ class _Converter:
             self.add_input(top, tuple(shape.dim), f"{self.net.path}: layer {layer.name!r}")
         self.layer_tensors[layer.name] = list(layer.tops)
 
-    def build(self):
+    def data_layer(self, layer, later):
+        """A data layer's first top becomes the net's input; its other tops are labels."""
+        if not layer.tops:
+            self.fail(layer, "a data layer needs a top blob")
+        if self.input_shape is not None:
+            shape, how = (1,) + self.input_shape, "--input-shape"
+        else:
+            shape, how = self.data_shape(layer, later)
+        self.add_input(layer.tops[0], shape, f"{self.net.path}: layer {layer.name!r}")
+        for top in layer.tops[1:]:
+            self.labels[top] = layer.name
+        self.layer_tensors[layer.name] = [layer.tops[0]]
+        self.input_notes.append(f"input {layer.tops[0]!r} {'x'.join(str(d) for d in shape[1:])} from {how}")
+
+    def data_shape(self, layer, later):
+        """(1, C, H, W) of a data layer's images and where it came from, or a CnnvisError asking
+        for --input-shape."""
+        kind = layer.type
+
+        def ask(missing):
+            raise CnnvisError(f"{self.net.path}: layer {layer.name!r} ({kind}): {missing}; give the input "
+                              "shape with --input-shape C,H,W")
+
+        if kind == "DummyData":
+            p = layer.param("dummy_data_param")
+            if len(p.shape):
+                return (1,) + tuple(int(d) for d in p.shape[0].dim[1:]), f"layer {layer.name!r} (DummyData shape)"
+            if len(p.channels) and len(p.height) and len(p.width):
+                return (1, int(p.channels[0]), int(p.height[0]), int(p.width[0])), \
+                    f"layer {layer.name!r} (DummyData channels/height/width)"
+            ask("no shape in dummy_data_param")
+        if kind == "MemoryData":
+            p = layer.param("memory_data_param")
+            dims = (int(p.channels), int(p.height), int(p.width))
+            if min(dims) <= 0:
+                ask("memory_data_param gives no channels/height/width")
+            return (1,) + dims, f"layer {layer.name!r} (MemoryData)"
+        if kind == "HDF5Data":
+            ask("the image shape is stored in the HDF5 files, not in the prototxt")
+        transform = layer.param("transform_param") if "transform_param" in layer.proto.DESCRIPTOR.fields_by_name \
+            else None
+        crop = int(transform.crop_size) if transform is not None else 0
+        mean_file = transform.mean_file if transform is not None and transform.HasField("mean_file") else ""
+        mean_values = len(transform.mean_value) if transform is not None else 0
+        channels = height = None
+        used = []
+        if kind == "Data":
+            p = layer.param("data_param")
+            crop = crop or int(p.crop_size)
+            mean_file = mean_file or (p.mean_file if p.HasField("mean_file") else "")
+            if transform is not None and (transform.force_color or transform.force_gray):
+                channels = 3 if transform.force_color else 1
+                used.append("force_color" if transform.force_color else "force_gray")
+        elif kind == "ImageData":
+            p = layer.param("image_data_param")
+            crop = crop or int(p.crop_size)
+            channels = 3 if p.is_color else 1
+            used.append("is_color")
+            if not crop and p.new_height > 0 and p.new_width > 0:
+                height = (int(p.new_height), int(p.new_width))
+                used.append("new_height/new_width")
+        elif kind == "WindowData":
+            p = layer.param("window_data_param")
+            crop = crop or int(p.crop_size)
+            channels = 3  # windows are cut from colour images
+        if crop:
+            height = (crop, crop)
+            used.append("crop_size")
+        if mean_file and (channels is None or height is None):
+            found = self._mean_file(mean_file)
+            if found is not None:
+                channels = channels or int(found.shape[0])
+                height = height or tuple(int(d) for d in found.shape[1:])
+                used.append(f"mean_file {mean_file}")
+        if channels is None and mean_values > 1:
+            channels = mean_values
+            used.append("mean_value")
+        if channels is None:
+            channels = self._channels_from_weights(layer.tops[0], later)
+            if channels is not None:
+                used.append("the first convolution's weights")
+        if height is None:
+            ask("the image size is not in the prototxt (no crop_size)")
+        if channels is None:
+            ask("the number of channels is not in the prototxt")
+        return (1, channels) + tuple(height), f"{', '.join(used)} of layer {layer.name!r} ({kind})"
+
+    def _mean_file(self, name):
+        from pathlib import Path
+
+        from .reader import read_mean_binaryproto
+
+        for candidate in (Path(name), Path(self.net.path).parent / name):
+            if candidate.is_file():
+                return read_mean_binaryproto(candidate)
+        return None
+
+    def _channels_from_weights(self, blob, later):
+        """Input channels of the first convolution reading ``blob``: its weight blob's dimension 1
+        times the group (None without weights)."""
+        for layer in later:
+            if blob in layer.tops and blob not in layer.bottoms:
+                return None  # overwritten before any convolution reads it
+            if blob not in layer.bottoms:
+                continue
+            if layer.type != "Convolution":
+                return None
+            source = list(layer.proto.blobs)
+            if source:
+                blobs = [blob_from_proto(b, f"{self.net.path}: layer {layer.name!r} blob {i}")
+                         for i, b in enumerate(source)]
+            elif self.weights is not None:
+                blobs = self.weights.layers.get(layer.name) or []
+            else:
+                return None
+            if not blobs or len(blobs[0].shape) < 2:
+                return None
+            return int(blobs[0].shape[1]) * int(layer.param("convolution_param").group)
+        return None
+
+    def build(self, notes=()):
         from onnx import TensorProto, helper
 
         from ..onnxgraph import make_model
@@ -268,6 +498,7 @@ class _Converter:
             META_LAYERS: json.dumps(self.layer_tensors),
             META_TYPES: json.dumps(self.layer_types),
             META_PARAMS: json.dumps(self.layer_params),
+            **({META_NOTES: json.dumps(list(notes))} if notes else {}),
         })
         return model
 
@@ -680,8 +911,11 @@ class _Converter:
         self.need_tops(layer, 1)
         p = layer.param("batch_norm_param")
         if p.HasField("use_global_stats") and not p.use_global_stats:
-            self.fail(layer, "use_global_stats: false normalises with the statistics of each batch; "
-                             "cnnvis converts the inference form (stored statistics)")
+            if not self.training:
+                self.fail(layer, "use_global_stats: false normalises with the statistics of each batch; "
+                                 "cnnvis converts the inference form (stored statistics)")
+            # a training net's setting: its deploy net uses the stored statistics (said in the note)
+            self.global_stats_forced.append(layer.name)
         channels = shapes[0][1]
         mean, var, factor = self.params(layer, [("mean", (channels,), 1), ("variance", (channels,), 1),
                                                 ("scale_factor", (1,), 1)])
@@ -697,11 +931,13 @@ class _Converter:
         return [shapes[0]]
 
     def layer_Scale(self, layer, inputs, shapes, outputs):
-        if len(inputs) != 1:
-            self.fail(layer, "only the one-bottom form (scale stored as a parameter blob) is supported")
+        if len(inputs) not in (1, 2):
+            self.fail(layer, f"needs one or two bottom blobs, has {len(inputs)}")
         self.need_tops(layer, 1)
         p = layer.param("scale_param")
         shape = shapes[0]
+        if len(inputs) == 2:
+            return self._scale_by_blob(layer, p, inputs, shapes, outputs)
         axis = self.axis(layer, int(p.axis), len(shape))
         num_axes = int(p.num_axes)
         if num_axes < -1 or (num_axes >= 0 and axis + num_axes > len(shape)):
@@ -720,6 +956,80 @@ class _Converter:
         self.emit("Mul", [inputs[0], gamma], [scaled], f"{layer.name}/scaled")
         self.emit("Add", [scaled, self.param_const(layer, "beta", arrays[1].reshape(bshape))], outputs, layer.name)
         return [shape]
+
+    def _scale_by_blob(self, layer, p, inputs, shapes, outputs):
+        # Caffe's ScaleLayer with two bottoms: y = x * s (+ bias blob), s covering the axes of x
+        # from `axis` on (num_axes is not used); axis 0 multiplies image by image.
+        shape, sshape = shapes
+        axis = self.axis(layer, int(p.axis), len(shape), allow_batch=True)
+        end = axis + len(sshape)
+        if end > len(shape) or any(a != b for a, b in zip(shape[axis:end], sshape)):
+            self.fail(layer, f"scale blob of shape {_show(sshape)} does not match input {_show(shape)} "
+                             f"from axis {axis}")
+        if axis == 0 and not sshape:
+            self.fail(layer, "an empty scale blob")
+        trailing = len(shape) - end
+        scale = inputs[1]
+        if trailing:
+            target = self.const(f"{layer.name}/scale_shape", [0] * len(sshape) + [1] * trailing, dtype=np.int64)
+            scale = self.tmp(layer, "scale_broadcast")
+            self.emit("Reshape", [inputs[1], target], [scale], f"{layer.name}/scale_broadcast")
+        if not p.bias_term:
+            self.emit("Mul", [inputs[0], scale], outputs, layer.name)
+            return [shape]
+        if axis == 0:
+            self.fail(layer, "a bias blob along the batch axis")
+        pshape = tuple(sshape)
+        (beta,) = self.params(layer, [("beta", pshape, 1)])
+        scaled = self.tmp(layer, "scaled")
+        self.emit("Mul", [inputs[0], scale], [scaled], f"{layer.name}/scaled")
+        self.emit("Add", [scaled, self.param_const(layer, "beta", beta.reshape(pshape + (1,) * trailing))],
+                  outputs, layer.name)
+        return [shape]
+
+    def layer_ELU(self, layer, inputs, shapes, outputs):
+        self.need(layer, inputs, 1)
+        self.need_tops(layer, 1)
+        # y = x for x > 0, alpha * (exp(x) - 1) otherwise: ONNX Elu.
+        self.emit("Elu", inputs, outputs, layer.name, alpha=float(layer.param("elu_param").alpha))
+        return [shapes[0]]
+
+    def layer_AbsVal(self, layer, inputs, shapes, outputs):
+        self.need(layer, inputs, 1)
+        self.need_tops(layer, 1)
+        self.emit("Abs", inputs, outputs, layer.name)
+        return [shapes[0]]
+
+    def layer_BNLL(self, layer, inputs, shapes, outputs):
+        self.need(layer, inputs, 1)
+        self.need_tops(layer, 1)
+        # Caffe's binomial normal log likelihood, log(1 + exp(x)): ONNX Softplus.
+        self.emit("Softplus", inputs, outputs, layer.name)
+        return [shapes[0]]
+
+    def layer_Crop(self, layer, inputs, shapes, outputs):
+        self.need(layer, inputs, 2)
+        self.need_tops(layer, 1)
+        p = layer.param("crop_param")
+        shape, ref = shapes
+        if len(ref) != len(shape):
+            self.fail(layer, f"bottoms of ranks {len(shape)} and {len(ref)}; Caffe crops blobs of one rank")
+        axis = self.axis(layer, int(p.axis), len(shape))
+        offsets = [int(v) for v in p.offset]
+        count = len(shape) - axis
+        if len(offsets) not in (0, 1, count):
+            self.fail(layer, f"{len(offsets)} offsets for the {count} cropped axes (give 0, 1 or {count})")
+        offsets = offsets * count if len(offsets) == 1 else (offsets or [0] * count)
+        out = list(shape[:axis]) + list(ref[axis:])
+        for i, (size, want, offset) in enumerate(zip(shape[axis:], ref[axis:], offsets)):
+            if offset + want > size:
+                self.fail(layer, f"axis {axis + i}: offset {offset} + size {want} exceeds the input size {size}")
+        axes = list(range(axis, len(shape)))
+        starts = self.const(f"{layer.name}/starts", offsets, dtype=np.int64)
+        ends = self.const(f"{layer.name}/ends", [o + w for o, w in zip(offsets, ref[axis:])], dtype=np.int64)
+        self.emit("Slice", [inputs[0], starts, ends, self.const(f"{layer.name}/axes", axes, dtype=np.int64)],
+                  outputs, layer.name)
+        return [tuple(out)]
 
     def layer_Split(self, layer, inputs, shapes, outputs):
         self.need(layer, inputs, 1)
@@ -799,6 +1109,11 @@ def _show(shape) -> str:
     return "(" + ", ".join("N" if d is None else str(d) for d in shape) + ")"
 
 
-def convert(net: CaffeNetDef, weights: CaffeWeights | None = None, *, fill: str = "he", seed: int = 0):
-    """An ONNX ModelProto for ``net`` with ``weights`` (generated deterministically when None)."""
-    return _Converter(net, weights, fill, seed).run()
+def convert(net: CaffeNetDef, weights: CaffeWeights | None = None, *, fill: str = "he", seed: int = 0,
+            input_shape=None):
+    """An ONNX ModelProto for ``net`` with ``weights`` (generated deterministically when None).
+
+    ``input_shape`` (C, H, W; or text ``"3,224,224"``) sets the shape of the net's one input,
+    whatever the prototxt says (needed when a data layer's shape is stored with the data).
+    """
+    return _Converter(net, weights, fill, seed, input_shape).run()

@@ -1,6 +1,7 @@
 """`cnnvis convert-caffe` (Caffe -> ONNX) and `cnnvis export-caffe` (ONNX -> Caffe)."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from . import common
@@ -10,11 +11,13 @@ ORDER = 80
 
 def register(sub) -> None:
     p = sub.add_parser(
-        "convert-caffe", help="convert a Caffe deploy .prototxt (+ .caffemodel / .caffemodel.h5) to ONNX",
+        "convert-caffe", help="convert a Caffe .prototxt (+ .caffemodel / .caffemodel.h5) to ONNX",
         description="Convert a Caffe net to an ONNX model that computes what Caffe computes (TEST "
                     "phase). Weights are matched to the prototxt by layer name, so a snapshot of the "
                     "training net works with its deploy prototxt; binary and HDF5 weights are told "
-                    "apart by content. Without weights, deterministic random weights are generated.")
+                    "apart by content. Without weights, deterministic random weights are generated. "
+                    "A train/test prototxt opens as its deploy net: the data layer becomes the input "
+                    "(shape from the data layer or --input-shape), losses and Accuracy are dropped.")
     p.add_argument("prototxt", help="Caffe net definition (.prototxt, V1 or V2)")
     p.add_argument("weights", nargs="?", default=None,
                    help="Caffe weights: binary .caffemodel or HDF5 .caffemodel.h5 (omit to generate)")
@@ -23,6 +26,8 @@ def register(sub) -> None:
     p.add_argument("--fill", default="he", choices=("he", "xavier", "gaussian"),
                    help="generated weights when no weights file is given (default he)")
     p.add_argument("--seed", type=int, default=0, help="seed of the generated weights (default 0)")
+    p.add_argument("--input-shape", default=None, metavar="C,H,W",
+                   help="the net's input shape (a train/test prototxt whose data layer does not say it)")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     p.set_defaults(func=cmd_convert_caffe)
 
@@ -44,7 +49,7 @@ def cmd_convert_caffe(args) -> int:
 
     prototxt = Path(args.prototxt)
     output = Path(args.output) if args.output else Path.cwd() / (prototxt.stem + ".onnx")
-    model = caffe.load_caffe(prototxt, args.weights, fill=args.fill, seed=args.seed)
+    model = caffe.load_caffe(prototxt, args.weights, fill=args.fill, seed=args.seed, input_shape=args.input_shape)
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as exc:  # a converter gap, said in one line
@@ -53,6 +58,8 @@ def cmd_convert_caffe(args) -> int:
         raise CnnvisError(f"{prototxt}: the converted ONNX graph is invalid ({str(exc).splitlines()[0]})") from None
     inputs = [str(prototxt)] + ([str(args.weights)] if args.weights else [])
     params = {"fill": args.fill, "seed": args.seed} if args.weights is None else {}
+    if args.input_shape is not None:
+        params["input_shape"] = list(caffe.parse_input_shape(args.input_shape))
     meta = caffe.caffe_metadata(model)
     model_info = {"name": prototxt.stem, "prototxt_sha256": meta.get(caffe.META_PROTOTXT_SHA),
                   "weights_sha256": meta.get(caffe.META_WEIGHTS_SHA)}
@@ -64,6 +71,8 @@ def cmd_convert_caffe(args) -> int:
     shapes = ", ".join(f"{i.name} {_dims(i)}" for i in model.graph.input)
     outs = ", ".join(o.name for o in model.graph.output)
     source = "generated weights" if args.weights is None else Path(args.weights).name
+    for note in caffe.caffe_notes(model):
+        print(f"cnnvis: note: {note}", file=sys.stderr)
     print(f"wrote {output} ({len(meta.get(caffe.META_TYPES, {}))} Caffe layers, {count:,} parameters "
           f"from {source}; input {shapes}; output {outs}; sha256 {sha256_file(output)[:16]}…)")
     return 0

@@ -15,6 +15,8 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                    help="registry name (see `cnnvis models`), .onnx file or Caffe .prototxt "
                         "(default: the embedded default model)")
     g.add_argument("--weights", default=None, help="Caffe .caffemodel / .caffemodel.h5 for a .prototxt model")
+    g.add_argument("--input-shape", default=None, metavar="C,H,W",
+                   help="input shape of a Caffe model (a train/test prototxt whose data layer does not say it)")
     g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="onnxruntime execution provider (auto: CUDA when available)")
     g.add_argument("--threads", type=positive_int, default=None, help="onnxruntime intra-op threads")
@@ -68,12 +70,15 @@ def load_model(args):
     from .. import registry
 
     spec = args.model or registry.default_model_name()
-    key = (spec, args.weights, args.device, args.threads)
+    input_shape = getattr(args, "input_shape", None)
+    key = (spec, args.weights, args.device, args.threads, input_shape)
     if _shared_models is not None and key in _shared_models:
         model = _shared_models[key]
         model.release()
         return model
-    model = registry.load(spec, weights=args.weights, device=args.device, threads=args.threads)
+    model = registry.load(spec, weights=args.weights, device=args.device, threads=args.threads,
+                          input_shape=input_shape)
+    caffe_notes(model)
     if _shared_models is not None:
         _shared_models[key] = model
     return model
@@ -178,6 +183,16 @@ def default_images(model) -> list:
     from .. import registry
 
     return registry.sample_images(model)
+
+
+def caffe_notes(model) -> None:
+    """Say once (on stderr) what opening a Caffe train/test net as a deploy net changed."""
+    import sys
+
+    from ..caffe import caffe_notes as notes
+
+    for note in notes(model.proto):
+        print(f"cnnvis: note: {note}", file=sys.stderr)
 
 
 def model_warning(model) -> None:
