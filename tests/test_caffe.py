@@ -398,6 +398,92 @@ layer { name: "scale2" type: "Scale" bottom: "data" top: "scale2" scale_param { 
     }, {"bn": bn, "scale": scaled})
 
 
+def test_elu_absval_bnll(tmp_path):
+    x = rng(20).standard_normal((2, 3, 4, 5)) * 3
+    body = """
+layer { name: "elu" type: "ELU" bottom: "data" top: "elu" elu_param { alpha: 0.7 } }
+layer { name: "elu1" type: "ELU" bottom: "data" top: "elu1" }
+layer { name: "abs" type: "AbsVal" bottom: "data" top: "abs" }
+layer { name: "bnll" type: "BNLL" bottom: "data" top: "bnll" }
+"""
+    proto, _ = write_net(tmp_path, body, (1, 3, 4, 5))
+    model = load_caffe(proto)
+    # Caffe's formulas: ELU x > 0 ? x : alpha (exp(x) - 1); AbsVal |x|; BNLL (as Caffe's kernel
+    # writes it to avoid overflow) x > 0 ? x + log(1 + exp(-x)) : log(1 + exp(x)).
+    bnll = np.where(x > 0, x + np.log1p(np.exp(-np.abs(x))), np.log1p(np.exp(np.minimum(x, 0))))
+    check_blobs(model, x, {
+        "elu": np.where(x > 0, x, 0.7 * (np.exp(x) - 1)),
+        "elu1": np.where(x > 0, x, np.exp(x) - 1),
+        "abs": np.abs(x),
+        "bnll": bnll,
+    })
+    assert {n.name: n.op_type for n in model.graph.node} == {"elu": "Elu", "elu1": "Elu", "abs": "Abs",
+                                                           "bnll": "Softplus"}
+
+
+def test_crop_axes_and_offsets(tmp_path):
+    x = rng(21).standard_normal((2, 4, 6, 7))
+    body = """
+layer { name: "pool" type: "Pooling" bottom: "data" top: "pool" pooling_param { pool: MAX kernel_size: 2 stride: 2 } }
+layer { name: "slice" type: "Slice" bottom: "pool" top: "p1" top: "p3" slice_param { slice_point: 1 } }
+layer { name: "wslice" type: "Slice" bottom: "data" top: "w_ref" top: "w_rest" slice_param { axis: 3 slice_point: 3 } }
+layer { name: "crop_hw" type: "Crop" bottom: "data" bottom: "pool" top: "crop_hw" crop_param { offset: 1 offset: 2 } }
+layer { name: "crop_chw" type: "Crop" bottom: "data" bottom: "p3" top: "crop_chw" crop_param { axis: 1 offset: 1 } }
+layer { name: "crop_w" type: "Crop" bottom: "data" bottom: "w_ref" top: "crop_w" crop_param { axis: -1 } }
+"""
+    proto, _ = write_net(tmp_path, body, (1, 4, 6, 7))
+    model = load_caffe(proto)
+    # pool is 2x4x3x4 (Caffe rounds 7 -> 4 windows up), p3 2x3x3x4, w_ref 2x4x6x3. Caffe's
+    # CropLayer: axes before `axis` are kept; the others take the reference's size, starting at
+    # their offset (one offset: the same for every cropped axis; none: 0).
+    check_blobs(model, x, {
+        "crop_hw": x[:, :, 1:4, 2:6],
+        "crop_chw": x[:, 1:4, 1:4, 1:5],
+        "crop_w": x[:, :, :, 0:3],
+    })
+    body = """
+layer { name: "p" type: "Pooling" bottom: "data" top: "small" pooling_param { pool: MAX kernel_size: 2 stride: 2 } }
+layer { name: "bad" type: "Crop" bottom: "data" bottom: "small" top: "bad" crop_param { offset: 5 } }
+"""
+    proto, _ = write_net(tmp_path, body, (1, 4, 6, 7), name="badcrop")
+    message = _error(load_caffe, proto)
+    assert "'bad'" in message and "offset 5" in message
+
+
+def test_scale_with_a_second_bottom(tmp_path):
+    x = rng(22).standard_normal((2, 4, 3, 5))
+    body = """
+layer { name: "gap" type: "Pooling" bottom: "data" top: "gap" pooling_param { pool: AVE global_pooling: true } }
+layer { name: "gate" type: "Sigmoid" bottom: "gap" top: "gate" }
+layer { name: "flat" type: "Flatten" bottom: "gate" top: "flat" }
+layer { name: "se" type: "Scale" bottom: "data" bottom: "flat" top: "se" scale_param { axis: 0 } }
+layer { name: "tanh" type: "TanH" bottom: "data" top: "tanh" }
+layer { name: "full" type: "Scale" bottom: "data" bottom: "tanh" top: "full" scale_param { axis: 0 } }
+"""
+    proto, _ = write_net(tmp_path, body, (1, 4, 3, 5))
+    model = load_caffe(proto)
+    gate = 1 / (1 + np.exp(-x.mean(axis=(2, 3))))  # (N, C)
+    # Caffe's two-bottom Scale: y = x * s, s's axes matching x's from `axis` on, broadcast over
+    # the rest; here s is (N, C): an SE block's gate.
+    check_blobs(model, x, {"se": x * gate[:, :, None, None], "full": x * np.tanh(x)})
+    # bias_term adds a parameter blob shaped like s: with s covering the batch axis, a blob per
+    # batch position, which cnnvis refuses (images would not be independent).
+    body = """
+layer { name: "gap" type: "Pooling" bottom: "data" top: "gap" pooling_param { pool: AVE global_pooling: true } }
+layer { name: "flat" type: "Flatten" bottom: "gap" top: "flat" }
+layer { name: "sb" type: "Scale" bottom: "data" bottom: "flat" top: "sb" scale_param { axis: 0 bias_term: true } }
+"""
+    proto, _ = write_net(tmp_path, body, (1, 4, 3, 5), name="batchbias")
+    assert "bias" in _error(load_caffe, proto)
+    body = """
+layer { name: "gap" type: "Pooling" bottom: "data" top: "gap" pooling_param { pool: AVE global_pooling: true } }
+layer { name: "bad" type: "Scale" bottom: "data" bottom: "gap" top: "bad" scale_param { axis: 0 } }
+"""
+    proto, _ = write_net(tmp_path, body, (1, 4, 3, 5), name="badscale")
+    message = _error(load_caffe, proto)
+    assert "'bad'" in message and "(N, 4, 1, 1)" in message and "(N, 4, 3, 5)" in message
+
+
 def test_net_outputs_are_unconsumed_blobs(tmp_path):
     body = """
 layer { name: "relu" type: "ReLU" bottom: "data" top: "data" }

@@ -22,10 +22,10 @@ from . import schema
 from .to_onnx import caffe_pool_axis
 
 SUPPORTED_OPS = (
-    "Conv", "ConvTranspose", "Relu", "LeakyRelu", "PRelu", "Sigmoid", "Tanh", "MaxPool", "AveragePool",
-    "GlobalMaxPool", "GlobalAveragePool", "LRN", "Gemm", "MatMul", "Dropout", "Softmax", "Flatten",
-    "Reshape", "Concat", "Add", "Sub", "Mul", "Max", "Sum", "Pow", "BatchNormalization", "Split",
-    "Identity",
+    "Conv", "ConvTranspose", "Relu", "LeakyRelu", "PRelu", "Elu", "Sigmoid", "Tanh", "Abs", "Softplus",
+    "MaxPool", "AveragePool", "GlobalMaxPool", "GlobalAveragePool", "LRN", "Gemm", "MatMul", "Dropout",
+    "Softmax", "Flatten", "Reshape", "Concat", "Add", "Sub", "Mul", "Max", "Sum", "Pow",
+    "BatchNormalization", "Split", "Identity",
 )
 
 
@@ -248,6 +248,19 @@ class _Writer:
         if len(shape) < 2 or padded != tuple(shape[1] if i == 1 else 1 for i in range(len(shape))):
             self.fail(node, f"slope shape {slope.shape} is not per channel of input {tuple(shape)}")
         self.layer(node, "PReLU", [x], [node.output[0]], [slope.reshape(-1)])
+
+    def op_Elu(self, node):
+        layer = self.layer(node, "ELU", [self.blob(node, node.input[0])], [node.output[0]])
+        alpha = float(self.attrs(node).get("alpha", 1.0))
+        if alpha != 1.0:
+            layer.elu_param.alpha = alpha
+
+    def op_Abs(self, node):
+        self.layer(node, "AbsVal", [self.blob(node, node.input[0])], [node.output[0]])
+
+    def op_Softplus(self, node):
+        # Caffe's BNLL computes log(1 + exp(x)).
+        self.layer(node, "BNLL", [self.blob(node, node.input[0])], [node.output[0]])
 
     def op_Sigmoid(self, node):
         self.layer(node, "Sigmoid", [self.blob(node, node.input[0])], [node.output[0]])
@@ -475,6 +488,15 @@ class _Writer:
         in_shape = self.shape(node, x)
         out_shape = self.shape(node, node.output[0])
         user = self.single_consumer(node.output[0])
+        if (user is not None and user.op_type == "Mul" and len(user.input) == 2
+                and len(out_shape) > len(in_shape) and tuple(out_shape[:len(in_shape)]) == tuple(in_shape)
+                and all(d == 1 for d in out_shape[len(in_shape):])):
+            # Trailing ones appended for a broadcast product: Caffe's two-bottom Scale broadcasts
+            # the blob itself (see _scale_by_blob).
+            other = user.input[1] if user.input[0] == node.output[0] else user.input[0]
+            if not self.is_const(other) and len(self.shapes.get(other) or ()) == len(out_shape):
+                self.alias[node.output[0]] = x
+                return
         axis = len(out_shape) - 1
         if (user is not None and user.op_type == "MatMul" and user.input[0] == node.output[0]
                 and self.is_const(user.input[1]) and 1 <= axis <= len(in_shape)
@@ -630,9 +652,31 @@ class _Writer:
         else:
             self.fail(node, "subtracting a non-scalar constant has no exact Caffe layer")
 
+    def _scale_by_blob(self, node):
+        """Caffe's two-bottom Scale for x * s, s covering a span of x's axes (when the shapes differ)."""
+        a, b = node.input
+        blobs = [self.alias.get(n, n) for n in node.input]
+        shapes = [tuple(self.shape(node, n)) for n in blobs]
+        ranks = [len(self.shape(node, n)) for n in node.input]  # as the Mul sees them
+        big = 0 if ranks[0] > ranks[1] or (ranks[0] == ranks[1] and len(shapes[0]) >= len(shapes[1])) else 1
+        x_shape, s_shape = shapes[big], shapes[1 - big]
+        s_rank = ranks[1 - big]
+        axis = len(x_shape) - s_rank  # numpy aligns the Mul's operands on the right
+        if not s_shape or x_shape[axis:axis + len(s_shape)] != s_shape:
+            self.fail(node, f"inputs of shapes {shapes[0]} and {shapes[1]}: neither Eltwise (equal shapes) nor "
+                            "Scale (one covers a span of the other's axes) computes this product")
+        layer = self.layer(node, "Scale", [self.blob(node, node.input[big]), self.blob(node, node.input[1 - big])],
+                           [node.output[0]])
+        if axis != 1:
+            layer.scale_param.axis = axis
+
     def op_Mul(self, node):
         found = self._with_constant(node)
-        if found is None:
+        if found is None and len(node.input) == 2 and (
+                tuple(self.shape(node, node.input[0])) != tuple(self.shape(node, node.input[1]))
+                or any(n in self.alias for n in node.input)):
+            self._scale_by_blob(node)
+        elif found is None:
             self._eltwise(node, "PROD")
         elif found[1].size == 1:
             self._power(node, found[0], scale=float(found[1].reshape(())))
