@@ -240,3 +240,58 @@ def test_writer_refuses_what_caffe_cannot_compute():
     assert "rounding" in _error(ceil)
     flat0 = _model([helper.make_node("Flatten", ["x"], ["f"], name="f", axis=2)], {}, ["f"])
     assert "axis 2" in _error(flat0)
+
+
+def test_classic_zoo_layers_round_trip(tmp_path):
+    """The layers the classic zoo adds (ELU, AbsVal, BNLL, two-bottom Scale as in SE blocks,
+    Deconvolution, Eltwise PROD/MAX, global pooling, Softmax on an axis, shared PReLU) go
+    Caffe -> ONNX -> Caffe -> ONNX with bit-identical values, and equal a float64 numpy reference."""
+    from test_caffe import ref_deconv
+
+    r = np.random.default_rng(4)
+    body = """
+layer { name: "elu" type: "ELU" bottom: "data" top: "elu" elu_param { alpha: 0.5 } }
+layer { name: "abs" type: "AbsVal" bottom: "data" top: "abs" }
+layer { name: "bnll" type: "BNLL" bottom: "data" top: "bnll" }
+layer { name: "prod" type: "Eltwise" bottom: "elu" bottom: "abs" top: "prod" eltwise_param { operation: PROD } }
+layer { name: "max" type: "Eltwise" bottom: "prod" bottom: "bnll" top: "max" eltwise_param { operation: MAX } }
+layer { name: "gap" type: "Pooling" bottom: "max" top: "gap" pooling_param { pool: AVE global_pooling: true } }
+layer { name: "gate" type: "Sigmoid" bottom: "gap" top: "gate" }
+layer { name: "flat" type: "Flatten" bottom: "gate" top: "flat" }
+layer { name: "se" type: "Scale" bottom: "max" bottom: "flat" top: "se" scale_param { axis: 0 } }
+layer { name: "deconv" type: "Deconvolution" bottom: "se" top: "deconv" convolution_param { num_output: 2 kernel_size: 3 stride: 2 pad: 1 } }
+layer { name: "prelu" type: "PReLU" bottom: "deconv" top: "prelu" prelu_param { channel_shared: true } }
+layer { name: "gmax" type: "Pooling" bottom: "prelu" top: "gmax" pooling_param { pool: MAX global_pooling: true } }
+layer { name: "tanh" type: "TanH" bottom: "prelu" top: "tanh" }
+layer { name: "soft" type: "Softmax" bottom: "tanh" top: "soft" softmax_param { axis: 2 } }
+"""
+    w, b, slope = r.standard_normal((3, 2, 3, 3)), r.standard_normal(2), np.array([0.2])
+    proto, weights = write_net(tmp_path, body, (1, 3, 5, 6), {"deconv": [w, b], "prelu": [slope]})
+    first = load_caffe(proto, weights)
+    second, proto2, _ = _round_trip(first, tmp_path)
+    text = proto2.read_text()
+    for kind in ("ELU", "AbsVal", "BNLL", "Scale", "Deconvolution", "Eltwise", "PReLU", "Softmax"):
+        assert f'type: "{kind}"' in text, kind
+    assert sorted(n.op_type for n in first.graph.node) == sorted(n.op_type for n in second.graph.node)
+    x = r.standard_normal((2, 3, 5, 6))
+    final1, final2 = _final(first), _final(second)
+    blob_names = [b for b in final1 if b != "data" and final1[b] in final2]
+    assert set(final1) - set(blob_names) == {"data"}
+    v1 = _run(first, x.astype(np.float32), [final1[b] for b in blob_names])
+    v2 = _run(second, x.astype(np.float32), [final2[final1[b]] for b in blob_names])
+    for name in blob_names:
+        np.testing.assert_array_equal(v2[final2[final1[name]]], v1[final1[name]], err_msg=name)
+    # float64 reference of Caffe's formulas
+    elu = np.where(x > 0, x, 0.5 * np.expm1(x))
+    bnll = np.where(x > 0, x + np.log1p(np.exp(-np.abs(x))), np.log1p(np.exp(np.minimum(x, 0))))
+    mx = np.maximum(elu * np.abs(x), bnll)
+    se = mx * (1 / (1 + np.exp(-mx.mean(axis=(2, 3)))))[:, :, None, None]
+    deconv = ref_deconv(se, w, b, stride=(2, 2), pad=(1, 1))
+    prelu = np.where(deconv > 0, deconv, 0.2 * deconv)
+    t = np.tanh(prelu)
+    soft = np.exp(t) / np.exp(t).sum(axis=2, keepdims=True)
+    for name, want in {"se": se, "deconv": deconv, "gmax": prelu.max(axis=(2, 3), keepdims=True),
+                       "soft": soft}.items():
+        got = v2[final2[final1[name]]].astype(np.float64)
+        assert got.shape == want.shape, name
+        assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max(), name
