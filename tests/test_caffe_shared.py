@@ -94,6 +94,52 @@ def test_cifar10_quick_hdf5_snapshot(cifar):
     assert not np.array_equal(binary.layers["conv1"][0].array, weights.layers["conv1"][0].array)
 
 
+def test_cifar10_quick_train_test_prototxt_with_its_snapshot(cifar, tmp_path):
+    """The BVLC example's train/test prototxt (tests/data/caffe) with the real snapshot: the TEST
+    data layer becomes the input (channels from conv1's weights; 32x32 is in the LMDB, so
+    --input-shape), the loss and Accuracy are dropped, and every blob equals real Caffe's."""
+    from pathlib import Path
+
+    from cnnvis.caffe import caffe_notes
+    from cnnvis.errors import CnnvisError
+
+    proto = Path(__file__).parent / "data" / "caffe" / "cifar10_quick_train_test.prototxt"
+    with pytest.raises(CnnvisError, match="image size .* --input-shape"):
+        load_caffe(proto, cifar["binary"])
+    model = load_caffe(proto, cifar["binary"], input_shape="3,32,32")
+    (note,) = caffe_notes(model)
+    assert "dropped 2 layer(s)" in note and "(Accuracy, SoftmaxWithLoss)" in note and "output 'ip2'" in note
+    assert [o.name for o in model.graph.output] == ["ip2"]
+    m, meta = _all_tensors(model)
+    session = create_session(m, device="cpu", threads=1)
+    values = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"data": cifar["input"]})))
+    compared = 0
+    for key, want in cifar["forward"].items():
+        blob = key[len("blobs_"):]
+        if not key.startswith("blobs_") or blob in ("data", "prob"):
+            continue
+        got = values[meta[META_BLOB_FINAL][blob]].astype(np.float64)
+        assert got.shape == want.shape and np.abs(got - want).max() / np.abs(want).max() <= TOL, key
+        compared += 1
+    assert compared == 8  # conv1..3, pool1..3, ip1, ip2
+    logits = values["ip2"].astype(np.float64)
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    np.testing.assert_allclose(probs, cifar["forward"]["blobs_prob"], rtol=0, atol=1e-5)
+    # The snapshot's own net is the TRAIN net: its only data layer is not in the TEST phase.
+    from google.protobuf import text_format
+
+    from cnnvis.caffe.schema import raw_messages
+
+    net = raw_messages().NetParameter.FromString(cifar["binary"].read_bytes())
+    for layer in net.layer:
+        del layer.blobs[:]
+    train_only = tmp_path / "snapshot_net.prototxt"
+    train_only.write_text(text_format.MessageToString(net))
+    with pytest.raises(CnnvisError, match="layer 'cifar' writing it is not in the TEST phase"):
+        load_caffe(train_only, cifar["binary"], input_shape="3,32,32")
+
+
 # Shapes real Caffe reports for CaffeNet at batch 1 (../shared/README.md); AlexNet normalises
 # before pooling, so its norm1 is 96x55x55.
 CAFFENET_SHAPES = {

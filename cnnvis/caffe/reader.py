@@ -50,6 +50,7 @@ class CaffeNetDef:
     inputs: list  # [(blob name, shape tuple)] from input:/input_dim:/input_shape:
     layers: list  # [CaffeLayer]
     proto: object = None
+    excluded: list = field(default_factory=list)  # [CaffeLayer] left out of the TEST phase by their rules
 
 
 @dataclass
@@ -110,19 +111,20 @@ def net_from_proto(net, path: str = "<net>") -> CaffeNetDef:
         raise CnnvisError(f"{path}: the net mixes V2 'layer' and V1 'layers' entries; use one format")
     inputs = _declared_inputs(net, path)
     state = net.state
-    layers = []
+    layers, excluded = [], []
     for proto, v1 in [(p, False) for p in net.layer] + [(p, True) for p in net.layers]:
         if v1 and schema.has_unknown_field(proto, V0_LAYER_FIELD):
             raise CnnvisError(f"{path}: layer {proto.name!r} uses the V0 layer format (before 2014); "
                               "upgrade it with Caffe's upgrade_net_proto_text tool")
         if not _included(proto, state, path):
+            excluded.append(_layer(proto, v1, path))
             continue
         layers.append(_layer(proto, v1, path))
     names = [layer.name for layer in layers]
     for i, name in enumerate(names):
         if not name:
             raise CnnvisError(f"{path}: layer #{i + 1} ({layers[i].type}) has no name")
-    return CaffeNetDef(name=net.name, path=path, inputs=inputs, layers=layers, proto=net)
+    return CaffeNetDef(name=net.name, path=path, inputs=inputs, layers=layers, proto=net, excluded=excluded)
 
 
 def _layer(proto, v1: bool, path: str) -> CaffeLayer:

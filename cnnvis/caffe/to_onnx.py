@@ -242,7 +242,7 @@ class _Converter:
         layers, dropped, pruned = self.plan()
         inputs_count = len(self.net.inputs) + sum(
             len(l.tops) if l.type == "Input" else 1 for l in layers if l.type in DATA_LAYERS)
-        if self.input_shape is not None and inputs_count != 1:
+        if self.input_shape is not None and inputs_count > 1:
             raise CnnvisError(f"{self.net.path}: --input-shape sets the shape of the one net input, but the "
                               f"net has {inputs_count} inputs")
         for name, shape in self.net.inputs:
@@ -268,8 +268,11 @@ class _Converter:
                         f"top of data layer {self.labels[bottom]!r}; cnnvis computes the net from its "
                         "image input only")
                 if bottom not in self.blob_tensor:
+                    excluded = [l.name for l in self.net.excluded if bottom in l.tops]
+                    why = (f"; layer {excluded[0]!r} writing it is not in the TEST phase (its include/exclude "
+                           "rules)" if excluded else "")
                     raise CnnvisError(f"{self.net.path}: layer {layer.name!r} reads blob {bottom!r}, which "
-                                      "no earlier layer or net input produces")
+                                      f"no earlier layer or net input produces{why}")
                 inputs.append(self.blob_tensor[bottom])
             outputs = self.top_tensors(layer)
             shapes = handler(layer, inputs, [self.shapes[t] for t in inputs], outputs)
