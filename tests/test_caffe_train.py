@@ -261,3 +261,38 @@ def test_cli_input_shape_and_one_note(tmp_path, capsys):
                  str(tmp_path / "x.npy"), "-o", str(tmp_path / "act2")]) == 2
     err = capsys.readouterr().err
     assert "--input-shape" in err and "only used with a Caffe model" in err
+
+
+def test_v1_train_net(tmp_path):
+    """A V1 ('layers', enum types) training net: DATA with crop_size in data_param (its old
+    place), ACCURACY and SOFTMAX_LOSS dropped."""
+    text = """
+name: "v1"
+layers { name: "mnist" type: DATA top: "data" top: "label"
+  data_param { source: "x" batch_size: 64 crop_size: 6 } transform_param { mean_value: 1 mean_value: 2 }
+  include: { phase: TEST } }
+layers { name: "ip" type: INNER_PRODUCT bottom: "data" top: "ip" inner_product_param { num_output: 3 } }
+layers { name: "acc" type: ACCURACY bottom: "ip" bottom: "label" top: "acc" include: { phase: TEST } }
+layers { name: "loss" type: SOFTMAX_LOSS bottom: "ip" bottom: "label" top: "loss" }
+"""
+    r = rng(35)
+    w, b = r.standard_normal((3, 72)), r.standard_normal(3)
+    from google.protobuf import text_format
+
+    proto, _ = _write(tmp_path, "v1train", text)
+    net = messages().NetParameter()
+    text_format.Parse(text, net)
+    for layer in net.layers:
+        if layer.name == "ip":
+            for a in (w, b):
+                blob = layer.blobs.add()
+                blob.shape.dim.extend(a.shape)
+                blob.data.extend(a.ravel().tolist())
+    weights = tmp_path / "v1train.caffemodel"
+    weights.write_bytes(net.SerializeToString())
+    model = load_caffe(proto, weights)
+    assert [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim[1:]] == [2, 6, 6]
+    assert [o.name for o in model.graph.output] == ["ip"]
+    assert "(Accuracy, SoftmaxWithLoss)" in caffe_notes(model)[0]
+    x = r.standard_normal((2, 2, 6, 6))
+    assert_close(_forward(model, x)[0], x.reshape(2, -1) @ w.T + b, "ip")
