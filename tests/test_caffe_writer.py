@@ -295,3 +295,45 @@ layer { name: "soft" type: "Softmax" bottom: "tanh" top: "soft" softmax_param { 
         got = v2[final2[final1[name]]].astype(np.float64)
         assert got.shape == want.shape, name
         assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max(), name
+
+
+def test_shape_layers_round_trip(tmp_path):
+    """Flatten (axis, end_axis), Reshape (0, -1, axis, num_axes), InnerProduct (axis, transpose),
+    Slice (slice_dim), Concat (concat_dim), Softmax (axis), Power and FLOOR pooling survive
+    Caffe -> ONNX -> Caffe -> ONNX with bit-identical values."""
+    r = np.random.default_rng(5)
+    body = """
+layer { name: "flat_mid" type: "Flatten" bottom: "data" top: "flat_mid" flatten_param { axis: 1 end_axis: 2 } }
+layer { name: "reshape" type: "Reshape" bottom: "data" top: "reshape" reshape_param { axis: 2 num_axes: 1 shape { dim: 2 dim: -1 } } }
+layer { name: "reshape0" type: "Reshape" bottom: "data" top: "reshape0" reshape_param { shape { dim: 0 dim: 0 dim: -1 } } }
+layer { name: "ip_t" type: "InnerProduct" bottom: "reshape0" top: "ip_t" inner_product_param { num_output: 3 axis: 2 transpose: true } }
+layer { name: "slice" type: "Slice" bottom: "data" top: "a" top: "b" slice_param { slice_dim: 1 slice_point: 1 } }
+layer { name: "cat" type: "Concat" bottom: "b" bottom: "a" top: "cat" concat_param { concat_dim: 1 } }
+layer { name: "soft" type: "Softmax" bottom: "cat" top: "soft" softmax_param { axis: 3 } }
+layer { name: "power" type: "Power" bottom: "soft" top: "power" power_param { power: 3 scale: 2 shift: -0.5 } }
+layer { name: "floor" type: "Pooling" bottom: "power" top: "floor" pooling_param { pool: MAX kernel_size: 2 stride: 2 round_mode: FLOOR } }
+"""
+    w, b = r.standard_normal((20, 3)), r.standard_normal(3)  # transposed storage (K, N); K = 4 * 5
+    proto, weights = write_net(tmp_path, body, (1, 3, 4, 5), {"ip_t": [w, b]})
+    first = load_caffe(proto, weights)
+    second, proto2, _ = _round_trip(first, tmp_path)
+    x = r.standard_normal((2, 3, 4, 5)).astype(np.float32)
+    final1, final2 = _final(first), _final(second)
+    blob_names = [n for n in final1 if n != "data" and final1[n] in final2]
+    assert set(final1) - set(blob_names) == {"data"}
+    v1 = _run(first, x, [final1[n] for n in blob_names])
+    v2 = _run(second, x, [final2[final1[n]] for n in blob_names])
+    for name in blob_names:
+        np.testing.assert_array_equal(v2[final2[final1[name]]], v1[final1[name]], err_msg=name)
+    x64 = x.astype(np.float64)
+    cat = np.concatenate([x64[:, 1:], x64[:, :1]], axis=1)
+    soft = np.exp(cat) / np.exp(cat).sum(axis=3, keepdims=True)
+    power = (2 * soft - 0.5) ** 3
+    want = {"flat_mid": x64.reshape(2, 12, 5), "reshape": x64.reshape(2, 3, 2, 2, 5),
+            "ip_t": x64.reshape(2, 3, 20) @ w + b, "power": power,
+            # FLOOR: 4x5 -> 2x2 windows of 2x2, the last column unused
+            "floor": power[:, :, :4, :4].reshape(2, 3, 2, 2, 2, 2).max(axis=(3, 5))}
+    for name, value in want.items():
+        got = v2[final2[final1[name]]].astype(np.float64)
+        assert got.shape == value.shape, name
+        assert np.abs(got - value).max() <= 1e-5 * np.abs(value).max(), name
