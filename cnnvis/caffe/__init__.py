@@ -81,7 +81,4 @@ def caffe_metadata(model) -> dict:
 def caffe_notes(model) -> list:
     """The one-line notes of a converted train/test net (what was dropped, where the input shape
     came from); empty for deploy nets and other models."""
-    for p in model.metadata_props:
-        if p.key == META_NOTES:
-            return list(json.loads(p.value))
-    return []
+    return list(caffe_metadata(model).get(META_NOTES, []))
