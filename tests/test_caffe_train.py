@@ -296,3 +296,25 @@ layers { name: "loss" type: SOFTMAX_LOSS bottom: "ip" bottom: "label" top: "loss
     assert "(Accuracy, SoftmaxWithLoss)" in caffe_notes(model)[0]
     x = r.standard_normal((2, 2, 6, 6))
     assert_close(_forward(model, x)[0], x.reshape(2, -1) @ w.T + b, "ip")
+
+
+def test_label_given_as_an_input_is_left_out(tmp_path):
+    """Nets that feed images and labels through Input layers (or input: fields) and end in a loss:
+    the label input, read only by the loss, is not an input of the deploy net."""
+    text = ('layer { name: "in" type: "Input" top: "data" top: "label" '
+            'input_param { shape { dim: 4 dim: 2 dim: 3 dim: 3 } shape { dim: 4 } } }\n'
+            'layer { name: "sig" type: "Sigmoid" bottom: "data" top: "sig" }\n'
+            'layer { name: "loss" type: "SigmoidCrossEntropyLoss" bottom: "sig" bottom: "label" top: "loss" }\n')
+    proto, _ = _write(tmp_path, "input_label", text)
+    model = load_caffe(proto)
+    assert [i.name for i in model.graph.input] == ["data"] and [o.name for o in model.graph.output] == ["sig"]
+    assert "input 'label' (read only by dropped layers) left out" in caffe_notes(model)[0]
+    old = tmp_path / "old_label.prototxt"
+    old.write_text('input: "data"\ninput_shape { dim: 1 dim: 2 dim: 3 dim: 3 }\ninput: "label"\ninput_shape { dim: 1 }\n'
+                   'layer { name: "tanh" type: "TanH" bottom: "data" top: "tanh" }\n'
+                   'layer { name: "loss" type: "EuclideanLoss" bottom: "tanh" bottom: "label" top: "loss" }\n')
+    model = load_caffe(old, input_shape="2,4,4")
+    assert [i.name for i in model.graph.input] == ["data"]
+    assert [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim[1:]] == [2, 4, 4]
+    x = rng(36).standard_normal((2, 2, 4, 4))
+    assert_close(_forward(model, x)[0], np.tanh(x), "tanh")

@@ -106,6 +106,7 @@ class _Converter:
         self.input_notes = []  # how each input's shape was found, for the note of a train/test net
         self.global_stats_forced = []  # BatchNorm layers of a training net using stored statistics
         self.training = False
+        self.unused_inputs = set()  # inputs of a train/test net read only by dropped layers
         self.nodes, self.initializers, self.graph_inputs = [], [], []
         self.shapes = {}  # tensor -> shape tuple, dim 0 None (the batch)
         self.blob_tensor = {}  # blob -> tensor holding its current value
@@ -236,17 +237,25 @@ class _Converter:
         kept.reverse()
         kept_ids = {id(l) for l in kept}
         pruned = [l for l in layers if id(l) not in kept_ids and not is_dropped_type(l.type)]
+        # declared inputs that only dropped layers read (a label given as an input)
+        read = {b for l in kept for b in l.bottoms}
+        declared = [n for n, _ in self.net.inputs] + [t for l in layers if l.type == "Input" for t in l.tops]
+        self.unused_inputs = {n for n in declared if n not in read}
         return kept, dropped, pruned
 
     def run(self):
         layers, dropped, pruned = self.plan()
-        inputs_count = len(self.net.inputs) + sum(
-            len(l.tops) if l.type == "Input" else 1 for l in layers if l.type in DATA_LAYERS)
+        inputs_count = len([n for n, _ in self.net.inputs if n not in self.unused_inputs]) + sum(
+            len([t for t in l.tops if t not in self.unused_inputs]) if l.type == "Input" else 1
+            for l in layers if l.type in DATA_LAYERS)
         if self.input_shape is not None and inputs_count > 1:
             raise CnnvisError(f"{self.net.path}: --input-shape sets the shape of the one net input, but the "
                               f"net has {inputs_count} inputs")
+        for name in sorted(self.unused_inputs):
+            self.input_notes.append(f"input {name!r} (read only by dropped layers) left out")
         for name, shape in self.net.inputs:
-            self.add_input(name, shape, self.net.path)
+            if name not in self.unused_inputs:
+                self.add_input(name, shape, self.net.path)
         for index, layer in enumerate(layers):
             self.layer_types[layer.name] = layer.type
             if layer.type == "Input":
@@ -351,9 +360,11 @@ class _Converter:
             raise CnnvisError(f"{self.net.path}: Input layer {layer.name!r} has {len(layer.tops)} tops "
                               f"but {len(shapes)} shapes")
         for i, top in enumerate(layer.tops):
+            if top in self.unused_inputs:
+                continue
             shape = shapes[i if len(shapes) > 1 else 0]
             self.add_input(top, tuple(shape.dim), f"{self.net.path}: layer {layer.name!r}")
-        self.layer_tensors[layer.name] = list(layer.tops)
+        self.layer_tensors[layer.name] = [t for t in layer.tops if t not in self.unused_inputs]
 
     def data_layer(self, layer, later):
         """A data layer's first top becomes the net's input; its other tops are labels."""
