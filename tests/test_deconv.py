@@ -179,8 +179,9 @@ def test_bad_units_and_layers(tiny):
         deconv.project(tiny, x, "conv9", [(0, 0, 0)])
     with pytest.raises(CnnvisError, match="map 7: layer relu2 has maps 0..3"):
         deconv.deconv_image(tiny, x[0], "relu2", maps=[7])
-    with pytest.raises(CnnvisError, match="--rule"):
+    with pytest.raises(CnnvisError, match="^rule='magic': expected one of deconvnet, guided, gradient$") as err:
         deconv.project(tiny, x, "relu2", [(0, 0, 0)], rule="magic")
+    assert err.value.params == ("rule",)
 
 
 def test_deprocess_inverts_the_documented_pipeline():

@@ -114,8 +114,9 @@ def test_missing_gl_libraries_are_reported_before_vtk_can_crash(monkeypatch):
 
 def test_show_needs_a_display(monkeypatch):
     monkeypatch.delenv("DISPLAY", raising=False)
-    with pytest.raises(CnnvisError, match="--show needs a display"):
+    with pytest.raises(CnnvisError, match="^show=True needs a display") as err:
         R.show_window(np.ones((2, 3, 3)))
+    assert err.value.params == ("show",)  # the CLI names its --show flag (tests/test_cli_errors.py)
 
 
 def test_egl_is_selected_without_a_display(gl, monkeypatch):

@@ -348,12 +348,7 @@ def cmd_render(args) -> int:
     from ..manifest import RunOutput
 
     modes = list(dict.fromkeys(args.mode or ["volume"]))
-    if args.show:
-        problem = render.gl_problem(show=True)
-        if problem:
-            raise CnnvisError(problem)
-    else:
-        render.check_gl()  # before any model work: VTK would crash later instead of raising
+    render.check_gl(show=args.show)  # before any model work: VTK would crash later instead of raising
     if args.frames < 2 and args.gif:
         raise CnnvisError(f"--frames {args.frames}: an orbit needs at least 2")
     if not args.fps > 0:

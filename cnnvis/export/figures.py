@@ -81,7 +81,7 @@ def colorize(image, cmap: str = "viridis", separator=(255, 255, 255)) -> np.ndar
             try:
                 rgb = colormaps[cmap](np.nan_to_num(image))[..., :3]
             except KeyError:
-                raise CnnvisError(f"--cmap {cmap!r}: not a matplotlib colormap") from None
+                raise CnnvisError(f"cmap={cmap!r}: not a matplotlib colormap", params="cmap") from None
     else:
         rgb = np.nan_to_num(image)
     out = np.clip(np.rint(rgb * 255.0), 0, 255).astype(np.uint8)
