@@ -216,6 +216,14 @@ def test_render_show_opens_a_window_per_stack_and_mode_and_writes_nothing(tmp_pa
     assert sorted(p.name for p in shots.iterdir()) == ["0.npy", "1.npy"]
     for picture in pictures:
         assert picture.shape[:2] == (120, 160) and picture[..., :3].std() > 10  # drawn, not blank
+    # the threshold window shows the block's cells (the only coloured things above the colour
+    # bar) in the upper left of the drawing, where the block is in the stack (rows 2-5 of 12,
+    # columns 3-7 of 14), also under the default oblique camera
+    rgb = pictures[1][:90, :, :3].astype(int)  # rows 90 and below: the colour bar and its labels
+    (top, left), (bottom, right) = (f(np.argwhere(rgb.max(axis=2) < 235), axis=0) for f in (np.min, np.max))
+    ys, xs = np.nonzero(np.ptp(rgb, axis=2) > 60)
+    assert ys.size > 200
+    assert (xs.mean() - left) / (right - left) < 0.4 and (ys.mean() - top) / (bottom - top) < 0.45
     assert not out.exists() or list(out.iterdir()) == []
 
 
