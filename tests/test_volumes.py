@@ -253,8 +253,8 @@ def test_bad_arguments_raise_and_write_nothing(tmp_path, stack, kwargs, message)
 def test_unknown_format_raises_and_writes_nothing(tmp_path, stack):
     with pytest.raises(CnnvisError, match=r"unknown volume format '.xyz'"):
         V.write_volume(tmp_path / "vol.xyz", stack)
-    with pytest.raises(CnnvisError, match="volume format 'raw'"):
-        V.write_volumes(tmp_path / "vol", stack, formats=("hdf", "raw"))
+    with pytest.raises(CnnvisError, match="volume format 'no-such-format'"):
+        V.write_volumes(tmp_path / "vol", stack, formats=("hdf", "no-such-format"))
     assert _files(tmp_path) == []
     with pytest.raises(CnnvisError, match="unknown volume format"):
         V.read_volume(tmp_path / "vol.xyz")
