@@ -338,7 +338,16 @@ def test_blocks_keep_values_through_the_outer_grid(tmp_path):
     np.testing.assert_allclose(blocks[0][:3, 9:12], (right[0, 0] - lo) / (hi - lo))
     layout = plots.save_blocks(tmp_path / "blocks.png", blocks, labels=["a", "b"], ncols=1, scale=2)
     assert layout["rows"] == 2 and layout["cols"] == 1
-    assert _png(tmp_path / "blocks.png").shape == ((2 * 7 + 4) * 2, 16 * 2, 3)
+    pic = _png(tmp_path / "blocks.png").astype(int)
+    assert pic.shape == ((2 * 7 + 4) * 2, 16 * 2, 3)
+    # block b sits 7 + 4 rows below block b - 1; each value drawn as its grey level, the
+    # separators (NaN) white; the label's corner (text of the default font) aside
+    for b in range(2):
+        shown = pic[b * 11 * 2:(b * 11 + 7) * 2:2, ::2, 0]
+        expected = np.where(np.isnan(blocks[b]), 255, np.rint(255 * np.nan_to_num(blocks[b])))
+        keep = np.ones(expected.shape, bool)
+        keep[:6, :5] = False
+        np.testing.assert_array_equal(shown[keep], expected[keep])
 
 
 def test_analyses_compute_and_only_export_draws():
