@@ -85,9 +85,13 @@ def test_flag_message_maps_parameters_to_the_commands_flags(message, params, pri
 
 
 def test_params_is_a_tuple_and_the_message_one_line():
+    import pickle
+
     err = CnnvisError("method='x':\n  expected", params="method")
     assert err.params == ("method",) and str(err) == "method='x': expected"
     assert CnnvisError("plain").params == ()
+    back = pickle.loads(pickle.dumps(err))  # as from a worker process
+    assert str(back) == str(err) and back.params == ("method",)
 
 
 def _library_message(call):
