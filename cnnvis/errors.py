@@ -6,12 +6,18 @@ class CnnvisError(Exception):
 
     The CLI prints ``cnnvis: error: <message>`` and exits with code 2; other exceptions are bugs
     and keep their traceback.
+
+    A library function names its own arguments in Python's keyword form (``method='x'``) and
+    lists them in ``params``; the CLI names its flags instead (``--method 'x'``, see
+    :func:`cnnvis.cli.flag_message`), so library messages need not know the flags.
     """
 
     exit_code = 2
 
-    def __init__(self, message: str):
+    def __init__(self, message: str, *, params=()):
         super().__init__(" ".join(str(message).split()))
+        #: the library parameters the message names as ``name=value``
+        self.params = (params,) if isinstance(params, str) else tuple(params)
 
 
 def closest_names(name: str, candidates, n: int = 5) -> list:

@@ -77,6 +77,21 @@ def test_activations_writes_grids_stacks_and_manifest(tiny, tmp_path, capsys):
     assert manifest["params"]["layers"] == ["conv1", "prob"]
     assert {f["kind"] for f in manifest["files"]} == {"grid", "stack", "stack-hdf5"}
     assert manifest["model"]["sha256"] and manifest["model"]["trained"] is False
+    # the picture: tile k of the grid (2 rows × 3 columns, 1-pixel separators) is channel k of the
+    # stack, min-max scaled on its own, through viridis
+    from matplotlib import colormaps
+
+    grid = next(f["grid"] for f in manifest["files"] if f["path"] == "im0/conv1.npy")
+    assert (grid["rows"], grid["cols"]) == (2, 3)
+    img = np.asarray(Image.open(out / "im0" / "conv1.png").convert("RGB")).astype(int)
+    s = grid["scale"]
+    assert img.shape == ((2 * 16 + 1) * s, (3 * 16 + 2) * s, 3)
+    for k in range(6):
+        r, c = divmod(k, 3)
+        tile = img[r * 17 * s:(r * 17 + 16) * s:s, c * 17 * s:(c * 17 + 16) * s:s]
+        m = stack[k].astype(np.float64)
+        norm = (m - m.min()) / (m.max() - m.min())
+        np.testing.assert_allclose(tile, np.rint(colormaps["viridis"](norm)[..., :3] * 255), atol=1)
 
 
 def test_rerun_gives_identical_files(tiny, tmp_path, capsys):
@@ -111,8 +126,7 @@ def test_input_array_equals_images(tiny, tmp_path, capsys):
 def test_filters_picture(tiny, tmp_path, capsys):
     out = tmp_path / "f"
     assert run(["filters", "--model", tiny["model"], "--out", str(out)], capsys)[0] == 0
-    img = np.asarray(Image.open(out / "conv1_filters.png"))
-    assert img.ndim == 3 and img.std() > 5
+    img = np.asarray(Image.open(out / "conv1_filters.png").convert("RGB")).astype(int)
     from onnx import numpy_helper
 
     from cnnvis.model import Model
@@ -121,6 +135,18 @@ def test_filters_picture(tiny, tmp_path, capsys):
     model = Model.from_file(tiny["model"])
     weights = numpy_helper.to_array(initializer_map(model.proto)[model.layer("conv1").weight])
     np.testing.assert_array_equal(np.load(out / "conv1_weights.npy"), weights)
+    # tile k (2×3 grid, 1-pixel separators) is filter k as RGB (input channels 0, 1, 2 of the
+    # 'raw' RGB preset), min-max scaled over the whole filter
+    files = json.loads((out / "manifest.json").read_text())["runs"]["filters"]["files"]
+    grid = next(f["grid"] for f in files if f["path"] == "conv1_weights.npy")
+    s = grid["scale"]
+    assert (grid["rows"], grid["cols"]) == (2, 3) and img.shape == (7 * s, 11 * s, 3)
+    for k in range(6):
+        r, c = divmod(k, 3)
+        tile = img[r * 4 * s:(r * 4 + 3) * s:s, c * 4 * s:(c * 4 + 3) * s:s]
+        w = weights[k].astype(np.float64)
+        expected = np.rint(255 * (w - w.min()) / (w.max() - w.min())).transpose(1, 2, 0)
+        np.testing.assert_allclose(tile, expected, atol=1)
 
 
 @pytest.mark.parametrize("case", ["missing", "corrupt", "truncated", "text", "empty-folder", "unknown-layer",

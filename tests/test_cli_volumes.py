@@ -216,6 +216,14 @@ def test_render_show_opens_a_window_per_stack_and_mode_and_writes_nothing(tmp_pa
     assert sorted(p.name for p in shots.iterdir()) == ["0.npy", "1.npy"]
     for picture in pictures:
         assert picture.shape[:2] == (120, 160) and picture[..., :3].std() > 10  # drawn, not blank
+    # the threshold window shows the block's cells (the only coloured things above the colour
+    # bar) in the upper left of the drawing, where the block is in the stack (rows 2-5 of 12,
+    # columns 3-7 of 14), also under the default oblique camera
+    rgb = pictures[1][:90, :, :3].astype(int)  # rows 90 and below: the colour bar and its labels
+    (top, left), (bottom, right) = (f(np.argwhere(rgb.max(axis=2) < 235), axis=0) for f in (np.min, np.max))
+    ys, xs = np.nonzero(np.ptp(rgb, axis=2) > 60)
+    assert ys.size > 200
+    assert (xs.mean() - left) / (right - left) < 0.4 and (ys.mean() - top) / (bottom - top) < 0.45
     assert not out.exists() or list(out.iterdir()) == []
 
 
@@ -266,7 +274,51 @@ def test_scripts_are_thin_wrappers(tmp_path):
         assert "from cnnvis.cli import main" in text and "sys.exit(main([" in text
 
 
-def test_cli_volume_formats_are_the_writers():
-    from cnnvis.cli import common
+def _format_choices(parser, command):
+    sub = next(a for a in parser._actions if a.dest == "command").choices[command]
+    return next(a for a in sub._actions if a.dest == "format")
 
-    assert sorted(common.VOLUME_FORMATS) == sorted(V.FORMATS.values())
+
+def test_cli_volume_formats_are_the_registry():
+    from cnnvis.cli import build_parser
+
+    parser = build_parser()
+    for command in ("volume", "order", "conv-gradients", "compare-classes"):
+        action = _format_choices(parser, command)
+        assert list(action.choices) == ["hdf", "vti", "vox", "npy"] == list(V.FORMATS), command
+        assert "default: all of hdf, vti, vox, npy" in action.help
+
+
+def test_a_format_added_to_the_registry_is_written_read_and_offered_by_the_cli(tmp_path, monkeypatch):
+    """One registry entry (with its writer and reader) is all the CLI needs: ``--format``, the
+    default of every format, the written files with their companions and the manifest's kinds."""
+    def write_txt(path, prep):
+        nz, ny, nx = prep.values.shape
+        V.write_text(path, "\n".join(" ".join(repr(float(v)) for v in row)
+                                      for row in prep.values.reshape(nz * ny, nx)) + "\n")
+        V.write_text(path.with_name(path.stem + ".shape"), f"{nz} {ny} {nx}\n")
+        return [path, path.with_name(path.stem + ".shape")]
+
+    def read_txt(path):
+        nz, ny, nx = (int(v) for v in path.with_name(path.stem + ".shape").read_text().split())
+        return V.VolumeData(values=np.loadtxt(path, ndmin=2).reshape(nz, ny, nx))
+
+    monkeypatch.setitem(V.FORMATS, "txt", V.VolumeFormat("txt", ".txt", write_txt, read_txt, "text volume",
+                                                         ((".shape", "its shape"),)))
+    stack = np.arange(2 * 3 * 4, dtype=np.float64).reshape(2, 3, 4) / 7.0
+    np.save(tmp_path / "s.npy", stack)
+    assert V.format_of(tmp_path / "a.txt") == "txt"
+    assert V.companion_paths(tmp_path / "a.txt") == [tmp_path / "a.shape"]
+    assert V.file_notes()[".txt"] == "text volume" and V.file_notes()[".shape"] == "its shape"
+    code = main(["volume", "--input-array", str(tmp_path / "s.npy"), "-f", "txt", "-f", "npy",
+                 "--out", str(tmp_path / "o")])
+    assert code == 0
+    written = sorted(p.name for p in (tmp_path / "o" / "s").iterdir())
+    assert written == ["volume.npy", "volume.shape", "volume.txt"]
+    np.testing.assert_array_equal(V.read_stack(tmp_path / "o" / "s" / "volume.txt"), stack)
+    kinds = {e["path"]: e["kind"] for e in json.loads((tmp_path / "o" / "manifest.json").read_text())
+             ["runs"]["volume"]["files"]}
+    assert kinds["s/volume.txt"] == "volume-txt" and kinds["s/volume.shape"] == "volume-txt-companion"
+    every = V.write_volumes(tmp_path / "all", stack)  # the default: every format, the new one too
+    assert [p.name for p in every] == ["all.hdf", "all_paraview.py", "all.vti", "all.vox", "all.hd",
+                                       "all.npy", "all.txt", "all.shape"]

@@ -179,8 +179,9 @@ def test_bad_units_and_layers(tiny):
         deconv.project(tiny, x, "conv9", [(0, 0, 0)])
     with pytest.raises(CnnvisError, match="map 7: layer relu2 has maps 0..3"):
         deconv.deconv_image(tiny, x[0], "relu2", maps=[7])
-    with pytest.raises(CnnvisError, match="--rule"):
+    with pytest.raises(CnnvisError, match="^rule='magic': expected one of deconvnet, guided, gradient$") as err:
         deconv.project(tiny, x, "relu2", [(0, 0, 0)], rule="magic")
+    assert err.value.params == ("rule",)
 
 
 def test_deprocess_inverts_the_documented_pipeline():
@@ -216,6 +217,34 @@ def test_deconv_command_outputs(tiny, tmp_path, capsys):
         np.testing.assert_allclose(p, want, rtol=1e-6, atol=1e-7)
     field = receptive_field(tiny, "relu2")
     assert rec["receptive_field"] == field.as_dict()
+    # the picture: block i (grid of blocks, 4-pixel separators) starts with the projection under
+    # unit i's receptive field as RGB, min-max scaled; outside the image white (the label's corner aside)
+    from PIL import Image
+
+    pic = np.asarray(Image.open(out / "x[1]/relu2_deconv.png").convert("RGB")).astype(int)
+    z, cols = rec["grid"]["scale"], rec["grid"]["cols"]
+    (top0, left0, bottom0, right0) = rec["records"][0]["box"]
+    h, w = bottom0 - top0, right0 - left0
+    live = 0
+    for i, (r, p) in enumerate(zip(rec["records"], proj)):
+        top, left, bottom, right = r["box"]
+        crop = np.full((3, h, w), np.nan)
+        ys, xs = slice(max(top, 0), min(bottom, 8)), slice(max(left, 0), min(right, 8))
+        crop[:, ys.start - top:ys.stop - top, xs.start - left:xs.stop - left] = p[:, ys, xs]
+        lo, hi = np.nanmin(crop), np.nanmax(crop)
+        live += bool(hi > lo)
+        if hi > lo:
+            expected = np.where(np.isnan(crop), 255, np.rint(255 * (crop - lo) / (hi - lo)))
+        else:  # a dead unit's projection is zero: the whole tile black, its outside too (normalize's 0)
+            expected = np.zeros_like(crop)
+        expected = expected.transpose(1, 2, 0)
+        by, bx = divmod(i, cols)
+        y0, x0 = by * (h + 4), bx * (2 * w + 3 + 4)
+        shown = pic[y0 * z + z // 2:(y0 + h) * z:z, x0 * z + z // 2:(x0 + w) * z:z]
+        keep = np.ones((h, w), bool)
+        keep[:2, :2] = False
+        np.testing.assert_allclose(shown[keep], expected[keep], atol=1)
+    assert live >= 2
     first = {f: (out / f).read_bytes() for f in files if f != "manifest.json"}
     assert main(argv) == 0
     assert all((out / f).read_bytes() == b for f, b in first.items())  # deterministic

@@ -32,8 +32,38 @@ def test_grid_png_is_deterministic(tmp_path):
     figures.grid_png(a, stack, labels=True)
     figures.grid_png(b, stack, labels=True)
     assert a.read_bytes() == b.read_bytes()
-    img = np.asarray(Image.open(a))
-    assert img.ndim == 3 and img.shape[2] == 3 and img.std() > 10
+
+
+@pytest.mark.parametrize("labels", [False, True])
+def test_grid_png_tile_k_shows_channel_k(tmp_path, labels):
+    """Channel k is dark with one bright pixel at a place of its own; the picture's tile k (row
+    k // cols, column k % cols of the layout) has its brightest pixel exactly there."""
+    from matplotlib import colormaps
+
+    n, h, w = 7, 9, 10
+    stack = np.zeros((n, h, w))
+    spots = [(3 + k % 5, 2 + k) for k in range(n)]  # away from the label in the top-left corner
+    for k, (y, x) in enumerate(spots):
+        stack[k, y, x] = 1.0 + k  # per-tile scaling: every spot is the top of the colour map
+        stack[k, 0, w - 1] = -0.5  # ... and a dark corner sets the bottom
+    layout = figures.grid_png(tmp_path / "g.png", stack, pad=1, labels=labels)
+    rows, cols, scale = layout["rows"], layout["cols"], layout["scale"]
+    assert (rows, cols) == (3, 3)
+    img = np.asarray(Image.open(tmp_path / "g.png").convert("RGB")).astype(int)
+    assert img.shape == ((rows * h + rows - 1) * scale, (cols * w + cols - 1) * scale, 3)
+    viridis = np.rint(np.asarray(colormaps["viridis"]([0.0, 1.0]))[:, :3] * 255)
+    for k, (y, x) in enumerate(spots):
+        r, c = divmod(k, cols)
+        tile = img[r * (h + 1) * scale:(r * (h + 1) + h) * scale:scale,
+                   c * (w + 1) * scale:(c * (w + 1) + w) * scale:scale]
+        bright = np.argwhere((tile == viridis[1]).all(axis=-1))
+        assert bright.tolist() == [[y, x]], k
+        assert (tile[0, w - 1] == viridis[0]).all()
+        zero = 0.5 / (1.5 + k)  # where 0 lands on the tile's own min-max scale
+        expected = np.rint(np.asarray(colormaps["viridis"](zero))[:3] * 255)
+        assert (tile[h - 1, 0] == expected).all(), k
+    # the two empty cells of the 3×3 grid stay the white separator colour
+    assert (img[2 * (h + 1) * scale:, 1 * (w + 1) * scale:] == 255).all()
 
 
 def test_filters_rgb_stack_swaps_bgr():

@@ -168,5 +168,26 @@ def test_cli_invariance_tables_and_determinism(tmp_path):
     assert data["layers"] == ["relu"] and len(data["records"]) == 10
     for name in ("invariance.csv", "invariance.json", "invariance.png", "examples/x[0]_translation.png"):
         assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), name
+    # the example tiles show the blob moved down by -2, 0, 2 pixels, then enlarged 1 and 1.5 times
+    from PIL import Image
+
+    def tiles(name, n):
+        grey = np.asarray(Image.open(outs[0] / "examples" / name).convert("L")).astype(np.float64)
+        scale = grey.shape[1] // (n * 16 + n - 1)
+        assert grey.shape == (16 * scale, (n * 16 + n - 1) * scale)
+        return [grey[scale // 2::scale, t * 17 * scale + scale // 2:(t * 17 + 16) * scale:scale] for t in range(n)]
+
+    def centre_and_spread(tile):
+        w = tile - tile.min()
+        rows, cols = np.mgrid[:16, :16]
+        cy, cx = (w * rows).sum() / w.sum(), (w * cols).sum() / w.sum()
+        return cy, cx, (w * (rows - cy) ** 2).sum() / w.sum()
+
+    moved = [centre_and_spread(t) for t in tiles("x[0]_translation.png", 3)]
+    np.testing.assert_allclose([m[0] - moved[1][0] for m in moved], [-2.0, 0.0, 2.0], atol=0.25)
+    np.testing.assert_allclose([m[1] for m in moved], 7.5, atol=0.25)
+    assert abs(moved[1][0] - 7.5) < 0.25  # no shift: the blob stays centred
+    one, big = (centre_and_spread(t) for t in tiles("x[0]_scale.png", 2))
+    assert big[2] > 1.8 * one[2]  # 1.5 times larger: about 2.25 times the variance along the rows
     assert main(["invariance", "--model", str(path), "--input-array", str(tmp_path / "x.npy"),
                  "--out", str(tmp_path / "bad"), "--layer", "nope"]) == 2

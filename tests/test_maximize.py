@@ -169,6 +169,22 @@ def test_cli_maximize_grid_and_files(tmp_path):
         assert _cos(patterns[c], w[c]) > 0.7 and _cos(patterns[c], w[c]) > _cos(patterns[c], w[1 - c]) + 0.2
     for name in ("conv_patterns.png", "conv_patterns.npy", "conv_maximize.json"):
         assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes()
+    # tile k of the picture is pattern k as RGB, min-max scaled on its own (grey is 0 in this input
+    # space); the label's cell in each tile's top-left corner aside
+    from PIL import Image
+
+    grid = next(f["grid"] for f in json.loads((outs[0] / "manifest.json").read_text())["runs"]["maximize"]["files"]
+                if f["path"] == "conv_patterns.npy")
+    pic = np.asarray(Image.open(outs[0] / "conv_patterns.png").convert("RGB")).astype(np.float64)
+    z = grid["scale"]
+    assert grid["cols"] == 2 and pic.shape == (8 * z, 17 * z, 3)
+    for k in range(2):
+        tile = pic[z // 2::z, k * 9 * z + z // 2:(k * 9 + 8) * z:z]
+        p = patterns[k].transpose(1, 2, 0).astype(np.float64)
+        expected = np.rint(255 * (p - p.min()) / (p.max() - p.min()))
+        keep = np.ones((8, 8), bool)
+        keep[0, :2] = False  # the label
+        np.testing.assert_allclose(tile[keep], expected[keep], atol=1)
     assert main(["maximize", "--model", str(path), "--objective", "logit", "--index", "2", "--steps", "3",
                  "--out", str(tmp_path / "logit")]) == 0
     assert json.loads((tmp_path / "logit" / "fc_maximize.json").read_text())["labels"] == ["class 2"]

@@ -263,6 +263,20 @@ def test_cli_occlusion_files_match_the_api_and_rerun_identically(tmp_path):
     assert [s["target"] for s in summary["images"]] == [1, 1]
     for rel in files:
         assert (outs[0] / rel).read_bytes() == (outs[1] / rel).read_bytes(), rel
+    # the pictures show the maps: each window's cell of probability.png is jet of its min-max
+    # scaled probability, each cell of top_class.png the tab20 colour of its class (classes in order)
+    from matplotlib import colormaps
+    from PIL import Image
+
+    prob, top = np.load(outs[0] / "x[1]/probability.npy"), np.load(outs[0] / "x[1]/top_class.npy")
+    for png, expected in (
+            ("probability.png", colormaps["jet"]((prob - prob.min()) / (prob.max() - prob.min()))[..., :3]),
+            ("top_class.png", np.array([colormaps["tab20"](sorted(set(top.ravel().tolist())).index(k))[:3]
+                                        for k in top.ravel()]).reshape(*top.shape, 3))):
+        pic = np.asarray(Image.open(outs[0] / "x[1]" / png).convert("RGB")).astype(int)
+        zoom = pic.shape[0] // prob.shape[0]
+        assert pic.shape[:2] == (zoom * prob.shape[0], zoom * prob.shape[1]) and zoom * max(prob.shape) >= 224
+        np.testing.assert_allclose(pic[zoom // 2::zoom, zoom // 2::zoom], np.rint(255 * expected), atol=1)
     # the default window and stride scale with the input (35 and 8 at 227)
     assert main(["occlusion", "--model", str(path), "--input-array", str(tmp_path / "x.npy"),
                  "--out", str(tmp_path / "default"), "--layer", "none"]) == 0

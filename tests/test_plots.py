@@ -80,6 +80,80 @@ def _occlusion_maps(activation: bool) -> OcclusionMaps:
                          activation=rng.uniform(size=(3, 3)) if activation else None, image_hw=(7, 7))
 
 
+OBJECT = (slice(2, 5), slice(7, 10))  # rows 2..4, columns 7..9 of a 12×12 picture
+
+
+def _object_model():
+    """1×12×12 → relu(1×1 conv) → flatten → logits z0 = Σ of the object's pixels, z1 = 5: class 0
+    wins while the object is visible (9) and loses when the grey window covers all of it (4.5)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from cnnvis.model import Model
+    from cnnvis.onnxgraph import make_model
+    from cnnvis.preprocess import preset
+
+    mask = np.zeros((12, 12), np.float32)
+    mask[OBJECT] = 1.0
+    inits = {"c.w": np.ones((1, 1, 1, 1)), "c.b": np.zeros(1), "fc.w": np.stack([mask.ravel(), np.zeros(144)]),
+             "fc.b": np.array([0.0, 5.0])}
+    nodes = [helper.make_node("Conv", ["data", "c.w", "c.b"], ["conv"], name="conv", kernel_shape=[1, 1]),
+             helper.make_node("Relu", ["conv"], ["relu"], name="relu"),
+             helper.make_node("Flatten", ["relu"], ["flat"], name="flat", axis=1),
+             helper.make_node("Gemm", ["flat", "fc.w", "fc.b"], ["fc"], name="fc", transB=1),
+             helper.make_node("Softmax", ["fc"], ["prob"], name="prob", axis=1)]
+    graph = helper.make_graph(nodes, "object", [helper.make_tensor_value_info("data", TensorProto.FLOAT, ["N", 1, 12, 12])],
+                              [helper.make_tensor_value_info("prob", TensorProto.FLOAT, ["N", 2])],
+                              [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in inits.items()])
+    proto = make_model(graph)
+    onnx.checker.check_model(proto)
+    return Model(proto, name="object", sidecar={"preprocessing": preset("grey28", (1, 12, 12)).to_dict()})
+
+
+def _sample_panel(png, box, hw):
+    """The PNG's colour at the centre of each of the ``hw`` cells of an image panel at ``box``."""
+    left, top, right, bottom = box
+    h, w = hw
+    ys = np.floor(top + (np.arange(h) + 0.5) * (bottom - top) / h).astype(int)
+    xs = np.floor(left + (np.arange(w) + 0.5) * (right - left) / w).astype(int)
+    return png[ys[:, None], xs[None, :]].astype(int)
+
+
+def test_occlusion_figure_probability_panel_is_darkest_where_the_object_was_covered(tmp_path):
+    from cnnvis.analysis.occlusion import Occlusion
+
+    image = np.zeros((1, 12, 12), np.float32)
+    image[0][OBJECT] = 1.0
+    res = Occlusion(_object_model(), window=3, stride=1, layer="relu").run(image, target=0)
+    rgb = np.repeat(image[0][..., None], 3, axis=-1)
+    boxes = plots.occlusion_figure(tmp_path / "f.png", res, rgb, plots.class_colours([0, 1]),
+                                   lambda k: f"class {k}", "gray")
+    assert list(boxes) == ["input", "activation", "probability", "classes"]
+    png = _png(tmp_path / "f.png")
+    # the input panel shows the picture: the object white, the rest black
+    np.testing.assert_array_equal(_sample_panel(png, boxes["input"], (12, 12))[..., 0], 255 * image[0])
+    prob = _sample_panel(png, boxes["probability"], (12, 12))
+    assert (prob[..., 0] == prob[..., 1]).all() and (prob[..., 1] == prob[..., 2]).all()  # grey colour map
+    grey = prob[..., 0]
+    darkest = np.argwhere(grey == grey.min())
+    assert ((darkest[:, 0] >= 2) & (darkest[:, 0] <= 4) & (darkest[:, 1] >= 7) & (darkest[:, 1] <= 9)).all()
+    assert grey[3, 8] == grey.min() and grey.max() == 255 and grey[10, 1] == 255  # far from the object: untouched
+    # every cell: the mean probability of the windows covering it, min-max scaled (own loop)
+    total, count = np.zeros((12, 12)), np.zeros((12, 12))
+    for i, y in enumerate(res.ys):
+        for j, x in enumerate(res.xs):
+            total[y:y + 3, x:x + 3] += res.probability[i, j]
+            count[y:y + 3, x:x + 3] += 1
+    mean = total / count
+    np.testing.assert_allclose(grey, 255 * (mean - mean.min()) / (mean.max() - mean.min()), atol=1.5)
+    # most probable class: class 1 (second colour) exactly where every covering window lost class 0
+    classes = _sample_panel(png, boxes["classes"], (12, 12))
+    colours = plots.class_colours([0, 1])
+    is_one = (np.abs(classes - np.asarray(colours[1])) <= 1).all(axis=-1)
+    assert is_one[3, 8] and not is_one[10, 1]
+    np.testing.assert_array_equal(is_one, res.nearest_window_classes() == 1)
+
+
 @pytest.mark.parametrize("activation", [True, False])
 def test_occlusion_figure_is_the_same_file_on_rerun(tmp_path, activation):
     res = _occlusion_maps(activation)
@@ -102,6 +176,77 @@ def test_invariance_figure_has_a_row_per_transform_and_is_the_same_file_on_rerun
         plots.invariance_figure(tmp_path / name, [("cat.png", res)], sweeps, ["conv1", "fc7"])
     assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
     assert _png(tmp_path / "a.png").shape[:2] == (int(100 * 2.6 * 2), int(100 * 3.2 * 3))
+
+
+def test_invariance_figure_plots_each_curve_in_its_panel(tmp_path):
+    """Two images (matplotlib's first two colours): every measured point is drawn at its
+    (amount, value) in the panel of its transform and layer; the probability axis is 0..1."""
+    sweeps = {"translation": np.array([-4.0, -2.0, 0.0, 2.0, 4.0]), "rotation": np.array([0.0, 45.0, 90.0])}
+    rng = np.random.default_rng(3)
+    results = [SimpleNamespace(amounts=sweeps,
+                               distance={k: {"conv1": rng.uniform(size=len(v)), "fc7": rng.uniform(size=len(v))}
+                                         for k, v in sweeps.items()},
+                               probability={k: rng.uniform(size=len(v)) for k, v in sweeps.items()})
+               for _ in range(2)]
+    drawn = plots.invariance_figure(tmp_path / "inv.png", [("a", results[0]), ("b", results[1])], sweeps,
+                                    ["conv1", "fc7"])
+    png = _png(tmp_path / "inv.png").astype(int)
+    colours = [(31, 119, 180), (255, 127, 14)]
+    for (kind, col), (left, top, right, bottom) in drawn["boxes"].items():
+        xmin, xmax, ymin, ymax = drawn["limits"][(kind, col)]
+        if col == "probability":
+            assert (ymin, ymax) == (-0.02, 1.02)
+        for res, colour in zip(results, colours):
+            values = res.probability[kind] if col == "probability" else res.distance[kind][col]
+            for amount, value in zip(sweeps[kind], values):
+                x = left + (amount - xmin) / (xmax - xmin) * (right - left)
+                y = top + (ymax - value) / (ymax - ymin) * (bottom - top)
+                near = png[int(y) - 2:int(y) + 3, int(x) - 2:int(x) + 3]
+                assert (np.abs(near - colour) <= 40).all(axis=-1).any(), (kind, col, amount)
+
+
+def _bars(png):
+    """``[(height in pixels, colour name)]`` of the tab:blue / tab:orange bars of a bar chart, left
+    to right (a bar: a run of columns holding bar colour; its height: the coloured pixels of its
+    middle column)."""
+    rgb = png.astype(int)
+    colours = {"blue": (31, 119, 180), "orange": (255, 127, 14)}
+    masks = {k: (np.abs(rgb - c) <= 2).all(axis=-1) for k, c in colours.items()}
+    any_bar = masks["blue"] | masks["orange"]
+    cols = np.flatnonzero(any_bar.sum(axis=0) >= 2)
+    runs = np.split(cols, np.flatnonzero(np.diff(cols) > 1) + 1)
+    bars = []
+    for run in runs:
+        mid = run[len(run) // 2]
+        name = max(masks, key=lambda k: masks[k][:, mid].sum())
+        bars.append((int(masks[name][:, mid].sum()), name))
+    return bars
+
+
+@pytest.mark.parametrize("sort", [True, False])
+def test_importance_chart_draws_the_bars_in_the_order_it_returns(tmp_path, sort):
+    imp = np.array([3.0, 9.0, 1.0, 6.0, 4.5, 8.0, 2.0, 7.0])  # distinct, every bar visible
+    order = plots.plot_importance(tmp_path / "bars.png", imp, "t", sort=sort, highlight=[1, 2])
+    assert order == ([1, 5, 7, 3, 4, 0, 6, 2] if sort else list(range(8)))
+    bars = _bars(_png(tmp_path / "bars.png"))
+    assert len(bars) == 8
+    heights = np.array([h for h, _ in bars], dtype=float)
+    # heights in pixels are the importance values on one scale (the bars stand on y = 0)
+    np.testing.assert_allclose(heights / heights.max(), imp[order] / imp.max(), atol=2.0 / heights.max())
+    assert [c for _, c in bars] == ["orange" if f in (1, 2) else "blue" for f in order]
+    if sort:
+        assert (np.diff(heights) < 0).all()  # largest first
+
+
+def test_cosine_matrix_cells_are_their_values_in_rdbu(tmp_path):
+    from matplotlib import colormaps
+
+    c = np.array([[1.0, 0.5, -0.5], [0.5, 1.0, 0.0], [-0.5, 0.0, 1.0]])
+    box = plots.plot_cosine_matrix(tmp_path / "c.png", c, [0, 0, 1], ["r", "s"])
+    cells = _sample_panel(_png(tmp_path / "c.png"), box, (3, 3))
+    expected = np.rint(colormaps["RdBu_r"]((c + 1) / 2)[..., :3] * 255)
+    # the group border (between images 1 and 2) is drawn over the cells' edges, not their centres
+    np.testing.assert_allclose(cells, expected, atol=2)
 
 
 def test_class_gradient_plots_are_deterministic(tmp_path):
@@ -151,12 +296,30 @@ def test_slice_image_is_the_colormap_of_the_reordered_slice_with_separators(orde
     np.testing.assert_array_equal(img[19:35:2, ::2], expected[8:16])
 
 
-def test_slice_pictures_write_files_and_reject_a_bad_row(tmp_path, ordered):
+def test_slice_pictures_write_files_and_reject_a_bad_row(tmp_path, ordered, templates):
+    from matplotlib import colormaps
+
     stack, r = ordered
+    ids = templates[1]
     plots.save_slice_png(tmp_path / "slice.png", stack, r)
     plots.save_before_after(tmp_path / "before_after.png", stack, r)
-    arr = _png(tmp_path / "before_after.png")
-    assert arr.shape[0] > 24 and arr.std() > 20
+    arr = _png(tmp_path / "before_after.png").astype(int)
+    sl = stack[:, 3, :]  # the row the ordering used, 24 channels × 8 columns, one colour scale
+    colours = np.rint(colormaps["viridis"]((sl - sl.min()) / (sl.max() - sl.min()))[..., :3] * 255)
+    scale, caption, width = 8, 28, 8 * 8  # 384 // 24 pixels per value (at most 8), a 28-pixel caption
+    before = arr[caption:caption + 24 * scale, :width]
+    np.testing.assert_array_equal(before[::scale, ::scale], colours)  # input order, channel z in row z
+    after = arr[caption:, width + 12:width + 12 + width]
+    rows = [z for z in range(after.shape[0]) if not (after[z] == 255).all()]  # all but the white separators
+    assert len(rows) == 24 * scale
+    drawn = rows[::scale]
+    # which channel each drawn row shows (matched by its colours), and the planted templates of each cluster
+    shown = [int(np.flatnonzero((colours == after[z, ::scale]).all(axis=(1, 2)))[0]) for z in drawn]
+    assert shown == [int(p) for p in r["permutation"]]
+    gaps = np.split(np.array(drawn), np.flatnonzero(np.diff(drawn) > scale) + 1)
+    assert [len(g) for g in gaps] == [8, 8, 8]  # three clusters between the white separator rows
+    clusters = np.split(ids[np.array(shown)], [8, 16])
+    assert all(len(set(c.tolist())) == 1 for c in clusters)  # each cluster: one template
     with pytest.raises(CnnvisError, match="row 8"):
         plots.save_before_after(tmp_path / "bad.png", stack, r, row=8)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["before_after.png", "slice.png"]
@@ -175,7 +338,16 @@ def test_blocks_keep_values_through_the_outer_grid(tmp_path):
     np.testing.assert_allclose(blocks[0][:3, 9:12], (right[0, 0] - lo) / (hi - lo))
     layout = plots.save_blocks(tmp_path / "blocks.png", blocks, labels=["a", "b"], ncols=1, scale=2)
     assert layout["rows"] == 2 and layout["cols"] == 1
-    assert _png(tmp_path / "blocks.png").shape == ((2 * 7 + 4) * 2, 16 * 2, 3)
+    pic = _png(tmp_path / "blocks.png").astype(int)
+    assert pic.shape == ((2 * 7 + 4) * 2, 16 * 2, 3)
+    # block b sits 7 + 4 rows below block b - 1; each value drawn as its grey level, the
+    # separators (NaN) white; the label's corner (text of the default font) aside
+    for b in range(2):
+        shown = pic[b * 11 * 2:(b * 11 + 7) * 2:2, ::2, 0]
+        expected = np.where(np.isnan(blocks[b]), 255, np.rint(255 * np.nan_to_num(blocks[b])))
+        keep = np.ones(expected.shape, bool)
+        keep[:6, :5] = False
+        np.testing.assert_array_equal(shown[keep], expected[keep])
 
 
 def test_analyses_compute_and_only_export_draws():

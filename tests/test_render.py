@@ -33,6 +33,32 @@ def test_every_mode_renders_a_non_blank_picture(gl, mode):
     assert len(np.unique(image.reshape(-1, 3), axis=0)) > 20
 
 
+def _shown_more(picture, other, mode):
+    """Where ``picture`` shows the blob and ``other`` does not: more colourful (on the white
+    background or the faint planes), or for ``slices`` (slices fill the view) brighter."""
+    a, b = picture.astype(int), other.astype(int)
+    if mode == "slices":
+        return a.sum(axis=2) > b.sum(axis=2) + 60
+    return np.ptp(a, axis=2) > np.ptp(b, axis=2) + 40
+
+
+@pytest.mark.parametrize("mode", R.RENDER_MODES)
+def test_every_mode_draws_the_blob_where_it_is(gl, mode):
+    """Seen straight down z, the blob (row 5, column 13 of 16×20) is drawn right of the centre and
+    above it; the stack mirrored left-right is drawn mirrored about the centre, the stack
+    mirrored top-bottom lower down."""
+    stack = _blob_stack()
+    pictures = [R.render_image(s, mode=mode, window_size=SMALL, threshold=0.4, azimuth=0.0, elevation=0.0)
+                for s in (stack, stack[:, :, ::-1], stack[:, ::-1, :])]
+    here, mirrored_x, mirrored_y = (np.argwhere(_shown_more(p, pictures[0] if k else pictures[1], mode))
+                                    .mean(axis=0) for k, p in enumerate(pictures))
+    width = SMALL[0]
+    assert here[1] > width / 2 + 10 and mirrored_x[1] < width / 2 - 10
+    assert abs(here[1] + mirrored_x[1] - width) <= 4  # mirror images about the centre column
+    assert abs(here[0] - mirrored_x[0]) <= 2
+    assert mirrored_y[0] > here[0] + 15  # row 10 of 16 is drawn below row 5
+
+
 @pytest.mark.parametrize("corner", ["top-left", "bottom-right"])
 def test_image_row_zero_is_drawn_at_the_top(gl, corner):
     block = np.zeros((6, 20, 30))
@@ -48,6 +74,54 @@ def test_image_row_zero_is_drawn_at_the_top(gl, corner):
     assert (top, left) == ((True, True) if corner == "top-left" else (False, False))
 
 
+def _line_centres(mask, axis, min_length):
+    """Centres of the straight lines (runs of ≥ ``min_length`` marked pixels along rows for
+    ``axis=1``, along columns for ``axis=0``), neighbouring rows/columns merged."""
+    counts = mask.sum(axis=axis)
+    idx = np.flatnonzero(counts >= min_length)
+    return [float(g.mean()) for g in np.split(idx, np.flatnonzero(np.diff(idx) > 1) + 1) if g.size]
+
+
+def _box_faces(image):
+    """The outline's back face (z = 0, drawn smaller) and front face as (left, top, right, bottom),
+    found from its long horizontal and vertical lines (grey on the white background)."""
+    line = image.max(axis=2) < 235
+    rows = _line_centres(line, 1, 0.4 * image.shape[1])
+    cols = _line_centres(line, 0, 0.3 * image.shape[0])  # a block may hide part of a line
+    assert len(rows) == 4 and len(cols) == 4, (rows, cols)
+    return (cols[1], rows[1], cols[2], rows[2]), (cols[0], rows[0], cols[3], rows[3])
+
+
+@pytest.mark.parametrize("rows, cols, zs", [
+    ((2, 5), (13, 17), (0, 2)),    # top right, at the back (channels 0-1)
+    ((2, 5), (13, 17), (9, 12)),   # the same place, at the front (channels 9-11)
+    ((10, 14), (1, 4), (4, 7)),    # bottom left, in the middle
+])
+def test_a_bright_block_is_drawn_where_it_is(gl, rows, cols, zs):
+    """One bright block in a dark 12×16×20 stack, seen straight down z: its picture sits at the
+    block's (column, row) inside the outline, between where the back face and the front face put
+    it, and nearer to the face of its own depth."""
+    stack = np.zeros((12, 16, 20))
+    stack[zs[0]:zs[1], rows[0]:rows[1], cols[0]:cols[1]] = 1.0
+    image = R.render_image(stack, window_size=(400, 400), azimuth=0.0, elevation=0.0)
+    back, front = _box_faces(image)
+    inside = np.zeros(image.shape[:2], bool)
+    inside[int(front[1]):int(front[3]), int(front[0]):int(front[2])] = True  # not the colour bar below
+    ys, xs = np.nonzero(_yellow(image) & inside)
+    assert ys.size > 300
+    centre_col, centre_row = (cols[0] + cols[1] - 1) / 2 / 19, (rows[0] + rows[1] - 1) / 2 / 15
+    at = [(face[0] + centre_col * (face[2] - face[0]), face[1] + centre_row * (face[3] - face[1]))
+          for face in (back, front)]
+    for axis, seen in ((0, xs.mean()), (1, ys.mean())):
+        lo, hi = sorted((at[0][axis], at[1][axis]))
+        assert lo - 2 <= seen <= hi + 2, (axis, seen, at)
+    depth = (zs[0] + zs[1] - 1) / 2 / 11  # 0 at the back face, 1 at the front
+    nearer_front = np.hypot(xs.mean() - at[1][0], ys.mean() - at[1][1]) < np.hypot(xs.mean() - at[0][0],
+                                                                                    ys.mean() - at[0][1])
+    if depth != 0.5:
+        assert nearer_front == (depth > 0.5)
+
+
 def test_png_and_orbit_gif_files(gl, tmp_path):
     import imageio.v3 as iio
     from PIL import Image
@@ -55,7 +129,10 @@ def test_png_and_orbit_gif_files(gl, tmp_path):
     stack = _blob_stack()
     R.render_png(stack, tmp_path / "volume.png", window_size=SMALL, title="conv1")
     with Image.open(tmp_path / "volume.png") as img:
-        assert img.size == SMALL and np.asarray(img).std() > 15.0
+        assert img.size == SMALL
+        # the file is the rendering (whose content the tests above check), pixel for pixel
+        np.testing.assert_array_equal(np.asarray(img.convert("RGB")),
+                                      R.render_image(stack, window_size=SMALL, title="conv1"))
     R.render_orbit_gif(stack, tmp_path / "orbit.gif", frames=4, fps=8, window_size=(96, 96),
                        mode="isosurface", threshold=0.4)
     frames = iio.imread(tmp_path / "orbit.gif", index=None)
@@ -64,11 +141,26 @@ def test_png_and_orbit_gif_files(gl, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["orbit.gif", "volume.png"]
 
 
-def test_four_d_weights_render_as_tiles(gl):
-    weights = np.random.default_rng(0).normal(size=(4, 3, 5, 5))
-    image = R.render_image(weights, layout="tiles", mode="stack", normalization="symmetric",
-                           window_size=SMALL)
-    assert image.std() > 15.0
+@pytest.mark.parametrize("cin, rows", [(2, slice(0, 3)), (0, slice(2, 5))])
+def test_four_d_tiles_put_input_channel_cin_at_x_cin_times_kw(gl, cin, rows):
+    """Weights 4×3×5×5 as tiles: filter n is slice z = n, input channel cin its columns
+    cin·5 .. cin·5+4. One bright 3×3 patch in filter 2, seen straight down z, is drawn in the
+    right third (cin 2, top rows) or the left third (cin 0, bottom rows) of the volume."""
+    weights = np.zeros((4, 3, 5, 5))
+    weights[2, cin, rows, 1:4] = 1.0
+    image = R.render_image(weights, layout="tiles", mode="stack", window_size=(400, 400), azimuth=0.0,
+                           elevation=0.0)
+    empty = R.render_image(np.zeros((4, 3, 5, 5)), layout="tiles", mode="stack", window_size=(400, 400),
+                           azimuth=0.0, elevation=0.0)
+    drawn = np.ptp(image.astype(int), axis=2) > np.ptp(empty.astype(int), axis=2) + 40
+    ys, xs = np.nonzero(drawn)
+    volume = np.argwhere(empty[:300].max(axis=2) < 250)  # the outline and the faint planes (above the colour bar)
+    (top, left), (bottom, right) = volume.min(axis=0), volume.max(axis=0)
+    fx, fy = (xs.mean() - left) / (right - left), (ys.mean() - top) / (bottom - top)
+    if cin == 2:
+        assert fx > 0.7 and fy < 0.45, (fx, fy)
+    else:
+        assert fx < 0.3 and fy > 0.55, (fx, fy)
 
 
 @pytest.mark.parametrize("array, options, message", [
@@ -114,8 +206,9 @@ def test_missing_gl_libraries_are_reported_before_vtk_can_crash(monkeypatch):
 
 def test_show_needs_a_display(monkeypatch):
     monkeypatch.delenv("DISPLAY", raising=False)
-    with pytest.raises(CnnvisError, match="--show needs a display"):
+    with pytest.raises(CnnvisError, match="^show=True needs a display") as err:
         R.show_window(np.ones((2, 3, 3)))
+    assert err.value.params == ("show",)  # the CLI names its --show flag (tests/test_cli_errors.py)
 
 
 def test_egl_is_selected_without_a_display(gl, monkeypatch):

@@ -178,6 +178,17 @@ def test_cli_saliency_writes_maps_deterministically(tmp_path):
     ref = sal.Saliency(m, method="gradcam", layer="relu").run(x)
     assert [r["class"] for r in summary["images"]] == ref.targets.tolist()
     np.testing.assert_allclose(np.load(outs[0] / "x[1]/gradcam_heatmap.npy"), ref.heatmap[1], rtol=1e-6)
+    # each heat map picture is its map: every pixel's cell is jet of the min-max scaled value
+    from matplotlib import colormaps
+    from PIL import Image
+
+    for method in ("gradient", "guided", "gradcam"):
+        heat = np.load(outs[0] / f"x[1]/{method}_heatmap.npy").astype(np.float64)
+        pic = np.asarray(Image.open(outs[0] / f"x[1]/{method}_heatmap.png").convert("RGB")).astype(int)
+        zoom = pic.shape[0] // 6
+        assert pic.shape[:2] == (6 * zoom, 6 * zoom) and 6 * zoom >= 224
+        expected = colormaps["jet"]((heat - heat.min()) / (heat.max() - heat.min()))[..., :3]
+        np.testing.assert_allclose(pic[zoom // 2::zoom, zoom // 2::zoom], np.rint(255 * expected), atol=1)
     assert main(["saliency", "--model", str(path), "--input-array", str(tmp_path / "x.npy"),
                  "--out", str(tmp_path / "bad"), "--layer", "fc"]) == 2
 

@@ -175,6 +175,26 @@ def test_topk_command_planted_resume_and_determinism(planted, tmp_path, capsys):
     # the strongest cross unit's projection is the cross detector times its activation
     w0 = (CROSS - CROSS.mean())
     np.testing.assert_allclose(proj[0, 0, 0], data["records"][0]["value"] * w0, rtol=1e-5, atol=1e-6)
+    # the picture: map 0's block shows 9 projections (left 3×3 grid) and 9 image patches (right);
+    # its first three patches are the planted crosses, ordered by amplitude (patches share one
+    # grey scale), and its first projection is the cross detector
+    pic = np.asarray(Image.open(full / "relu1_top9.png").convert("L")).astype(int)
+    z = data["grid"]["scale"]
+    assert data["grid"]["cols"] == 2 and pic.shape == (11 * z, (2 * 25 + 4) * z)
+
+    def tile(x0, t):  # 3×3 tile t of the grid starting at column x0 of the block
+        y, x = (t // 3) * 4, x0 + (t % 3) * 4
+        return pic[y * z + z // 2:(y + 3) * z:z, x * z + z // 2:(x + 3) * z:z]
+
+    cross = CROSS.astype(bool)
+    brightest = []
+    for t in range(3):
+        patch = tile(14, t)  # right grid: after 11 columns of projections and a 3-column gap
+        assert patch[cross].min() > patch[~cross].max(), (t, patch)
+        brightest.append(patch[1, 1])
+    assert brightest[0] > brightest[1] > brightest[2]  # amplitudes 1.0, 0.85, 0.7 on one scale
+    first = tile(0, 0)  # its top-left cell carries the block's label "0"
+    assert first[cross].min() == 255 and [first[0, 2], first[2, 0], first[2, 2]] == [0, 0, 0]
 
     # interrupted after the first chunk, then continued: byte-identical outputs
     part = tmp_path / "part"

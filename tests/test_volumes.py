@@ -253,8 +253,8 @@ def test_bad_arguments_raise_and_write_nothing(tmp_path, stack, kwargs, message)
 def test_unknown_format_raises_and_writes_nothing(tmp_path, stack):
     with pytest.raises(CnnvisError, match=r"unknown volume format '.xyz'"):
         V.write_volume(tmp_path / "vol.xyz", stack)
-    with pytest.raises(CnnvisError, match="volume format 'raw'"):
-        V.write_volumes(tmp_path / "vol", stack, formats=("hdf", "raw"))
+    with pytest.raises(CnnvisError, match="volume format 'no-such-format'"):
+        V.write_volumes(tmp_path / "vol", stack, formats=("hdf", "no-such-format"))
     assert _files(tmp_path) == []
     with pytest.raises(CnnvisError, match="unknown volume format"):
         V.read_volume(tmp_path / "vol.xyz")
@@ -313,3 +313,21 @@ def test_damaged_volume_files_are_one_line(tmp_path):
         g.attrs["Type"] = np.bytes_("ImageData")
     with pytest.raises(CnnvisError, match="noattrs.hdf"):
         volumes.read_volume(tmp_path / "noattrs.hdf")
+
+
+def test_every_registry_entry_writes_its_companions_and_reads_back(tmp_path, stack):
+    from cnnvis.export import report
+
+    assert list(V.FORMATS) == ["hdf", "vti", "vox", "npy"]
+    for name, fmt in V.FORMATS.items():
+        assert fmt.name == name and fmt.suffix == "." + name and fmt.description
+        path = tmp_path / f"v{fmt.suffix}"
+        written = V.write_volume(path, stack)
+        assert written == [path, *V.companion_paths(path)] and all(p.is_file() for p in written)
+        assert [p.name for p in V.companion_paths(path)] == [f"v{tail}" for tail, _ in fmt.companions]
+        vol = fmt.reader(path)
+        expected = V.vox_bytes(_expected_normalized(stack)) if name == "vox" else stack
+        np.testing.assert_array_equal(vol.values, expected)
+        assert report.FILE_NOTES[fmt.suffix] == fmt.description
+    assert report.FILE_NOTES[".hd"] == "CNN-VIS volume header"
+    assert report.FILE_NOTES[".py"] == "Python script (ParaView: pvpython)"

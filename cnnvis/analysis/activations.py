@@ -59,13 +59,14 @@ def feature_stack(model, image_batch, layer: str, reduce: str = "none", batch_si
                           "a volume needs C×H×W feature maps (a convolution, pooling or LRN layer)")
     if reduce == "none":
         if len(acts) != 1:
-            raise CnnvisError(f"{len(acts)} images given; pick one or use --reduce mean|max")
+            raise CnnvisError(f"reduce='none': {len(acts)} images given; pick one or use reduce='mean' or "
+                              "reduce='max'", params="reduce")
         return acts[0]
     if reduce == "mean":
         return acts.mean(axis=0)
     if reduce == "max":
         return acts.max(axis=0)
-    raise CnnvisError(f"--reduce {reduce!r}: expected none, mean or max")
+    raise CnnvisError(f"reduce={reduce!r}: expected none, mean or max", params="reduce")
 
 
 def as_maps(values) -> np.ndarray:

@@ -54,8 +54,8 @@ def conv_layer(model, name=None):
         raise CnnvisError(f"model {model.name}: no convolution layer with weights")
     layer = model.layer(name)
     if layer.op_type != "Conv" or layer.weight is None:
-        raise CnnvisError(f"--layer {name}: is a {layer.op_type}; class gradients need a convolution "
-                          "layer with weights (e.g. conv1)")
+        raise CnnvisError(f"layer={name!r}: is a {layer.op_type}; class gradients need a convolution "
+                          "layer with weights (e.g. conv1)", params="layer")
     return layer
 
 
@@ -418,7 +418,7 @@ class ClassComparison:
             raise CnnvisError(f"max_vectors_per_group {self.max_vectors_per_group}: expected a positive integer")
         if int(self.top_k) < 1:
             raise CnnvisError(f"top_k {self.top_k}: expected a positive integer")
-        self.neuron_ = self.model.class_index(self.neuron, "--neuron")
+        self.neuron_ = self.model.class_index(self.neuron, "neuron")
         cg = ClassGradients(self.model, self.layer, self.batch_size)
         self.layer_ = cg.layer_.name
         self.weights_ = cg.weights_

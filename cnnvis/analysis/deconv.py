@@ -23,7 +23,7 @@ RULES = ("deconvnet", "guided", "gradient")
 def projection_engine(model, layer: str, rule: str = "deconvnet", batch_size: int = 32):
     """The GradientEngine (shared per model) projecting seeds at ``layer`` back to the input."""
     if rule not in RULES:
-        raise CnnvisError(f"--rule {rule!r}: expected one of {', '.join(RULES)}")
+        raise CnnvisError(f"rule={rule!r}: expected one of {', '.join(RULES)}", params="rule")
     tensor = model.tensor_name(layer)
     if tensor == model.input_name:
         raise CnnvisError(f"layer {layer}: is the input; name a layer to project from")

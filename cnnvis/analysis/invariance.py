@@ -36,7 +36,7 @@ def affine_matrix(kind: str, amount: float, axis: str = "vertical"):
     amount = float(amount)
     if kind == "translation":
         if axis not in AXES:
-            raise CnnvisError(f"--axis {axis!r}: expected one of {', '.join(AXES)}")
+            raise CnnvisError(f"axis={axis!r}: expected one of {', '.join(AXES)}", params="axis")
         shift = np.array([amount, 0.0]) if axis == "vertical" else np.array([0.0, amount])
         return np.eye(2), shift
     if kind == "scale":
@@ -109,7 +109,8 @@ def first_feature_layer(model) -> str:
                     and model.layers[j + 1].inputs[:1] == [model.layers[j].tensor]:
                 j += 1
             return names[j]
-    raise CnnvisError(f"model {model.name} has no convolution layer; name layers with --layer")
+    raise CnnvisError(f"model {model.name} has no convolution layer; name layers with layer=...",
+                      params="layer")
 
 
 def top_hidden_layer(model):

@@ -68,15 +68,18 @@ class ActivationMaximization:
 
     def _check(self):
         if self.objective not in OBJECTIVES:
-            raise CnnvisError(f"--objective {self.objective!r}: expected one of {', '.join(OBJECTIVES)}")
+            raise CnnvisError(f"objective={self.objective!r}: expected one of {', '.join(OBJECTIVES)}",
+                              params="objective")
         if self.clip not in CLIPS:
-            raise CnnvisError(f"--clip {self.clip!r}: expected one of {', '.join(CLIPS)}")
+            raise CnnvisError(f"clip={self.clip!r}: expected one of {', '.join(CLIPS)}", params="clip")
         if int(self.steps) < 0 or int(self.jitter) < 0 or int(self.blur_every) < 1:
-            raise CnnvisError("steps and jitter must be >= 0 and blur_every >= 1")
+            raise CnnvisError(f"steps={self.steps!r}, jitter={self.jitter!r}, blur_every={self.blur_every!r}: "
+                              "expected steps and jitter >= 0 and blur_every >= 1",
+                              params=("steps", "jitter", "blur_every"))
         if not 0.0 <= float(self.decay) < 1.0:
-            raise CnnvisError(f"--decay {self.decay}: expected a fraction in [0, 1)")
+            raise CnnvisError(f"decay={self.decay!r}: expected a fraction in [0, 1)", params="decay")
         if self.norm_bound is not None and float(self.norm_bound) <= 0:
-            raise CnnvisError(f"--norm-bound {self.norm_bound}: expected a positive number")
+            raise CnnvisError(f"norm_bound={self.norm_bound!r}: expected a positive number", params="norm_bound")
 
     def target_layer(self):
         """The layer whose output the objective reads (the logits for ``logit``)."""
@@ -98,8 +101,8 @@ class ActivationMaximization:
             raise CnnvisError(f"index {int(bad[0])}: layer {layer.name} has {size} "
                               f"{'classes' if self.objective == 'logit' else 'channels'}")
         if self.objective == "channel_mean" and (layer.output_shape is None or len(layer.output_shape) < 2):
-            raise CnnvisError(f"--layer {layer.name}: outputs {layer.output_shape}; channel_mean needs C×H×W maps "
-                              "(use --objective logit for class neurons)")
+            raise CnnvisError(f"layer={layer.name!r}: outputs {layer.output_shape}; channel_mean needs C×H×W "
+                              "maps (use objective='logit' for class neurons)", params=("layer", "objective"))
         space = input_space(model, self.preprocessing)
         engine = model.gradient_engine([model.input_name], objective=self.objective, target=layer.tensor,
                                        batch_size=int(self.batch_size))

@@ -47,7 +47,8 @@ def default_feature_layer(model) -> str:
     for layer in reversed(model.layers):
         if layer.op_type in FEATURE_OPS and layer.output_shape is not None and len(layer.output_shape) == 3:
             return layer.name
-    raise CnnvisError(f"model {model.name} has no layer with C×H×W feature maps; name one with --layer")
+    raise CnnvisError(f"model {model.name} has no layer with C×H×W feature maps; name one with layer=...",
+                      params="layer")
 
 
 # ----------------------------------------------------------------------------- windows
@@ -67,7 +68,7 @@ def window_positions(image_hw, window, stride):
     is covered)."""
     (h, w), (wh, ww), (sh, sw) = image_hw, window, stride
     if wh > h or ww > w:
-        raise CnnvisError(f"--window {wh}x{ww}: larger than the {h}x{w} input")
+        raise CnnvisError(f"window=({wh}, {ww}): larger than the {h}x{w} input", params="window")
 
     def axis(size, win, step):
         starts = np.arange(0, size - win + 1, step)

@@ -81,7 +81,7 @@ class Saliency:
         self.layer = layer
         self.batch_size = batch_size
         if method not in METHODS:
-            raise CnnvisError(f"--method {method!r}: expected one of {', '.join(METHODS)}")
+            raise CnnvisError(f"method={method!r}: expected one of {', '.join(METHODS)}", params="method")
 
     def _engine(self, wrt, rule, outputs=()):
         # shared per model: run() is called chunk after chunk
@@ -116,8 +116,8 @@ class Saliency:
         name = self.layer or default_feature_layer(model)
         layer = model.layer(name)
         if layer.output_shape is None or len(layer.output_shape) != 3:
-            raise CnnvisError(f"--layer {layer.name}: Grad-CAM needs a layer with C×H×W maps, "
-                              f"it outputs {layer.output_shape}")
+            raise CnnvisError(f"layer={layer.name!r}: Grad-CAM needs a layer with C×H×W maps, "
+                              f"it outputs {layer.output_shape}", params="layer")
         engine = self._engine(layer.tensor, "gradient", outputs=[layer.tensor])
         res = engine.run(x, index=targets)
         cam = gradcam_from(res.outputs[layer.tensor], res[layer.tensor])

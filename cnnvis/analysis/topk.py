@@ -29,7 +29,7 @@ class TopK:
 
     def __init__(self, k: int = 9):
         if int(k) < 1:
-            raise CnnvisError(f"--k {k}: expected a positive integer")
+            raise CnnvisError(f"k={k!r}: expected a positive integer", params="k")
         self.k = int(k)
         self.values_ = None
         self.images_ = None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import pkgutil
+import re
 import sys
 
 from ..errors import CnnvisError
@@ -36,6 +37,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def flag_message(exc: CnnvisError, parser: argparse.ArgumentParser, command: str) -> str:
+    """``exc``'s message as the CLI prints it: each library parameter it names (``method='x'``,
+    listed in ``exc.params``) becomes the flag of ``command`` that sets it (``--method 'x'``;
+    ``show=True`` of a switch becomes ``--show``). The one place where parameters meet flags: a
+    parameter is the flag whose ``dest`` has its name; one the command lacks stays as it is."""
+    text = str(exc)
+    if not exc.params:
+        return text
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    for param in exc.params:
+        action = next((a for a in sub._actions if a.dest == param and a.option_strings), None)
+        if action is None:
+            continue
+        flag = max(action.option_strings, key=len)  # --layer, not -l
+        if isinstance(action, argparse._StoreTrueAction):
+            text = re.sub(rf"\b{re.escape(param)}=True\b", flag, text)
+        text = re.sub(rf"(?<![\w-]){re.escape(param)}=", flag + " ", text)
+    return text
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
@@ -48,7 +69,7 @@ def main(argv=None) -> int:
     except CnnvisError as exc:
         if debug:
             raise
-        print(f"cnnvis {args.command}: error: {exc}", file=sys.stderr)
+        print(f"cnnvis {args.command}: error: {flag_message(exc, parser, args.command)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print(f"cnnvis {args.command}: interrupted", file=sys.stderr)

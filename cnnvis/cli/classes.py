@@ -77,8 +77,7 @@ def _add_layer_options(p) -> None:
     p.add_argument("--layer", "-l", default=None, help="convolution layer (default: the first, conv1)")
     p.add_argument("--top-k", type=common.positive_int, default=8, help="filters shown and listed (default 8)")
     g = p.add_argument_group("volumes")
-    g.add_argument("--format", "-f", action="append", choices=common.VOLUME_FORMATS, default=None,
-                   help="volume formats (repeatable; default: all of hdf, vti, vox, npy)")
+    common.add_volume_format_option(g, "volume formats")
     g.add_argument("--normalization", default="symmetric", choices=("symmetric", "global", "per-channel"),
                    help="how gradients become 0..1 in the volumes (default symmetric: 0 stays at 0.5)")
     g.add_argument("--threshold", type=float, default=0.5,
@@ -120,7 +119,7 @@ def cmd_conv_gradients(args) -> int:
     from ..manifest import RunOutput, save_npy, write_json
 
     _check_args(args)
-    formats = list(dict.fromkeys(args.format or common.VOLUME_FORMATS))
+    formats = common.volume_formats(args)
     model = common.load_model(args)
     cg = cgm.ClassGradients(model, args.layer, args.batch_size)
     layer = cg.layer_.name
@@ -232,7 +231,7 @@ def cmd_compare_classes(args) -> int:
     from ..manifest import RunOutput
 
     _check_args(args)
-    formats = list(dict.fromkeys(args.format or common.VOLUME_FORMATS))
+    formats = common.volume_formats(args)
     model = common.load_model(args)
     layer = cgm.conv_layer(model, args.layer).name
     neuron, groups, per_item = _groups_from_args(args, model)

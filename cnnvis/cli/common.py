@@ -5,8 +5,9 @@ import argparse
 import contextlib
 import os
 
+from ..export import volumes  # its format registry; the module imports numpy only when it writes or reads
+
 DEFAULT_BATCH = 32
-VOLUME_FORMATS = ("hdf", "vti", "vox", "npy")  # cnnvis.export.volumes.FORMATS, without importing numpy
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
@@ -37,6 +38,17 @@ def add_input_options(p: argparse.ArgumentParser, nargs: str = "*") -> None:
 def add_output_options(p: argparse.ArgumentParser, default: str) -> None:
     p.add_argument("--out", "-o", default=default, help=f"output folder (default: {default})")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+
+
+def add_volume_format_option(p, what: str) -> None:
+    """``--format/-f``: the volume formats of :data:`cnnvis.export.volumes.FORMATS` to write."""
+    p.add_argument("--format", "-f", action="append", choices=tuple(volumes.FORMATS), default=None,
+                   help=f"{what} (repeatable; default: all of {', '.join(volumes.FORMATS)})")
+
+
+def volume_formats(args) -> list:
+    """The formats ``--format`` chose, each once, in the order given (default: every format)."""
+    return list(dict.fromkeys(args.format or volumes.FORMATS))
 
 
 def positive_int(text: str) -> int:
@@ -229,12 +241,10 @@ def unique_names(names, used: dict) -> list:
 def write_run_volumes(run, rel_base: str, array, formats, kind: str, meta: dict, **kwargs) -> None:
     """Check and prepare a volume, then register ``rel_base``.<fmt> (and each format's companion
     files) with ``run`` and write them: every check happens before a file is registered."""
-    from ..export import volumes
-
     prep = volumes.prepare_volume(array, **kwargs)
     base = None
     for fmt in formats:
-        rel = f"{rel_base}.{fmt}"
+        rel = rel_base + volumes.volume_format(fmt).suffix
         base = run.path(rel, kind=f"{kind}-{fmt}", layer=meta.get("layer"), image=meta.get("image")).with_suffix("")
         for companion in volumes.companion_paths(rel):
             run.path(companion.as_posix(), kind=f"{kind}-{fmt}-companion", layer=meta.get("layer"))

@@ -16,12 +16,14 @@ from pathlib import Path
 
 from . import common
 from ..errors import CnnvisError
+from ..export.volumes import FORMATS
 
 ORDER = 30
-SOURCES_HELP = """stack sources (one of):
+_SUFFIXES = [f.suffix for f in FORMATS.values()]  # .hdf, .vti, .vox, .npy
+SOURCES_HELP = f"""stack sources (one of):
   IMAGE ... --layer L        the layer's maps for each image (or --reduce mean|max over them)
   --input-array X.npy        a preprocessed N×C×H×W batch for the model, or a C×H×W stack as is
-  --volume FILE              a volume file (.hdf, .vti, .vox, .npy; 4-D arrays by --layout)
+  --volume FILE              a volume file ({', '.join(_SUFFIXES)}; 4-D arrays by --layout)
 
 axes: x = map column, y = map row (row 0 at the top), z = channel order of the stack"""
 
@@ -34,8 +36,8 @@ def _add_source_options(p: argparse.ArgumentParser) -> None:
     common.add_model_options(p)
     g = p.add_argument_group("stack")
     g.add_argument("--volume", default=None, metavar="FILE",
-                   help="use this volume file instead of a model: .hdf, .vti, .vox or .npy "
-                        "(C×H×W, or N×Cin×kh×kw with --layout)")
+                   help=f"use this volume file instead of a model: {', '.join(_SUFFIXES[:-1])} or "
+                        f"{_SUFFIXES[-1]} (C×H×W, or N×Cin×kh×kw with --layout)")
     g.add_argument("--layer", "-l", default=None,
                    help="layer whose maps form the stack (default: the first convolution)")
     g.add_argument("--reduce", default="none", choices=("none", "mean", "max"),
@@ -68,8 +70,7 @@ def register(sub) -> None:
     _add_source_options(p)
     _add_volume_look_options(p, "mask = normalized > THRESHOLD (the binary output of each "
                                 "filter; also where ParaView's opacity starts), default 0.5")
-    p.add_argument("--format", "-f", action="append", choices=common.VOLUME_FORMATS, default=None,
-                   help="file format (repeatable; default: all of hdf, vti, vox, npy)")
+    common.add_volume_format_option(p, "file format")
     common.add_output_options(p, "out/volumes")
     p.set_defaults(func=cmd_volume)
 
@@ -91,8 +92,7 @@ def register(sub) -> None:
                    help="white pixel rows between clusters in the pictures (default 2; 0 = none)")
     _add_volume_look_options(p, "mask threshold of the written volumes, default 0.5",
                              permutation=False)
-    p.add_argument("--format", "-f", action="append", choices=common.VOLUME_FORMATS, default=None,
-                   help="formats of the reordered volume (repeatable; default: all)")
+    common.add_volume_format_option(p, "formats of the reordered volume")
     common.add_output_options(p, "out/order")
     p.set_defaults(func=cmd_order)
 
@@ -257,7 +257,7 @@ def _volume_kwargs(args, array, meta, permutation):
 def cmd_volume(args) -> int:
     from ..manifest import RunOutput
 
-    formats = list(dict.fromkeys(args.format or common.VOLUME_FORMATS))
+    formats = common.volume_formats(args)
     perm_list = _read_permutation(args.permutation)
     source = _open_source(args)
     params = {"formats": formats, "layout": args.layout, "normalization": args.normalization,
@@ -301,7 +301,7 @@ def cmd_order(args) -> int:
     from ..export import plots, volumes
     from ..manifest import RunOutput, dumps_json
 
-    formats = list(dict.fromkeys(args.format or common.VOLUME_FORMATS))
+    formats = common.volume_formats(args)
     if args.separator < 0:
         raise CnnvisError(f"--separator {args.separator}: expected 0 or more pixel rows")
     source = _open_source(args)
@@ -348,12 +348,7 @@ def cmd_render(args) -> int:
     from ..manifest import RunOutput
 
     modes = list(dict.fromkeys(args.mode or ["volume"]))
-    if args.show:
-        problem = render.gl_problem(show=True)
-        if problem:
-            raise CnnvisError(problem)
-    else:
-        render.check_gl()  # before any model work: VTK would crash later instead of raising
+    render.check_gl(show=args.show)  # before any model work: VTK would crash later instead of raising
     if args.frames < 2 and args.gif:
         raise CnnvisError(f"--frames {args.frames}: an orbit needs at least 2")
     if not args.fps > 0:

@@ -81,7 +81,7 @@ def colorize(image, cmap: str = "viridis", separator=(255, 255, 255)) -> np.ndar
             try:
                 rgb = colormaps[cmap](np.nan_to_num(image))[..., :3]
             except KeyError:
-                raise CnnvisError(f"--cmap {cmap!r}: not a matplotlib colormap") from None
+                raise CnnvisError(f"cmap={cmap!r}: not a matplotlib colormap", params="cmap") from None
     else:
         rgb = np.nan_to_num(image)
     out = np.clip(np.rint(rgb * 255.0), 0, 255).astype(np.uint8)
@@ -130,9 +130,10 @@ def save_png(path, rgb) -> None:
         Image.fromarray(rgb).save(tmp, format="PNG", optimize=False)
 
 
-def save_figure(fig, path, dpi: int = 100) -> None:
+def save_figure(fig, path, dpi: int = 100) -> list:
     """Write a matplotlib Figure as PNG, atomically, with no software/date metadata (same bytes on
-    rerun)."""
+    rerun). Returns where each of ``fig.axes`` was drawn: ``(left, top, right, bottom)`` in PNG
+    pixels (floats; for an image with equal aspect, the image itself)."""
     import io
 
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -143,6 +144,12 @@ def save_figure(fig, path, dpi: int = 100) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, metadata={"Software": None})
     write_bytes(path, buf.getvalue())
+    width, height = fig.get_size_inches() * dpi
+    boxes = []
+    for ax in fig.axes:
+        pos = ax.get_position()  # figure fractions, y up, as laid out by the drawing above
+        boxes.append((pos.x0 * width, (1.0 - pos.y1) * height, pos.x1 * width, (1.0 - pos.y0) * height))
+    return boxes
 
 
 def grid_png(path, stack, ncols=None, pad: int = 1, normalization: str = "channel", cmap: str = "viridis",

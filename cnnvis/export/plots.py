@@ -91,9 +91,11 @@ def _figure(width, height):
     return Figure(figsize=(width, height), layout="constrained")
 
 
-def occlusion_figure(path, res, rgb, colours: dict, class_name, cmap: str = "jet") -> None:
+def occlusion_figure(path, res, rgb, colours: dict, class_name, cmap: str = "jet") -> dict:
     """Input, feature-map activity, class probability and most probable class (Z&F Fig. 7) of an
-    :class:`cnnvis.analysis.occlusion.OcclusionMaps`; ``class_name(k)`` labels the classes."""
+    :class:`cnnvis.analysis.occlusion.OcclusionMaps`; ``class_name(k)`` labels the classes.
+    Returns where each panel (``input``, ``activation``, ``probability``, ``classes``) was drawn:
+    ``(left, top, right, bottom)`` PNG pixels of the image's extent."""
     from matplotlib.patches import Patch
 
     extent = (-0.5, rgb.shape[1] - 0.5, rgb.shape[0] - 0.5, -0.5)
@@ -123,12 +125,16 @@ def occlusion_figure(path, res, rgb, colours: dict, class_name, cmap: str = "jet
     for ax in axes:
         ax.set_xticks([])
         ax.set_yticks([])
-    figures.save_figure(fig, path)
+    boxes = dict(zip(fig.axes, figures.save_figure(fig, path)))
+    names = ["input", *(["activation"] if res.activation is not None else []), "probability", "classes"]
+    return {name: boxes[ax] for name, ax in zip(names, axes)}
 
 
-def invariance_figure(path, curves, sweeps: dict, layers) -> None:
+def invariance_figure(path, curves, sweeps: dict, layers) -> dict:
     """Rows: transforms; columns: normalised distance per layer, then the class probability
-    (Z&F Fig. 5). ``curves`` are ``(image name, InvarianceResult)`` pairs."""
+    (Z&F Fig. 5). ``curves`` are ``(image name, InvarianceResult)`` pairs. Returns where each
+    panel was drawn, ``{(transform, layer or "probability"): (left, top, right, bottom)}`` in PNG
+    pixels, and each panel's data limits ``{...: (xmin, xmax, ymin, ymax)}``."""
     kinds = list(sweeps)
     cols = len(layers) + 1
     fig = _figure(3.2 * cols, 2.6 * len(kinds))
@@ -148,7 +154,11 @@ def invariance_figure(path, curves, sweeps: dict, layers) -> None:
             axes[r, c].set_xlabel(units[kind], fontsize=8)
             axes[r, c].tick_params(labelsize=7)
     axes[0, -1].legend(fontsize=6)
-    figures.save_figure(fig, path)
+    boxes = dict(zip(fig.axes, figures.save_figure(fig, path)))
+    names = [(kind, col) for kind in kinds for col in [*layers, "probability"]]
+    flat = list(axes.ravel())
+    return {"boxes": {name: boxes[ax] for name, ax in zip(names, flat)},
+            "limits": {name: (*ax.get_xlim(), *ax.get_ylim()) for name, ax in zip(names, flat)}}
 
 
 # ------------------------------------------------------------------------------------ class gradients
@@ -198,8 +208,9 @@ def plot_group_importance(path, means: dict, stds: dict, title: str = "", ylabel
     figures.save_figure(fig, path)
 
 
-def plot_cosine_matrix(path, cosine, groups, group_names, title: str = "") -> None:
-    """Heatmap of the cosine-similarity matrix, images ordered by group, group borders drawn."""
+def plot_cosine_matrix(path, cosine, groups, group_names, title: str = "") -> tuple:
+    """Heatmap of the cosine-similarity matrix, images ordered by group, group borders drawn.
+    Returns where the matrix was drawn: ``(left, top, right, bottom)`` in PNG pixels."""
     cosine = np.asarray(cosine)
     groups = np.asarray(groups)
     fig = _figure(6.4, 5.6)
@@ -217,7 +228,7 @@ def plot_cosine_matrix(path, cosine, groups, group_names, title: str = "") -> No
     ax.set_xticks(centres, labels, fontsize=8, rotation=30, ha="right")
     ax.set_yticks(centres, labels, fontsize=8)
     ax.set_title(title, fontsize=10)
-    figures.save_figure(fig, path)
+    return figures.save_figure(fig, path)[0]
 
 
 def save_filters_beside(path, columns, filters, channel_order: str = "RGB") -> dict:

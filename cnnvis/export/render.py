@@ -75,7 +75,7 @@ def gl_problem(show: bool = False) -> str | None:
     dri = _dri_driver_present()
     if show:
         if not _x_display_usable():
-            return ("--show needs a display (DISPLAY is unset or its X server does not answer); "
+            return ("show=True needs a display (DISPLAY is unset or its X server does not answer); "
                     "write a PNG or GIF instead")
         if not _loadable("libGL.so.1") or not dri:
             return f"OpenGL libraries for a window are missing; install them: {INSTALL_HINT}"
@@ -102,7 +102,7 @@ def check_gl(show: bool = False) -> None:
     """Raise one CnnvisError line if rendering would crash; set up EGL for off-screen use."""
     problem = gl_problem(show)
     if problem:
-        raise CnnvisError(problem)
+        raise CnnvisError(problem, params=("show",) if show else ())
     if not show and not _x_display_usable():
         # Must happen before VTK creates its first render window.
         os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")

@@ -22,6 +22,7 @@ from urllib.parse import quote
 
 from ..errors import CnnvisError
 from ..manifest import MANIFEST_NAME, read_manifest, write_text
+from . import volumes
 
 REPORT_NAME = "index.html"
 IMAGE_SUFFIXES = (".png", ".gif", ".jpg", ".jpeg", ".webp", ".bmp", ".svg")
@@ -31,11 +32,8 @@ MAX_TABLE_BYTES = 8 << 20  # bigger CSV/JSON files are linked, not parsed
 MAX_LIST_ITEMS = 16  # long JSON lists (e.g. a 96-long permutation) are shown shortened
 PIXELATED_BELOW = 256  # small images are upscaled in thumbnails: keep their pixels crisp
 WIDE_ASPECT = 2.5  # wider pictures (before/after strips, plots) take a whole gallery row
-FORMATS = {  # what a reader needs to know to open a file the page cannot show
-    ".hdf": "VTKHDF volume: open in ParaView", ".vti": "VTK image data: ParaView or VTK",
-    ".vox": "CNN-VIS volume (with its .hd header)", ".hd": "CNN-VIS volume header",
-    ".npy": "NumPy array (numpy.load)", ".h5": "HDF5 (h5py)", ".py": "Python script (ParaView: pvpython)",
-    ".onnx": "ONNX model", ".txt": "text", ".log": "log",
+FILE_NOTES = {  # what a reader needs to know to open a file the page cannot show
+    **volumes.file_notes(), ".h5": "HDF5 (h5py)", ".onnx": "ONNX model", ".txt": "text", ".log": "log",
 }
 
 
@@ -500,8 +498,8 @@ def _tables_html(folder: Path, table_files: list) -> tuple:
 def _details_text(f: OutputFile) -> str:
     keys = sorted((k for k in f.meta if k not in ("layer", "image")), key=lambda k: (k != "shape", k))
     bits = [f"{k}: {_value_text(k, f.meta[k])}" for k in keys]
-    if f.suffix in FORMATS:
-        bits.insert(0, FORMATS[f.suffix])
+    if f.suffix in FILE_NOTES:
+        bits.insert(0, FILE_NOTES[f.suffix])
     if f.problem:
         bits.insert(0, f.problem)
     return "; ".join(bits)

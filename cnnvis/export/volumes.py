@@ -42,13 +42,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from ..errors import CnnvisError
 from ..manifest import atomic_path, save_npy, to_jsonable, write_bytes, write_text
 
-#: File formats by suffix.
-FORMATS = {".hdf": "hdf", ".vti": "vti", ".vox": "vox", ".npy": "npy"}
 #: How the ``normalized`` array is made: ``global`` min–max over the whole volume, ``per-channel``
 #: min–max of each slice, ``symmetric`` ``0.5 + x / (2·max|x|)`` (zero stays at 0.5; for signed
 #: values such as gradients). A constant volume (or slice) normalises to 0 (0.5 for symmetric).
@@ -87,25 +83,30 @@ class VolumeData:
 def format_of(path) -> str:
     """The format name of ``path`` from its suffix; one-line error for an unknown suffix."""
     suffix = Path(path).suffix.lower()
-    if suffix not in FORMATS:
-        raise CnnvisError(f"{path}: unknown volume format {suffix or '(no suffix)'!r}; "
-                          f"expected one of {', '.join(FORMATS)}")
-    return FORMATS[suffix]
+    for fmt in FORMATS.values():
+        if fmt.suffix == suffix:
+            return fmt.name
+    raise CnnvisError(f"{path}: unknown volume format {suffix or '(no suffix)'!r}; "
+                      f"expected one of {', '.join(f.suffix for f in FORMATS.values())}")
+
+
+def volume_format(name: str) -> "VolumeFormat":
+    """The registry entry of format ``name``; one-line error for an unknown name."""
+    if name not in FORMATS:
+        raise CnnvisError(f"volume format {name!r}: expected one of {', '.join(sorted(FORMATS))}")
+    return FORMATS[name]
 
 
 def companion_paths(path) -> list:
     """Files written beside ``path`` (the ``.hd`` header of a ``.vox``, the ParaView script of a
     ``.hdf``), so that callers can register them as outputs too."""
     path = Path(path)
-    fmt = format_of(path)
-    if fmt == "vox":
-        return [path.with_suffix(".hd")]
-    if fmt == "hdf":
-        return [path.with_name(path.stem + "_paraview.py")]
-    return []
+    return [path.with_name(path.stem + tail) for tail, _ in FORMATS[format_of(path)].companions]
 
 
 def check_finite(array: np.ndarray, name: str = "array") -> None:
+    import numpy as np
+
     if not np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.complexfloating):
         raise CnnvisError(f"{name}: expected a real numeric array, got dtype {array.dtype}")
     if array.size == 0:
@@ -118,6 +119,8 @@ def check_finite(array: np.ndarray, name: str = "array") -> None:
 
 def as_stack(array, name: str = "array") -> np.ndarray:
     """Check a C×H×W stack (finite real numbers) and return it as a numpy array."""
+    import numpy as np
+
     array = np.asarray(array)
     if array.ndim != 3:
         raise CnnvisError(f"{name}: expected a C×H×W stack (3-D), got shape {tuple(array.shape)}")
@@ -131,6 +134,8 @@ def stack_from_array(array, layout: str = "stack", name: str = "array"):
     Returns ``(stack, extra)`` where ``extra`` maps point-array names (``filter``,
     ``input_channel``; empty for 3-D input) to int32 arrays of the stack's shape.
     """
+    import numpy as np
+
     array = np.asarray(array)
     if layout not in LAYOUTS:
         raise CnnvisError(f"layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
@@ -155,6 +160,8 @@ def stack_from_array(array, layout: str = "stack", name: str = "array"):
 
 
 def check_permutation(permutation, n: int, name: str = "permutation") -> np.ndarray:
+    import numpy as np
+
     perm = np.asarray(permutation)
     if perm.ndim != 1 or perm.size != n or not np.issubdtype(perm.dtype, np.integer) \
             or not np.array_equal(np.sort(perm, kind="stable"), np.arange(n)):
@@ -164,6 +171,8 @@ def check_permutation(permutation, n: int, name: str = "permutation") -> np.ndar
 
 
 def _triple(value, name: str, positive: bool) -> tuple:
+    import numpy as np
+
     try:
         vals = tuple(float(v) for v in (value if np.ndim(value) else (value,) * 3))
     except (TypeError, ValueError):
@@ -181,6 +190,8 @@ def normalize(stack: np.ndarray, mode: str = "global"):
     """
     if mode not in NORMALIZATIONS:
         raise CnnvisError(f"normalization {mode!r}: expected one of {', '.join(NORMALIZATIONS)}")
+    import numpy as np
+
     from . import figures
 
     x = np.asarray(stack, dtype=np.float64)
@@ -206,6 +217,8 @@ def prepare_volume(array, *, layout="stack", permutation=None, normalization="gl
                    threshold=0.5, spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0),
                    metadata=None, name="array") -> _Prepared:
     """Validate everything and compute every point array, before any file is touched."""
+    import numpy as np
+
     stack, extra = stack_from_array(array, layout=layout, name=name)
     spacing = _triple(spacing, "spacing", positive=True)
     origin = _triple(origin, "origin", positive=False)
@@ -268,38 +281,37 @@ def write_volume(path, array, *, layout="stack", permutation=None, normalization
     prep = prepare_volume(array, layout=layout, permutation=permutation,
                           normalization=normalization, threshold=threshold, spacing=spacing,
                           origin=origin, metadata=metadata, name=name)
-    writer = {"hdf": _write_hdf, "vti": _write_vti, "vox": _write_vox, "npy": _write_npy}[fmt]
-    return writer(path, prep)
+    return FORMATS[fmt].writer(path, prep)
 
 
-def write_volumes(base, array, formats=("hdf", "vti", "vox", "npy"), **kwargs) -> list:
-    """Write the same volume in several formats: ``base`` + ``.hdf``, ``.vti``, ... (see
-    :func:`write_volume` for the keyword arguments). Returns every path written."""
+def write_volumes(base, array, formats=None, **kwargs) -> list:
+    """Write the same volume in several formats (default: every one of :data:`FORMATS`):
+    ``base`` + ``.hdf``, ``.vti``, ... (see :func:`write_volume` for the keyword arguments).
+    Returns every path written."""
     return write_prepared(base, prepare_volume(array, **kwargs), formats)
 
 
-def write_prepared(base, prep, formats) -> list:
-    """Write a :func:`prepare_volume` result in ``formats`` beside ``base`` (suffixes added)."""
+def write_prepared(base, prep, formats=None) -> list:
+    """Write a :func:`prepare_volume` result in ``formats`` (names; default: all) beside ``base``
+    (suffixes added)."""
     base = Path(base)
-    suffix_of = {v: k for k, v in FORMATS.items()}
-    formats = list(formats)
-    for fmt in formats:
-        if fmt not in suffix_of:
-            raise CnnvisError(f"volume format {fmt!r}: expected one of {', '.join(sorted(suffix_of))}")
+    chosen = [volume_format(name) for name in (FORMATS if formats is None else formats)]
     written = []
-    for fmt in formats:
-        writer = {"hdf": _write_hdf, "vti": _write_vti, "vox": _write_vox, "npy": _write_npy}[fmt]
-        written += writer(base.with_name(base.name + suffix_of[fmt]), prep)
+    for fmt in chosen:
+        written += fmt.writer(base.with_name(base.name + fmt.suffix), prep)
     return written
 
 
 def _vtk_order(stack: np.ndarray) -> np.ndarray:
     """[z][row][col] -> [z][j][i] with j = H-1-row (VTK y points up)."""
+    import numpy as np
+
     return np.ascontiguousarray(stack[:, ::-1, :])
 
 
 def _write_hdf(path: Path, prep: _Prepared) -> list:
     import h5py
+    import numpy as np
 
     nz, ny, nx = prep.values.shape
     with atomic_path(path) as tmp:
@@ -330,6 +342,8 @@ def _write_hdf(path: Path, prep: _Prepared) -> list:
 
 def _h5_simple(value):
     """An HDF5-attribute form of a simple metadata value (for h5dump readers), or None."""
+    import numpy as np
+
     if isinstance(value, bool):
         return np.int8(value)
     if isinstance(value, (int, float, str)):
@@ -374,10 +388,14 @@ def _write_vti(path: Path, prep: _Prepared) -> list:
 
 def vox_bytes(normalized: np.ndarray) -> np.ndarray:
     """The ``.vox`` payload: ``round(255·normalized)`` as uint8, shape [z][row][col]."""
+    import numpy as np
+
     return np.clip(np.rint(np.asarray(normalized, dtype=np.float64) * 255.0), 0, 255).astype(np.uint8)
 
 
 def _write_vox(path: Path, prep: _Prepared) -> list:
+    import numpy as np
+
     nz, ny, nx = prep.values.shape
     data = vox_bytes(prep.normalized)
     header = companion_paths(path)[0]
@@ -467,9 +485,8 @@ def read_volume(path, array: str | None = None) -> VolumeData:
     fmt = format_of(path)
     if not path.is_file():
         raise CnnvisError(f"{path}: no such volume file")
-    reader = {"hdf": _read_hdf, "vti": _read_vti, "vox": _read_vox, "npy": _read_npy}[fmt]
     try:
-        vol = reader(path)
+        vol = FORMATS[fmt].reader(path)
     except CnnvisError:
         raise
     except (OSError, EOFError, KeyError, ValueError, TypeError) as exc:  # damaged or foreign files
@@ -495,6 +512,7 @@ def read_stack(path) -> np.ndarray:
 
 def _read_hdf(path: Path) -> VolumeData:
     import h5py
+    import numpy as np
 
     try:
         f = h5py.File(path, "r")
@@ -534,6 +552,7 @@ def _read_hdf(path: Path) -> VolumeData:
 
 
 def _read_vti(path: Path) -> VolumeData:
+    import numpy as np
     import pyvista as pv
 
     try:
@@ -589,6 +608,8 @@ def read_vox_header(path) -> tuple:
 
 
 def _read_vox(path: Path) -> VolumeData:
+    import numpy as np
+
     header = companion_paths(path)[0]
     if not header.is_file():
         raise CnnvisError(f"{path}: header {header.name} not found beside it")
@@ -604,6 +625,50 @@ def _read_npy(path: Path) -> VolumeData:
     from ..manifest import load_npy
 
     return VolumeData(values=load_npy(path, "volume", "a C x H x W stack"))
+
+
+# --------------------------------------------------------------------------------------------
+# the format registry: adding a format is one entry here plus its writer and reader
+
+
+@dataclass(frozen=True)
+class VolumeFormat:
+    """One volume file format.
+
+    ``writer(path, prepared)`` writes a :func:`prepare_volume` result to ``path`` (atomically) and
+    returns every path it wrote; ``reader(path)`` returns a :class:`VolumeData` in this module's
+    axis convention (raising :class:`CnnvisError` for files it cannot read); ``description`` tells
+    a reader of the HTML report how to open the file; ``companions`` are the files written beside
+    ``path`` as ``(tail, description)``: the companion of ``a.vox`` is ``a`` + ``.hd``.
+    """
+
+    name: str
+    suffix: str
+    writer: object
+    reader: object
+    description: str
+    companions: tuple = ()
+
+
+#: Every volume format, by name, in the order commands write them by default.
+FORMATS = {f.name: f for f in (
+    VolumeFormat("hdf", ".hdf", _write_hdf, _read_hdf, "VTKHDF volume: open in ParaView",
+                 (("_paraview.py", "Python script (ParaView: pvpython)"),)),
+    VolumeFormat("vti", ".vti", _write_vti, _read_vti, "VTK image data: ParaView or VTK"),
+    VolumeFormat("vox", ".vox", _write_vox, _read_vox, "CNN-VIS volume (with its .hd header)",
+                 ((".hd", "CNN-VIS volume header"),)),
+    VolumeFormat("npy", ".npy", _write_npy, _read_npy, "NumPy array (numpy.load)"),
+)}
+
+
+def file_notes() -> dict:
+    """``{suffix: description}`` of every volume file and companion file (for the HTML report)."""
+    notes = {}
+    for fmt in FORMATS.values():
+        notes[fmt.suffix] = fmt.description
+        for tail, description in fmt.companions:
+            notes[Path("a" + tail).suffix] = description  # "_paraview.py" -> ".py"
+    return notes
 
 
 def to_pyvista(array, *, layout="stack", permutation=None, normalization="global", threshold=0.5,
@@ -624,7 +689,7 @@ def describe(vol: VolumeData) -> str:
 
 
 __all__ = [
-    "FORMATS", "NORMALIZATIONS", "LAYOUTS", "ARRAY_NAMES", "AXES_NOTE", "VolumeData", "format_of",
+    "FORMATS", "VolumeFormat", "volume_format", "file_notes", "NORMALIZATIONS", "LAYOUTS", "ARRAY_NAMES", "AXES_NOTE", "VolumeData", "format_of",
     "companion_paths", "as_stack", "stack_from_array", "normalize", "prepare_volume",
     "write_volume", "write_volumes", "read_volume", "read_stack", "read_vox_header",
     "paraview_script", "to_pyvista", "vox_bytes", "describe", "check_finite",
