@@ -121,6 +121,23 @@ class Inputs:
             batch = self.array[s:e] if self.array is not None else preprocess.load_batch(self.files[s:e], self.pre)
             yield self.names[s:e], batch
 
+    def subset(self, indices) -> "Inputs":
+        """These inputs restricted to ``indices`` (in that order), names given afresh as for a list
+        of just those files (a distributed run drops unreadable images this way)."""
+        import copy
+
+        from .. import preprocess
+
+        indices = [int(i) for i in indices]
+        out = copy.copy(self)
+        if self.array is not None:
+            out.array = self.array[indices]
+            out.names = [self.names[i] for i in indices]
+        else:
+            out.files = [self.files[i] for i in indices]
+            out.names = preprocess.display_names(out.files)
+        return out
+
     def fingerprint(self) -> dict:
         """What identifies these inputs (for resumable state)."""
         from ..manifest import sha256_file
