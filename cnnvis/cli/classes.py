@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from . import common
+from . import cluster, common
 from ..errors import CnnvisError
 from ..export.tables import csv_text
 
@@ -69,6 +69,7 @@ def register(sub) -> None:
                    help="folder for the temporary float32 memmap of the kept gradient vectors "
                         "(default: the system's temporary folder; up to 4·d bytes per kept image)")
     _add_layer_options(p)
+    cluster.add_dask_options(p)
     common.add_output_options(p, "out/compare_classes")
     p.set_defaults(func=cmd_compare_classes)
 
@@ -234,6 +235,8 @@ def cmd_compare_classes(args) -> int:
     _check_args(args)
     formats = list(dict.fromkeys(args.format or common.VOLUME_FORMATS))
     model = common.load_model(args)
+    if args.dask:
+        cluster.options(args)  # a bad address fails before anything is read
     layer = cgm.conv_layer(model, args.layer).name
     neuron, groups, per_item = _groups_from_args(args, model)
     pre = common.preprocessing_for(args, model)
@@ -242,7 +245,8 @@ def cmd_compare_classes(args) -> int:
     cmp = cgm.ClassComparison(model, neuron, layer=layer, batch_size=args.batch_size,
                               n_permutations=args.permutations, seed=args.seed,
                               max_vectors_per_group=args.max_vectors_per_group, top_k=args.top_k,
-                              progress=not args.no_progress, check_numerical=args.check_numerical,
+                              progress=not args.no_progress and not args.dask,
+                              check_numerical=args.check_numerical,
                               tmp_dir=args.tmp_dir)
     classes = model.class_names
     params = {"neuron": neuron, "neuron_name": classes[neuron], "layer": layer,
@@ -253,9 +257,17 @@ def cmd_compare_classes(args) -> int:
               "check_numerical": args.check_numerical, "per_item": per_item,
               "batch_size": args.batch_size, "preprocessing": pre.to_dict()}
     inputs = [str(f) for _, files in groups.values() for f in files]
+    skipped, store = [], None
+    if args.dask:  # the shard results are recorded in --out while the cluster runs, outside RunOutput
+        skipped, store = cluster.compare_classes(args, model, cmp, groups, pre)
     with RunOutput(args.out, "compare-classes", params=params, inputs=inputs, model=model.info()) as run:
-        cmp.fit({g: cgm.iter_group_chunks(model, files, pre, args.batch_size) for g, (_, files) in groups.items()},
-                totals=totals)
+        if not args.dask:
+            cmp.fit({g: cgm.iter_group_chunks(model, files, pre, args.batch_size)
+                     for g, (_, files) in groups.items()}, totals=totals)
+        if skipped:
+            run.extra["skipped"] = {"count": len(skipped), "files": [
+                {"group": g, "position": int(pos), "path": path, "reason": reason}
+                for g, pos, path, reason in skipped]}
         _write_comparison(run, cmp, args, model, formats)
         run.extra["summary"] = {
             "counts": cmp.counts_,
@@ -264,6 +276,8 @@ def cmd_compare_classes(args) -> int:
             "cosine_between_mean": cmp.cosine_summary_["between_mean"],
             "gradcheck": cmp.summary_["gradcheck"],
         }
+    if store is not None:
+        store.remove()
     ref = cmp.group_names_[0]
     print(f"cnnvis compare-classes: neuron {neuron} ({classes[neuron]}), layer {layer}; "
           + ", ".join(f"{g}: {n} images" for g, n in cmp.counts_.items()))

@@ -98,3 +98,69 @@ def topk(args, model, inputs, layer: str, out):
     scale.compact_topk(top, readable, inputs.names)
     _report_skipped("topk", skipped)
     return top, inputs, skipped, store
+
+
+# ----------------------------------------------------------------------------- compare-classes
+
+
+def compare_classes(args, model, cmp, groups, pre):
+    """Fit ``cmp`` (a ClassComparison) from chunk summaries computed on the cluster; returns
+    ``(skipped, store)``. ``groups``: name → (items, files), the reference first."""
+    from pathlib import Path
+
+    from .. import preprocess, scale
+    from ..analysis import class_gradients as cgm
+
+    opts = options(args)
+    for g, (_, files) in groups.items():
+        arrays = [f for f in files if Path(f).suffix.lower() == ".npy"]
+        if arrays:
+            raise CnnvisError(f"--dask: group {g}: {arrays[0]} is an array; workers are sent image paths, "
+                              "never pixels (give image files or folders)")
+    layer = cgm.conv_layer(model, args.layer).name
+    cap = int(args.max_vectors_per_group)
+    files_of = {g: [str(f) for f in files] for g, (_, files) in groups.items()}
+    fingerprint = {"command": "compare-classes", "model_sha256": model.sha256, "layer": layer,
+                   "neuron": cmp.neuron, "batch_size": args.batch_size, "max_vectors_per_group": cap,
+                   "groups": {g: scale.input_digest(f) for g, f in files_of.items()},
+                   "preprocessing": pre.to_dict(), "shard_size": opts.shard_size}
+    store = scale.ShardStore(args.out, "compare-classes", fingerprint, restart=args.restart)
+    shards_of = {}
+    for gi, (g, files) in enumerate(files_of.items()):
+        first = sum(len(s) for s in shards_of.values())
+        shards_of[g] = scale.make_shards(files, opts.shard_size, args.batch_size, group=gi, first_index=first)
+    shards = [s for group in shards_of.values() for s in group]
+    job = {"model": worker_model_ref(args, model), "preprocessing": pre.to_dict(), "layer": layer,
+           "neuron": int(cmp.neuron), "batch_size": args.batch_size, "cap": cap}
+    with scale.connect(opts, "cnnvis compare-classes") as client:
+        scale.run_shards(client, scale.class_gradient_shard, job, shards, store, "cnnvis compare-classes",
+                         progress=opts.progress)
+    skipped = []
+    for g in files_of:
+        for _, res in scale.results(store, shards_of[g]):
+            skipped.extend([[g, *s] for s in res.meta["skipped"]])
+    names_of = {g: preprocess.display_names(files) for g, files in files_of.items()}
+
+    def summaries(g):
+        for _, res in scale.results(store, shards_of[g]):
+            for j in range(len(res.meta["chunks"])):
+                arrays = {k.split(".", 1)[1]: v for k, v in res.arrays.items() if k.split(".", 1)[0] == str(j)}
+                names = [names_of[g][int(p)] for p in arrays.pop("positions")]
+                yield cgm.ChunkSummary.from_arrays(names, arrays)
+
+    gradcheck = None
+    if args.check_numerical:
+        ref = next(iter(files_of))
+        first = next(summaries(ref), None)
+        if first is not None:
+            position = names_of[ref].index(first.names[0])
+            x = preprocess.load_batch([files_of[ref][position]], pre)
+            cg = cgm.ClassGradients(model, layer, args.batch_size)
+            report = cg.check_numerical(x, int(cmp.neuron), args.check_numerical, args.seed,
+                                        analytic=first.kept[0].reshape(cg.weights_.shape))
+            gradcheck = (report, first.names[0])
+    cmp.fit_summaries({g: summaries(g) for g in files_of}, gradcheck=gradcheck)
+    if skipped:
+        print(f"cnnvis compare-classes: skipped {len(skipped)} unreadable image(s), e.g. {skipped[0][2]}: "
+              f"{skipped[0][3]} (all listed in manifest.json)", file=sys.stderr)
+    return skipped, store
