@@ -137,7 +137,7 @@ def summarize_chunk(batch: "ClassGradientBatch", names, first: int, cap: int) ->
     pred = batch.predicted
     rows = np.arange(len(batch))
     return ChunkSummary(list(names), batch.importance, stats.batch_moments(batch.gradients),
-                        np.ascontiguousarray(batch.gradients[:take].reshape(take, -1)), pred.astype(np.int64),
+                        np.ascontiguousarray(batch.gradients[:take].reshape(take, int(np.prod(batch.gradients.shape[1:])))), pred.astype(np.int64),
                         np.asarray(batch.probabilities[rows, pred], np.float64),
                         np.asarray(batch.target_logits, np.float64), np.asarray(batch.target_probabilities, np.float64))
 
