@@ -1,0 +1,284 @@
+"""cnnvis.scale and the --dask paths: on a LocalCluster of 2 worker processes on loopback, the
+distributed runs write the one-process files byte for byte; worker and client faults; unreadable
+images skipped; the merges against independent references."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cnnvis import cli, scale
+from cnnvis.analysis import stats
+from cnnvis.analysis.topk import TopK
+from cnnvis.errors import CnnvisError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """Two worker processes (one thread each) on 127.0.0.1, no dashboard."""
+    import logging
+
+    from distributed import Client, LocalCluster
+
+    lc = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address=None, silence_logs=logging.ERROR)
+    client = Client(lc)
+    yield client
+    client.close()
+    lc.close()
+
+
+def _images(folder: Path, n: int, seed: int, size: int = 28) -> Path:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (size, size), dtype=np.uint8)).save(folder / f"im{i:04d}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    return _images(tmp_path_factory.mktemp("scale") / "images", 40, seed=1)
+
+
+def _files(out: Path) -> dict:
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def _manifest_without_times(data: bytes) -> dict:
+    manifest = json.loads(data)
+    for run in manifest["runs"].values():
+        run.pop("wall_time_s")
+    return manifest
+
+
+def assert_same_outputs(one: Path, two: Path, other_inputs: bool = False) -> None:
+    """Every file byte for byte, manifest.json up to wall times; ``other_inputs``: the runs were
+    given other files or folders (their names in the manifest and the top-k state aside)."""
+    a, b = _files(one), _files(two)
+    assert sorted(a) == sorted(b)
+    for rel in a:
+        if rel == "manifest.json":
+            ma, mb = _manifest_without_times(a[rel]), _manifest_without_times(b[rel])
+            if other_inputs:
+                for m in (ma, mb):
+                    for run in m["runs"].values():
+                        run.pop("inputs")
+                        run.pop("skipped", None)
+            assert ma == mb
+        elif rel == "topk_state.json" and other_inputs:
+            sa, sb = json.loads(a[rel]), json.loads(b[rel])
+            assert sa.pop("fingerprint")["images"] != sb.pop("fingerprint")["images"]
+            assert sa == sb
+        else:
+            assert a[rel] == b[rel], rel
+
+
+def _address(client) -> str:
+    return client.scheduler.address
+
+
+# ----------------------------------------------------------------------------- merges (no cluster)
+
+
+def test_merge_topk_equals_one_stream_for_any_split():
+    rng = np.random.default_rng(0)
+    acts = rng.integers(0, 4, size=(23, 3, 2, 2)).astype(np.float32)  # many ties on purpose
+    whole = TopK(5).update(acts)
+    for cuts in ([4, 9, 17], [1], [11, 12, 13, 20], [5, 10, 15, 20]):
+        parts = []
+        for lo, hi in zip([0, *cuts], [*cuts, len(acts)]):
+            part = TopK(5).update(acts[lo:hi])
+            parts.append((part.map_shape_, part.values_, part.images_ + lo, part.positions_))
+        for order in (parts, parts[::-1]):  # order of arrival does not matter either
+            merged = scale.merge_topk(order, 5)
+            np.testing.assert_array_equal(merged.values_, whole.values_)
+            np.testing.assert_array_equal(merged.images_, whole.images_)
+            np.testing.assert_array_equal(merged.positions_, whole.positions_)
+    # independent check of the tie order on map 0: sort (−value, image, position) by hand
+    flat = [(-acts[i, 0].reshape(-1)[p], i, p) for i in range(len(acts)) for p in range(4)]
+    best = sorted(flat)[:5]
+    assert [(int(i), int(p)) for _, i, p in best] == list(zip(whole.images_[0].tolist(),
+                                                               whole.positions_[0].tolist()))
+
+
+def test_compact_topk_renumbers_to_readable_images():
+    top = TopK(2).update(np.array([[5.0], [1.0], [7.0]], np.float32)[:, :, None, None])
+    top.images_ = np.array([[4, 0]])  # input positions 4 and 0 of 0, 2, 4 readable
+    scale.compact_topk(top, [0, 2, 4], ["a", "c", "e"])
+    assert top.images_.tolist() == [[2, 0]] and top.image_names_ == ["a", "c", "e"]
+
+
+def test_running_moments_merge_is_update_and_matches_numpy():
+    rng = np.random.default_rng(3)
+    chunks = [rng.normal(size=(n, 4, 3)) * 3 + 1 for n in (5, 1, 8, 3)]
+    a, b = stats.RunningMoments(), stats.RunningMoments()
+    for c in chunks:
+        a.update(c)
+        b.merge(*stats.batch_moments(c))
+    assert np.array_equal(a.mean, b.mean) and np.array_equal(a.var(), b.var())  # bit for bit
+    allx = np.concatenate(chunks)
+    np.testing.assert_allclose(b.mean, allx.mean(axis=0), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(b.var(1), allx.var(axis=0, ddof=1), rtol=1e-11)
+
+
+def test_shards_are_whole_chunks_and_cover_the_list():
+    shards = scale.make_shards([f"f{i}" for i in range(23)], shard_size=6, batch_size=4, group=1, first_index=3)
+    assert [len(s) for s in shards] == [8, 8, 7]
+    assert [s.start for s in shards] == [0, 8, 16] and [s.index for s in shards] == [3, 4, 5]
+    assert sum((s.paths for s in shards), []) == [f"f{i}" for i in range(23)]
+    assert all(s.group == 1 for s in shards)
+
+
+def test_shard_store_round_trip_and_restart(tmp_path):
+    store = scale.ShardStore(tmp_path, "topk", {"a": 1})
+    store.save(2, {"n": 3, "skipped": []}, {"x": np.arange(4, dtype=np.float32)})
+    assert store.done() == {2}
+    res = store.load(2)
+    assert res.meta["n"] == 3 and res.arrays["x"].dtype == np.float32 and res.arrays["x"].tolist() == [0, 1, 2, 3]
+    assert scale.ShardStore(tmp_path, "topk", {"a": 1}).done() == {2}  # same fingerprint: same folder
+    assert scale.ShardStore(tmp_path, "topk", {"a": 2}).done() == set()  # another run: its own folder
+    assert scale.ShardStore(tmp_path, "topk", {"a": 1}, restart=True).done() == set()
+    (store.folder / "shard-000007.npz").write_bytes(b"truncated")
+    with pytest.raises(CnnvisError, match="shard-000007.npz: unreadable shard result"):
+        store.load(7)
+
+
+@pytest.mark.parametrize("address, message", [("local:0", "N >= 1"), ("local", "local:N"),
+                                              ("nowhere", "scheduler address")])
+def test_bad_addresses(address, message):
+    with pytest.raises(CnnvisError, match=message):
+        scale.parse_address(address)
+    assert scale.parse_address("tcp://10.0.0.1:8786") == ("remote", "tcp://10.0.0.1:8786")
+    assert scale.parse_address("local:3") == ("local", 3)
+
+
+def test_worker_model_checks_sha256():
+    from cnnvis import registry
+
+    name = registry.default_model_name()
+    model = registry.load(name)
+    assert scale.worker_model(scale.model_ref(name, None, "cpu", 1, model.sha256)).sha256 == model.sha256
+    with pytest.raises(CnnvisError, match="a different file"):
+        scale.worker_model(scale.model_ref(name, None, "cpu", 1, "0" * 64))
+
+
+def test_dask_refuses_input_arrays(tmp_path, capsys):
+    x = tmp_path / "x.npy"
+    np.save(x, np.zeros((2, 1, 28, 28), np.float32))
+    assert cli.main(["topk", "--input-array", str(x), "--dask", "local:1", "--out", str(tmp_path / "o")]) == 2
+    assert "never pixels" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+# ----------------------------------------------------------------------------- on the cluster
+
+
+def test_topk_on_cluster_equals_one_process(cluster, images, tmp_path):
+    common = ["topk", str(images), "--batch-size", "4", "--k", "3", "--layer", "conv2", "--maps", "all"]
+    assert cli.main(common + ["--out", str(tmp_path / "one")]) == 0
+    assert cli.main(common + ["--out", str(tmp_path / "two"), "--dask", _address(cluster), "--shard-size", "6"]) == 0
+    assert_same_outputs(tmp_path / "one", tmp_path / "two")
+    assert not (tmp_path / "two" / scale.STATE_DIR).exists()  # merged: the shard results are gone
+
+
+def test_compare_classes_on_cluster_equals_one_process(cluster, tmp_path):
+    common = ["compare-classes", "--permutations", "49", "--batch-size", "4", "--check-numerical", "2",
+              "--max-vectors-per-group", "6", "--format", "npy", "--no-progress"]
+    assert cli.main(common + ["--out", str(tmp_path / "one")]) == 0
+    assert cli.main(common + ["--out", str(tmp_path / "two"), "--dask", _address(cluster), "--shard-size", "4"]) == 0
+    assert_same_outputs(tmp_path / "one", tmp_path / "two")
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["gradcheck"]["entries"] == 2 and summary["cosine"]["kept_per_group"]["reference"] == 6
+
+
+def test_unreadable_images_are_skipped_and_listed(cluster, images, tmp_path):
+    import shutil
+
+    mixed = tmp_path / "mixed"
+    shutil.copytree(images, mixed)
+    (mixed / "im0003b.png").write_text("not an image")
+    good = (mixed / "im0010.png").read_bytes()
+    (mixed / "im0020b.png").write_bytes(good[:60])  # truncated
+    common = ["topk", "--batch-size", "4", "--k", "2", "--layer", "conv1", "--maps", "0-3"]
+    assert cli.main(common + [str(images), "--out", str(tmp_path / "one")]) == 0
+    assert cli.main(common + [str(mixed), "--out", str(tmp_path / "two"), "--dask", _address(cluster),
+                              "--shard-size", "8"]) == 0
+    assert_same_outputs(tmp_path / "one", tmp_path / "two", other_inputs=True)
+    skipped = json.loads((tmp_path / "two" / "manifest.json").read_text())["runs"]["topk"]["skipped"]
+    assert skipped["count"] == 2
+    assert [Path(f["path"]).name for f in skipped["files"]] == ["im0003b.png", "im0020b.png"]
+    assert all("not a readable image" in f["reason"] for f in skipped["files"])
+
+
+def test_worker_killed_mid_run_changes_nothing(cluster, tmp_path):
+    # larger images decode slowly enough that the run is still going when a worker dies
+    folder = _images(tmp_path / "big", 120, seed=2, size=400)
+    common = ["topk", str(folder), "--batch-size", "4", "--k", "3", "--layer", "conv1", "--maps", "0-3"]
+    assert cli.main(common + ["--out", str(tmp_path / "one")]) == 0
+    out = tmp_path / "two"
+    result = {}
+    run = threading.Thread(target=lambda: result.setdefault("rc", cli.main(
+        common + ["--out", str(out), "--dask", _address(cluster), "--shard-size", "4"])))
+    pids = cluster.run(os.getpid)
+    run.start()
+    deadline = time.time() + 60
+    done_at_kill = None
+    while time.time() < deadline and run.is_alive():
+        shards = list((out / scale.STATE_DIR).glob("*/shard-*.npz")) if out.exists() else []
+        if shards:
+            done_at_kill = len(shards)
+            os.kill(sorted(pids.values())[0], signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    run.join(120)
+    assert done_at_kill is not None and done_at_kill < 30, "the worker was not killed mid-run"
+    assert result["rc"] == 0
+    assert_same_outputs(tmp_path / "one", out)
+    cluster.wait_for_workers(2, timeout=60)  # the nanny restarts the killed worker
+
+
+def test_client_killed_then_rerun_resumes(cluster, tmp_path):
+    folder = _images(tmp_path / "big", 120, seed=3, size=400)
+    common = ["topk", str(folder), "--batch-size", "4", "--k", "3", "--layer", "conv1", "--maps", "0-3"]
+    assert cli.main(common + ["--out", str(tmp_path / "one")]) == 0
+    out = tmp_path / "two"
+    dask_args = common + ["--out", str(out), "--dask", _address(cluster), "--shard-size", "4"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-m", "cnnvis", *dask_args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 90
+    recorded = []
+    while time.time() < deadline and proc.poll() is None:
+        recorded = list((out / scale.STATE_DIR).glob("*/shard-*.npz")) if out.exists() else []
+        if len(recorded) >= 3:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    proc.wait(30)
+    assert proc.returncode == -signal.SIGKILL, "the client finished before it was killed"
+    kept = len(list((out / scale.STATE_DIR).glob("*/shard-*.npz")))
+    assert 3 <= kept < 30
+    err = _run_capturing_stderr(dask_args)
+    assert f"resuming: {kept} of 30 shard(s) already recorded" in err
+    assert_same_outputs(tmp_path / "one", out)
+
+
+def _run_capturing_stderr(argv) -> str:
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stderr(buf):
+        assert cli.main(argv) == 0
+    return buf.getvalue()
