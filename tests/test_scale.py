@@ -282,3 +282,32 @@ def _run_capturing_stderr(argv) -> str:
     with contextlib.redirect_stderr(buf):
         assert cli.main(argv) == 0
     return buf.getvalue()
+
+
+def test_dataset_channel_stats_against_numpy():
+    from cnnvis.analysis.activations import DatasetChannelStats
+
+    rng = np.random.default_rng(5)
+    conv = rng.normal(size=(11, 3, 4, 5)).astype(np.float32)
+    fc = rng.normal(size=(11, 6)).astype(np.float32)
+    acc = DatasetChannelStats()
+    for lo, hi in ((0, 4), (4, 5), (5, 11)):
+        acc.update({"conv": conv[lo:hi], "fc": fc[lo:hi]})
+    s = acc.summary()
+    values = conv.astype(np.float64).transpose(1, 0, 2, 3).reshape(3, -1)  # channel × every value
+    np.testing.assert_allclose(s["conv"]["mean"], values.mean(axis=1), rtol=1e-12)
+    np.testing.assert_allclose(s["conv"]["std"], values.std(axis=1), rtol=1e-12)
+    assert s["conv"]["max"] == values.max(axis=1).tolist()
+    assert s["conv"]["fraction_active"] == ((values > 0).sum(axis=1) / 220).tolist()
+    assert s["conv"]["values_per_channel"] == 220 and acc.n_images_ == 11
+    np.testing.assert_allclose(s["fc"]["std"], fc.astype(np.float64).std(axis=0), rtol=1e-12)
+
+
+def test_activation_stats_on_local_cluster_equals_one_process(images, tmp_path):
+    common = ["activations", str(images), "--stats", "--batch-size", "4", "--layer", "conv1", "--layer", "fc6"]
+    assert cli.main(common + ["--out", str(tmp_path / "one")]) == 0
+    assert cli.main(common + ["--out", str(tmp_path / "two"), "--dask", "local:2", "--shard-size", "8",
+                              "--no-progress"]) == 0
+    assert_same_outputs(tmp_path / "one", tmp_path / "two")
+    data = json.loads((tmp_path / "one" / "activation_stats.json").read_text())
+    assert data["n_images"] == 40 and len(data["layers"]["conv1"]["mean"]) == 48

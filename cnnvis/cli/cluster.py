@@ -164,3 +164,42 @@ def compare_classes(args, model, cmp, groups, pre):
         print(f"cnnvis compare-classes: skipped {len(skipped)} unreadable image(s), e.g. {skipped[0][2]}: "
               f"{skipped[0][3]} (all listed in manifest.json)", file=sys.stderr)
     return skipped, store
+
+
+# ----------------------------------------------------------------------------- activations --stats
+
+
+def activation_stats(args, model, inputs, layers):
+    """Per-channel statistics of ``layers`` over ``inputs`` on the cluster:
+    ``(DatasetChannelStats, skipped, store)``."""
+    from .. import scale
+    from ..analysis import activations
+
+    opts = options(args)
+    files = [str(f) for f in inputs.files]
+    fingerprint = {"command": "activations-stats", "model_sha256": model.sha256, "layers": list(layers),
+                   "inputs": scale.input_digest(files), "n_inputs": len(files),
+                   "preprocessing": inputs.pre.to_dict(), "batch_size": args.batch_size,
+                   "shard_size": opts.shard_size}
+    store = scale.ShardStore(args.out, "activations", fingerprint, restart=args.restart)
+    shards = scale.make_shards(files, opts.shard_size, args.batch_size)
+    job = {"model": worker_model_ref(args, model), "preprocessing": inputs.pre.to_dict(), "layers": list(layers),
+           "batch_size": args.batch_size}
+    with scale.connect(opts, "cnnvis activations") as client:
+        scale.run_shards(client, scale.channel_stats_shard, job, shards, store, "cnnvis activations",
+                         progress=opts.progress)
+    result, skipped = activations.DatasetChannelStats(), []
+    for _, res in scale.results(store, shards):
+        skipped.extend(res.meta["skipped"])
+        for j, n in enumerate(res.meta["chunks"]):
+            part = {}
+            for key, value in res.arrays.items():
+                chunk, rest = key.split(".", 1)
+                if chunk == str(j):
+                    layer, name = rest.rsplit(".", 1)
+                    part.setdefault(layer, {})[name] = value
+            result.merge({layer: part[layer] for layer in layers}, n)
+    if result.n_images_ == 0:
+        raise CnnvisError(f"activations: none of the {len(files)} input image(s) is readable")
+    _report_skipped("activations", skipped)
+    return result, skipped, store
