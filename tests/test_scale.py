@@ -311,3 +311,21 @@ def test_activation_stats_on_local_cluster_equals_one_process(images, tmp_path):
     assert_same_outputs(tmp_path / "one", tmp_path / "two")
     data = json.loads((tmp_path / "one" / "activation_stats.json").read_text())
     assert data["n_images"] == 40 and len(data["layers"]["conv1"]["mean"]) == 48
+
+
+def test_image_tree_on_cluster_equals_the_folders_given_one_process(cluster, images, tmp_path):
+    import shutil
+
+    tree = tmp_path / "tree"
+    for i, f in enumerate(sorted(images.glob("*.png"))[:12]):
+        (tree / ("n02" if i % 3 else "n01")).mkdir(parents=True, exist_ok=True)
+        shutil.copy(f, tree / ("n02" if i % 3 else "n01") / f.name)
+    syn = tmp_path / "synset.txt"
+    syn.write_text("n01 first class\nn02 second class\n")
+    common = ["topk", "--batch-size", "4", "--k", "2", "--layer", "conv1", "--maps", "0-3"]
+    assert cli.main(common + [str(tree / "n01"), str(tree / "n02"), "--out", str(tmp_path / "one")]) == 0
+    assert cli.main(common + ["--image-tree", str(tree), "--synsets", str(syn), "--out", str(tmp_path / "two"),
+                              "--dask", _address(cluster), "--shard-size", "4", "--no-progress"]) == 0
+    assert_same_outputs(tmp_path / "one", tmp_path / "two", other_inputs=True)
+    manifest = json.loads((tmp_path / "two" / "manifest.json").read_text())
+    assert manifest["runs"]["topk"]["inputs"] == [str(tree), str(syn)]

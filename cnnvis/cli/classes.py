@@ -69,7 +69,7 @@ def register(sub) -> None:
                    help="folder for the temporary float32 memmap of the kept gradient vectors "
                         "(default: the system's temporary folder; up to 4·d bytes per kept image)")
     _add_layer_options(p)
-    cluster.add_dask_options(p)
+    cluster.add_dask_options(p, no_progress=False)
     common.add_output_options(p, "out/compare_classes")
     p.set_defaults(func=cmd_compare_classes)
 

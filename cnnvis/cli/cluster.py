@@ -13,7 +13,9 @@ from . import common
 from ..errors import CnnvisError
 
 
-def add_dask_options(p, restart: bool = True) -> None:
+def add_dask_options(p, restart: bool = True, no_progress: bool = True) -> None:
+    """--dask and its settings (``restart``/``no_progress``: add --restart/--no-progress, unless the
+    command has its own)."""
     from ..scale import DEFAULT_SHARD_SIZE
 
     g = p.add_argument_group("cluster (Dask)")
@@ -27,9 +29,25 @@ def add_dask_options(p, restart: bool = True) -> None:
                    help=f"images per task, rounded up to a multiple of --batch-size (default {DEFAULT_SHARD_SIZE})")
     g.add_argument("--dask-dashboard", action="store_true",
                    help="local:N: serve the Dask dashboard and print its address")
+    if no_progress:
+        g.add_argument("--no-progress", action="store_true", help="no progress bar")
     if restart:
         g.add_argument("--restart", action="store_true",
                        help="discard shard results recorded in --out by an interrupted run")
+
+
+def add_dataset_options(p) -> None:
+    """Inputs at scale, instead of image arguments: a list file or a class-per-subfolder tree."""
+    g = p.add_argument_group("datasets")
+    g.add_argument("--image-list", default=None, metavar="FILE",
+                   help="a text file of image paths, one a line, each optionally followed by a label "
+                        "(tab, comma or space); relative paths are relative to the file")
+    g.add_argument("--image-tree", default=None, metavar="DIR",
+                   help="a class-per-subfolder tree (ImageNet's DIR/n01440764/*.JPEG layout): every image of "
+                        "every subfolder, folders and files in name order")
+    g.add_argument("--synsets", default=None, metavar="FILE",
+                   help="with --image-tree: the synset file naming the classes (line i = class i: "
+                        "'n01440764 tench, Tinca tinca')")
 
 
 def options(args):

@@ -95,9 +95,12 @@ class Inputs:
             stem = os.path.splitext(os.path.basename(args.input_array))[0]
             self.names = [f"{stem}[{i}]" for i in range(len(self.array))]
             self.files = None
+            self.labels = None
         else:
             self.array = None
-            self.files = preprocess.list_images(input_paths(args, model))
+            dataset = image_set(args)
+            self.files = dataset.files if dataset is not None else preprocess.list_images(input_paths(args, model))
+            self.labels = dataset.labels if dataset is not None else None
             self.names = preprocess.display_names(self.files)
 
     def __len__(self):
@@ -147,6 +150,26 @@ class Inputs:
         return {"images": self.sources, "preprocessing": self.pre.to_dict()}
 
 
+def image_set(args):
+    """The :class:`cnnvis.datasets.ImageSet` of ``--image-list`` or ``--image-tree`` (with
+    ``--synsets``), or None when the inputs are image arguments."""
+    from .. import datasets
+    from ..errors import CnnvisError
+
+    listed, tree = getattr(args, "image_list", None), getattr(args, "image_tree", None)
+    if not listed and not tree:
+        if getattr(args, "synsets", None):
+            raise CnnvisError("--synsets: names the classes of an --image-tree; give --image-tree too")
+        return None
+    given = [o for o, v in (("IMAGE arguments", getattr(args, "images", None)), ("--image-list", listed),
+                            ("--image-tree", tree), ("--input-array", getattr(args, "input_array", None))) if v]
+    if len(given) > 1:
+        raise CnnvisError(f"{given[1]}: give one of {' / '.join(given)}, not both")
+    if listed:
+        return datasets.image_list(listed)
+    return datasets.image_tree(tree, getattr(args, "synsets", None))
+
+
 def load_inputs(args, model):
     """``(names, batch)`` of every input at once (small sets)."""
     inputs = Inputs(args, model)
@@ -188,6 +211,9 @@ def recorded_inputs(args, model) -> list:
     """What a manifest records as the inputs: the --input-array file, or the images actually used."""
     if getattr(args, "input_array", None):
         return [str(args.input_array)]
+    for option in ("image_list", "image_tree", "synsets"):  # a dataset: its list file or folder
+        if getattr(args, option, None):
+            return [str(getattr(args, o)) for o in ("image_list", "image_tree", "synsets") if getattr(args, o, None)]
     return [str(p) for p in input_paths(args, model)]
 
 

@@ -29,7 +29,7 @@ def register(sub) -> None:
     p.add_argument("--stats", action="store_true",
                    help="instead of per-image grids: per-channel mean, std, max and fraction active of each layer "
                         "over all the inputs (activation_stats.csv/.json; a dataset, on a cluster with --dask)")
-    p.add_argument("--no-progress", action="store_true", help="--dask: no progress bar")
+    cluster.add_dataset_options(p)
     cluster.add_dask_options(p)
     common.add_output_options(p, "out/activations")
     p.set_defaults(func=cmd_activations)

@@ -38,6 +38,7 @@ def register(sub) -> None:
     p.add_argument("--max-chunks", type=common.positive_int, default=None, metavar="N",
                    help=f"process at most N chunks of --batch-size images in this run, then stop with exit "
                         f"code {INCOMPLETE}; a rerun continues from the saved state")
+    cluster.add_dataset_options(p)
     cluster.add_dask_options(p, restart=False)
     common.add_output_options(p, "out/topk")
     p.set_defaults(func=cmd_topk)
