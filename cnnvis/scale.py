@@ -195,6 +195,73 @@ def channel_stats_shard(job: dict, shard: Shard):
     return {"n": len(shard), "skipped": skipped, "chunks": chunks, "readable": int(sum(chunks))}, arrays
 
 
+def conv_gradient_shard(job: dict, shard: Shard):
+    """Per chunk of one shard: each image's gradient of a class logit w.r.t. a conv layer's
+    weights, the class differentiated and the logits (what conv-gradients writes per image)."""
+    from .analysis import class_gradients as cgm
+
+    model = worker_model(job["model"])
+    cg = cgm.ClassGradients(model, job["layer"], job["batch_size"])
+    skipped, arrays, chunks = [], {}, []
+    for j, (pos, x) in enumerate(shard_chunks(shard, _preprocessing(job), job["batch_size"], skipped)):
+        batch = cg.compute(x, job["target"])
+        chunks.append(len(pos))
+        arrays.update({f"{j}.positions": np.asarray(pos, np.int64), f"{j}.gradients": batch.gradients,
+                       f"{j}.targets": batch.targets, f"{j}.logits": batch.logits})
+    return {"n": len(shard), "skipped": skipped, "chunks": chunks, "readable": int(sum(chunks))}, arrays
+
+
+def occlusion_shard(job: dict, shard: Shard):
+    """Per image of one shard: its occlusion maps (``cnnvis.analysis.occlusion.Occlusion.run``)."""
+    from .analysis import occlusion
+
+    model = worker_model(job["model"])
+    pre = _preprocessing(job)
+    analysis = occlusion.Occlusion(model, preprocessing=pre, batch_size=job["batch_size"], **job["options"])
+    skipped, arrays, chunks, records = [], {}, [], []
+    for j, (pos, x) in enumerate(shard_chunks(shard, pre, job["batch_size"], skipped)):
+        chunks.append(len(pos))
+        arrays[f"{j}.positions"] = np.asarray(pos, np.int64)
+        for i, image in enumerate(x):
+            res = analysis.run(image, target=job["target"], channel=job["channel"])
+            meta, values = record_of(res)
+            records.append(meta)
+            arrays.update({f"{j}.{i}.{k}": v for k, v in values.items()})
+    plan = getattr(analysis, "plan_", None)
+    return {"n": len(shard), "skipped": skipped, "chunks": chunks, "readable": int(sum(chunks)),
+            "records": records, "incremental": plan.describe() if plan is not None else None}, arrays
+
+
+def record_of(result):
+    """A dataclass result as ``(JSON meta, arrays)`` (no pickles); :func:`from_record` rebuilds it."""
+    import dataclasses
+
+    meta, arrays = {"tuples": []}, {}
+    for f in dataclasses.fields(result):
+        value = getattr(result, f.name)
+        if isinstance(value, np.ndarray):
+            arrays[f.name] = value
+        else:
+            if isinstance(value, tuple):
+                meta["tuples"].append(f.name)
+            meta[f.name] = value.item() if isinstance(value, np.generic) else \
+                [v.item() if isinstance(v, np.generic) else v for v in value] if isinstance(value, tuple) else value
+    return meta, arrays
+
+
+def from_record(cls, meta: dict, arrays: dict):
+    import dataclasses
+
+    values = {}
+    for f in dataclasses.fields(cls):
+        if f.name in arrays:
+            values[f.name] = arrays[f.name]
+        elif f.name in meta:
+            v = meta[f.name]
+            values[f.name] = tuple(v) if f.name in meta["tuples"] else v
+    return cls(**values)
+
+
 # ----------------------------------------------------------------------------- recorded shards
 
 

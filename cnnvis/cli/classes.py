@@ -41,6 +41,8 @@ def register(sub) -> None:
                         "predicted class)")
     p.add_argument("--seed", type=int, default=0, help="seed choosing the --check-numerical entries (default 0)")
     _add_layer_options(p)
+    cluster.add_dataset_options(p)
+    cluster.add_dask_options(p)
     common.add_output_options(p, "out/conv_gradients")
     p.set_defaults(func=cmd_conv_gradients)
 
@@ -123,11 +125,19 @@ def cmd_conv_gradients(args) -> int:
     _check_args(args)
     formats = list(dict.fromkeys(args.format or common.VOLUME_FORMATS))
     model = common.load_model(args)
+    if args.dask:
+        cluster.options(args)  # a bad address or --input-array fails before anything is read
     cg = cgm.ClassGradients(model, args.layer, args.batch_size)
     layer = cg.layer_.name
     target = None if args.target is None else model.class_index(args.target, "--class")
-    chunks = common.checked_input_chunks(args, model)  # unreadable inputs fail here, before anything is staged
-    common.model_warning(model)
+    skipped, store, recorded = [], None, common.recorded_inputs(args, model)
+    if args.dask:  # the shard results are recorded in --out while the cluster runs, outside RunOutput
+        common.model_warning(model)
+        _, batches, skipped, store = cluster.conv_gradients(args, model, common.Inputs(args, model), layer, target)
+    else:
+        chunks = common.checked_input_chunks(args, model)  # unreadable inputs fail here, before anything is staged
+        common.model_warning(model)
+        batches = ((names, cg.compute(x, target), x[:1]) for names, x in chunks)
     weights = cg.weights_
     order = _channel_order(args, model, weights)
     top_k = min(args.top_k, weights.shape[0])
@@ -138,12 +148,12 @@ def cmd_conv_gradients(args) -> int:
               "input_array": args.input_array, "objective": "logit (pre-softmax class score)"}
     rows, used, gradcheck = [], {}, None
     lname = common.safe_name(layer)
-    with RunOutput(args.out, "conv-gradients", params=params, inputs=common.recorded_inputs(args, model),
-                   model=model.info()) as run:
-        for names, x in chunks:
-            batch = cg.compute(x, target)
+    with RunOutput(args.out, "conv-gradients", params=params, inputs=recorded, model=model.info()) as run:
+        if skipped:
+            run.extra["skipped"] = cluster.skipped_record(skipped)
+        for names, batch, x1 in batches:
             if args.check_numerical and gradcheck is None:
-                report = cg.check_numerical(x[:1], int(batch.targets[0]), args.check_numerical, args.seed,
+                report = cg.check_numerical(x1, int(batch.targets[0]), args.check_numerical, args.seed,
                                             analytic=batch.gradients[0])
                 gradcheck = cgm.gradcheck_dict(report, names[0])
                 print(f"cnnvis conv-gradients: numerical check on {names[0]}: {report}")
@@ -190,6 +200,8 @@ def cmd_conv_gradients(args) -> int:
         write_json(run.path("summary.json", kind="summary"),
                    {"layer": layer, "weight_shape": list(weights.shape), "images": rows, "gradcheck": gradcheck})
         run.extra["gradcheck"] = gradcheck
+    if store is not None:
+        store.remove()
     print(f"cnnvis conv-gradients: {len(rows)} image(s), layer {layer} -> {args.out}")
     return 0
 

@@ -221,3 +221,92 @@ def activation_stats(args, model, inputs, layers):
         raise CnnvisError(f"activations: none of the {len(files)} input image(s) is readable")
     _report_skipped("activations", skipped)
     return result, skipped, store
+
+
+# ----------------------------------------------------------------------------- per-image commands
+
+
+def per_image(args, model, inputs, command: str, fn, params: dict):
+    """Run a per-image analysis (``fn``, a worker function of :mod:`cnnvis.scale`) over ``inputs``
+    on the cluster. Returns ``(readable inputs, chunks, skipped, store)``; ``chunks`` yields
+    ``(names, first, meta, arrays)`` per chunk in input order (``first``: index of its first image in
+    the readable inputs; ``arrays`` without the chunk prefix) from the recorded shard results."""
+    from .. import scale
+
+    opts = options(args)
+    files = [str(f) for f in inputs.files]
+    fingerprint = {"command": command, "model_sha256": model.sha256, "inputs": scale.input_digest(files),
+                   "n_inputs": len(files), "preprocessing": inputs.pre.to_dict(), "batch_size": args.batch_size,
+                   "shard_size": opts.shard_size, "params": params}
+    store = scale.ShardStore(args.out, command, fingerprint, restart=args.restart)
+    shards = scale.make_shards(files, opts.shard_size, args.batch_size)
+    job = {"model": worker_model_ref(args, model), "preprocessing": inputs.pre.to_dict(),
+           "batch_size": args.batch_size, **params}
+    label = f"cnnvis {command}"
+    with scale.connect(opts, label) as client:
+        scale.run_shards(client, fn, job, shards, store, label, progress=opts.progress)
+    skipped, readable = [], []
+    for _, res in scale.results(store, shards):
+        skipped.extend(res.meta["skipped"])
+        readable.extend(int(p) for j in range(len(res.meta["chunks"])) for p in res.arrays[f"{j}.positions"])
+    if not readable:
+        raise CnnvisError(f"{command}: none of the {len(files)} input image(s) is readable")
+    if skipped:
+        inputs = inputs.subset(readable)
+    _report_skipped(command, skipped)
+
+    def chunks():
+        first = 0
+        for _, res in scale.results(store, shards):
+            for j, n in enumerate(res.meta["chunks"]):
+                arrays = {key.split(".", 1)[1]: v for key, v in res.arrays.items() if key.split(".", 1)[0] == str(j)}
+                arrays.pop("positions")
+                yield inputs.names[first:first + n], first, res.meta, arrays
+                first += n
+
+    return inputs, chunks(), skipped, store
+
+
+def conv_gradients(args, model, inputs, layer: str, target):
+    """conv-gradients on the cluster: ``(readable inputs, batches, skipped, store)``; ``batches``
+    yields ``(names, ClassGradientBatch, first image)`` as the one-process loop computes them (the
+    first image, for --check-numerical, is loaded here for the first chunk only)."""
+    from .. import preprocess, scale
+    from ..analysis import class_gradients as cgm
+    from ..model import softmax
+
+    inputs, chunks, skipped, store = per_image(args, model, inputs, "conv-gradients", scale.conv_gradient_shard,
+                                               {"layer": layer, "target": target})
+
+    def batches():
+        for names, first, _, a in chunks:
+            grads, logits = a["gradients"], a["logits"]
+            x1 = preprocess.load_batch(inputs.files[first:first + 1], inputs.pre) if first == 0 else None
+            yield names, cgm.ClassGradientBatch(grads, cgm.filter_importance(grads), a["targets"], logits,
+                                                softmax(logits)), x1
+
+    return inputs, batches(), skipped, store
+
+
+def occlusion(args, model, inputs, options: dict, target, channel):
+    """occlusion on the cluster: ``(readable inputs, items, skipped, store)``; ``items`` yields
+    ``(name, image, OcclusionMaps, incremental plan description)`` per image in input order."""
+    from .. import scale
+    from ..analysis.occlusion import OcclusionMaps
+
+    inputs, chunks, skipped, store = per_image(args, model, inputs, "occlusion", scale.occlusion_shard,
+                                               {"options": options, "target": target, "channel": channel})
+
+    def items():
+        done_in_shard, last_meta = 0, None
+        for names, first, meta, arrays in chunks:
+            if meta is not last_meta:
+                done_in_shard, last_meta = 0, meta
+            x = inputs.load(range(first, first + len(names)))
+            for i, name in enumerate(names):
+                values = {k.split(".", 1)[1]: v for k, v in arrays.items() if k.split(".", 1)[0] == str(i)}
+                yield (name, x[i], scale.from_record(OcclusionMaps, meta["records"][done_in_shard], values),
+                       meta["incremental"])
+                done_in_shard += 1
+
+    return inputs, items(), skipped, store
