@@ -138,29 +138,35 @@ def image_tree(root, synsets=None) -> ImageSet:
     from .preprocess import IMAGE_EXTENSIONS
 
     root = Path(root)
+    classes = tree_classes(root, synsets)
+    files, labels = [], []
+    for folder, index, _ in classes:
+        with os.scandir(root / folder) as it:
+            names = sorted(e.name for e in it if e.is_file() and Path(e.name).suffix.lower() in IMAGE_EXTENSIONS)
+        files.extend(root / folder / n for n in names)
+        labels.extend([index] * len(names))
+    if not files:
+        raise CnnvisError(f"--image-tree {root}: no image files in its subfolders")
+    return ImageSet(files, labels, classes)
+
+
+def tree_classes(root, synsets=None) -> list:
+    """``[(subfolder, class index, class name)]`` of a class-per-subfolder tree, in subfolder name
+    order (see :func:`image_tree`); only the top folder is scanned."""
+    root = Path(root)
     if not root.is_dir():
         raise CnnvisError(f"--image-tree {root}: not a folder")
     with os.scandir(root) as it:
         folders = sorted(e.name for e in it if e.is_dir() and not e.name.startswith("."))
     if not folders:
         raise CnnvisError(f"--image-tree {root}: no class subfolders (expected ROOT/<class>/<image>)")
-    table = None
-    if synsets is not None:
-        table = {wnid: (i, name) for i, (wnid, name) in enumerate(read_synsets(synsets))}
-        missing = [f for f in folders if f not in table]
-        if missing:
-            raise CnnvisError(f"--image-tree {root}: subfolder {missing[0]} is not in --synsets {synsets}")
-    files, labels, classes = [], [], []
-    for i, folder in enumerate(folders):
-        index, name = table[folder] if table is not None else (i, folder)
-        with os.scandir(root / folder) as it:
-            names = sorted(e.name for e in it if e.is_file() and Path(e.name).suffix.lower() in IMAGE_EXTENSIONS)
-        files.extend(root / folder / n for n in names)
-        labels.extend([index] * len(names))
-        classes.append((folder, index, name))
-    if not files:
-        raise CnnvisError(f"--image-tree {root}: no image files in its subfolders")
-    return ImageSet(files, labels, classes)
+    if synsets is None:
+        return [(f, i, f) for i, f in enumerate(folders)]
+    table = {wnid: (i, name) for i, (wnid, name) in enumerate(read_synsets(synsets))}
+    missing = [f for f in folders if f not in table]
+    if missing:
+        raise CnnvisError(f"--image-tree {root}: subfolder {missing[0]} is not in --synsets {synsets}")
+    return [(f, *table[f]) for f in folders]
 
 
 def image_list(path) -> ImageSet:

@@ -70,10 +70,13 @@ _MODELS_LOCK = threading.Lock()
 
 
 def worker_model(ref: ModelRef):
-    """The model of ``ref``, loaded once per process and kept (with its onnxruntime sessions) for
-    every later shard; its sha256 must be the client's."""
+    """The model of ``ref``, loaded once per worker thread (once per process with the default one
+    thread per worker) and kept, with its onnxruntime sessions and gradient engines, for every
+    later shard; its sha256 must be the client's. Threads do not share one: the model's lazily
+    built sessions and engines are not guarded for concurrent first use."""
+    key = (ref, threading.get_ident())
     with _MODELS_LOCK:
-        model = _MODELS.get(ref)
+        model = _MODELS.get(key)
         if model is None:
             from . import registry
 
@@ -83,7 +86,7 @@ def worker_model(ref: ModelRef):
 
                 raise CnnvisError(f"--model {ref.spec}: sha256 {model.sha256[:16]}… on worker {socket.gethostname()}, "
                                   f"{ref.sha256[:16]}… on the client (a different file)")
-            _MODELS[ref] = model
+            _MODELS[key] = model
     return model
 
 

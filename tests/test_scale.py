@@ -341,3 +341,28 @@ def test_per_image_commands_on_cluster_equal_one_process(cluster, images, tmp_pa
         assert cli.main(base + ["--out", str(tmp_path / command / "two"), "--dask", _address(cluster),
                                 "--shard-size", "2", "--no-progress"]) == 0
         assert_same_outputs(tmp_path / command / "one", tmp_path / command / "two")
+
+
+def test_compare_classes_groups_from_an_image_tree(images, tmp_path):
+    import shutil
+
+    from cnnvis import registry
+
+    classes = registry.load(registry.default_model_name()).class_names
+    syn = tmp_path / "synset.txt"
+    syn.write_text("".join(f"c{i} {name}\n" for i, name in enumerate(classes)))
+    files = sorted(images.glob("*.png"))
+    for k, folder in enumerate(("c6", "c0", "c1")):  # Shirt, T-shirt/top, Trouser
+        (tmp_path / "tree" / folder).mkdir(parents=True)
+        for f in files[4 * k:4 * k + 4]:
+            shutil.copy(f, tmp_path / "tree" / folder / f.name)
+    common = ["compare-classes", "--permutations", "9", "--batch-size", "4", "--format", "npy", "--no-progress"]
+    tree = tmp_path / "tree"
+    assert cli.main(common + ["--neuron", "Shirt", "--reference", str(tree / "c6"), "--similar", str(tree / "c0"),
+                              "--dissimilar", str(tree / "c1"), "--out", str(tmp_path / "one")]) == 0
+    assert cli.main(common + ["--neuron", "Shirt", "--similar", classes[0], "--dissimilar", "1",
+                              "--image-tree", str(tree), "--synsets", str(syn), "--out", str(tmp_path / "two")]) == 0
+    one, two = (json.loads((tmp_path / o / "summary.json").read_text()) for o in ("one", "two"))
+    assert one == two and one["counts"] == {"reference": 4, "similar": 4, "dissimilar": 4}
+    assert (tmp_path / "one" / "cosine_similarity.npy").read_bytes() == \
+        (tmp_path / "two" / "cosine_similarity.npy").read_bytes()

@@ -71,6 +71,7 @@ def register(sub) -> None:
                    help="folder for the temporary float32 memmap of the kept gradient vectors "
                         "(default: the system's temporary folder; up to 4·d bytes per kept image)")
     _add_layer_options(p)
+    cluster.add_dataset_options(p, groups=True)
     cluster.add_dask_options(p, no_progress=False)
     common.add_output_options(p, "out/compare_classes")
     p.set_defaults(func=cmd_compare_classes)
@@ -231,12 +232,13 @@ def _groups_from_args(args, model):
         items = chosen[role]
         if not items:
             continue
+        found = cluster.tree_items(args, model, items)  # --image-tree: class items → its subfolders
         if per_item and role != "reference" and len(items) > 1:
-            for item in items:
+            for item, where in zip(items, found):
                 name = f"{role}-{common.safe_name(str(item))}"
-                groups[name] = ([item], cgm.resolve_group(model, [item], f"--{role} {item}"))
+                groups[name] = ([item], cgm.resolve_group(model, [where], f"--{role} {item}"))
         else:
-            groups[role] = (list(items), cgm.resolve_group(model, items, f"--{role}"))
+            groups[role] = (list(items), cgm.resolve_group(model, found, f"--{role}"))
     return neuron, groups, per_item
 
 

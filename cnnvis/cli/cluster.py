@@ -36,18 +36,54 @@ def add_dask_options(p, restart: bool = True, no_progress: bool = True) -> None:
                        help="discard shard results recorded in --out by an interrupted run")
 
 
-def add_dataset_options(p) -> None:
-    """Inputs at scale, instead of image arguments: a list file or a class-per-subfolder tree."""
+def add_dataset_options(p, groups: bool = False) -> None:
+    """Inputs at scale, instead of image arguments: a list file or a class-per-subfolder tree
+    (``groups``: compare-classes, whose group items may name the tree's classes)."""
     g = p.add_argument_group("datasets")
-    g.add_argument("--image-list", default=None, metavar="FILE",
-                   help="a text file of image paths, one a line, each optionally followed by a label "
-                        "(tab, comma or space); relative paths are relative to the file")
-    g.add_argument("--image-tree", default=None, metavar="DIR",
-                   help="a class-per-subfolder tree (ImageNet's DIR/n01440764/*.JPEG layout): every image of "
-                        "every subfolder, folders and files in name order")
+    if groups:
+        g.add_argument("--image-tree", default=None, metavar="DIR",
+                       help="a class-per-subfolder tree (ImageNet's DIR/n01440764/*.JPEG layout): a group item "
+                            "naming a subfolder, or a class index/name of the model (through --synsets), "
+                            "means that subfolder's images")
+    else:
+        g.add_argument("--image-list", default=None, metavar="FILE",
+                       help="a text file of image paths, one a line, each optionally followed by a label "
+                            "(tab, comma or space); relative paths are relative to the file")
+        g.add_argument("--image-tree", default=None, metavar="DIR",
+                       help="a class-per-subfolder tree (ImageNet's DIR/n01440764/*.JPEG layout): every image of "
+                            "every subfolder, folders and files in name order")
     g.add_argument("--synsets", default=None, metavar="FILE",
                    help="with --image-tree: the synset file naming the classes (line i = class i: "
                         "'n01440764 tench, Tinca tinca')")
+
+
+def tree_items(args, model, items) -> list:
+    """compare-classes with --image-tree: items naming a class of the tree (its subfolder, or a
+    class index or name of the model matched to the subfolder of that class index) become that
+    subfolder; other items are kept as given."""
+    from pathlib import Path
+
+    from .. import datasets
+
+    tree = getattr(args, "image_tree", None)
+    if not tree:
+        if getattr(args, "synsets", None):
+            raise CnnvisError("--synsets: names the classes of an --image-tree; give --image-tree too")
+        return list(items)
+    classes = datasets.tree_classes(tree, getattr(args, "synsets", None))
+    by_folder = {folder: folder for folder, _, _ in classes}
+    by_index = {index: folder for folder, index, _ in classes}
+    out = []
+    for item in items:
+        text = str(item)
+        folder = by_folder.get(text)
+        if folder is None and not Path(text).exists():
+            try:
+                folder = by_index.get(model.class_index(text, "class"))
+            except CnnvisError:
+                folder = None
+        out.append(str(Path(tree) / folder) if folder is not None else item)
+    return out
 
 
 def options(args):
