@@ -396,6 +396,11 @@ def connect(options: ClusterOptions, label: str = "cnnvis"):
         raise
     try:
         link = client.dashboard_link if (kind == "remote" or options.dashboard) else None
+        if link and kind == "local":
+            import importlib.util
+
+            if importlib.util.find_spec("bokeh") is None:  # distributed serves no dashboard without it
+                link = f"{link} (not served: the dashboard needs `pip install bokeh`)"
         n_workers = len(client.scheduler_info().get("workers", {}))
         print(f"{label}: Dask cluster {options.address}: {n_workers} worker(s)"
               + (f"; dashboard {link}" if link else ""), file=sys.stderr)
