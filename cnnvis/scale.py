@@ -109,9 +109,10 @@ class Shard:
 
 def make_shards(paths, shard_size: int, batch_size: int, group: int = 0, first_index: int = 0) -> list:
     """Shards of at most ``shard_size`` paths, a multiple of ``batch_size`` each, so that a shard's
-    chunks are the chunks the one-process run makes."""
+    chunks are the chunks the one-process run makes. Paths are made absolute (workers elsewhere
+    do not share the client's working folder)."""
     size = max(1, -(-int(shard_size) // int(batch_size))) * int(batch_size)
-    paths = [str(p) for p in paths]
+    paths = [os.path.abspath(p) for p in paths]
     return [Shard(first_index + i, s, paths[s:s + size], group)
             for i, s in enumerate(range(0, len(paths), size))]
 
@@ -414,7 +415,7 @@ def connect(options: ClusterOptions, label: str = "cnnvis"):
 def run_shards(client, fn, job: dict, shards: list, store: ShardStore, label: str, progress: bool = True) -> None:
     """Run ``fn(job, shard)`` for every shard not yet in ``store``, recording each result as it
     arrives; one progress bar of images (done, img/s, ETA)."""
-    from distributed import as_completed
+    from distributed import KilledWorker, as_completed
     from tqdm import tqdm
 
     done = store.done()
@@ -436,6 +437,12 @@ def run_shards(client, fn, job: dict, shards: list, store: ShardStore, label: st
                 store.save(index, meta, arrays)
                 bar.update(n)
                 future.release()
+        except KilledWorker as exc:  # the same shard took down several workers in turn
+            client.cancel(futures)
+            shard = next((s for f, s in zip(futures, todo) if f.key == getattr(exc, "task", None)), None)
+            where = f" (shard {shard.index}, from {shard.paths[0]})" if shard is not None else ""
+            raise CnnvisError(f"--dask: a task took down {getattr(exc, 'allowed_failures', '?')} workers in turn"
+                              f"{where}; the shards recorded so far are kept in {store.folder}") from None
         except BaseException:
             client.cancel(futures)
             raise

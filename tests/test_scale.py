@@ -136,7 +136,7 @@ def test_shards_are_whole_chunks_and_cover_the_list():
     shards = scale.make_shards([f"f{i}" for i in range(23)], shard_size=6, batch_size=4, group=1, first_index=3)
     assert [len(s) for s in shards] == [8, 8, 7]
     assert [s.start for s in shards] == [0, 8, 16] and [s.index for s in shards] == [3, 4, 5]
-    assert sum((s.paths for s in shards), []) == [f"f{i}" for i in range(23)]
+    assert sum((s.paths for s in shards), []) == [os.path.abspath(f"f{i}") for i in range(23)]  # absolute
     assert all(s.group == 1 for s in shards)
 
 
@@ -366,3 +366,16 @@ def test_compare_classes_groups_from_an_image_tree(images, tmp_path):
     assert one == two and one["counts"] == {"reference": 4, "similar": 4, "dissimilar": 4}
     assert (tmp_path / "one" / "cosine_similarity.npy").read_bytes() == \
         (tmp_path / "two" / "cosine_similarity.npy").read_bytes()
+
+
+def test_worker_errors_reach_the_client_as_one_line(cluster, images, tmp_path):
+    from cnnvis import preprocess, registry
+
+    model = registry.load(registry.default_model_name())
+    shards = scale.make_shards(sorted(images.glob("*.png"))[:4], 4, 4)
+    job = {"model": scale.model_ref(registry.default_model_name(), None, "cpu", 1, "f" * 64),
+           "preprocessing": preprocess.for_model(model).to_dict(), "layer": "conv1", "k": 2, "batch_size": 4}
+    store = scale.ShardStore(tmp_path, "topk", {"t": 1})
+    with pytest.raises(CnnvisError, match="on the client \\(a different file\\)"):
+        scale.run_shards(cluster, scale.topk_shard, job, shards, store, "test", progress=False)
+    assert store.done() == set()

@@ -243,6 +243,10 @@ def cmd_topk(args) -> int:
     model = common.load_model(args)
     if args.dask:
         cluster.options(args)  # a bad address or --input-array fails before anything is read
+        if args.max_chunks is not None:
+            from ..errors import CnnvisError
+
+            raise CnnvisError("--max-chunks: not with --dask (a cluster run is resumed by its recorded shards)")
     layer = model.layer(args.layer or default_layer(model)).name
     shape = deconv.layer_shape(model, layer)
     maps = _maps(args, "0-15", shape[0])
