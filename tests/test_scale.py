@@ -194,7 +194,8 @@ def test_topk_on_cluster_equals_one_process(cluster, images, tmp_path):
 
 def test_compare_classes_on_cluster_equals_one_process(cluster, tmp_path):
     common = ["compare-classes", "--permutations", "49", "--batch-size", "4", "--check-numerical", "2",
-              "--max-vectors-per-group", "6", "--format", "npy", "--no-progress"]
+              "--max-vectors-per-group", "6", "--format", "npy", "--no-progress", "--neuron", "Shirt",
+              "--similar", "T-shirt/top", "--dissimilar", "Trouser"]
     assert cli.main(common + ["--out", str(tmp_path / "one")]) == 0
     assert cli.main(common + ["--out", str(tmp_path / "two"), "--dask", _address(cluster), "--shard-size", "4"]) == 0
     assert_same_outputs(tmp_path / "one", tmp_path / "two")
@@ -332,11 +333,11 @@ def test_image_tree_on_cluster_equals_the_folders_given_one_process(cluster, ima
 
 
 def test_per_image_commands_on_cluster_equal_one_process(cluster, images, tmp_path):
-    few = [str(p) for p in sorted(images.glob("*.png"))[:5]]
-    runs = {"conv-gradients": ["--batch-size", "4", "-f", "npy", "--top-k", "2"],
-            "occlusion": ["--batch-size", "4", "--window", "14", "--stride", "7"]}
-    for command, extra in runs.items():
-        base = [command, *few, *extra]
+    files = [str(p) for p in sorted(images.glob("*.png"))]
+    runs = {"conv-gradients": (files[:4], ["-f", "npy", "--top-k", "2"]),
+            "occlusion": (files[4:7], ["--window", "14", "--stride", "7"])}
+    for command, (few, extra) in runs.items():
+        base = [command, *few, "--batch-size", "2", *extra]
         assert cli.main(base + ["--out", str(tmp_path / command / "one")]) == 0
         assert cli.main(base + ["--out", str(tmp_path / command / "two"), "--dask", _address(cluster),
                                 "--shard-size", "2", "--no-progress"]) == 0
