@@ -140,6 +140,12 @@ def test_shards_are_whole_chunks_and_cover_the_list():
     assert all(s.group == 1 for s in shards)
 
 
+def test_cli_default_shard_size_is_scales():
+    from cnnvis.cli import cluster as cli_cluster
+
+    assert cli_cluster.DEFAULT_SHARD_SIZE == scale.DEFAULT_SHARD_SIZE
+
+
 def test_shard_store_round_trip_and_restart(tmp_path):
     store = scale.ShardStore(tmp_path, "topk", {"a": 1})
     store.save(2, {"n": 3, "skipped": []}, {"x": np.arange(4, dtype=np.float32)})

@@ -13,11 +13,12 @@ from . import common
 from ..errors import CnnvisError
 
 
+DEFAULT_SHARD_SIZE = 256  # cnnvis.scale.DEFAULT_SHARD_SIZE, without importing numpy (`cnnvis --help` stays fast)
+
+
 def add_dask_options(p, restart: bool = True, no_progress: bool = True) -> None:
     """--dask and its settings (``restart``/``no_progress``: add --restart/--no-progress, unless the
     command has its own)."""
-    from ..scale import DEFAULT_SHARD_SIZE
-
     g = p.add_argument_group("cluster (Dask)")
     g.add_argument("--dask", default=None, metavar="ADDRESS",
                    help="run on a Dask cluster: a scheduler address (tcp://host:8786) or local:N (a cluster of "
