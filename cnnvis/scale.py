@@ -281,9 +281,11 @@ class ShardStore:
     pickles: the meta is JSON stored as bytes)."""
 
     def __init__(self, out, command: str, fingerprint: dict, restart: bool = False):
+        from .manifest import ensure_writable_dir
+
         text = json.dumps(fingerprint, sort_keys=True, default=str)
         self.digest = hashlib.sha256(text.encode()).hexdigest()[:16]
-        self.root = Path(out) / STATE_DIR
+        self.root = ensure_writable_dir(out) / STATE_DIR
         self.folder = self.root / f"{command}-{self.digest}"
         if restart and self.folder.exists():
             shutil.rmtree(self.folder)

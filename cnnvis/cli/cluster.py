@@ -132,11 +132,11 @@ def topk(args, model, inputs, layer: str, out):
                    "inputs": scale.input_digest(files), "n_inputs": len(files),
                    "preprocessing": inputs.pre.to_dict(), "batch_size": args.batch_size,
                    "shard_size": opts.shard_size}
-    store = scale.ShardStore(out, "topk", fingerprint, restart=args.restart)
     shards = scale.make_shards(files, opts.shard_size, args.batch_size)
     job = {"model": worker_model_ref(args, model), "preprocessing": inputs.pre.to_dict(), "layer": layer,
            "k": args.k, "batch_size": args.batch_size}
     with scale.connect(opts, "cnnvis topk") as client:
+        store = scale.ShardStore(out, "topk", fingerprint, restart=args.restart)
         scale.run_shards(client, scale.topk_shard, job, shards, store, "cnnvis topk", progress=opts.progress)
     parts, readable, skipped = [], [], []
     for _, res in scale.results(store, shards):
@@ -179,7 +179,6 @@ def compare_classes(args, model, cmp, groups, pre):
                    "neuron": cmp.neuron, "batch_size": args.batch_size, "max_vectors_per_group": cap,
                    "groups": {g: scale.input_digest(f) for g, f in files_of.items()},
                    "preprocessing": pre.to_dict(), "shard_size": opts.shard_size}
-    store = scale.ShardStore(args.out, "compare-classes", fingerprint, restart=args.restart)
     shards_of = {}
     for gi, (g, files) in enumerate(files_of.items()):
         first = sum(len(s) for s in shards_of.values())
@@ -188,6 +187,7 @@ def compare_classes(args, model, cmp, groups, pre):
     job = {"model": worker_model_ref(args, model), "preprocessing": pre.to_dict(), "layer": layer,
            "neuron": int(cmp.neuron), "batch_size": args.batch_size, "cap": cap}
     with scale.connect(opts, "cnnvis compare-classes") as client:
+        store = scale.ShardStore(args.out, "compare-classes", fingerprint, restart=args.restart)
         scale.run_shards(client, scale.class_gradient_shard, job, shards, store, "cnnvis compare-classes",
                          progress=opts.progress)
     skipped = []
@@ -236,11 +236,11 @@ def activation_stats(args, model, inputs, layers):
                    "inputs": scale.input_digest(files), "n_inputs": len(files),
                    "preprocessing": inputs.pre.to_dict(), "batch_size": args.batch_size,
                    "shard_size": opts.shard_size}
-    store = scale.ShardStore(args.out, "activations", fingerprint, restart=args.restart)
     shards = scale.make_shards(files, opts.shard_size, args.batch_size)
     job = {"model": worker_model_ref(args, model), "preprocessing": inputs.pre.to_dict(), "layers": list(layers),
            "batch_size": args.batch_size}
     with scale.connect(opts, "cnnvis activations") as client:
+        store = scale.ShardStore(args.out, "activations", fingerprint, restart=args.restart)
         scale.run_shards(client, scale.channel_stats_shard, job, shards, store, "cnnvis activations",
                          progress=opts.progress)
     result, skipped = activations.DatasetChannelStats(), []
@@ -275,12 +275,12 @@ def per_image(args, model, inputs, command: str, fn, params: dict):
     fingerprint = {"command": command, "model_sha256": model.sha256, "inputs": scale.input_digest(files),
                    "n_inputs": len(files), "preprocessing": inputs.pre.to_dict(), "batch_size": args.batch_size,
                    "shard_size": opts.shard_size, "params": params}
-    store = scale.ShardStore(args.out, command, fingerprint, restart=args.restart)
     shards = scale.make_shards(files, opts.shard_size, args.batch_size)
     job = {"model": worker_model_ref(args, model), "preprocessing": inputs.pre.to_dict(),
            "batch_size": args.batch_size, **params}
     label = f"cnnvis {command}"
     with scale.connect(opts, label) as client:
+        store = scale.ShardStore(args.out, command, fingerprint, restart=args.restart)
         scale.run_shards(client, fn, job, shards, store, label, progress=opts.progress)
     skipped, readable = [], []
     for _, res in scale.results(store, shards):
