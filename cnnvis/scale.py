@@ -245,12 +245,17 @@ def record_of(result):
         value = getattr(result, f.name)
         if isinstance(value, np.ndarray):
             arrays[f.name] = value
+        elif isinstance(value, tuple):
+            meta["tuples"].append(f.name)
+            meta[f.name] = [_plain(v) for v in value]
         else:
-            if isinstance(value, tuple):
-                meta["tuples"].append(f.name)
-            meta[f.name] = value.item() if isinstance(value, np.generic) else \
-                [v.item() if isinstance(v, np.generic) else v for v in value] if isinstance(value, tuple) else value
+            meta[f.name] = _plain(value)
     return meta, arrays
+
+
+def _plain(value):
+    """A numpy scalar as the Python number JSON keeps exactly (float64 and integers round-trip)."""
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def from_record(cls, meta: dict, arrays: dict):
@@ -454,14 +459,6 @@ def results(store: ShardStore, shards: list):
     """The recorded results of ``shards``, in shard order (one in memory at a time)."""
     for s in shards:
         yield s, store.load(s.index)
-
-
-def skipped_files(store: ShardStore, shards: list) -> list:
-    """``[position, path, reason]`` of every unreadable input, in input order."""
-    out = []
-    for _, res in results(store, shards):
-        out.extend(res.meta.get("skipped", []))
-    return out
 
 
 # ----------------------------------------------------------------------------- merges

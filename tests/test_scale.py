@@ -386,3 +386,23 @@ def test_worker_errors_reach_the_client_as_one_line(cluster, images, tmp_path):
     with pytest.raises(CnnvisError, match="on the client \\(a different file\\)"):
         scale.run_shards(cluster, scale.topk_shard, job, shards, store, "test", progress=False)
     assert store.done() == set()
+
+
+def test_dataclass_records_round_trip_exactly(tmp_path):
+    from dataclasses import dataclass
+
+    @dataclass
+    class Result:
+        window: tuple
+        values: np.ndarray
+        score: float
+        label: int | None = None
+
+    res = Result((3, 5), np.arange(6, dtype=np.float32).reshape(2, 3) / 7, 0.1 + 0.2, None)
+    meta, arrays = scale.record_of(res)
+    store = scale.ShardStore(tmp_path, "t", {})
+    store.save(0, {"records": [meta]}, arrays)  # through the JSON + .npz file
+    back = store.load(0)
+    again = scale.from_record(Result, back.meta["records"][0], back.arrays)
+    assert again.window == (3, 5) and again.score == 0.1 + 0.2 and again.label is None
+    assert again.values.dtype == np.float32 and np.array_equal(again.values, res.values)
