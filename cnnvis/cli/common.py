@@ -139,6 +139,7 @@ class Inputs:
         else:
             out.files = [self.files[i] for i in indices]
             out.names = preprocess.display_names(out.files)
+            out.labels = None if self.labels is None else [self.labels[i] for i in indices]
         return out
 
     def fingerprint(self) -> dict:
