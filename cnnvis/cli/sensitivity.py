@@ -196,38 +196,38 @@ def cmd_occlusion(args) -> int:
         if skipped:
             run.extra["skipped"] = cluster.skipped_record(skipped)
         for name, x, res, plan in items:
-            for safe in common.unique_names([name], used):
-                meta = dict(image=name, layer=res.layer)
-                for key in ("probability", "top_class", "top_probability", "activation"):
-                    value = getattr(res, key)
-                    if value is not None:
-                        save_npy(run.path(f"{safe}/{key}.npy", kind=f"occlusion-{key}", shape=list(value.shape),
-                                          **meta), value)
-                rgb = space.to_display(x)
-                figures.save_png(run.path(f"{safe}/probability.png", kind="occlusion-map", **meta),
-                                 plots.heat_picture(res.probability, args.cmap))
-                figures.save_png(run.path(f"{safe}/probability_overlay.png", kind="occlusion-overlay", **meta),
-                                 plots.enlarge(plots.overlay_heatmap(rgb, res.to_pixels(res.probability), args.alpha,
-                                                                     args.cmap)))
-                colours = plots.class_colours(np.unique(res.top_class).tolist())
-                figures.save_png(run.path(f"{safe}/top_class.png", kind="occlusion-map", **meta),
-                                 plots.category_picture(res.top_class, colours))
-                if res.activation is not None:
-                    figures.save_png(run.path(f"{safe}/activation.png", kind="occlusion-map", **meta),
-                                     plots.heat_picture(res.activation, args.cmap))
-                    figures.save_png(run.path(f"{safe}/activation_overlay.png", kind="occlusion-overlay", **meta),
-                                     plots.enlarge(plots.overlay_heatmap(rgb, res.to_pixels(res.activation),
-                                                                         args.alpha, args.cmap)))
-                plots.occlusion_figure(run.path(f"{safe}/figure.png", kind="occlusion-figure", **meta),
-                                       res, rgb, colours, lambda k: _class_name(model, k), args.cmap)
-                summary = res.summary()
-                summary.update(image=name, target_name=_class_name(model, res.target),
-                               base_top_class_name=_class_name(model, res.base_top_class),
-                               top_class_names={str(k): _class_name(model, k) for k in summary["top_classes"]},
-                               top_class_colours={str(k): list(c) for k, c in colours.items()})
-                summaries.append(summary)
-                print(f"cnnvis occlusion: {name}: p({_class_name(model, res.target)}) {res.base_probability:.3f} "
-                      f"-> min {summary['min_probability']:.3f} at window {summary['min_probability_window']}")
+            safe = common.unique_names([name], used)[0]
+            meta = dict(image=name, layer=res.layer)
+            for key in ("probability", "top_class", "top_probability", "activation"):
+                value = getattr(res, key)
+                if value is not None:
+                    save_npy(run.path(f"{safe}/{key}.npy", kind=f"occlusion-{key}", shape=list(value.shape),
+                                      **meta), value)
+            rgb = space.to_display(x)
+            figures.save_png(run.path(f"{safe}/probability.png", kind="occlusion-map", **meta),
+                             plots.heat_picture(res.probability, args.cmap))
+            figures.save_png(run.path(f"{safe}/probability_overlay.png", kind="occlusion-overlay", **meta),
+                             plots.enlarge(plots.overlay_heatmap(rgb, res.to_pixels(res.probability), args.alpha,
+                                                                 args.cmap)))
+            colours = plots.class_colours(np.unique(res.top_class).tolist())
+            figures.save_png(run.path(f"{safe}/top_class.png", kind="occlusion-map", **meta),
+                             plots.category_picture(res.top_class, colours))
+            if res.activation is not None:
+                figures.save_png(run.path(f"{safe}/activation.png", kind="occlusion-map", **meta),
+                                 plots.heat_picture(res.activation, args.cmap))
+                figures.save_png(run.path(f"{safe}/activation_overlay.png", kind="occlusion-overlay", **meta),
+                                 plots.enlarge(plots.overlay_heatmap(rgb, res.to_pixels(res.activation),
+                                                                     args.alpha, args.cmap)))
+            plots.occlusion_figure(run.path(f"{safe}/figure.png", kind="occlusion-figure", **meta),
+                                   res, rgb, colours, lambda k: _class_name(model, k), args.cmap)
+            summary = res.summary()
+            summary.update(image=name, target_name=_class_name(model, res.target),
+                           base_top_class_name=_class_name(model, res.base_top_class),
+                           top_class_names={str(k): _class_name(model, k) for k in summary["top_classes"]},
+                           top_class_colours={str(k): list(c) for k, c in colours.items()})
+            summaries.append(summary)
+            print(f"cnnvis occlusion: {name}: p({_class_name(model, res.target)}) {res.base_probability:.3f} "
+                  f"-> min {summary['min_probability']:.3f} at window {summary['min_probability_window']}")
         if args.dask:
             run.extra["incremental"] = plan if summaries else None
         else:
