@@ -689,3 +689,49 @@ def test_einsum_per_sample_weight_gradients_sum_to_the_batch_gradient():
     want = np.einsum("nchw,nkw->nck", c.astype(np.float64), seed)
     np.testing.assert_allclose(per, want, rtol=0, atol=1e-5 * np.abs(want).max())
     np.testing.assert_allclose(summed, want.sum(axis=0), rtol=0, atol=1e-5 * np.abs(want).max())
+
+
+# ------------------------------------------------- deconvnet and guided on the new ops (as documented)
+
+def test_deconvnet_and_guided_keep_the_exact_gradient_of_non_rectifiers():
+    # MobileNetV3/EfficientNet/ConvNeXt pieces without a Relu: every rule gives the same gradient
+    nodes = [n("HardSwish", ["SRC"], ["hs"]),
+             n("ReduceMean", ["hs", "axes"], ["se"], keepdims=1), n("HardSigmoid", ["se"], ["gate"]),
+             n("Mul", ["hs", "gate"], ["scaled"]),
+             n("Sigmoid", ["scaled"], ["sg"]), n("Mul", ["scaled", "sg"], ["silu"]),  # SiLU
+             n("Gelu", ["silu"], ["ge"]), n("Mish", ["ge"], ["mi"]),
+             n("Clip", ["mi", "lo", "hi"], ["cl"]),  # a Clip whose lower bound is not 0
+             n("LayerNormalization", ["cl", "ls", "lb"], ["y"], axis=1)]
+    m = _with_source(nodes, (3, 2, 4), {"axes": np.array([2, 3], np.int64), "lo": np.array(-0.5, np.float32),
+                                        "hi": np.array(0.5, np.float32), "ls": (3, 2, 4), "lb": (3, 2, 4)},
+                     opset=20, spread=2.0)
+    x, seed = rand(2, 3, 2, 4).astype(np.float32), rand(2, 3, 2, 4, seed=6)
+    runs = {r: GradientEngine(m, ["x", "w"], objective="seed", target="y", rule=r).run(x, seed=seed)
+            for r in ("gradient", "deconvnet", "guided")}
+    for r in ("deconvnet", "guided"):
+        for w in ("x", "w"):
+            np.testing.assert_array_equal(runs[r][w], runs["gradient"][w])
+    assert np.abs(runs["gradient"]["x"]).max() > 0
+
+
+def test_relu6_clip_is_a_rectifier_under_deconvnet_and_guided():
+    # y = Clip(x, 0, 6) with the seed as the backward signal: by the documented definitions
+    m = tiny([n("Clip", ["x", "lo", "hi"], ["y"])], {"lo": np.array(0.0, np.float32), "hi": np.array(6.0, np.float32)},
+             (3, 4))
+    x = (rand(2, 3, 4) * 5).astype(np.float32)
+    seed = rand(2, 3, 4, seed=8)
+    inside = (x >= 0) & (x <= 6)
+    assert inside.any() and (~inside).any() and (seed < 0).any()
+    want = {"gradient": seed * inside, "deconvnet": np.maximum(seed, 0),
+            "guided": np.maximum(seed * inside, 0)}
+    for r, expected in want.items():
+        got = GradientEngine(m, "x", objective="seed", target="y", rule=r).run(x, seed=seed)["x"]
+        np.testing.assert_allclose(got, expected, rtol=1e-6, atol=0)
+
+
+def test_pad_with_axes_opset18_and_split_with_num_outputs():
+    nodes = [n("Pad", ["SRC", "pads", "", "paxes"], ["p"]),  # pads for axes 3 and 2 only
+             n("Split", ["p"], ["s1", "s2"], axis=3, num_outputs=2), n("Mul", ["s1", "s2"], ["y"])]
+    m = _with_source(nodes, (3, 2, 3), {"pads": np.array([1, 0, 0, 2], np.int64), "paxes": np.array([3, 2], np.int64)},
+                     opset=18)
+    check(m, rand(2, 3, 2, 3), ["x", "w"])

@@ -12,6 +12,21 @@ Conventions:
 * ``rule`` changes only the rectifiers: ``deconvnet`` rectifies the backward signal itself
   (Zeiler & Fergus), ``guided`` keeps the exact gradient but zeroes negative backward signals.
   Everything else (convolutions, pooling switches, LRN, ...) is the exact gradient under all rules.
+
+How ``deconvnet`` and ``guided`` treat the ops (g: the backward signal reaching the op; the
+README's table, written by :func:`markdown_table`, lists every op with a rule):
+
+================  =======================================  =======================================
+op                ``deconvnet``                            ``guided``
+================  =======================================  =======================================
+Relu              relu(g), the forward mask ignored        g * [x > 0], then negatives zeroed
+LeakyRelu, PRelu  the forward function applied to g        relu(g), then the forward slope
+Clip with min 0   relu(g)                                  g * [min <= x <= max], then negatives
+(ReLU6)                                                    zeroed
+any other op      the exact gradient: smooth activations   the exact gradient
+                  (HardSwish, Gelu, Mish, SiLU as
+                  Sigmoid * x ...) are not rectifiers
+================  =======================================  =======================================
 """
 from __future__ import annotations
 
@@ -114,12 +129,21 @@ class RuleContext:
 
 
 _RULE_TABLE: dict = {}
+_RULE_NOTES: dict = {}  # op -> (what it supports, deconvnet behaviour, guided behaviour)
+
+EXACT = "exact gradient"
+
+#: Commands that need no gradients, so they run on a model with an op that has no backward rule.
+GRADIENT_FREE_COMMANDS = ("activations", "volume", "order", "render", "occlusion", "invariance", "filters", "layers")
 
 
-def rule(*op_types):
+def rule(*op_types, note: str = "", deconvnet: str = EXACT, guided: str = EXACT):
+    """Register a backward rule for ``op_types``; ``note`` says what of the op it covers, and
+    ``deconvnet`` / ``guided`` what the other rules do there (the README's table reads these)."""
     def deco(fn):
         for op in op_types:
             _RULE_TABLE[op] = fn
+            _RULE_NOTES[op] = (note, deconvnet, guided)
         return fn
     return deco
 
@@ -128,23 +152,34 @@ def supported_ops():
     return sorted(_RULE_TABLE)
 
 
+def markdown_table() -> str:
+    """The README's table of ops with backward rules: one row per op (ONNX domain)."""
+    lines = ["| op | covers | `deconvnet` | `guided` |", "| --- | --- | --- | --- |"]
+    for op in supported_ops():
+        note, deconv, guided = _RULE_NOTES[op]
+        lines.append(f"| {op} | {note or 'all of the op'} | {deconv} | {guided} |")
+    return "\n".join(lines) + "\n"
+
+
 def backward(ctx: RuleContext):
     fn = _RULE_TABLE.get(ctx.node.op_type)
     if fn is None or ctx.node.domain not in ("", "ai.onnx"):
-        raise ctx.fail("no backward rule for this op, which lies on the path from the objective to a "
-                       f"requested gradient (supported: {', '.join(supported_ops())})")
+        domain = f" in domain {ctx.node.domain!r}" if ctx.node.domain not in ("", "ai.onnx") else ""
+        raise ctx.fail(f"no backward rule for this op{domain} (it lies between the objective and a requested "
+                       "gradient); gradient methods cannot run on this model, these commands need no gradients: "
+                       f"{', '.join(GRADIENT_FREE_COMMANDS)}; ops with rules: cnnvis.autodiff.supported_ops()")
     grads = fn(ctx)
     return list(grads) + [None] * (len(ctx.node.input) - len(grads))
 
 
 # ============================================================ pass-through and shape ops
 
-@rule("Identity", "Dropout")
+@rule("Identity", "Dropout", note="Dropout as in inference (the identity)")
 def _identity(ctx):
     return [ctx.output_grad(0)]
 
 
-@rule("Flatten", "Reshape", "Squeeze", "Unsqueeze")
+@rule("Flatten", "Reshape", "Squeeze", "Unsqueeze", note="shapes computed at run time too")
 def _reshape_like(ctx):
     b = ctx.b
     if ctx.is_batched(ctx.x[0]):
@@ -176,7 +211,7 @@ def _static_axis(ctx, axis, rank, what):
     return axis
 
 
-@rule("Concat")
+@rule("Concat", note="not along the batch axis")
 def _concat(ctx):
     b = ctx.b
     rank = ctx.rank(ctx.y[0])
@@ -187,7 +222,7 @@ def _concat(ctx):
     return [p if need else None for p, need in zip(parts, ctx.need)]
 
 
-@rule("Split")
+@rule("Split", note="not along the batch axis")
 def _split(ctx):
     rank = ctx.rank(ctx.x[0])
     axis = _static_axis(ctx, ctx.attr("axis", 0), rank, "Split")
@@ -199,7 +234,7 @@ def _slice_indices(start, end, step, dim):
     return list(range(*slice(int(start), int(end), int(step)).indices(int(dim))))
 
 
-@rule("Slice")
+@rule("Slice", note="constant starts, ends, axes, steps")
 def _slice(ctx):
     b = ctx.b
     x = ctx.x[0]
@@ -237,7 +272,7 @@ def _slice(ctx):
     return [g]
 
 
-@rule("Pad")
+@rule("Pad", note="mode constant, constant pads (and axes)")
 def _pad(ctx):
     b = ctx.b
     mode = ctx.attr("mode", "constant")
@@ -307,7 +342,7 @@ def _div(ctx):
     return [da, dc]
 
 
-@rule("Pow")
+@rule("Pow", note="base and exponent")
 def _pow(ctx):
     b, (a, e) = ctx.b, ctx.x
     g, out = ctx.output_grad(0), _binary_shapes(ctx)
@@ -339,7 +374,9 @@ def _tanh(ctx):
     return [b.mul(ctx.output_grad(0), b.sub(b.scalar(1.0), b.mul(y, y)))]
 
 
-@rule("Clip")
+@rule("Clip", note="no gradient for the bounds",
+      deconvnet="min exactly 0 (ReLU6): relu of the backward signal; else exact",
+      guided="min exactly 0 (ReLU6): exact, then negative signals zeroed; else exact")
 def _clip(ctx):
     """Exact: g where min <= x <= max. With a lower bound of exactly 0 (ReLU6) Clip is a
     rectifier: ``deconvnet`` passes relu(g) (the backward signal rectified, the forward ignored),
@@ -351,11 +388,6 @@ def _clip(ctx):
     lo = ctx.x[1] if len(ctx.x) > 1 and ctx.x[1] else None
     hi = ctx.x[2] if len(ctx.x) > 2 and ctx.x[2] else None
     lo_value = ctx.b.known_constants.get(lo) if lo is not None else None
-    if lo is None and ctx.attrs.get("min") is not None:  # opset < 11: bounds as attributes
-        lo_value = float(ctx.attr("min"))
-        lo = b.scalar(lo_value)
-    if hi is None and ctx.attrs.get("max") is not None:
-        hi = b.scalar(float(ctx.attr("max")))
     rectifier = (ctx.rule != "gradient" and lo_value is not None and np.size(lo_value) == 1
                  and float(np.asarray(lo_value).reshape(-1)[0]) == 0.0)
     if rectifier and ctx.rule == "deconvnet":
@@ -372,7 +404,7 @@ def _clip(ctx):
 
 # ============================================================================ rectifiers
 
-@rule("Relu")
+@rule("Relu", deconvnet="relu of the backward signal (forward mask ignored)", guided="exact, then negative signals zeroed")
 def _relu(ctx):
     b, g = ctx.b, ctx.output_grad(0)
     if ctx.rule == "gradient" and ctx.y[0] in b.premasked:
@@ -398,12 +430,14 @@ def _leaky_backward(ctx, slope):
     return b.op("Where", [positive, g, b.mul(g, slope)])
 
 
-@rule("LeakyRelu")
+@rule("LeakyRelu", deconvnet="the forward function applied to the backward signal",
+      guided="negative signals zeroed, then the forward mask/slope")
 def _leaky_relu(ctx):
     return [_leaky_backward(ctx, ctx.b.scalar(float(ctx.attr("alpha", 0.01))))]
 
 
-@rule("PRelu")
+@rule("PRelu", note="input and slope", deconvnet="the forward function applied to the backward signal",
+      guided="negative signals zeroed, then the forward mask/slope")
 def _prelu(ctx):
     b, (x, slope) = ctx.b, ctx.x
     dx = _leaky_backward(ctx, slope) if ctx.need[0] else None
@@ -417,7 +451,7 @@ def _prelu(ctx):
 
 # ================================================================ softmax family
 
-@rule("Softmax")
+@rule("Softmax", note="one axis (opset 13 semantics)")
 def _softmax(ctx):
     b, y, g = ctx.b, ctx.y[0], ctx.output_grad(0)
     axis = ctx.attr("axis", -1)
@@ -425,7 +459,7 @@ def _softmax(ctx):
     return [b.mul(y, b.sub(g, dot))]
 
 
-@rule("LogSoftmax")
+@rule("LogSoftmax", note="one axis (opset 13 semantics)")
 def _log_softmax(ctx):
     b, y, g = ctx.b, ctx.y[0], ctx.output_grad(0)
     axis = ctx.attr("axis", -1)
@@ -435,7 +469,7 @@ def _log_softmax(ctx):
 
 # ================================================================ linear layers
 
-@rule("Gemm")
+@rule("Gemm", note="alpha, beta, transA, transB, broadcast C")
 def _gemm(ctx):
     b = ctx.b
     a, w = ctx.x[0], ctx.x[1]
@@ -474,7 +508,7 @@ def _swap_last(b, name, rank):
     return b.transpose(name, perm)
 
 
-@rule("MatMul")
+@rule("MatMul", note="broadcast batch axes, 1-D operands")
 def _matmul(ctx):
     b = ctx.b
     a, w = ctx.x
@@ -713,7 +747,7 @@ def _crop_taps(b, out, x_shape, out_spatial, kernel, strides, dilations, pads):
     return b.op("Slice", [out, b.ints([0] * spatial), b.ints(kernel), b.ints(list(range(2, 2 + spatial)))])
 
 
-@rule("Conv")
+@rule("Conv", note="pads, strides, dilations, groups, auto_pad")
 def _conv(ctx):
     b = ctx.b
     x, w = ctx.x[0], ctx.x[1]
@@ -783,7 +817,7 @@ def _premaskable_relu_output(ctx, x):
     return None
 
 
-@rule("MaxPool")
+@rule("MaxPool", note="storage_order 0; ties: the first maximum of the window")
 def _maxpool(ctx):
     b, x = ctx.b, ctx.x[0]
     if int(ctx.attr("storage_order", 0)) != 0:
@@ -803,7 +837,7 @@ def _maxpool(ctx):
     return [b.reshape(flat, b.shape_of(x))]
 
 
-@rule("AveragePool")
+@rule("AveragePool", note="pads, ceil_mode, count_include_pad")
 def _avgpool(ctx):
     b, x = ctx.b, ctx.x[0]
     x_shape, y_shape = ctx.shape(x), ctx.shape(ctx.y[0])
@@ -838,7 +872,7 @@ def _global_avgpool(ctx):
     return [b.op("Expand", [b.scale(ctx.output_grad(0), 1.0 / count), b.shape_of(x)])]
 
 
-@rule("GlobalMaxPool")
+@rule("GlobalMaxPool", note="ties: the first maximum")
 def _global_maxpool(ctx):
     b, x = ctx.b, ctx.x[0]
     flat = b.reshape(x, [0, 0, -1])
@@ -879,7 +913,7 @@ def expand_lrn(b, node, x_shape):
     write_lrn(b, node, lambda t: channel_window_mean(b, t, x_shape, size, before, after), s_name, d_name)
 
 
-@rule("LRN")
+@rule("LRN", note="across channels")
 def _lrn(ctx):
     """y = x / d, d = s^beta, s = bias + alpha/size * sum_{window} x^2 (window over channels).
 
@@ -898,7 +932,7 @@ def _lrn(ctx):
     return [b.sub(b.div(g, d), b.mul(x, b.scale(back, 2.0 * alpha * beta)))]
 
 
-@rule("BatchNormalization")
+@rule("BatchNormalization", note="inference mode; input and all four parameters")
 def _batchnorm(ctx):
     b = ctx.b
     if int(ctx.attr("training_mode", 0)):
@@ -983,7 +1017,7 @@ def _normal_cdf_and_pdf(b, x):
     return cdf, pdf
 
 
-@rule("Gelu")
+@rule("Gelu", note="approximate none and tanh (opset 20)")
 def _gelu(ctx):
     """approximate='none': Phi(x) + x phi(x); 'tanh': the derivative of 0.5 x (1 + tanh(u))."""
     b, x = ctx.b, ctx.x[0]
@@ -1065,7 +1099,7 @@ def _mish(ctx):
     return _pointwise(ctx, b.add(t, rest))
 
 
-@rule("Cast")
+@rule("Cast", note="between float types (to integers: no gradient)")
 def _cast(ctx):
     """Between float types: the gradient cast back to the input's type. To an integer or bool
     type the output is piecewise constant and passes no gradient."""
@@ -1089,7 +1123,7 @@ def _mean(ctx):
     return [ctx.reduce_to(g, out, x) if need else None for x, need in zip(ctx.x, ctx.need)]
 
 
-@rule("Max", "Min")
+@rule("Max", "Min", note="broadcasting; ties: the first input")
 def _max_min(ctx):
     """The output's gradient goes to the first input equal to the output (ties: the first one,
     in input order, as MaxPool's switch is the first maximum)."""
@@ -1105,7 +1139,7 @@ def _max_min(ctx):
     return grads
 
 
-@rule("Where")
+@rule("Where", note="the condition gets no gradient")
 def _where(ctx):
     """The condition (a bool tensor, constant or computed) selects which input gets the gradient."""
     b, g, out = ctx.b, ctx.output_grad(0), ctx.shape(ctx.y[0])
@@ -1129,7 +1163,7 @@ def _move_axis_last(b, t, axis, rank):
     return b.transpose(t, perm), np.argsort(perm, kind="stable").tolist()
 
 
-@rule("Gather")
+@rule("Gather", note="constant indices, not along the batch axis")
 def _gather(ctx):
     """Constant indices: the gradient along the axis times the one-hot selection matrix
     (repeated indices add up)."""
@@ -1153,7 +1187,7 @@ def _gather(ctx):
     return [b.transpose(dx, inverse)]
 
 
-@rule("GatherElements")
+@rule("GatherElements", note="constant indices, not along the batch axis")
 def _gather_elements(ctx):
     """Constant indices: the gradient scattered back with addition (repeated indices add up)."""
     b, x = ctx.b, ctx.x[0]
@@ -1198,8 +1232,9 @@ def _reduced_kept(ctx, t, axes):
     return ctx.b.reshape(t, shape)
 
 
-@rule("ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceL2", "ReduceL1", "ReduceSumSquare",
-      "ReduceLogSumExp")
+@rule("ReduceSum", "ReduceMean", "ReduceL2", "ReduceL1", "ReduceSumSquare", "ReduceLogSumExp",
+      note="axes as attribute or input (opset 18), not over the batch")
+@rule("ReduceMax", "ReduceMin", note="axes as attribute or input (opset 18), not over the batch; ties share evenly")
 def _reduce(ctx):
     """Sum, Mean: broadcast back (divided by the count); Max, Min: shared evenly among the tied
     extremes; L2: x / y (0 where y = 0); L1: sign(x); SumSquare: 2x; LogSumExp: exp(x - y)."""
@@ -1247,7 +1282,7 @@ def _no_statistics_gradients(ctx):
         raise ctx.fail("gradients through the mean / inverse standard deviation outputs are not supported")
 
 
-@rule("LayerNormalization")
+@rule("LayerNormalization", note="input, scale, bias (not the mean/inv-std outputs)")
 def _layer_norm(ctx):
     """y = xhat * scale + bias, xhat standardized over axes [axis, rank)."""
     b = ctx.b
@@ -1280,7 +1315,7 @@ def _channel_param_grad(ctx, t, c, name):
     return b.reshape(b.reduce_sum(per, [0], keepdims=0), list(ctx.shape(name)))
 
 
-@rule("InstanceNormalization")
+@rule("InstanceNormalization", note="input, scale, bias")
 def _instance_norm(ctx):
     """y = xhat * scale[c] + bias[c], xhat standardized over the spatial axes of each (n, c)."""
     b = ctx.b
@@ -1297,7 +1332,7 @@ def _instance_norm(ctx):
             _channel_param_grad(ctx, g, c, bias) if ctx.need[2] else None]
 
 
-@rule("GroupNormalization")
+@rule("GroupNormalization", note="scale per group (opset 18) or per channel (opset 21)")
 def _group_norm(ctx):
     """xhat standardized over each group of C/num_groups channels and space; scale and bias per
     channel (opset 21) or per group (opset 18, told apart by their length)."""
@@ -1356,7 +1391,7 @@ def _conv_transpose_pads(ctx, x_shape, w_shape, y_shape, strides, dilations):
     return pads, out_pad
 
 
-@rule("ConvTranspose")
+@rule("ConvTranspose", note="pads, output_padding, output_shape, auto_pad, strides, dilations, groups")
 def _conv_transpose(ctx):
     """The adjoint of Conv: dx = Conv(g, W) with the same strides, dilations, pads and groups;
     dW as a Conv weight gradient with the roles of input and output gradient swapped."""
@@ -1434,7 +1469,7 @@ def resize_matrix(mode, nearest_mode, transform, out, size, scale):
     return m
 
 
-@rule("Resize")
+@rule("Resize", note="nearest and linear, constant scales or sizes; not cubic, antialias, tf_crop_and_resize")
 def _resize(ctx):
     """Nearest and (bi/tri)linear Resize are separable linear maps y = M x per resized axis; the
     gradient applies M^T axis by axis (M from the coordinate transformation formulas)."""
@@ -1480,7 +1515,7 @@ def _resize(ctx):
     return [g]
 
 
-@rule("Tile")
+@rule("Tile", note="constant repeats, 1 on the batch axis")
 def _tile(ctx):
     """Each input element appears once per repeat: sum the gradient over the copies."""
     b, x = ctx.b, ctx.x[0]
@@ -1516,7 +1551,7 @@ def _einsum_terms(ctx):
     return terms, out
 
 
-@rule("Einsum")
+@rule("Einsum", note="two operands, no ellipsis or repeated subscripts")
 def _einsum(ctx):
     """Two operands: the gradient of one is the Einsum of the output gradient with the other,
     broadcast over subscripts only that operand has."""
