@@ -348,24 +348,30 @@ def _conv_out_shape(model, name):
 
 
 def _conv_output(node, conv_in, inits):
-    from .backend import _AttrView, conv_nd
-    from .rules import _spatial_attrs
+    from .backend import conv_nd
 
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
     w = inits[node.input[1]].astype(np.float64)
     bias = inits[node.input[2]].astype(np.float64) if len(node.input) > 2 and node.input[2] else None
-    kernel, strides, dilations, pads = _spatial_attrs(_AttrView(attrs), conv_in.shape, w.shape)
+    kernel, strides, dilations, pads = _conv_geometry(attrs, conv_in.shape, w.shape)
     return conv_nd(conv_in, w, bias, kernel, strides, dilations, pads, int(attrs.get("group", 1)))
+
+
+def _conv_geometry(attrs, x_shape, w_shape):
+    """The reference's geometry (not the rules'): see :func:`.backend.window_geometry`."""
+    from .backend import window_geometry
+
+    return window_geometry(x_shape, attrs.get("kernel_shape") or w_shape[2:], attrs.get("strides"),
+                           attrs.get("dilations"), attrs.get("pads"), attrs.get("auto_pad", "NOTSET"))
 
 
 def _conv_response(node, conv_in, w_shape, flat):
     """How the Conv output changes per unit change of weight entry ``flat`` (float64, exact)."""
-    from .backend import _AttrView, conv_nd
-    from .rules import _spatial_attrs
+    from .backend import conv_nd
 
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
     group = int(attrs.get("group", 1))
-    kernel, strides, dilations, pads = _spatial_attrs(_AttrView(attrs), conv_in.shape, w_shape)
+    kernel, strides, dilations, pads = _conv_geometry(attrs, conv_in.shape, w_shape)
     m = np.unravel_index(flat, w_shape)[0]
     cg, mg = w_shape[1], w_shape[0] // group
     gi = m // mg
