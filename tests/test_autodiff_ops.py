@@ -602,6 +602,15 @@ def test_conv_transpose(attrs, group):
     nodes = [n("ConvTranspose", ["SRC", "wt", "bt"], ["y"], group=group, **attrs)]
     m = _with_source(nodes, (4, 3, 4), {"wt": (4, 6 // group, *attrs["kernel_shape"]), "bt": (6,)})
     check(m, rand(2, 4, 3, 4), ["x", "w", "wt", "bt", "c"])
+    # per-sample weight gradients (unfold of the output gradient) sum to the batch gradient
+    x = rand(3, 4, 3, 4).astype(np.float32)
+    seed = rand(3, *create_session(m, device="cpu").run(None, {"x": x})[0].shape[1:], seed=2)
+    per = GradientEngine(m, ["wt", "bt"], objective="seed", target="y").run(x, seed=seed)
+    summed = GradientEngine(to_float64(m), ["wt", "bt"], objective="seed", target="y", per_sample=False).run(
+        x.astype(np.float64), seed=seed)
+    for w in ("wt", "bt"):
+        assert per[w].shape == (3, *summed[w].shape)
+        np.testing.assert_allclose(per[w].sum(axis=0), summed[w], rtol=0, atol=1e-5 * np.abs(summed[w]).max())
 
 
 RESIZE_CASES = [
