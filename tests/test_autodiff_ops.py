@@ -428,6 +428,34 @@ def test_cast_between_float_types(to):
     check(m, rand(2, 3, 2, 3), ["x", "w"])
 
 
+@pytest.mark.parametrize("region", [TensorProto.DOUBLE, TensorProto.FLOAT16])
+def test_rules_inside_a_region_cast_to_another_float_type(region):
+    # Relu, Sigmoid, LayerNorm, Clip write constants and masks: in the region's type, not the model's
+    body = [n("Relu", ["d"], ["r"]), n("Sigmoid", ["r"], ["s"]), n("Mul", ["s", "d"], ["m"]),
+            n("LayerNormalization", ["m", "ls", "lb"], ["ln"], axis=-1), n("Clip", ["ln", "lo", "hi"], ["cl"])]
+    region_type = helper.tensor_dtype_to_np_dtype(region)
+    consts = {"ls": np.linspace(0.5, 1.5, 3).astype(region_type), "lb": np.linspace(-0.2, 0.2, 3).astype(region_type),
+              "lo": np.array(-1.0, region_type), "hi": np.array(1.2, region_type)}
+    cast = _with_source([n("Cast", ["SRC"], ["d"], to=region)] + body + [n("Cast", ["cl"], ["y"], to=TensorProto.FLOAT)],
+                        (3, 2, 3), consts)
+    for init in cast.graph.initializer:  # tiny() stores float32: the region's constants in its type
+        if init.name in consts:
+            init.CopyFrom(numpy_helper.from_array(consts[init.name], init.name))
+    x = rand(2, 3, 2, 3)
+    if region == TensorProto.DOUBLE:
+        check(cast, x, ["x", "w"])
+        return
+    # float16: the same function as the float32 graph, gradients to float16 precision
+    plain = _with_source([n("Identity", ["SRC"], ["d"])] + body + [n("Identity", ["cl"], ["y"])], (3, 2, 3),
+                         {k: v.astype(np.float32) for k, v in consts.items()})
+    seed = rand(2, 3, 2, 3, seed=3)
+    got = GradientEngine(cast, ["x", "w"], objective="seed", target="y").run(x.astype(np.float32), seed=seed)
+    want = GradientEngine(plain, ["x", "w"], objective="seed", target="y").run(x.astype(np.float32), seed=seed)
+    for w in ("x", "w"):
+        assert got[w].dtype == np.float32
+        np.testing.assert_allclose(got[w], want[w], rtol=0, atol=2e-2 * np.abs(want[w]).max())
+
+
 def test_cast_to_integers_passes_no_gradient():
     # y = c + float(int(c)): the integer path is piecewise constant, d y / d c = 1
     nodes = [n("Cast", ["SRC"], ["i"], to=TensorProto.INT64), n("Cast", ["i"], ["f"], to=TensorProto.FLOAT),
