@@ -153,7 +153,8 @@ def supported_ops():
 
 
 def markdown_table() -> str:
-    """The README's table of ops with backward rules: one row per op (ONNX domain)."""
+    """The README's table of ops with backward rules (also ``cnnvis gradcheck --list-ops``): one row
+    per op (ONNX domain)."""
     lines = ["| op | covers | `deconvnet` | `guided` |", "| --- | --- | --- | --- |"]
     for op in supported_ops():
         note, deconv, guided = _RULE_NOTES[op]
@@ -167,7 +168,7 @@ def backward(ctx: RuleContext):
         domain = f" in domain {ctx.node.domain!r}" if ctx.node.domain not in ("", "ai.onnx") else ""
         raise ctx.fail(f"no backward rule for this op{domain} (it lies between the objective and a requested "
                        "gradient); gradient methods cannot run on this model, these commands need no gradients: "
-                       f"{', '.join(GRADIENT_FREE_COMMANDS)}; ops with rules: cnnvis.autodiff.supported_ops()")
+                       f"{', '.join(GRADIENT_FREE_COMMANDS)}; ops with rules: cnnvis gradcheck --list-ops")
     grads = fn(ctx)
     return list(grads) + [None] * (len(ctx.node.input) - len(grads))
 
