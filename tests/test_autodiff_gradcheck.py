@@ -194,6 +194,8 @@ def test_reference_conv_in_1d_and_3d(shape):
     dict(kernel_shape=[4, 4], strides=[2, 2], pads=[1, 1, 1, 1]),
     dict(kernel_shape=[3, 3], strides=[2, 2], auto_pad="SAME_UPPER"),
     dict(kernel_shape=[3, 3], strides=[1, 1]),
+    dict(kernel_shape=[3, 3], strides=[2, 2], output_shape=[6, 8]),
+    dict(kernel_shape=[3, 2], strides=[2, 3], output_shape=[5, 10], output_padding=[1, 0]),
 ])
 @pytest.mark.parametrize("group", [1, 2])
 def test_reference_conv_transpose(attrs, group):

@@ -621,6 +621,7 @@ CONV_TRANSPOSE_CASES = [
     dict(kernel_shape=[2, 3], strides=[2, 1], pads=[0, 1, 1, 0], dilations=[1, 2]),
     dict(kernel_shape=[4, 4], strides=[2, 2], pads=[1, 1, 1, 1]),  # the classic 2x upsampling
     dict(kernel_shape=[3, 3], strides=[2, 2], auto_pad="SAME_UPPER"),
+    dict(kernel_shape=[3, 3], strides=[2, 2], output_shape=[6, 8]),  # pads from the output shape
 ]
 
 

@@ -1539,9 +1539,9 @@ def _einsum_terms(ctx):
     equation = ctx.attr("equation").replace(" ", "")
     if "..." in equation:
         raise ctx.fail(f"Einsum {equation!r}: ellipses are not supported")
-    lhs, _, out = equation.partition("->")
+    lhs, arrow, out = equation.partition("->")
     terms = lhs.split(",")
-    if not _:
+    if not arrow:
         letters = "".join(terms)
         out = "".join(sorted(c for c in set(letters) if letters.count(c) == 1))
     if len(terms) != 2:
