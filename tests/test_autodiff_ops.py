@@ -871,3 +871,12 @@ def test_blocks_of_modern_classifiers(build, first_conv, in_shape):
     summed = GradientEngine(m, first_conv, objective="seed", target="y", per_sample=False).run(
         x.astype(np.float32), seed=seed)[first_conv]
     np.testing.assert_allclose(per.sum(axis=0), summed, rtol=0, atol=1e-5 * np.abs(summed).max())
+
+
+@pytest.mark.parametrize("op,attrs,in_shape", [
+    ("DepthToSpace", {"blocksize": 2, "mode": "DCR"}, (8, 2, 3)), ("DepthToSpace", {"blocksize": 2, "mode": "CRD"}, (8, 2, 3)),
+    ("SpaceToDepth", {"blocksize": 2}, (2, 4, 6)),
+])
+def test_depth_to_space_and_back(op, attrs, in_shape):
+    m = _with_source([n(op, ["SRC"], ["y"], **attrs)], in_shape)
+    check(m, rand(2, *in_shape), ["x", "w"])

@@ -1581,3 +1581,27 @@ def _einsum(ctx):
             d = b.op("Expand", [d, b.ints(target)])
         grads.append(d)
     return grads
+
+
+# ======================================================= block rearrangements (pure permutations)
+
+def _block_layout(ctx):
+    """(6-D view of the input, the transpose applied to it) of a DepthToSpace / SpaceToDepth."""
+    n, c, h, w = ctx.shape(ctx.x[0])
+    b = int(ctx.attr("blocksize"))
+    if ctx.node.op_type == "SpaceToDepth":
+        return [c, h // b, b, w // b, b], [0, 3, 5, 1, 2, 4]
+    if ctx.attr("mode", "DCR") == "DCR":
+        return [b, b, c // (b * b), h, w], [0, 3, 4, 1, 5, 2]
+    return [c // (b * b), b, b, h, w], [0, 1, 4, 2, 5, 3]
+
+
+@rule("DepthToSpace", "SpaceToDepth", note="DCR and CRD modes")
+def _depth_space(ctx):
+    """A reshape, a transpose and a reshape: the gradient undoes them in reverse order."""
+    b = ctx.b
+    view, perm = _block_layout(ctx)
+    moved = [0] + [view[p - 1] for p in perm[1:]]
+    g = b.reshape(ctx.output_grad(0), moved)
+    g = b.transpose(g, np.argsort(perm, kind="stable").tolist())
+    return [b.reshape(g, b.shape_of(ctx.x[0]))]
