@@ -880,3 +880,21 @@ def test_blocks_of_modern_classifiers(build, first_conv, in_shape):
 def test_depth_to_space_and_back(op, attrs, in_shape):
     m = _with_source([n(op, ["SRC"], ["y"], **attrs)], in_shape)
     check(m, rand(2, *in_shape), ["x", "w"])
+
+
+def test_constants_from_constant_nodes_as_exporters_write_them():
+    # Clip bounds (ReLU6), Slice starts/ends and Resize scales given by Constant nodes, not initializers
+    def const(name, value):
+        return helper.make_node("Constant", [], [name], name=name, value=numpy_helper.from_array(value, name))
+
+    nodes = [const("lo", np.array(0.0, np.float32)), const("hi", np.array(6.0, np.float32)),
+             const("st", np.array([1], np.int64)), const("en", np.array([3], np.int64)), const("ax", np.array([2], np.int64)),
+             const("sc", np.array([1, 1, 2, 2], np.float32)),
+             n("Clip", ["SRC", "lo", "hi"], ["r6"]), n("Slice", ["r6", "st", "en", "ax"], ["sl"]),
+             n("Resize", ["sl", "", "sc"], ["y"], mode="nearest")]
+    m = _with_source(nodes, (2, 4, 3), spread=4.0)
+    check(m, rand(2, 2, 4, 3), ["x", "w"])
+    x, seed = rand(2, 2, 4, 3).astype(np.float32), rand(2, 2, 4, 6, seed=2)
+    exact = GradientEngine(m, "c", objective="seed", target="y").run(x, seed=seed)["c"]
+    deconv = GradientEngine(m, "c", objective="seed", target="y", rule="deconvnet").run(x, seed=seed)["c"]
+    assert (exact < 0).any() and (deconv >= 0).all()  # the Constant-bound Clip is a rectifier

@@ -77,9 +77,21 @@ class RuleContext:
     def fail(self, what: str):
         return CnnvisError(f"node {self.node.name or self.node.output[0]!r} ({self.node.op_type}): {what}")
 
-    def constant_value(self, name):
-        """The value of a constant input (an initializer after constant folding)."""
+    def known_value(self, name):
+        """The value of ``name`` if it is an initializer or the output of a Constant node, else None."""
         value = self.b.known_constants.get(name)
+        node = self.b.producer.get(name) if value is None else None
+        if node is not None and node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            from onnx import numpy_helper
+
+            attr = node.attribute[0]
+            raw = helper.get_attribute_value(attr)
+            value = numpy_helper.to_array(raw) if attr.name in ("value", "sparse_value") else np.asarray(raw)
+        return value
+
+    def constant_value(self, name):
+        """The value of a constant input (an initializer after constant folding, or a Constant node)."""
+        value = self.known_value(name)
         if value is None:
             raise self.fail(f"input {name!r} must be a constant (initializer) to differentiate this node")
         return value
@@ -388,7 +400,7 @@ def _clip(ctx):
         raise ctx.fail("gradients of Clip's min/max are not supported")
     lo = ctx.x[1] if len(ctx.x) > 1 and ctx.x[1] else None
     hi = ctx.x[2] if len(ctx.x) > 2 and ctx.x[2] else None
-    lo_value = ctx.b.known_constants.get(lo) if lo is not None else None
+    lo_value = ctx.known_value(lo) if lo is not None else None
     rectifier = (ctx.rule != "gradient" and lo_value is not None and np.size(lo_value) == 1
                  and float(np.asarray(lo_value).reshape(-1)[0]) == 0.0)
     if rectifier and ctx.rule == "deconvnet":
