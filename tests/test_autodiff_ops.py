@@ -898,3 +898,17 @@ def test_constants_from_constant_nodes_as_exporters_write_them():
     exact = GradientEngine(m, "c", objective="seed", target="y").run(x, seed=seed)["c"]
     deconv = GradientEngine(m, "c", objective="seed", target="y", rule="deconvnet").run(x, seed=seed)["c"]
     assert (exact < 0).any() and (deconv >= 0).all()  # the Constant-bound Clip is a rectifier
+
+
+def test_per_sample_gradients_of_a_float16_weight_cast_to_float32():
+    # mixed-precision exports store weights in float16 and Cast them: per-sample weight gradients
+    # reach the stored weight, in its type
+    w16 = np.random.default_rng(0).standard_normal((3, 2, 3, 3)).astype(np.float16)
+    nodes = [n("Cast", ["w16"], ["w"], to=TensorProto.FLOAT), n("Conv", ["x", "w"], ["y"], kernel_shape=[3, 3])]
+    m = tiny(nodes, {}, (2, 5, 5))
+    m.graph.initializer.append(numpy_helper.from_array(w16, "w16"))
+    x, seed = rand(2, 2, 5, 5).astype(np.float32), rand(2, 3, 3, 3, seed=2)
+    got = GradientEngine(m, "w16", objective="seed", target="y").run(x, seed=seed)["w16"]
+    want = GradientEngine(m, "w", objective="seed", target="y").run(x, seed=seed)["w"]
+    assert got.dtype == np.float16 and got.shape == (2, 3, 2, 3, 3)
+    np.testing.assert_allclose(got.astype(np.float32), want, rtol=2e-3, atol=2e-3 * np.abs(want).max())

@@ -35,7 +35,7 @@ GRAD_PREFIX = "cnnvis_grad/"
 MASK_SUFFIX = "/dropout_mask"
 
 # ops whose rules also handle a gradient that carries a per-sample axis for a constant tensor
-_PER_SAMPLE_SAFE_ON_CONSTANTS = {"Identity", "Dropout", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose"}
+_PER_SAMPLE_SAFE_ON_CONSTANTS = {"Identity", "Dropout", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Cast"}
 
 
 @dataclass
