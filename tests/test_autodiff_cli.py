@@ -101,3 +101,53 @@ def test_gradcheck_runs_as_a_module_command(tiny_onnx):
                            "fc.weight", "--samples", "5", "--class", "0"], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     assert "fc.weight: 5 entries" in proc.stdout
+
+
+def test_an_op_without_a_rule_stops_gradient_commands_and_the_named_commands_still_run(tiny_onnx, tmp_path, capsys):
+    # Floor has no backward rule: saliency stops with one line naming the node, the op and the
+    # commands that need no gradients; those commands then run on the same model
+    from cnnvis.autodiff.rules import GRADIENT_FREE_COMMANDS
+
+    path, x_path, _ = tiny_onnx
+    model = onnx.load(path)
+    relu = next(node for node in model.graph.node if node.op_type == "Relu")
+    relu.output[0] = "relu1_pre"
+    model.graph.node.insert(2, helper.make_node("Floor", ["relu1_pre"], ["relu1"], name="floor1"))
+    floor_path = tmp_path / "floor.onnx"
+    onnx.save(model, floor_path)
+    common = ["--model", str(floor_path), "--input-array", str(x_path)]
+    capsys.readouterr()
+    assert main(["saliency", *common, "--out", str(tmp_path / "sal")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "'floor1' (Floor): no backward rule" in err
+    assert ", ".join(GRADIENT_FREE_COMMANDS) in err
+    assert not (tmp_path / "sal").exists() or not any((tmp_path / "sal").iterdir())  # nothing written
+    for command in ("activations", "occlusion", "invariance"):
+        assert command in GRADIENT_FREE_COMMANDS
+        out = tmp_path / command
+        assert main([command, *common, "--out", str(out)]) == 0, command
+        assert json.loads((out / "manifest.json").read_text())
+
+
+def test_gradcheck_command_reports_kinks_on_a_zero_background(tmp_path, capsys):
+    # an MNIST-like net on a digit with an exactly zero background: max-pool ties are reported and
+    # excluded, and the check passes (it used to print a bare FAILED)
+    from test_autodiff_gradcheck import digit, mnist_like_net
+
+    path = tmp_path / "mnistlike.onnx"
+    onnx.save(mnist_like_net(), path)
+    np.save(tmp_path / "digit.npy", digit().astype(np.float32))
+    capsys.readouterr()
+    assert main(["gradcheck", "--model", str(path), "--input-array", str(tmp_path / "digit.npy"), "--class", "3",
+                 "--wrt", "input", "--samples", "20"]) == 0
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if "input: 20 entries" in line)
+    assert "sampled entries sit on a kink (a tie or bound under the finite difference); excluded" in line
+    assert "OK" in out
+
+
+def test_gradcheck_lists_the_ops_with_rules(capsys):
+    from cnnvis.autodiff.rules import markdown_table
+
+    assert main(["gradcheck", "--list-ops"]) == 0
+    assert capsys.readouterr().out == markdown_table()
