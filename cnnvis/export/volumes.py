@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CnnvisError
-from ..manifest import atomic_path, save_npy, to_jsonable, write_bytes, write_text
+from ..manifest import atomic_path, hdf5_file, save_npy, to_jsonable, write_bytes, write_text
 
 #: File formats by suffix.
 FORMATS = {".hdf": "hdf", ".vti": "vti", ".vox": "vox", ".npy": "npy"}
@@ -299,11 +299,9 @@ def _vtk_order(stack: np.ndarray) -> np.ndarray:
 
 
 def _write_hdf(path: Path, prep: _Prepared) -> list:
-    import h5py
-
     nz, ny, nx = prep.values.shape
     with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as f:
+        with hdf5_file(tmp, shown=path) as f:
             root = f.create_group("VTKHDF")
             root.attrs["Version"] = np.array([1, 0], dtype=np.int64)
             # ParaView 5.11 accepts only a fixed-length ASCII string here (not h5py's default str).
