@@ -63,12 +63,17 @@ _WRITE_ERRNOS = {
 _ERRNO_IN_TEXT = re.compile(r"errno\s*=\s*(\d+)")
 
 
-def sha256_file(path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
+def file_hash(path, algo: str = "sha256", chunk: int = 1 << 20) -> str:
+    """The hex digest of a file's bytes (``algo``: any hashlib name), read in chunks."""
+    h = hashlib.new(algo)
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(chunk), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def sha256_file(path, chunk: int = 1 << 20) -> str:
+    return file_hash(path, "sha256", chunk)
 
 
 def write_error_errno(exc: BaseException) -> int | None:
