@@ -635,11 +635,20 @@ def read_manifest_in(out) -> dict:
     return read_manifest(path)
 
 
+#: a manifest larger than this is refused unread (one of 4,301 files is about 0.5 MB)
+MAX_MANIFEST_BYTES = 64 << 20
+
+
 def read_manifest(path) -> dict:
+    """A ``manifest.json`` checked: a regular file (not a symlink), at most
+    :data:`MAX_MANIFEST_BYTES`, JSON with a ``runs`` object of run records; else one CnnvisError."""
     path = Path(path)
     if path.is_symlink() or (path.exists() and not path.is_file()):
         raise CnnvisError(f"{path}: not a cnnvis manifest (not a regular file)")
     try:
+        size = path.stat().st_size
+        if size > MAX_MANIFEST_BYTES:
+            raise CnnvisError(f"{path}: not a cnnvis manifest ({size:,} bytes; at most {MAX_MANIFEST_BYTES:,})")
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

@@ -216,7 +216,7 @@ def test_inputs_list_chunks_and_subsets_of_images_and_arrays(tiny, tmp_path):
     import argparse
 
     from cnnvis.cli.common import Inputs
-    from cnnvis.model import load_model
+    from cnnvis import load_model
 
     model = load_model(tiny["model"])
     folder = tmp_path / "imgs"
