@@ -1,5 +1,6 @@
 """Top-k activations: exact order against a brute-force sort, planted patterns, resumability."""
 import csv
+import hashlib
 import json
 
 import numpy as np
@@ -228,3 +229,47 @@ def test_parse_maps():
         parse_maps("2-4", 4)
     with pytest.raises(CnnvisError, match="expected 'all'"):
         parse_maps("a-b", 4)
+
+
+def test_topk_resume_notices_changed_added_and_removed_images(planted, tmp_path, capsys):
+    """The saved state fingerprints every image (size, mtime, sha256): an image that changed after
+    it was processed is reported in one line, not mixed into the resumed result."""
+    import os
+    import shutil
+
+    folder, _ = planted
+    imgs = tmp_path / "imgs"
+    shutil.copytree(folder / "imgs", imgs)
+    for png in imgs.iterdir():  # stored uncompressed: a changed pixel keeps the file size
+        Image.open(png).save(png, compress_level=0)
+    out = tmp_path / "out"
+    base = ["topk", str(imgs), "--model", str(folder / "cross.onnx"), "--layer", "relu1", "--batch-size", "6",
+            "--maps", "all", "--out", str(out)]
+    code, cap = _run(base + ["--max-chunks", "1"], capsys)
+    assert code == 3
+    saved = json.loads((out / STATE_FILE).read_text())["fingerprint"]["files"]
+    assert [f["path"] for f in saved] == [str(imgs / f"im{i:02d}.png") for i in range(20)]
+    first = imgs / "im00.png"
+    assert saved[0]["size"] == first.stat().st_size and saved[0]["sha256"] == hashlib.sha256(first.read_bytes()).hexdigest()
+
+    # an already-processed image replaced by another of the same size, its mtime put back: the hash tells
+    stat = first.stat()
+    other = (imgs / "im05.png").read_bytes()
+    pixels = np.array(Image.open(first))
+    pixels[0, 0] ^= 0xFF
+    Image.fromarray(pixels).save(first, compress_level=0)
+    assert first.stat().st_size == stat.st_size  # one pixel's bits: same size, other bytes
+    os.utime(first, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    code, cap = _run(base, capsys)
+    assert code == 2 and len(cap.err.strip().splitlines()) == 1
+    assert f"the input images changed since the saved state ({first} was changed)" in cap.err and "--restart" in cap.err
+    assert not (out / "relu1_top9.json").exists()  # nothing mixed in
+    # an added and a removed image
+    (imgs / "im00.png").unlink()
+    (imgs / "im99.png").write_bytes(other)
+    code, cap = _run(base, capsys)
+    assert code == 2 and f"{imgs / 'im99.png'} was added; {first} was removed" in cap.err
+    # --restart starts over on the folder as it is now
+    code, cap = _run(base + ["--restart"], capsys)
+    assert code == 0, cap.err
+    assert json.loads((out / "relu1_top9.json").read_text())["n_images"] == 20

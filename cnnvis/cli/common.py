@@ -122,12 +122,19 @@ class Inputs:
             yield self.names[s:e], batch
 
     def fingerprint(self) -> dict:
-        """What identifies these inputs (for resumable state)."""
+        """What identifies these inputs (for resumable state): the array's sha256, or the image
+        arguments, the preprocessing and every image file's size, mtime and sha256 (in input order),
+        so that a changed, added or removed image is noticed, not mixed in."""
         from ..manifest import sha256_file
 
         if self.array is not None:
             return {"input_array": str(self.args.input_array), "sha256": sha256_file(self.args.input_array)}
-        return {"images": self.sources, "preprocessing": self.pre.to_dict()}
+        files = []
+        for path in self.files:
+            st = os.stat(path)
+            files.append({"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                          "sha256": sha256_file(path)})
+        return {"images": self.sources, "preprocessing": self.pre.to_dict(), "files": files}
 
 
 def load_inputs(args, model):
