@@ -593,6 +593,16 @@ def recover(out) -> None:
     remove_stale_parts(out)
 
 
+def recover_tree(folder) -> None:
+    """:func:`recover` every folder under ``folder`` that holds a staging folder (a reader such as
+    the report then sees whole runs only, never a half-done commit)."""
+    for root, dirs, _ in os.walk(folder):
+        if any(d.startswith(STAGE_PREFIX) for d in dirs):
+            with folder_lock(root):
+                recover(root)
+        dirs[:] = sorted(d for d in dirs if not d.startswith(STAGE_PREFIX) and not os.path.islink(os.path.join(root, d)))
+
+
 def remove_stale_parts(folder) -> None:
     """Remove ``.<name>.XXXX.part`` files under ``folder`` whose writer is gone (unlocked)."""
     for root, dirs, files in os.walk(folder):

@@ -572,3 +572,38 @@ def test_page_assets_are_package_data_inlined_verbatim(page):
     js = (resources.files("cnnvis") / "data" / "report.js").read_text(encoding="utf-8")
     assert f"<style>{css}</style>" in text and f"<script>{js}</script>" in text
     assert "prefers-color-scheme" in css and "aria-sort" in js
+
+
+def test_report_mends_a_half_done_commit_before_reading(tmp_path, capsys):
+    """A run killed between two moves of its commit: `cnnvis report` first rolls it back (the same
+    recovery as the next command's start), so the page shows the previous run, whole."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "out"
+    with RunOutput(out, "writer") as run:
+        for i in range(4):
+            run.path(f"t{i}.csv", kind="table").write_text(f"v\nold{i}\n")
+    mark = tmp_path / "mark"
+    script = ("import sys\nfrom cnnvis.manifest import RunOutput\n"
+              "with RunOutput(sys.argv[1], 'writer') as run:\n"
+              "    for i in range(4):\n"
+              "        run.path(f't{i}.csv', kind='table').write_text(f'v\\nnew{i}\\n')\n")
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]),
+               CNNVIS_TEST_COMMIT_PAUSE="30@6", CNNVIS_TEST_COMMIT_MARK=str(mark))
+    proc = subprocess.Popen([sys.executable, "-c", script, str(out)], env=env)
+    t0 = time.time()
+    while not (mark.exists() and len(mark.read_text().splitlines()) >= 6):  # 4 aside, 2 moved in
+        assert proc.poll() is None and time.time() - t0 < 60
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    assert (out / "t0.csv").read_text() == "v\nnew0\n"  # half done
+    assert main(["report", str(out)]) == 0
+    text = (out / "index.html").read_text(encoding="utf-8")
+    assert all(f"old{i}" in text and f"new{i}" not in text for i in range(4))
+    assert not [p for p in os.listdir(out) if p.startswith(".cnnvis")]
+    capsys.readouterr()

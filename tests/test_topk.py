@@ -273,3 +273,43 @@ def test_topk_resume_notices_changed_added_and_removed_images(planted, tmp_path,
     code, cap = _run(base + ["--restart"], capsys)
     assert code == 0, cap.err
     assert json.loads((out / "relu1_top9.json").read_text())["n_images"] == 20
+
+
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGINT"])
+def test_topk_killed_during_its_commit_ends_like_an_uninterrupted_run(planted, tmp_path, capsys, sig):
+    """A kill between two moves of topk's commit: the next run mends the folder (rollback) and
+    finishes from the saved state; SIGINT waits for the commit. Either way the files equal an
+    uninterrupted run's, and no staging folder or temporary file is left."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    folder, _ = planted
+    base = ["topk", str(folder / "imgs"), "--model", str(folder / "cross.onnx"), "--layer", "relu1",
+            "--batch-size", "6", "--maps", "all"]
+    full = tmp_path / "full"
+    assert _run(base + ["--out", str(full)], capsys)[0] == 0
+    files = _outputs(full)
+    part, mark = tmp_path / "part", tmp_path / "mark"
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]),
+               CNNVIS_TEST_COMMIT_PAUSE="30@2" if sig == "SIGKILL" else "1@2", CNNVIS_TEST_COMMIT_MARK=str(mark))
+    proc = subprocess.Popen([sys.executable, "-m", "cnnvis", *base, "--out", str(part)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    t0 = time.time()
+    while not (mark.exists() and len(mark.read_text().splitlines()) >= 2):
+        assert proc.poll() is None and time.time() - t0 < 120, proc.communicate()
+        time.sleep(0.02)
+    proc.send_signal(getattr(signal, sig))
+    proc.communicate(timeout=60)
+    if sig == "SIGKILL":
+        assert proc.returncode == -signal.SIGKILL
+        assert any(p.name.startswith(".cnnvis-stage-") for p in part.iterdir())  # half done
+    else:
+        assert proc.returncode == 130  # cnnvis's exit code after Ctrl-C
+        assert _outputs(part) == files  # the commit was whole before the interrupt took effect
+    code, cap = _run(base + ["--out", str(part)], capsys)
+    assert code == 0, cap.err
+    assert _outputs(part) == files
