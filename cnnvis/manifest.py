@@ -19,9 +19,11 @@ The commit into ``--out`` is crash-safe:
 * a staging folder whose owner died (no process holds its lock) and ``.part`` files whose writer
   died are removed at the next start;
 * a run of a command that already has a run with other parameters in the folder keeps both
-  records when their files are distinct, and is refused (one line, nothing moved) when it would
-  overwrite files the other run's record lists: a manifest never describes files another run
-  replaced;
+  records when their files are distinct, replaces that run (record and files) when it writes all
+  of its files again, and is refused (one line, nothing moved) when it would overwrite only some
+  of them, or another command's files: a manifest never describes files another run replaced;
+* a rerun (same command, same parameters) replaces its previous files as a whole: files the new
+  run no longer makes are removed with the old ones;
 * an OS error while writing (no space left, quota, read-only, file too large) is one line naming
   the file; the staging folder is removed and the previous run stays intact.
 """
@@ -36,6 +38,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import tempfile
 import threading
 import time
@@ -369,9 +372,10 @@ class RunOutput:
         with folder_lock(self.out):
             manifest = read_manifest_in(self.out)  # checked before anything moves
             runs = dict(manifest.get("runs", {}))
-            key = run_key(runs, self.command, record["params"])
             new_paths = [f["path"] for f in record["files"]]
-            _refuse_collisions(self.out, runs, key, record)
+            for other in _superseded(self.out, runs, record):
+                del runs[other]
+            key = run_key(runs, self.command, record["params"])
             kept = {p for k, r in runs.items() if k != key for p in _record_paths(r)}
             drop = sorted(p for p in _record_paths(runs.get(key, {}))
                           if p not in new_paths and p not in kept and _through_real_folders(self.out, p))
@@ -432,21 +436,31 @@ def _through_real_folders(out: Path, rel: str) -> bool:
     return True
 
 
-def _refuse_collisions(out: Path, runs: dict, key: str, record: dict) -> None:
-    """Refuse a run whose files another run's record lists (that record would then describe files
-    this run overwrote)."""
+def _superseded(out: Path, runs: dict, record: dict) -> list:
+    """The keys of other runs this run replaces, or a refusal: a run of the same command (with
+    other parameters) all of whose files this run writes again is replaced as a whole (its record
+    goes); a run only some of whose files this run would overwrite — or another command's — is a
+    one-line refusal, since its record would then describe files it did not write."""
     new_paths = {f["path"] for f in record["files"]}
+    same_params = to_jsonable(record["params"])
+    replaced = []
     for other_key, other in sorted(runs.items()):
-        if other_key == key:
+        if other.get("command", other_key) == record["command"] and to_jsonable(other.get("params")) == same_params:
+            continue  # a rerun: replaces its own record (run_key) and files
+        theirs = set(_record_paths(other))
+        shared = sorted(new_paths & theirs)
+        if not shared:
             continue
-        shared = sorted(new_paths.intersection(_record_paths(other)))
-        if shared:
-            what = ("a run of the same command with other parameters" if other.get("command") == record["command"]
-                    else f"a {other.get('command', other_key)} run")
-            more = f" and {len(shared) - 1} more" if len(shared) > 1 else ""
-            raise CnnvisError(f"--out {out}: holds {what} ({other_key!r} in {MANIFEST_NAME}) whose files this "
-                              f"run would overwrite ({shared[0]}{more}); use another --out, or remove that "
-                              "folder's results first")
+        if other.get("command") == record["command"] and theirs <= new_paths:
+            replaced.append(other_key)
+            continue
+        what = ("a run of the same command with other parameters" if other.get("command") == record["command"]
+                else f"a {other.get('command', other_key)} run")
+        more = f" and {len(shared) - 1} more" if len(shared) > 1 else ""
+        raise CnnvisError(f"--out {out}: holds {what} ({other_key!r} in {MANIFEST_NAME}) with files this run "
+                          f"would overwrite ({shared[0]}{more}) and others it would not; use another --out, "
+                          "or remove that folder's results first")
+    return replaced
 
 
 def _check_destination(out: Path, rel: str) -> None:
@@ -604,26 +618,45 @@ def recover_tree(folder) -> None:
 
 
 def remove_stale_parts(folder) -> None:
-    """Remove ``.<name>.XXXX.part`` files under ``folder`` whose writer is gone (unlocked)."""
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = [d for d in dirs if not d.startswith(STAGE_PREFIX)]
-        for name in files:
-            if not (name.startswith(".") and name.endswith(PART_SUFFIX)):
-                continue
-            path = os.path.join(root, name)
-            try:
-                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-            except OSError:
-                continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                continue
-            else:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
-            finally:
-                os.close(fd)
+    """Remove ``.<name>.XXXX.part`` files whose writer is gone (unlocked) from ``folder`` and from
+    the folders its manifest's files are in (where cnnvis writes; never a walk of the whole tree,
+    ``folder`` may be a big one, e.g. the parent of ``convert-caffe -o``)."""
+    folder = Path(folder)
+    try:
+        manifest = read_manifest_in(folder)
+    except CnnvisError:
+        manifest = {}
+    places = {folder}
+    for record in manifest.get("runs", {}).values():
+        for rel in _record_paths(record):
+            if _through_real_folders(folder, rel):
+                places.add((folder / rel).parent)
+    for place in sorted(places):
+        try:
+            names = os.listdir(place)
+        except OSError:
+            continue
+        for name in names:
+            if name.startswith(".") and name.endswith(PART_SUFFIX):
+                _remove_if_unlocked(place / name)
+
+
+def _remove_if_unlocked(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return  # a live writer's file
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    finally:
+        os.close(fd)
 
 
 def run_key(runs: dict, command: str, params: dict) -> str:

@@ -229,14 +229,35 @@ def test_corrupt_manifest_is_one_line_before_anything_moves(tmp_path, kind):
     assert sorted(os.listdir(out)) == ["manifest.json"]
 
 
-def test_other_parameters_overwriting_a_run_are_refused(tmp_path):
+def test_other_parameters_writing_all_of_a_runs_files_replace_that_run(tmp_path):
     with RunOutput(tmp_path, "order", params={"method": "a"}) as run:
         run.path("order.json", kind="table").write_text("a")
+    with RunOutput(tmp_path, "order", params={"method": "b"}) as run:
+        run.path("order.json", kind="table").write_text("b")
+        run.path("order.png", kind="plot").write_text("b")
+    runs = json.loads((tmp_path / "manifest.json").read_text())["runs"]
+    assert list(runs) == ["order"] and runs["order"]["params"] == {"method": "b"}  # a's record went with its file
+    assert (tmp_path / "order.json").read_text() == "b"
+
+
+def test_other_parameters_overwriting_part_of_a_run_are_refused(tmp_path):
+    with RunOutput(tmp_path, "activations", params={"layers": ["conv1", "conv2"]}) as run:
+        for layer in ("conv1", "conv2"):
+            run.path(f"cat/{layer}.png", kind="grid").write_text(layer)
+    with RunOutput(tmp_path, "filters", params={}) as run:
+        run.path("conv1_filters.png", kind="filters").write_text("f")
     before = _snapshot(tmp_path)
-    with pytest.raises(CnnvisError, match=r"holds a run of the same command with other parameters .*order\.json"):
-        with RunOutput(tmp_path, "order", params={"method": "b"}) as run:
-            run.path("order.json", kind="table").write_text("b")
-    assert _snapshot(tmp_path) == before
+    with pytest.raises(CnnvisError) as info:
+        with RunOutput(tmp_path, "activations", params={"layers": ["conv2"]}) as run:
+            run.path("cat/conv2.png", kind="grid").write_text("new")
+    assert str(info.value) == (
+        f"--out {tmp_path}: holds a run of the same command with other parameters ('activations' in "
+        "manifest.json) with files this run would overwrite (cat/conv2.png) and others it would not; use "
+        "another --out, or remove that folder's results first")
+    with pytest.raises(CnnvisError, match=r"holds a filters run \('filters' in manifest.json\)"):
+        with RunOutput(tmp_path, "other", params={}) as run:
+            run.path("conv1_filters.png", kind="plot").write_text("x")
+    assert _snapshot(tmp_path) == before  # nothing moved, no record changed
 
 
 def test_a_rerun_replaces_its_previous_files_as_a_whole(tmp_path):
@@ -252,18 +273,22 @@ def test_a_rerun_replaces_its_previous_files_as_a_whole(tmp_path):
 def test_stale_stages_and_parts_of_dead_processes_are_removed(tmp_path):
     import fcntl
 
+    with RunOutput(tmp_path, "demo") as run:
+        run.path("sub/a.txt", kind="text").write_text("a")
     stale = tmp_path / ".cnnvis-stage-dead"
     (stale / "sub").mkdir(parents=True)
     (stale / "sub" / "a.txt").write_text("left by a killed run")
-    (tmp_path / "sub").mkdir()
-    (tmp_path / "sub" / ".x.png.abc.part").write_text("half")
+    (tmp_path / "sub" / ".x.png.abc.part").write_text("half")  # beside the run's files
+    (tmp_path / ".top.json.abc.part").write_text("half")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / ".user.part").write_text("not in a folder cnnvis writes: left alone")
     live = tmp_path / ".y.png.def.part"
     live.write_text("being written")
     with open(live) as held:
         fcntl.flock(held, fcntl.LOCK_EX)  # a live writer's temp file stays
         with RunOutput(tmp_path, "demo") as run:
-            run.path("b.txt", kind="text").write_text("b")
-    assert sorted(_snapshot(tmp_path)) == [".y.png.def.part", "b.txt", "manifest.json"]
+            run.path("sub/a.txt", kind="text").write_text("a")
+    assert sorted(_snapshot(tmp_path)) == [".y.png.def.part", "manifest.json", "other/.user.part", "sub/a.txt"]
 
 
 def test_a_file_where_an_output_folder_goes_is_one_line(tmp_path):
