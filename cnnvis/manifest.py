@@ -300,7 +300,10 @@ class RunOutput:
         with folder_lock(self.out):
             recover(self.out)
             read_manifest_in(self.out)  # a corrupt manifest fails now, before any work
-            self._stage = Path(tempfile.mkdtemp(prefix=STAGE_PREFIX, dir=self.out))
+            try:
+                self._stage = Path(tempfile.mkdtemp(prefix=STAGE_PREFIX, dir=self.out))
+            except OSError as exc:
+                raise (write_error(exc, self.out) or exc) from None
             # held while this run lives: a later run removes the folder only once its owner is gone
             self._stage_fd = os.open(self._stage, os.O_RDONLY | os.O_DIRECTORY)
             fcntl.flock(self._stage_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -327,22 +330,30 @@ class RunOutput:
         try:
             if exc_type is None:
                 self._commit()
-        except (OSError, RuntimeError) as error:
-            converted = write_error(error, self._shown(getattr(error, "filename", None)))
-            if converted is None:
+        except Exception as error:
+            restated = self._restated(error)
+            if restated is None:
                 raise
-            raise converted from None
+            raise restated from None
         finally:
             shutil.rmtree(self._stage, ignore_errors=True)
             os.close(self._stage_fd)
-        if exc_type is not None and issubclass(exc_type, (OSError, RuntimeError)):
-            converted = write_error(exc, self._shown(getattr(exc, "filename", None)))
-            if converted is not None:
-                raise converted from None
-        if exc_type is not None and issubclass(exc_type, CnnvisError) and str(self._stage) in str(exc):
-            # a failed write names the staged file: say where it was going instead
-            raise CnnvisError(str(exc).replace(str(self._stage), str(self.out))) from None
+        if exc_type is not None and issubclass(exc_type, Exception):
+            restated = self._restated(exc)
+            if restated is not None:
+                raise restated from None
         return False
+
+    def _restated(self, error: BaseException) -> CnnvisError | None:
+        """A failed write as one line naming where the file was going (not the staging folder);
+        None for other errors."""
+        if isinstance(error, CnnvisError):
+            if str(self._stage) in str(error):
+                return CnnvisError(str(error).replace(str(self._stage), str(self.out)))
+            return None
+        if isinstance(error, (OSError, RuntimeError)):
+            return write_error(error, self._shown(getattr(error, "filename", None)))
+        return None
 
     def _shown(self, filename) -> str:
         """Where a failed write was going, said as the final path under ``out``."""
@@ -378,7 +389,8 @@ class RunOutput:
             key = run_key(runs, self.command, record["params"])
             kept = {p for k, r in runs.items() if k != key for p in _record_paths(r)}
             drop = sorted(p for p in _record_paths(runs.get(key, {}))
-                          if p not in new_paths and p not in kept and _through_real_folders(self.out, p))
+                          if p not in new_paths and p not in kept and _through_real_folders(self.out, p)
+                          and ((self.out / p).is_symlink() or not (self.out / p).is_dir()))  # files only
             for rel in new_paths:
                 _check_destination(self.out, rel)
             runs[key] = record

@@ -372,3 +372,29 @@ def test_hdf5_file_writes_the_bytes_hdf5_writes_directly(tmp_path):
         f.attrs["image"] = "cat"
         f.create_dataset("conv1", data=data, compression="gzip", compression_opts=4, shuffle=True)
     assert (tmp_path / "mem.h5").read_bytes() == (tmp_path / "direct.h5").read_bytes()
+
+
+def test_an_os_error_in_the_middle_of_the_moves_rolls_back_in_one_line(tmp_path, monkeypatch):
+    import errno as errno_
+
+    from cnnvis import manifest
+
+    out = tmp_path / "out"
+    with RunOutput(out, "writer") as run:
+        for i in range(4):
+            run.path(f"d/f{i}.txt", kind="text").write_text(f"old {i}")
+    before = _snapshot(out)
+    real_replace = os.replace
+
+    def failing(src, dst):
+        if str(dst).endswith("f2.txt") and ".aside" not in str(dst) and ".aside" not in str(src):
+            raise OSError(errno_.ENOSPC, "No space left on device", str(dst))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(manifest.os, "replace", failing)
+    with pytest.raises(CnnvisError) as info:
+        with RunOutput(out, "writer") as run:
+            for i in range(4):
+                run.path(f"d/f{i}.txt", kind="text").write_text(f"new {i}")
+    assert str(info.value) == f"no space left on device writing {out / 'd' / 'f2.txt'}"
+    assert _snapshot(out) == before  # f0, f1 had been moved in: rolled back, the old run whole
