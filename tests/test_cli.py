@@ -259,6 +259,7 @@ def test_output_names_are_safe_for_any_input_name(tmp_path):
         "cat": "cat", "conv1.weight": "conv1.weight", "x[0]": "x[0]",  # ordinary names unchanged
         "Ka\u0308se": "K\u00e4se", "\u732b": "\u732b",  # Unicode kept, NFC: one spelling, one folder
         "a\u202eb": "a_b",  # a right-to-left override is not a letter
+        "a\udcffb": "a_b",  # an undecodable byte of a file name (os.fsdecode's surrogate escape)
     }
     for given, expected in cases.items():
         assert safe_name(given) == expected, given
