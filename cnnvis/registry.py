@@ -449,7 +449,8 @@ def deploy_prototxt(entry: ModelEntry) -> Path:
 
 def load(spec: str | None = None, weights=None, device: str = "auto", threads: int | None = None,
          download: bool = False):
-    """A :class:`cnnvis.model.Model` for ``spec`` (default: :func:`default_model_name`)."""
+    """A :class:`cnnvis.model.Model` for ``spec`` (default: :func:`default_model_name`); also
+    ``cnnvis.load_model``. (The catalog builds Models; :mod:`cnnvis.model` does not import it.)"""
     from .model import Model
 
     entry = resolve(spec, weights=weights, download=download)
