@@ -386,7 +386,7 @@ class RunOutput:
             new_paths = [f["path"] for f in record["files"]]
             for other in _superseded(self.out, runs, record):
                 del runs[other]
-            key = run_key(runs, self.command, record["params"])
+            key = _own_key(runs, record) or run_key(runs, self.command, record["params"])
             kept = {p for k, r in runs.items() if k != key for p in _record_paths(r)}
             drop = sorted(p for p in _record_paths(runs.get(key, {}))
                           if p not in new_paths and p not in kept and _through_real_folders(self.out, p)
@@ -446,6 +446,13 @@ def _through_real_folders(out: Path, rel: str) -> bool:
         if p.is_symlink() or not p.is_dir():
             return False
     return True
+
+
+def _own_key(runs: dict, record: dict) -> str | None:
+    """The key of this run's previous record (same command, same parameters), if there is one."""
+    params = to_jsonable(record["params"])
+    return next((k for k, r in sorted(runs.items())
+                 if r.get("command", k) == record["command"] and to_jsonable(r.get("params")) == params), None)
 
 
 def _superseded(out: Path, runs: dict, record: dict) -> list:

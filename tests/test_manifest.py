@@ -398,3 +398,20 @@ def test_an_os_error_in_the_middle_of_the_moves_rolls_back_in_one_line(tmp_path,
                 run.path(f"d/f{i}.txt", kind="text").write_text(f"new {i}")
     assert str(info.value) == f"no space left on device writing {out / 'd' / 'f2.txt'}"
     assert _snapshot(out) == before  # f0, f1 had been moved in: rolled back, the old run whole
+
+
+def test_replacing_one_run_then_rerunning_another_keeps_one_record_each(tmp_path):
+    # "m1" and "m2" coexist; a run of m2 that writes all of m1's files replaces m1; a rerun of m2
+    # then finds its own record (not a second one)
+    def run(method, files):
+        with RunOutput(tmp_path, "order", params={"method": method}) as r:
+            for f in files:
+                r.path(f, kind="table").write_text(method)
+
+    run("m1", ["a.json"])
+    run("m2", ["b.json"])
+    run("m2", ["a.json", "b.json"])
+    run("m2", ["a.json", "b.json"])
+    runs = json.loads((tmp_path / "manifest.json").read_text())["runs"]
+    assert len(runs) == 1 and [r["params"] for r in runs.values()] == [{"method": "m2"}]
+    assert sorted(f["path"] for f in next(iter(runs.values()))["files"]) == ["a.json", "b.json"]
