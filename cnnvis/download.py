@@ -7,7 +7,9 @@ is required.
 
 :func:`verify_cached` checks a file before it is used: the full hash once, then a small record of
 size, modification time and hashes under ``<records>/``; later uses compare size and mtime with the
-record and hash again only when they changed.
+record and hash again only when they changed. Files cnnvis derives itself (built models, converted
+Caffe models) are recorded when written (:func:`record_file`) and used only while they match their
+record (:func:`matches_record`).
 
 This module knows URLs, files and checksums only; which model lives where is :mod:`cnnvis.registry`.
 """
@@ -121,6 +123,29 @@ def verify_cached(path, sha256: str | None = None, sha1: str | None = None, size
     if records is not None and not fresh:
         _write_record(records, path, got)
     return path
+
+
+def record_file(path, records) -> None:
+    """Record a file cnnvis just wrote itself (size, mtime, sha256), for :func:`matches_record`."""
+    _write_record(records, Path(path), {"sha256": file_hash(path, "sha256")})
+
+
+def matches_record(path, records) -> bool:
+    """Whether ``path`` is still the file its record describes: same size and mtime, or the same
+    sha256 (then the record is refreshed). False without a record."""
+    path = Path(path)
+    record = _read_record(records, path)
+    if record is None or not record.get("sha256"):
+        return False
+    stat = path.stat()
+    if record.get("size") != stat.st_size:
+        return False
+    if record.get("mtime_ns") == stat.st_mtime_ns:
+        return True
+    if file_hash(path, "sha256") != record["sha256"]:
+        return False
+    _write_record(records, path, {"sha256": record["sha256"]})
+    return True
 
 
 def _record_path(records, path: Path) -> Path:

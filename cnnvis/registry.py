@@ -394,27 +394,42 @@ def _resolve_registry(side, side_path, weights, download, progress) -> ModelEntr
     return ModelEntry(name, kind, loc, side, sidecar_path=side_path)
 
 
+def cached_artifact(path: Path, write) -> Path:
+    """A file cnnvis derives and caches (a built model, a converted Caffe model, a generated deploy
+    file): ``write(path)`` makes it (atomically) and it is recorded; it is used only while it
+    matches that record (size and mtime, else its sha256) — a changed or unrecorded file is made
+    again, never loaded as it is."""
+    from .download import matches_record, record_file
+
+    if path.is_file() and matches_record(path, records_dir()):
+        return path
+    write(path)
+    record_file(path, records_dir())
+    return path
+
+
 def build_cached(side: dict) -> Path:
     """Build a ``builder`` model with cnnvis.nets and cache it as .onnx (once per name/version/seed)."""
-    import onnx
-
     from . import nets
-    from .manifest import atomic_path
 
-    path = _builder_path(side)
-    if path.is_file():
-        return path
     build = getattr(nets, f"build_{side['builder']}", None)
     if build is None:
         raise CnnvisError(f"model {side['name']}: cnnvis.nets has no build_{side['builder']}")
-    kwargs = {"seed": int(side.get("seed", 0))}
-    if side.get("input_size") and "input_size" in inspect.signature(build).parameters:
-        kwargs["input_size"] = int(side["input_size"][1])
-    proto = build(**kwargs)
-    proto.doc_string = proto.doc_string or side.get("display_name", side["name"])
-    with atomic_path(path) as tmp:
-        onnx.save(proto, str(tmp))
-    return path
+
+    def write(path):
+        import onnx
+
+        from .manifest import atomic_path
+
+        kwargs = {"seed": int(side.get("seed", 0))}
+        if side.get("input_size") and "input_size" in inspect.signature(build).parameters:
+            kwargs["input_size"] = int(side["input_size"][1])
+        proto = build(**kwargs)
+        proto.doc_string = proto.doc_string or side.get("display_name", side["name"])
+        with atomic_path(path) as tmp:
+            onnx.save(proto, str(tmp))
+
+    return cached_artifact(_builder_path(side), write)
 
 
 def deploy_prototxt(entry: ModelEntry) -> Path:
@@ -434,7 +449,8 @@ def deploy_prototxt(entry: ModelEntry) -> Path:
                           "nor a cnnvis.nets topology")
     size = entry.sidecar.get("input_size")
     path = cache_dir() / f"{deploy}{'-' + str(size[1]) if size else ''}-deploy.prototxt"
-    if not path.is_file():
+
+    def write(path):
         try:
             from .caffe.writer import onnx_to_caffe, prototxt_text
         except ImportError:
@@ -444,7 +460,8 @@ def deploy_prototxt(entry: ModelEntry) -> Path:
         net, _ = onnx_to_caffe(build(**kwargs), name=entry.name)
         with atomic_path(path) as tmp:
             tmp.write_text(prototxt_text(net), encoding="utf-8")
-    return path
+
+    return cached_artifact(path, write)
 
 
 def load(spec: str | None = None, weights=None, device: str = "auto", threads: int | None = None,
@@ -465,10 +482,11 @@ def load(spec: str | None = None, weights=None, device: str = "auto", threads: i
             # a registry Caffe download: converted on first use, the ONNX cached beside it
             from .manifest import atomic_path
 
-            converted = converted_caffe_path(entry)
-            if not converted.is_file():
-                with atomic_path(converted) as tmp:
+            def write(path):
+                with atomic_path(path) as tmp:
                     tmp.write_bytes(caffe.load_caffe(prototxt, entry.weights).SerializeToString())
+
+            converted = cached_artifact(converted_caffe_path(entry), write)
             model = Model.from_file(converted, name=entry.name, sidecar=side, device=device, threads=threads)
         else:
             proto = caffe.load_caffe(prototxt, entry.weights)

@@ -238,3 +238,17 @@ def test_check_digest_and_url_messages():
     with pytest.raises(CnnvisError, match=r"^--sha256 abc: expected 64 hex digits \(sha256\)$"):
         download.check_digest("abc", "sha256", "--sha256")
     assert download.check_url("https://example.org/m.onnx") == "https://example.org/m.onnx"
+
+
+def test_records_of_files_cnnvis_wrote(tmp_path):
+    path, records = tmp_path / "built.onnx", tmp_path / "records"
+    path.write_bytes(PAYLOAD)
+    assert not download.matches_record(path, records)  # never recorded: not trusted
+    download.record_file(path, records)
+    assert download.matches_record(path, records)
+    os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))  # touched, same bytes: hashed, still fine
+    assert download.matches_record(path, records)
+    data = bytearray(PAYLOAD)
+    data[7] ^= 1
+    path.write_bytes(bytes(data))
+    assert not download.matches_record(path, records)

@@ -219,7 +219,16 @@ def test_builder_model_is_built_once_and_loads(models_path):
     # Deterministic weights: same seed gives the same file contents.
     (registry.cache_dir() / "tiny-alexnet-vt1-seed3.onnx").rename(registry.cache_dir() / "old.onnx")
     again = registry.resolve("tiny-alexnet").path
-    assert again.read_bytes() == (registry.cache_dir() / "old.onnx").read_bytes()
+    good = (registry.cache_dir() / "old.onnx").read_bytes()
+    assert again.read_bytes() == good
+    (registry.cache_dir() / "old.onnx").unlink()
+    # A cached build that changed (same size, other bytes) is built again, never loaded as it is.
+    tampered = bytearray(good)
+    tampered[-100] ^= 0xFF
+    again.write_bytes(bytes(tampered))
+    assert registry.resolve("tiny-alexnet").path.read_bytes() == good
+    stamp = again.stat().st_mtime_ns
+    assert registry.resolve("tiny-alexnet").path.stat().st_mtime_ns == stamp  # matches its record: kept
 
 
 def test_default_model_follows_present_default_sidecar(models_path, tmp_path):
