@@ -607,3 +607,21 @@ def test_report_mends_a_half_done_commit_before_reading(tmp_path, capsys):
     assert all(f"old{i}" in text and f"new{i}" not in text for i in range(4))
     assert not [p for p in os.listdir(out) if p.startswith(".cnnvis")]
     capsys.readouterr()
+
+
+def test_the_tables_of_one_page_share_a_size_budget(tmp_path, monkeypatch):
+    rows = "a,b\n" + "".join(f"{i},{i * i}\n" for i in range(40))  # 40 rows: a few hundred bytes
+    files = []
+    for name in ("t1.csv", "t2.csv", "t3.csv"):
+        (tmp_path / name).write_text(rows)
+        files.append({"path": name, "kind": "table"})
+    write_json(tmp_path / "manifest.json", {"runs": {"c": {"command": "c", "files": files}}})
+    size = len(rows.encode())
+    monkeypatch.setattr(report, "MAX_PAGE_TABLE_BYTES", 2 * size + 1)  # room for two of the three
+    data = report.collect(tmp_path)
+    text = report.render_html(data)
+    assert report.render_html(data) == text  # rendering again gives the same page
+    shown = [t for t in parse(text).iter("div", "table-block")]
+    assert len(shown) == 2
+    third = next(f for f in data.sections[0].files if f.path == "t3.csv")
+    assert third.problem.startswith("not shown inline: the page's tables already hold")

@@ -33,6 +33,7 @@ TABLE_SUFFIXES = (".csv", ".tsv", ".json")
 MAX_TABLE_ROWS = 500  # rows shown per table; the whole file stays one click away
 MAX_TABLE_BYTES = 8 << 20  # bigger CSV/JSON files are linked, not parsed
 MAX_IMAGE_BYTES = 64 << 20  # bigger images are linked, not inspected
+MAX_PAGE_TABLE_BYTES = 64 << 20  # CSV/JSON bytes read into one page, all tables together
 MAX_LIST_ITEMS = 16  # long JSON lists (e.g. a 96-long permutation) are shown shortened
 PIXELATED_BELOW = 256  # small images are upscaled in thumbnails: keep their pixels crisp
 WIDE_ASPECT = 2.5  # wider pictures (before/after strips, plots) take a whole gallery row
@@ -93,6 +94,8 @@ class ReportData:
     folder: Path
     sections: list
     models: list  # distinct model dicts, in first-use order
+    #: bytes of CSV/JSON the page may still read (rendering spends it, see MAX_PAGE_TABLE_BYTES)
+    table_budget: list = dataclasses.field(default_factory=lambda: [MAX_PAGE_TABLE_BYTES])
 
     @property
     def missing_files(self) -> list:
@@ -498,10 +501,17 @@ def _gallery_html(images: list, layer_rank: dict) -> str:
     return "".join(out)
 
 
-def _tables_html(folder: Path, table_files: list) -> tuple:
-    """HTML of the tables read from CSV/JSON files, and the files that could not be read."""
+def _tables_html(folder: Path, table_files: list, budget: list | None = None) -> tuple:
+    """HTML of the tables read from CSV/JSON files, and the files that could not be read.
+    ``budget`` ([bytes left]) bounds what all the page's tables read together."""
     out, unread = [], []
     for f in table_files:
+        if budget is not None:
+            if (f.size or 0) > budget[0]:
+                f.problem = f"not shown inline: the page's tables already hold {MAX_PAGE_TABLE_BYTES >> 20} MiB"
+                unread.append(f)
+                continue
+            budget[0] -= f.size or 0
         try:
             tables = read_table(folder / f.rel)
         except (OSError, ValueError, UnicodeDecodeError, csv.Error) as exc:
@@ -596,7 +606,7 @@ def _section_html(report: ReportData, s: RunSection) -> str:
     tables = [f for f in s.files if f.status == "ok" and f.suffix in TABLE_SUFFIXES]
     if images:
         parts.append(_gallery_html(images, _layer_rank(report, s)))
-    tables_html, unread = _tables_html(report.folder, tables)
+    tables_html, unread = _tables_html(report.folder, tables, report.table_budget)
     if tables_html:
         parts.append(f"<h3>Tables</h3>{tables_html}")
     unread_ids = {id(f) for f in unread}
@@ -613,6 +623,7 @@ def render_html(report: ReportData, title: str | None = None) -> str:
     from .. import __version__
 
     title = title or f"cnnvis report: {report.folder.resolve().name}"
+    report.table_budget = [MAX_PAGE_TABLE_BYTES]  # every rendering starts with the whole budget
     body = [f"<header><h1>{_e(title)}</h1>",
             f'<p class="facts">{len(report.sections)} run(s) from the manifests in this folder · '
             f"cnnvis {_e(__version__)}</p>"]
