@@ -13,7 +13,7 @@ def __getattr__(name):
     if name == "Model":
         from .model import Model
         return Model
-    if name == "load_model":
-        from .model import load_model
-        return load_model
+    if name == "load_model":  # the catalog builds Models; cnnvis.model does not know the catalog
+        from .registry import load
+        return load
     raise AttributeError(f"module 'cnnvis' has no attribute {name!r}")

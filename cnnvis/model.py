@@ -384,13 +384,6 @@ class Model:
         raise unknown_name_error("class", text, names)
 
 
-def load_model(spec, weights=None, device: str = "auto", threads: int | None = None) -> Model:
-    """A Model from a registry name, an ``.onnx`` path or a Caffe ``.prototxt`` (+ weights)."""
-    from . import registry
-
-    return registry.load(spec, weights=weights, device=device, threads=threads)
-
-
 def softmax(logits) -> np.ndarray:
     """Row-wise softmax in float64 (N × classes)."""
     z = np.asarray(logits, dtype=np.float64)

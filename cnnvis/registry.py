@@ -1,4 +1,7 @@
-"""Known models, their JSON sidecars, and verified downloads into ``$CNNVIS_HOME``.
+"""Known models (the catalog), their JSON sidecars, and where their files are.
+
+Downloading and verifying files is :mod:`cnnvis.download`; this module says which URL, file and
+checksums belong to a model, and checks a present file before it is used.
 
 A model spec is a registry name (``cnnvis models``), a path to an ``.onnx`` file, or a Caffe
 ``.prototxt`` (with ``weights``). Registry names come from the sidecars in the repository's
@@ -31,16 +34,9 @@ Sidecar fields (all optional except as noted)::
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import http.client
 import inspect
 import json
 import os
-import socket
-import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 from .errors import CnnvisError, unknown_name_error
@@ -51,7 +47,6 @@ KINDS = ("onnx", "caffe", "builder")
 REPO_MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
 DATA_DIR = Path(__file__).resolve().parent / "data"
 BUILTIN_CLASS_LISTS = ("imagenet1k", "cifar10", "fashion_mnist")
-USER_AGENT = "cnnvis-fetch/1"
 
 _SCHEMA = {
     "name": str, "display_name": str, "kind": str, "file": str, "url": str, "mirrors": list,
@@ -392,32 +387,49 @@ def _resolve_registry(side, side_path, weights, download, progress) -> ModelEntr
             size = f" ({side['size'] / 1e6:.1f} MB)" if side.get("size") else ""
             raise CnnvisError(f"model {name} is not downloaded yet: run `cnnvis fetch {name}`{size}")
         loc = fetch(name, progress=progress)
+    else:
+        verify_present(side, loc, name)  # a cached (or placed) file is checked before it is used
     if kind == "caffe":
         return ModelEntry(name, kind, None, side, weights=loc, sidecar_path=side_path)
     return ModelEntry(name, kind, loc, side, sidecar_path=side_path)
 
 
+def cached_artifact(path: Path, write) -> Path:
+    """A file cnnvis derives and caches (a built model, a converted Caffe model, a generated deploy
+    file): ``write(path)`` makes it (atomically) and it is recorded; it is used only while it
+    matches that record (size and mtime, else its sha256) — a changed or unrecorded file is made
+    again, never loaded as it is."""
+    from .download import matches_record, record_file
+
+    if path.is_file() and matches_record(path, records_dir()):
+        return path
+    write(path)
+    record_file(path, records_dir())
+    return path
+
+
 def build_cached(side: dict) -> Path:
     """Build a ``builder`` model with cnnvis.nets and cache it as .onnx (once per name/version/seed)."""
-    import onnx
-
     from . import nets
-    from .manifest import atomic_path
 
-    path = _builder_path(side)
-    if path.is_file():
-        return path
     build = getattr(nets, f"build_{side['builder']}", None)
     if build is None:
         raise CnnvisError(f"model {side['name']}: cnnvis.nets has no build_{side['builder']}")
-    kwargs = {"seed": int(side.get("seed", 0))}
-    if side.get("input_size") and "input_size" in inspect.signature(build).parameters:
-        kwargs["input_size"] = int(side["input_size"][1])
-    proto = build(**kwargs)
-    proto.doc_string = proto.doc_string or side.get("display_name", side["name"])
-    with atomic_path(path) as tmp:
-        onnx.save(proto, str(tmp))
-    return path
+
+    def write(path):
+        import onnx
+
+        from .manifest import atomic_path
+
+        kwargs = {"seed": int(side.get("seed", 0))}
+        if side.get("input_size") and "input_size" in inspect.signature(build).parameters:
+            kwargs["input_size"] = int(side["input_size"][1])
+        proto = build(**kwargs)
+        proto.doc_string = proto.doc_string or side.get("display_name", side["name"])
+        with atomic_path(path) as tmp:
+            onnx.save(proto, str(tmp))
+
+    return cached_artifact(_builder_path(side), write)
 
 
 def deploy_prototxt(entry: ModelEntry) -> Path:
@@ -437,7 +449,8 @@ def deploy_prototxt(entry: ModelEntry) -> Path:
                           "nor a cnnvis.nets topology")
     size = entry.sidecar.get("input_size")
     path = cache_dir() / f"{deploy}{'-' + str(size[1]) if size else ''}-deploy.prototxt"
-    if not path.is_file():
+
+    def write(path):
         try:
             from .caffe.writer import onnx_to_caffe, prototxt_text
         except ImportError:
@@ -447,19 +460,22 @@ def deploy_prototxt(entry: ModelEntry) -> Path:
         net, _ = onnx_to_caffe(build(**kwargs), name=entry.name)
         with atomic_path(path) as tmp:
             tmp.write_text(prototxt_text(net), encoding="utf-8")
-    return path
+
+    return cached_artifact(path, write)
 
 
 def load(spec: str | None = None, weights=None, device: str = "auto", threads: int | None = None,
          download: bool = False, input_shape=None):
-    """A :class:`cnnvis.model.Model` for ``spec`` (default: :func:`default_model_name`).
+    """A :class:`cnnvis.model.Model` for ``spec`` (default: :func:`default_model_name`); also
+    ``cnnvis.load_model``. (The catalog builds Models; :mod:`cnnvis.model` does not import it.)
     ``input_shape`` (C,H,W) is the input of a Caffe net (see :func:`cnnvis.caffe.load_caffe`)."""
     from .model import Model
 
     entry = resolve(spec, weights=weights, download=download)
     side = entry.model_sidecar()
     if input_shape is not None and entry.kind != "caffe":
-        raise CnnvisError(f"--input-shape {input_shape}: only used with a Caffe model, not {entry.name} ({entry.kind})")
+        raise CnnvisError(f"input_shape={input_shape}: only used with a Caffe model, not {entry.name} ({entry.kind})",
+                          params="input_shape")
     if entry.kind in ("onnx", "builder"):
         model = Model.from_file(entry.path, name=entry.name, sidecar=side, device=device, threads=threads)
     else:
@@ -470,10 +486,11 @@ def load(spec: str | None = None, weights=None, device: str = "auto", threads: i
             # a registry Caffe download: converted on first use, the ONNX cached beside it
             from .manifest import atomic_path
 
-            converted = converted_caffe_path(entry)
-            if not converted.is_file():
-                with atomic_path(converted) as tmp:
+            def write(path):
+                with atomic_path(path) as tmp:
                     tmp.write_bytes(caffe.load_caffe(prototxt, entry.weights).SerializeToString())
+
+            converted = cached_artifact(converted_caffe_path(entry), write)
             model = Model.from_file(converted, name=entry.name, sidecar=side, device=device, threads=threads)
         else:
             proto = caffe.load_caffe(prototxt, entry.weights, input_shape=input_shape)
@@ -513,14 +530,37 @@ def sample_images(model=None) -> list:
 
 # ---------------------------------------------------------------------- downloads
 
+def records_dir() -> Path:
+    """Where the verification records of cached model files live (see download.verify_cached)."""
+    return cnnvis_home() / "verified"
+
+
+def partial_dir() -> Path:
+    """Where unfinished downloads wait to be resumed: outside ``models/``, which holds only
+    verified files."""
+    return cnnvis_home() / "partial"
+
+
+def verify_present(side: dict, path: Path, label: str) -> Path:
+    """A registry model's present file checked (size and checksums; cheap when unchanged)."""
+    from .download import verify_cached
+
+    return verify_cached(path, sha256=side.get("sha256"), sha1=side.get("sha1"), size=side.get("size"),
+                         label=label, records=records_dir())
+
+
 def fetch(name: str, progress: bool = True, url: str | None = None, sha256: str | None = None,
           sha1: str | None = None, force: bool = False, retries: int = 3, timeout: float = 30.0,
           backoff: float = 1.0) -> Path:
     """Download a registry model into ``$CNNVIS_HOME/models`` (or build a builder model).
 
-    ``url``/``sha256``/``sha1`` override the sidecar's (for mirrors and tests). An existing file
-    is re-verified; with ``force`` it is downloaded again.
+    ``url`` replaces the sidecar's URLs (a mirror): the file it serves is still checked against the
+    sidecar's size and checksums; ``sha256``/``sha1`` are needed when the sidecar has none, and must
+    equal the sidecar's when it has them. A present file is verified; with ``force`` it is
+    downloaded again (the present one stays until the new one is verified).
     """
+    from .download import check_digest, check_url, download
+
     side, side_path = _lookup(name)
     if side["kind"] == "builder":
         path = _builder_path(side)
@@ -530,173 +570,27 @@ def fetch(name: str, progress: bool = True, url: str | None = None, sha256: str 
     dest = _file_location(side, side_path)
     if dest is None:
         raise CnnvisError(f"{side_path}: model {name} has no 'file' to fetch")
-    if url is not None:  # an overriding URL comes with its own checksum (or none)
-        urls = [url]
-        size = None
+    given = {"sha256": check_digest(sha256, "sha256", "--sha256"), "sha1": check_digest(sha1, "sha1", "--sha1")}
+    for algo, value in given.items():
+        known = side.get(algo)
+        if value and known and value != known:
+            raise CnnvisError(f"--{algo} {value}: the registry's {algo} of {name} is {known}; "
+                              "a --url must serve the registry's file")
+    sha256, sha1 = given["sha256"] or side.get("sha256"), given["sha1"] or side.get("sha1")
+    if not (sha256 or sha1):
+        raise CnnvisError(f"model {name}: {side_path} gives no sha256 or sha1 to verify a download with; "
+                          "pass --sha256")
+    if url is not None:
+        urls = [check_url(url)]
     else:
         urls = [u for u in [side.get("url"), *(side.get("mirrors") or [])] if u]
-        sha256 = sha256 if sha256 is not None else side.get("sha256")
-        sha1 = sha1 if sha1 is not None else side.get("sha1")
-        size = side.get("size")
     if dest.is_file() and not force:
-        _verify(dest, sha256, sha1, size, label=name, delete=False)
-        return dest
+        from .download import verify_cached
+
+        return verify_cached(dest, sha256=sha256, sha1=sha1, size=side.get("size"), label=name,
+                             records=records_dir())
     if not urls:
         raise CnnvisError(f"model {name}: no download URL in {side_path}; place the file at {dest}")
-    return download(urls, dest, sha256=sha256, sha1=sha1, size=size, progress=progress,
-                    retries=retries, timeout=timeout, backoff=backoff, label=name)
-
-
-def download(urls, dest, sha256: str | None = None, sha1: str | None = None, size: int | None = None,
-             progress: bool = True, retries: int = 3, timeout: float = 30.0, backoff: float = 1.0,
-             label: str | None = None) -> Path:
-    """Download the first URL that works into ``dest``: resumable ``.part`` file (HTTP Range),
-    up to ``retries`` retries per URL without progress, checksum and size verification, atomic
-    rename. A checksum mismatch deletes the download. Failures are one-line CnnvisErrors.
-    """
-    if isinstance(urls, str):
-        urls = [urls]
-    dest = Path(dest)
-    label = label or dest.name
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
-    errors = []
-    for url in urls:
-        try:
-            _download_one(url, part, size, progress, retries, timeout, backoff, label)
-        except _DownloadFailed as exc:
-            errors.append(f"{url}: {exc}")
-            continue
-        _verify(part, sha256, sha1, size, label=label, delete=True)
-        os.replace(part, dest)
-        return dest
-    raise CnnvisError(f"cannot download {label}: {'; '.join(errors)} (offline? the file can also be placed at {dest})")
-
-
-class _DownloadFailed(Exception):
-    pass
-
-
-# Errors worth retrying: the connection broke or timed out, or the server had a passing problem.
-_RETRIABLE = (http.client.IncompleteRead, http.client.RemoteDisconnected, ConnectionError,
-              socket.timeout, TimeoutError, http.client.HTTPException)
-_MAX_ATTEMPTS = 100  # hard bound even when every attempt makes some progress
-
-
-def _download_one(url, part: Path, size, progress, retries, timeout, backoff, label):
-    failures = 0
-    last = None
-    attempts = 0
-    for attempts in range(1, _MAX_ATTEMPTS + 1):
-        have = part.stat().st_size if part.exists() else 0
-        if size is not None and have == size:
-            return
-        if size is not None and have > size:
-            part.unlink()
-            have = 0
-        got = 0
-        try:
-            got = _transfer(url, part, have, size, progress, timeout, label)
-            return
-        except urllib.error.HTTPError as exc:
-            if exc.code == 416 and have:
-                # Range not satisfiable: what we have is either the whole file or garbage.
-                if size is None or have == size:
-                    return
-                part.unlink()
-                last = "server refused to resume; restarting"
-            elif exc.code in (408, 425, 429, 500, 502, 503, 504):
-                last = f"HTTP {exc.code} {exc.reason}"
-            else:
-                raise _DownloadFailed(f"HTTP {exc.code} {exc.reason}") from None
-        except urllib.error.URLError as exc:
-            reason = exc.reason
-            if isinstance(reason, socket.gaierror):
-                raise _DownloadFailed(f"cannot resolve the host ({reason.strerror or reason})") from None
-            last = getattr(reason, "strerror", None) or str(reason)
-        except _RETRIABLE as exc:
-            last = f"connection broke ({type(exc).__name__}{': ' + str(exc) if str(exc) else ''})"
-        except _SizeMismatch as exc:
-            raise _DownloadFailed(str(exc)) from None
-        got = max(got, (part.stat().st_size if part.exists() else 0) - have)
-        failures = 0 if got > 0 else failures + 1
-        if failures > retries:
-            break
-        time.sleep(min(backoff * (2 ** max(failures - 1, 0)), 30.0))
-    raise _DownloadFailed(f"{last} (gave up after {attempts} attempts)")
-
-
-class _SizeMismatch(Exception):
-    pass
-
-
-def _transfer(url, part: Path, have: int, size, progress, timeout, label) -> int:
-    """One HTTP request appending to ``part`` from byte ``have``; returns bytes received."""
-    from tqdm import tqdm
-
-    headers = {"User-Agent": USER_AGENT}
-    if have:
-        headers["Range"] = f"bytes={have}-"
-    request = urllib.request.Request(url, headers=headers)
-    received = 0
-    with urllib.request.urlopen(request, timeout=timeout) as resp:
-        status = getattr(resp, "status", 200)
-        if have and status == 206:
-            start = _content_range_start(resp.headers.get("Content-Range"))
-            if start != have:
-                raise http.client.HTTPException(f"server resumed at byte {start}, not {have}")
-            mode = "ab"
-        else:
-            have, mode = 0, "wb"  # a plain 200: the server sends the whole file again
-        length = resp.headers.get("Content-Length")
-        total = have + int(length) if length and length.isdigit() else size
-        if size is not None and total is not None and total != size:
-            raise _SizeMismatch(f"server sends {total} bytes, expected {size}")
-        with open(part, mode) as out, tqdm(total=total, initial=have, unit="B", unit_scale=True,
-                                            unit_divisor=1024, desc=label, disable=not progress,
-                                            file=sys.stderr, leave=False) as bar:
-            while True:
-                block = resp.read(1 << 20)
-                if not block:
-                    break
-                out.write(block)
-                received += len(block)
-                bar.update(len(block))
-    if total is not None and have + received < total:
-        # Servers without chunked framing may just close early: treat as a broken connection.
-        raise http.client.IncompleteRead(b"", total - have - received)
-    return received
-
-
-def _content_range_start(value) -> int | None:
-    # "bytes 100-199/200"
-    try:
-        return int(value.split()[1].split("-")[0])
-    except (AttributeError, IndexError, ValueError):
-        return None
-
-
-def _verify(path: Path, sha256, sha1, size, label: str, delete: bool):
-    problems = []
-    actual_size = path.stat().st_size
-    if size is not None and actual_size != size:
-        problems.append(f"size {actual_size} bytes, expected {size}")
-    else:
-        for algo, want in (("sha256", sha256), ("sha1", sha1)):
-            if want:
-                got = _hash_file(path, algo)
-                if got != want.lower():
-                    problems.append(f"{algo} {got}, expected {want.lower()}")
-    if problems:
-        if delete:
-            path.unlink()
-            raise CnnvisError(f"{label}: download failed verification ({'; '.join(problems)}); the file was deleted")
-        raise CnnvisError(f"{label}: {path} failed verification ({'; '.join(problems)}); fetch again with --force")
-
-
-def _hash_file(path: Path, algo: str) -> str:
-    h = hashlib.new(algo)
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return download(urls, dest, sha256=sha256, sha1=sha1, size=side.get("size"), progress=progress,
+                    retries=retries, timeout=timeout, backoff=backoff, label=name,
+                    part=partial_dir() / f"{dest.name}.part", records=records_dir())

@@ -242,7 +242,7 @@ def test_inputs_list_chunks_and_subsets_of_images_and_arrays(tiny, tmp_path):
     import argparse
 
     from cnnvis.cli.common import Inputs
-    from cnnvis.model import load_model
+    from cnnvis import load_model
 
     model = load_model(tiny["model"])
     folder = tmp_path / "imgs"
@@ -274,3 +274,28 @@ def test_unique_names_never_collide_across_chunks():
     second = unique_names(["cat", "dog/1"], used)
     assert first == ["cat", "cat_2"] and second == ["cat_3", "dog_1"]
     assert len(set(first + second)) == 4
+
+
+def test_output_names_are_safe_for_any_input_name(tmp_path):
+    from cnnvis.cli.common import MAX_NAME_BYTES, safe_name, unique_names
+
+    cases = {
+        "..": "_..", ".": "_.", "...": "_...", ".hidden": "_.hidden", "-rf": "_-rf", "--out": "_--out",
+        "a\nb\r\tc": "a_b__c", "a/b\\c": "a_b_c", "\x00\x1b[0m": "__[0m", "": "_",
+        "cat": "cat", "conv1.weight": "conv1.weight", "x[0]": "x[0]",  # ordinary names unchanged
+        "Ka\u0308se": "K\u00e4se", "\u732b": "\u732b",  # Unicode kept, NFC: one spelling, one folder
+        "a\u202eb": "a_b",  # a right-to-left override is not a letter
+        "a\udcffb": "a_b",  # an undecodable byte of a file name (os.fsdecode's surrogate escape)
+    }
+    for given, expected in cases.items():
+        assert safe_name(given) == expected, given
+    long_a, long_b = "\u00e9" * 300 + "a", "\u00e9" * 300 + "b"
+    cut_a, cut_b = safe_name(long_a), safe_name(long_b)
+    assert cut_a != cut_b and len(cut_a.encode()) <= MAX_NAME_BYTES and cut_a.startswith("\u00e9" * 50)
+    assert safe_name(long_a) == cut_a  # stable across runs
+    names = unique_names(["..", ".", "Cat", "cat", "-x", "a\nb", long_a, long_b, "\u732b"], {})
+    assert names[:4] == ["_..", "_.", "Cat", "cat_2"]
+    for name in names:  # every one is a plain, distinct entry of one folder
+        (tmp_path / name).mkdir()
+        assert (tmp_path / name).resolve().parent == tmp_path.resolve()
+    assert len(list(tmp_path.iterdir())) == len(names)

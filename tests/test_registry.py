@@ -1,10 +1,7 @@
 import hashlib
 import json
+import os
 import re
-import socket
-import threading
-import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -16,159 +13,7 @@ from cnnvis import registry
 from cnnvis.cli import main
 from cnnvis.errors import CnnvisError
 from cnnvis.onnxgraph import make_model
-
-PAYLOAD = np.random.default_rng(7).integers(0, 256, 300_000, dtype=np.uint8).tobytes()
-PAYLOAD_SHA256 = hashlib.sha256(PAYLOAD).hexdigest()
-PAYLOAD_SHA1 = hashlib.sha1(PAYLOAD).hexdigest()
-FAST = dict(progress=False, retries=2, timeout=5.0, backoff=0.01)
-
-
-# ---------------------------------------------------------------------- loopback HTTP server
-
-class LoopbackServer:
-    """Serves PAYLOAD on 127.0.0.1 under paths that choose a behaviour:
-    /good, /corrupt (one byte flipped), /drop (first response closes half-way),
-    /norange (ignores Range, always 200), /short (announces and sends fewer bytes each time);
-    anything else is 404. Records (path, Range header) of every request."""
-
-    def __init__(self):
-        self.requests = []
-        self.served = {}
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):  # keep test output clean
-                pass
-
-            def do_GET(self):
-                rng = self.headers.get("Range")
-                outer.requests.append((self.path, rng))
-                count = outer.served[self.path] = outer.served.get(self.path, 0) + 1
-                name = self.path.rsplit("/", 1)[-1]
-                if name not in ("good", "corrupt", "drop", "norange", "short"):
-                    self.send_error(404)
-                    return
-                data = PAYLOAD
-                if name == "corrupt":
-                    data = data[:1000] + bytes([data[1000] ^ 0xFF]) + data[1001:]
-                start = 0
-                if rng and name != "norange":
-                    start = int(re.match(r"bytes=(\d+)-", rng).group(1))
-                body = data[start:]
-                self.send_response(206 if start else 200)
-                if start:
-                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                if name == "drop" and count == 1:
-                    self.wfile.write(body[: len(body) // 2])
-                    self.wfile.flush()
-                    self.close_connection = True
-                    return
-                if name == "short":
-                    body = body[:100]
-                self.wfile.write(body)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        self.thread.start()
-        self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-
-    def url(self, name):
-        return f"{self.base}/files/{name}"
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(timeout=5)
-
-
-@pytest.fixture
-def server():
-    srv = LoopbackServer()
-    yield srv
-    srv.close()
-
-
-def dead_url():
-    # A port nobody listens on: bind, read the port, close.
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"http://127.0.0.1:{port}/files/good"
-
-
-# ---------------------------------------------------------------------- downloads
-
-def test_download_good_file(server, tmp_path):
-    dest = tmp_path / "cache" / "model.bin"
-    out = registry.download(server.url("good"), dest, sha256=PAYLOAD_SHA256, size=len(PAYLOAD), **FAST)
-    assert out == dest and dest.read_bytes() == PAYLOAD
-    assert not list(dest.parent.glob("*.part"))
-    assert server.requests == [("/files/good", None)]
-
-
-def test_download_corrupted_file_is_deleted(server, tmp_path):
-    dest = tmp_path / "model.bin"
-    with pytest.raises(CnnvisError) as info:
-        registry.download(server.url("corrupt"), dest, sha256=PAYLOAD_SHA256, **FAST)
-    message = str(info.value)
-    assert "sha256" in message and PAYLOAD_SHA256 in message and "deleted" in message and "\n" not in message
-    assert list(tmp_path.iterdir()) == []  # neither the file nor a .part is left
-
-
-def test_download_resumes_after_dropped_connection(server, tmp_path):
-    dest = tmp_path / "model.bin"
-    registry.download(server.url("drop"), dest, sha256=PAYLOAD_SHA256, size=len(PAYLOAD), **FAST)
-    assert dest.read_bytes() == PAYLOAD
-    half = len(PAYLOAD) // 2
-    assert server.requests == [("/files/drop", None), ("/files/drop", f"bytes={half}-")]
-
-
-def test_download_resumes_a_part_file_from_an_earlier_run(server, tmp_path):
-    dest = tmp_path / "model.bin"
-    (tmp_path / "model.bin.part").write_bytes(PAYLOAD[:1234])
-    registry.download(server.url("good"), dest, sha1=PAYLOAD_SHA1, **FAST)
-    assert dest.read_bytes() == PAYLOAD
-    assert server.requests == [("/files/good", "bytes=1234-")]
-
-
-def test_download_restarts_when_server_ignores_range(server, tmp_path):
-    dest = tmp_path / "model.bin"
-    (tmp_path / "model.bin.part").write_bytes(b"stale bytes from elsewhere")
-    registry.download(server.url("norange"), dest, sha256=PAYLOAD_SHA256, **FAST)
-    assert dest.read_bytes() == PAYLOAD
-
-
-def test_download_server_down_is_one_line(tmp_path):
-    t0 = time.monotonic()
-    with pytest.raises(CnnvisError) as info:
-        registry.download(dead_url(), tmp_path / "m.bin", sha256=PAYLOAD_SHA256, **FAST)
-    assert time.monotonic() - t0 < 10
-    message = str(info.value)
-    assert "cannot download m.bin" in message and "refused" in message.lower() and "\n" not in message
-    assert "gave up after 3 attempts" in message  # retries=2: three tries without progress
-    assert not (tmp_path / "m.bin").exists()
-
-
-def test_download_falls_back_to_mirror(server, tmp_path):
-    dest = tmp_path / "m.bin"
-    registry.download([server.url("missing"), server.url("good")], dest, sha256=PAYLOAD_SHA256, **FAST)
-    assert dest.read_bytes() == PAYLOAD
-    assert [p for p, _ in server.requests] == ["/files/missing", "/files/good"]  # 404 is not retried
-
-
-def test_download_wrong_size_and_truncating_server(server, tmp_path):
-    with pytest.raises(CnnvisError, match="expected 5"):
-        registry.download(server.url("good"), tmp_path / "a.bin", size=5, **FAST)
-    # Each response stops after 100 bytes: every resume makes progress, so only the hard bound
-    # on attempts ends it.
-    with pytest.raises(CnnvisError, match=f"gave up after {registry._MAX_ATTEMPTS} attempts"):
-        registry.download(server.url("short"), tmp_path / "b.bin", **FAST)
-    assert server.served["/files/short"] == registry._MAX_ATTEMPTS
-    assert (tmp_path / "b.bin.part").stat().st_size == 100 * registry._MAX_ATTEMPTS  # kept for a later resume
-
+from test_download import PAYLOAD, PAYLOAD_SHA1, PAYLOAD_SHA256, dead_url, server  # noqa: F401 (fixture)
 
 # ---------------------------------------------------------------------- fetch through sidecars
 
@@ -207,9 +52,9 @@ def test_fetch_by_name_verifies_and_caches(server, models_path):
 
 
 def test_fetch_url_override_and_cli(server, models_path, capsys):
-    write_sidecar(models_path, "loop-onnx", kind="onnx", file="loop.onnx", url=dead_url(), sha256="0" * 64)
-    # The sidecar's URL is dead and its checksum wrong; the override supplies both.
-    path = registry.fetch("loop-onnx", progress=False, url=server.url("good"), sha256=PAYLOAD_SHA256)
+    write_sidecar(models_path, "loop-onnx", kind="onnx", file="loop.onnx", url=dead_url(), sha256=PAYLOAD_SHA256)
+    # The sidecar's URL is dead; a mirror serves the registry's file, checked against its sha256.
+    path = registry.fetch("loop-onnx", progress=False, url=server.url("good"))
     assert path.read_bytes() == PAYLOAD
     path.unlink()
     assert main(["fetch", "loop-onnx", "--no-progress", "--url", server.url("good"), "--sha256", PAYLOAD_SHA256]) == 0
@@ -220,6 +65,68 @@ def test_fetch_url_override_and_cli(server, models_path, capsys):
     assert len(err) == 1 and err[0].startswith("cnnvis fetch: error: cannot download loop-onnx")
     assert main(["fetch", "no-such-model"]) == 2
     assert "unknown model 'no-such-model'" in capsys.readouterr().err
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("CNNVIS_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+def _cache_is_empty():
+    return not registry.cache_dir().exists() or list(registry.cache_dir().iterdir()) == []
+
+
+def test_fetch_url_still_checks_the_registry_checksum(server, models_path, home, capsys):
+    write_sidecar(models_path, "loop-onnx", kind="onnx", file="loop.onnx", url=dead_url(), sha256=PAYLOAD_SHA256)
+    # file:// (the issue's `--url file:///etc/passwd`) and other schemes: refused before anything
+    assert main(["fetch", "loop-onnx", "--no-progress", "--url", "file:///etc/passwd"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["cnnvis fetch: error: --url file:///etc/passwd: only http:// and https:// URLs are downloaded"]
+    # a mirror serving other bytes fails the registry's sha256 (no --sha256 needed to notice)
+    assert main(["fetch", "loop-onnx", "--no-progress", "--url", server.url("corrupt")]) == 2
+    assert "download failed verification (sha256" in capsys.readouterr().err
+    # a --sha256 other than the registry's does not replace it
+    assert main(["fetch", "loop-onnx", "--no-progress", "--url", server.url("corrupt"), "--sha256", "ab" * 32]) == 2
+    assert f"the registry's sha256 of loop-onnx is {PAYLOAD_SHA256}" in capsys.readouterr().err
+    assert _cache_is_empty()
+    assert [p for p, _ in server.requests] == ["/files/corrupt"]
+
+
+def test_fetch_of_a_model_without_checksum_needs_sha256(server, models_path, home, capsys):
+    write_sidecar(models_path, "plain", kind="onnx", file="plain.onnx", url=server.url("good"))
+    assert main(["fetch", "plain", "--no-progress"]) == 2
+    assert capsys.readouterr().err.strip().endswith("gives no sha256 or sha1 to verify a download with; pass --sha256")
+    assert main(["fetch", "plain", "--no-progress", "--url", server.url("good")]) == 2
+    assert server.requests == [] and _cache_is_empty()
+    assert main(["fetch", "plain", "--no-progress", "--url", server.url("good"), "--sha256", PAYLOAD_SHA256]) == 0
+    assert (registry.cache_dir() / "plain.onnx").read_bytes() == PAYLOAD
+
+
+def test_a_failed_download_leaves_nothing_in_the_cache(server, models_path, home):
+    write_sidecar(models_path, "cut", kind="onnx", file="cut.onnx", url=server.url("short"), sha256=PAYLOAD_SHA256)
+    with pytest.raises(CnnvisError, match="gave up"):
+        registry.fetch("cut", progress=False, retries=0, backoff=0.0)
+    assert _cache_is_empty()
+    assert (registry.partial_dir() / "cut.onnx.part").is_file()  # kept outside the cache, for a resume
+
+
+def test_a_cached_model_is_verified_before_use(server, models_path, capsys):
+    write_sidecar(models_path, "loop-caffe", kind="caffe", file="loop.caffemodel", url=server.url("good"),
+                  sha256=PAYLOAD_SHA256, size=len(PAYLOAD))
+    path = registry.fetch("loop-caffe", progress=False)
+    assert registry.resolve("loop-caffe").weights == path
+    # Same size, other bytes (the cache was tampered with): refused at use, in one line.
+    data = bytearray(PAYLOAD)
+    data[0] ^= 0xFF
+    path.write_bytes(bytes(data))
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    with pytest.raises(CnnvisError, match=r"^loop-caffe: .*loop\.caffemodel failed verification \(sha256 "):
+        registry.resolve("loop-caffe")
+    assert main(["layers", "--model", "loop-caffe"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "failed verification" in err[0]
 
 
 def test_not_downloaded_model_says_how_to_fetch(models_path):
@@ -312,7 +219,16 @@ def test_builder_model_is_built_once_and_loads(models_path):
     # Deterministic weights: same seed gives the same file contents.
     (registry.cache_dir() / "tiny-alexnet-vt1-seed3.onnx").rename(registry.cache_dir() / "old.onnx")
     again = registry.resolve("tiny-alexnet").path
-    assert again.read_bytes() == (registry.cache_dir() / "old.onnx").read_bytes()
+    good = (registry.cache_dir() / "old.onnx").read_bytes()
+    assert again.read_bytes() == good
+    (registry.cache_dir() / "old.onnx").unlink()
+    # A cached build that changed (same size, other bytes) is built again, never loaded as it is.
+    tampered = bytearray(good)
+    tampered[-100] ^= 0xFF
+    again.write_bytes(bytes(tampered))
+    assert registry.resolve("tiny-alexnet").path.read_bytes() == good
+    stamp = again.stat().st_mtime_ns
+    assert registry.resolve("tiny-alexnet").path.stat().st_mtime_ns == stamp  # matches its record: kept
 
 
 def test_default_model_follows_present_default_sidecar(models_path, tmp_path):

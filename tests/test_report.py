@@ -495,3 +495,133 @@ def test_model_without_training_flag_is_unknown_not_trained(tmp_path):
     (card,) = list(root.iter("article", "model"))
     assert next(card.iter("h2")).text() == "Model: m training state unknown"
     assert not list(root.iter("p", "banner"))
+
+
+# ------------------------------------------------------------------------------ hostile folders
+def test_symlinks_leading_out_and_special_files_are_neither_read_nor_linked(tmp_path, capsys):
+    import os
+
+    secret = tmp_path / "secret.csv"
+    secret.write_text("user,password\nroot,SECRET-ROW-42\n")
+    out = tmp_path / "out"
+    (out / "tables").mkdir(parents=True)
+    (out / "leak.csv").symlink_to(secret)  # the issue's leak.csv -> /etc/passwd
+    (out / "linkdir").symlink_to(tmp_path)  # a folder link leading out
+    (out / "tables" / "inside.csv").write_text("a,b\n1,2\n")
+    (out / "alias.csv").symlink_to(out / "tables" / "inside.csv")  # a link that stays inside: fine
+    os.mkfifo(out / "fifo.csv")  # reading it would hang the report
+    (out / "dir.csv").mkdir()
+    files = [{"path": p, "kind": "table"} for p in
+             ("leak.csv", "linkdir/secret.csv", "alias.csv", "fifo.csv", "dir.csv", "tables/inside.csv")]
+    write_json(out / "manifest.json", {"runs": {"custom": {"command": "custom", "files": files}}})
+    data = report.collect(out)
+    got = {f.path: (f.status, f.problem) for f in data.sections[0].files}
+    assert got == {
+        "leak.csv": ("invalid", "links outside the output folder"),
+        "linkdir/secret.csv": ("invalid", "links outside the output folder"),
+        "alias.csv": ("ok", None),
+        "fifo.csv": ("invalid", "not a regular file"),
+        "dir.csv": ("invalid", "not a regular file"),
+        "tables/inside.csv": ("ok", None),
+    }
+    assert main(["report", str(out)]) == 0
+    text = (out / "index.html").read_text(encoding="utf-8")
+    assert "SECRET-ROW-42" not in text and "password" not in text
+    hrefs = {a.attrs["href"] for a in parse(text).iter("a") if not a.attrs["href"].startswith("#")}
+    assert hrefs == {"alias.csv", "tables/inside.csv", "manifest.json"}
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("kind", ["folder", "symlink", "list-runs", "huge"])
+def test_a_corrupt_manifest_is_one_line(tmp_path, capsys, kind, monkeypatch):
+    target = tmp_path / "manifest.json"
+    if kind == "folder":
+        target.mkdir()
+        (target / "x").write_text("{}")
+    elif kind == "symlink":
+        (tmp_path / "elsewhere.json").write_text('{"runs": {}}')
+        target.symlink_to(tmp_path / "elsewhere.json")
+    elif kind == "list-runs":
+        target.write_text('{"runs": {"a": [1, 2]}}')
+    else:
+        from cnnvis import manifest
+
+        monkeypatch.setattr(manifest, "MAX_MANIFEST_BYTES", 100)
+        target.write_text(json.dumps({"runs": {"a": {"files": [{"path": "x" * 200}]}}}))
+    if kind != "folder":  # a folder named manifest.json is not found as a manifest: no runs at all
+        with pytest.raises(CnnvisError, match=r"manifest\.json: not a cnnvis manifest"):
+            report.collect(tmp_path)
+    assert main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err and not (tmp_path / "index.html").exists()
+
+
+def test_big_images_are_linked_not_inspected(tmp_path, monkeypatch):
+    monkeypatch.setattr(report, "MAX_IMAGE_BYTES", 10)
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "a.png")
+    write_json(tmp_path / "manifest.json", {"runs": {"c": {"command": "c", "files": [{"path": "a.png", "kind": "plot"}]}}})
+    (f,) = report.collect(tmp_path).sections[0].files
+    assert f.status == "ok" and f.image_size is None and f.problem == "larger than 0 MiB: linked, not inspected"
+
+
+def test_page_assets_are_package_data_inlined_verbatim(page):
+    from importlib import resources
+
+    _, text = page
+    css = (resources.files("cnnvis") / "data" / "report.css").read_text(encoding="utf-8")
+    js = (resources.files("cnnvis") / "data" / "report.js").read_text(encoding="utf-8")
+    assert f"<style>{css}</style>" in text and f"<script>{js}</script>" in text
+    assert "prefers-color-scheme" in css and "aria-sort" in js
+
+
+def test_report_mends_a_half_done_commit_before_reading(tmp_path, capsys):
+    """A run killed between two moves of its commit: `cnnvis report` first rolls it back (the same
+    recovery as the next command's start), so the page shows the previous run, whole."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "out"
+    with RunOutput(out, "writer") as run:
+        for i in range(4):
+            run.path(f"t{i}.csv", kind="table").write_text(f"v\nold{i}\n")
+    mark = tmp_path / "mark"
+    script = ("import sys\nfrom cnnvis.manifest import RunOutput\n"
+              "with RunOutput(sys.argv[1], 'writer') as run:\n"
+              "    for i in range(4):\n"
+              "        run.path(f't{i}.csv', kind='table').write_text(f'v\\nnew{i}\\n')\n")
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]),
+               CNNVIS_TEST_COMMIT_PAUSE="30@6", CNNVIS_TEST_COMMIT_MARK=str(mark))
+    proc = subprocess.Popen([sys.executable, "-c", script, str(out)], env=env)
+    t0 = time.time()
+    while not (mark.exists() and len(mark.read_text().splitlines()) >= 6):  # 4 aside, 2 moved in
+        assert proc.poll() is None and time.time() - t0 < 60
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    assert (out / "t0.csv").read_text() == "v\nnew0\n"  # half done
+    assert main(["report", str(out)]) == 0
+    text = (out / "index.html").read_text(encoding="utf-8")
+    assert all(f"old{i}" in text and f"new{i}" not in text for i in range(4))
+    assert not [p for p in os.listdir(out) if p.startswith(".cnnvis")]
+    capsys.readouterr()
+
+
+def test_the_tables_of_one_page_share_a_size_budget(tmp_path, monkeypatch):
+    rows = "a,b\n" + "".join(f"{i},{i * i}\n" for i in range(40))  # 40 rows: a few hundred bytes
+    files = []
+    for name in ("t1.csv", "t2.csv", "t3.csv"):
+        (tmp_path / name).write_text(rows)
+        files.append({"path": name, "kind": "table"})
+    write_json(tmp_path / "manifest.json", {"runs": {"c": {"command": "c", "files": files}}})
+    size = len(rows.encode())
+    monkeypatch.setattr(report, "MAX_PAGE_TABLE_BYTES", 2 * size + 1)  # room for two of the three
+    data = report.collect(tmp_path)
+    text = report.render_html(data)
+    assert report.render_html(data) == text  # rendering again gives the same page
+    shown = [t for t in parse(text).iter("div", "table-block")]
+    assert len(shown) == 2
+    third = next(f for f in data.sections[0].files if f.path == "t3.csv")
+    assert third.problem.startswith("not shown inline: the page's tables already hold")

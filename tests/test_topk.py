@@ -1,5 +1,6 @@
 """Top-k activations: exact order against a brute-force sort, planted patterns, resumability."""
 import csv
+import hashlib
 import json
 
 import numpy as np
@@ -248,3 +249,87 @@ def test_parse_maps():
         parse_maps("2-4", 4)
     with pytest.raises(CnnvisError, match="expected 'all'"):
         parse_maps("a-b", 4)
+
+
+def test_topk_resume_notices_changed_added_and_removed_images(planted, tmp_path, capsys):
+    """The saved state fingerprints every image (size, mtime, sha256): an image that changed after
+    it was processed is reported in one line, not mixed into the resumed result."""
+    import os
+    import shutil
+
+    folder, _ = planted
+    imgs = tmp_path / "imgs"
+    shutil.copytree(folder / "imgs", imgs)
+    for png in imgs.iterdir():  # stored uncompressed: a changed pixel keeps the file size
+        Image.open(png).save(png, compress_level=0)
+    out = tmp_path / "out"
+    base = ["topk", str(imgs), "--model", str(folder / "cross.onnx"), "--layer", "relu1", "--batch-size", "6",
+            "--maps", "all", "--out", str(out)]
+    code, cap = _run(base + ["--max-chunks", "1"], capsys)
+    assert code == 3
+    saved = json.loads((out / STATE_FILE).read_text())["fingerprint"]["files"]
+    assert [f["path"] for f in saved] == [str(imgs / f"im{i:02d}.png") for i in range(20)]
+    first = imgs / "im00.png"
+    assert saved[0]["size"] == first.stat().st_size and saved[0]["sha256"] == hashlib.sha256(first.read_bytes()).hexdigest()
+
+    # an already-processed image replaced by another of the same size, its mtime put back: the hash tells
+    stat = first.stat()
+    other = (imgs / "im05.png").read_bytes()
+    pixels = np.array(Image.open(first))
+    pixels[0, 0] ^= 0xFF
+    Image.fromarray(pixels).save(first, compress_level=0)
+    assert first.stat().st_size == stat.st_size  # one pixel's bits: same size, other bytes
+    os.utime(first, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    code, cap = _run(base, capsys)
+    assert code == 2 and len(cap.err.strip().splitlines()) == 1
+    assert f"the input images changed since the saved state ({first} was changed)" in cap.err and "--restart" in cap.err
+    assert not (out / "relu1_top9.json").exists()  # nothing mixed in
+    # an added and a removed image
+    (imgs / "im00.png").unlink()
+    (imgs / "im99.png").write_bytes(other)
+    code, cap = _run(base, capsys)
+    assert code == 2 and f"{imgs / 'im99.png'} was added; {first} was removed" in cap.err
+    # --restart starts over on the folder as it is now
+    code, cap = _run(base + ["--restart"], capsys)
+    assert code == 0, cap.err
+    assert json.loads((out / "relu1_top9.json").read_text())["n_images"] == 20
+
+
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGINT"])
+def test_topk_killed_during_its_commit_ends_like_an_uninterrupted_run(planted, tmp_path, capsys, sig):
+    """A kill between two moves of topk's commit: the next run mends the folder (rollback) and
+    finishes from the saved state; SIGINT waits for the commit. Either way the files equal an
+    uninterrupted run's, and no staging folder or temporary file is left."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    folder, _ = planted
+    base = ["topk", str(folder / "imgs"), "--model", str(folder / "cross.onnx"), "--layer", "relu1",
+            "--batch-size", "6", "--maps", "all"]
+    full = tmp_path / "full"
+    assert _run(base + ["--out", str(full)], capsys)[0] == 0
+    files = _outputs(full)
+    part, mark = tmp_path / "part", tmp_path / "mark"
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]),
+               CNNVIS_TEST_COMMIT_PAUSE="30@2" if sig == "SIGKILL" else "1@2", CNNVIS_TEST_COMMIT_MARK=str(mark))
+    proc = subprocess.Popen([sys.executable, "-m", "cnnvis", *base, "--out", str(part)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    t0 = time.time()
+    while not (mark.exists() and len(mark.read_text().splitlines()) >= 2):
+        assert proc.poll() is None and time.time() - t0 < 120, proc.communicate()
+        time.sleep(0.02)
+    proc.send_signal(getattr(signal, sig))
+    proc.communicate(timeout=60)
+    if sig == "SIGKILL":
+        assert proc.returncode == -signal.SIGKILL
+        assert any(p.name.startswith(".cnnvis-stage-") for p in part.iterdir())  # half done
+    else:
+        assert proc.returncode == 130  # cnnvis's exit code after Ctrl-C
+        assert _outputs(part) == files  # the commit was whole before the interrupt took effect
+    code, cap = _run(base + ["--out", str(part)], capsys)
+    assert code == 0, cap.err
+    assert _outputs(part) == files

@@ -160,12 +160,19 @@ class Inputs:
         return out
 
     def fingerprint(self) -> dict:
-        """What identifies these inputs (for resumable state)."""
+        """What identifies these inputs (for resumable state): the array's sha256, or the image
+        arguments, the preprocessing and every image file's size, mtime and sha256 (in input order),
+        so that a changed, added or removed image is noticed, not mixed in."""
         from ..manifest import sha256_file
 
         if self.array is not None:
             return {"input_array": str(self.args.input_array), "sha256": sha256_file(self.args.input_array)}
-        return {"images": self.sources, "preprocessing": self.pre.to_dict()}
+        files = []
+        for path in self.files:
+            st = os.stat(path)
+            files.append({"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                          "sha256": sha256_file(path)})
+        return {"images": self.sources, "preprocessing": self.pre.to_dict(), "files": files}
 
 
 def image_set(args):
@@ -260,24 +267,44 @@ def model_warning(model) -> None:
               "structure of the topology, not learned features", file=sys.stderr)
 
 
+#: the longest output name in UTF-8 bytes (file systems allow 255; suffixes and _2 need room)
+MAX_NAME_BYTES = 120
+
+
 def safe_name(text: str) -> str:
-    """A file-name-safe version of a layer or image name."""
+    """A file-name-safe version of a layer or image name, for any input: letters and digits
+    (Unicode, NFC-normalised), ``-_.+[]`` kept, everything else (``/``, newlines, controls,
+    spaces) becomes ``_``; a name that would be hidden, all dots (``.``, ``..``) or start with ``-``
+    (read as an option) gets a leading ``_``; a name longer than :data:`MAX_NAME_BYTES` is cut and
+    ends in ``~`` + 8 hex digits of its hash, so distinct long names stay distinct."""
+    import hashlib
+    import unicodedata
+
+    text = unicodedata.normalize("NFC", str(text))
     keep = "-_.+[]"
-    return "".join(ch if ch.isalnum() or ch in keep else "_" for ch in str(text)) or "_"
+    name = "".join(ch if ch.isalnum() or ch in keep else "_" for ch in text) or "_"
+    if name[0] in ".-":
+        name = "_" + name
+    if len(name.encode("utf-8")) > MAX_NAME_BYTES:
+        digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+        cut = name.encode("utf-8")[:MAX_NAME_BYTES - 9].decode("utf-8", "ignore")
+        name = f"{cut}~{digest}"
+    return name
 
 
 def unique_names(names, used: dict) -> list:
     """File-name-safe names, de-duplicated in order (cat, cat_2, ...); ``used`` (the names given so
     far) carries across chunks, so a real image named ``cat_2`` never shares a folder with a
-    second ``cat``."""
+    second ``cat``. Names equal but for case count as equal (Cat, cat_2): one folder each also on
+    case-insensitive file systems."""
     out = []
     for name in names:
         base = safe_name(name)
         unique, k = base, 1
-        while unique in used:
+        while unique.casefold() in used:
             k += 1
             unique = f"{base}_{k}"
-        used[unique] = True
+        used[unique.casefold()] = True
         out.append(unique)
     return out
 

@@ -74,11 +74,9 @@ def cmd_layers(args) -> int:
 
 
 def cmd_activations(args) -> int:
-    import h5py
-
     from ..analysis import activations
     from ..export import figures
-    from ..manifest import RunOutput, save_npy
+    from ..manifest import RunOutput, hdf5_file, save_npy
 
     if args.stats:
         return _activation_stats(args)
@@ -102,7 +100,7 @@ def cmd_activations(args) -> int:
         for names, acts in activations.iter_activations(model, chunks, layers, args.batch_size):
             for i, (name, safe) in enumerate(zip(names, common.unique_names(names, used))):
                 h5_path = run.path(f"{safe}/activations.h5", kind="stack-hdf5", image=name)
-                with h5py.File(h5_path, "w") as h5:
+                with hdf5_file(h5_path) as h5:
                     h5.attrs["image"] = name
                     h5.attrs["model"] = model.name
                     h5.attrs["model_sha256"] = model.sha256

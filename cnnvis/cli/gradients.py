@@ -130,10 +130,10 @@ def cmd_gradients(args) -> int:
               "classes": targets.tolist(), "model": model.name}
     with RunOutput(args.out, "gradients", params=params, inputs=common.recorded_inputs(args, model),
                    model=model.info()) as run:
-        import h5py
+        from ..manifest import hdf5_file
 
         h5_path = run.path("gradients.h5", kind="gradients-hdf5", wrt=specs)
-        with h5py.File(h5_path, "w") as h5:
+        with hdf5_file(h5_path) as h5:
             h5.attrs["rule"] = args.rule
             h5.attrs["objective"] = args.objective
             h5.create_dataset("classes", data=targets)

@@ -186,6 +186,10 @@ def _read_state(path: Path, fingerprint: dict, names: list):
     if old != fingerprint:
         diff = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
         key = diff[0]
+        if key == "files" and isinstance(old.get("files"), list):
+            raise CnnvisError(f"{path}: the input images changed since the saved state "
+                              f"({_changed_inputs(old['files'], fingerprint['files'])}); use --restart to start "
+                              "over or another --out")
         raise CnnvisError(f"{path}: saved by a different run ({key}: {_short(old.get(key))} there, "
                           f"{_short(fingerprint.get(key))} now); use --restart to start over or another --out")
     top = TopK.from_state(state, source=str(path))
@@ -194,6 +198,21 @@ def _read_state(path: Path, fingerprint: dict, names: list):
         raise CnnvisError(f"{path}: the {len(done)} images already processed are not the first images of this "
                           "input list (files changed?); use --restart to start over")
     return top
+
+
+def _changed_inputs(before: list, now: list) -> str:
+    """What changed among the input images between a saved top-k state and this run, in words."""
+    was = {f.get("path"): f for f in before if isinstance(f, dict)}
+    is_ = {f["path"]: f for f in now}
+    added = [p for p in is_ if p not in was]
+    removed = [p for p in was if p not in is_]
+    changed = [p for p in is_ if p in was and was[p] != is_[p]]
+    parts = []
+    for what, paths in (("changed", changed), ("added", added), ("removed", removed)):
+        if paths:
+            more = f" and {len(paths) - 1} more" if len(paths) > 1 else ""
+            parts.append(f"{paths[0]}{more} {'were' if more else 'was'} {what}")
+    return "; ".join(parts) if parts else "the same images in another order"
 
 
 def _short(value) -> str:

@@ -1,4 +1,5 @@
-"""`cnnvis models` (what is known, present, and where) and `cnnvis fetch NAME` (verified download)."""
+"""`cnnvis models` (what is known, present, and where) and `cnnvis fetch NAME` (verified download:
+http(s) only, always checked against a checksum; see cnnvis.download)."""
 from __future__ import annotations
 
 import json
@@ -15,8 +16,10 @@ def register(sub) -> None:
 
     p = sub.add_parser("fetch", help="download a known model into $CNNVIS_HOME (resumable, checksum-verified)")
     p.add_argument("name", help="registry name (see `cnnvis models`)")
-    p.add_argument("--url", default=None, help="download from this URL instead of the sidecar's (a mirror)")
-    p.add_argument("--sha256", default=None, help="expected sha256 of the file at --url")
+    p.add_argument("--url", default=None, help="download from this http(s) URL instead of the sidecar's (a mirror: "
+                                               "its file must match the registry's size and checksum)")
+    p.add_argument("--sha256", default=None, help="expected sha256 of the file (needed when the sidecar has no checksum; "
+                                                  "must equal the sidecar's when it has one)")
     p.add_argument("--sha1", default=None, help="expected sha1 of the file at --url")
     p.add_argument("--force", action="store_true", help="download again even if the file is present")
     p.add_argument("--retries", type=int, default=3, help="retries per URL without progress (default 3)")

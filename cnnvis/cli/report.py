@@ -18,8 +18,13 @@ def register(sub) -> None:
 
 
 def cmd_report(args) -> int:
-    from ..export.report import collect, write_report
+    from pathlib import Path
 
+    from ..export.report import collect, write_report
+    from ..manifest import recover_tree
+
+    if Path(args.out_dir).is_dir():
+        recover_tree(args.out_dir)  # a commit a killed run left half done is mended first
     data = collect(args.out_dir)
     path = write_report(data, title=args.title)
     missing = len(data.missing_files)

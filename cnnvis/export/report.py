@@ -2,7 +2,8 @@
 
 The page is built from the manifests alone (``OUT/manifest.json`` and ``OUT/**/manifest.json``):
 one section per recorded run, images in galleries, CSV/JSON outputs as sortable tables, every
-other file as a link. CSS and JavaScript are inline and every link is a relative path, so
+other file as a link. CSS and JavaScript (``cnnvis/data/report.css``, ``report.js``) are inlined
+and every link is a relative path, so
 ``index.html`` works from ``file://`` with no server and no network. A file a manifest lists but
 the folder lacks is shown as missing, never a crash.
 
@@ -13,10 +14,13 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import html
 import json
 import math
 import os
+import stat
+from importlib import resources
 from pathlib import Path, PurePosixPath
 from urllib.parse import quote
 
@@ -29,6 +33,8 @@ IMAGE_SUFFIXES = (".png", ".gif", ".jpg", ".jpeg", ".webp", ".bmp", ".svg")
 TABLE_SUFFIXES = (".csv", ".tsv", ".json")
 MAX_TABLE_ROWS = 500  # rows shown per table; the whole file stays one click away
 MAX_TABLE_BYTES = 8 << 20  # bigger CSV/JSON files are linked, not parsed
+MAX_IMAGE_BYTES = 64 << 20  # bigger images are linked, not inspected
+MAX_PAGE_TABLE_BYTES = 64 << 20  # CSV/JSON bytes read into one page, all tables together
 MAX_LIST_ITEMS = 16  # long JSON lists (e.g. a 96-long permutation) are shown shortened
 PIXELATED_BELOW = 256  # small images are upscaled in thumbnails: keep their pixels crisp
 WIDE_ASPECT = 2.5  # wider pictures (before/after strips, plots) take a whole gallery row
@@ -45,7 +51,7 @@ class OutputFile:
     rel: str  # relative to the report folder (POSIX), what the page shows
     kind: str
     meta: dict  # the manifest entry's other keys (layer, image, shape, ...)
-    status: str  # "ok", "missing" or "invalid" (absolute or escaping path)
+    status: str  # "ok", "missing" or "invalid" (absolute or escaping path, a symlink leading out, not a regular file)
     size: int | None = None
     image_size: tuple | None = None  # (width, height) of a readable image
     problem: str | None = None  # why an existing file is not shown inline
@@ -86,6 +92,8 @@ class ReportData:
     folder: Path
     sections: list
     models: list  # distinct model dicts, in first-use order
+    #: bytes of CSV/JSON the page may still read (rendering spends it, see MAX_PAGE_TABLE_BYTES)
+    table_budget: list = dataclasses.field(default_factory=lambda: [MAX_PAGE_TABLE_BYTES])
 
     @property
     def missing_files(self) -> list:
@@ -163,18 +171,39 @@ def _resolve(out_dir: Path, manifest_dir: Path, entry: dict) -> OutputFile:
         return OutputFile(path=raw, rel=raw, kind=kind, meta=meta, status="invalid",
                           problem="path is not inside the output folder")
     target = manifest_dir / pure
-    if not target.is_file():
+    if not target.exists():  # (a dangling symlink too)
         return OutputFile(path=raw, rel=rel, kind=kind, meta=meta, status="missing")
+    problem = _not_embeddable(out_dir, target)
+    if problem:
+        return OutputFile(path=raw, rel=raw, kind=kind, meta=meta, status="invalid", problem=problem)
     f = OutputFile(path=raw, rel=rel, kind=kind, meta=meta, status="ok", size=target.stat().st_size)
     if f.suffix in IMAGE_SUFFIXES:
         f.image_size, f.problem = _image_size(target)
     return f
 
 
+def _not_embeddable(out_dir: Path, target: Path) -> str | None:
+    """Why the page must neither read nor link ``target``: its real path (symlinks resolved) is
+    outside the report folder, or it is not a regular file (a folder, FIFO, device). None if fine."""
+    root = os.path.realpath(out_dir)
+    real = os.path.realpath(target)
+    if os.path.commonpath([root, real]) != root:
+        return "links outside the output folder"
+    try:
+        mode = os.stat(real).st_mode
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc})"
+    if not stat.S_ISREG(mode):
+        return "not a regular file"
+    return None
+
+
 def _image_size(path: Path):
     """``((width, height), None)`` for a readable image, ``(None, reason)`` otherwise."""
     if path.suffix.lower() == ".svg":
         return None, None  # the browser sizes SVG itself
+    if path.stat().st_size > MAX_IMAGE_BYTES:
+        return None, f"larger than {MAX_IMAGE_BYTES >> 20} MiB: linked, not inspected"
     from PIL import Image
 
     try:
@@ -470,10 +499,17 @@ def _gallery_html(images: list, layer_rank: dict) -> str:
     return "".join(out)
 
 
-def _tables_html(folder: Path, table_files: list) -> tuple:
-    """HTML of the tables read from CSV/JSON files, and the files that could not be read."""
+def _tables_html(folder: Path, table_files: list, budget: list | None = None) -> tuple:
+    """HTML of the tables read from CSV/JSON files, and the files that could not be read.
+    ``budget`` ([bytes left]) bounds what all the page's tables read together."""
     out, unread = [], []
     for f in table_files:
+        if budget is not None:
+            if (f.size or 0) > budget[0]:
+                f.problem = f"not shown inline: the page's tables already hold {MAX_PAGE_TABLE_BYTES >> 20} MiB"
+                unread.append(f)
+                continue
+            budget[0] -= f.size or 0
         try:
             tables = read_table(folder / f.rel)
         except (OSError, ValueError, UnicodeDecodeError, csv.Error) as exc:
@@ -568,7 +604,7 @@ def _section_html(report: ReportData, s: RunSection) -> str:
     tables = [f for f in s.files if f.status == "ok" and f.suffix in TABLE_SUFFIXES]
     if images:
         parts.append(_gallery_html(images, _layer_rank(report, s)))
-    tables_html, unread = _tables_html(report.folder, tables)
+    tables_html, unread = _tables_html(report.folder, tables, report.table_budget)
     if tables_html:
         parts.append(f"<h3>Tables</h3>{tables_html}")
     unread_ids = {id(f) for f in unread}
@@ -585,6 +621,7 @@ def render_html(report: ReportData, title: str | None = None) -> str:
     from .. import __version__
 
     title = title or f"cnnvis report: {report.folder.resolve().name}"
+    report.table_budget = [MAX_PAGE_TABLE_BYTES]  # every rendering starts with the whole budget
     body = [f"<header><h1>{_e(title)}</h1>",
             f'<p class="facts">{len(report.sections)} run(s) from the manifests in this folder · '
             f"cnnvis {_e(__version__)}</p>"]
@@ -600,8 +637,17 @@ def render_html(report: ReportData, title: str | None = None) -> str:
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">'
             f'<meta name="generator" content="cnnvis {_e(__version__)}">'
-            f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>"
-            + "".join(body) + f"<script>{_JS}</script></body></html>\n")
+            f"<title>{_e(title)}</title><style>{_asset('report.css')}</style></head><body>"
+            + "".join(body) + f"<script>{_asset('report.js')}</script></body></html>\n")
+
+
+@functools.lru_cache(maxsize=None)
+def _asset(name: str) -> str:
+    """The page's stylesheet or script, package data in ``cnnvis/data/`` (inlined into the page).
+    The script sorts numerically when every non-empty cell of a column has data-sort or parses as a
+    number, as text otherwise, empty cells last; Array.prototype.sort is stable, so ties keep the
+    previous order. It also opens images at natural size in a lightbox."""
+    return (resources.files("cnnvis") / "data" / name).read_text(encoding="utf-8")
 
 
 def build_report(out_dir, title: str | None = None) -> str:
@@ -622,105 +668,3 @@ def write_report(out_dir, title: str | None = None) -> Path:
     except OSError as exc:
         raise CnnvisError(f"{path}: cannot write the report ({exc.strerror or exc})") from None
     return path
-
-
-_CSS = """
-:root{--fg:#1d232b;--muted:#5b6573;--bg:#fff;--panel:#f4f6f9;--line:#d8dde4;--accent:#1f6feb;
---bad:#b42318;--badbg:#fdecea;--ok:#1a7f37}
-@media (prefers-color-scheme:dark){:root{--fg:#e6e9ee;--muted:#9aa4b2;--bg:#14171c;--panel:#1d2229;
---line:#323a45;--accent:#6ea8ff;--bad:#ff8a80;--badbg:#3a1d1b;--ok:#5fd47f}}
-*{box-sizing:border-box}
-body{margin:0;font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:var(--fg);
-background:var(--bg)}
-header,main{max-width:1200px;margin:0 auto;padding:0 16px}
-h1{font-size:1.6rem;margin:18px 0 4px}h2{font-size:1.3rem;margin:0 0 6px}h3{font-size:1.05rem;margin:18px 0 8px}
-h4{font-size:.95rem;margin:12px 0 6px;color:var(--muted)}h5{margin:10px 0 4px;font-size:.9rem}
-a{color:var(--accent)}code{font:13px/1.3 ui-monospace,Menlo,Consolas,monospace;word-break:break-all}
-nav ul{list-style:none;padding:0;margin:10px 0 16px;display:flex;flex-wrap:wrap;gap:6px}
-nav a{display:block;padding:4px 10px;border:1px solid var(--line);border-radius:999px;text-decoration:none}
-nav small{color:var(--muted)}
-.card,.run{background:var(--panel);border:1px solid var(--line);border-radius:10px;padding:14px 16px;
-margin:0 0 18px}
-.is-untrained{border:2px solid var(--bad)}
-.facts,.used,.note{color:var(--muted);margin:4px 0 10px}.folder,.count{color:var(--muted);font-weight:400;
-font-size:.85em}
-.badge{display:inline-block;font-size:.75rem;font-weight:700;padding:2px 8px;border-radius:999px;
-vertical-align:middle}
-.untrained{background:var(--bad);color:#fff}.trained{background:var(--ok);color:#fff}
-.unknown{background:var(--line)}
-.warn{background:var(--badbg);color:var(--bad);border-left:4px solid var(--bad);padding:6px 10px;
-border-radius:4px}
-.scroll{overflow-x:auto;max-width:100%;margin:4px 0 10px}
-table{border-collapse:collapse;font-size:.9rem;background:var(--bg)}
-th,td{border:1px solid var(--line);padding:3px 8px;text-align:left;vertical-align:top}
-td.num{text-align:right;font-variant-numeric:tabular-nums}
-table.kv th{font-weight:600;white-space:nowrap}
-table.sortable thead th{cursor:pointer;user-select:none;white-space:nowrap;position:sticky;top:0;
-background:var(--panel)}
-table.sortable th::after{content:" \\2195";color:var(--muted);font-size:.8em}
-table.sortable th[aria-sort=ascending]::after{content:" \\25B2"}
-table.sortable th[aria-sort=descending]::after{content:" \\25BC"}
-td.bad{color:var(--bad);font-weight:700}td.ok{color:var(--ok)}.missing-file{text-decoration:line-through}
-td.details{color:var(--muted);font-size:.85em}
-details{margin:6px 0}summary{cursor:pointer;font-weight:600}ul.inputs{margin:4px 0;padding-left:20px}
-.gallery{display:grid;grid-template-columns:repeat(auto-fill,minmax(170px,1fr));gap:10px}
-figure{margin:0;background:var(--bg);border:1px solid var(--line);border-radius:6px;padding:6px;
-display:flex;flex-direction:column;align-items:center}
-figure a{display:block;width:100%;text-align:center}
-figure.wide{grid-column:1/-1}figure.wide img{max-height:420px}
-figure img{max-width:100%;height:auto;max-height:240px;object-fit:contain}
-img.px{image-rendering:pixelated;width:100%}
-figcaption{font-size:.8rem;color:var(--muted);margin-top:4px;text-align:center;word-break:break-word}
-#lightbox{position:fixed;inset:0;background:rgba(0,0,0,.85);overflow:auto;z-index:10;cursor:zoom-out;
-padding:16px;display:flex;flex-direction:column;align-items:flex-start}
-#lightbox img{max-width:none;margin:auto;background:#fff}
-#lightbox p{color:#fff;margin:8px auto 0}
-[hidden]{display:none !important}
-@media (max-width:600px){body{font-size:14px}header,main{padding:0 8px}.card,.run{padding:10px}
-.gallery{grid-template-columns:repeat(auto-fill,minmax(120px,1fr))}}
-"""
-
-# Sorting: numbers when every non-empty cell of the column has data-sort or parses as one, text
-# otherwise; empty cells last either way. Array.prototype.sort is stable, so ties keep the previous order.
-_JS = r"""
-(function(){
-  function key(row, i){
-    var c = row.cells[i]; if (!c) return "";
-    return c.hasAttribute("data-sort") ? c.getAttribute("data-sort") : c.textContent.trim();
-  }
-  function sortBy(th){
-    var table = th.closest("table"), body = table.tBodies[0], i = th.cellIndex;
-    var asc = th.getAttribute("aria-sort") !== "ascending";
-    var rows = Array.prototype.slice.call(body.rows);
-    var numeric = rows.every(function(r){ var k = key(r, i); return k === "" || !isNaN(Number(k)); });
-    rows.sort(function(a, b){
-      var x = key(a, i), y = key(b, i);
-      if (x === "" || y === "") return (x === "") - (y === "");
-      var d = numeric ? Number(x) - Number(y) : x.localeCompare(y, undefined, {numeric: true});
-      return asc ? d : -d;
-    });
-    rows.forEach(function(r){ body.appendChild(r); });
-    Array.prototype.forEach.call(th.parentNode.cells, function(h){ h.removeAttribute("aria-sort"); });
-    th.setAttribute("aria-sort", asc ? "ascending" : "descending");
-  }
-  document.querySelectorAll("table.sortable thead th").forEach(function(th){
-    th.addEventListener("click", function(){ sortBy(th); });
-    th.addEventListener("keydown", function(e){
-      if (e.key === "Enter" || e.key === " ") { e.preventDefault(); sortBy(th); }
-    });
-  });
-  var box = document.getElementById("lightbox");
-  function close(){ box.hidden = true; box.replaceChildren(); }
-  document.addEventListener("click", function(e){
-    var a = e.target.closest && e.target.closest("a.zoom");
-    if (!a || e.ctrlKey || e.metaKey || e.shiftKey) return;
-    e.preventDefault();
-    var img = new Image(), cap = document.createElement("p");
-    img.src = a.getAttribute("href"); img.alt = a.querySelector("img").alt;
-    cap.textContent = a.title + " (click or Esc to close)";
-    box.replaceChildren(img, cap); box.hidden = false;
-  });
-  box.addEventListener("click", close);
-  document.addEventListener("keydown", function(e){ if (e.key === "Escape" && !box.hidden) close(); });
-})();
-"""

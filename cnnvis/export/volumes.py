@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import CnnvisError
-from ..manifest import atomic_path, save_npy, to_jsonable, write_bytes, write_text
+from ..manifest import atomic_path, hdf5_file, save_npy, to_jsonable, write_bytes, write_text
 
 #: How the ``normalized`` array is made: ``global`` min–max over the whole volume, ``per-channel``
 #: min–max of each slice, ``symmetric`` ``0.5 + x / (2·max|x|)`` (zero stays at 0.5; for signed
@@ -310,12 +310,11 @@ def _vtk_order(stack: np.ndarray) -> np.ndarray:
 
 
 def _write_hdf(path: Path, prep: _Prepared) -> list:
-    import h5py
     import numpy as np
 
     nz, ny, nx = prep.values.shape
     with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as f:
+        with hdf5_file(tmp, shown=path) as f:
             root = f.create_group("VTKHDF")
             root.attrs["Version"] = np.array([1, 0], dtype=np.int64)
             # ParaView 5.11 accepts only a fixed-length ASCII string here (not h5py's default str).
