@@ -18,11 +18,11 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from . import onnxgraph
+from . import onnxgraph, ops
 from .errors import CnnvisError, unknown_name_error
 
 #: ops that carry the weights of a layer (and so name it)
-PARAM_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization", "PRelu"}
+PARAM_OPS = ops.PARAM_OPS
 #: prefix of a derived name for parameterless ops, Caffe style (relu1, norm1, pool1, drop6)
 DERIVED_PREFIX = {
     "Relu": "relu", "LeakyRelu": "relu", "PRelu": "prelu", "Sigmoid": "sigmoid", "Tanh": "tanh",

@@ -13,6 +13,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .errors import CnnvisError
+from .ops import attributes, pool_output_size, window  # noqa: F401  (pool_output_size: callers import it from here)
 
 #: Opset and IR version of every model cnnvis writes. onnx>=1.23 defaults to IR 14 / opset 28,
 #: which current onnxruntime refuses; these are accepted by onnxruntime >= 1.14.
@@ -197,17 +198,13 @@ def make_batch_dynamic(model: onnx.ModelProto, batch_name: str = "N") -> onnx.Mo
     return m
 
 
-def pool_output_size(size, kernel, stride, pad_begin, pad_end, ceil_mode, dilation=1):
-    """onnxruntime's pooled length; with ceil_mode a window starting in the end padding is dropped."""
-    span = size + pad_begin + pad_end - ((kernel - 1) * dilation + 1)
-    out = (-(-span // stride) if ceil_mode else span // stride) + 1
-    if ceil_mode and (out - 1) * stride >= size + pad_begin:
-        out -= 1
-    return out
-
-
 def static_shapes(model: onnx.ModelProto, input_shape, onnxruntime_pools: bool = True) -> dict:
-    """Shapes of every tensor for a fixed input shape (N, C, H, W), by onnx shape inference.
+    """Shapes of every tensor (see :func:`static_shapes_and_types`)."""
+    return static_shapes_and_types(model, input_shape, onnxruntime_pools)[0]
+
+
+def static_shapes_and_types(model: onnx.ModelProto, input_shape, onnxruntime_pools: bool = True) -> tuple:
+    """``(shapes, elem_types)``: shapes of every tensor for a fixed input shape (N, C, H, W), by onnx shape inference.
     ``input_shape`` may also be a dict giving the shape of each runtime input by name.
     ``onnxruntime_pools=False`` keeps the ONNX specification's ceil-mode pool sizes.
 
@@ -215,7 +212,8 @@ def static_shapes(model: onnx.ModelProto, input_shape, onnxruntime_pools: bool =
     hundreds of megabytes of weights. onnx sizes ceil-mode pooling without onnxruntime's rule (a
     window that would start in the end padding is dropped), so each ceil-mode pool is replaced, in
     that throwaway copy, by the floor-mode pool with the end padding that gives onnxruntime's size.
-    Tensors inference cannot size have None dimensions (or are absent).
+    Tensors inference cannot size have None dimensions (or are absent). ``elem_types`` maps each
+    tensor inference could type to its ONNX element type (``TensorProto.FLOAT16``, ``INT64``...).
     """
     graph = model.graph
     small, large = [], []
@@ -230,22 +228,19 @@ def static_shapes(model: onnx.ModelProto, input_shape, onnxruntime_pools: bool =
     outputs = [helper.make_tensor_value_info(o.name, o.type.tensor_type.elem_type, None) for o in graph.output]
     nodes = [_copy(n) for n in graph.node]  # the ceil-mode rewrite below edits these copies
     light = make_model(helper.make_graph(nodes, "shapes", typed_inputs, outputs, small), opset=opset_of(model))
-    shapes = _infer_shapes(light)
+    shapes, types = _infer_shapes(light)
     changed = False
     for node in light.graph.node if onnxruntime_pools else ():
         if node.op_type not in ("MaxPool", "AveragePool"):
             continue
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        attrs = attributes(node)
         in_shape = shapes.get(node.input[0])
         if not attrs.get("ceil_mode", 0) or in_shape is None or None in in_shape:
             continue
-        if attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET", b"", ""):
+        if attrs.get("auto_pad", "NOTSET") not in ("NOTSET", ""):
             continue
-        spatial = len(in_shape) - 2
-        kernel = list(attrs["kernel_shape"])
-        strides = list(attrs.get("strides") or [1] * spatial)
-        dil = list(attrs.get("dilations") or [1] * spatial)
-        pads = list(attrs.get("pads") or [0] * (2 * spatial))
+        win = window(node, in_shape, attrs=attrs)
+        spatial, kernel, strides, dil, pads = win.spatial, win.kernel, win.strides, win.dilations, win.pads
         new_pads = list(pads)
         for i in range(spatial):
             size = in_shape[2 + i]
@@ -257,10 +252,11 @@ def static_shapes(model: onnx.ModelProto, input_shape, onnxruntime_pools: bool =
         node.attribute.extend(kept + [helper.make_attribute("pads", new_pads)])
         changed = True
     if changed:
-        shapes = _infer_shapes(light)
+        shapes, types = _infer_shapes(light)
     for init in graph.initializer:
         shapes[init.name] = tuple(init.dims)
-    return shapes
+        types[init.name] = init.data_type
+    return shapes, types
 
 
 def _copy(node):
@@ -269,14 +265,16 @@ def _copy(node):
     return out
 
 
-def _infer_shapes(model) -> dict:
+def _infer_shapes(model) -> tuple:
     inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
-    shapes = {}
+    shapes, types = {}, {}
     for vi in list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input):
         tt = vi.type.tensor_type
+        if tt.elem_type:
+            types[vi.name] = tt.elem_type
         if tt.HasField("shape"):
             shapes[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim)
-    return shapes
+    return shapes, types
 
 
 # ---------------------------------------------------------------- onnxruntime sessions

@@ -22,21 +22,15 @@ import weakref
 import numpy as np
 from onnx import helper, numpy_helper
 
+from .. import ops
 from ..errors import CnnvisError
 
-#: ops that do not mix spatial positions (outputs at a position depend only on inputs there)
-POINTWISE_OPS = {
-    "Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh",
-    "Softplus", "Softsign", "Clip", "Identity", "Dropout", "BatchNormalization", "InstanceNormalization",
-    "Cast", "Abs", "Neg", "Exp", "Log", "Sqrt", "Reciprocal", "Erf", "Floor", "Ceil", "Round", "Sign",
-    "Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "Where", "Gelu",
-    "LRN",  # across channels: still one spatial position
-}
+#: ops that do not mix spatial positions
+POINTWISE_OPS = ops.POINTWISE_OPS
 #: ops after which every unit sees the whole input
-GLOBAL_OPS = {"GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool", "Flatten", "Reshape", "Gemm", "MatMul",
-              "ReduceMean", "ReduceMax", "ReduceSum", "ReduceMin", "Squeeze", "Unsqueeze", "Transpose",
-              "LogSoftmax", "Softmax"}
-WINDOW_OPS = {"Conv", "MaxPool", "AveragePool", "LpPool"}
+GLOBAL_OPS = ops.GLOBAL_OPS | {"Reshape", "MatMul", "ReduceMean", "ReduceMax", "ReduceSum", "ReduceMin", "Squeeze",
+                               "Unsqueeze", "Transpose", "LogSoftmax", "Softmax"}
+WINDOW_OPS = ops.WINDOW_OPS - {"ConvTranspose"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,33 +120,11 @@ def _union(fields, node) -> _Field:
 
 
 def _window_params(node, in_shape, weight_shape=None):
-    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    kernel = list(attrs.get("kernel_shape") or [])
-    if not kernel and node.op_type == "Conv" and weight_shape and None not in weight_shape[2:]:
-        kernel = list(weight_shape[2:])  # optional for Conv: the weight's spatial shape
-    if not kernel:
-        raise CnnvisError(f"node {node.name or node.output[0]!r} ({node.op_type}): no kernel_shape attribute "
-                          "(needed for its receptive field)")
-    if len(kernel) != 2:
-        raise CnnvisError(f"node {node.name or node.output[0]!r} ({node.op_type}): {len(kernel)}-D window; "
+    win = ops.window(node, in_shape, weight_shape)
+    if win.spatial != 2:
+        raise CnnvisError(f"node {node.name or node.output[0]!r} ({node.op_type}): {win.spatial}-D window; "
                           "receptive fields are computed for 2-D images")
-    strides = list(attrs.get("strides") or [1, 1])
-    dilations = list(attrs.get("dilations") or [1, 1])
-    pads = list(attrs.get("pads") or [0, 0, 0, 0])
-    auto_pad = attrs.get("auto_pad", b"NOTSET")
-    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
-    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-        if in_shape is None or None in in_shape[-2:]:
-            raise CnnvisError(f"node {node.name!r}: auto_pad {auto_pad} needs a static input shape")
-        pads = [0, 0, 0, 0]
-        for i in range(2):
-            size = in_shape[-2 + i]
-            out = -(-size // strides[i])
-            total = max((out - 1) * strides[i] + (kernel[i] - 1) * dilations[i] + 1 - size, 0)
-            pads[i] = total // 2 if auto_pad == "SAME_UPPER" else total - total // 2
-    elif auto_pad == "VALID":
-        pads = [0, 0, 0, 0]
-    return kernel, strides, pads[:2], dilations
+    return list(win.kernel), list(win.strides), list(win.pads_begin), list(win.dilations)
 
 
 def graph_receptive_fields(proto, input_shape) -> dict:
