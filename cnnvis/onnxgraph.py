@@ -440,3 +440,95 @@ def decompose_lrn(model: onnx.ModelProto) -> onnx.ModelProto:
     m.graph.node.extend(nodes)
     m.graph.initializer.extend(consts)
     return m
+
+
+# ---------------------------------------------------------------- precision
+
+#: reduced float types cnnvis runs natively and upcasts for gradients
+_REDUCED_FLOATS = (TensorProto.FLOAT16, TensorProto.BFLOAT16)
+
+
+def precision_name(elem_type: int) -> str:
+    """'float32', 'float16', 'bfloat16', 'float64', ... for an ONNX element type."""
+    return "float32" if elem_type == TensorProto.FLOAT else TensorProto.DataType.Name(elem_type).lower()
+
+
+def is_reduced_precision(model: onnx.ModelProto) -> bool:
+    """Whether the graph computes in float16/bfloat16 anywhere (weights, inputs or casts)."""
+    g = model.graph
+    if any(i.data_type in _REDUCED_FLOATS for i in g.initializer):
+        return True
+    if any(v.type.tensor_type.elem_type in _REDUCED_FLOATS for v in list(g.input) + list(g.output)):
+        return True
+    return any(n.op_type == "Cast" and attributes(n).get("to") in _REDUCED_FLOATS for n in g.node)
+
+
+def to_float32(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model computing in float32: float16/bfloat16 weights upcast, inputs, outputs and value
+    infos declared float32, Casts to a reduced float type cast to float32 instead, reduced-float
+    tensor attributes (ConstantOfShape's value, Constant) upcast. Names and node order are kept.
+    A float32 model is returned as it is."""
+    if not is_reduced_precision(model):
+        return model
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    g = m.graph
+    for i, init in enumerate(g.initializer):
+        if init.data_type in _REDUCED_FLOATS:
+            g.initializer[i].CopyFrom(numpy_helper.from_array(
+                numpy_helper.to_array(init).astype(np.float32), init.name))
+    for info in list(g.input) + list(g.output) + list(g.value_info):
+        if info.type.tensor_type.elem_type in _REDUCED_FLOATS:
+            info.type.tensor_type.elem_type = TensorProto.FLOAT
+    for node in g.node:
+        for a in node.attribute:
+            if a.name == "to" and node.op_type == "Cast" and a.i in _REDUCED_FLOATS:
+                a.i = TensorProto.FLOAT
+            elif a.type == onnx.AttributeProto.TENSOR and a.t.data_type in _REDUCED_FLOATS:
+                a.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(a.t).astype(np.float32), a.t.name))
+    return m
+
+
+def with_outputs(model: onnx.ModelProto, outputs, elem_types: dict, copy: bool = True) -> onnx.ModelProto:
+    """``model`` answering ``outputs`` (tensor names; each declared with its type from
+    ``elem_types``, float32 when unknown). numpy has no bfloat16, so a bfloat16 image input becomes a
+    float32 input of the same name cast to bfloat16 in the graph, and bfloat16 outputs are cast to
+    float32 under their own names; other types are left to the caller (numpy casts the feeds and
+    results exactly as a user's own run would: onnxruntime drops a Cast pair around a kernel it runs
+    in float32, so in-graph casts would skip the float16 rounding). ``copy=False`` edits ``model``
+    itself (a copy the caller made anyway)."""
+    m = model
+    if copy:
+        m = onnx.ModelProto()
+        m.CopyFrom(model)
+    g = m.graph
+    image = real_inputs(m)[0]
+    rename, head, tail = {}, [], []
+    if image.type.tensor_type.elem_type == TensorProto.BFLOAT16:
+        rename[image.name] = image.name + "/native"
+        head.append(helper.make_node("Cast", [image.name], [rename[image.name]], to=TensorProto.BFLOAT16,
+                                     name=image.name + "/to_native"))
+        image.type.tensor_type.elem_type = TensorProto.FLOAT
+    declared = []
+    for t in outputs:
+        kind = elem_types.get(t, TensorProto.FLOAT)
+        if kind == TensorProto.BFLOAT16 and t != image.name:
+            rename[t] = t + "/native"
+            tail.append(helper.make_node("Cast", [rename[t]], [t], to=TensorProto.FLOAT, name=t + "/to_float32"))
+            kind = TensorProto.FLOAT
+        declared.append(helper.make_tensor_value_info(t, kind, None))
+    if rename:
+        for node in g.node:
+            for k, name in enumerate(node.input):
+                if name in rename:
+                    node.input[k] = rename[name]
+            for k, name in enumerate(node.output):
+                if name in rename:
+                    node.output[k] = rename[name]
+        nodes = head + list(g.node) + tail
+        del g.node[:]
+        g.node.extend(nodes)
+        del g.value_info[:]
+    del g.output[:]
+    g.output.extend(declared)
+    return m
