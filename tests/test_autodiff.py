@@ -277,6 +277,8 @@ def test_unsupported_op_on_the_path_is_one_line_error_naming_node_and_op():
         GradientEngine(m, "x", objective="channel_sum", target="y").run(np.ones((1, 2, 3, 3), np.float32), index=0)
     msg = str(err.value)
     assert "'fl'" in msg and "Floor" in msg and "\n" not in msg
+    # and it says what still runs without gradients
+    assert "need no gradients: activations, volume, order, render, occlusion, invariance, filters, layers" in msg
     # off the path it does not matter: the gradient of r (target) w.r.t. x never meets Floor
     r = GradientEngine(m, "x", objective="channel_sum", target="r").run(np.ones((1, 2, 3, 3), np.float32), index=1)
     np.testing.assert_allclose(r["x"][0, :, 0, 0], [1.0, 1.0])
@@ -388,3 +390,21 @@ def test_caffe_cifar10_quick_gradients_match_real_caffe(shared_dir):
         w, b = params[layer][:2]
         close(total[w], ref[f"param_{layer}__W_diff_batchsum"])
         close(total[b], ref[f"param_{layer}__b_diff_batchsum"])
+
+
+# ------------------------------------------------------------ the rule table and the README
+
+def test_readme_op_list_is_the_generated_rule_table():
+    from pathlib import Path
+
+    from cnnvis.autodiff.rules import markdown_table
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start = readme.index("<!-- backward-rules: generated")
+    start = readme.index("\n", start) + 1
+    end = readme.index("<!-- backward-rules: end -->")
+    assert readme[start:end] == markdown_table()
+    rows = [line.split("|")[1].strip() for line in markdown_table().splitlines()[2:]]
+    assert rows == supported_ops()
+    for op in ("HardSwish", "ReduceMean", "LayerNormalization", "Resize", "Einsum", "ConvTranspose"):
+        assert op in rows

@@ -101,3 +101,29 @@ def test_gradcheck_runs_as_a_module_command(tiny_onnx):
                            "fc.weight", "--samples", "5", "--class", "0"], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     assert "fc.weight: 5 entries" in proc.stdout
+
+
+def test_an_op_without_a_rule_stops_gradient_commands_and_the_named_commands_still_run(tiny_onnx, tmp_path, capsys):
+    # Floor has no backward rule: saliency stops with one line naming the node, the op and the
+    # commands that need no gradients; those commands then run on the same model
+    from cnnvis.autodiff.rules import GRADIENT_FREE_COMMANDS
+
+    path, x_path, _ = tiny_onnx
+    model = onnx.load(path)
+    relu = next(node for node in model.graph.node if node.op_type == "Relu")
+    relu.output[0] = "relu1_pre"
+    model.graph.node.insert(2, helper.make_node("Floor", ["relu1_pre"], ["relu1"], name="floor1"))
+    floor_path = tmp_path / "floor.onnx"
+    onnx.save(model, floor_path)
+    common = ["--model", str(floor_path), "--input-array", str(x_path)]
+    capsys.readouterr()
+    assert main(["saliency", *common, "--out", str(tmp_path / "sal")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "'floor1' (Floor): no backward rule" in err
+    assert ", ".join(GRADIENT_FREE_COMMANDS) in err
+    assert not (tmp_path / "sal").exists() or not any((tmp_path / "sal").iterdir())  # nothing written
+    for command in ("activations", "occlusion", "invariance"):
+        assert command in GRADIENT_FREE_COMMANDS
+        out = tmp_path / command
+        assert main([command, *common, "--out", str(out)]) == 0, command
+        assert json.loads((out / "manifest.json").read_text())

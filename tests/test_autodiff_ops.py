@@ -14,7 +14,7 @@ F64_TOL = 1e-6
 F32_TOL = 1e-3
 
 
-def tiny(nodes, inits, in_shape, out="y", seed=0):
+def tiny(nodes, inits, in_shape, out="y", seed=0, opset=17):
     rng = np.random.default_rng(seed)
     tensors = []
     for name, value in inits.items():
@@ -24,7 +24,7 @@ def tiny(nodes, inits, in_shape, out="y", seed=0):
         tensors.append(numpy_helper.from_array(arr, name))
     g = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", *in_shape])],
                           [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)], tensors)
-    return make_model(g)
+    return make_model(g, opset=opset)
 
 
 def n(op, inputs, outputs, **attrs):
@@ -361,3 +361,377 @@ def test_float64_engine_matches_float32_onnxruntime():
     for w in ("x", "w"):
         assert r64[w].dtype == np.float64 and r32[w].dtype == np.float32
         np.testing.assert_allclose(r32[w], r64[w], rtol=0, atol=1e-5 * np.abs(r64[w]).max())
+
+
+# ------------------------------------------------- ops of modern CNN exports (torchvision, timm)
+
+def _with_source(op_nodes, in_shape, inits=None, opset=17, positive=False, spread=1.0):
+    """x -> 1x1 Conv (so weights and an intermediate are checked too) [-> x^2 + 0.5] -> op nodes -> y."""
+    nodes = [n("Conv", ["x", "w"], ["c"], kernel_shape=[1, 1])]
+    src = "c"
+    if positive:
+        nodes += [n("Mul", ["c", "c"], ["sq"]), n("Add", ["sq", "half"], ["s"])]
+        src = "s"
+    for node in op_nodes:
+        node.input[:] = [src if i == "SRC" else i for i in node.input]
+    c = in_shape[0]
+    weights = {"w": np.random.default_rng(4).standard_normal((c, c, 1, 1)).astype(np.float32) * spread,
+               "half": np.full(1, 0.5, np.float32)}
+    weights.update(inits or {})
+    return tiny(nodes + list(op_nodes), weights, in_shape, opset=opset)
+
+
+@pytest.mark.parametrize("op,attrs,positive,spread", [
+    ("HardSigmoid", {}, False, 3.0), ("HardSigmoid", {"alpha": 0.3, "beta": 0.4}, False, 3.0),
+    ("HardSwish", {}, False, 4.0), ("Erf", {}, False, 1.0), ("Exp", {}, False, 1.0), ("Log", {}, True, 1.0),
+    ("Neg", {}, False, 1.0), ("Abs", {}, False, 1.0), ("Reciprocal", {}, True, 1.0),
+    ("Elu", {"alpha": 0.7}, False, 1.0), ("Selu", {}, False, 1.0), ("Softplus", {}, False, 2.0),
+    ("Softsign", {}, False, 2.0), ("Mish", {}, False, 2.0),
+])
+def test_pointwise(op, attrs, positive, spread):
+    # spread: the 1x1 conv's weights scale the op's inputs past its kinks (HardSwish at +-3, HardSigmoid's ramp)
+    m = _with_source([n(op, ["SRC"], ["y"], **attrs)], (3, 4, 5), positive=positive, spread=spread,
+                     opset=18 if op == "Mish" else 17)
+    check(m, rand(2, 3, 4, 5), ["x", "w", "c"])
+
+
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gelu_opset20(approximate):
+    m = _with_source([n("Gelu", ["SRC"], ["y"], approximate=approximate)], (3, 4, 5), opset=20, spread=2.0)
+    check(m, rand(2, 3, 4, 5), ["x", "w", "c"])
+
+
+def test_gelu_as_torch_exports_it_with_erf():
+    # torch.onnx (opset 17): y = x * 0.5 * (1 + erf(x / sqrt(2)))
+    nodes = [n("Div", ["SRC", "sqrt2"], ["d"]), n("Erf", ["d"], ["e"]), n("Add", ["e", "one"], ["a"]),
+             n("Mul", ["SRC", "a"], ["m"]), n("Mul", ["m", "halfc"], ["y"])]
+    m = _with_source(nodes, (3, 4, 5), {"sqrt2": np.array(np.sqrt(2.0), np.float32), "one": np.array(1.0, np.float32),
+                                        "halfc": np.array(0.5, np.float32)}, spread=2.0)
+    x = rand(2, 3, 4, 5)
+    check(m, x, ["x", "w"])
+    # the same function as the Gelu op (up to the float32 constants 1/sqrt(2), 0.5): same input gradient
+    gelu = _with_source([n("Gelu", ["SRC"], ["y"])], (3, 4, 5), opset=20, spread=2.0)
+    seed = rand(2, 3, 4, 5, seed=5)
+    a = GradientEngine(to_float64(m), "x", objective="seed", target="y").run(x, seed=seed)["x"]
+    b = GradientEngine(to_float64(gelu), "x", objective="seed", target="y").run(x, seed=seed)["x"]
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-6 * np.abs(b).max())
+
+
+@pytest.mark.parametrize("to", [TensorProto.DOUBLE, TensorProto.FLOAT])
+def test_cast_between_float_types(to):
+    # Mul and Neg only: rules that write constants use the model's float type
+    nodes = [n("Cast", ["SRC"], ["d"], to=to), n("Mul", ["d", "d"], ["s"]), n("Neg", ["s"], ["ng"]),
+             n("Cast", ["ng"], ["y"], to=TensorProto.FLOAT)]
+    m = _with_source(nodes, (3, 2, 3))
+    check(m, rand(2, 3, 2, 3), ["x", "w"])
+
+
+def test_cast_to_integers_passes_no_gradient():
+    # y = c + float(int(c)): the integer path is piecewise constant, d y / d c = 1
+    nodes = [n("Cast", ["SRC"], ["i"], to=TensorProto.INT64), n("Cast", ["i"], ["f"], to=TensorProto.FLOAT),
+             n("Add", ["SRC", "f"], ["y"])]
+    m = _with_source(nodes, (2, 2, 2))
+    x = rand(1, 2, 2, 2)
+    got = GradientEngine(m, "c", objective="seed", target="y").run(x.astype(np.float32), seed=np.ones((1, 2, 2, 2)))["c"]
+    np.testing.assert_array_equal(got, np.ones((1, 2, 2, 2), np.float32))
+
+
+@pytest.mark.parametrize("op", ["Max", "Min"])
+def test_max_min_broadcast(op):
+    nodes = [n("Tanh", ["SRC"], ["t"]), n(op, ["SRC", "t", "k"], ["y"])]
+    m = _with_source(nodes, (3, 2, 4), {"k": np.random.default_rng(2).uniform(-0.5, 0.5, (3, 1, 4)).astype(np.float32)},
+                     spread=2.0)
+    check(m, rand(2, 3, 2, 4), ["x", "w", "k", "t"])
+
+
+def test_max_min_ties_go_to_the_first_input():
+    nodes = [n("Max", ["x", "x2"], ["y"])]
+    m = tiny([n("Identity", ["x"], ["x2"])] + nodes, {}, (4,))
+    got = GradientEngine(m, ["x", "x2"], objective="seed", target="y").run(
+        np.array([[1.0, -2.0, 0.0, 3.0]], np.float32), seed=np.array([[1.0, 2.0, 3.0, 4.0]]))
+    # x2 is x: the whole gradient reaches x once (first input), never twice
+    np.testing.assert_array_equal(got["x2"], np.zeros((1, 4)))
+    np.testing.assert_array_equal(got["x"], [[1.0, 2.0, 3.0, 4.0]])
+
+
+def test_sum_and_mean_variadic():
+    nodes = [n("Tanh", ["SRC"], ["t"]), n("Sum", ["SRC", "t", "k"], ["s"]), n("Mean", ["s", "t"], ["y"])]
+    m = _with_source(nodes, (3, 2, 4), {"k": (1, 3, 1, 1)})
+    check(m, rand(2, 3, 2, 4), ["x", "w", "k"])
+
+
+def test_where_with_a_constant_and_a_computed_condition():
+    cond = np.random.default_rng(0).random((3, 1, 4)) > 0.5
+    nodes = [n("Tanh", ["SRC"], ["t"]), n("Where", ["cond", "SRC", "t"], ["wh"]),
+             n("Greater", ["t", "zero"], ["pos"]), n("Where", ["pos", "wh", "k"], ["y"])]
+    m = _with_source(nodes, (3, 2, 4), {"cond": cond, "zero": np.zeros(1, np.float32), "k": (2, 4)})
+    check(m, rand(2, 3, 2, 4), ["x", "w", "k"])
+
+
+def test_gather_and_gather_elements_with_constant_indices():
+    gidx = np.array([[2, 0], [2, -1]], np.int64)  # repeated and negative indices
+    nodes = [n("Gather", ["SRC", "gidx"], ["g"], axis=3),  # (N, 3, 2, 2, 2)
+             n("Reshape", ["g", "shape"], ["gr"]),  # (N, 3, 2, 4)
+             n("Gather", ["gr", "scalar"], ["y"], axis=1)]
+    m = _with_source(nodes, (3, 2, 4), {"gidx": gidx, "scalar": np.array(1, np.int64),
+                                        "shape": np.array([0, 3, 2, 4], np.int64)})
+    check(m, rand(2, 3, 2, 4), ["x", "w", "gr"])
+
+
+def test_gather_elements_of_a_weight():
+    # GatherElements' constant indices fix every axis, the batch too: on a weight it serves any batch
+    eidx = np.random.default_rng(1).integers(-3, 3, (3, 3, 1, 1)).astype(np.int64)
+    nodes = [n("GatherElements", ["w0", "eidx"], ["wg"], axis=1), n("Conv", ["x", "wg"], ["y"], kernel_shape=[1, 1])]
+    m = tiny(nodes, {"w0": (3, 3, 1, 1), "eidx": eidx}, (3, 2, 4))
+    check(m, rand(2, 3, 2, 4), ["x", "w0"])
+
+
+REDUCE_OPS = ["ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceL2", "ReduceL1", "ReduceSumSquare",
+              "ReduceLogSumExp"]
+
+
+@pytest.mark.parametrize("op", REDUCE_OPS)
+@pytest.mark.parametrize("axes,keepdims", [([2, 3], 1), ([-1], 0), ([1, 3], 0), (None, 1)])
+@pytest.mark.parametrize("opset", [13, 18])
+def test_reductions(op, axes, keepdims, opset):
+    # opset 13: axes an attribute (ReduceSum: already an input); opset 18: an input for every Reduce
+    as_input = opset >= 18 or op == "ReduceSum"
+    inits, inputs, attrs = {}, ["SRC"], {"keepdims": keepdims}
+    if axes is not None and as_input:
+        inits["axes"] = np.array(axes, np.int64)
+        inputs.append("axes")
+    elif axes is not None:
+        attrs["axes"] = axes
+    if axes is None:  # every axis but the batch: flatten first
+        nodes = [n("Flatten", ["SRC"], ["f"]), n(op, ["f"] + inputs[1:], ["y"], **attrs)]
+        inits["axes"] = np.array([1], np.int64)
+        if as_input:
+            nodes[1].input.append("axes")
+        else:
+            nodes[1].attribute.extend([helper.make_attribute("axes", [1])])
+    else:
+        nodes = [n(op, inputs, ["y"], **attrs)]
+    positive = op in ("ReduceL1",)
+    m = _with_source(nodes, (3, 2, 4), inits, opset=opset, positive=positive)
+    check(m, rand(2, 3, 2, 4), ["x", "w"])
+
+
+@pytest.mark.parametrize("op", ["ReduceMax", "ReduceMin"])
+def test_reduce_max_ties_share_the_gradient_evenly(op):
+    m = tiny([n(op, ["x", "axes"], ["y"], keepdims=0)], {"axes": np.array([1], np.int64)}, (4,), opset=18)
+    x = np.array([[2.0, 5.0, 5.0, -1.0], [-3.0, 0.0, -3.0, -3.0]], np.float32)
+    got = GradientEngine(m, "x", objective="seed", target="y").run(x, seed=np.array([[4.0], [6.0]]).reshape(2))["x"]
+    want = [[0, 2, 2, 0], [0, 6, 0, 0]] if op == "ReduceMax" else [[0, 0, 0, 4], [2, 0, 2, 2]]
+    np.testing.assert_allclose(got, want, rtol=0, atol=0)
+
+
+def test_reduce_l2_at_zero_has_zero_gradient():
+    m = tiny([n("ReduceL2", ["x"], ["y"], axes=[1], keepdims=1)], {}, (3,), opset=13)
+    got = GradientEngine(m, "x", objective="seed", target="y").run(np.zeros((1, 3), np.float32), seed=np.ones((1, 1)))["x"]
+    np.testing.assert_array_equal(got, np.zeros((1, 3)))
+
+
+def test_reduction_over_the_batch_is_refused():
+    from cnnvis.errors import CnnvisError
+
+    m = tiny([n("ReduceMean", ["x"], ["m"], axes=[0], keepdims=1), n("Add", ["x", "m"], ["y"])], {}, (3,), opset=13)
+    with pytest.raises(CnnvisError, match=r"ReduceMean.*batch axis"):
+        GradientEngine(m, "x", objective="seed", target="y").run(np.ones((2, 3), np.float32), seed=np.ones((2, 3)))
+
+
+@pytest.mark.parametrize("axis", [-1, 1, 2])
+def test_layer_normalization(axis):
+    shape = (3, 2, 4)
+    norm = shape[axis:] if axis > 0 else shape[-1:]
+    nodes = [n("LayerNormalization", ["SRC", "scale", "bias"], ["y"], axis=axis, epsilon=1e-3)]
+    m = _with_source(nodes, shape, {"scale": norm, "bias": norm})
+    check(m, rand(2, *shape), ["x", "w", "scale", "bias"])
+
+
+def test_layer_normalization_channels_last_as_convnext_exports_it():
+    # ConvNeXt: NCHW -> NHWC, LayerNorm over C, -> NCHW
+    nodes = [n("Transpose", ["SRC"], ["t"], perm=[0, 2, 3, 1]),
+             n("LayerNormalization", ["t", "scale", "bias"], ["ln"], axis=-1, epsilon=1e-6),
+             n("Transpose", ["ln"], ["y"], perm=[0, 3, 1, 2])]
+    m = _with_source(nodes, (4, 3, 3), {"scale": (4,), "bias": (4,)})
+    check(m, rand(2, 4, 3, 3), ["x", "w", "scale"])
+
+
+def test_instance_normalization():
+    m = _with_source([n("InstanceNormalization", ["SRC", "scale", "bias"], ["y"], epsilon=1e-3)], (3, 2, 4),
+                     {"scale": (3,), "bias": (3,)})
+    check(m, rand(2, 3, 2, 4), ["x", "w", "scale", "bias"])
+
+
+@pytest.mark.parametrize("opset,param", [(18, 2), (21, 4)])
+def test_group_normalization(opset, param):
+    # opset 18: scale/bias per group; opset 21: per channel
+    m = _with_source([n("GroupNormalization", ["SRC", "scale", "bias"], ["y"], num_groups=2, epsilon=1e-3)],
+                     (4, 2, 3), {"scale": (param,), "bias": (param,)}, opset=opset)
+    check(m, rand(2, 4, 2, 3), ["x", "w", "scale", "bias"])
+
+
+def test_per_sample_normalization_parameter_gradients_sum_to_the_batch_gradient():
+    m = _with_source([n("GroupNormalization", ["SRC", "scale", "bias"], ["g"], num_groups=2, epsilon=1e-3),
+                      n("LayerNormalization", ["g", "ls", "lb"], ["l"], axis=2),
+                      n("InstanceNormalization", ["l", "iscale", "ibias"], ["y"])],
+                     (4, 2, 3), {"scale": (4,), "bias": (4,), "ls": (2, 3), "lb": (2, 3), "iscale": (4,), "ibias": (4,)},
+                     opset=21)
+    x, seed = rand(3, 4, 2, 3).astype(np.float32), rand(3, 4, 2, 3, seed=3)
+    wrt = ["scale", "bias", "ls", "lb", "iscale", "ibias"]
+    per = GradientEngine(m, wrt, objective="seed", target="y").run(x, seed=seed)
+    summed = GradientEngine(m, wrt, objective="seed", target="y", per_sample=False).run(x, seed=seed)
+    for w in wrt:
+        assert per[w].shape[0] == 3
+        np.testing.assert_allclose(per[w].sum(axis=0), summed[w], rtol=0, atol=1e-5 * np.abs(summed[w]).max())
+
+
+CONV_TRANSPOSE_CASES = [
+    dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1], output_padding=[1, 0]),
+    dict(kernel_shape=[2, 3], strides=[2, 1], pads=[0, 1, 1, 0], dilations=[1, 2]),
+    dict(kernel_shape=[4, 4], strides=[2, 2], pads=[1, 1, 1, 1]),  # the classic 2x upsampling
+    dict(kernel_shape=[3, 3], strides=[2, 2], auto_pad="SAME_UPPER"),
+]
+
+
+@pytest.mark.parametrize("attrs", CONV_TRANSPOSE_CASES)
+@pytest.mark.parametrize("group", [1, 2])
+def test_conv_transpose(attrs, group):
+    nodes = [n("ConvTranspose", ["SRC", "wt", "bt"], ["y"], group=group, **attrs)]
+    m = _with_source(nodes, (4, 3, 4), {"wt": (4, 6 // group, *attrs["kernel_shape"]), "bt": (6,)})
+    check(m, rand(2, 4, 3, 4), ["x", "w", "wt", "bt", "c"])
+
+
+RESIZE_CASES = [
+    ("nearest", "asymmetric", "floor", [1, 1, 2, 2]),  # torch's nearest upsampling
+    ("nearest", "half_pixel", "round_prefer_floor", [1, 1, 1.5, 2.5]),
+    ("nearest", "align_corners", "round_prefer_ceil", [1, 1, 0.5, 3]),
+    ("nearest", "pytorch_half_pixel", "ceil", [1, 1, 2, 0.75]),
+    ("linear", "half_pixel", "round_prefer_floor", [1, 1, 2, 2]),
+    ("linear", "pytorch_half_pixel", "round_prefer_floor", [1, 1, 1.5, 0.5]),
+    # whole output lengths: onnx's reference evaluator sizes align_corners by the fractional length
+    # in*scale where onnxruntime uses the output's (test_resize_matrix_matches_onnxruntime checks that)
+    ("linear", "align_corners", "round_prefer_floor", [1, 1, 2.5, 1.6]),
+    ("linear", "asymmetric", "round_prefer_floor", [1, 1, 0.75, 3]),
+]
+
+
+@pytest.mark.parametrize("mode,transform,nearest,scales", RESIZE_CASES)
+def test_resize_with_scales(mode, transform, nearest, scales):
+    nodes = [n("Resize", ["SRC", "", "scales"], ["y"], mode=mode, coordinate_transformation_mode=transform,
+               nearest_mode=nearest)]
+    m = _with_source(nodes, (2, 4, 5), {"scales": np.array(scales, np.float32)})
+    check(m, rand(2, 2, 4, 5), ["x", "w", "c"])
+
+
+@pytest.mark.parametrize("mode", ["nearest", "linear"])
+def test_resize_with_sizes_and_axes_opset18(mode):
+    nodes = [n("Resize", ["SRC", "", "", "sizes"], ["y"], mode=mode, axes=[3, 2])]
+    m = _with_source(nodes, (2, 4, 5), {"sizes": np.array([7, 3], np.int64)}, opset=18)
+    check(m, rand(2, 2, 4, 5), ["x", "w"])
+
+
+@pytest.mark.parametrize("mode,transform,nearest,scales", RESIZE_CASES)
+def test_resize_matrix_matches_onnxruntime(mode, transform, nearest, scales):
+    # the per-axis matrices the rule uses, applied to an input, give onnxruntime's forward output
+    from cnnvis.autodiff.rules import resize_matrix
+
+    m = tiny([n("Resize", ["x", "", "scales"], ["y"], mode=mode, coordinate_transformation_mode=transform,
+                nearest_mode=nearest)], {"scales": np.array(scales, np.float32)}, (2, 4, 5))
+    x = rand(1, 2, 4, 5).astype(np.float32)
+    want = create_session(m, device="cpu").run(None, {"x": x})[0]
+    oh, ow = want.shape[2:]
+    mh = resize_matrix(mode, nearest, transform, oh, 4, scales[2])
+    mw = resize_matrix(mode, nearest, transform, ow, 5, scales[3])
+    got = np.einsum("hi,ncij,wj->nchw", mh, x.astype(np.float64), mw)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+
+
+def test_tile():
+    m = _with_source([n("Tile", ["SRC", "reps"], ["y"])], (2, 2, 3), {"reps": np.array([1, 2, 1, 3], np.int64)})
+    check(m, rand(2, 2, 2, 3), ["x", "w"])
+
+
+@pytest.mark.parametrize("equation,other,swap", [
+    ("nchw,oc->nohw", (5, 3), False),  # a 1x1 conv as einsum
+    ("bij,jk->bik", (4, 3), False),
+    ("bhwc,cd->bhwd", (3, 2), False),  # channels last
+    ("oc,nchw->nohw", (5, 3), True),  # the constant first
+    ("nchw,c->nhw", (3,), False),
+    ("abcd,be", (3, 2), False),  # implicit output: the letters seen once, sorted (a, c, d, e)
+    ("nchw,ck->nk", (3, 2), False),  # h, w summed in the input alone
+])
+def test_einsum_two_operands(equation, other, swap):
+    term = equation.split("->")[0].split(",")[1 if swap else 0]
+    pre, src = [], "SRC"
+    if term == "bij":
+        pre, src = [n("Reshape", ["SRC", "shape3"], ["r"])], "r"  # (N, 3, 4)
+    elif term == "bhwc":
+        pre, src = [n("Transpose", ["SRC"], ["r"], perm=[0, 2, 3, 1])], "r"
+    ins = ["k", src] if swap else [src, "k"]
+    m = _with_source(pre + [n("Einsum", ins, ["y"], equation=equation)], (3, 2, 2),
+                     {"k": other, "shape3": np.array([0, 3, 4], np.int64)})
+    check(m, rand(2, 3, 2, 2), ["x", "w", "k"])
+
+
+def test_einsum_per_sample_weight_gradients_sum_to_the_batch_gradient():
+    m = _with_source([n("Einsum", ["SRC", "k"], ["y"], equation="nchw,ck->nkw")], (3, 2, 2), {"k": (3, 2)})
+    x, seed = rand(3, 3, 2, 2).astype(np.float32), rand(3, 2, 2, seed=4)
+    per = GradientEngine(m, "k", objective="seed", target="y").run(x, seed=seed)["k"]
+    summed = GradientEngine(m, "k", objective="seed", target="y", per_sample=False).run(x, seed=seed)["k"]
+    assert per.shape == (3, 3, 2)
+    # by hand: dL_n/dk[c, k] = sum_{h, w} x'[n, c, h, w] seed[n, k, w] with x' the conv output
+    c = create_session(tiny([n("Conv", ["x", "w"], ["y"], kernel_shape=[1, 1])],
+                            {"w": np.random.default_rng(4).standard_normal((3, 3, 1, 1)).astype(np.float32)}, (3, 2, 2)),
+                       device="cpu").run(None, {"x": x})[0]
+    want = np.einsum("nchw,nkw->nck", c.astype(np.float64), seed)
+    np.testing.assert_allclose(per, want, rtol=0, atol=1e-5 * np.abs(want).max())
+    np.testing.assert_allclose(summed, want.sum(axis=0), rtol=0, atol=1e-5 * np.abs(want).max())
+
+
+# ------------------------------------------------- deconvnet and guided on the new ops (as documented)
+
+def test_deconvnet_and_guided_keep_the_exact_gradient_of_non_rectifiers():
+    # MobileNetV3/EfficientNet/ConvNeXt pieces without a Relu: every rule gives the same gradient
+    nodes = [n("HardSwish", ["SRC"], ["hs"]),
+             n("ReduceMean", ["hs", "axes"], ["se"], keepdims=1), n("HardSigmoid", ["se"], ["gate"]),
+             n("Mul", ["hs", "gate"], ["scaled"]),
+             n("Sigmoid", ["scaled"], ["sg"]), n("Mul", ["scaled", "sg"], ["silu"]),  # SiLU
+             n("Gelu", ["silu"], ["ge"]), n("Mish", ["ge"], ["mi"]),
+             n("Clip", ["mi", "lo", "hi"], ["cl"]),  # a Clip whose lower bound is not 0
+             n("LayerNormalization", ["cl", "ls", "lb"], ["y"], axis=1)]
+    m = _with_source(nodes, (3, 2, 4), {"axes": np.array([2, 3], np.int64), "lo": np.array(-0.5, np.float32),
+                                        "hi": np.array(0.5, np.float32), "ls": (3, 2, 4), "lb": (3, 2, 4)},
+                     opset=20, spread=2.0)
+    x, seed = rand(2, 3, 2, 4).astype(np.float32), rand(2, 3, 2, 4, seed=6)
+    runs = {r: GradientEngine(m, ["x", "w"], objective="seed", target="y", rule=r).run(x, seed=seed)
+            for r in ("gradient", "deconvnet", "guided")}
+    for r in ("deconvnet", "guided"):
+        for w in ("x", "w"):
+            np.testing.assert_array_equal(runs[r][w], runs["gradient"][w])
+    assert np.abs(runs["gradient"]["x"]).max() > 0
+
+
+def test_relu6_clip_is_a_rectifier_under_deconvnet_and_guided():
+    # y = Clip(x, 0, 6) with the seed as the backward signal: by the documented definitions
+    m = tiny([n("Clip", ["x", "lo", "hi"], ["y"])], {"lo": np.array(0.0, np.float32), "hi": np.array(6.0, np.float32)},
+             (3, 4))
+    x = (rand(2, 3, 4) * 5).astype(np.float32)
+    seed = rand(2, 3, 4, seed=8)
+    inside = (x >= 0) & (x <= 6)
+    assert inside.any() and (~inside).any() and (seed < 0).any()
+    want = {"gradient": seed * inside, "deconvnet": np.maximum(seed, 0),
+            "guided": np.maximum(seed * inside, 0)}
+    for r, expected in want.items():
+        got = GradientEngine(m, "x", objective="seed", target="y", rule=r).run(x, seed=seed)["x"]
+        np.testing.assert_allclose(got, expected, rtol=1e-6, atol=0)
+
+
+def test_pad_with_axes_opset18_and_split_with_num_outputs():
+    nodes = [n("Pad", ["SRC", "pads", "", "paxes"], ["p"]),  # pads for axes 3 and 2 only
+             n("Split", ["p"], ["s1", "s2"], axis=3, num_outputs=2), n("Mul", ["s1", "s2"], ["y"])]
+    m = _with_source(nodes, (3, 2, 3), {"pads": np.array([1, 0, 0, 2], np.int64), "paxes": np.array([3, 2], np.int64)},
+                     opset=18)
+    check(m, rand(2, 3, 2, 3), ["x", "w"])

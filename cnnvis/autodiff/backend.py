@@ -120,7 +120,29 @@ def _reference_ops():
             kernel, st, dil, pd = _spatial_attrs(_AttrView(attrs), X.shape, W.shape)
             return (conv_nd(X, W, B, kernel, st, dil, pd, int(group or 1)),)
 
-    return [MaxPool, ConvTranspose, LRN, Conv]
+    class Erf(OpRun):
+        # the reference implementation computes in float32 whatever the input type
+        op_domain = ""
+
+        def _run(self, x):
+            import math
+
+            return (np.vectorize(math.erf, otypes=[np.float64])(x).astype(x.dtype),)
+
+    class Gelu(OpRun):
+        # a function op: its body would run in a nested evaluator with the float32 Erf above
+        op_domain = ""
+
+        def _run(self, x, approximate=None):
+            import math
+
+            if (approximate or "none") == "tanh":
+                y = 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+            else:
+                y = 0.5 * x * (1.0 + np.vectorize(math.erf, otypes=[np.float64])(x / math.sqrt(2.0)))
+            return (y.astype(x.dtype),)
+
+    return [MaxPool, ConvTranspose, LRN, Conv, Erf, Gelu]
 
 
 class _AttrView:

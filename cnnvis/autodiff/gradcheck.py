@@ -32,6 +32,11 @@ def to_float64(model: onnx.ModelProto) -> onnx.ModelProto:
         if vi.type.tensor_type.elem_type == TensorProto.FLOAT:
             vi.type.tensor_type.elem_type = TensorProto.DOUBLE
     for node in g.node:
+        if node.op_type == "GroupNormalization":
+            # statistics in float64 too (stash_type defaults to float32)
+            kept = [a for a in node.attribute if a.name != "stash_type"]
+            del node.attribute[:]
+            node.attribute.extend(kept + [onnx.helper.make_attribute("stash_type", TensorProto.DOUBLE)])
         for a in node.attribute:
             if node.op_type == "Cast" and a.name == "to" and a.i == TensorProto.FLOAT:
                 a.i = TensorProto.DOUBLE

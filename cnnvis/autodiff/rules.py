@@ -12,11 +12,26 @@ Conventions:
 * ``rule`` changes only the rectifiers: ``deconvnet`` rectifies the backward signal itself
   (Zeiler & Fergus), ``guided`` keeps the exact gradient but zeroes negative backward signals.
   Everything else (convolutions, pooling switches, LRN, ...) is the exact gradient under all rules.
+
+How ``deconvnet`` and ``guided`` treat the ops (g: the backward signal reaching the op; the
+README's table, written by :func:`markdown_table`, lists every op with a rule):
+
+================  =======================================  =======================================
+op                ``deconvnet``                            ``guided``
+================  =======================================  =======================================
+Relu              relu(g), the forward mask ignored        g * [x > 0], then negatives zeroed
+LeakyRelu, PRelu  the forward function applied to g        relu(g), then the forward slope
+Clip with min 0   relu(g)                                  g * [min <= x <= max], then negatives
+(ReLU6)                                                    zeroed
+any other op      the exact gradient: smooth activations   the exact gradient
+                  (HardSwish, Gelu, Mish, SiLU as
+                  Sigmoid * x ...) are not rectifiers
+================  =======================================  =======================================
 """
 from __future__ import annotations
 
 import numpy as np
-from onnx import helper
+from onnx import TensorProto, helper
 
 from ..errors import CnnvisError
 from ..onnxgraph import lrn_attributes, lrn_windows, write_lrn
@@ -114,12 +129,21 @@ class RuleContext:
 
 
 _RULE_TABLE: dict = {}
+_RULE_NOTES: dict = {}  # op -> (what it supports, deconvnet behaviour, guided behaviour)
+
+EXACT = "exact gradient"
+
+#: Commands that need no gradients, so they run on a model with an op that has no backward rule.
+GRADIENT_FREE_COMMANDS = ("activations", "volume", "order", "render", "occlusion", "invariance", "filters", "layers")
 
 
-def rule(*op_types):
+def rule(*op_types, note: str = "", deconvnet: str = EXACT, guided: str = EXACT):
+    """Register a backward rule for ``op_types``; ``note`` says what of the op it covers, and
+    ``deconvnet`` / ``guided`` what the other rules do there (the README's table reads these)."""
     def deco(fn):
         for op in op_types:
             _RULE_TABLE[op] = fn
+            _RULE_NOTES[op] = (note, deconvnet, guided)
         return fn
     return deco
 
@@ -128,23 +152,34 @@ def supported_ops():
     return sorted(_RULE_TABLE)
 
 
+def markdown_table() -> str:
+    """The README's table of ops with backward rules: one row per op (ONNX domain)."""
+    lines = ["| op | covers | `deconvnet` | `guided` |", "| --- | --- | --- | --- |"]
+    for op in supported_ops():
+        note, deconv, guided = _RULE_NOTES[op]
+        lines.append(f"| {op} | {note or 'all of the op'} | {deconv} | {guided} |")
+    return "\n".join(lines) + "\n"
+
+
 def backward(ctx: RuleContext):
     fn = _RULE_TABLE.get(ctx.node.op_type)
     if fn is None or ctx.node.domain not in ("", "ai.onnx"):
-        raise ctx.fail("no backward rule for this op, which lies on the path from the objective to a "
-                       f"requested gradient (supported: {', '.join(supported_ops())})")
+        domain = f" in domain {ctx.node.domain!r}" if ctx.node.domain not in ("", "ai.onnx") else ""
+        raise ctx.fail(f"no backward rule for this op{domain} (it lies between the objective and a requested "
+                       "gradient); gradient methods cannot run on this model, these commands need no gradients: "
+                       f"{', '.join(GRADIENT_FREE_COMMANDS)}; ops with rules: cnnvis.autodiff.supported_ops()")
     grads = fn(ctx)
     return list(grads) + [None] * (len(ctx.node.input) - len(grads))
 
 
 # ============================================================ pass-through and shape ops
 
-@rule("Identity", "Dropout")
+@rule("Identity", "Dropout", note="Dropout as in inference (the identity)")
 def _identity(ctx):
     return [ctx.output_grad(0)]
 
 
-@rule("Flatten", "Reshape", "Squeeze", "Unsqueeze")
+@rule("Flatten", "Reshape", "Squeeze", "Unsqueeze", note="shapes computed at run time too")
 def _reshape_like(ctx):
     b = ctx.b
     if ctx.is_batched(ctx.x[0]):
@@ -176,7 +211,7 @@ def _static_axis(ctx, axis, rank, what):
     return axis
 
 
-@rule("Concat")
+@rule("Concat", note="not along the batch axis")
 def _concat(ctx):
     b = ctx.b
     rank = ctx.rank(ctx.y[0])
@@ -187,7 +222,7 @@ def _concat(ctx):
     return [p if need else None for p, need in zip(parts, ctx.need)]
 
 
-@rule("Split")
+@rule("Split", note="not along the batch axis")
 def _split(ctx):
     rank = ctx.rank(ctx.x[0])
     axis = _static_axis(ctx, ctx.attr("axis", 0), rank, "Split")
@@ -199,7 +234,7 @@ def _slice_indices(start, end, step, dim):
     return list(range(*slice(int(start), int(end), int(step)).indices(int(dim))))
 
 
-@rule("Slice")
+@rule("Slice", note="constant starts, ends, axes, steps")
 def _slice(ctx):
     b = ctx.b
     x = ctx.x[0]
@@ -237,7 +272,7 @@ def _slice(ctx):
     return [g]
 
 
-@rule("Pad")
+@rule("Pad", note="mode constant, constant pads (and axes)")
 def _pad(ctx):
     b = ctx.b
     mode = ctx.attr("mode", "constant")
@@ -245,9 +280,15 @@ def _pad(ctx):
         raise ctx.fail(f"Pad mode {mode!r} is not supported (only 'constant')")
     if len(ctx.need) > 2 and ctx.need[2]:
         raise ctx.fail("the gradient of Pad's constant value is not supported")
-    pads = ctx.constant_value(ctx.x[1]).astype(np.int64).tolist()
     x = ctx.x[0]
     rank = ctx.rank(x)
+    pads = ctx.constant_value(ctx.x[1]).astype(np.int64).tolist()
+    if len(ctx.x) > 3 and ctx.x[3]:  # opset 18: pads for the listed axes only
+        axes = [int(a) + rank if int(a) < 0 else int(a) for a in ctx.constant_value(ctx.x[3]).reshape(-1)]
+        full = [0] * (2 * rank)
+        for k, a in enumerate(axes):
+            full[a], full[rank + a] = pads[k], pads[len(axes) + k]
+        pads = full
     out_shape = ctx.shape(ctx.y[0])
     begin, end = pads[:rank], pads[rank:]
     g = ctx.output_grad(0)
@@ -301,7 +342,7 @@ def _div(ctx):
     return [da, dc]
 
 
-@rule("Pow")
+@rule("Pow", note="base and exponent")
 def _pow(ctx):
     b, (a, e) = ctx.b, ctx.x
     g, out = ctx.output_grad(0), _binary_shapes(ctx)
@@ -333,24 +374,37 @@ def _tanh(ctx):
     return [b.mul(ctx.output_grad(0), b.sub(b.scalar(1.0), b.mul(y, y)))]
 
 
-@rule("Clip")
+@rule("Clip", note="no gradient for the bounds",
+      deconvnet="min exactly 0 (ReLU6): relu of the backward signal; else exact",
+      guided="min exactly 0 (ReLU6): exact, then negative signals zeroed; else exact")
 def _clip(ctx):
+    """Exact: g where min <= x <= max. With a lower bound of exactly 0 (ReLU6) Clip is a
+    rectifier: ``deconvnet`` passes relu(g) (the backward signal rectified, the forward ignored),
+    ``guided`` the exact gradient with negative values zeroed."""
     b, x = ctx.b, ctx.x[0]
     g = ctx.output_grad(0)
     if any(ctx.need[1:]):
         raise ctx.fail("gradients of Clip's min/max are not supported")
+    lo = ctx.x[1] if len(ctx.x) > 1 and ctx.x[1] else None
+    hi = ctx.x[2] if len(ctx.x) > 2 and ctx.x[2] else None
+    lo_value = ctx.b.known_constants.get(lo) if lo is not None else None
+    rectifier = (ctx.rule != "gradient" and lo_value is not None and np.size(lo_value) == 1
+                 and float(np.asarray(lo_value).reshape(-1)[0]) == 0.0)
+    if rectifier and ctx.rule == "deconvnet":
+        return [b.op("Relu", [g])]
     inside = None
-    if len(ctx.x) > 1 and ctx.x[1]:
-        inside = b.op("GreaterOrEqual", [x, ctx.x[1]])
-    if len(ctx.x) > 2 and ctx.x[2]:
-        below = b.op("LessOrEqual", [x, ctx.x[2]])
+    if lo is not None:
+        inside = b.op("GreaterOrEqual", [x, lo])
+    if hi is not None:
+        below = b.op("LessOrEqual", [x, hi])
         inside = below if inside is None else b.op("And", [inside, below])
-    return [g if inside is None else b.mul(g, b.mask(inside))]
+    passed = g if inside is None else b.mul(g, b.mask(inside))
+    return [b.op("Relu", [passed]) if rectifier else passed]
 
 
 # ============================================================================ rectifiers
 
-@rule("Relu")
+@rule("Relu", deconvnet="relu of the backward signal (forward mask ignored)", guided="exact, then negative signals zeroed")
 def _relu(ctx):
     b, g = ctx.b, ctx.output_grad(0)
     if ctx.rule == "gradient" and ctx.y[0] in b.premasked:
@@ -376,12 +430,14 @@ def _leaky_backward(ctx, slope):
     return b.op("Where", [positive, g, b.mul(g, slope)])
 
 
-@rule("LeakyRelu")
+@rule("LeakyRelu", deconvnet="the forward function applied to the backward signal",
+      guided="negative signals zeroed, then the forward mask/slope")
 def _leaky_relu(ctx):
     return [_leaky_backward(ctx, ctx.b.scalar(float(ctx.attr("alpha", 0.01))))]
 
 
-@rule("PRelu")
+@rule("PRelu", note="input and slope", deconvnet="the forward function applied to the backward signal",
+      guided="negative signals zeroed, then the forward mask/slope")
 def _prelu(ctx):
     b, (x, slope) = ctx.b, ctx.x
     dx = _leaky_backward(ctx, slope) if ctx.need[0] else None
@@ -395,7 +451,7 @@ def _prelu(ctx):
 
 # ================================================================ softmax family
 
-@rule("Softmax")
+@rule("Softmax", note="one axis (opset 13 semantics)")
 def _softmax(ctx):
     b, y, g = ctx.b, ctx.y[0], ctx.output_grad(0)
     axis = ctx.attr("axis", -1)
@@ -403,7 +459,7 @@ def _softmax(ctx):
     return [b.mul(y, b.sub(g, dot))]
 
 
-@rule("LogSoftmax")
+@rule("LogSoftmax", note="one axis (opset 13 semantics)")
 def _log_softmax(ctx):
     b, y, g = ctx.b, ctx.y[0], ctx.output_grad(0)
     axis = ctx.attr("axis", -1)
@@ -413,7 +469,7 @@ def _log_softmax(ctx):
 
 # ================================================================ linear layers
 
-@rule("Gemm")
+@rule("Gemm", note="alpha, beta, transA, transB, broadcast C")
 def _gemm(ctx):
     b = ctx.b
     a, w = ctx.x[0], ctx.x[1]
@@ -452,7 +508,7 @@ def _swap_last(b, name, rank):
     return b.transpose(name, perm)
 
 
-@rule("MatMul")
+@rule("MatMul", note="broadcast batch axes, 1-D operands")
 def _matmul(ctx):
     b = ctx.b
     a, w = ctx.x
@@ -691,7 +747,7 @@ def _crop_taps(b, out, x_shape, out_spatial, kernel, strides, dilations, pads):
     return b.op("Slice", [out, b.ints([0] * spatial), b.ints(kernel), b.ints(list(range(2, 2 + spatial)))])
 
 
-@rule("Conv")
+@rule("Conv", note="pads, strides, dilations, groups, auto_pad")
 def _conv(ctx):
     b = ctx.b
     x, w = ctx.x[0], ctx.x[1]
@@ -761,7 +817,7 @@ def _premaskable_relu_output(ctx, x):
     return None
 
 
-@rule("MaxPool")
+@rule("MaxPool", note="storage_order 0; ties: the first maximum of the window")
 def _maxpool(ctx):
     b, x = ctx.b, ctx.x[0]
     if int(ctx.attr("storage_order", 0)) != 0:
@@ -781,7 +837,7 @@ def _maxpool(ctx):
     return [b.reshape(flat, b.shape_of(x))]
 
 
-@rule("AveragePool")
+@rule("AveragePool", note="pads, ceil_mode, count_include_pad")
 def _avgpool(ctx):
     b, x = ctx.b, ctx.x[0]
     x_shape, y_shape = ctx.shape(x), ctx.shape(ctx.y[0])
@@ -816,7 +872,7 @@ def _global_avgpool(ctx):
     return [b.op("Expand", [b.scale(ctx.output_grad(0), 1.0 / count), b.shape_of(x)])]
 
 
-@rule("GlobalMaxPool")
+@rule("GlobalMaxPool", note="ties: the first maximum")
 def _global_maxpool(ctx):
     b, x = ctx.b, ctx.x[0]
     flat = b.reshape(x, [0, 0, -1])
@@ -857,7 +913,7 @@ def expand_lrn(b, node, x_shape):
     write_lrn(b, node, lambda t: channel_window_mean(b, t, x_shape, size, before, after), s_name, d_name)
 
 
-@rule("LRN")
+@rule("LRN", note="across channels")
 def _lrn(ctx):
     """y = x / d, d = s^beta, s = bias + alpha/size * sum_{window} x^2 (window over channels).
 
@@ -876,7 +932,7 @@ def _lrn(ctx):
     return [b.sub(b.div(g, d), b.mul(x, b.scale(back, 2.0 * alpha * beta)))]
 
 
-@rule("BatchNormalization")
+@rule("BatchNormalization", note="inference mode; input and all four parameters")
 def _batchnorm(ctx):
     b = ctx.b
     if int(ctx.attr("training_mode", 0)):
@@ -909,4 +965,618 @@ def _batchnorm(ctx):
     if ctx.need[4]:
         cubed = b.mul(inv_std, b.mul(inv_std, inv_std))
         grads[4] = b.mul(per_channel(b.mul(g, centered)), b.mul(scale, b.scale(cubed, -0.5)))
+    return grads
+
+
+# ===================================================================== pointwise functions
+# Exact gradients under every rule: deconvnet and guided change only the rectifiers (Relu,
+# LeakyRelu, PRelu, and Clip with a lower bound 0 such as ReLU6), as Captum's do.
+
+def _pointwise(ctx, derivative):
+    """g * f'(x) for a one-input pointwise op; ``derivative`` is a tensor name of f'(x)."""
+    return [ctx.b.mul(ctx.output_grad(0), derivative)]
+
+
+@rule("Neg")
+def _neg(ctx):
+    return [ctx.b.neg(ctx.output_grad(0))]
+
+
+@rule("Exp")
+def _exp(ctx):
+    return _pointwise(ctx, ctx.y[0])
+
+
+@rule("Log")
+def _log(ctx):
+    return [ctx.b.div(ctx.output_grad(0), ctx.x[0])]
+
+
+@rule("Reciprocal")
+def _reciprocal(ctx):
+    b, y = ctx.b, ctx.y[0]
+    return [b.neg(b.mul(ctx.output_grad(0), b.mul(y, y)))]
+
+
+@rule("Abs")
+def _abs(ctx):
+    """sign(x) (0 at x = 0)."""
+    return _pointwise(ctx, ctx.b.op("Sign", [ctx.x[0]]))
+
+
+@rule("Erf")
+def _erf(ctx):
+    """2 / sqrt(pi) * exp(-x^2)."""
+    b, x = ctx.b, ctx.x[0]
+    return _pointwise(ctx, b.scale(b.op("Exp", [b.neg(b.mul(x, x))]), 2.0 / np.sqrt(np.pi)))
+
+
+def _normal_cdf_and_pdf(b, x):
+    cdf = b.scale(b.add(b.op("Erf", [b.scale(x, 1.0 / np.sqrt(2.0))]), b.scalar(1.0)), 0.5)
+    pdf = b.scale(b.op("Exp", [b.scale(b.mul(x, x), -0.5)]), 1.0 / np.sqrt(2.0 * np.pi))
+    return cdf, pdf
+
+
+@rule("Gelu", note="approximate none and tanh (opset 20)")
+def _gelu(ctx):
+    """approximate='none': Phi(x) + x phi(x); 'tanh': the derivative of 0.5 x (1 + tanh(u))."""
+    b, x = ctx.b, ctx.x[0]
+    approximate = ctx.attr("approximate", "none")
+    if approximate == "none":
+        cdf, pdf = _normal_cdf_and_pdf(b, x)
+        return _pointwise(ctx, b.add(cdf, b.mul(x, pdf)))
+    if approximate != "tanh":
+        raise ctx.fail(f"Gelu approximate={approximate!r} is not supported (expected 'none' or 'tanh')")
+    c, k = np.sqrt(2.0 / np.pi), 0.044715
+    x2 = b.mul(x, x)
+    u = b.scale(b.mul(x, b.add(b.scale(x2, k), b.scalar(1.0))), c)
+    t = b.op("Tanh", [u])
+    du = b.scale(b.add(b.scale(x2, 3.0 * k), b.scalar(1.0)), c)
+    # 0.5 (1 + t) + 0.5 x (1 - t^2) du
+    left = b.scale(b.add(t, b.scalar(1.0)), 0.5)
+    right = b.scale(b.mul(x, b.mul(b.sub(b.scalar(1.0), b.mul(t, t)), du)), 0.5)
+    return _pointwise(ctx, b.add(left, right))
+
+
+@rule("HardSigmoid")
+def _hard_sigmoid(ctx):
+    """alpha where 0 < alpha x + beta < 1, else 0."""
+    b, y = ctx.b, ctx.y[0]
+    alpha = float(ctx.attr("alpha", 0.2))
+    inside = b.op("And", [b.op("Greater", [y, b.scalar(0.0)]), b.op("Less", [y, b.scalar(1.0)])])
+    return _pointwise(ctx, b.scale(b.mask(inside), alpha))
+
+
+@rule("HardSwish")
+def _hard_swish(ctx):
+    """y = x * clip(x/6 + 1/2, 0, 1): 0 below -3, 1 above 3, x/3 + 1/2 between."""
+    b, x = ctx.b, ctx.x[0]
+    ramp = b.add(b.scale(x, 1.0 / 3.0), b.scalar(0.5))
+    inside = b.op("And", [b.op("Greater", [x, b.scalar(-3.0)]), b.op("Less", [x, b.scalar(3.0)])])
+    above = b.mask(b.op("GreaterOrEqual", [x, b.scalar(3.0)]))
+    return _pointwise(ctx, b.add(b.mul(b.mask(inside), ramp), above))
+
+
+@rule("Elu")
+def _elu(ctx):
+    """1 for x > 0, y + alpha below."""
+    b, x, y = ctx.b, ctx.x[0], ctx.y[0]
+    alpha = float(ctx.attr("alpha", 1.0))
+    positive = b.op("Greater", [x, b.scalar(0.0)])
+    return _pointwise(ctx, b.op("Where", [positive, b.scalar(1.0), b.add(y, b.scalar(alpha))]))
+
+
+@rule("Selu")
+def _selu(ctx):
+    """gamma for x > 0, y + gamma alpha below."""
+    b, x, y = ctx.b, ctx.x[0], ctx.y[0]
+    alpha = float(ctx.attr("alpha", 1.67326319217681884765625))
+    gamma = float(ctx.attr("gamma", 1.05070102214813232421875))
+    positive = b.op("Greater", [x, b.scalar(0.0)])
+    return _pointwise(ctx, b.op("Where", [positive, b.scalar(gamma), b.add(y, b.scalar(gamma * alpha))]))
+
+
+@rule("Softplus")
+def _softplus(ctx):
+    """sigmoid(x)."""
+    return _pointwise(ctx, ctx.b.op("Sigmoid", [ctx.x[0]]))
+
+
+@rule("Softsign")
+def _softsign(ctx):
+    """1 / (1 + |x|)^2."""
+    b = ctx.b
+    d = b.add(b.op("Abs", [ctx.x[0]]), b.scalar(1.0))
+    return [b.div(ctx.output_grad(0), b.mul(d, d))]
+
+
+@rule("Mish")
+def _mish(ctx):
+    """y = x tanh(softplus(x)): tanh(sp) + x sigmoid(x) (1 - tanh(sp)^2)."""
+    b, x = ctx.b, ctx.x[0]
+    t = b.op("Tanh", [b.op("Softplus", [x])])
+    rest = b.mul(b.mul(x, b.op("Sigmoid", [x])), b.sub(b.scalar(1.0), b.mul(t, t)))
+    return _pointwise(ctx, b.add(t, rest))
+
+
+@rule("Cast", note="between float types (to integers: no gradient)")
+def _cast(ctx):
+    """Between float types: the gradient cast back to the input's type. To an integer or bool
+    type the output is piecewise constant and passes no gradient."""
+    to = int(ctx.attr("to"))
+    if to not in (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16):
+        return [None]
+    return [ctx.b.op("CastLike", [ctx.output_grad(0), ctx.x[0]])]
+
+
+# ============================================================== variadic and selection ops
+
+@rule("Sum")
+def _sum(ctx):
+    g, out = ctx.output_grad(0), ctx.shape(ctx.y[0])
+    return [ctx.reduce_to(g, out, x) if need else None for x, need in zip(ctx.x, ctx.need)]
+
+
+@rule("Mean")
+def _mean(ctx):
+    g, out = ctx.b.scale(ctx.output_grad(0), 1.0 / len(ctx.x)), ctx.shape(ctx.y[0])
+    return [ctx.reduce_to(g, out, x) if need else None for x, need in zip(ctx.x, ctx.need)]
+
+
+@rule("Max", "Min", note="broadcasting; ties: the first input")
+def _max_min(ctx):
+    """The output's gradient goes to the first input equal to the output (ties: the first one,
+    in input order, as MaxPool's switch is the first maximum)."""
+    b, y, g = ctx.b, ctx.y[0], ctx.output_grad(0)
+    out = ctx.shape(y)
+    taken = None
+    grads = []
+    for x, need in zip(ctx.x, ctx.need):
+        hit = b.op("Equal", [x, y])
+        mine = hit if taken is None else b.op("And", [hit, b.op("Not", [taken])])
+        taken = hit if taken is None else b.op("Or", [taken, hit])
+        grads.append(ctx.reduce_to(b.mul(g, b.mask(mine)), out, x) if need else None)
+    return grads
+
+
+@rule("Where", note="the condition gets no gradient")
+def _where(ctx):
+    """The condition (a bool tensor, constant or computed) selects which input gets the gradient."""
+    b, g, out = ctx.b, ctx.output_grad(0), ctx.shape(ctx.y[0])
+    cond = ctx.x[0]
+    zero = b.scalar(0.0)
+    dx = ctx.reduce_to(b.op("Where", [cond, g, zero]), out, ctx.x[1]) if ctx.need[1] else None
+    dy = ctx.reduce_to(b.op("Where", [cond, zero, g]), out, ctx.x[2]) if ctx.need[2] else None
+    return [None, dx, dy]
+
+
+def _normalized_indices(ctx, indices, dim):
+    idx = np.asarray(indices, dtype=np.int64)
+    idx = np.where(idx < 0, idx + dim, idx)
+    if idx.size and (idx.min() < 0 or idx.max() >= dim):
+        raise ctx.fail(f"indices out of range for an axis of size {dim}")
+    return idx
+
+
+def _move_axis_last(b, t, axis, rank):
+    perm = [a for a in range(rank) if a != axis] + [axis]
+    return b.transpose(t, perm), np.argsort(perm, kind="stable").tolist()
+
+
+@rule("Gather", note="constant indices, not along the batch axis")
+def _gather(ctx):
+    """Constant indices: the gradient along the axis times the one-hot selection matrix
+    (repeated indices add up)."""
+    b, x = ctx.b, ctx.x[0]
+    shape = ctx.shape(x)
+    rank = len(shape)
+    axis = int(ctx.attr("axis", 0))
+    axis = axis + rank if axis < 0 else axis
+    if axis == 0 and ctx.is_batched(x):
+        raise ctx.fail("Gather along the batch axis cannot be differentiated per sample")
+    idx = _normalized_indices(ctx, ctx.constant_value(ctx.x[1]), shape[axis])
+    # (picked, dim) one-hot: row k selects input position idx[k]
+    onehot = np.zeros((idx.size, shape[axis]), dtype=b.dtype)
+    np.add.at(onehot, (np.arange(idx.size), idx.reshape(-1)), 1.0)
+    # gradient (.., *idx.shape, ..) -> (.., picked, ..) -> picked axis last -> times onehot
+    g_shape = [0 if (a == 0 and ctx.is_batched(x)) else shape[a] for a in range(axis)]
+    g_shape += [idx.size] + list(shape[axis + 1:])
+    g = b.reshape(ctx.output_grad(0), g_shape)
+    last, inverse = _move_axis_last(b, g, axis, rank)
+    dx = b.op("MatMul", [last, b.const(onehot, hint="gather_onehot")])
+    return [b.transpose(dx, inverse)]
+
+
+@rule("GatherElements", note="constant indices, not along the batch axis")
+def _gather_elements(ctx):
+    """Constant indices: the gradient scattered back with addition (repeated indices add up)."""
+    b, x = ctx.b, ctx.x[0]
+    shape = ctx.shape(x)
+    rank = len(shape)
+    axis = int(ctx.attr("axis", 0))
+    axis = axis + rank if axis < 0 else axis
+    if axis == 0 and ctx.is_batched(x):
+        raise ctx.fail("GatherElements along the batch axis cannot be differentiated per sample")
+    idx = _normalized_indices(ctx, ctx.constant_value(ctx.x[1]), shape[axis])
+    zeros = b.zeros_like_shape(b.shape_of(x))
+    return [b.op("ScatterElements", [zeros, b.const(idx), ctx.output_grad(0)], axis=axis, reduction="add")]
+
+
+# ======================================================================== reductions
+
+def _reduce_axes(ctx):
+    """The normalized, sorted reduced axes of a Reduce* node (attribute before opset 18 — 13 for
+    ReduceSum —, input after), or None for the identity (noop_with_empty_axes and no axes)."""
+    x = ctx.x[0]
+    rank = ctx.rank(x)
+    if len(ctx.x) > 1 and ctx.x[1]:
+        axes = ctx.constant_value(ctx.x[1]).reshape(-1).tolist()
+    else:
+        axes = ctx.attr("axes")
+    if not axes:
+        if int(ctx.attr("noop_with_empty_axes", 0)):
+            return None
+        axes = list(range(rank))
+    axes = sorted({int(a) + rank if int(a) < 0 else int(a) for a in axes})
+    if 0 in axes and ctx.is_batched(x):
+        raise ctx.fail(f"{ctx.node.op_type} over the batch axis cannot be differentiated per sample")
+    return axes
+
+
+def _reduced_kept(ctx, t, axes):
+    """The output-shaped tensor ``t`` reshaped to the input's rank with reduced axes of size 1."""
+    x_shape = ctx.shape(ctx.x[0])
+    shape = [1 if a in axes else d for a, d in enumerate(x_shape)]
+    if ctx.is_batched(ctx.x[0]):
+        shape[0] = 0
+    return ctx.b.reshape(t, shape)
+
+
+@rule("ReduceSum", "ReduceMean", "ReduceL2", "ReduceL1", "ReduceSumSquare", "ReduceLogSumExp",
+      note="axes as attribute or input (opset 18), not over the batch")
+@rule("ReduceMax", "ReduceMin", note="axes as attribute or input (opset 18), not over the batch; ties share evenly")
+def _reduce(ctx):
+    """Sum, Mean: broadcast back (divided by the count); Max, Min: shared evenly among the tied
+    extremes; L2: x / y (0 where y = 0); L1: sign(x); SumSquare: 2x; LogSumExp: exp(x - y)."""
+    b, x, op = ctx.b, ctx.x[0], ctx.node.op_type
+    axes = _reduce_axes(ctx)
+    if axes is None:
+        return [ctx.output_grad(0)]
+    shape = ctx.shape(x)
+    g = b.op("Expand", [_reduced_kept(ctx, ctx.output_grad(0), axes), b.shape_of(x)])
+    if op == "ReduceSum":
+        return [g]
+    if op == "ReduceMean":
+        return [b.scale(g, 1.0 / float(np.prod([shape[a] for a in axes])))]
+    if op == "ReduceSumSquare":
+        return [b.mul(g, b.scale(x, 2.0))]
+    if op == "ReduceL1":
+        return [b.mul(g, b.op("Sign", [x]))]
+    y = _reduced_kept(ctx, ctx.y[0], axes)
+    if op == "ReduceLogSumExp":
+        return [b.mul(g, b.op("Exp", [b.sub(x, y)]))]
+    if op == "ReduceL2":
+        ratio = b.op("Where", [b.op("Equal", [y, b.scalar(0.0)]), b.scalar(0.0), b.div(x, y)])
+        return [b.mul(g, ratio)]
+    hit = b.mask(b.op("Equal", [x, y]))  # ReduceMax / ReduceMin
+    return [b.mul(g, b.div(hit, b.reduce_sum(hit, axes, keepdims=1)))]
+
+
+# ===================================================================== normalisation layers
+
+def _standardize_backward(b, x, gh, axes, count, eps):
+    """dx of xhat = (x - mean) / sqrt(var + eps) (over ``axes``) given gh = dL/dxhat:
+    (gh - mean(gh) - xhat mean(gh xhat)) / sqrt(var + eps)."""
+    def mean(t):
+        return b.scale(b.reduce_sum(t, axes, keepdims=1), 1.0 / count)
+
+    centered = b.sub(x, mean(x))
+    inv_std = b.op("Reciprocal", [b.op("Sqrt", [b.add(mean(b.mul(centered, centered)), b.scalar(eps))])])
+    xhat = b.mul(centered, inv_std)
+    inner = b.sub(b.sub(gh, mean(gh)), b.mul(xhat, mean(b.mul(gh, xhat))))
+    return b.mul(inner, inv_std), xhat
+
+
+def _no_statistics_gradients(ctx):
+    if any(g is not None for g in ctx.g[1:]):
+        raise ctx.fail("gradients through the mean / inverse standard deviation outputs are not supported")
+
+
+@rule("LayerNormalization", note="input, scale, bias (not the mean/inv-std outputs)")
+def _layer_norm(ctx):
+    """y = xhat * scale + bias, xhat standardized over axes [axis, rank)."""
+    b = ctx.b
+    _no_statistics_gradients(ctx)
+    x, scale = ctx.x[0], ctx.x[1]
+    shape = ctx.shape(x)
+    rank = len(shape)
+    axis = int(ctx.attr("axis", -1))
+    axis = axis + rank if axis < 0 else axis
+    if axis == 0 and ctx.is_batched(x):
+        raise ctx.fail("LayerNormalization over the batch axis cannot be differentiated per sample")
+    axes = list(range(axis, rank))
+    count = float(np.prod(shape[axis:]))
+    g, out = ctx.output_grad(0), ctx.shape(ctx.y[0])
+    dx, xhat = _standardize_backward(b, x, b.mul(g, scale), axes, count, float(ctx.attr("epsilon", 1e-5)))
+    grads = [dx if ctx.need[0] else None]
+    grads.append(ctx.reduce_to(b.mul(g, xhat), out, scale) if ctx.need[1] else None)
+    if len(ctx.x) > 2 and ctx.x[2]:
+        grads.append(ctx.reduce_to(g, out, ctx.x[2]) if ctx.need[2] else None)
+    return grads
+
+
+def _channel_param_grad(ctx, t, c, name):
+    """Per-channel parameter gradient of the (N, C, ...) tensor t: summed over all but the
+    channel axis (the batch kept per sample for a constant parameter)."""
+    b = ctx.b
+    per = b.reduce_sum(b.reshape(t, [0, c, -1]), [2], keepdims=0)
+    if ctx.per_sample and not ctx.is_batched(name):
+        return b.reshape(per, [0] + list(ctx.shape(name)))
+    return b.reshape(b.reduce_sum(per, [0], keepdims=0), list(ctx.shape(name)))
+
+
+@rule("InstanceNormalization", note="input, scale, bias")
+def _instance_norm(ctx):
+    """y = xhat * scale[c] + bias[c], xhat standardized over the spatial axes of each (n, c)."""
+    b = ctx.b
+    x, scale, bias = ctx.x[:3]
+    shape = ctx.shape(x)
+    c = shape[1]
+    col = [c] + [1] * (len(shape) - 2)
+    axes = list(range(2, len(shape)))
+    g = ctx.output_grad(0)
+    dx, xhat = _standardize_backward(b, x, b.mul(g, b.reshape(scale, col)), axes,
+                                     float(np.prod(shape[2:])), float(ctx.attr("epsilon", 1e-5)))
+    return [dx if ctx.need[0] else None,
+            _channel_param_grad(ctx, b.mul(g, xhat), c, scale) if ctx.need[1] else None,
+            _channel_param_grad(ctx, g, c, bias) if ctx.need[2] else None]
+
+
+@rule("GroupNormalization", note="scale per group (opset 18) or per channel (opset 21)")
+def _group_norm(ctx):
+    """xhat standardized over each group of C/num_groups channels and space; scale and bias per
+    channel (opset 21) or per group (opset 18, told apart by their length)."""
+    b = ctx.b
+    x, scale, bias = ctx.x[:3]
+    shape = ctx.shape(x)
+    c, groups = shape[1], int(ctx.attr("num_groups"))
+    per_group = ctx.shape(scale)[0] == groups and groups != c
+    per = c // groups
+    g = ctx.output_grad(0)
+    grouped = [0, groups, -1]
+    if per_group:  # scale[k] for the channels of group k: standardize in (N, G, rest)
+        param_col = [groups, 1]
+        gs = b.reshape(g, grouped)
+        gh = b.mul(gs, b.reshape(scale, param_col))
+    else:
+        gh = b.reshape(b.mul(g, b.reshape(scale, [c] + [1] * (len(shape) - 2))), grouped)
+    count = float(per * np.prod(shape[2:]))
+    dx, xhat = _standardize_backward(b, b.reshape(x, grouped), gh, [2], count, float(ctx.attr("epsilon", 1e-5)))
+    grads = [b.reshape(dx, b.shape_of(x)) if ctx.need[0] else None]
+    if per_group:
+        def param(t, name):
+            per_s = b.reduce_sum(t, [2], keepdims=0)  # (N, G)
+            if ctx.per_sample and not ctx.is_batched(name):
+                return per_s
+            return b.reduce_sum(per_s, [0], keepdims=0)
+
+        grads.append(param(b.mul(gs, xhat), scale) if ctx.need[1] else None)
+        grads.append(param(gs, bias) if ctx.need[2] else None)
+    else:
+        xhat_full = b.reshape(xhat, b.shape_of(x))
+        grads.append(_channel_param_grad(ctx, b.mul(g, xhat_full), c, scale) if ctx.need[1] else None)
+        grads.append(_channel_param_grad(ctx, g, c, bias) if ctx.need[2] else None)
+    return grads
+
+
+# ==================================================================== transposed convolution
+
+def _conv_transpose_pads(ctx, x_shape, w_shape, y_shape, strides, dilations):
+    """The begin/end pads of a ConvTranspose (explicit, or from output_shape / auto_pad as the
+    ONNX spec distributes total = s (in - 1) + output_padding + (k - 1) d + 1 - out)."""
+    spatial = len(x_shape) - 2
+    out_pad = list(ctx.attr("output_padding") or [0] * spatial)
+    auto_pad = ctx.attr("auto_pad", "NOTSET") or "NOTSET"
+    explicit = ctx.attr("pads")
+    if auto_pad == "NOTSET" and explicit and not ctx.attr("output_shape"):
+        return list(explicit), out_pad
+    if auto_pad == "VALID" or (auto_pad == "NOTSET" and not ctx.attr("output_shape")):
+        return [0] * (2 * spatial), out_pad
+    pads = [0] * (2 * spatial)
+    for i in range(spatial):
+        span = (w_shape[2 + i] - 1) * dilations[i] + 1
+        total = strides[i] * (x_shape[2 + i] - 1) + out_pad[i] + span - y_shape[2 + i]
+        small = total // 2
+        pads[i], pads[spatial + i] = (small, total - small) if auto_pad == "SAME_UPPER" else (total - small, small)
+    return pads, out_pad
+
+
+@rule("ConvTranspose", note="pads, output_padding, output_shape, auto_pad, strides, dilations, groups")
+def _conv_transpose(ctx):
+    """The adjoint of Conv: dx = Conv(g, W) with the same strides, dilations, pads and groups;
+    dW as a Conv weight gradient with the roles of input and output gradient swapped."""
+    b = ctx.b
+    x, w = ctx.x[0], ctx.x[1]
+    x_shape, w_shape, y_shape = ctx.shape(x), ctx.shape(w), ctx.shape(ctx.y[0])
+    spatial = len(x_shape) - 2
+    group = int(ctx.attr("group", 1))
+    strides = list(ctx.attr("strides") or [1] * spatial)
+    dilations = list(ctx.attr("dilations") or [1] * spatial)
+    pads, _ = _conv_transpose_pads(ctx, x_shape, w_shape, y_shape, strides, dilations)
+    if any(p < 0 for p in pads):
+        raise ctx.fail("ConvTranspose with an output larger than its full extent (negative pads) is not supported")
+    g = ctx.output_grad(0)
+    grads = [None, None, None]
+    if ctx.need[0]:
+        grads[0] = b.op("Conv", [g, w], strides=strides, dilations=dilations, pads=pads, group=group,
+                        kernel_shape=list(w_shape[2:]))
+    if ctx.need[1]:
+        if ctx.is_batched(w) or not ctx.is_batched(x):
+            raise ctx.fail("weight gradients need a constant weight and a batched input")
+        per = conv_weight_grad_per_sample(ctx, g, y_shape, x, w_shape, strides, dilations, pads, group,
+                                          out_spatial=x_shape[2:])
+        grads[1] = ctx.sum_over_batch(per)
+    if len(ctx.x) > 2 and ctx.x[2] and ctx.need[2]:
+        grads[2] = ctx.sum_over_batch(b.reduce_sum(g, list(range(2, len(y_shape))), keepdims=0))
+    return grads
+
+
+# ========================================================================= Resize, Tile
+
+def resize_source_coordinates(mode, out, size, scale):
+    """Where output positions 0..out-1 sample the input axis of length ``size``
+    (the ONNX coordinate_transformation_mode formulas)."""
+    i = np.arange(out, dtype=np.float64)
+    if mode == "half_pixel":
+        return (i + 0.5) / scale - 0.5
+    if mode == "pytorch_half_pixel":
+        return (i + 0.5) / scale - 0.5 if out > 1 else np.zeros(out)
+    if mode == "align_corners":
+        return i * (size - 1) / (out - 1) if out > 1 else np.zeros(out)
+    if mode == "asymmetric":
+        return i / scale
+    if mode == "half_pixel_symmetric":
+        adjustment = out / (size * scale)
+        offset = size / 2.0 * (1.0 - adjustment)
+        return offset + (i + 0.5) / scale - 0.5
+    raise ValueError(mode)
+
+
+def resize_matrix(mode, nearest_mode, transform, out, size, scale):
+    """The (out, size) matrix of a nearest or linear Resize along one axis: y = M @ x."""
+    src = resize_source_coordinates(transform, out, size, scale)
+    m = np.zeros((out, size), dtype=np.float64)
+    rows = np.arange(out)
+    if mode == "nearest":
+        if nearest_mode == "round_prefer_floor":
+            pick = np.where(src - np.floor(src) == 0.5, np.floor(src), np.round(src))
+        elif nearest_mode == "round_prefer_ceil":
+            pick = np.where(src - np.floor(src) == 0.5, np.ceil(src), np.round(src))
+        elif nearest_mode == "floor":
+            pick = np.floor(src)
+        elif nearest_mode == "ceil":
+            pick = np.ceil(src)
+        else:
+            raise ValueError(nearest_mode)
+        m[rows, np.clip(pick, 0, size - 1).astype(np.int64)] = 1.0
+        return m
+    src = np.clip(src, 0, size - 1)
+    lo = np.floor(src).astype(np.int64)
+    hi = np.minimum(lo + 1, size - 1)
+    frac = src - lo
+    np.add.at(m, (rows, lo), 1.0 - frac)
+    np.add.at(m, (rows, hi), frac)
+    return m
+
+
+@rule("Resize", note="nearest and linear, constant scales or sizes; not cubic, antialias, tf_crop_and_resize")
+def _resize(ctx):
+    """Nearest and (bi/tri)linear Resize are separable linear maps y = M x per resized axis; the
+    gradient applies M^T axis by axis (M from the coordinate transformation formulas)."""
+    b, x = ctx.b, ctx.x[0]
+    mode = ctx.attr("mode", "nearest")
+    transform = ctx.attr("coordinate_transformation_mode", "half_pixel")
+    nearest_mode = ctx.attr("nearest_mode", "round_prefer_floor")
+    if mode not in ("nearest", "linear"):
+        raise ctx.fail(f"Resize mode {mode!r} is not supported (only 'nearest' and 'linear')")
+    if int(ctx.attr("antialias", 0)) and mode == "linear":
+        raise ctx.fail("Resize with antialias=1 is not supported")
+    if transform == "tf_crop_and_resize":
+        raise ctx.fail("Resize with coordinate_transformation_mode 'tf_crop_and_resize' is not supported")
+    x_shape, y_shape = ctx.shape(x), ctx.shape(ctx.y[0])
+    rank = len(x_shape)
+    axes = ctx.attr("axes")
+    axes = [int(a) + rank if int(a) < 0 else int(a) for a in axes] if axes else list(range(rank))
+    scales = None
+    if len(ctx.x) > 2 and ctx.x[2]:
+        value = ctx.constant_value(ctx.x[2]).reshape(-1)
+        if value.size:
+            scales = dict(zip(axes, value.astype(np.float64).tolist()))
+    if scales is None:  # from sizes: out / in, or one scale for all axes with keep_aspect_ratio_policy
+        ratios = {a: y_shape[a] / x_shape[a] for a in axes}
+        policy = ctx.attr("keep_aspect_ratio_policy", "stretch")
+        if policy in ("not_larger", "not_smaller"):
+            one = (min if policy == "not_larger" else max)(ratios.values())
+            ratios = {a: one for a in axes}
+        scales = ratios
+    g = ctx.output_grad(0)
+    for a in range(rank):
+        scale = scales.get(a, 1.0)
+        if x_shape[a] == y_shape[a] and scale == 1.0:
+            continue
+        if a == 0 and ctx.is_batched(x):
+            raise ctx.fail("Resize along the batch axis cannot be differentiated per sample")
+        m = resize_matrix(mode, nearest_mode, transform, y_shape[a], x_shape[a], scale)
+        if a == rank - 1:
+            g = b.op("MatMul", [g, b.const(m.astype(b.dtype), hint="resize_matrix")])
+        else:
+            last, inverse = _move_axis_last(b, g, a, rank)
+            g = b.transpose(b.op("MatMul", [last, b.const(m.astype(b.dtype), hint="resize_matrix")]), inverse)
+    return [g]
+
+
+@rule("Tile", note="constant repeats, 1 on the batch axis")
+def _tile(ctx):
+    """Each input element appears once per repeat: sum the gradient over the copies."""
+    b, x = ctx.b, ctx.x[0]
+    shape = ctx.shape(x)
+    repeats = ctx.constant_value(ctx.x[1]).reshape(-1).astype(np.int64).tolist()
+    batched = ctx.is_batched(x)
+    if batched and repeats[0] != 1:
+        raise ctx.fail("Tile along the batch axis cannot be differentiated per sample")
+    split = []
+    for a, (r, d) in enumerate(zip(repeats, shape)):
+        split += [0, 1] if (a == 0 and batched) else [r, d]
+    g = b.reshape(ctx.output_grad(0), split)
+    g = b.reduce_sum(g, [2 * a for a in range(len(shape)) if repeats[a] != 1], keepdims=1)
+    return [b.reshape(g, b.shape_of(x))]
+
+
+# ============================================================================== Einsum
+
+def _einsum_terms(ctx):
+    equation = ctx.attr("equation").replace(" ", "")
+    if "..." in equation:
+        raise ctx.fail(f"Einsum {equation!r}: ellipses are not supported")
+    lhs, _, out = equation.partition("->")
+    terms = lhs.split(",")
+    if not _:
+        letters = "".join(terms)
+        out = "".join(sorted(c for c in set(letters) if letters.count(c) == 1))
+    if len(terms) != 2:
+        raise ctx.fail(f"Einsum {equation!r}: only two-operand equations are supported")
+    for t in terms:
+        if len(set(t)) != len(t):
+            raise ctx.fail(f"Einsum {equation!r}: repeated subscripts in one operand (diagonals) are not supported")
+    return terms, out
+
+
+@rule("Einsum", note="two operands, no ellipsis or repeated subscripts")
+def _einsum(ctx):
+    """Two operands: the gradient of one is the Einsum of the output gradient with the other,
+    broadcast over subscripts only that operand has."""
+    b = ctx.b
+    (ta, tb), out = _einsum_terms(ctx)
+    g = ctx.output_grad(0)
+    grads = []
+    for k, (mine, other, name) in enumerate(((ta, tb, ctx.x[0]), (tb, ta, ctx.x[1]))):
+        if not ctx.need[k]:
+            grads.append(None)
+            continue
+        reachable = [c for c in mine if c in out or c in other]
+        result = "".join(reachable)
+        lead = ""
+        if ctx.per_sample and not ctx.is_batched(name):
+            lead = (ta, tb)[1 - k][0]  # the batched operand's batch subscript stays
+            if lead in mine or lead not in out:
+                raise ctx.fail(f"Einsum: per-sample gradients of {name!r} need the batch subscript in the output only")
+        d = b.op("Einsum", [g, ctx.x[1 - k]], equation=f"{out},{other}->{lead}{result}")
+        if len(reachable) < len(mine):  # subscripts summed in this operand alone: broadcast back
+            shape = ctx.shape(name)
+            kept = [0] if lead else []
+            kept += [shape[i] if c in reachable else 1 for i, c in enumerate(mine)]
+            d = b.reshape(d, kept)
+            target = ([1] if lead else []) + list(shape)
+            d = b.op("Expand", [d, b.ints(target)])
+        grads.append(d)
     return grads
