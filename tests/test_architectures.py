@@ -410,6 +410,10 @@ def test_gradient_commands_run_and_write_finite_results(arch, request):
         "maximize": ["maximize", *m, "--layer", last, "--channels", "2", "--steps", "3"],
         "saliency": ["saliency", *m, "--input-array", x],
     })
+    if arch["model"].reduced_precision:  # the manifests say in which precision what was computed
+        manifest = json.loads((arch["out"] / "deconv" / "manifest.json").read_text())
+        model_info = json.dumps(manifest)
+        assert '"forward": "float16"' in model_info and '"gradients": "float32 (weights upcast)"' in model_info
 
 
 def test_gradcheck_of_input_and_first_conv_weights(arch, request, capsys):
