@@ -422,3 +422,21 @@ def test_gradcheck_of_input_and_first_conv_weights(arch, request, capsys):
     code = main(["gradcheck", "--model", arch["path"], "--input-array", arch["x"], "--wrt", "input",
                  "--wrt", f"{first}.weight", "--samples", "12"])
     assert code == 0, capsys.readouterr()
+
+
+def test_float16_occlusion_is_the_model_s_own_run_of_occluded_images():
+    """A float16 model is occluded whole in its own precision: each map value equals the class
+    probability of the occluded image run through the model (no float32 partial graphs mixed in)."""
+    from cnnvis.analysis.occlusion import occlusion_maps
+
+    model = Model(float16(mobilenet_v3)(), name="fp16")
+    x = np.random.default_rng(1).normal(size=(3, 32, 32)).astype(np.float32)
+    maps = occlusion_maps(model, x, window=16, stride=16, fill=0.0, layer=False)
+    occluded = []
+    for y in maps.ys:
+        for xx in maps.xs:
+            img = x.copy()
+            img[:, y:y + 16, xx:xx + 16] = 0.0
+            occluded.append(img)
+    probs = model.predict(np.stack(occluded))[:, maps.target].reshape(maps.probability.shape)
+    np.testing.assert_allclose(maps.probability, probs, rtol=0, atol=1e-7)

@@ -473,7 +473,8 @@ class Occlusion:
         window = _pair(self.window, "window")
         key = (window, tuple(ys), tuple(xs), tap)
         if key not in self._plans:
-            if self.incremental is False:
+            if self.incremental is False or getattr(self.model, "reduced_precision", False):
+                # a float16 model runs whole in its own precision: partial graphs would be float32
                 max_stages = 0
             else:
                 max_stages = None
