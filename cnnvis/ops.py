@@ -58,6 +58,19 @@ LAYOUT_OPS = frozenset({"Transpose", "Reshape", "Squeeze", "Unsqueeze", "Concat"
 PARAM_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization", "PRelu",
                        "InstanceNormalization", "LayerNormalization", "GroupNormalization"})
 
+#: activation functions: their output is what a user calls a layer's feature maps
+ACTIVATION_OPS = frozenset({"Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "ThresholdedRelu", "Sigmoid",
+                            "Tanh", "Clip", "HardSwish", "Gelu", "Mish", "Softplus"})
+#: ops producing feature maps (the default layer of occlusion and invariance): a convolution, an
+#: activation, a normalisation. (Mul and Add are not: a Mul by a constant is a rescaling; SiLU's
+#: x·sigmoid(x) and a residual sum need the graph around them to be told apart.)
+FEATURE_OPS = frozenset({"Conv", "BatchNormalization"}) | ACTIVATION_OPS
+#: ops whose outputs ``activations`` shows by default (every layer but the bookkeeping ones:
+#: reshapes, transposes, dropout, shape arithmetic)
+DISPLAY_OPS = FEATURE_OPS | {"Add", "ConvTranspose", "LRN", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool",
+                             "Gemm", "MatMul", "Softmax", "Concat", "LayerNormalization", "InstanceNormalization",
+                             "GroupNormalization", "ReduceMean"}
+
 #: ops whose output depends on the *shape* of their input, never its values: the roots of the
 #: shape-computing subgraphs (Shape → Gather → Concat → Reshape) that exporters write
 SHAPE_SOURCE_OPS = frozenset({"Shape", "Size"})

@@ -440,3 +440,11 @@ def test_float16_occlusion_is_the_model_s_own_run_of_occluded_images():
             occluded.append(img)
     probs = model.predict(np.stack(occluded))[:, maps.target].reshape(maps.probability.shape)
     np.testing.assert_allclose(maps.probability, probs, rtol=0, atol=1e-7)
+
+
+def test_default_feature_layer_is_the_last_activation():
+    from cnnvis.analysis.occlusion import default_feature_layer
+
+    model = Model(mobilenet_v3(), name="mobilenet_v3")
+    layer = model.layer(default_feature_layer(model))
+    assert layer.op_type == "HardSwish" and layer.output_shape == (16, 8, 8)

@@ -125,6 +125,10 @@ def test_op_classes():
     assert "LRN" in ops.POINTWISE_OPS and "HardSwish" in ops.POINTWISE_OPS and "Mul" in ops.BROADCAST_OPS
     assert "InstanceNormalization" in ops.GLOBAL_OPS and not ops.GLOBAL_OPS & ops.POINTWISE_OPS
     assert "Conv" in ops.WINDOW_OPS and ops.POOL_OPS < ops.WINDOW_OPS
+    # feature maps: activations (also the modern ones), not a Mul (a rescaling by a constant) or a reshape
+    assert {"Relu", "HardSwish", "Gelu", "Conv"} <= ops.FEATURE_OPS <= ops.DISPLAY_OPS
+    assert not {"Mul", "Reshape", "Shape", "Dropout"} & ops.FEATURE_OPS
+    assert not {"Reshape", "Transpose", "Dropout", "Shape", "Gather"} & ops.DISPLAY_OPS
     assert ops.attributes(helper.make_node("Conv", ["x"], ["y"], auto_pad="VALID"))["auto_pad"] == "VALID"
     assert ops.is_float(TensorProto.FLOAT16) and ops.is_float(TensorProto.BFLOAT16)
     assert not ops.is_float(TensorProto.INT64) and not ops.is_float(TensorProto.BOOL)

@@ -26,9 +26,9 @@ from .. import ops
 from ..errors import CnnvisError
 from ..preprocess import InputSpace, input_space  # noqa: F401  (re-exported for the analyses)
 
-#: ops whose output is a feature map a user would call "the layer" (not pools or bookkeeping)
-FEATURE_OPS = ("Conv", "Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Sigmoid", "Tanh", "Clip",
-               "BatchNormalization")
+#: ops whose output is a feature map a user would call "the layer" (not pools or bookkeeping);
+#: Conv first, then the ops that follow it in a block (invariance walks those)
+FEATURE_OPS = ("Conv", *sorted(ops.FEATURE_OPS - {"Conv"}))
 
 
 def resolve_class(model, spec):
