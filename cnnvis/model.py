@@ -404,6 +404,21 @@ class Model:
         raise unknown_name_error("class", text, names)
 
 
+def load_model(spec, weights=None, device: str = "auto", threads: int | None = None) -> Model:
+    """A Model from a registry name, an ``.onnx`` path or a Caffe ``.prototxt`` (+ weights)."""
+    from . import registry
+
+    return registry.load(spec, weights=weights, device=device, threads=threads)
+
+
+def softmax(logits) -> np.ndarray:
+    """Row-wise softmax in float64 (N × classes)."""
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
 class _Float32Session:
     """An onnxruntime session of a float16/float64 graph that takes and returns float32: the image
     feed is cast to the input's type by numpy (as a user's own run of the file would), float
@@ -439,21 +454,6 @@ def _native_float_type(proto, image) -> int:
         if to in (TensorProto.FLOAT16, TensorProto.BFLOAT16):
             return to
     return kind
-
-
-def load_model(spec, weights=None, device: str = "auto", threads: int | None = None) -> Model:
-    """A Model from a registry name, an ``.onnx`` path or a Caffe ``.prototxt`` (+ weights)."""
-    from . import registry
-
-    return registry.load(spec, weights=weights, device=device, threads=threads)
-
-
-def softmax(logits) -> np.ndarray:
-    """Row-wise softmax in float64 (N × classes)."""
-    z = np.asarray(logits, dtype=np.float64)
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
 
 
 # ---------------------------------------------------------------------- naming helpers
