@@ -309,3 +309,18 @@ def test_bfloat16_model_onnxruntime_cannot_run_is_one_line():
     assert model.precision == "bfloat16" and [layer.tensor for layer in model.layers] == ["y"]
     with pytest.raises(CnnvisError, match="onnxruntime cannot load the model"):
         model.run(np.zeros((1, 1, 4, 4), np.float32))
+
+
+def test_gradients_pass_around_a_reshape_whose_shape_is_computed_at_run_time():
+    """d logit / d input and d logit / d conv1.weight through torch's Shape -> Gather -> Concat ->
+    Reshape flatten equal those through a constant Reshape of the same weights, exactly."""
+    x = np.random.default_rng(4).normal(size=(3, 3, 8, 8)).astype(np.float32)
+    grads = []
+    for torch_flatten in (True, False):
+        model = Model(_small_classifier(torch_flatten=torch_flatten), name="flat")
+        engine = model.gradient_engine([model.input_name, "conv1.weight"], objective="logit",
+                                       target=model.layer("fc").tensor)
+        grads.append(engine.run(x, index=[0, 2, 4]))
+    for name in ("x", "conv1.weight"):
+        assert np.abs(grads[0][name]).max() > 0
+        np.testing.assert_array_equal(grads[0][name], grads[1][name])
