@@ -237,3 +237,14 @@ def pool_output_size(size, kernel, stride, pad_begin, pad_end, ceil_mode, dilati
     if ceil_mode and (out - 1) * stride >= size + pad_begin:
         out -= 1
     return out
+
+
+def floor_mode_pads(win: Window, sizes) -> tuple:
+    """``(out_sizes, pads)``: onnxruntime's output sizes of a ceil-mode pool ``win`` over ``sizes``,
+    and the pads (begin unchanged, end adjusted) with which the same pool in floor mode has exactly
+    those windows (onnx shape inference and onnxruntime then agree on the size)."""
+    n = win.spatial
+    out = [pool_output_size(int(sizes[i]), win.kernel[i], win.strides[i], win.pads[i], win.pads[n + i], True,
+                            win.dilations[i]) for i in range(n)]
+    end = [max(0, (out[i] - 1) * win.strides[i] + win.extent[i] - int(sizes[i]) - win.pads[i]) for i in range(n)]
+    return out, list(win.pads[:n]) + end

@@ -138,3 +138,17 @@ def test_backward_rule_ops_is_the_rule_table():
     assert ops.backward_rule_ops() == supported_ops()
     assert ops.has_backward_rule("Conv") and ops.has_backward_rule("MaxPool")
     assert not ops.has_backward_rule("NonZero") and not ops.has_backward_rule("Shape")
+
+
+def test_floor_mode_pads_give_onnxruntime_s_ceil_mode_pool():
+    """The ceil-mode pool and the floor-mode pool with ops.floor_mode_pads' end pads give the same
+    values in onnxruntime (including a window dropped for starting in the end padding)."""
+    rng = np.random.default_rng(2)
+    for size, k, s, p in itertools.product((6, 7, 13), (2, 3), (2, 3), (0, 1)):
+        x = rng.normal(size=(1, 1, size, size)).astype(np.float32)
+        node = helper.make_node("MaxPool", ["x"], ["y"], kernel_shape=[k, k], strides=[s, s], pads=[p] * 4, ceil_mode=1)
+        out, pads = ops.floor_mode_pads(ops.window(node), (size, size))
+        floor = helper.make_node("MaxPool", ["x"], ["y"], kernel_shape=[k, k], strides=[s, s], pads=pads)
+        ceil = _run([node], x)
+        assert ceil.shape[2:] == tuple(out), (size, k, s, p)
+        np.testing.assert_array_equal(_run([floor], x), ceil, err_msg=f"{(size, k, s, p)}")
