@@ -448,3 +448,27 @@ def test_default_feature_layer_is_the_last_activation():
     model = Model(mobilenet_v3(), name="mobilenet_v3")
     layer = model.layer(default_feature_layer(model))
     assert layer.op_type == "HardSwish" and layer.output_shape == (16, 8, 8)
+
+
+@pytest.mark.parametrize("build", [resnet_basic, resnet_bottleneck, mobilenet_v2, densenet, inception, shufflenet_v2,
+                                   squeezenet, convnext], ids=lambda b: b.__name__)
+def test_graph_receptive_field_equals_gradient_support(build):
+    """Two independent derivations agree: the field the graph gives (through residual sums, concats,
+    depthwise convolutions, channel shuffles, NHWC transposes) and the support of the gradient,
+    for the deepest conv layer whose central unit's field lies inside the image. (With a
+    squeeze-and-excitation gate the gradient reaches every pixel: the graph's field is the
+    convolutional window by design, see cnnvis.analysis.receptive.)"""
+    from cnnvis.analysis.receptive import receptive_field, support_field
+
+    model = Model(build(), name=build.__name__)
+    inside = []
+    for layer in model.conv_layers():
+        rf = receptive_field(model, layer.name)
+        _, h, w = layer.output_shape
+        assert rf.source == "graph" and not rf.is_global, layer.name
+        top, left, bottom, right = rf.box(h // 2, w // 2)
+        if top >= 0 and left >= 0 and bottom <= 32 and right <= 32 and h > 1:
+            inside.append((layer.name, rf))
+    name, rf = inside[-1]
+    support = support_field(model, name)
+    assert (support.size, support.stride, support.offset) == (rf.size, rf.stride, rf.offset), name
