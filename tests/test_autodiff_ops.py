@@ -602,6 +602,15 @@ def test_conv_transpose(attrs, group):
     nodes = [n("ConvTranspose", ["SRC", "wt", "bt"], ["y"], group=group, **attrs)]
     m = _with_source(nodes, (4, 3, 4), {"wt": (4, 6 // group, *attrs["kernel_shape"]), "bt": (6,)})
     check(m, rand(2, 4, 3, 4), ["x", "w", "wt", "bt", "c"])
+    # per-sample weight gradients (unfold of the output gradient) sum to the batch gradient
+    x = rand(3, 4, 3, 4).astype(np.float32)
+    seed = rand(3, *create_session(m, device="cpu").run(None, {"x": x})[0].shape[1:], seed=2)
+    per = GradientEngine(m, ["wt", "bt"], objective="seed", target="y").run(x, seed=seed)
+    summed = GradientEngine(to_float64(m), ["wt", "bt"], objective="seed", target="y", per_sample=False).run(
+        x.astype(np.float64), seed=seed)
+    for w in ("wt", "bt"):
+        assert per[w].shape == (3, *summed[w].shape)
+        np.testing.assert_allclose(per[w].sum(axis=0), summed[w], rtol=0, atol=1e-5 * np.abs(summed[w]).max())
 
 
 RESIZE_CASES = [
@@ -735,3 +744,101 @@ def test_pad_with_axes_opset18_and_split_with_num_outputs():
     m = _with_source(nodes, (3, 2, 3), {"pads": np.array([1, 0, 0, 2], np.int64), "paxes": np.array([3, 2], np.int64)},
                      opset=18)
     check(m, rand(2, 3, 2, 3), ["x", "w"])
+
+
+# ------------------------------------------------- blocks as torch.onnx (opset 17/18) exports them
+
+def _conv(name, x, cin, cout, k, inits, group=1, stride=1, bias=True):
+    inits[name + ".w"] = (cout, cin // group, k, k)
+    ins = [x, name + ".w"]
+    if bias:
+        inits[name + ".b"] = (cout,)
+        ins.append(name + ".b")
+    return n("Conv", ins, [name], kernel_shape=[k, k], pads=[k // 2] * 4, group=group, strides=[stride, stride])
+
+
+def _runtime_flatten(x, out, nodes, inits):
+    # x.view(x.size(0), -1): Shape -> Gather -> Unsqueeze -> Concat -> Reshape (int64 shape tensors)
+    inits.update({"i0": np.array(0, np.int64), "ax0": np.array([0], np.int64), "minus1": np.array([-1], np.int64)})
+    nodes += [n("Shape", [x], [x + "_shape"]), n("Gather", [x + "_shape", "i0"], [x + "_n"], axis=0),
+              n("Unsqueeze", [x + "_n", "ax0"], [x + "_n1"]), n("Concat", [x + "_n1", "minus1"], [x + "_dims"], axis=0),
+              n("Reshape", [x, x + "_dims"], [out])]
+
+
+def _mobilenet_v3_block():
+    inits, nodes = {}, []
+    nodes += [_conv("c1", "x", 4, 8, 3, inits), n("HardSwish", ["c1"], ["h1"]),
+              _conv("dw", "h1", 8, 8, 3, inits, group=8), n("HardSwish", ["dw"], ["h2"]),
+              # squeeze-and-excitation: ReduceMean (axes as input, opset 18) -> conv -> relu -> conv -> HardSigmoid -> Mul
+              n("ReduceMean", ["h2", "axes23"], ["sq"], keepdims=1), _conv("se1", "sq", 8, 4, 1, inits),
+              n("Relu", ["se1"], ["ser"]), _conv("se2", "ser", 4, 8, 1, inits),
+              n("HardSigmoid", ["se2"], ["gate"], alpha=1.0 / 6, beta=0.5), n("Mul", ["h2", "gate"], ["scaled"]),
+              _conv("pw", "scaled", 8, 4, 1, inits), n("Add", ["pw", "x"], ["res"]),
+              n("GlobalAveragePool", ["res"], ["gap"])]
+    _runtime_flatten("gap", "flat", nodes, inits)
+    inits.update({"axes23": np.array([2, 3], np.int64), "fc": (5, 4), "fb": (5,)})
+    nodes.append(n("Gemm", ["flat", "fc", "fb"], ["y"], transB=1))
+    return tiny(nodes, inits, (4, 6, 6), opset=18)
+
+
+def _shufflenet_v2_block():
+    inits, nodes = {}, []
+    nodes += [n("Split", ["x"], ["a", "b"], axis=1, num_outputs=2),  # chunk(2, dim=1), opset 18
+              _conv("b1", "b", 4, 4, 1, inits), n("Relu", ["b1"], ["b1r"]), _conv("b2", "b1r", 4, 4, 3, inits, group=4),
+              n("Concat", ["a", "b2"], ["cat"], axis=1),
+              # channel shuffle, groups 2: Reshape -> Transpose -> Reshape
+              n("Reshape", ["cat", "s5"], ["r5"]), n("Transpose", ["r5"], ["t5"], perm=[0, 2, 1, 3, 4]),
+              n("Reshape", ["t5", "s4"], ["y"])]
+    inits.update({"s5": np.array([0, 2, 4, 5, 5], np.int64), "s4": np.array([0, 8, 5, 5], np.int64)})
+    return tiny(nodes, inits, (8, 5, 5), opset=18)
+
+
+def _convnext_block():
+    inits, nodes = {}, []
+    c = 4
+    nodes += [_conv("dw", "x", c, c, 7, inits, group=c), n("Transpose", ["dw"], ["nhwc"], perm=[0, 2, 3, 1]),
+              n("LayerNormalization", ["nhwc", "ln.w", "ln.b"], ["ln"], axis=-1, epsilon=1e-6),
+              n("MatMul", ["ln", "fc1"], ["m1"]), n("Add", ["m1", "fc1.b"], ["a1"]),
+              # GELU as torch exports it at opset 17
+              n("Div", ["a1", "sqrt2"], ["d"]), n("Erf", ["d"], ["e"]), n("Add", ["e", "one"], ["e1"]),
+              n("Mul", ["a1", "e1"], ["m"]), n("Mul", ["m", "half"], ["gelu"]),
+              n("MatMul", ["gelu", "fc2"], ["m2"]), n("Add", ["m2", "fc2.b"], ["a2"]),
+              n("Mul", ["a2", "gamma"], ["ls"]), n("Transpose", ["ls"], ["nchw"], perm=[0, 3, 1, 2]),
+              n("Add", ["nchw", "x"], ["y"])]
+    inits.update({"ln.w": (c,), "ln.b": (c,), "fc1": (c, 4 * c), "fc1.b": (4 * c,), "fc2": (4 * c, c), "fc2.b": (c,),
+                  "gamma": (c,), "sqrt2": np.array(np.sqrt(2.0), np.float32), "one": np.array(1.0, np.float32),
+                  "half": np.array(0.5, np.float32)})
+    return tiny(nodes, inits, (c, 8, 8))
+
+
+def _efficientnet_block():
+    inits, nodes = {}, []
+    nodes += [_conv("c1", "x", 3, 6, 3, inits, stride=2, bias=False),
+              n("BatchNormalization", ["c1", "bn.s", "bn.b", "bn.m", "bn.v"], ["bn"]),
+              n("Sigmoid", ["bn"], ["sg"]), n("Mul", ["bn", "sg"], ["silu"]),  # SiLU
+              n("GlobalAveragePool", ["silu"], ["sq"]), _conv("se1", "sq", 6, 2, 1, inits),
+              n("Sigmoid", ["se1"], ["s1"]), n("Mul", ["se1", "s1"], ["se1a"]), _conv("se2", "se1a", 2, 6, 1, inits),
+              n("Sigmoid", ["se2"], ["gate"]), n("Mul", ["silu", "gate"], ["y"])]
+    inits.update({"bn.s": (6,), "bn.b": (6,), "bn.m": (6,), "bn.v": np.random.default_rng(1).uniform(0.5, 2, 6).astype(np.float32)})
+    return tiny(nodes, inits, (3, 7, 7))
+
+
+@pytest.mark.parametrize("build,first_conv,in_shape", [
+    (_mobilenet_v3_block, "c1.w", (4, 6, 6)), (_shufflenet_v2_block, "b1.w", (8, 5, 5)),
+    (_convnext_block, "dw.w", (4, 8, 8)), (_efficientnet_block, "c1.w", (3, 7, 7)),
+])
+def test_blocks_of_modern_classifiers(build, first_conv, in_shape):
+    m = build()
+    x = rand(2, *in_shape)
+    check(m, x, ["x", first_conv])
+    # deconvnet / guided run and give finite gradients of the input (the rectifiers as documented)
+    out_shape = create_session(m, device="cpu").run(None, {"x": x.astype(np.float32)})[0].shape
+    seed = rand(*out_shape, seed=2)
+    for r in ("deconvnet", "guided"):
+        g = GradientEngine(m, "x", objective="seed", target="y", rule=r).run(x.astype(np.float32), seed=seed)["x"]
+        assert g.shape == x.shape and np.isfinite(g).all() and np.abs(g).max() > 0
+    # per-sample weight gradients (conv-gradients) through the block sum to the batch gradient
+    per = GradientEngine(m, first_conv, objective="seed", target="y").run(x.astype(np.float32), seed=seed)[first_conv]
+    summed = GradientEngine(m, first_conv, objective="seed", target="y", per_sample=False).run(
+        x.astype(np.float32), seed=seed)[first_conv]
+    np.testing.assert_allclose(per.sum(axis=0), summed, rtol=0, atol=1e-5 * np.abs(summed).max())
