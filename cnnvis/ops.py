@@ -193,7 +193,7 @@ def _node_label(node) -> str:
 
 
 def window(node, in_shape=None, weight_shape=None, attrs=None) -> Window:
-    """The :class:`Window` of a Conv, ConvTranspose or pool node.
+    """The :class:`Window` of a Conv, ConvTranspose or pool node, as onnxruntime runs it.
 
     ``in_shape`` (N, C, spatial...) is needed only for SAME auto padding; ``weight_shape`` gives a
     Conv's kernel when the node has no ``kernel_shape``. ``attrs`` may pass already-read
@@ -219,6 +219,9 @@ def window(node, in_shape=None, weight_shape=None, attrs=None) -> Window:
         if node.op_type == "ConvTranspose":
             out_pad = list(a.get("output_padding") or [0] * n)
             pads = transpose_same_pads(auto_pad, sizes, kernel, strides, dilations, out_pad)
+        elif node.op_type in POOL_OPS:
+            # onnxruntime sizes a pool's SAME pads by the undilated kernel (the windows stay dilated)
+            pads = same_pads(auto_pad, sizes, kernel, strides, [1] * n)
         else:
             pads = same_pads(auto_pad, sizes, kernel, strides, dilations)
     elif auto_pad == "VALID":

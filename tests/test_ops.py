@@ -49,6 +49,21 @@ def test_same_pads_equal_onnxruntime_auto_pad(auto_pad):
                                       err_msg=f"size {size} k {k} s {s} d {d}")
 
 
+@pytest.mark.parametrize("auto_pad", ["SAME_UPPER", "SAME_LOWER"])
+def test_pool_same_pads_equal_onnxruntime_auto_pad(auto_pad):
+    """MaxPool with auto_pad and with ops.window's explicit pads: the same values in onnxruntime,
+    dilated pools included (onnxruntime sizes their SAME pads by the undilated kernel)."""
+    rng = np.random.default_rng(3)
+    for size, k, s, d in itertools.product((5, 6, 9), (2, 3), (1, 2), (1, 2)):
+        x = rng.normal(size=(1, 2, size, size + 2)).astype(np.float32)
+        node = helper.make_node("MaxPool", ["x"], ["y"], kernel_shape=[k, k], strides=[s, s], dilations=[d, d],
+                                auto_pad=auto_pad)
+        win = ops.window(node, in_shape=x.shape)
+        explicit = helper.make_node("MaxPool", ["x"], ["y"], kernel_shape=[k, k], strides=[s, s], dilations=[d, d],
+                                    pads=list(win.pads))
+        np.testing.assert_array_equal(_run([explicit], x), _run([node], x), err_msg=f"size {size} k {k} s {s} d {d}")
+
+
 def test_window_reads_attributes_and_weight_kernel():
     node = helper.make_node("Conv", ["x", "w"], ["y"], strides=[2, 1], pads=[1, 0, 2, 3], dilations=[1, 2])
     win = ops.window(node, weight_shape=(8, 3, 5, 3))
