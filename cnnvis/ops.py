@@ -34,26 +34,23 @@ UNARY_POINTWISE_OPS = frozenset({
     "Sin", "Cos", "IsNaN", "IsInf", "BatchNormalization",
     "LRN",  # across channels: still one spatial position
 })
-#: elementwise ops over several inputs with numpy broadcasting
-BROADCAST_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "PRelu", "Where",
-                           "Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "And", "Or", "Xor",
-                           "Mod", "BitShift"})
+#: elementwise arithmetic over several float inputs with numpy broadcasting
+ARITHMETIC_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "PRelu"})
+#: every elementwise op over several inputs with numpy broadcasting (also selections and comparisons)
+BROADCAST_OPS = ARITHMETIC_OPS | {"Where", "Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "And", "Or",
+                                  "Xor", "Mod", "BitShift"}
 #: every op that does not mix spatial positions
 POINTWISE_OPS = UNARY_POINTWISE_OPS | BROADCAST_OPS
 
 #: ops after which every unit sees the whole image, whatever their attributes
 GLOBAL_OPS = frozenset({"GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool", "Gemm", "Flatten",
-                        "InstanceNormalization", "GroupNormalization", "LpNormalization", "TopK"})
+                        "InstanceNormalization", "GroupNormalization", "LpNormalization"})
 #: ops that mix positions along the axes their attributes or operands name (a reduction over the
 #: channels, a softmax over classes, a MatMul over the last axis): pointwise or global depending
 #: on where the spatial axes are
 AXIS_OPS = frozenset({"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
                       "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare", "ArgMax", "ArgMin", "Softmax",
                       "LogSoftmax", "Hardmax", "LayerNormalization", "MatMul"})
-#: ops that move data between axes without computing (the spatial axes may move or stay)
-LAYOUT_OPS = frozenset({"Transpose", "Reshape", "Squeeze", "Unsqueeze", "Concat", "Split", "Slice", "Expand",
-                        "Pad", "Tile"})
-
 #: ops carrying a layer's weights (the first constant input names the layer)
 PARAM_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization", "PRelu",
                        "InstanceNormalization", "LayerNormalization", "GroupNormalization"})
