@@ -297,18 +297,25 @@ def test_float16_gradients_are_the_upcast_model_s():
     np.testing.assert_allclose(g16, g32, rtol=1e-5, atol=1e-7)
 
 
-def test_bfloat16_model_onnxruntime_cannot_run_is_one_line():
+def test_bfloat16_model_runs_upcast_where_onnxruntime_has_no_kernels_and_says_so():
+    """onnxruntime's CPU build cannot run a bfloat16 Relu; the model then runs its float32 graph
+    (weights upcast) and info() records that precision. Reference: numpy on the upcast weight."""
     from onnx import TensorProto, helper
 
     from cnnvis.onnxgraph import make_model
 
-    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "bf16",
-                              [helper.make_tensor_value_info("x", TensorProto.BFLOAT16, ["N", 1, 4, 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.BFLOAT16, None)])
+    w = helper.make_tensor("w", TensorProto.BFLOAT16, [1, 2, 1, 1], [0.75, -1.5])
+    graph = helper.make_graph([helper.make_node("Mul", ["x", "w"], ["m"]), helper.make_node("Relu", ["m"], ["y"])],
+                              "bf16", [helper.make_tensor_value_info("x", TensorProto.BFLOAT16, ["N", 2, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.BFLOAT16, None)], [w])
     model = Model(make_model(graph), name="bf16")
-    assert model.precision == "bfloat16" and [layer.tensor for layer in model.layers] == ["y"]
-    with pytest.raises(CnnvisError, match="onnxruntime cannot load the model"):
-        model.run(np.zeros((1, 1, 4, 4), np.float32))
+    assert model.precision == "bfloat16" and [layer.tensor for layer in model.layers] == ["m", "y"]
+    x = np.random.default_rng(6).normal(size=(3, 2, 4, 4)).astype(np.float32)
+    y = model.run(x, ["y"])["y"]
+    expected = np.maximum(x * np.array([0.75, -1.5], np.float32).reshape(1, 2, 1, 1), 0)
+    assert y.dtype == np.float32
+    np.testing.assert_array_equal(y, expected)  # one float32 multiply and a max: exact
+    assert model.info()["precision"]["forward"].startswith("float32 (bfloat16 weights upcast")
 
 
 def test_gradients_pass_around_a_reshape_whose_shape_is_computed_at_run_time():
