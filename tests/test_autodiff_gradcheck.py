@@ -194,6 +194,8 @@ def test_reference_conv_in_1d_and_3d(shape):
     dict(kernel_shape=[4, 4], strides=[2, 2], pads=[1, 1, 1, 1]),
     dict(kernel_shape=[3, 3], strides=[2, 2], auto_pad="SAME_UPPER"),
     dict(kernel_shape=[3, 3], strides=[1, 1]),
+    dict(kernel_shape=[3, 3], strides=[2, 2], output_shape=[6, 8]),
+    dict(kernel_shape=[3, 2], strides=[2, 3], output_shape=[5, 10], output_padding=[1, 0]),
 ])
 @pytest.mark.parametrize("group", [1, 2])
 def test_reference_conv_transpose(attrs, group):
@@ -282,3 +284,22 @@ def test_every_reference_op_call_of_the_gradient_checks_matches_onnxruntime(monk
         against_onnxruntime(node.op_type, dict(zip(names, args)), attrs, n_out=n_out,
                             opset=20 if node.op_type == "Gelu" else 17)
     assert len(seen) > 100, len(seen)  # forward and backward convolutions of many geometries
+
+
+@pytest.mark.parametrize("op,attrs,inits", [
+    ("GlobalMaxPool", {}, {}), ("ReduceMax", {"keepdims": 0, "axes": [2, 3]}, {}), ("MaxPool", {"kernel_shape": [2, 2]}, {}),
+    ("Clip", {}, {"lo": np.array(-1.0), "hi": np.array(1.0)}),
+])
+def test_ties_and_bounds_of_reductions_and_clip_are_kinks(op, attrs, inits):
+    # x = [1, 1, 0.2, -0.3]: a tie of the two maxima (entries 0, 1; for Clip: both at the upper bound)
+    inputs = ["x"] + list(inits)
+    g = helper.make_graph([n(op, inputs, ["y"], **attrs)], "k",
+                          [helper.make_tensor_value_info("x", TensorProto.DOUBLE, ["N", 1, 2, 2])],
+                          [helper.make_tensor_value_info("y", TensorProto.DOUBLE, None)],
+                          [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    m = make_model(g)
+    x = np.array([1.0, 1.0, 0.2, -0.3]).reshape(1, 1, 2, 2)
+    y_shape = {"Clip": (1, 1, 2, 2), "ReduceMax": (1, 1)}.get(op, (1, 1, 1, 1))
+    report = gradcheck(m, x, "x", objective="seed", target="y", seed=np.ones(y_shape), samples=4)["x"]
+    assert report.kinked.tolist() == [0, 1], str(report)
+    assert report.entries.tolist() == [2, 3] and report.max_rel_error <= 1e-6

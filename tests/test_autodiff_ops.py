@@ -428,6 +428,34 @@ def test_cast_between_float_types(to):
     check(m, rand(2, 3, 2, 3), ["x", "w"])
 
 
+@pytest.mark.parametrize("region", [TensorProto.DOUBLE, TensorProto.FLOAT16])
+def test_rules_inside_a_region_cast_to_another_float_type(region):
+    # Relu, Sigmoid, LayerNorm, Clip write constants and masks: in the region's type, not the model's
+    body = [n("Relu", ["d"], ["r"]), n("Sigmoid", ["r"], ["s"]), n("Mul", ["s", "d"], ["m"]),
+            n("LayerNormalization", ["m", "ls", "lb"], ["ln"], axis=-1), n("Clip", ["ln", "lo", "hi"], ["cl"])]
+    region_type = helper.tensor_dtype_to_np_dtype(region)
+    consts = {"ls": np.linspace(0.5, 1.5, 3).astype(region_type), "lb": np.linspace(-0.2, 0.2, 3).astype(region_type),
+              "lo": np.array(-1.0, region_type), "hi": np.array(1.2, region_type)}
+    cast = _with_source([n("Cast", ["SRC"], ["d"], to=region)] + body + [n("Cast", ["cl"], ["y"], to=TensorProto.FLOAT)],
+                        (3, 2, 3), consts)
+    for init in cast.graph.initializer:  # tiny() stores float32: the region's constants in its type
+        if init.name in consts:
+            init.CopyFrom(numpy_helper.from_array(consts[init.name], init.name))
+    x = rand(2, 3, 2, 3)
+    if region == TensorProto.DOUBLE:
+        check(cast, x, ["x", "w"])
+        return
+    # float16: the same function as the float32 graph, gradients to float16 precision
+    plain = _with_source([n("Identity", ["SRC"], ["d"])] + body + [n("Identity", ["cl"], ["y"])], (3, 2, 3),
+                         {k: v.astype(np.float32) for k, v in consts.items()})
+    seed = rand(2, 3, 2, 3, seed=3)
+    got = GradientEngine(cast, ["x", "w"], objective="seed", target="y").run(x.astype(np.float32), seed=seed)
+    want = GradientEngine(plain, ["x", "w"], objective="seed", target="y").run(x.astype(np.float32), seed=seed)
+    for w in ("x", "w"):
+        assert got[w].dtype == np.float32
+        np.testing.assert_allclose(got[w], want[w], rtol=0, atol=2e-2 * np.abs(want[w]).max())
+
+
 def test_cast_to_integers_passes_no_gradient():
     # y = c + float(int(c)): the integer path is piecewise constant, d y / d c = 1
     nodes = [n("Cast", ["SRC"], ["i"], to=TensorProto.INT64), n("Cast", ["i"], ["f"], to=TensorProto.FLOAT),
@@ -593,6 +621,7 @@ CONV_TRANSPOSE_CASES = [
     dict(kernel_shape=[2, 3], strides=[2, 1], pads=[0, 1, 1, 0], dilations=[1, 2]),
     dict(kernel_shape=[4, 4], strides=[2, 2], pads=[1, 1, 1, 1]),  # the classic 2x upsampling
     dict(kernel_shape=[3, 3], strides=[2, 2], auto_pad="SAME_UPPER"),
+    dict(kernel_shape=[3, 3], strides=[2, 2], output_shape=[6, 8]),  # pads from the output shape
 ]
 
 
@@ -842,3 +871,44 @@ def test_blocks_of_modern_classifiers(build, first_conv, in_shape):
     summed = GradientEngine(m, first_conv, objective="seed", target="y", per_sample=False).run(
         x.astype(np.float32), seed=seed)[first_conv]
     np.testing.assert_allclose(per.sum(axis=0), summed, rtol=0, atol=1e-5 * np.abs(summed).max())
+
+
+@pytest.mark.parametrize("op,attrs,in_shape", [
+    ("DepthToSpace", {"blocksize": 2, "mode": "DCR"}, (8, 2, 3)), ("DepthToSpace", {"blocksize": 2, "mode": "CRD"}, (8, 2, 3)),
+    ("SpaceToDepth", {"blocksize": 2}, (2, 4, 6)),
+])
+def test_depth_to_space_and_back(op, attrs, in_shape):
+    m = _with_source([n(op, ["SRC"], ["y"], **attrs)], in_shape)
+    check(m, rand(2, *in_shape), ["x", "w"])
+
+
+def test_constants_from_constant_nodes_as_exporters_write_them():
+    # Clip bounds (ReLU6), Slice starts/ends and Resize scales given by Constant nodes, not initializers
+    def const(name, value):
+        return helper.make_node("Constant", [], [name], name=name, value=numpy_helper.from_array(value, name))
+
+    nodes = [const("lo", np.array(0.0, np.float32)), const("hi", np.array(6.0, np.float32)),
+             const("st", np.array([1], np.int64)), const("en", np.array([3], np.int64)), const("ax", np.array([2], np.int64)),
+             const("sc", np.array([1, 1, 2, 2], np.float32)),
+             n("Clip", ["SRC", "lo", "hi"], ["r6"]), n("Slice", ["r6", "st", "en", "ax"], ["sl"]),
+             n("Resize", ["sl", "", "sc"], ["y"], mode="nearest")]
+    m = _with_source(nodes, (2, 4, 3), spread=4.0)
+    check(m, rand(2, 2, 4, 3), ["x", "w"])
+    x, seed = rand(2, 2, 4, 3).astype(np.float32), rand(2, 2, 4, 6, seed=2)
+    exact = GradientEngine(m, "c", objective="seed", target="y").run(x, seed=seed)["c"]
+    deconv = GradientEngine(m, "c", objective="seed", target="y", rule="deconvnet").run(x, seed=seed)["c"]
+    assert (exact < 0).any() and (deconv >= 0).all()  # the Constant-bound Clip is a rectifier
+
+
+def test_per_sample_gradients_of_a_float16_weight_cast_to_float32():
+    # mixed-precision exports store weights in float16 and Cast them: per-sample weight gradients
+    # reach the stored weight, in its type
+    w16 = np.random.default_rng(0).standard_normal((3, 2, 3, 3)).astype(np.float16)
+    nodes = [n("Cast", ["w16"], ["w"], to=TensorProto.FLOAT), n("Conv", ["x", "w"], ["y"], kernel_shape=[3, 3])]
+    m = tiny(nodes, {}, (2, 5, 5))
+    m.graph.initializer.append(numpy_helper.from_array(w16, "w16"))
+    x, seed = rand(2, 2, 5, 5).astype(np.float32), rand(2, 3, 3, 3, seed=2)
+    got = GradientEngine(m, "w16", objective="seed", target="y").run(x, seed=seed)["w16"]
+    want = GradientEngine(m, "w", objective="seed", target="y").run(x, seed=seed)["w"]
+    assert got.dtype == np.float16 and got.shape == (2, 3, 2, 3, 3)
+    np.testing.assert_allclose(got.astype(np.float32), want, rtol=2e-3, atol=2e-3 * np.abs(want).max())

@@ -101,6 +101,21 @@ def maxpool_first_max(x, kernel, strides, pads, dilations, ceil_mode):
     return best, best_flat
 
 
+def conv_transpose_pads_for(in_spatial, kernel, strides, dilations, output_padding, out_spatial):
+    """The pads of a ConvTranspose sized by output_shape (auto_pad NOTSET): the extent
+    total = s (in - 1) + output_padding + (k - 1) d + 1 - out, the larger half at the beginning."""
+    nd = len(in_spatial)
+    strides = list(strides or [1] * nd)
+    dilations = list(dilations or [1] * nd)
+    output_padding = list(output_padding or [0] * nd)
+    begin, end = [], []
+    for i in range(nd):
+        total = strides[i] * (in_spatial[i] - 1) + output_padding[i] + (kernel[i] - 1) * dilations[i] + 1 - out_spatial[i]
+        begin.append(total - total // 2)
+        end.append(total // 2)
+    return begin + end
+
+
 def window_geometry(x_shape, kernel, strides=None, dilations=None, pads=None, auto_pad="NOTSET"):
     """(kernel, strides, dilations, pads) of a Conv or MaxPool node's attributes, defaults filled."""
     nd = len(x_shape) - 2
@@ -129,9 +144,15 @@ def _reference_ops():
     from onnx.reference.ops.op_conv_transpose import ConvTranspose as _RefConvTranspose
 
     class ConvTranspose(_RefConvTranspose):
-        # the reference implementation mixes up output channels when group > 1: run group by group
+        # the reference implementation mixes up output channels when group > 1 (run group by group
+        # here) and fails with output_shape (given here as the pads it implies)
         def _run(self, X, W, B=None, group=None, **attrs):
             group = int(group or 1)
+            if attrs.get("output_shape") is not None and (attrs.get("auto_pad") or "NOTSET") in ("NOTSET", b"NOTSET"):
+                attrs = dict(attrs)
+                out_shape = [int(v) for v in attrs.pop("output_shape")][-(X.ndim - 2):]
+                attrs["pads"] = conv_transpose_pads_for(X.shape[2:], W.shape[2:], attrs.get("strides"),
+                                                        attrs.get("dilations"), attrs.get("output_padding"), out_shape)
             if group == 1:
                 return super()._run(X, W, B, group=1, **attrs)
             cin, cout = X.shape[1] // group, W.shape[1]

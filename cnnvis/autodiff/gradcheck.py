@@ -258,9 +258,9 @@ def _decision_outputs(model, sources):
         count[0] += 1
         return f"cnnvis_kink/{hint}_{count[0]}"
 
-    def const(value):
+    def const(value, dtype=np.float64):
         name = fresh("const")
-        g.initializer.append(numpy_helper.from_array(np.asarray(value, dtype=np.float64), name))
+        g.initializer.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
         return name
 
     def add(op, inputs, **attrs):
@@ -299,7 +299,7 @@ def _decision_outputs(model, sources):
             size = add("ReduceProd", [add("Shape", [x], start=1)], keepdims=1)
             names.append(add("Mod", [node.output[1], size]))
         elif op == "GlobalMaxPool":
-            flat = add("Reshape", [x, numpy_name(g, fresh("shape"), np.array([0, 0, -1], np.int64))])
+            flat = add("Reshape", [x, const([0, 0, -1], np.int64)])
             names.append(add("ArgMax", [flat], axis=2))
         elif op in ("Max", "Min"):
             for i in node.input:
@@ -317,11 +317,6 @@ def _decision_outputs(model, sources):
     for name in names:
         g.output.append(onnx.ValueInfoProto(name=name))
     return names
-
-
-def numpy_name(graph, name, value):
-    graph.initializer.append(numpy_helper.from_array(value, name))
-    return name
 
 
 def _sole_conv_consumer(model, name):
