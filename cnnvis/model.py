@@ -16,13 +16,13 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, numpy_helper
 
-from . import onnxgraph
+from . import onnxgraph, ops
 from .errors import CnnvisError, unknown_name_error
 
 #: ops that carry the weights of a layer (and so name it)
-PARAM_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization", "PRelu"}
+PARAM_OPS = ops.PARAM_OPS
 #: prefix of a derived name for parameterless ops, Caffe style (relu1, norm1, pool1, drop6)
 DERIVED_PREFIX = {
     "Relu": "relu", "LeakyRelu": "relu", "PRelu": "prelu", "Sigmoid": "sigmoid", "Tanh": "tanh",
@@ -85,12 +85,19 @@ class Model:
         self.threads = threads
         self.source = source
         onnxgraph.select_providers(device)  # validate early: one line for a bad --device
-        self.proto = onnxgraph.make_batch_dynamic(onnxgraph.fold_constants(proto))
-        inputs = onnxgraph.real_inputs(self.proto)
+        # native_proto: the file's own graph (its precision), which the forward sessions run;
+        # proto: the same graph computing in float32 (the same object for a float32 model), which
+        # gradients, occlusion's partial graphs and exports build on
+        self.native_proto = onnxgraph.make_batch_dynamic(onnxgraph.fold_constants(proto))
+        self.proto = onnxgraph.to_float32(self.native_proto)
+        self.reduced_precision = self.proto is not self.native_proto
+        inputs = onnxgraph.real_inputs(self.native_proto)
         if len(inputs) != 1:
             raise CnnvisError(f"{name}: expected one image input, found {len(inputs)} "
                               f"({', '.join(i.name for i in inputs)})")
         self.input_name = inputs[0].name
+        self.precision = onnxgraph.precision_name(_native_float_type(self.native_proto, inputs[0]))
+        self.forward_precision = self.precision  # what the forward sessions compute in
         dims = inputs[0].type.tensor_type.shape.dim
         if len(dims) != 4:
             raise CnnvisError(f"{name}: input {self.input_name!r} has {len(dims)} dims; expected N×C×H×W")
@@ -140,8 +147,11 @@ class Model:
 
     # ------------------------------------------------------------------ layer table
     def _layer_table(self) -> list:
-        nodes = list(self.proto.graph.node)
-        shapes = onnxgraph.static_shapes(self.proto, (1, *self.input_shape))
+        """One row per group of nodes whose output is a feature: a float tensor computed from the
+        input's values (shape arithmetic — Shape, Gather, Concat of int64 shapes... — is no layer)."""
+        shapes, self._types = onnxgraph.static_shapes_and_types(self.native_proto, (1, *self.input_shape))
+        features = ops.feature_tensors(self.native_proto, self._types)
+        nodes = [n for n in self.native_proto.graph.node if n.output and n.output[0] in features]
         caffe_meta = self._metadata_json("cnnvis.caffe.blobs")
         blob_of_tensor = {}
         if caffe_meta:
@@ -273,9 +283,14 @@ class Model:
         return None if value is None else bool(value)
 
     def info(self) -> dict:
-        """What manifests record about the model."""
-        return {"name": self.name, "sha256": self.sha256, "source": self.source,
+        """What manifests record about the model (and, for a float16/bfloat16 model, in which
+        precision its forward passes and its gradients are computed)."""
+        info = {"name": self.name, "sha256": self.sha256, "source": self.source,
                 "trained": self.trained, "input_shape": list(self.input_shape)}
+        if self.reduced_precision:
+            info["precision"] = {"forward": self.forward_precision, "gradients": "float32 (weights upcast)",
+                                 "results": "float32"}
+        return info
 
     # ------------------------------------------------------------------ running
     def release(self) -> None:
@@ -302,12 +317,31 @@ class Model:
         key = tuple(outputs)
         sess = self._sessions.get(key)
         if sess is None:
-            # LRN as elementwise ops + channel pooling: same values, ~20% faster in onnxruntime
-            proto = onnxgraph.decompose_lrn(self.proto)
-            if key:
-                del proto.graph.output[:]
-                proto.graph.output.extend(helper.make_tensor_value_info(t, TensorProto.FLOAT, None) for t in key)
-            sess = onnxgraph.create_session(proto, device=self.device, threads=self.threads)
+            if self.reduced_precision and self.forward_precision == self.precision:
+                # the file's own graph and precision, fed and answering in float32
+                outputs = key or [o.name for o in self.native_proto.graph.output]
+                proto = onnxgraph.with_outputs(self.native_proto, outputs, self._types)
+                try:
+                    sess = _Float32Session(onnxgraph.create_session(proto, device=self.device, threads=self.threads),
+                                           self.input_name)
+                except CnnvisError:
+                    if self.precision != "bfloat16":
+                        raise
+                    # onnxruntime's CPU build has next to no bfloat16 kernels: the float32 graph
+                    # runs instead, and info() says so
+                    self.forward_precision = "float32 (bfloat16 weights upcast: onnxruntime cannot run bfloat16 here)"
+                    self._sessions.clear()
+                    return self.session(key)
+            elif self.reduced_precision:
+                proto = onnxgraph.with_outputs(onnxgraph.decompose_lrn(self.proto), key or [
+                    o.name for o in self.proto.graph.output], {}, copy=False)
+                sess = onnxgraph.create_session(proto, device=self.device, threads=self.threads)
+            else:
+                # LRN as elementwise ops + channel pooling: same values, ~20% faster in onnxruntime
+                proto = onnxgraph.decompose_lrn(self.proto)
+                if key:
+                    proto = onnxgraph.with_outputs(proto, key, self._types, copy=False)
+                sess = onnxgraph.create_session(proto, device=self.device, threads=self.threads)
             self._sessions[key] = sess
         return sess
 
@@ -390,6 +424,43 @@ def softmax(logits) -> np.ndarray:
     z = z - z.max(axis=1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=1, keepdims=True)
+
+
+class _Float32Session:
+    """An onnxruntime session of a float16/float64 graph that takes and returns float32: the image
+    feed is cast to the input's type by numpy (as a user's own run of the file would), float
+    results are cast to float32."""
+
+    def __init__(self, session, input_name: str):
+        self.session = session
+        self.input_name = input_name
+        kind = next(i.type for i in session.get_inputs() if i.name == input_name)
+        self.input_dtype = {"tensor(float16)": np.float16, "tensor(double)": np.float64}.get(kind, np.float32)
+
+    def run(self, output_names, feeds, *args, **kwargs):
+        feeds = {k: (np.asarray(v).astype(self.input_dtype, copy=False) if k == self.input_name else v)
+                 for k, v in feeds.items()}
+        results = self.session.run(output_names, feeds, *args, **kwargs)
+        return [r.astype(np.float32, copy=False) if np.issubdtype(r.dtype, np.floating) else r for r in results]
+
+    def __getattr__(self, name):
+        return getattr(self.session, name)
+
+
+def _native_float_type(proto, image) -> int:
+    """The reduced float type the graph computes in (of its input, else of its first reduced
+    weight or Cast), or the input's own type."""
+    kind = image.type.tensor_type.elem_type
+    if kind != TensorProto.FLOAT:
+        return kind
+    for init in proto.graph.initializer:
+        if init.data_type in (TensorProto.FLOAT16, TensorProto.BFLOAT16):
+            return init.data_type
+    for node in proto.graph.node:
+        to = ops.attributes(node).get("to") if node.op_type == "Cast" else None
+        if to in (TensorProto.FLOAT16, TensorProto.BFLOAT16):
+            return to
+    return kind
 
 
 # ---------------------------------------------------------------------- naming helpers

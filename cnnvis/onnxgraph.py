@@ -13,6 +13,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .errors import CnnvisError
+from .ops import attributes, floor_mode_pads, pool_output_size, window  # noqa: F401  (pool_output_size: callers import it from here)
 
 #: Opset and IR version of every model cnnvis writes. onnx>=1.23 defaults to IR 14 / opset 28,
 #: which current onnxruntime refuses; these are accepted by onnxruntime >= 1.14.
@@ -197,17 +198,13 @@ def make_batch_dynamic(model: onnx.ModelProto, batch_name: str = "N") -> onnx.Mo
     return m
 
 
-def pool_output_size(size, kernel, stride, pad_begin, pad_end, ceil_mode, dilation=1):
-    """onnxruntime's pooled length; with ceil_mode a window starting in the end padding is dropped."""
-    span = size + pad_begin + pad_end - ((kernel - 1) * dilation + 1)
-    out = (-(-span // stride) if ceil_mode else span // stride) + 1
-    if ceil_mode and (out - 1) * stride >= size + pad_begin:
-        out -= 1
-    return out
-
-
 def static_shapes(model: onnx.ModelProto, input_shape, onnxruntime_pools: bool = True) -> dict:
-    """Shapes of every tensor for a fixed input shape (N, C, H, W), by onnx shape inference.
+    """Shapes of every tensor (see :func:`static_shapes_and_types`)."""
+    return static_shapes_and_types(model, input_shape, onnxruntime_pools)[0]
+
+
+def static_shapes_and_types(model: onnx.ModelProto, input_shape, onnxruntime_pools: bool = True) -> tuple:
+    """``(shapes, elem_types)``: shapes of every tensor for a fixed input shape (N, C, H, W), by onnx shape inference.
     ``input_shape`` may also be a dict giving the shape of each runtime input by name.
     ``onnxruntime_pools=False`` keeps the ONNX specification's ceil-mode pool sizes.
 
@@ -215,7 +212,8 @@ def static_shapes(model: onnx.ModelProto, input_shape, onnxruntime_pools: bool =
     hundreds of megabytes of weights. onnx sizes ceil-mode pooling without onnxruntime's rule (a
     window that would start in the end padding is dropped), so each ceil-mode pool is replaced, in
     that throwaway copy, by the floor-mode pool with the end padding that gives onnxruntime's size.
-    Tensors inference cannot size have None dimensions (or are absent).
+    Tensors inference cannot size have None dimensions (or are absent). ``elem_types`` maps each
+    tensor inference could type to its ONNX element type (``TensorProto.FLOAT16``, ``INT64``...).
     """
     graph = model.graph
     small, large = [], []
@@ -230,37 +228,29 @@ def static_shapes(model: onnx.ModelProto, input_shape, onnxruntime_pools: bool =
     outputs = [helper.make_tensor_value_info(o.name, o.type.tensor_type.elem_type, None) for o in graph.output]
     nodes = [_copy(n) for n in graph.node]  # the ceil-mode rewrite below edits these copies
     light = make_model(helper.make_graph(nodes, "shapes", typed_inputs, outputs, small), opset=opset_of(model))
-    shapes = _infer_shapes(light)
+    shapes, types = _infer_shapes(light)
     changed = False
     for node in light.graph.node if onnxruntime_pools else ():
         if node.op_type not in ("MaxPool", "AveragePool"):
             continue
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        attrs = attributes(node)
         in_shape = shapes.get(node.input[0])
         if not attrs.get("ceil_mode", 0) or in_shape is None or None in in_shape:
             continue
-        if attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET", b"", ""):
+        if attrs.get("auto_pad", "NOTSET") not in ("NOTSET", ""):
             continue
-        spatial = len(in_shape) - 2
-        kernel = list(attrs["kernel_shape"])
-        strides = list(attrs.get("strides") or [1] * spatial)
-        dil = list(attrs.get("dilations") or [1] * spatial)
-        pads = list(attrs.get("pads") or [0] * (2 * spatial))
-        new_pads = list(pads)
-        for i in range(spatial):
-            size = in_shape[2 + i]
-            out = pool_output_size(size, kernel[i], strides[i], pads[i], pads[spatial + i], True, dil[i])
-            new_pads[spatial + i] = max(0, (out - 1) * strides[i] + (kernel[i] - 1) * dil[i] + 1 - size - pads[i])
+        _, new_pads = floor_mode_pads(window(node, in_shape, attrs=attrs), in_shape[2:])
         kept = [helper.make_attribute(a.name, helper.get_attribute_value(a))
                 for a in node.attribute if a.name not in ("ceil_mode", "pads")]  # copies: del frees them
         del node.attribute[:]
         node.attribute.extend(kept + [helper.make_attribute("pads", new_pads)])
         changed = True
     if changed:
-        shapes = _infer_shapes(light)
+        shapes, types = _infer_shapes(light)
     for init in graph.initializer:
         shapes[init.name] = tuple(init.dims)
-    return shapes
+        types[init.name] = init.data_type
+    return shapes, types
 
 
 def _copy(node):
@@ -269,14 +259,16 @@ def _copy(node):
     return out
 
 
-def _infer_shapes(model) -> dict:
+def _infer_shapes(model) -> tuple:
     inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
-    shapes = {}
+    shapes, types = {}, {}
     for vi in list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input):
         tt = vi.type.tensor_type
+        if tt.elem_type:
+            types[vi.name] = tt.elem_type
         if tt.HasField("shape"):
             shapes[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim)
-    return shapes
+    return shapes, types
 
 
 # ---------------------------------------------------------------- onnxruntime sessions
@@ -441,4 +433,96 @@ def decompose_lrn(model: onnx.ModelProto) -> onnx.ModelProto:
     del m.graph.node[:]
     m.graph.node.extend(nodes)
     m.graph.initializer.extend(consts)
+    return m
+
+
+# ---------------------------------------------------------------- precision
+
+#: reduced float types cnnvis runs natively and upcasts for gradients
+_REDUCED_FLOATS = (TensorProto.FLOAT16, TensorProto.BFLOAT16)
+
+
+def precision_name(elem_type: int) -> str:
+    """'float32', 'float16', 'bfloat16', 'float64', ... for an ONNX element type."""
+    return "float32" if elem_type == TensorProto.FLOAT else TensorProto.DataType.Name(elem_type).lower()
+
+
+def is_reduced_precision(model: onnx.ModelProto) -> bool:
+    """Whether the graph computes in float16/bfloat16 anywhere (weights, inputs or casts)."""
+    g = model.graph
+    if any(i.data_type in _REDUCED_FLOATS for i in g.initializer):
+        return True
+    if any(v.type.tensor_type.elem_type in _REDUCED_FLOATS for v in list(g.input) + list(g.output)):
+        return True
+    return any(n.op_type == "Cast" and attributes(n).get("to") in _REDUCED_FLOATS for n in g.node)
+
+
+def to_float32(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model computing in float32: float16/bfloat16 weights upcast, inputs, outputs and value
+    infos declared float32, Casts to a reduced float type cast to float32 instead, reduced-float
+    tensor attributes (ConstantOfShape's value, Constant) upcast. Names and node order are kept.
+    A float32 model is returned as it is."""
+    if not is_reduced_precision(model):
+        return model
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    g = m.graph
+    for i, init in enumerate(g.initializer):
+        if init.data_type in _REDUCED_FLOATS:
+            g.initializer[i].CopyFrom(numpy_helper.from_array(
+                numpy_helper.to_array(init).astype(np.float32), init.name))
+    for info in list(g.input) + list(g.output) + list(g.value_info):
+        if info.type.tensor_type.elem_type in _REDUCED_FLOATS:
+            info.type.tensor_type.elem_type = TensorProto.FLOAT
+    for node in g.node:
+        for a in node.attribute:
+            if a.name == "to" and node.op_type == "Cast" and a.i in _REDUCED_FLOATS:
+                a.i = TensorProto.FLOAT
+            elif a.type == onnx.AttributeProto.TENSOR and a.t.data_type in _REDUCED_FLOATS:
+                a.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(a.t).astype(np.float32), a.t.name))
+    return m
+
+
+def with_outputs(model: onnx.ModelProto, outputs, elem_types: dict, copy: bool = True) -> onnx.ModelProto:
+    """``model`` answering ``outputs`` (tensor names; each declared with its type from
+    ``elem_types``, float32 when unknown). numpy has no bfloat16, so a bfloat16 image input becomes a
+    float32 input of the same name cast to bfloat16 in the graph, and bfloat16 outputs are cast to
+    float32 under their own names; other types are left to the caller (numpy casts the feeds and
+    results exactly as a user's own run would: onnxruntime drops a Cast pair around a kernel it runs
+    in float32, so in-graph casts would skip the float16 rounding). ``copy=False`` edits ``model``
+    itself (a copy the caller made anyway)."""
+    m = model
+    if copy:
+        m = onnx.ModelProto()
+        m.CopyFrom(model)
+    g = m.graph
+    image = real_inputs(m)[0]
+    rename, head, tail = {}, [], []
+    if image.type.tensor_type.elem_type == TensorProto.BFLOAT16:
+        rename[image.name] = image.name + "/native"
+        head.append(helper.make_node("Cast", [image.name], [rename[image.name]], to=TensorProto.BFLOAT16,
+                                     name=image.name + "/to_native"))
+        image.type.tensor_type.elem_type = TensorProto.FLOAT
+    declared = []
+    for t in outputs:
+        kind = elem_types.get(t, TensorProto.FLOAT)
+        if kind == TensorProto.BFLOAT16 and t != image.name:
+            rename[t] = t + "/native"
+            tail.append(helper.make_node("Cast", [rename[t]], [t], to=TensorProto.FLOAT, name=t + "/to_float32"))
+            kind = TensorProto.FLOAT
+        declared.append(helper.make_tensor_value_info(t, kind, None))
+    if rename:
+        for node in g.node:
+            for k, name in enumerate(node.input):
+                if name in rename:
+                    node.input[k] = rename[name]
+            for k, name in enumerate(node.output):
+                if name in rename:
+                    node.output[k] = rename[name]
+        nodes = head + list(g.node) + tail
+        del g.node[:]
+        g.node.extend(nodes)
+        del g.value_info[:]
+    del g.output[:]
+    g.output.extend(declared)
     return m

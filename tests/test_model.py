@@ -200,3 +200,172 @@ def test_sidecar_beside_file_gives_class_names(tmp_path):
     (tmp_path / "tiny.onnx.json").write_text(json.dumps({"classes": list("abcde"), "trained": False}))
     m = Model.from_file(path)
     assert m.class_names == list("abcde") and not m.trained
+
+
+# ---------------------------------------------------------------- shape subgraphs and precision
+
+def _small_classifier(dtype=np.float32, torch_flatten=True, batch="N"):
+    """Conv(3->4, 3x3, pad 1) -> Relu -> MaxPool 2 -> flatten -> MatMul(64 -> 5) -> Softmax, weights
+    in ``dtype``; the flatten is torch.onnx.export's Shape -> Gather -> Unsqueeze -> Concat -> Reshape
+    (int64 shape arithmetic computed at run time) or a constant Reshape."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from cnnvis.onnxgraph import make_model
+
+    rng = np.random.default_rng(3)
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    w = (rng.normal(size=(4, 3, 3, 3)) * 0.3).astype(dtype)
+    b = (rng.normal(size=4) * 0.1).astype(dtype)
+    fc = (rng.normal(size=(64, 5)) * 0.2).astype(dtype)
+    inits = [numpy_helper.from_array(w, "conv1.weight"), numpy_helper.from_array(b, "conv1.bias"),
+             numpy_helper.from_array(fc, "fc.weight")]
+    nodes = [helper.make_node("Conv", ["x", "conv1.weight", "conv1.bias"], ["c"], kernel_shape=[3, 3],
+                              pads=[1, 1, 1, 1], name="/conv1/Conv"),
+             helper.make_node("Relu", ["c"], ["r"], name="/relu/Relu"),
+             helper.make_node("MaxPool", ["r"], ["p"], kernel_shape=[2, 2], strides=[2, 2], name="/pool/MaxPool")]
+    if torch_flatten:
+        inits += [numpy_helper.from_array(np.array(0, np.int64), "zero"),
+                  numpy_helper.from_array(np.array([0], np.int64), "axes0"),
+                  numpy_helper.from_array(np.array([-1], np.int64), "minus1")]
+        nodes += [helper.make_node("Shape", ["p"], ["s"], name="/Shape"),
+                  helper.make_node("Gather", ["s", "zero"], ["n"], axis=0, name="/Gather"),
+                  helper.make_node("Unsqueeze", ["n", "axes0"], ["n1"], name="/Unsqueeze"),
+                  helper.make_node("Concat", ["n1", "minus1"], ["target"], axis=0, name="/Concat"),
+                  helper.make_node("Reshape", ["p", "target"], ["flat"], name="/Reshape")]
+    else:
+        inits.append(numpy_helper.from_array(np.array([0, -1], np.int64), "target"))
+        nodes.append(helper.make_node("Reshape", ["p", "target"], ["flat"], name="/Reshape"))
+    nodes += [helper.make_node("MatMul", ["flat", "fc.weight"], ["logits"], name="/fc/MatMul"),
+              helper.make_node("Softmax", ["logits"], ["prob"], axis=1, name="/Softmax")]
+    graph = helper.make_graph(nodes, "small", [helper.make_tensor_value_info("x", elem, [batch, 3, 8, 8])],
+                              [helper.make_tensor_value_info("prob", elem, [batch, 5])], inits)
+    return make_model(graph)
+
+
+def test_shape_subgraph_tensors_are_no_layers():
+    model = Model(_small_classifier(), name="flat")
+    assert [layer.tensor for layer in model.layers] == ["c", "r", "p", "flat", "logits", "prob"]
+    assert [layer.name for layer in model.layers][:1] == ["conv1"] and model.layer("fc").tensor == "logits"
+    x = np.random.default_rng(0).normal(size=(3, 3, 8, 8)).astype(np.float32)
+    every = model.run(x, [layer.name for layer in model.layers])  # every layer tapped at once
+    assert all(v.dtype == np.float32 for v in every.values())
+    # the same values as a constant-shape flatten of the same weights
+    plain = Model(_small_classifier(torch_flatten=False), name="plain").run(x, ["prob"])["prob"]
+    np.testing.assert_array_equal(every["prob"], plain)
+    with pytest.raises(CnnvisError, match="unknown layer"):
+        model.layer("target")
+
+
+def test_float16_model_equals_onnxruntime_on_the_file_and_says_its_precision():
+    import onnxruntime as ort
+
+    proto = _small_classifier(np.float16)
+    model = Model(proto, name="fp16")
+    x = np.random.default_rng(1).normal(size=(5, 3, 8, 8)).astype(np.float32)
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    ref = sess.run(["prob"], {"x": x.astype(np.float16)})[0]
+    # numpy casts the feed as a user's own run does: the very same float16 results, as float32
+    alone = model.run(x, ["prob"], batch_size=2)["prob"]
+    assert alone.dtype == np.float32
+    np.testing.assert_array_equal(alone, ref.astype(np.float32))
+    # tapping intermediate tensors changes which float16 roundings onnxruntime's fused kernels skip:
+    # equal to float16 tolerance (2**-10 relative, a few roundings: rtol 4e-3 of the largest value)
+    got = model.run(x, ["prob", "conv1", "flat"], batch_size=2)
+    assert got["conv1"].dtype == np.float32 and got["flat"].shape == (5, 64)
+    np.testing.assert_allclose(got["prob"], ref.astype(np.float32), rtol=0, atol=4e-3)
+    np.testing.assert_array_equal(model.predict(x).argmax(1), ref.argmax(1))
+    assert model.precision == "float16" and model.info()["precision"]["forward"] == "float16"
+    assert model.param("conv1.weight").dtype == np.float32  # analyses get float32 weights
+    assert "precision" not in Model(_small_classifier(), name="fp32").info()
+
+
+def test_float16_gradients_are_the_upcast_model_s():
+    """The gradient engine differentiates the float32 graph with the float16 weights upcast: equal
+    (to float32 rounding, rtol 1e-5) to the same model written in float32 with those weights."""
+    half = Model(_small_classifier(np.float16), name="fp16")
+    proto32 = _small_classifier(np.float32)
+    for init in proto32.graph.initializer:  # the same (rounded) weights in float32
+        if init.data_type == 1:
+            from onnx import numpy_helper
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float16).astype(np.float32),
+                                                  init.name))
+    single = Model(proto32, name="fp32")
+    x = np.random.default_rng(2).normal(size=(2, 3, 8, 8)).astype(np.float32)
+    g16 = half.gradient_engine(half.input_name, objective="logit").run(x, index=[1, 3])[half.input_name]
+    g32 = single.gradient_engine(single.input_name, objective="logit").run(x, index=[1, 3])[single.input_name]
+    assert g16.dtype == np.float32 and np.abs(g32).max() > 0
+    np.testing.assert_allclose(g16, g32, rtol=1e-5, atol=1e-7)
+
+
+def test_bfloat16_model_runs_upcast_where_onnxruntime_has_no_kernels_and_says_so():
+    """onnxruntime's CPU build cannot run a bfloat16 Relu; the model then runs its float32 graph
+    (weights upcast) and info() records that precision. Reference: numpy on the upcast weight."""
+    from onnx import TensorProto, helper
+
+    from cnnvis.onnxgraph import make_model
+
+    w = helper.make_tensor("w", TensorProto.BFLOAT16, [1, 2, 1, 1], [0.75, -1.5])
+    graph = helper.make_graph([helper.make_node("Mul", ["x", "w"], ["m"]), helper.make_node("Relu", ["m"], ["y"])],
+                              "bf16", [helper.make_tensor_value_info("x", TensorProto.BFLOAT16, ["N", 2, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.BFLOAT16, None)], [w])
+    model = Model(make_model(graph), name="bf16")
+    assert model.precision == "bfloat16" and [layer.tensor for layer in model.layers] == ["m", "y"]
+    x = np.random.default_rng(6).normal(size=(3, 2, 4, 4)).astype(np.float32)
+    y = model.run(x, ["y"])["y"]
+    expected = np.maximum(x * np.array([0.75, -1.5], np.float32).reshape(1, 2, 1, 1), 0)
+    assert y.dtype == np.float32
+    np.testing.assert_array_equal(y, expected)  # one float32 multiply and a max: exact
+    assert model.info()["precision"]["forward"].startswith("float32 (bfloat16 weights upcast")
+
+
+def test_gradients_pass_around_a_reshape_whose_shape_is_computed_at_run_time():
+    """d logit / d input and d logit / d conv1.weight through torch's Shape -> Gather -> Concat ->
+    Reshape flatten equal those through a constant Reshape of the same weights, exactly."""
+    x = np.random.default_rng(4).normal(size=(3, 3, 8, 8)).astype(np.float32)
+    grads = []
+    for torch_flatten in (True, False):
+        model = Model(_small_classifier(torch_flatten=torch_flatten), name="flat")
+        engine = model.gradient_engine([model.input_name, "conv1.weight"], objective="logit",
+                                       target=model.layer("fc").tensor)
+        grads.append(engine.run(x, index=[0, 2, 4]))
+    for name in ("x", "conv1.weight"):
+        assert np.abs(grads[0][name]).max() > 0
+        np.testing.assert_array_equal(grads[0][name], grads[1][name])
+
+
+def test_float16_inside_float32_io_model():
+    """A float16 model converted with float32 inputs and outputs kept (Cast after the input and
+    before the output): runs in float16 exactly as onnxruntime runs the file, taps of its float16
+    tensors come back as float32, and gradients run on the float32 graph (the Casts cast to float32)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    proto = _small_classifier(np.float16)
+    graph = proto.graph
+    graph.input[0].type.tensor_type.elem_type = TensorProto.FLOAT
+    graph.output[0].type.tensor_type.elem_type = TensorProto.FLOAT
+    for node in graph.node:
+        for k, name in enumerate(node.input):
+            if name == "x":
+                node.input[k] = "x16"
+        for k, name in enumerate(node.output):
+            if name == "prob":
+                node.output[k] = "prob16"
+    nodes = [helper.make_node("Cast", ["x"], ["x16"], to=TensorProto.FLOAT16, name="/Cast_in")] + list(graph.node) \
+        + [helper.make_node("Cast", ["prob16"], ["prob"], to=TensorProto.FLOAT, name="/Cast_out")]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    model = Model(proto, name="mixed")
+    assert model.reduced_precision and model.precision == "float16"
+    x = np.random.default_rng(5).normal(size=(4, 3, 8, 8)).astype(np.float32)
+    ref = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(["prob"], {"x": x})[0]
+    np.testing.assert_array_equal(model.run(x, ["prob"])["prob"], ref)
+    conv = model.run(x, ["conv1"])["conv1"]
+    assert conv.dtype == np.float32 and conv.shape == (4, 4, 8, 8)
+    assert all(n.attribute[0].i == TensorProto.FLOAT for n in model.proto.graph.node if n.op_type == "Cast")
+    g = model.gradient_engine(model.input_name, objective="logit", target=model.layer("fc").tensor).run(x, index=1)
+    # the same as the all-float16 model's (whose gradients are the upcast graph's: see above)
+    half = Model(_small_classifier(np.float16), name="fp16")
+    ref_g = half.gradient_engine(half.input_name, objective="logit", target=half.layer("fc").tensor).run(x, index=1)
+    assert g["x"].dtype == np.float32 and np.abs(g["x"]).max() > 0
+    np.testing.assert_allclose(g["x"], ref_g["x"], rtol=1e-6, atol=1e-8)

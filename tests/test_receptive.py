@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from cnnvis.analysis.receptive import receptive_field
+from cnnvis.analysis.receptive import receptive_field, support_field
+from cnnvis.autodiff.rules import supported_ops
 from cnnvis.autodiff.engine import GradientEngine
 from cnnvis.errors import CnnvisError
 from cnnvis.model import Model
@@ -150,6 +151,158 @@ def test_unknown_op_and_branch_union():
     assert rf.size == (5, 5) and rf.offset == (-2, -2)  # the union of a 3×3 and a 5×5 centred window
     assert receptive_field(model, "t").size == (7, 7)
 
+    # no field from the graph, and (without a ConvTranspose rule) none from the gradient: one line
+    # naming the op for both
     nodes = [helper.make_node("ConvTranspose", ["data", "w1"], ["u"], name="up", strides=[2, 2])]
-    with pytest.raises(CnnvisError, match="ConvTranspose is not known"):
-        receptive_field(_net(nodes, inits), "up")
+    if "ConvTranspose" not in supported_ops():
+        with pytest.raises(CnnvisError, match=r"\(ConvTranspose\): op is not known.*\(ConvTranspose\): no backward"):
+            receptive_field(_net(nodes, inits), "up")
+
+
+# ---------------------------------------------------------------- branches, layouts, gradient support
+
+def _consts(**arrays):
+    return {k: np.asarray(v) for k, v in arrays.items()}
+
+
+def test_field_from_gradient_support_where_the_graph_gives_none():
+    """A Slice cropping the spatial axes has no graph rule: the field comes from the gradient's
+    support and equals the hand computation. c1: size 3, stride 2, offset -1; the crop starting at
+    (1, 2) moves the offset by (1, 2) * 2; c2 (3×3): size 3 + 2 * 2 = 7, stride 2."""
+    rng = np.random.default_rng(1)
+    inits = _consts(w1=rng.uniform(0.1, 1, (3, 2, 3, 3)).astype(np.float32),
+                    w2=rng.uniform(0.1, 1, (2, 3, 3, 3)).astype(np.float32),
+                    starts=np.array([1, 2], np.int64), ends=np.array([100, 100], np.int64),
+                    axes=np.array([2, 3], np.int64))
+    nodes = [helper.make_node("Conv", ["data", "w1"], ["c1"], name="c1", pads=[1, 1, 1, 1], strides=[2, 2]),
+             helper.make_node("Tanh", ["c1"], ["t1"], name="t1"),
+             helper.make_node("Slice", ["t1", "starts", "ends", "axes"], ["crop"], name="crop"),
+             helper.make_node("Conv", ["crop", "w2"], ["c2"], name="c2")]
+    model = _net(nodes, inits, shape=(2, 33, 35))
+    rf = receptive_field(model, "c2")
+    assert rf.source == "gradient support" and rf.as_dict()["source"] == "gradient support"
+    assert rf.size == (7, 7) and rf.stride == (2, 2) and rf.offset == (-1 + 2, -1 + 4)
+    assert receptive_field(model, "c1").source == "graph" and "source" not in receptive_field(model, "c1").as_dict()
+
+
+def _stem(rng, c=4):
+    """Conv 3×3 pad 1 stride 2 + Tanh: field 3 / 2 / -1 (stride 2 so that later windows are wide)."""
+    return ([helper.make_node("Conv", ["data", "w0"], ["c0"], name="c0", pads=[1, 1, 1, 1], strides=[2, 2]),
+             helper.make_node("Tanh", ["c0"], ["t0"], name="t0")],
+            {"w0": rng.uniform(0.1, 1, (c, 2, 3, 3)).astype(np.float32)})
+
+
+def test_squeeze_excitation_gate_keeps_the_spatial_field():
+    """x * sigmoid(W2 relu(W1 mean(x))) : the gate is per channel (1×1), so the product keeps x's field;
+    the pooled gate itself is global."""
+    rng = np.random.default_rng(2)
+    nodes, inits = _stem(rng)
+    inits.update(w1=rng.normal(size=(2, 4, 1, 1)).astype(np.float32), w2=rng.normal(size=(4, 2, 1, 1)).astype(np.float32),
+                 w3=rng.uniform(0.1, 1, (3, 4, 3, 3)).astype(np.float32))
+    nodes += [helper.make_node("GlobalAveragePool", ["t0"], ["m"], name="m"),
+              helper.make_node("Conv", ["m", "w1"], ["s1"], name="s1"),
+              helper.make_node("Relu", ["s1"], ["r1"], name="r1"),
+              helper.make_node("Conv", ["r1", "w2"], ["s2"], name="s2"),
+              helper.make_node("Sigmoid", ["s2"], ["gate"], name="gate"),
+              helper.make_node("Mul", ["t0", "gate"], ["se"], name="se"),
+              helper.make_node("Conv", ["se", "w3"], ["c3"], name="c3", pads=[1, 1, 1, 1])]
+    model = _net(nodes, inits, shape=(2, 15, 15))
+    assert receptive_field(model, "gate").is_global
+    se = receptive_field(model, "se")
+    assert (se.size, se.stride, se.offset) == ((3, 3), (2, 2), (-1, -1)) and se.source == "graph"
+    c3 = receptive_field(model, "c3")
+    assert (c3.size, c3.stride, c3.offset) == ((7, 7), (2, 2), (-3, -3))
+
+
+def test_reduce_mean_over_space_is_global_over_channels_is_not():
+    rng = np.random.default_rng(3)
+    nodes, inits = _stem(rng)
+    inits.update(hw=np.array([2, 3], np.int64), ch=np.array([1], np.int64))
+    nodes += [helper.make_node("ReduceMean", ["t0", "ch"], ["mc"], name="mc", keepdims=1),
+              helper.make_node("ReduceMean", ["t0", "hw"], ["ms"], name="ms", keepdims=1),
+              helper.make_node("Mul", ["mc", "ms"], ["prod"], name="prod"),
+              helper.make_node("Squeeze", ["mc"], ["sq"], name="sq"),  # no axes: the channel axis of size 1
+              helper.make_node("Unsqueeze", ["sq", "ch"], ["unsq"], name="unsq")]
+    model = _net(nodes, inits)
+    assert receptive_field(model, "mc").size == (3, 3) and receptive_field(model, "ms").is_global
+    for layer in ("sq", "unsq"):
+        rf = receptive_field(model, layer)
+        assert (rf.size, rf.stride, rf.offset, rf.source) == ((3, 3), (2, 2), (-1, -1), "graph"), layer
+    assert receptive_field(model, "prod").size == (3, 3)  # ms is broadcast over space: a per-channel factor
+
+
+def test_nhwc_transposes_layernorm_and_matmul_keep_the_field():
+    """ConvNeXt's block: Transpose to NHWC, LayerNormalization and MatMul over channels (the last
+    axis), Transpose back; the spatial axes are followed through both transposes."""
+    rng = np.random.default_rng(4)
+    nodes, inits = _stem(rng)
+    inits.update(scale=np.ones(4, np.float32), bias=np.zeros(4, np.float32),
+                 fc=rng.normal(size=(4, 4)).astype(np.float32), w3=rng.uniform(0.1, 1, (2, 4, 3, 3)).astype(np.float32))
+    nodes += [helper.make_node("Transpose", ["t0"], ["nhwc"], name="nhwc", perm=[0, 2, 3, 1]),
+              helper.make_node("LayerNormalization", ["nhwc", "scale", "bias"], ["ln"], name="ln", axis=-1),
+              helper.make_node("MatMul", ["ln", "fc"], ["mm"], name="mm"),
+              helper.make_node("Transpose", ["mm"], ["nchw"], name="nchw", perm=[0, 3, 1, 2]),
+              helper.make_node("Add", ["nchw", "t0"], ["res"], name="res"),
+              helper.make_node("Conv", ["res", "w3"], ["c3"], name="c3")]
+    model = _net(nodes, inits)
+    for layer in ("ln", "mm", "nchw", "res"):
+        rf = receptive_field(model, layer)
+        assert (rf.size, rf.stride, rf.offset, rf.is_global) == ((3, 3), (2, 2), (-1, -1), False), layer
+    assert receptive_field(model, "c3").size == (7, 7)
+    # LayerNormalization over C, H, W of an NCHW tensor mixes space
+    nodes2, inits2 = _stem(rng)
+    inits2.update(scale=np.ones((4, 7, 6), np.float32))
+    nodes2.append(helper.make_node("LayerNormalization", ["t0", "scale"], ["ln"], name="ln", axis=1))
+    assert receptive_field(_net(nodes2, inits2), "ln").is_global
+
+
+def test_channel_shuffle_split_and_concat_keep_the_field():
+    """ShuffleNet: Split over channels, a branch, Concat over channels, Reshape (N, 2, C/2, H, W) ->
+    Transpose(0, 2, 1, 3, 4) -> Reshape (N, C, H, W) with its shape computed at run time."""
+    rng = np.random.default_rng(5)
+    nodes, inits = _stem(rng)
+    inits.update(wb=rng.uniform(0.1, 1, (2, 2, 3, 3)).astype(np.float32), split=np.array([2, 2], np.int64),
+                 five=np.array([0, 2, 2, 7, 6], np.int64), zero=np.array(0, np.int64),
+                 axes0=np.array([0], np.int64), rest=np.array([4, 7, 6], np.int64))
+    nodes += [helper.make_node("Split", ["t0", "split"], ["a", "b"], name="split", axis=1),
+              helper.make_node("Conv", ["b", "wb"], ["bc"], name="bc", pads=[1, 1, 1, 1]),
+              helper.make_node("Concat", ["a", "bc"], ["cat"], name="cat", axis=1),
+              helper.make_node("Reshape", ["cat", "five"], ["r5"], name="r5"),
+              helper.make_node("Transpose", ["r5"], ["sh"], name="sh", perm=[0, 2, 1, 3, 4]),
+              helper.make_node("Shape", ["sh"], ["shp"], name="shp"),
+              helper.make_node("Gather", ["shp", "zero"], ["n"], name="n", axis=0),
+              helper.make_node("Unsqueeze", ["n", "axes0"], ["n1"], name="n1"),
+              helper.make_node("Concat", ["n1", "rest"], ["target"], name="target", axis=0),
+              helper.make_node("Reshape", ["sh", "target"], ["shuffled"], name="shuffled")]
+    model = _net(nodes, inits)
+    assert receptive_field(model, "a").size == (3, 3) and receptive_field(model, "bc").size == (7, 7)
+    for layer in ("cat", "r5", "sh", "shuffled"):
+        rf = receptive_field(model, layer)
+        assert (rf.size, rf.stride, rf.offset, rf.source) == ((7, 7), (2, 2), (-3, -3), "graph"), layer
+
+
+def test_static_field_equals_gradient_support_through_branches():
+    """The graph's field and the gradient's support (two independent derivations) agree for an
+    interior unit of an Inception-like block (1×1, 3×3 and 5×5 branches and an average pool,
+    concatenated over channels) followed by a strided conv."""
+    rng = np.random.default_rng(6)
+    nodes, inits = _stem(rng)
+    inits.update(b1=rng.uniform(0.1, 1, (2, 4, 1, 1)).astype(np.float32),
+                 b3=rng.uniform(0.1, 1, (2, 4, 3, 3)).astype(np.float32),
+                 b5=rng.uniform(0.1, 1, (2, 4, 5, 5)).astype(np.float32),
+                 w=rng.uniform(0.1, 1, (3, 10, 3, 3)).astype(np.float32))
+    nodes += [helper.make_node("Conv", ["t0", "b1"], ["x1"], name="x1"),
+              helper.make_node("Conv", ["t0", "b3"], ["x3"], name="x3", pads=[1, 1, 1, 1]),
+              helper.make_node("Conv", ["t0", "b5"], ["x5"], name="x5", pads=[2, 2, 2, 2]),
+              helper.make_node("AveragePool", ["t0"], ["xp"], name="xp", kernel_shape=[3, 3], pads=[1, 1, 1, 1],
+                               count_include_pad=1),
+              helper.make_node("Concat", ["x1", "x3", "x5", "xp"], ["inc"], name="inc", axis=1),
+              helper.make_node("Tanh", ["inc"], ["ti"], name="ti"),
+              helper.make_node("Conv", ["ti", "w"], ["out"], name="out", strides=[2, 2], pads=[1, 1, 1, 1])]
+    model = _net(nodes, inits, shape=(2, 47, 45))
+    for layer in ("inc", "out"):
+        graph, support = receptive_field(model, layer), support_field(model, layer)
+        assert support.source == "gradient support"
+        assert (graph.size, graph.stride, graph.offset) == (support.size, support.stride, support.offset), layer
+    # inc: 3 + (5 - 1) * 2 = 11, offset -1 - 2 * 2 = -5; out: 11 + 2 * 2 = 15, stride 4, offset -5 - 2
+    assert receptive_field(model, "out").size == (15, 15) and receptive_field(model, "out").offset == (-7, -7)

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import ops
 from ..errors import CnnvisError
 
 #: op types whose outputs are shown by default ("every layer" without the bookkeeping ones)
-DEFAULT_LAYER_OPS = ("Conv", "ConvTranspose", "Relu", "LeakyRelu", "PRelu", "LRN", "MaxPool",
-                     "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Gemm", "MatMul",
-                     "Softmax", "BatchNormalization", "Sigmoid", "Tanh", "Concat", "Add")
+DEFAULT_LAYER_OPS = ops.DISPLAY_OPS
 
 
 def default_layers(model) -> list:

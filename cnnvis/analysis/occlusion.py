@@ -22,12 +22,13 @@ import dataclasses
 import numpy as np
 from onnx import TensorProto, helper
 
+from .. import ops
 from ..errors import CnnvisError
 from ..preprocess import InputSpace, input_space  # noqa: F401  (re-exported for the analyses)
 
-#: ops whose output is a feature map a user would call "the layer" (not pools or bookkeeping)
-FEATURE_OPS = ("Conv", "Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Sigmoid", "Tanh", "Clip",
-               "BatchNormalization")
+#: ops whose output is a feature map a user would call "the layer" (not pools or bookkeeping);
+#: Conv first, then the ops that follow it in a block (invariance walks those)
+FEATURE_OPS = ("Conv", *sorted(ops.FEATURE_OPS - {"Conv"}))
 
 
 def resolve_class(model, spec):
@@ -151,9 +152,10 @@ class OcclusionMaps:
 # ----------------------------------------------------------------------------- incremental plan
 
 _SPATIAL = ("Conv", "MaxPool", "AveragePool")
-_UNARY = ("Relu", "LeakyRelu", "Sigmoid", "Tanh", "Elu", "Selu", "Softplus", "Softsign", "HardSigmoid",
-          "Identity", "Dropout", "LRN", "Abs", "Neg", "Exp", "Log", "Sqrt", "Erf", "Celu", "ThresholdedRelu")
-_WITH_CONSTANTS = ("Add", "Sub", "Mul", "Div", "PRelu", "BatchNormalization", "Clip", "Max", "Min", "Pow")
+#: pointwise ops applied to the chain's tensor with constant parameters (Clip's bounds, BatchNorm's
+#: statistics), and elementwise ops whose other operands are constants broadcast over space
+_UNARY = ops.UNARY_POINTWISE_OPS - {"BatchNormalization", "Clip"}
+_WITH_CONSTANTS = ops.ARITHMETIC_OPS | {"BatchNormalization", "Clip"}
 
 
 @dataclasses.dataclass
@@ -188,9 +190,8 @@ def _attrs(node):
 
 def _spatial_params(node, inits):
     """Kernel extent, stride, begin pads and pad value of a 2-D Conv / pool node, or None."""
-    a = _attrs(node)
-    auto_pad = a.get("auto_pad", b"NOTSET")
-    if auto_pad not in (b"NOTSET", "NOTSET", b"", ""):
+    a = ops.attributes(node)
+    if a.get("auto_pad", "NOTSET") not in ("NOTSET", ""):
         return None
     if node.op_type == "Conv":
         if len(node.input) < 2 or node.input[1] not in inits or any(i and i not in inits for i in node.input[2:]):
@@ -213,11 +214,8 @@ def _spatial_params(node, inits):
             pad_value = -np.inf  # padding never wins a max
         elif any(a.get("pads", [0] * 4)) or a.get("ceil_mode", 0):
             return None  # average divisors would depend on the position
-    strides = list(a.get("strides") or [1, 1])
-    dil = list(a.get("dilations") or [1, 1])
-    pads = list(a.get("pads") or [0, 0, 0, 0])
-    extent = tuple((kernel[i] - 1) * dil[i] + 1 for i in range(2))
-    return extent, tuple(strides), (pads[0], pads[1]), pad_value, per_output
+    win = ops.window(node, weight_shape=(None, None, *kernel), attrs=a)
+    return win.extent, win.strides, win.pads_begin, pad_value, per_output
 
 
 def _constant_is_pointwise(arr_dims) -> bool:
@@ -475,7 +473,8 @@ class Occlusion:
         window = _pair(self.window, "window")
         key = (window, tuple(ys), tuple(xs), tap)
         if key not in self._plans:
-            if self.incremental is False:
+            if self.incremental is False or getattr(self.model, "reduced_precision", False):
+                # a float16 model runs whole in its own precision: partial graphs would be float32
                 max_stages = 0
             else:
                 max_stages = None

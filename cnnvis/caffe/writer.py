@@ -125,6 +125,16 @@ class _Writer:
 
         return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
+    def window(self, node, attrs, weight_shape=None):
+        """The node's window geometry; SAME auto padding has no Caffe equivalent."""
+        from .. import ops
+
+        auto_pad = attrs.get("auto_pad", b"NOTSET")
+        auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+        if auto_pad not in ("NOTSET", "VALID"):
+            self.fail(node, f"auto_pad {auto_pad} has no Caffe equivalent; give explicit pads")
+        return ops.window(node, weight_shape=weight_shape, attrs=attrs)
+
     def scalar(self, name):
         if self.is_const(name) and self.const(name).size == 1:
             return float(self.const(name).reshape(()))
@@ -193,15 +203,8 @@ class _Writer:
             self.fail(node, "weights and bias must be initializers")
         weight = self.const(node.input[1])
         bias = self.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
-        nsp = weight.ndim - 2
-        auto_pad = a.get("auto_pad", b"NOTSET")
-        auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
-        if auto_pad not in ("NOTSET", "VALID"):
-            self.fail(node, f"auto_pad {auto_pad} has no Caffe equivalent; give explicit pads")
-        kernel = list(a.get("kernel_shape", weight.shape[2:]))
-        pads = list(a.get("pads", [0] * 2 * nsp)) if auto_pad == "NOTSET" else [0] * 2 * nsp
-        strides = list(a.get("strides", [1] * nsp))
-        dilations = list(a.get("dilations", [1] * nsp))
+        win = self.window(node, a, weight.shape)
+        kernel, pads, strides, dilations = list(win.kernel), list(win.pads), list(win.strides), list(win.dilations)
         group = int(a.get("group", 1))
         if deconv:
             if any(a.get("output_padding", [])) or "output_shape" in a:
@@ -276,17 +279,14 @@ class _Writer:
         shape = self.shape(node, x)
         if len(shape) != 4 or len(a.get("kernel_shape", [])) != 2:
             self.fail(node, "Caffe pools 4-D blobs with 2-D windows")
-        auto_pad = a.get("auto_pad", b"NOTSET")
-        auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
-        if auto_pad not in ("NOTSET", "VALID"):
-            self.fail(node, f"auto_pad {auto_pad} has no Caffe equivalent; give explicit pads")
-        if any(d != 1 for d in a.get("dilations", [1, 1])):
+        win = self.window(node, a)
+        if any(d != 1 for d in win.dilations):
             self.fail(node, "dilated pooling has no Caffe equivalent")
         if a.get("storage_order", 0) != 0 or len(node.output) > 1 and node.output[1]:
             self.fail(node, "MaxPool indices output has no Caffe equivalent")
-        kh, kw = a["kernel_shape"]
-        sh, sw = a.get("strides", [1, 1])
-        pads = a.get("pads", [0, 0, 0, 0]) if auto_pad == "NOTSET" else [0, 0, 0, 0]
+        kh, kw = win.kernel
+        sh, sw = win.strides
+        pads = win.pads
         ph, pw = pads[0], pads[1]
         if ph >= kh or pw >= kw:
             self.fail(node, f"pads {list(pads)} must be smaller than the kernel for Caffe")
