@@ -113,7 +113,7 @@ def test_both_sides_of_each_reachable_message(tiny, tmp_path, capsys):
     """The same mistake through the library (parameter names) and through the CLI (flags)."""
     from cnnvis.analysis import activations, maximize, occlusion, saliency
     from cnnvis.export import figures
-    from cnnvis.model import load_model
+    from cnnvis import load_model
 
     model_path, x_path, _ = tiny
     model = load_model(model_path)
