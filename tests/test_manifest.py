@@ -39,8 +39,9 @@ def test_second_command_merges_into_manifest(tmp_path):
 def test_unwritable_out_is_one_line(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    with pytest.raises(CnnvisError, match=r"--out .*file.*cannot write"):
+    with pytest.raises(CnnvisError, match=r"^out=.*file/sub: cannot write there \(.*file is a file, not a folder\)$") as err:
         ensure_writable_dir(blocker / "sub")
+    assert err.value.params == ("out",)
 
 
 def test_atomic_path_removes_temp_on_error(tmp_path):
