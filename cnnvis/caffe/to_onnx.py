@@ -80,7 +80,8 @@ def is_dropped_type(type_name: str) -> bool:
 
 
 def parse_input_shape(text) -> tuple:
-    """``--input-shape``: ``C,H,W`` (or ``N,C,H,W``, ``CxHxW``) as a (C, H, W)-like tuple of ints."""
+    """``input_shape`` (the CLI's ``--input-shape``): ``C,H,W`` (or ``N,C,H,W``, ``CxHxW``) as a
+    (C, H, W)-like tuple of ints."""
     if isinstance(text, (tuple, list)):
         parts = [str(v) for v in text]
     else:
@@ -383,7 +384,7 @@ class _Converter:
 
     def data_shape(self, layer, later):
         """(1, C, H, W) of a data layer's images and where it came from, or a CnnvisError asking
-        for --input-shape."""
+        for input_shape."""
         kind = layer.type
 
         def ask(missing):
