@@ -64,7 +64,8 @@ def find_fashion_mnist(data_dir=None) -> Path:
             return folder
     where = data_dir or ", ".join(FASHION_MNIST_DIRS)
     raise CnnvisError(f"Fashion-MNIST not found in {where}: install it with "
-                      "`apt-get install dataset-fashion-mnist` or pass --data DIR with the official IDX files")
+                      "`apt-get install dataset-fashion-mnist` or pass data_dir=<folder> with the official IDX "
+                      "files", params="data_dir")
 
 
 def _fashion_file(folder: Path, stem: str):
@@ -115,7 +116,7 @@ def read_synsets(path) -> list:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise CnnvisError(f"--synsets {path}: cannot read ({exc.strerror or exc})") from None
+        raise CnnvisError(f"synset file {path}: cannot read ({exc.strerror or exc})") from None
     out = []
     for line_no, line in enumerate(text.splitlines(), 1):
         line = line.strip()
@@ -124,9 +125,9 @@ def read_synsets(path) -> list:
         parts = line.split(None, 1)
         out.append((parts[0], parts[1] if len(parts) > 1 else parts[0]))
     if not out:
-        raise CnnvisError(f"--synsets {path}: no classes (expected lines '<id> <name>')")
+        raise CnnvisError(f"synset file {path}: no classes (expected lines '<id> <name>')")
     if len({i for i, _ in out}) != len(out):
-        raise CnnvisError(f"--synsets {path}: a class id appears twice")
+        raise CnnvisError(f"synset file {path}: a class id appears twice")
     return out
 
 
@@ -146,7 +147,7 @@ def image_tree(root, synsets=None) -> ImageSet:
         files.extend(root / folder / n for n in names)
         labels.extend([index] * len(names))
     if not files:
-        raise CnnvisError(f"--image-tree {root}: no image files in its subfolders")
+        raise CnnvisError(f"image tree {root}: no image files in its subfolders")
     return ImageSet(files, labels, classes)
 
 
@@ -155,17 +156,17 @@ def tree_classes(root, synsets=None) -> list:
     order (see :func:`image_tree`); only the top folder is scanned."""
     root = Path(root)
     if not root.is_dir():
-        raise CnnvisError(f"--image-tree {root}: not a folder")
+        raise CnnvisError(f"image tree {root}: not a folder")
     with os.scandir(root) as it:
         folders = sorted(e.name for e in it if e.is_dir() and not e.name.startswith("."))
     if not folders:
-        raise CnnvisError(f"--image-tree {root}: no class subfolders (expected ROOT/<class>/<image>)")
+        raise CnnvisError(f"image tree {root}: no class subfolders (expected ROOT/<class>/<image>)")
     if synsets is None:
         return [(f, i, f) for i, f in enumerate(folders)]
     table = {wnid: (i, name) for i, (wnid, name) in enumerate(read_synsets(synsets))}
     missing = [f for f in folders if f not in table]
     if missing:
-        raise CnnvisError(f"--image-tree {root}: subfolder {missing[0]} is not in --synsets {synsets}")
+        raise CnnvisError(f"image tree {root}: subfolder {missing[0]} is not in synsets={synsets}", params="synsets")
     return [(f, *table[f]) for f in folders]
 
 
@@ -178,7 +179,7 @@ def image_list(path) -> ImageSet:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise CnnvisError(f"--image-list {path}: cannot read ({exc.strerror or exc})") from None
+        raise CnnvisError(f"image list {path}: cannot read ({exc.strerror or exc})") from None
     files, labels = [], []
     for line_no, line in enumerate(text.splitlines(), 1):
         line = line.strip()
@@ -194,10 +195,10 @@ def image_list(path) -> ImageSet:
         files.append(path.parent / name)
         labels.append(label or None)
     if not files:
-        raise CnnvisError(f"--image-list {path}: no image paths")
+        raise CnnvisError(f"image list {path}: no image paths")
     given = [lab is not None for lab in labels]
     if any(given) and not all(given):
         line = given.index(False) if given[0] else given.index(True)
-        raise CnnvisError(f"--image-list {path}: image {line + 1} has {'no ' if given[0] else 'a '}label "
+        raise CnnvisError(f"image list {path}: image {line + 1} has {'no ' if given[0] else 'a '}label "
                           "and others do not (label every line or none)")
     return ImageSet(files, labels if all(given) else None)

@@ -38,25 +38,35 @@ _RETRIABLE = (http.client.IncompleteRead, http.client.RemoteDisconnected, Connec
               socket.timeout, TimeoutError, http.client.HTTPException)
 
 
-def check_url(url: str, what: str = "--url") -> str:
-    """``url`` if it is an http(s) URL with a host; else a one-line CnnvisError."""
+def _naming(value, param: str, label: str | None):
+    """How an error names ``value``: as ``label value`` or, without a label, as the parameter
+    ``param=value``; and the params to list in the CnnvisError."""
+    return (f"{label} {value}", ()) if label else (f"{param}={value}", (param,))
+
+
+def check_url(url: str, param: str = "url", label: str | None = None) -> str:
+    """``url`` if it is an http(s) URL with a host; else a one-line CnnvisError naming the
+    parameter ``param`` (or, given one, ``label``)."""
+    named, params = _naming(url, param, label)
     try:
         parts = urllib.parse.urlsplit(str(url))
     except ValueError as exc:
-        raise CnnvisError(f"{what} {url}: not a URL ({exc})") from None
+        raise CnnvisError(f"{named}: not a URL ({exc})", params=params) from None
     if parts.scheme.lower() not in SCHEMES or not parts.netloc:
-        raise CnnvisError(f"{what} {url}: only http:// and https:// URLs are downloaded")
+        raise CnnvisError(f"{named}: only http:// and https:// URLs are downloaded", params=params)
     return url
 
 
-def check_digest(value: str | None, algo: str, what: str) -> str | None:
-    """A hex digest in lower case (None stays None); a malformed one is a one-line CnnvisError."""
+def check_digest(value: str | None, algo: str, param: str | None = None) -> str | None:
+    """A hex digest in lower case (None stays None); a malformed one is a one-line CnnvisError
+    naming the parameter ``param`` (default: ``algo``)."""
     if value is None:
         return None
     n = {"sha256": 64, "sha1": 40}[algo]
     value = str(value).strip().lower()
     if len(value) != n or any(c not in "0123456789abcdef" for c in value):
-        raise CnnvisError(f"{what} {value}: expected {n} hex digits ({algo})")
+        named, params = _naming(value, param or algo, None)
+        raise CnnvisError(f"{named}: expected {n} hex digits ({algo})", params=params)
     return value
 
 
@@ -75,9 +85,10 @@ def download(urls, dest, sha256: str | None = None, sha1: str | None = None, siz
     dest = Path(dest)
     label = label or dest.name
     for url in urls:
-        check_url(url, what=f"{label}: URL")
+        check_url(url, label=f"{label}: URL")
     if not (sha256 or sha1):
-        raise CnnvisError(f"{label}: no sha256 or sha1 to verify the download with; pass --sha256")
+        raise CnnvisError(f"{label}: no sha256 or sha1 to verify the download with; pass sha256=<64 hex digits>",
+                          params="sha256")
     part = Path(part) if part is not None else dest.with_name(dest.name + ".part")
     part.parent.mkdir(parents=True, exist_ok=True)
     errors = []
@@ -109,7 +120,7 @@ def verify_cached(path, sha256: str | None = None, sha1: str | None = None, size
     stat = path.stat()
     if size is not None and stat.st_size != size:
         raise CnnvisError(f"{label}: {path} failed verification (size {stat.st_size} bytes, expected {size}); "
-                          "fetch again with --force")
+                          "fetch again with force=True", params="force")
     wanted = {algo: want.lower() for algo, want in (("sha256", sha256), ("sha1", sha1)) if want}
     if not wanted:
         return path
@@ -119,7 +130,8 @@ def verify_cached(path, sha256: str | None = None, sha1: str | None = None, size
     got = {algo: record[algo] for algo in wanted} if fresh else {algo: file_hash(path, algo) for algo in wanted}
     problems = [f"{algo} {got[algo]}, expected {want}" for algo, want in wanted.items() if got[algo] != want]
     if problems:
-        raise CnnvisError(f"{label}: {path} failed verification ({'; '.join(problems)}); fetch again with --force")
+        raise CnnvisError(f"{label}: {path} failed verification ({'; '.join(problems)}); fetch again with force=True",
+                          params="force")
     if records is not None and not fresh:
         _write_record(records, path, got)
     return path

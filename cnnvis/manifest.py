@@ -91,12 +91,13 @@ def write_error_errno(exc: BaseException) -> int | None:
     return None
 
 
-def write_error(exc: BaseException, path) -> CnnvisError | None:
-    """A one-line CnnvisError for a failed write of ``path`` (None when ``exc`` is not one)."""
+def write_error(exc: BaseException, path, params=()) -> CnnvisError | None:
+    """A one-line CnnvisError for a failed write of ``path`` (None when ``exc`` is not one);
+    ``params``: the parameters ``path`` names as ``name=value``."""
     code = write_error_errno(exc)
     if code is None:
         return None
-    return CnnvisError(f"{_WRITE_ERRNOS[code]} writing {path}")
+    return CnnvisError(f"{_WRITE_ERRNOS[code]} writing {path}", params=params)
 
 
 @contextlib.contextmanager
@@ -265,8 +266,9 @@ def ensure_writable_dir(out) -> Path:
     except OSError as exc:
         blocker = next((p for p in [*reversed(out.parents), out] if p.exists() and not p.is_dir()), None)
         if blocker is not None:
-            raise CnnvisError(f"--out {out}: cannot write there ({blocker} is a file, not a folder)") from None
-        raise CnnvisError(f"--out {out}: cannot write there ({exc.strerror or exc})") from None
+            raise CnnvisError(f"out={out}: cannot write there ({blocker} is a file, not a folder)",
+                              params="out") from None
+        raise CnnvisError(f"out={out}: cannot write there ({exc.strerror or exc})", params="out") from None
     return out
 
 
@@ -315,7 +317,7 @@ class RunOutput:
         rel = Path(relpath)
         if rel.is_absolute() or ".." in rel.parts or not rel.parts or rel.parts[0] in _RESERVED \
                 or rel.parts[0].startswith(".cnnvis"):
-            raise ValueError(f"output path must be relative to --out: {relpath}")
+            raise ValueError(f"output path must be relative to the out folder: {relpath}")
         entry = {"path": rel.as_posix(), "kind": kind}
         entry.update({k: v for k, v in meta.items() if v is not None})
         self.files = [f for f in self.files if f["path"] != entry["path"]] + [entry]
@@ -352,13 +354,14 @@ class RunOutput:
                 return CnnvisError(str(error).replace(str(self._stage), str(self.out)))
             return None
         if isinstance(error, (OSError, RuntimeError)):
-            return write_error(error, self._shown(getattr(error, "filename", None)))
+            filename = getattr(error, "filename", None)
+            return write_error(error, self._shown(filename), params=() if filename else "out")
         return None
 
     def _shown(self, filename) -> str:
         """Where a failed write was going, said as the final path under ``out``."""
         if not filename:
-            return f"into --out {self.out}"
+            return f"into out={self.out}"
         try:
             return str(self.out / Path(filename).relative_to(self._stage))
         except ValueError:
@@ -476,9 +479,9 @@ def _superseded(out: Path, runs: dict, record: dict) -> list:
         what = ("a run of the same command with other parameters" if other.get("command") == record["command"]
                 else f"a {other.get('command', other_key)} run")
         more = f" and {len(shared) - 1} more" if len(shared) > 1 else ""
-        raise CnnvisError(f"--out {out}: holds {what} ({other_key!r} in {MANIFEST_NAME}) with files this run "
-                          f"would overwrite ({shared[0]}{more}) and others it would not; use another --out, "
-                          "or remove that folder's results first")
+        raise CnnvisError(f"out={out}: holds {what} ({other_key!r} in {MANIFEST_NAME}) with files this run "
+                          f"would overwrite ({shared[0]}{more}) and others it would not; write to another "
+                          "folder, or remove that folder's results first", params="out")
     return replaced
 
 

@@ -349,32 +349,34 @@ def resolve(spec: str | None = None, weights=None, download: bool = False, progr
     spec = str(spec) if spec is not None else default_model_name()
     weights = Path(weights) if weights is not None else None
     if weights is not None and not weights.is_file():
-        raise CnnvisError(f"--weights {weights}: no such file")
+        raise CnnvisError(f"weights={weights}: no such file", params="weights")
     looks_like_path = spec.lower().endswith((".onnx", ".prototxt", ".pbtxt")) or os.sep in spec or "/" in spec
     if not looks_like_path:
         side, side_path = _lookup(spec)
         return _resolve_registry(side, side_path, weights, download, progress)
     path = Path(spec)
     if not path.is_file():
-        raise CnnvisError(f"--model {path}: no such file (expected a registry name, an .onnx file or a .prototxt)")
+        raise CnnvisError(f"model {path}: no such file (expected a registry name, an .onnx file or a .prototxt)")
     beside = _sidecar_beside(path)
     side = read_sidecar(beside, default_name=path.name) if beside else {"name": path.name}
     suffix = path.suffix.lower()
     if suffix == ".onnx":
         if weights is not None:
-            raise CnnvisError(f"--weights {weights}: only used with a Caffe .prototxt model, not {path.name}")
+            raise CnnvisError(f"weights={weights}: only used with a Caffe .prototxt model, not {path.name}",
+                              params="weights")
         side.setdefault("kind", "onnx")
         return ModelEntry(side["name"], "onnx", path, side, sidecar_path=beside)
     if suffix in (".prototxt", ".pbtxt"):
         side.setdefault("kind", "caffe")
         return ModelEntry(side["name"], "caffe", path, side, weights=weights, sidecar_path=beside)
-    raise CnnvisError(f"--model {path}: expected an .onnx file or a Caffe .prototxt (with --weights)")
+    raise CnnvisError(f"model {path}: expected an .onnx file or a Caffe .prototxt (with weights=<.caffemodel>)",
+                      params="weights")
 
 
 def _resolve_registry(side, side_path, weights, download, progress) -> ModelEntry:
     name, kind = side["name"], side["kind"]
     if weights is not None and kind != "caffe":
-        raise CnnvisError(f"--weights {weights}: model {name} is {kind}, not a Caffe model")
+        raise CnnvisError(f"weights={weights}: model {name} is {kind}, not a Caffe model", params="weights")
     if kind == "builder":
         return ModelEntry(name, kind, build_cached(side), side, sidecar_path=side_path)
     if kind == "caffe" and weights is not None:
@@ -455,7 +457,8 @@ def deploy_prototxt(entry: ModelEntry) -> Path:
             from .caffe.writer import onnx_to_caffe, prototxt_text
         except ImportError:
             raise CnnvisError(f"model {entry.name}: this cnnvis cannot write Caffe deploy files; "
-                              "pass --model deploy.prototxt --weights <file> instead") from None
+                              "give the deploy .prototxt as the model, with weights=<file>, instead",
+                              params="weights") from None
         kwargs = {"input_size": int(size[1])} if size and "input_size" in inspect.signature(build).parameters else {}
         net, _ = onnx_to_caffe(build(**kwargs), name=entry.name)
         with atomic_path(path) as tmp:
@@ -570,16 +573,17 @@ def fetch(name: str, progress: bool = True, url: str | None = None, sha256: str 
     dest = _file_location(side, side_path)
     if dest is None:
         raise CnnvisError(f"{side_path}: model {name} has no 'file' to fetch")
-    given = {"sha256": check_digest(sha256, "sha256", "--sha256"), "sha1": check_digest(sha1, "sha1", "--sha1")}
+    given = {"sha256": check_digest(sha256, "sha256"), "sha1": check_digest(sha1, "sha1")}
     for algo, value in given.items():
         known = side.get(algo)
         if value and known and value != known:
-            raise CnnvisError(f"--{algo} {value}: the registry's {algo} of {name} is {known}; "
-                              "a --url must serve the registry's file")
+            served = f"; url={url} must serve the registry's file" if url is not None else ""
+            raise CnnvisError(f"{algo}={value}: the registry's {algo} of {name} is {known}{served}",
+                              params=(algo, "url"))
     sha256, sha1 = given["sha256"] or side.get("sha256"), given["sha1"] or side.get("sha1")
     if not (sha256 or sha1):
         raise CnnvisError(f"model {name}: {side_path} gives no sha256 or sha1 to verify a download with; "
-                          "pass --sha256")
+                          "pass sha256=<64 hex digits>", params="sha256")
     if url is not None:
         urls = [check_url(url)]
     else:

@@ -84,7 +84,7 @@ def worker_model(ref: ModelRef):
             if model.sha256 != ref.sha256:
                 import socket
 
-                raise CnnvisError(f"--model {ref.spec}: sha256 {model.sha256[:16]}… on worker {socket.gethostname()}, "
+                raise CnnvisError(f"model {ref.spec}: sha256 {model.sha256[:16]}… on worker {socket.gethostname()}, "
                                   f"{ref.sha256[:16]}… on the client (a different file)")
             _MODELS[key] = model
     return model
@@ -327,10 +327,11 @@ class ShardStore:
                 meta = json.loads(bytes(z["__meta__"]).decode("utf-8"))
                 arrays = {k: z[k] for k in z.files if k != "__meta__"}
         except (OSError, ValueError, KeyError) as exc:
-            raise CnnvisError(f"{path}: unreadable shard result ({exc}); rerun with --restart") from None
+            raise CnnvisError(f"{path}: unreadable shard result ({exc}); rerun with restart=True",
+                              params="restart") from None
         if meta.get("version") != SHARD_VERSION:
             raise CnnvisError(f"{path}: shard result version {meta.get('version')!r}, expected {SHARD_VERSION}; "
-                              "rerun with --restart")
+                              "rerun with restart=True", params="restart")
         return ShardResult(meta, arrays)
 
     def remove(self) -> None:
@@ -366,13 +367,13 @@ def parse_address(address: str):
     if m:
         n = int(m.group(1))
         if n < 1:
-            raise CnnvisError(f"--dask {address}: local:N needs N >= 1 worker processes")
+            raise CnnvisError(f"Dask address {address}: local:N needs N >= 1 worker processes")
         return "local", n
     if text.startswith("local"):
-        raise CnnvisError(f"--dask {address}: expected local:N (N worker processes) or a scheduler "
+        raise CnnvisError(f"Dask address {address}: expected local:N (N worker processes) or a scheduler "
                           "address like tcp://host:8786")
     if not re.fullmatch(r"(tcp|tls|ucx|inproc|ws|wss)://\S+|[\w.\-]+:\d+", text):
-        raise CnnvisError(f"--dask {address}: expected a scheduler address like tcp://host:8786, or local:N")
+        raise CnnvisError(f"Dask address {address}: expected a scheduler address like tcp://host:8786, or local:N")
     return "remote", text
 
 
@@ -396,7 +397,7 @@ def connect(options: ClusterOptions, label: str = "cnnvis"):
             try:
                 client = Client(where, timeout="20s")
             except (OSError, TimeoutError) as exc:
-                raise CnnvisError(f"--dask {where}: no Dask scheduler answers there ({exc})") from None
+                raise CnnvisError(f"Dask address {where}: no Dask scheduler answers there ({exc})") from None
     except BaseException:
         if cluster is not None:
             cluster.close()
@@ -454,7 +455,7 @@ def run_shards(client, fn, job: dict, shards: list, store: ShardStore, label: st
             client.cancel(futures)
             shard = next((s for f, s in zip(futures, todo) if f.key == getattr(exc, "task", None)), None)
             where = f" (shard {shard.index}, from {shard.paths[0]})" if shard is not None else ""
-            raise CnnvisError(f"--dask: a task took down {getattr(exc, 'allowed_failures', '?')} workers in turn"
+            raise CnnvisError(f"Dask: a task took down {getattr(exc, 'allowed_failures', '?')} workers in turn"
                               f"{where}; the shards recorded so far are kept in {store.folder}") from None
         except BaseException:
             client.cancel(futures)

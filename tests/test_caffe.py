@@ -27,12 +27,13 @@ RTOL = 1e-5  # float32 graph vs float64 reference, relative to each blob's large
 # ---------------------------------------------------------------- float64 Caffe reference
 
 def ref_conv(x, w, b=None, stride=(1, 1), pad=(0, 0), dilation=(1, 1), group=1):
+    """Caffe's convolution (cross-correlation, zero padding) with one BLAS product per kernel tap."""
     n, c, h, wd = x.shape
     o, cg, kh, kw = w.shape
     xp = np.pad(x, ((0, 0), (0, 0), (pad[0], pad[0]), (pad[1], pad[1])))
     oh = (h + 2 * pad[0] - (dilation[0] * (kh - 1) + 1)) // stride[0] + 1
     ow = (wd + 2 * pad[1] - (dilation[1] * (kw - 1) + 1)) // stride[1] + 1
-    out = np.zeros((n, o, oh, ow))
+    out = np.zeros((o, n, oh, ow))
     og = o // group
     for g in range(group):
         xs = xp[:, g * cg:(g + 1) * cg]
@@ -40,10 +41,9 @@ def ref_conv(x, w, b=None, stride=(1, 1), pad=(0, 0), dilation=(1, 1), group=1):
             for j in range(kw):
                 r0, c0 = i * dilation[0], j * dilation[1]
                 patch = xs[:, :, r0:r0 + stride[0] * (oh - 1) + 1:stride[0], c0:c0 + stride[1] * (ow - 1) + 1:stride[1]]
-                out[:, g * og:(g + 1) * og] += np.einsum("nchw,oc->nohw", patch, w[g * og:(g + 1) * og, :, i, j])
-    if b is not None:
-        out += b[None, :, None, None]
-    return out
+                out[g * og:(g + 1) * og] += np.tensordot(w[g * og:(g + 1) * og, :, i, j], patch, axes=([1], [1]))
+    out = out.transpose(1, 0, 2, 3)
+    return out + b[None, :, None, None] if b is not None else out
 
 
 def ref_deconv(x, w, b=None, stride=(1, 1), pad=(0, 0), group=1):
@@ -116,10 +116,9 @@ def ref_softmax(x, axis):
 
 # ---------------------------------------------------------------- helpers
 
-def write_net(tmp_path, body, input_shape, blobs=None, name="net"):
-    dims = " ".join(f"dim: {d}" for d in input_shape)
-    text = (f'name: "{name}"\nlayer {{ name: "data" type: "Input" top: "data" '
-            f"input_param {{ shape {{ {dims} }} }} }}\n{body}")
+def write_prototxt(tmp_path, name, text, blobs=None):
+    """``text`` as ``<name>.prototxt`` and, given ``blobs`` ({layer: [arrays]}), the .caffemodel
+    cnnvis's writer makes of them; returns (prototxt, caffemodel or None)."""
     proto = tmp_path / f"{name}.prototxt"
     proto.write_text(text)
     weights = None
@@ -127,6 +126,14 @@ def write_net(tmp_path, body, input_shape, blobs=None, name="net"):
         weights = tmp_path / f"{name}.caffemodel"
         weights.write_bytes(caffemodel_bytes(parse_prototxt(proto), blobs))
     return proto, weights
+
+
+def write_net(tmp_path, body, input_shape, blobs=None, name="net"):
+    """A deploy net: an Input layer of ``input_shape``, then ``body``."""
+    dims = " ".join(f"dim: {d}" for d in input_shape)
+    text = (f'name: "{name}"\nlayer {{ name: "data" type: "Input" top: "data" '
+            f"input_param {{ shape {{ {dims} }} }} }}\n{body}")
+    return write_prototxt(tmp_path, name, text, blobs)
 
 
 def run_all(model, feeds):

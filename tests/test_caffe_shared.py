@@ -104,7 +104,7 @@ def test_cifar10_quick_train_test_prototxt_with_its_snapshot(cifar, tmp_path):
     from cnnvis.errors import CnnvisError
 
     proto = Path(__file__).parent / "data" / "caffe" / "cifar10_quick_train_test.prototxt"
-    with pytest.raises(CnnvisError, match="image size .* --input-shape"):
+    with pytest.raises(CnnvisError, match="image size .* input_shape=C,H,W"):
         load_caffe(proto, cifar["binary"])
     model = load_caffe(proto, cifar["binary"], input_shape="3,32,32")
     (note,) = caffe_notes(model)

@@ -8,12 +8,12 @@ import numpy as np
 import onnx
 import pytest
 
-from cnnvis.caffe import caffe_notes, caffemodel_bytes, load_caffe, parse_prototxt, read_net
+from cnnvis.caffe import caffe_notes, load_caffe, read_net
 from cnnvis.caffe.schema import messages
 from cnnvis.cli import main
 from cnnvis.onnxgraph import create_session
 
-from test_caffe import _error, assert_close, ref_conv, ref_pool, rng
+from test_caffe import _error, assert_close, ref_conv, ref_pool, rng, write_prototxt
 
 DATA_TRAIN_TEST = """
 layer { name: "data" type: "Data" top: "data" top: "label" include { phase: TRAIN }
@@ -62,23 +62,13 @@ def _reference(x, blobs):
     return pool.reshape(len(x), -1) @ blobs["fc"][0].T + blobs["fc"][1]
 
 
-def _write(tmp_path, name, text, blobs=None):
-    proto = tmp_path / f"{name}.prototxt"
-    proto.write_text(text)
-    weights = None
-    if blobs is not None:
-        weights = tmp_path / f"{name}.caffemodel"
-        weights.write_bytes(caffemodel_bytes(parse_prototxt(proto), blobs))
-    return proto, weights
-
-
 def _forward(model, x):
     return create_session(model, device="cpu", threads=1).run(None, {model.graph.input[0].name: x.astype(np.float32)})
 
 
 def test_train_val_net_opens_as_its_deploy_net(tmp_path):
     blobs = _weights()
-    proto, weights = _write(tmp_path, "train_val", 'name: "tv"\n' + DATA_TRAIN_TEST + BODY, blobs)
+    proto, weights = write_prototxt(tmp_path, "train_val", 'name: "tv"\n' + DATA_TRAIN_TEST + BODY, blobs)
     model = load_caffe(proto, weights)
     onnx.checker.check_model(model)
     # The TEST data layer is the input: 2 channels from the 2 mean values, 9x9 from crop_size.
@@ -102,7 +92,7 @@ def test_train_val_net_opens_as_its_deploy_net(tmp_path):
     deploy_body = "\n".join(line for line in BODY.strip().splitlines()
                             if not any(k in line for k in ("aux/", "Loss", "Accuracy", "top-5", "accuracy_param")))
     deploy_body = deploy_body.replace("batch_norm_param { use_global_stats: false }", "")
-    deploy, _ = _write(tmp_path, "deploy", 'name: "tv"\nlayer { name: "data" type: "Input" top: "data" '
+    deploy, _ = write_prototxt(tmp_path, "deploy", 'name: "tv"\nlayer { name: "data" type: "Input" top: "data" '
                        "input_param { shape { dim: 1 dim: 2 dim: 9 dim: 9 } } }\n" + deploy_body)
     plain = load_caffe(deploy, weights)
     assert caffe_notes(plain) == []
@@ -112,7 +102,7 @@ def test_train_val_net_opens_as_its_deploy_net(tmp_path):
 def test_a_deploy_net_keeps_refusing_batch_statistics(tmp_path):
     text = ('layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 2 dim: 3 dim: 3 } } }\n'
             'layer { name: "bn" type: "BatchNorm" bottom: "data" top: "bn" batch_norm_param { use_global_stats: false } }\n')
-    proto, _ = _write(tmp_path, "deploy_bn", text)
+    proto, _ = write_prototxt(tmp_path, "deploy_bn", text)
     assert "use_global_stats" in _error(load_caffe, proto)
 
 
@@ -136,7 +126,7 @@ def test_data_layer_kinds_give_the_input_shape(tmp_path, layer, shape, how):
     text = (f'layer {{ name: "src" {layer} top: "data" top: "label" }}\n'
             'layer { name: "gap" type: "Pooling" bottom: "data" top: "gap" pooling_param { pool: AVE global_pooling: true } }\n'
             'layer { name: "loss" type: "EuclideanLoss" bottom: "gap" bottom: "label" top: "loss" }\n')
-    proto, _ = _write(tmp_path, "kinds", text)
+    proto, _ = write_prototxt(tmp_path, "kinds", text)
     model = load_caffe(proto)
     dims = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim[1:]]
     assert tuple(dims) == shape
@@ -154,7 +144,7 @@ def test_channels_from_weights_and_mean_file(tmp_path, monkeypatch):
             'data_param { source: "x" batch_size: 4 } }\n'
             'layer { name: "conv" type: "Convolution" bottom: "data" top: "conv" convolution_param { num_output: 2 kernel_size: 3 bias_term: false } }\n'
             'layer { name: "loss" type: "SoftmaxWithLoss" bottom: "conv" bottom: "label" top: "loss" }\n')
-    proto, weights = _write(tmp_path, "fromweights", text, {"conv": [w]})
+    proto, weights = write_prototxt(tmp_path, "fromweights", text, {"conv": [w]})
     model = load_caffe(proto, weights)
     assert [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim[1:]] == [3, 6, 6]
     assert "the first convolution's weights" in caffe_notes(model)[0]
@@ -162,7 +152,7 @@ def test_channels_from_weights_and_mean_file(tmp_path, monkeypatch):
     assert_close(_forward(model, x)[0], ref_conv(x, w), "conv")
     # without weights nothing says the channels: the error asks for --input-shape
     message = _error(load_caffe, proto)
-    assert "'d' (Data)" in message and "channels" in message and "--input-shape" in message
+    assert "'d' (Data)" in message and "channels" in message and "input_shape=C,H,W" in message
     # a mean file (C x H x W) beside the prototxt gives channels and, without crop_size, the size
     m = messages()
     mean = m.BlobProto(num=1, channels=2, height=5, width=4)
@@ -172,7 +162,7 @@ def test_channels_from_weights_and_mean_file(tmp_path, monkeypatch):
             'data_param { source: "x" batch_size: 4 } }\n'
             'layer { name: "sig" type: "Sigmoid" bottom: "data" top: "sig" }\n'
             'layer { name: "acc" type: "Accuracy" bottom: "sig" bottom: "label" top: "acc" }\n')
-    proto, _ = _write(tmp_path, "meanfile", text)
+    proto, _ = write_prototxt(tmp_path, "meanfile", text)
     monkeypatch.chdir(tmp_path.parent)  # found beside the prototxt, not only in the working folder
     model = load_caffe(proto)
     assert [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim[1:]] == [2, 5, 4]
@@ -183,15 +173,15 @@ def test_input_shape_option_and_shapes_that_cannot_be_derived(tmp_path):
     text = ('layer { name: "h5" type: "HDF5Data" top: "data" top: "label" hdf5_data_param { source: "files.txt" batch_size: 4 } }\n'
             'layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip" inner_product_param { num_output: 2 } }\n'
             'layer { name: "loss" type: "SigmoidCrossEntropyLoss" bottom: "ip" bottom: "label" top: "loss" }\n')
-    proto, _ = _write(tmp_path, "h5", text)
+    proto, _ = write_prototxt(tmp_path, "h5", text)
     message = _error(load_caffe, proto)
-    assert "'h5' (HDF5Data)" in message and "--input-shape C,H,W" in message
+    assert "'h5' (HDF5Data)" in message and "input_shape=C,H,W" in message
     for spec in ("3,4,5", "1,3,4,5", "3x4x5", (3, 4, 5)):
         model = load_caffe(proto, input_shape=spec)
         assert [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim[1:]] == [3, 4, 5]
     assert "from --input-shape" in caffe_notes(model)[0]
-    assert "--input-shape 3,a" in _error(load_caffe, proto, input_shape="3,a")
-    assert "--input-shape 0,4,4" in _error(load_caffe, proto, input_shape="0,4,4")
+    assert "input_shape=3,a" in _error(load_caffe, proto, input_shape="3,a")
+    assert "input_shape=0,4,4" in _error(load_caffe, proto, input_shape="0,4,4")
     # it also replaces the shape of a deploy net's input, which stays a deploy net (no note)
     old = tmp_path / "old.prototxt"
     old.write_text('input: "data"\ninput_dim: 1 input_dim: 3 input_dim: 8 input_dim: 8\n'
@@ -220,7 +210,7 @@ layer { name: "stage_no" type: "Sigmoid" bottom: "data" top: "f" include { not_s
 layer { name: "either" type: "ELU" bottom: "data" top: "g" include { phase: TRAIN } include { stage: "val" } }
 layer { name: "excluded_stage" type: "ELU" bottom: "data" top: "h" exclude { stage: "val" } }
 """
-    proto, _ = _write(tmp_path, "rules", text)
+    proto, _ = write_prototxt(tmp_path, "rules", text)
     assert [l.name for l in read_net(proto).layers] == ["data", "level_ok", "stage_ok", "either"]
     model = load_caffe(proto)
     assert [o.name for o in model.graph.output] == ["c", "e", "g"]
@@ -229,7 +219,7 @@ layer { name: "excluded_stage" type: "ELU" bottom: "data" top: "h" exclude { sta
 def test_label_read_by_a_kept_layer_is_an_error(tmp_path):
     text = ('layer { name: "d" type: "MemoryData" top: "data" top: "label" memory_data_param { batch_size: 1 channels: 1 height: 2 width: 2 } }\n'
             'layer { name: "use" type: "Sigmoid" bottom: "label" top: "use" }\n')
-    proto, _ = _write(tmp_path, "label", text)
+    proto, _ = write_prototxt(tmp_path, "label", text)
     message = _error(load_caffe, proto)
     assert "'use'" in message and "'label'" in message and "'d'" in message
 
@@ -241,7 +231,7 @@ def test_cli_input_shape_and_one_note(tmp_path, capsys):
             'layer { name: "ip" type: "InnerProduct" bottom: "conv" top: "ip" inner_product_param { num_output: 3 } }\n'
             'layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" }\n'
             'layer { name: "acc" type: "Accuracy" bottom: "ip" bottom: "label" top: "acc" include { phase: TEST } }\n')
-    proto, _ = _write(tmp_path, "train", text)
+    proto, _ = write_prototxt(tmp_path, "train", text)
     out = tmp_path / "train.onnx"
     assert main(["convert-caffe", str(proto), "-o", str(out)]) == 2
     err = capsys.readouterr().err
@@ -279,7 +269,7 @@ layers { name: "loss" type: SOFTMAX_LOSS bottom: "ip" bottom: "label" top: "loss
     w, b = r.standard_normal((3, 72)), r.standard_normal(3)
     from google.protobuf import text_format
 
-    proto, _ = _write(tmp_path, "v1train", text)
+    proto, _ = write_prototxt(tmp_path, "v1train", text)
     net = messages().NetParameter()
     text_format.Parse(text, net)
     for layer in net.layers:
@@ -305,7 +295,7 @@ def test_label_given_as_an_input_is_left_out(tmp_path):
             'input_param { shape { dim: 4 dim: 2 dim: 3 dim: 3 } shape { dim: 4 } } }\n'
             'layer { name: "sig" type: "Sigmoid" bottom: "data" top: "sig" }\n'
             'layer { name: "loss" type: "SigmoidCrossEntropyLoss" bottom: "sig" bottom: "label" top: "loss" }\n')
-    proto, _ = _write(tmp_path, "input_label", text)
+    proto, _ = write_prototxt(tmp_path, "input_label", text)
     model = load_caffe(proto)
     assert [i.name for i in model.graph.input] == ["data"] and [o.name for o in model.graph.output] == ["sig"]
     assert "input 'label' (read only by dropped layers) left out" in caffe_notes(model)[0]

@@ -19,31 +19,11 @@ from cnnvis.caffe import (
 )
 from cnnvis.onnxgraph import create_session
 
-from test_caffe import ref_lrn_across, ref_pool
+from test_caffe import ref_conv, ref_lrn_across, ref_pool
 
 DATA = Path(__file__).parent / "data" / "caffe"
 RTOL = 1e-4
 SKIPPED_TYPES = {"Accuracy", "SoftmaxWithLoss", "Data", "Input"}
-
-
-def conv2d(x, w, b, stride, pad, dilation, group):
-    """Caffe's convolution (cross-correlation, zero padding) with one BLAS product per kernel tap."""
-    n, c, h, wd = x.shape
-    o, cg, kh, kw = w.shape
-    xp = np.pad(x, ((0, 0), (0, 0), (pad[0], pad[0]), (pad[1], pad[1])))
-    oh = (h + 2 * pad[0] - (dilation[0] * (kh - 1) + 1)) // stride[0] + 1
-    ow = (wd + 2 * pad[1] - (dilation[1] * (kw - 1) + 1)) // stride[1] + 1
-    out = np.zeros((o, n, oh, ow))
-    og = o // group
-    for g in range(group):
-        xs = xp[:, g * cg:(g + 1) * cg]
-        for i in range(kh):
-            for j in range(kw):
-                r0, c0 = i * dilation[0], j * dilation[1]
-                patch = xs[:, :, r0:r0 + stride[0] * (oh - 1) + 1:stride[0], c0:c0 + stride[1] * (ow - 1) + 1:stride[1]]
-                out[g * og:(g + 1) * og] += np.tensordot(w[g * og:(g + 1) * og, :, i, j], patch, axes=([1], [1]))
-    out = out.transpose(1, 0, 2, 3)
-    return out + b[None, :, None, None] if b is not None else out
 
 
 class MiniCaffe:
@@ -94,7 +74,7 @@ class MiniCaffe:
         dil = (p.dilation[0],) * 2 if len(p.dilation) else (1, 1)
         shapes = [(p.num_output, x.shape[1] // p.group, kh, kw)] + ([(p.num_output,)] if p.bias_term else [])
         blobs = self.param(layer, shapes, ["weight", "bias"][:len(shapes)])
-        return conv2d(x, blobs[0], blobs[1] if p.bias_term else None, (sh, sw), (ph, pw), dil, p.group)
+        return ref_conv(x, blobs[0], blobs[1] if p.bias_term else None, (sh, sw), (ph, pw), dil, p.group)
 
     def ReLU(self, layer, x):
         slope = layer.proto.relu_param.negative_slope
@@ -333,7 +313,7 @@ def test_network_in_network_train_val(tmp_path):
     proto = tmp_path / "nin.prototxt"
     proto.write_text(_nin(8))
     # crop_size 224 but the mean file (and so the channels) is not here: --input-shape
-    with pytest.raises(Exception, match="--input-shape"):
+    with pytest.raises(Exception, match="input_shape=C,H,W"):
         load_caffe(proto)
     # NIN at 224: conv1 (224 - 11) / 4 + 1 = 54, pools round up: 27, 13, 6; pool4 averages 6x6.
     model, _ = _check(tmp_path, proto, (3, 224, 224), {

@@ -44,10 +44,12 @@ def _flag_strings(node):
 
 
 def test_library_messages_name_no_cli_flags():
-    """No CnnvisError raised in analysis/ or the export modules spells a flag; those naming a
+    """No CnnvisError raised in the library below the CLI (analysis/, export/, autodiff/, caffe/,
+    the catalog, downloads, output folders, datasets, Dask scale) spells a flag; those naming a
     parameter list it in ``params`` so the CLI can print its flag."""
-    files = sorted((ROOT / "cnnvis" / "analysis").glob("*.py"))
-    files += [ROOT / "cnnvis" / "export" / f"{m}.py" for m in ("volumes", "figures", "plots", "render")]
+    package = ROOT / "cnnvis"
+    files = sorted(f for folder in ("analysis", "export", "autodiff", "caffe") for f in (package / folder).glob("*.py"))
+    files += [package / f"{m}.py" for m in ("registry", "download", "manifest", "datasets", "scale")]
     offenders, named = [], 0
     for path in files:
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
@@ -57,7 +59,7 @@ def test_library_messages_name_no_cli_flags():
             elif isinstance(node, ast.FunctionDef) and node.name == "gl_problem":
                 offenders += [f"{path.name}:{node.lineno}: {s!r}" for s in _flag_strings(node)]
     assert offenders == []
-    assert named >= 17  # the messages that used to spell --k, --method, --layer, --window, ...
+    assert named >= 45  # the messages that used to spell --k, --method, --layer, --weights, --out, ...
 
 
 def _parser():
@@ -155,3 +157,26 @@ def test_render_show_without_a_display_names_the_flag(tiny, tmp_path, capsys, mo
     model_path, x_path, _ = tiny
     err = _cli_error(["render", "--model", model_path, "--input-array", x_path, "--show"], capsys, tmp_path)
     assert "error: --show needs a display (DISPLAY is unset" in err
+
+
+def test_catalog_and_output_messages_print_the_commands_flags(tiny, tmp_path, capsys):
+    """registry / manifest messages name weights= and out=; through the CLI they read --weights, --out."""
+    from cnnvis import registry
+    from cnnvis.manifest import ensure_writable_dir
+
+    model_path, x_path, _ = tiny
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    out = blocker / "sub"
+    lib = _library_message(lambda: ensure_writable_dir(out))
+    assert lib == f"out={out}: cannot write there ({blocker} is a file, not a folder)"
+    code = main(["activations", "--model", model_path, "--input-array", x_path, "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and err == f"cnnvis activations: error: --out {out}: cannot write there ({blocker} is a file, not a folder)\n"
+
+    missing = tmp_path / "nope.caffemodel"
+    lib = _library_message(lambda: registry.resolve(model_path, weights=missing))
+    assert lib == f"weights={missing}: no such file"
+    err = _cli_error(["activations", "--model", model_path, "--weights", str(missing), "--input-array", x_path],
+                     capsys, tmp_path)
+    assert f"error: --weights {missing}: no such file" in err

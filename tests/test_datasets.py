@@ -77,7 +77,7 @@ def test_image_tree_with_synsets(tmp_path):
     plain = datasets.image_tree(tmp_path / "tree")
     assert plain.labels == [0, 1, 1]
     _touch_images(tmp_path / "tree" / "n09999999", ["c.png"])
-    with pytest.raises(CnnvisError, match="subfolder n09999999 is not in --synsets"):
+    with pytest.raises(CnnvisError, match="subfolder n09999999 is not in synsets="):
         datasets.image_tree(tmp_path / "tree", syn)
     with pytest.raises(CnnvisError, match="no class subfolders"):
         datasets.image_tree(tmp_path / "tree" / "n01440764")

@@ -185,7 +185,7 @@ def test_only_http_urls_are_downloaded(server, tmp_path):
 
 
 def test_a_download_without_a_checksum_is_refused_before_any_request(server, tmp_path):
-    with pytest.raises(CnnvisError, match=r"m.bin: no sha256 or sha1 to verify the download with; pass --sha256$"):
+    with pytest.raises(CnnvisError, match=r"m.bin: no sha256 or sha1 to verify the download with; pass sha256=<64 hex digits>$"):
         download.download(server.url("good"), tmp_path / "m.bin", size=len(PAYLOAD), **FAST)
     assert server.requests == [] and os.listdir(tmp_path) == []
 
@@ -222,7 +222,7 @@ def test_verify_cached_hashes_once_then_checks_size_and_mtime(tmp_path, monkeypa
     with pytest.raises(CnnvisError) as info:
         download.verify_cached(path, sha256=PAYLOAD_SHA256, size=len(PAYLOAD), records=records, label="m")
     message = str(info.value)
-    assert message.startswith(f"m: {path} failed verification (sha256 ") and message.endswith("fetch again with --force")
+    assert message.startswith(f"m: {path} failed verification (sha256 ") and message.endswith("fetch again with force=True")
     assert hashed == ["sha256", "sha256"]
     with pytest.raises(CnnvisError, match=r"size 3 bytes, expected 300000"):
         path.write_bytes(b"abc")
@@ -234,10 +234,19 @@ def test_verify_cached_hashes_once_then_checks_size_and_mtime(tmp_path, monkeypa
 
 
 def test_check_digest_and_url_messages():
-    assert download.check_digest(PAYLOAD_SHA256.upper(), "sha256", "--sha256") == PAYLOAD_SHA256
-    with pytest.raises(CnnvisError, match=r"^--sha256 abc: expected 64 hex digits \(sha256\)$"):
-        download.check_digest("abc", "sha256", "--sha256")
+    assert download.check_digest(PAYLOAD_SHA256.upper(), "sha256") == PAYLOAD_SHA256
+    with pytest.raises(CnnvisError, match=r"^sha256=abc: expected 64 hex digits \(sha256\)$") as err:
+        download.check_digest("abc", "sha256")
+    assert err.value.params == ("sha256",)
+    with pytest.raises(CnnvisError, match=r"^mirror=ab: expected 40 hex digits \(sha1\)$"):
+        download.check_digest("AB", "sha1", param="mirror")
     assert download.check_url("https://example.org/m.onnx") == "https://example.org/m.onnx"
+    with pytest.raises(CnnvisError, match=r"^url=ftp://h/m: only http:// and https:// URLs are downloaded$") as err:
+        download.check_url("ftp://h/m")
+    assert err.value.params == ("url",)
+    with pytest.raises(CnnvisError, match=r"^m.bin: URL ftp://h/m: only http") as err:
+        download.check_url("ftp://h/m", label="m.bin: URL")
+    assert err.value.params == ()
 
 
 def test_records_of_files_cnnvis_wrote(tmp_path):

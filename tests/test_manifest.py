@@ -39,8 +39,9 @@ def test_second_command_merges_into_manifest(tmp_path):
 def test_unwritable_out_is_one_line(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    with pytest.raises(CnnvisError, match=r"--out .*file.*cannot write"):
+    with pytest.raises(CnnvisError, match=r"^out=.*file/sub: cannot write there \(.*file is a file, not a folder\)$") as err:
         ensure_writable_dir(blocker / "sub")
+    assert err.value.params == ("out",)
 
 
 def test_atomic_path_removes_temp_on_error(tmp_path):
@@ -144,12 +145,28 @@ def _old_run(out):
     return _snapshot(out)
 
 
+def _paused_commit(out, tag, n, seconds, step):
+    """A run of ``n`` files tagged ``tag`` into ``out`` whose commit pauses ``seconds`` after its
+    ``step``-th step; returns (its process, the steps marked) once it is there."""
+    mark = out.parent / "mark"
+    proc = _writer(out, tag, n, pause=f"{seconds}@{step}", mark=mark)
+    return proc, _wait_for(mark, step, proc)
+
+
+def _run_files(files):
+    """The files of a snapshot under the writer's folders d0, d1, d2."""
+    return {k: v for k, v in files.items() if k.startswith("d")}
+
+
+def _written(tag, n):
+    """What the writer writes: f<i>.txt in d<i % 3>, holding "<tag> <i>"."""
+    return {f"d{i % 3}/f{i}.txt": f"{tag} {i}".encode() for i in range(n)}
+
+
 def test_sigkill_between_moves_is_rolled_back_at_next_start(tmp_path):
     out = tmp_path / "out"
     old = _old_run(out)
-    mark = tmp_path / "mark"
-    proc = _writer(out, "new", 6, pause="30@8", mark=mark)
-    steps = _wait_for(mark, 8, proc)  # 6 old files aside, 2 new ones moved in
+    proc, steps = _paused_commit(out, "new", 6, 30, 8)  # 6 old files aside, 2 new ones moved in
     assert steps == ["aside"] * 6 + ["moved"] * 2
     proc.send_signal(signal.SIGKILL)
     proc.wait(30)
@@ -169,48 +186,40 @@ def test_sigkill_after_the_commit_point_is_completed_at_next_start(tmp_path):
     out = tmp_path / "out"
     _old_run(out)
     (out / "d1" / "extra.txt").write_text("not cnnvis's")  # a user's file is never touched
-    mark = tmp_path / "mark"
-    proc = _writer(out, "new", 4, pause="30@11", mark=mark)  # the old run's f4, f5 are dropped
-    assert _wait_for(mark, 6 + 4 + 1, proc)[-1] == "committed"
+    proc, steps = _paused_commit(out, "new", 4, 30, 6 + 4 + 1)  # the old run's f4, f5 are dropped
+    assert steps[-1] == "committed"
     proc.send_signal(signal.SIGKILL)
     proc.wait(30)
     assert [p for p in os.listdir(out) if p.startswith(".cnnvis-stage-")]  # the aside files wait
     with RunOutput(out, "other") as run:
         run.path("other.txt", kind="text").write_text("x")
     files = _snapshot(out)
-    assert {k: v for k, v in files.items() if k.startswith("d")} == {
-        **{f"d{i % 3}/f{i}.txt": f"new {i}".encode() for i in range(4)}, "d1/extra.txt": b"not cnnvis's"}
+    assert _run_files(files) == {**_written("new", 4), "d1/extra.txt": b"not cnnvis's"}
     assert [k for k in files if k.startswith(".")] == []
     runs = json.loads(files["manifest.json"])["runs"]
-    assert [f["path"] for f in runs["writer"]["files"]] == sorted(f"d{i % 3}/f{i}.txt" for i in range(4))
+    assert [f["path"] for f in runs["writer"]["files"]] == sorted(_written("new", 4))
 
 
 def test_sigint_during_the_moves_waits_for_the_commit(tmp_path):
     out = tmp_path / "out"
     _old_run(out)
-    mark = tmp_path / "mark"
-    proc = _writer(out, "new", 6, pause="2@3", mark=mark)
-    _wait_for(mark, 3, proc)
+    proc, _ = _paused_commit(out, "new", 6, 2, 3)
     proc.send_signal(signal.SIGINT)
     proc.wait(60)
     assert proc.returncode != 0  # interrupted, but only once the commit was whole
     files = _snapshot(out)
-    assert {k: v for k, v in files.items() if k.startswith("d")} == {
-        f"d{i % 3}/f{i}.txt": f"new {i}".encode() for i in range(6)}
+    assert _run_files(files) == _written("new", 6)
     assert [k for k in files if k.startswith(".")] == []
 
 
 def test_a_concurrent_commit_waits_for_the_lock(tmp_path):
     out = tmp_path / "out"
     _old_run(out)
-    mark = tmp_path / "mark"
-    first = _writer(out, "first", 6, pause="1@1", mark=mark)
-    _wait_for(mark, 1, first)
+    first, _ = _paused_commit(out, "first", 6, 1, 1)
     second = _writer(out, "second", 6)
     assert first.wait(60) == 0 and second.wait(60) == 0
     files = _snapshot(out)
-    assert {k: v for k, v in files.items() if k.startswith("d")} == {
-        f"d{i % 3}/f{i}.txt": f"second {i}".encode() for i in range(6)}
+    assert _run_files(files) == _written("second", 6)
 
 
 @pytest.mark.parametrize("kind", ["garbage", "folder", "list"])
@@ -251,9 +260,10 @@ def test_other_parameters_overwriting_part_of_a_run_are_refused(tmp_path):
         with RunOutput(tmp_path, "activations", params={"layers": ["conv2"]}) as run:
             run.path("cat/conv2.png", kind="grid").write_text("new")
     assert str(info.value) == (
-        f"--out {tmp_path}: holds a run of the same command with other parameters ('activations' in "
-        "manifest.json) with files this run would overwrite (cat/conv2.png) and others it would not; use "
-        "another --out, or remove that folder's results first")
+        f"out={tmp_path}: holds a run of the same command with other parameters ('activations' in "
+        "manifest.json) with files this run would overwrite (cat/conv2.png) and others it would not; write "
+        "to another folder, or remove that folder's results first")
+    assert info.value.params == ("out",)
     with pytest.raises(CnnvisError, match=r"holds a filters run \('filters' in manifest.json\)"):
         with RunOutput(tmp_path, "other", params={}) as run:
             run.path("conv1_filters.png", kind="plot").write_text("x")

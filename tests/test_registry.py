@@ -44,7 +44,7 @@ def test_fetch_by_name_verifies_and_caches(server, models_path):
     registry.fetch("loop-caffe", progress=False)
     assert len(server.requests) == 1
     path.write_bytes(b"tampered")
-    with pytest.raises(CnnvisError, match="failed verification.*--force"):
+    with pytest.raises(CnnvisError, match="failed verification.*force=True"):
         registry.fetch("loop-caffe", progress=False)
     registry.fetch("loop-caffe", progress=False, force=True)
     assert path.read_bytes() == PAYLOAD
@@ -96,7 +96,7 @@ def test_fetch_url_still_checks_the_registry_checksum(server, models_path, home,
 def test_fetch_of_a_model_without_checksum_needs_sha256(server, models_path, home, capsys):
     write_sidecar(models_path, "plain", kind="onnx", file="plain.onnx", url=server.url("good"))
     assert main(["fetch", "plain", "--no-progress"]) == 2
-    assert capsys.readouterr().err.strip().endswith("gives no sha256 or sha1 to verify a download with; pass --sha256")
+    assert capsys.readouterr().err.strip().endswith("gives no sha256 or sha1 to verify a download with; pass --sha256 <64 hex digits>")
     assert main(["fetch", "plain", "--no-progress", "--url", server.url("good")]) == 2
     assert server.requests == [] and _cache_is_empty()
     assert main(["fetch", "plain", "--no-progress", "--url", server.url("good"), "--sha256", PAYLOAD_SHA256]) == 0

@@ -86,7 +86,8 @@ def default_target(model: onnx.ModelProto, objective: str) -> str:
     if objective == "probability":
         probs = [n for n in softmaxes if n.op_type == "Softmax"]
         if not probs:
-            raise CnnvisError("objective 'probability': the model has no Softmax; name a --target tensor")
+            raise CnnvisError("objective='probability': the model has no Softmax; name the tensor to differentiate "
+                              "as target=<tensor>", params="objective")
         return probs[-1].output[0]
     if objective in ("logit", "log_probability", "cross_entropy"):
         if softmaxes:

@@ -180,7 +180,8 @@ def backward(ctx: RuleContext):
         domain = f" in domain {ctx.node.domain!r}" if ctx.node.domain not in ("", "ai.onnx") else ""
         raise ctx.fail(f"no backward rule for this op{domain} (it lies between the objective and a requested "
                        "gradient); gradient methods cannot run on this model, these commands need no gradients: "
-                       f"{', '.join(GRADIENT_FREE_COMMANDS)}; ops with rules: cnnvis gradcheck --list-ops")
+                       f"{', '.join(GRADIENT_FREE_COMMANDS)}; ops with rules: supported_ops() (the gradcheck command "
+                       "lists them)")
     grads = fn(ctx)
     return list(grads) + [None] * (len(ctx.node.input) - len(grads))
 
@@ -1171,6 +1172,19 @@ def _normalized_indices(ctx, indices, dim):
     return idx
 
 
+def _gather_axis_indices(ctx):
+    """The normalized axis and constant indices of a Gather-like node whose data input is not
+    gathered along the batch axis: (shape of the data, its rank, axis, indices)."""
+    x = ctx.x[0]
+    shape = ctx.shape(x)
+    rank = len(shape)
+    axis = int(ctx.attr("axis", 0))
+    axis = axis + rank if axis < 0 else axis
+    if axis == 0 and ctx.is_batched(x):
+        raise ctx.fail(f"{ctx.node.op_type} along the batch axis cannot be differentiated per sample")
+    return shape, rank, axis, _normalized_indices(ctx, ctx.constant_value(ctx.x[1]), shape[axis])
+
+
 def _move_axis_last(b, t, axis, rank):
     perm = [a for a in range(rank) if a != axis] + [axis]
     return b.transpose(t, perm), np.argsort(perm, kind="stable").tolist()
@@ -1181,13 +1195,7 @@ def _gather(ctx):
     """Constant indices: the gradient along the axis times the one-hot selection matrix
     (repeated indices add up)."""
     b, x = ctx.b, ctx.x[0]
-    shape = ctx.shape(x)
-    rank = len(shape)
-    axis = int(ctx.attr("axis", 0))
-    axis = axis + rank if axis < 0 else axis
-    if axis == 0 and ctx.is_batched(x):
-        raise ctx.fail("Gather along the batch axis cannot be differentiated per sample")
-    idx = _normalized_indices(ctx, ctx.constant_value(ctx.x[1]), shape[axis])
+    shape, rank, axis, idx = _gather_axis_indices(ctx)
     # (picked, dim) one-hot: row k selects input position idx[k]
     onehot = np.zeros((idx.size, shape[axis]), dtype=b.dtype)
     np.add.at(onehot, (np.arange(idx.size), idx.reshape(-1)), 1.0)
@@ -1204,13 +1212,7 @@ def _gather(ctx):
 def _gather_elements(ctx):
     """Constant indices: the gradient scattered back with addition (repeated indices add up)."""
     b, x = ctx.b, ctx.x[0]
-    shape = ctx.shape(x)
-    rank = len(shape)
-    axis = int(ctx.attr("axis", 0))
-    axis = axis + rank if axis < 0 else axis
-    if axis == 0 and ctx.is_batched(x):
-        raise ctx.fail("GatherElements along the batch axis cannot be differentiated per sample")
-    idx = _normalized_indices(ctx, ctx.constant_value(ctx.x[1]), shape[axis])
+    _, _, axis, idx = _gather_axis_indices(ctx)
     zeros = b.zeros_like_shape(b.shape_of(x))
     return [b.op("ScatterElements", [zeros, b.const(idx), ctx.output_grad(0)], axis=axis, reduction="add")]
 

@@ -80,7 +80,8 @@ def is_dropped_type(type_name: str) -> bool:
 
 
 def parse_input_shape(text) -> tuple:
-    """``--input-shape``: ``C,H,W`` (or ``N,C,H,W``, ``CxHxW``) as a (C, H, W)-like tuple of ints."""
+    """``input_shape`` (the CLI's ``--input-shape``): ``C,H,W`` (or ``N,C,H,W``, ``CxHxW``) as a
+    (C, H, W)-like tuple of ints."""
     if isinstance(text, (tuple, list)):
         parts = [str(v) for v in text]
     else:
@@ -90,8 +91,8 @@ def parse_input_shape(text) -> tuple:
     except ValueError:
         dims = []
     if not 1 <= len(dims) <= 4 or any(d <= 0 for d in dims):
-        raise CnnvisError(f"--input-shape {text}: expected positive sizes such as 3,224,224 (C,H,W) or "
-                          "1,3,224,224")
+        raise CnnvisError(f"input_shape={text}: expected positive sizes such as 3,224,224 (C,H,W) or "
+                          "1,3,224,224", params="input_shape")
     return tuple(dims[1:]) if len(dims) == 4 else tuple(dims)
 
 
@@ -249,8 +250,9 @@ class _Converter:
             len([t for t in l.tops if t not in self.unused_inputs]) if l.type == "Input" else 1
             for l in layers if l.type in DATA_LAYERS)
         if self.input_shape is not None and inputs_count > 1:
-            raise CnnvisError(f"{self.net.path}: --input-shape sets the shape of the one net input, but the "
-                              f"net has {inputs_count} inputs")
+            shape = ",".join(str(d) for d in self.input_shape)
+            raise CnnvisError(f"{self.net.path}: input_shape={shape} sets the shape of the one net input, but "
+                              f"the net has {inputs_count} inputs", params="input_shape")
         for name in sorted(self.unused_inputs):
             self.input_notes.append(f"input {name!r} (read only by dropped layers) left out")
         for name, shape in self.net.inputs:
@@ -382,12 +384,12 @@ class _Converter:
 
     def data_shape(self, layer, later):
         """(1, C, H, W) of a data layer's images and where it came from, or a CnnvisError asking
-        for --input-shape."""
+        for input_shape."""
         kind = layer.type
 
         def ask(missing):
             raise CnnvisError(f"{self.net.path}: layer {layer.name!r} ({kind}): {missing}; give the input "
-                              "shape with --input-shape C,H,W")
+                              "shape as input_shape=C,H,W", params="input_shape")
 
         if kind == "DummyData":
             p = layer.param("dummy_data_param")
@@ -528,6 +530,13 @@ class _Converter:
                     raise CnnvisError(f"{self.net.path}: layer {layer.name!r} ({layer.type}) needs a "
                                       f"{min_rank}-D or larger input, got shape {_show(s)}")
 
+    def elementwise(self, layer, inputs, shapes, outputs, op: str, **attrs):
+        """A one-bottom, one-top layer that is the ONNX op ``op`` applied to each element."""
+        self.need(layer, inputs, 1)
+        self.need_tops(layer, 1)
+        self.emit(op, inputs, outputs, layer.name, **attrs)
+        return [shapes[0]]
+
     def need_tops(self, layer, count):
         if len(layer.tops) != count:
             raise CnnvisError(f"{self.net.path}: layer {layer.name!r} ({layer.type}) needs {count} top "
@@ -666,14 +675,10 @@ class _Converter:
         return [tuple(shape[:axis]) + (n,)]
 
     def layer_ReLU(self, layer, inputs, shapes, outputs):
-        self.need(layer, inputs, 1)
-        self.need_tops(layer, 1)
         slope = float(layer.param("relu_param").negative_slope)
         if slope == 0.0:
-            self.emit("Relu", inputs, outputs, layer.name)
-        else:
-            self.emit("LeakyRelu", inputs, outputs, layer.name, alpha=slope)
-        return [shapes[0]]
+            return self.elementwise(layer, inputs, shapes, outputs, "Relu")
+        return self.elementwise(layer, inputs, shapes, outputs, "LeakyRelu", alpha=slope)
 
     def layer_PReLU(self, layer, inputs, shapes, outputs):
         self.need(layer, inputs, 1, shapes, min_rank=2)
@@ -688,16 +693,10 @@ class _Converter:
         return [shape]
 
     def layer_Sigmoid(self, layer, inputs, shapes, outputs):
-        self.need(layer, inputs, 1)
-        self.need_tops(layer, 1)
-        self.emit("Sigmoid", inputs, outputs, layer.name)
-        return [shapes[0]]
+        return self.elementwise(layer, inputs, shapes, outputs, "Sigmoid")
 
     def layer_TanH(self, layer, inputs, shapes, outputs):
-        self.need(layer, inputs, 1)
-        self.need_tops(layer, 1)
-        self.emit("Tanh", inputs, outputs, layer.name)
-        return [shapes[0]]
+        return self.elementwise(layer, inputs, shapes, outputs, "Tanh")
 
     def layer_Dropout(self, layer, inputs, shapes, outputs):
         self.need(layer, inputs, 1)
@@ -1002,24 +1001,15 @@ class _Converter:
         return [shape]
 
     def layer_ELU(self, layer, inputs, shapes, outputs):
-        self.need(layer, inputs, 1)
-        self.need_tops(layer, 1)
         # y = x for x > 0, alpha * (exp(x) - 1) otherwise: ONNX Elu.
-        self.emit("Elu", inputs, outputs, layer.name, alpha=float(layer.param("elu_param").alpha))
-        return [shapes[0]]
+        return self.elementwise(layer, inputs, shapes, outputs, "Elu", alpha=float(layer.param("elu_param").alpha))
 
     def layer_AbsVal(self, layer, inputs, shapes, outputs):
-        self.need(layer, inputs, 1)
-        self.need_tops(layer, 1)
-        self.emit("Abs", inputs, outputs, layer.name)
-        return [shapes[0]]
+        return self.elementwise(layer, inputs, shapes, outputs, "Abs")
 
     def layer_BNLL(self, layer, inputs, shapes, outputs):
-        self.need(layer, inputs, 1)
-        self.need_tops(layer, 1)
         # Caffe's binomial normal log likelihood, log(1 + exp(x)): ONNX Softplus.
-        self.emit("Softplus", inputs, outputs, layer.name)
-        return [shapes[0]]
+        return self.elementwise(layer, inputs, shapes, outputs, "Softplus")
 
     def layer_Crop(self, layer, inputs, shapes, outputs):
         self.need(layer, inputs, 2)

@@ -125,7 +125,7 @@ def collect(out_dir) -> ReportData:
     manifests = find_manifests(out_dir)
     if not manifests:
         raise CnnvisError(f"{out_dir}: no {MANIFEST_NAME} found in it or its subfolders "
-                          "(run cnnvis commands with --out there first)")
+                          "(run cnnvis commands that write there first)")
     sections, models = [], []
     for manifest_path in manifests:
         data = read_manifest(manifest_path)  # one-line CnnvisError naming the file when not JSON
