@@ -10,7 +10,7 @@ ORDER = 80
 def register(sub) -> None:
     p = sub.add_parser("train-demo", help="train the demo CaffeNet-shaped model on Fashion-MNIST "
                                           "(numpy SGD, gradients from cnnvis's own backward graphs)")
-    p.add_argument("--data", default=None, help="folder with the Fashion-MNIST IDX files "
+    p.add_argument("--data", dest="data_dir", default=None, help="folder with the Fashion-MNIST IDX files "
                                                 "(default: /usr/share/datasets/fashion-mnist)")
     p.add_argument("--epochs", type=common.positive_int, default=None)
     p.add_argument("--batch-size", type=common.positive_int, default=None)
@@ -30,7 +30,7 @@ def register(sub) -> None:
 
     p = sub.add_parser("evaluate", help="accuracy of a model on the Fashion-MNIST test set")
     common.add_model_options(p)
-    p.add_argument("--data", default=None, help="folder with the Fashion-MNIST IDX files")
+    p.add_argument("--data", dest="data_dir", default=None, help="folder with the Fashion-MNIST IDX files")
     p.add_argument("--debug", action="store_true")
     p.set_defaults(func=cmd_evaluate, batch_size=256)  # 10,000 small images: larger batches by default
 
@@ -50,7 +50,7 @@ def cmd_train_demo(args) -> int:
         from ..errors import CnnvisError
 
         raise CnnvisError(f"--checkpoints {args.checkpoints!r}: expected comma-separated epoch numbers") from None
-    result = demo.train_and_write(args.out, recipe, data_dir=args.data, limit=args.limit,
+    result = demo.train_and_write(args.out, recipe, data_dir=args.data_dir, limit=args.limit,
                                   checkpoints=checkpoints, device=args.device, threads=args.threads,
                                   caffe=not args.no_caffe, progress=True)
     print(f"cnnvis train-demo: test accuracy {result['test_accuracy']:.4f} on {result['test_n']} images; "
@@ -62,7 +62,7 @@ def cmd_evaluate(args) -> int:
     from .. import demo
 
     model = common.load_model(args)
-    result = demo.evaluate_on_fashion_mnist(model, data_dir=args.data, batch_size=args.batch_size)
+    result = demo.evaluate_on_fashion_mnist(model, data_dir=args.data_dir, batch_size=args.batch_size)
     print(f"{model.name}: accuracy {result['accuracy']:.4f} on the {result['n']} Fashion-MNIST test images")
     names = model.class_names
     conf = result["confusion"]
