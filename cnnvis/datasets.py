@@ -1,4 +1,7 @@
-"""Datasets read from their official files: Fashion-MNIST in IDX format.
+"""Datasets read from their official files: Fashion-MNIST in IDX format; and image sets at scale:
+a class-per-subfolder tree (ImageNet's ``n01440764/….JPEG`` layout, with a synset file naming the
+classes) and a text file listing image paths with optional labels (paths only: images are decoded
+later, a batch at a time).
 
 Debian's ``dataset-fashion-mnist`` package installs the four gzipped IDX files in
 ``/usr/share/datasets/fashion-mnist/``; ``--data DIR`` takes any folder holding the official files
@@ -9,6 +12,7 @@ from __future__ import annotations
 import gzip
 import os
 import struct
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -87,3 +91,113 @@ def load_fashion_mnist(split: str = "train", data_dir=None):
     if len(images) != count:
         raise CnnvisError(f"{img_path}: expected {count} images in the official {split} split, got {len(images)}")
     return images, labels.astype(np.int64)
+
+
+# ----------------------------------------------------------------------------- image sets at scale
+
+
+@dataclass
+class ImageSet:
+    """Image files in order, with a class index per file when the layout gives one."""
+
+    files: list
+    labels: list | None = None  # class index per file
+    classes: list = field(default_factory=list)  # [(folder or label text, index, name)] of a tree
+
+    def __len__(self):
+        return len(self.files)
+
+
+def read_synsets(path) -> list:
+    """A synset file (ImageNet's ``synset.txt``): one class per line, ``<id> <name, names…>``; the
+    line number (from 0) is the class index. Returns ``[(id, name)]``."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise CnnvisError(f"--synsets {path}: cannot read ({exc.strerror or exc})") from None
+    out = []
+    for line_no, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line:
+            continue
+        parts = line.split(None, 1)
+        out.append((parts[0], parts[1] if len(parts) > 1 else parts[0]))
+    if not out:
+        raise CnnvisError(f"--synsets {path}: no classes (expected lines '<id> <name>')")
+    if len({i for i, _ in out}) != len(out):
+        raise CnnvisError(f"--synsets {path}: a class id appears twice")
+    return out
+
+
+def image_tree(root, synsets=None) -> ImageSet:
+    """The images of a class-per-subfolder tree: subfolders in name order, each one's image files
+    in name order (the folder is scanned, never decoded). With a synset file a subfolder's class
+    index is its id's line there (every subfolder must be listed); without, subfolders are numbered
+    in name order."""
+    from .preprocess import IMAGE_EXTENSIONS
+
+    root = Path(root)
+    classes = tree_classes(root, synsets)
+    files, labels = [], []
+    for folder, index, _ in classes:
+        with os.scandir(root / folder) as it:
+            names = sorted(e.name for e in it if e.is_file() and Path(e.name).suffix.lower() in IMAGE_EXTENSIONS)
+        files.extend(root / folder / n for n in names)
+        labels.extend([index] * len(names))
+    if not files:
+        raise CnnvisError(f"--image-tree {root}: no image files in its subfolders")
+    return ImageSet(files, labels, classes)
+
+
+def tree_classes(root, synsets=None) -> list:
+    """``[(subfolder, class index, class name)]`` of a class-per-subfolder tree, in subfolder name
+    order (see :func:`image_tree`); only the top folder is scanned."""
+    root = Path(root)
+    if not root.is_dir():
+        raise CnnvisError(f"--image-tree {root}: not a folder")
+    with os.scandir(root) as it:
+        folders = sorted(e.name for e in it if e.is_dir() and not e.name.startswith("."))
+    if not folders:
+        raise CnnvisError(f"--image-tree {root}: no class subfolders (expected ROOT/<class>/<image>)")
+    if synsets is None:
+        return [(f, i, f) for i, f in enumerate(folders)]
+    table = {wnid: (i, name) for i, (wnid, name) in enumerate(read_synsets(synsets))}
+    missing = [f for f in folders if f not in table]
+    if missing:
+        raise CnnvisError(f"--image-tree {root}: subfolder {missing[0]} is not in --synsets {synsets}")
+    return [(f, *table[f]) for f in folders]
+
+
+def image_list(path) -> ImageSet:
+    """Images named in a text file, one a line: ``path`` or ``path<TAB or comma>label`` or ``path
+    label`` (the last word, when the whole line is not a file); relative paths are relative to the
+    list's folder; blank lines and ``#`` comments are skipped. Labels are kept as text (a class
+    index or name, resolved by the model)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise CnnvisError(f"--image-list {path}: cannot read ({exc.strerror or exc})") from None
+    files, labels = [], []
+    for line_no, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        label = None
+        if "\t" in line or "," in line:
+            name, label = [t.strip() for t in line.split("\t" if "\t" in line else ",", 1)]
+        elif (path.parent / line).is_file() or " " not in line:
+            name = line
+        else:
+            name, label = line.rsplit(None, 1)
+        files.append(path.parent / name)
+        labels.append(label or None)
+    if not files:
+        raise CnnvisError(f"--image-list {path}: no image paths")
+    given = [lab is not None for lab in labels]
+    if any(given) and not all(given):
+        line = given.index(False) if given[0] else given.index(True)
+        raise CnnvisError(f"--image-list {path}: image {line + 1} has {'no ' if given[0] else 'a '}label "
+                          "and others do not (label every line or none)")
+    return ImageSet(files, labels if all(given) else None)

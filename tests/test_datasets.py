@@ -52,3 +52,49 @@ def test_real_fashion_mnist_when_installed():
         pytest.skip(str(exc))
     assert images.shape == (10000, 28, 28) and images.dtype == np.uint8
     assert np.bincount(labels).tolist() == [1000] * 10
+
+
+# ----------------------------------------------------------------------------- image sets at scale
+
+
+def _touch_images(folder, names):
+    folder.mkdir(parents=True, exist_ok=True)
+    for n in names:
+        (folder / n).write_bytes(b"")  # listing never decodes
+
+
+def test_image_tree_with_synsets(tmp_path):
+    syn = tmp_path / "synset.txt"
+    syn.write_text("n01440764 tench, Tinca tinca\nn01443537 goldfish, Carassius auratus\n"
+                   "n01484850 great white shark\n")
+    _touch_images(tmp_path / "tree" / "n01484850", ["b.JPEG", "a.JPEG", "notes.txt"])
+    _touch_images(tmp_path / "tree" / "n01440764", ["x.jpg"])
+    s = datasets.image_tree(tmp_path / "tree", syn)
+    assert [p.relative_to(tmp_path / "tree").as_posix() for p in s.files] == \
+        ["n01440764/x.jpg", "n01484850/a.JPEG", "n01484850/b.JPEG"]
+    assert s.labels == [0, 2, 2]  # the synset line, not the folder's rank in the tree
+    assert s.classes == [("n01440764", 0, "tench, Tinca tinca"), ("n01484850", 2, "great white shark")]
+    plain = datasets.image_tree(tmp_path / "tree")
+    assert plain.labels == [0, 1, 1]
+    _touch_images(tmp_path / "tree" / "n09999999", ["c.png"])
+    with pytest.raises(CnnvisError, match="subfolder n09999999 is not in --synsets"):
+        datasets.image_tree(tmp_path / "tree", syn)
+    with pytest.raises(CnnvisError, match="no class subfolders"):
+        datasets.image_tree(tmp_path / "tree" / "n01440764")
+
+
+def test_image_list_paths_and_labels(tmp_path):
+    _touch_images(tmp_path / "imgs", ["a.png", "b c.png"])
+    lst = tmp_path / "list.txt"
+    lst.write_text("# comment\nimgs/a.png 3\n\nimgs/b c.png\t7\n")
+    s = datasets.image_list(lst)
+    assert s.files == [tmp_path / "imgs" / "a.png", tmp_path / "imgs" / "b c.png"] and s.labels == ["3", "7"]
+    lst.write_text("imgs/a.png\nimgs/b c.png\n")  # a whole line that is a file keeps its spaces
+    s = datasets.image_list(lst)
+    assert s.files[1].name == "b c.png" and s.labels is None
+    lst.write_text("imgs/a.png,1\nimgs/b c.png\n")
+    with pytest.raises(CnnvisError, match="image 2 has no label"):
+        datasets.image_list(lst)
+    lst.write_text("# nothing\n")
+    with pytest.raises(CnnvisError, match="no image paths"):
+        datasets.image_list(lst)

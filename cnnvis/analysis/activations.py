@@ -98,3 +98,68 @@ def channel_stats(maps) -> dict:
         "dead": np.nanmax(flat, axis=1) <= 0,
         "constant": np.nanmax(flat, axis=1) == np.nanmin(flat, axis=1),
     }
+
+
+# ----------------------------------------------------------------------------- over a dataset
+
+
+def channel_moments(acts) -> dict:
+    """Per layer and channel, the partial statistics of one chunk ``{layer: N×C×...}``: every value
+    of a channel (all images, all positions) is one sample. ``{layer: {count, mean, m2, max,
+    active}}`` (float64 moments as :func:`cnnvis.analysis.stats.batch_moments` gives them; ``active``:
+    how many values are > 0). :class:`DatasetChannelStats` merges them."""
+    from . import stats
+
+    out = {}
+    for layer, values in acts.items():
+        v = np.asarray(values)
+        if v.ndim < 2 or v.shape[0] == 0:
+            raise CnnvisError(f"layer {layer}: expected N×C×... activations, got shape {v.shape}")
+        n, c = v.shape[:2]
+        rows = np.moveaxis(v.reshape(n, c, -1), 1, 2).reshape(-1, c)  # samples × channels
+        count, mean, m2 = stats.batch_moments(rows)
+        out[layer] = {"count": np.int64(count), "mean": mean, "m2": m2,
+                      "max": rows.max(axis=0).astype(np.float64),
+                      "active": np.count_nonzero(rows > 0, axis=0).astype(np.int64)}
+    return out
+
+
+class DatasetChannelStats:
+    """Per-channel mean, standard deviation (population, over every value of the channel), maximum
+    and fraction of active (> 0) values of some layers over a stream of chunks.
+
+    ``update(acts)`` takes a chunk; ``merge(part)`` takes :func:`channel_moments` of a chunk
+    computed elsewhere (the parallel float64 update), so chunks merged in the same order give the
+    same bits wherever they were computed."""
+
+    def __init__(self):
+        self.layers_: dict = {}
+        self.n_images_ = 0
+
+    def update(self, acts) -> "DatasetChannelStats":
+        n = len(next(iter(acts.values())))
+        return self.merge(channel_moments(acts), n)
+
+    def merge(self, part: dict, n_images: int) -> "DatasetChannelStats":
+        from .stats import RunningMoments
+
+        for layer, p in part.items():
+            entry = self.layers_.get(layer)
+            if entry is None:
+                entry = self.layers_[layer] = {"moments": RunningMoments(), "max": np.asarray(p["max"]),
+                                               "active": np.asarray(p["active"], np.int64)}
+            else:
+                entry["max"] = np.maximum(entry["max"], p["max"])
+                entry["active"] = entry["active"] + np.asarray(p["active"], np.int64)
+            entry["moments"].merge(int(p["count"]), p["mean"], p["m2"])
+        self.n_images_ += int(n_images)
+        return self
+
+    def summary(self) -> dict:
+        """``{layer: {values_per_channel, mean, std, max, fraction_active}}`` (lists over channels)."""
+        out = {}
+        for layer, entry in self.layers_.items():
+            m = entry["moments"]
+            out[layer] = {"values_per_channel": int(m.count), "mean": m.mean.tolist(), "std": m.std(0).tolist(),
+                          "max": entry["max"].tolist(), "fraction_active": (entry["active"] / m.count).tolist()}
+        return out

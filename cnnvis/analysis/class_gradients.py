@@ -97,6 +97,51 @@ class ClassGradientBatch:
         return self.probabilities[np.arange(len(self)), self.targets]
 
 
+@dataclass
+class ChunkSummary:
+    """What :class:`ClassComparison` keeps of one chunk of a group: the partial results a Dask
+    worker sends back instead of the per-image gradients (see :func:`summarize_chunk`)."""
+
+    names: list
+    importance: np.ndarray  # n × O, float64
+    gradient_moments: tuple  # (n, mean, sum of squared deviations) of the gradients, float64
+    kept: np.ndarray  # the first images' gradient vectors (take × d, float32): the group's first cap
+    predicted: np.ndarray  # n predicted classes
+    predicted_probability: np.ndarray  # n
+    neuron_logit: np.ndarray  # n
+    neuron_probability: np.ndarray  # n
+
+    def __len__(self):
+        return len(self.names)
+
+    def arrays(self) -> dict:
+        """Plain arrays (for a shard result file); :meth:`from_arrays` reverses it."""
+        n, mean, m2 = self.gradient_moments
+        return {"importance": self.importance, "moment_count": np.asarray(n, np.int64), "moment_mean": mean,
+                "moment_m2": m2, "kept": self.kept, "predicted": self.predicted,
+                "predicted_probability": self.predicted_probability, "neuron_logit": self.neuron_logit,
+                "neuron_probability": self.neuron_probability}
+
+    @classmethod
+    def from_arrays(cls, names, arrays: dict) -> "ChunkSummary":
+        return cls(list(names), arrays["importance"],
+                   (int(arrays["moment_count"]), arrays["moment_mean"], arrays["moment_m2"]), arrays["kept"],
+                   arrays["predicted"], arrays["predicted_probability"], arrays["neuron_logit"],
+                   arrays["neuron_probability"])
+
+
+def summarize_chunk(batch: "ClassGradientBatch", names, first: int, cap: int) -> ChunkSummary:
+    """The summary of one computed chunk whose first image is image ``first`` of its group: the
+    gradient vectors are kept for the images among the group's first ``cap``."""
+    take = max(0, min(len(batch), int(cap) - int(first)))
+    pred = batch.predicted
+    rows = np.arange(len(batch))
+    return ChunkSummary(list(names), batch.importance, stats.batch_moments(batch.gradients),
+                        np.ascontiguousarray(batch.gradients[:take].reshape(take, int(np.prod(batch.gradients.shape[1:])))), pred.astype(np.int64),
+                        np.asarray(batch.probabilities[rows, pred], np.float64),
+                        np.asarray(batch.target_logits, np.float64), np.asarray(batch.target_probabilities, np.float64))
+
+
 class ClassGradients:
     """Per-image gradients of a class logit with respect to one convolution layer's weights.
 
@@ -409,11 +454,33 @@ class ClassComparison:
         self.check_numerical = check_numerical
 
     def fit(self, groups, totals=None) -> "ClassComparison":
-        from tqdm import tqdm
+        """Compute every group's chunks here (``groups``: name → iterable of ``(names, batch)``)."""
+        cg = self._start()
+
+        def summaries(chunks):
+            n = 0
+            for chunk_names, x in chunks:
+                batch = cg.compute(x, target=self.neuron_)
+                if self.check_numerical and self.gradcheck_ is None:
+                    self.gradcheck_ = cg.check_numerical(x[:1], self.neuron_, self.check_numerical,
+                                                         self.seed, analytic=batch.gradients[0])
+                    self.gradcheck_image_ = chunk_names[0]
+                yield summarize_chunk(batch, chunk_names, n, self.max_vectors_per_group)
+                n += len(batch)
 
         groups = dict(groups)
-        if len(groups) < 2:
-            raise CnnvisError(f"compare: need a reference group and at least one other, got {len(groups)}")
+        return self._fit({g: summaries(chunks) for g, chunks in groups.items()}, totals)
+
+    def fit_summaries(self, groups, totals=None, gradcheck=None) -> "ClassComparison":
+        """The same results from chunk summaries computed elsewhere (``groups``: name → iterable
+        of :class:`ChunkSummary` in input order, e.g. from Dask workers); ``gradcheck``: the
+        ``(report, image name)`` of the numerical check, done by the caller."""
+        self._start()
+        if gradcheck is not None:
+            self.gradcheck_, self.gradcheck_image_ = gradcheck
+        return self._fit(dict(groups), totals)
+
+    def _start(self) -> "ClassGradients":
         if int(self.max_vectors_per_group) < 1:
             raise CnnvisError(f"max_vectors_per_group {self.max_vectors_per_group}: expected a positive integer")
         if int(self.top_k) < 1:
@@ -422,6 +489,14 @@ class ClassComparison:
         cg = ClassGradients(self.model, self.layer, self.batch_size)
         self.layer_ = cg.layer_.name
         self.weights_ = cg.weights_
+        self.gradcheck_ = None
+        return cg
+
+    def _fit(self, groups, totals) -> "ClassComparison":
+        from tqdm import tqdm
+
+        if len(groups) < 2:
+            raise CnnvisError(f"compare: need a reference group and at least one other, got {len(groups)}")
         shape = tuple(self.weights_.shape)
         dim = int(np.prod(shape))
         cap = int(self.max_vectors_per_group)
@@ -430,7 +505,6 @@ class ClassComparison:
         total = sum(totals.values()) if totals else None
         moments = {g: (stats.RunningMoments(), stats.RunningMoments(), stats.RunningMoments()) for g in names}
         importance_rows, group_of_row, self.images_ = [], [], []
-        self.gradcheck_ = None
         class_names = self.model.class_names
         kept_groups, kept_names = [], []
         with tempfile.TemporaryDirectory(prefix="cnnvis-classgrad-", dir=self.tmp_dir) as tmp:
@@ -442,36 +516,31 @@ class ClassComparison:
                 for gi, g in enumerate(names):
                     kept_in_group = 0
                     imp_m, norm_m, grad_m = moments[g]
-                    for chunk_names, x in groups[g]:
-                        batch = cg.compute(x, target=self.neuron_)
+                    for chunk in groups[g]:
                         bar.set_postfix_str(g)
-                        if self.check_numerical and self.gradcheck_ is None:
-                            self.gradcheck_ = cg.check_numerical(x[:1], self.neuron_, self.check_numerical,
-                                                                 self.seed, analytic=batch.gradients[0])
-                            self.gradcheck_image_ = chunk_names[0]
-                        imp_m.update(batch.importance)
-                        norm_m.update(stats.minmax_rows(batch.importance))
-                        grad_m.update(batch.gradients)
-                        importance_rows.append(batch.importance)
-                        group_of_row += [gi] * len(batch)
-                        take = max(0, min(len(batch), cap - kept_in_group))
+                        imp_m.update(chunk.importance)
+                        norm_m.update(stats.minmax_rows(chunk.importance))
+                        grad_m.merge(*chunk.gradient_moments)
+                        importance_rows.append(chunk.importance)
+                        group_of_row += [gi] * len(chunk)
+                        take = min(len(chunk.kept), cap - kept_in_group)
                         if take:
-                            vectors[n_kept:n_kept + take] = batch.gradients[:take].reshape(take, dim)
+                            vectors[n_kept:n_kept + take] = chunk.kept[:take].reshape(take, dim)
                             n_kept += take
                             kept_in_group += take
                             kept_groups += [gi] * take
-                            kept_names += list(chunk_names[:take])
-                        pred = batch.predicted
-                        for i, name in enumerate(chunk_names):
+                            kept_names += list(chunk.names[:take])
+                        pred = chunk.predicted
+                        for i, name in enumerate(chunk.names):
                             self.images_.append({
                                 "group": g, "image": name, "kept_for_cosine": i < take,
                                 "predicted": int(pred[i]), "predicted_name": class_names[pred[i]],
-                                "predicted_probability": float(batch.probabilities[i, pred[i]]),
-                                "neuron_logit": float(batch.target_logits[i]),
-                                "neuron_probability": float(batch.target_probabilities[i]),
-                                "gradient_norm": float(np.sqrt(np.sum(batch.importance[i] ** 2))),
+                                "predicted_probability": float(chunk.predicted_probability[i]),
+                                "neuron_logit": float(chunk.neuron_logit[i]),
+                                "neuron_probability": float(chunk.neuron_probability[i]),
+                                "gradient_norm": float(np.sqrt(np.sum(chunk.importance[i] ** 2))),
                             })
-                        bar.update(len(batch))
+                        bar.update(len(chunk))
                     if imp_m.count == 0:
                         raise CnnvisError(f"group {g}: no images")
             gram = stats.gram_matrix(vectors[:n_kept])

@@ -45,11 +45,24 @@ class RunningMoments:
             self.shape = tuple(batch.shape[1:])
         if tuple(batch.shape[1:]) != self.shape:
             raise ValueError(f"RunningMoments.update: samples of shape {batch.shape[1:]}, expected {self.shape}")
-        n = batch.shape[0]
+        if batch.shape[0] == 0:
+            return self
+        return self.merge(*batch_moments(batch))
+
+    def merge(self, n: int, b_mean, b_m2) -> "RunningMoments":
+        """Add the moments of ``n`` more samples (count, mean and sum of squared deviations, as
+        :func:`batch_moments` gives them): the parallel update, so partial results computed
+        elsewhere (a Dask worker's chunks) merge into exactly what :meth:`update` would have
+        given for the same chunks in the same order."""
+        n = int(n)
         if n == 0:
             return self
-        b_mean = batch.mean(axis=0)
-        b_m2 = ((batch - b_mean) ** 2).sum(axis=0)
+        b_mean = np.asarray(b_mean, dtype=np.float64)
+        b_m2 = np.asarray(b_m2, dtype=np.float64)
+        if self.shape is None:
+            self.shape = tuple(b_mean.shape)
+        if tuple(b_mean.shape) != self.shape or tuple(b_m2.shape) != self.shape:
+            raise ValueError(f"RunningMoments.merge: moments of shape {b_mean.shape}, expected {self.shape}")
         if self.count == 0:
             self._mean, self._m2 = b_mean, b_m2
         else:
@@ -75,6 +88,14 @@ class RunningMoments:
 
     def std(self, ddof: int = 0) -> np.ndarray:
         return np.sqrt(self.var(ddof))
+
+
+def batch_moments(batch):
+    """``(n, mean, sum of squared deviations)`` of a batch ``n × *shape`` over its first axis, in
+    float64 (the partial result :meth:`RunningMoments.merge` takes)."""
+    batch = np.asarray(batch, dtype=np.float64)
+    b_mean = batch.mean(axis=0)
+    return batch.shape[0], b_mean, ((batch - b_mean) ** 2).sum(axis=0)
 
 
 def minmax_rows(x) -> np.ndarray:

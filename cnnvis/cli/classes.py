@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from . import common
+from . import cluster, common
 from ..errors import CnnvisError
 from ..export.tables import csv_text
 
@@ -41,6 +41,8 @@ def register(sub) -> None:
                         "predicted class)")
     p.add_argument("--seed", type=int, default=0, help="seed choosing the --check-numerical entries (default 0)")
     _add_layer_options(p)
+    cluster.add_dataset_options(p)
+    cluster.add_dask_options(p)
     common.add_output_options(p, "out/conv_gradients")
     p.set_defaults(func=cmd_conv_gradients)
 
@@ -69,6 +71,8 @@ def register(sub) -> None:
                    help="folder for the temporary float32 memmap of the kept gradient vectors "
                         "(default: the system's temporary folder; up to 4·d bytes per kept image)")
     _add_layer_options(p)
+    cluster.add_dataset_options(p, groups=True)
+    cluster.add_dask_options(p, no_progress=False)
     common.add_output_options(p, "out/compare_classes")
     p.set_defaults(func=cmd_compare_classes)
 
@@ -121,11 +125,19 @@ def cmd_conv_gradients(args) -> int:
     _check_args(args)
     formats = common.volume_formats(args)
     model = common.load_model(args)
+    if args.dask:
+        cluster.options(args)  # a bad address or --input-array fails before anything is read
     cg = cgm.ClassGradients(model, args.layer, args.batch_size)
     layer = cg.layer_.name
     target = None if args.target is None else model.class_index(args.target, "--class")
-    chunks = common.checked_input_chunks(args, model)  # unreadable inputs fail here, before anything is staged
-    common.model_warning(model)
+    skipped, store, recorded = [], None, common.recorded_inputs(args, model)
+    if args.dask:  # the shard results are recorded in --out while the cluster runs, outside RunOutput
+        common.model_warning(model)
+        _, batches, skipped, store = cluster.conv_gradients(args, model, common.Inputs(args, model), layer, target)
+    else:
+        chunks = common.checked_input_chunks(args, model)  # unreadable inputs fail here, before anything is staged
+        common.model_warning(model)
+        batches = ((names, cg.compute(x, target), x[:1]) for names, x in chunks)
     weights = cg.weights_
     order = _channel_order(args, model, weights)
     top_k = min(args.top_k, weights.shape[0])
@@ -136,12 +148,12 @@ def cmd_conv_gradients(args) -> int:
               "input_array": args.input_array, "objective": "logit (pre-softmax class score)"}
     rows, used, gradcheck = [], {}, None
     lname = common.safe_name(layer)
-    with RunOutput(args.out, "conv-gradients", params=params, inputs=common.recorded_inputs(args, model),
-                   model=model.info()) as run:
-        for names, x in chunks:
-            batch = cg.compute(x, target)
+    with RunOutput(args.out, "conv-gradients", params=params, inputs=recorded, model=model.info()) as run:
+        if skipped:
+            run.extra["skipped"] = cluster.skipped_record(skipped)
+        for names, batch, x1 in batches:
             if args.check_numerical and gradcheck is None:
-                report = cg.check_numerical(x[:1], int(batch.targets[0]), args.check_numerical, args.seed,
+                report = cg.check_numerical(x1, int(batch.targets[0]), args.check_numerical, args.seed,
                                             analytic=batch.gradients[0])
                 gradcheck = cgm.gradcheck_dict(report, names[0])
                 print(f"cnnvis conv-gradients: numerical check on {names[0]}: {report}")
@@ -188,6 +200,8 @@ def cmd_conv_gradients(args) -> int:
         write_json(run.path("summary.json", kind="summary"),
                    {"layer": layer, "weight_shape": list(weights.shape), "images": rows, "gradcheck": gradcheck})
         run.extra["gradcheck"] = gradcheck
+    if store is not None:
+        store.remove()
     print(f"cnnvis conv-gradients: {len(rows)} image(s), layer {layer} -> {args.out}")
     return 0
 
@@ -217,12 +231,13 @@ def _groups_from_args(args, model):
         items = chosen[role]
         if not items:
             continue
+        found = cluster.tree_items(args, model, items)  # --image-tree: class items → its subfolders
         if per_item and role != "reference" and len(items) > 1:
-            for item in items:
+            for item, where in zip(items, found):
                 name = f"{role}-{common.safe_name(str(item))}"
-                groups[name] = ([item], cgm.resolve_group(model, [item], f"--{role} {item}"))
+                groups[name] = ([item], cgm.resolve_group(model, [where], f"--{role} {item}"))
         else:
-            groups[role] = (list(items), cgm.resolve_group(model, items, f"--{role}"))
+            groups[role] = (list(items), cgm.resolve_group(model, found, f"--{role}"))
     return neuron, groups, per_item
 
 
@@ -233,6 +248,8 @@ def cmd_compare_classes(args) -> int:
     _check_args(args)
     formats = common.volume_formats(args)
     model = common.load_model(args)
+    if args.dask:
+        cluster.options(args)  # a bad address fails before anything is read
     layer = cgm.conv_layer(model, args.layer).name
     neuron, groups, per_item = _groups_from_args(args, model)
     pre = common.preprocessing_for(args, model)
@@ -241,7 +258,8 @@ def cmd_compare_classes(args) -> int:
     cmp = cgm.ClassComparison(model, neuron, layer=layer, batch_size=args.batch_size,
                               n_permutations=args.permutations, seed=args.seed,
                               max_vectors_per_group=args.max_vectors_per_group, top_k=args.top_k,
-                              progress=not args.no_progress, check_numerical=args.check_numerical,
+                              progress=not args.no_progress and not args.dask,
+                              check_numerical=args.check_numerical,
                               tmp_dir=args.tmp_dir)
     classes = model.class_names
     params = {"neuron": neuron, "neuron_name": classes[neuron], "layer": layer,
@@ -252,9 +270,17 @@ def cmd_compare_classes(args) -> int:
               "check_numerical": args.check_numerical, "per_item": per_item,
               "batch_size": args.batch_size, "preprocessing": pre.to_dict()}
     inputs = [str(f) for _, files in groups.values() for f in files]
+    skipped, store = [], None
+    if args.dask:  # the shard results are recorded in --out while the cluster runs, outside RunOutput
+        skipped, store = cluster.compare_classes(args, model, cmp, groups, pre)
     with RunOutput(args.out, "compare-classes", params=params, inputs=inputs, model=model.info()) as run:
-        cmp.fit({g: cgm.iter_group_chunks(model, files, pre, args.batch_size) for g, (_, files) in groups.items()},
-                totals=totals)
+        if not args.dask:
+            cmp.fit({g: cgm.iter_group_chunks(model, files, pre, args.batch_size)
+                     for g, (_, files) in groups.items()}, totals=totals)
+        if skipped:
+            run.extra["skipped"] = {"count": len(skipped), "files": [
+                {"group": g, "position": int(pos), "path": path, "reason": reason}
+                for g, pos, path, reason in skipped]}
         _write_comparison(run, cmp, args, model, formats)
         run.extra["summary"] = {
             "counts": cmp.counts_,
@@ -263,6 +289,8 @@ def cmd_compare_classes(args) -> int:
             "cosine_between_mean": cmp.cosine_summary_["between_mean"],
             "gradcheck": cmp.summary_["gradcheck"],
         }
+    if store is not None:
+        store.remove()
     ref = cmp.group_names_[0]
     print(f"cnnvis compare-classes: neuron {neuron} ({classes[neuron]}), layer {layer}; "
           + ", ".join(f"{g}: {n} images" for g, n in cmp.counts_.items()))

@@ -112,9 +112,12 @@ class Inputs:
             stem = os.path.splitext(os.path.basename(args.input_array))[0]
             self.names = [f"{stem}[{i}]" for i in range(len(self.array))]
             self.files = None
+            self.labels = None
         else:
             self.array = None
-            self.files = preprocess.list_images(input_paths(args, model))
+            dataset = image_set(args)
+            self.files = dataset.files if dataset is not None else preprocess.list_images(input_paths(args, model))
+            self.labels = dataset.labels if dataset is not None else None
             self.names = preprocess.display_names(self.files)
 
     def __len__(self):
@@ -138,6 +141,24 @@ class Inputs:
             batch = self.array[s:e] if self.array is not None else preprocess.load_batch(self.files[s:e], self.pre)
             yield self.names[s:e], batch
 
+    def subset(self, indices) -> "Inputs":
+        """These inputs restricted to ``indices`` (in that order), names given afresh as for a list
+        of just those files (a distributed run drops unreadable images this way)."""
+        import copy
+
+        from .. import preprocess
+
+        indices = [int(i) for i in indices]
+        out = copy.copy(self)
+        if self.array is not None:
+            out.array = self.array[indices]
+            out.names = [self.names[i] for i in indices]
+        else:
+            out.files = [self.files[i] for i in indices]
+            out.names = preprocess.display_names(out.files)
+            out.labels = None if self.labels is None else [self.labels[i] for i in indices]
+        return out
+
     def fingerprint(self) -> dict:
         """What identifies these inputs (for resumable state)."""
         from ..manifest import sha256_file
@@ -145,6 +166,26 @@ class Inputs:
         if self.array is not None:
             return {"input_array": str(self.args.input_array), "sha256": sha256_file(self.args.input_array)}
         return {"images": self.sources, "preprocessing": self.pre.to_dict()}
+
+
+def image_set(args):
+    """The :class:`cnnvis.datasets.ImageSet` of ``--image-list`` or ``--image-tree`` (with
+    ``--synsets``), or None when the inputs are image arguments."""
+    from .. import datasets
+    from ..errors import CnnvisError
+
+    listed, tree = getattr(args, "image_list", None), getattr(args, "image_tree", None)
+    if not listed and not tree:
+        if getattr(args, "synsets", None):
+            raise CnnvisError("--synsets: names the classes of an --image-tree; give --image-tree too")
+        return None
+    given = [o for o, v in (("IMAGE arguments", getattr(args, "images", None)), ("--image-list", listed),
+                            ("--image-tree", tree), ("--input-array", getattr(args, "input_array", None))) if v]
+    if len(given) > 1:
+        raise CnnvisError(f"{given[1]}: give one of {' / '.join(given)}, not both")
+    if listed:
+        return datasets.image_list(listed)
+    return datasets.image_tree(tree, getattr(args, "synsets", None))
 
 
 def load_inputs(args, model):
@@ -188,6 +229,9 @@ def recorded_inputs(args, model) -> list:
     """What a manifest records as the inputs: the --input-array file, or the images actually used."""
     if getattr(args, "input_array", None):
         return [str(args.input_array)]
+    for option in ("image_list", "image_tree", "synsets"):  # a dataset: its list file or folder
+        if getattr(args, option, None):
+            return [str(getattr(args, o)) for o in ("image_list", "image_tree", "synsets") if getattr(args, o, None)]
     return [str(p) for p in input_paths(args, model)]
 
 

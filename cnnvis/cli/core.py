@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import sys
 
-from . import common
+from . import cluster, common
 
 ORDER = 10
 
@@ -26,6 +26,11 @@ def register(sub) -> None:
     p.add_argument("--cmap", default="viridis", help="matplotlib colormap (default viridis; 'gray')")
     p.add_argument("--labels", action="store_true", help="write each map's channel index on it")
     p.add_argument("--ncols", type=common.positive_int, default=None, help="grid columns (default: near-square)")
+    p.add_argument("--stats", action="store_true",
+                   help="instead of per-image grids: per-channel mean, std, max and fraction active of each layer "
+                        "over all the inputs (activation_stats.csv/.json; a dataset, on a cluster with --dask)")
+    cluster.add_dataset_options(p)
+    cluster.add_dask_options(p)
     common.add_output_options(p, "out/activations")
     p.set_defaults(func=cmd_activations)
 
@@ -75,6 +80,13 @@ def cmd_activations(args) -> int:
     from ..export import figures
     from ..manifest import RunOutput, save_npy
 
+    if args.stats:
+        return _activation_stats(args)
+    if args.dask:
+        from ..errors import CnnvisError
+
+        raise CnnvisError("--dask: activations runs on a cluster with --stats only (per-image grids are "
+                          "written by this process)")
     model = common.load_model(args)
     layers = activations.resolve_layers(model, args.layer)
     chunks = common.checked_input_chunks(args, model)  # bad inputs fail here, before anything is staged
@@ -109,6 +121,47 @@ def cmd_activations(args) -> int:
                         save_npy(run.path(f"{safe}/{lname}.npy", kind="stack", layer=layer, image=name,
                                           shape=list(values.shape), **{"grid": figures_meta}), values)
     print(f"cnnvis activations: {len(used)} image(s) × {len(layers)} layer(s) -> {args.out}")
+    return 0
+
+
+def _activation_stats(args) -> int:
+    """`activations --stats`: per-channel statistics over every input, in chunks (or on a cluster)."""
+    from ..analysis import activations
+    from ..export.tables import csv_text
+    from ..manifest import RunOutput, write_json
+
+    model = common.load_model(args)
+    if args.dask:
+        cluster.options(args)  # a bad address or --input-array fails before anything is read
+    layers = activations.resolve_layers(model, args.layer)
+    inputs = common.Inputs(args, model)
+    common.model_warning(model)
+    skipped, store = [], None
+    if args.dask:
+        result, skipped, store = cluster.activation_stats(args, model, inputs, layers)
+    else:
+        result = activations.DatasetChannelStats()
+        for _, x in inputs.chunks(0, args.batch_size):
+            result.update(model.run(x, layers, batch_size=args.batch_size))
+    summary = result.summary()
+    params = {"layers": layers, "stats": True, "batch_size": args.batch_size, "input_array": args.input_array}
+    rows = [[layer, c, s["values_per_channel"], s["mean"][c], s["std"][c], s["max"][c], s["fraction_active"][c]]
+            for layer, s in summary.items() for c in range(len(s["mean"]))]
+    with RunOutput(args.out, "activations", params=params, inputs=inputs.sources, model=model.info()) as run:
+        if skipped:
+            run.extra["skipped"] = cluster.skipped_record(skipped)
+        write_json(run.path("activation_stats.json", kind="activation-stats"),
+                   {"n_images": result.n_images_, "layers": {
+                       layer: {"shape": list(model.layer(layer).output_shape or []), **s}
+                       for layer, s in summary.items()},
+                    "definition": "per channel, over every value of the channel (all images and positions): "
+                                  "mean, population standard deviation, maximum, fraction of values > 0"})
+        run.path("activation_stats.csv", kind="activation-stats-table").write_text(csv_text(
+            ["layer", "channel", "values", "mean", "std", "max", "fraction_active"], rows), encoding="utf-8")
+    if store is not None:
+        store.remove()
+    print(f"cnnvis activations: per-channel statistics of {len(layers)} layer(s) over {result.n_images_} image(s) "
+          f"-> {args.out}")
     return 0
 
 

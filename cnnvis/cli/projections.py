@@ -6,7 +6,7 @@ import re
 import sys
 from pathlib import Path
 
-from . import common
+from . import cluster, common
 from ..export.tables import csv_text
 
 ORDER = 40
@@ -38,6 +38,8 @@ def register(sub) -> None:
     p.add_argument("--max-chunks", type=common.positive_int, default=None, metavar="N",
                    help=f"process at most N chunks of --batch-size images in this run, then stop with exit "
                         f"code {INCOMPLETE}; a rerun continues from the saved state")
+    cluster.add_dataset_options(p)
+    cluster.add_dask_options(p, restart=False)
     common.add_output_options(p, "out/topk")
     p.set_defaults(func=cmd_topk)
 
@@ -235,11 +237,16 @@ def cmd_topk(args) -> int:
     import numpy as np
 
     from ..analysis import deconv
-    from ..analysis.topk import TopK, top_activations
     from ..export import plots
     from ..manifest import RunOutput, ensure_writable_dir, save_npy, write_json, write_text
 
     model = common.load_model(args)
+    if args.dask:
+        cluster.options(args)  # a bad address or --input-array fails before anything is read
+        if args.max_chunks is not None:
+            from ..errors import CnnvisError
+
+            raise CnnvisError("--max-chunks: not with --dask (a cluster run is resumed by its recorded shards)")
     layer = model.layer(args.layer or default_layer(model)).name
     shape = deconv.layer_shape(model, layer)
     maps = _maps(args, "0-15", shape[0])
@@ -250,6 +257,56 @@ def cmd_topk(args) -> int:
     state_path = out / STATE_FILE
     fingerprint = {"command": "topk", "model_sha256": model.sha256, "layer": layer, "k": args.k,
                    **inputs.fingerprint()}
+    skipped, store = [], None
+    if args.dask:
+        common.model_warning(model)
+        top, inputs, skipped, store = cluster.topk(args, model, inputs, layer, out)
+        _write_state(state_path, fingerprint, top, complete=True)
+    else:
+        top = _topk_one_process(args, model, inputs, layer, state_path, fingerprint)
+        if top is None:
+            return INCOMPLETE
+
+    # second pass: projections of the final top-k of the chosen maps only
+    shown = [rec for m in maps for rec in top.units(m)]
+    field, raw, proj, patches = _project_records(model, inputs, layer, shown, args.rule, args.batch_size)
+    per_map = top.values_.shape[1]
+    lname = common.safe_name(layer)
+    records = top.records()
+    for rec in records:
+        rec["box"] = list(field.box(rec["y"], rec["x"]))
+    params = {"layer": layer, "k": args.k, "maps": maps, "rule": args.rule, "batch_size": args.batch_size,
+              "input_array": args.input_array}
+    with RunOutput(out, "topk", params=params, inputs=inputs.sources, model=model.info()) as run:
+        run.extra["state_file"] = STATE_FILE
+        if skipped:
+            run.extra["skipped"] = cluster.skipped_record(skipped)
+        ncols = int(np.ceil(np.sqrt(per_map)))
+        blocks = plots.side_by_side(proj.reshape(len(maps), per_map, *proj.shape[1:]),
+                                    patches.reshape(len(maps), per_map, *patches.shape[1:]), ncols=ncols)
+        meta = plots.save_blocks(run.path(f"{lname}_top{args.k}.png", kind="topk-grid", layer=layer), blocks,
+                                 labels=maps, ncols=int(np.ceil(np.sqrt(len(maps)))), cmap=_display_cmap(model))
+        save_npy(run.path(f"{lname}_top{args.k}_projections.npy", kind="projections", layer=layer,
+                          shape=list(raw.shape), maps=maps),
+                 raw.reshape(len(maps), per_map, *raw.shape[1:]))
+        write_json(run.path(f"{lname}_top{args.k}.json", kind="records", layer=layer),
+                   {"layer": layer, "k": args.k, "map_shape": list(top.map_shape_), "n_images": top.n_images_,
+                    "receptive_field": field.as_dict(), "maps_shown": maps, "grid": meta,
+                    "order": "value descending, then image order, then position (row-major)",
+                    "records": records})
+        write_text(run.path(f"{lname}_top{args.k}.csv", kind="records-csv", layer=layer), _records_csv(records))
+    if store is not None:
+        store.remove()  # the merged result is in topk_state.json and the outputs
+    print(f"cnnvis topk: {top.n_images_} image(s), top {per_map} of {shape[0]} map(s) of {layer}; "
+          f"{len(maps)} shown -> {args.out}")
+    return 0
+
+
+def _topk_one_process(args, model, inputs, layer, state_path, fingerprint):
+    """The top-k in this process, chunk by chunk, saving the state after each; None when stopped
+    by --max-chunks with images left."""
+    from ..analysis.topk import TopK, top_activations
+
     if state_path.exists() and not args.restart:
         top = _read_state(state_path, fingerprint, inputs.names)
     else:
@@ -276,39 +333,10 @@ def cmd_topk(args) -> int:
     if top.n_images_ < len(inputs):
         print(f"cnnvis topk: stopped after {chunks_done[0]} chunk(s) (--max-chunks): {top.n_images_} of "
               f"{len(inputs)} images done, state in {state_path}; rerun to continue", file=sys.stderr)
-        return INCOMPLETE
+        return None
     if chunks_done[0] == 0:
         _write_state(state_path, fingerprint, top, complete=True)
-
-    # second pass: projections of the final top-k of the chosen maps only
-    shown = [rec for m in maps for rec in top.units(m)]
-    field, raw, proj, patches = _project_records(model, inputs, layer, shown, args.rule, args.batch_size)
-    per_map = top.values_.shape[1]
-    lname = common.safe_name(layer)
-    records = top.records()
-    for rec in records:
-        rec["box"] = list(field.box(rec["y"], rec["x"]))
-    params = {"layer": layer, "k": args.k, "maps": maps, "rule": args.rule, "batch_size": args.batch_size,
-              "input_array": args.input_array}
-    with RunOutput(out, "topk", params=params, inputs=inputs.sources, model=model.info()) as run:
-        run.extra["state_file"] = STATE_FILE
-        ncols = int(np.ceil(np.sqrt(per_map)))
-        blocks = plots.side_by_side(proj.reshape(len(maps), per_map, *proj.shape[1:]),
-                                    patches.reshape(len(maps), per_map, *patches.shape[1:]), ncols=ncols)
-        meta = plots.save_blocks(run.path(f"{lname}_top{args.k}.png", kind="topk-grid", layer=layer), blocks,
-                                 labels=maps, ncols=int(np.ceil(np.sqrt(len(maps)))), cmap=_display_cmap(model))
-        save_npy(run.path(f"{lname}_top{args.k}_projections.npy", kind="projections", layer=layer,
-                          shape=list(raw.shape), maps=maps),
-                 raw.reshape(len(maps), per_map, *raw.shape[1:]))
-        write_json(run.path(f"{lname}_top{args.k}.json", kind="records", layer=layer),
-                   {"layer": layer, "k": args.k, "map_shape": list(top.map_shape_), "n_images": top.n_images_,
-                    "receptive_field": field.as_dict(), "maps_shown": maps, "grid": meta,
-                    "order": "value descending, then image order, then position (row-major)",
-                    "records": records})
-        write_text(run.path(f"{lname}_top{args.k}.csv", kind="records-csv", layer=layer), _records_csv(records))
-    print(f"cnnvis topk: {top.n_images_} image(s), top {per_map} of {shape[0]} map(s) of {layer}; "
-          f"{len(maps)} shown -> {args.out}")
-    return 0
+    return top
 
 
 def _records_csv(records) -> str:

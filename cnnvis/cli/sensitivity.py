@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from . import common
+from . import cluster, common
 from ..errors import CnnvisError
 from ..export.tables import csv_text
 
@@ -61,6 +61,8 @@ def register(sub) -> None:
                    help="run the whole network for every window (default: recompute only the changed "
                         "part of the early layers when that saves work; same numbers)")
     _add_picture_options(p)
+    cluster.add_dataset_options(p)
+    cluster.add_dask_options(p)
     common.add_output_options(p, "out/occlusion")
     p.set_defaults(func=cmd_occlusion)
 
@@ -162,6 +164,8 @@ def cmd_occlusion(args) -> int:
     from ..preprocess import InputSpace
 
     model = common.load_model(args)
+    if args.dask:
+        cluster.options(args)  # a bad address or --input-array fails before anything is read
     pre = common.preprocessing_for(args, model)
     space = InputSpace(pre, model.input_shape)
     target = occlusion.resolve_class(model, args.target)
@@ -170,54 +174,68 @@ def cmd_occlusion(args) -> int:
     stride = _scaled_default(args.stride, 8, hw)
     layer = None if args.layer in (None, "") else (False if args.layer.lower() == "none" else model.layer(args.layer).name)
     fill = space.grey_ if args.fill is None else args.fill
-    analysis = occlusion.Occlusion(model, window=window, stride=stride, layer=layer, fill=fill,
-                                   preprocessing=pre, batch_size=args.batch_size,
-                                   incremental=False if args.no_incremental else "auto")
-    chunks = common.checked_input_chunks(args, model)
-    common.model_warning(model)
+    options = {"window": window, "stride": stride, "layer": layer, "fill": fill,
+               "incremental": False if args.no_incremental else "auto"}
+    analysis = occlusion.Occlusion(model, preprocessing=pre, batch_size=args.batch_size, **options)
+    skipped, store, recorded = [], None, common.recorded_inputs(args, model)
+    if args.dask:  # the shard results are recorded in --out while the cluster runs, outside RunOutput
+        common.model_warning(model)
+        _, items, skipped, store = cluster.occlusion(args, model, common.Inputs(args, model), options, target,
+                                                     args.channel)
+    else:
+        chunks = common.checked_input_chunks(args, model)
+        common.model_warning(model)
+        items = ((name, x, analysis.run(x, target=target, channel=args.channel), None)
+                 for names, batch in chunks for name, x in zip(names, batch))
     params = {"window": list(window), "stride": list(stride), "class": target, "layer": layer, "channel": args.channel,
               "fill": "preprocessing mean (grey)" if args.fill is None else args.fill,
               "incremental": not args.no_incremental, "batch_size": args.batch_size, "cmap": args.cmap,
               "alpha": args.alpha, "preprocessing": pre.to_dict(), "input_array": args.input_array}
-    used, summaries = {}, []
-    with RunOutput(args.out, "occlusion", params=params, inputs=common.recorded_inputs(args, model), model=model.info()) as run:
-        for names, batch in chunks:
-            for name, safe, x in zip(names, common.unique_names(names, used), batch):
-                res = analysis.run(x, target=target, channel=args.channel)
-                meta = dict(image=name, layer=res.layer)
-                for key in ("probability", "top_class", "top_probability", "activation"):
-                    value = getattr(res, key)
-                    if value is not None:
-                        save_npy(run.path(f"{safe}/{key}.npy", kind=f"occlusion-{key}", shape=list(value.shape),
-                                          **meta), value)
-                rgb = space.to_display(x)
-                figures.save_png(run.path(f"{safe}/probability.png", kind="occlusion-map", **meta),
-                                 plots.heat_picture(res.probability, args.cmap))
-                figures.save_png(run.path(f"{safe}/probability_overlay.png", kind="occlusion-overlay", **meta),
-                                 plots.enlarge(plots.overlay_heatmap(rgb, res.to_pixels(res.probability), args.alpha,
-                                                                     args.cmap)))
-                colours = plots.class_colours(np.unique(res.top_class).tolist())
-                figures.save_png(run.path(f"{safe}/top_class.png", kind="occlusion-map", **meta),
-                                 plots.category_picture(res.top_class, colours))
-                if res.activation is not None:
-                    figures.save_png(run.path(f"{safe}/activation.png", kind="occlusion-map", **meta),
-                                     plots.heat_picture(res.activation, args.cmap))
-                    figures.save_png(run.path(f"{safe}/activation_overlay.png", kind="occlusion-overlay", **meta),
-                                     plots.enlarge(plots.overlay_heatmap(rgb, res.to_pixels(res.activation),
-                                                                         args.alpha, args.cmap)))
-                plots.occlusion_figure(run.path(f"{safe}/figure.png", kind="occlusion-figure", **meta),
-                                       res, rgb, colours, lambda k: _class_name(model, k), args.cmap)
-                summary = res.summary()
-                summary.update(image=name, target_name=_class_name(model, res.target),
-                               base_top_class_name=_class_name(model, res.base_top_class),
-                               top_class_names={str(k): _class_name(model, k) for k in summary["top_classes"]},
-                               top_class_colours={str(k): list(c) for k, c in colours.items()})
-                summaries.append(summary)
-                print(f"cnnvis occlusion: {name}: p({_class_name(model, res.target)}) {res.base_probability:.3f} "
-                      f"-> min {summary['min_probability']:.3f} at window {summary['min_probability_window']}")
-        run.extra["incremental"] = analysis.plan_.describe() if summaries else None
+    used, summaries, plan = {}, [], None
+    with RunOutput(args.out, "occlusion", params=params, inputs=recorded, model=model.info()) as run:
+        if skipped:
+            run.extra["skipped"] = cluster.skipped_record(skipped)
+        for name, x, res, plan in items:
+            safe = common.unique_names([name], used)[0]
+            meta = dict(image=name, layer=res.layer)
+            for key in ("probability", "top_class", "top_probability", "activation"):
+                value = getattr(res, key)
+                if value is not None:
+                    save_npy(run.path(f"{safe}/{key}.npy", kind=f"occlusion-{key}", shape=list(value.shape),
+                                      **meta), value)
+            rgb = space.to_display(x)
+            figures.save_png(run.path(f"{safe}/probability.png", kind="occlusion-map", **meta),
+                             plots.heat_picture(res.probability, args.cmap))
+            figures.save_png(run.path(f"{safe}/probability_overlay.png", kind="occlusion-overlay", **meta),
+                             plots.enlarge(plots.overlay_heatmap(rgb, res.to_pixels(res.probability), args.alpha,
+                                                                 args.cmap)))
+            colours = plots.class_colours(np.unique(res.top_class).tolist())
+            figures.save_png(run.path(f"{safe}/top_class.png", kind="occlusion-map", **meta),
+                             plots.category_picture(res.top_class, colours))
+            if res.activation is not None:
+                figures.save_png(run.path(f"{safe}/activation.png", kind="occlusion-map", **meta),
+                                 plots.heat_picture(res.activation, args.cmap))
+                figures.save_png(run.path(f"{safe}/activation_overlay.png", kind="occlusion-overlay", **meta),
+                                 plots.enlarge(plots.overlay_heatmap(rgb, res.to_pixels(res.activation),
+                                                                     args.alpha, args.cmap)))
+            plots.occlusion_figure(run.path(f"{safe}/figure.png", kind="occlusion-figure", **meta),
+                                   res, rgb, colours, lambda k: _class_name(model, k), args.cmap)
+            summary = res.summary()
+            summary.update(image=name, target_name=_class_name(model, res.target),
+                           base_top_class_name=_class_name(model, res.base_top_class),
+                           top_class_names={str(k): _class_name(model, k) for k in summary["top_classes"]},
+                           top_class_colours={str(k): list(c) for k, c in colours.items()})
+            summaries.append(summary)
+            print(f"cnnvis occlusion: {name}: p({_class_name(model, res.target)}) {res.base_probability:.3f} "
+                  f"-> min {summary['min_probability']:.3f} at window {summary['min_probability_window']}")
+        if args.dask:
+            run.extra["incremental"] = plan if summaries else None
+        else:
+            run.extra["incremental"] = analysis.plan_.describe() if summaries else None
         write_json(run.path("occlusion.json", kind="occlusion-summary"),
                    {"images": summaries, "window": list(window), "stride": list(stride)})
+    if store is not None:
+        store.remove()
     print(f"cnnvis occlusion: {len(summaries)} image(s) -> {args.out}")
     return 0
 

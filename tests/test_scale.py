@@ -1,0 +1,408 @@
+"""cnnvis.scale and the --dask paths: on a LocalCluster of 2 worker processes on loopback, the
+distributed runs write the one-process files byte for byte; worker and client faults; unreadable
+images skipped; the merges against independent references."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cnnvis import cli, scale
+from cnnvis.analysis import stats
+from cnnvis.analysis.topk import TopK
+from cnnvis.errors import CnnvisError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """Two worker processes (one thread each) on 127.0.0.1, no dashboard."""
+    import logging
+
+    from distributed import Client, LocalCluster
+
+    lc = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address=None, silence_logs=logging.ERROR)
+    client = Client(lc)
+    yield client
+    client.close()
+    lc.close()
+
+
+def _images(folder: Path, n: int, seed: int, size: int = 28) -> Path:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (size, size), dtype=np.uint8)).save(folder / f"im{i:04d}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    return _images(tmp_path_factory.mktemp("scale") / "images", 40, seed=1)
+
+
+def _files(out: Path) -> dict:
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def _manifest_without_times(data: bytes) -> dict:
+    manifest = json.loads(data)
+    for run in manifest["runs"].values():
+        run.pop("wall_time_s")
+    return manifest
+
+
+def assert_same_outputs(one: Path, two: Path, other_inputs: bool = False) -> None:
+    """Every file byte for byte, manifest.json up to wall times; ``other_inputs``: the runs were
+    given other files or folders (their names in the manifest and the top-k state aside)."""
+    a, b = _files(one), _files(two)
+    assert sorted(a) == sorted(b)
+    for rel in a:
+        if rel == "manifest.json":
+            ma, mb = _manifest_without_times(a[rel]), _manifest_without_times(b[rel])
+            if other_inputs:
+                for m in (ma, mb):
+                    for run in m["runs"].values():
+                        run.pop("inputs")
+                        run.pop("skipped", None)
+            assert ma == mb
+        elif rel == "topk_state.json" and other_inputs:
+            sa, sb = json.loads(a[rel]), json.loads(b[rel])
+            assert sa.pop("fingerprint")["images"] != sb.pop("fingerprint")["images"]
+            assert sa == sb
+        else:
+            assert a[rel] == b[rel], rel
+
+
+def _address(client) -> str:
+    return client.scheduler.address
+
+
+# ----------------------------------------------------------------------------- merges (no cluster)
+
+
+def test_merge_topk_equals_one_stream_for_any_split():
+    rng = np.random.default_rng(0)
+    acts = rng.integers(0, 4, size=(23, 3, 2, 2)).astype(np.float32)  # many ties on purpose
+    whole = TopK(5).update(acts)
+    for cuts in ([4, 9, 17], [1], [11, 12, 13, 20], [5, 10, 15, 20]):
+        parts = []
+        for lo, hi in zip([0, *cuts], [*cuts, len(acts)]):
+            part = TopK(5).update(acts[lo:hi])
+            parts.append((part.map_shape_, part.values_, part.images_ + lo, part.positions_))
+        for order in (parts, parts[::-1]):  # order of arrival does not matter either
+            merged = scale.merge_topk(order, 5)
+            np.testing.assert_array_equal(merged.values_, whole.values_)
+            np.testing.assert_array_equal(merged.images_, whole.images_)
+            np.testing.assert_array_equal(merged.positions_, whole.positions_)
+    # independent check of the tie order on map 0: sort (−value, image, position) by hand
+    flat = [(-acts[i, 0].reshape(-1)[p], i, p) for i in range(len(acts)) for p in range(4)]
+    best = sorted(flat)[:5]
+    assert [(int(i), int(p)) for _, i, p in best] == list(zip(whole.images_[0].tolist(),
+                                                               whole.positions_[0].tolist()))
+
+
+def test_compact_topk_renumbers_to_readable_images():
+    top = TopK(2).update(np.array([[5.0], [1.0], [7.0]], np.float32)[:, :, None, None])
+    top.images_ = np.array([[4, 0]])  # input positions 4 and 0 of 0, 2, 4 readable
+    scale.compact_topk(top, [0, 2, 4], ["a", "c", "e"])
+    assert top.images_.tolist() == [[2, 0]] and top.image_names_ == ["a", "c", "e"]
+
+
+def test_running_moments_merge_is_update_and_matches_numpy():
+    rng = np.random.default_rng(3)
+    chunks = [rng.normal(size=(n, 4, 3)) * 3 + 1 for n in (5, 1, 8, 3)]
+    a, b = stats.RunningMoments(), stats.RunningMoments()
+    for c in chunks:
+        a.update(c)
+        b.merge(*stats.batch_moments(c))
+    assert np.array_equal(a.mean, b.mean) and np.array_equal(a.var(), b.var())  # bit for bit
+    allx = np.concatenate(chunks)
+    np.testing.assert_allclose(b.mean, allx.mean(axis=0), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(b.var(1), allx.var(axis=0, ddof=1), rtol=1e-11)
+
+
+def test_shards_are_whole_chunks_and_cover_the_list():
+    shards = scale.make_shards([f"f{i}" for i in range(23)], shard_size=6, batch_size=4, group=1, first_index=3)
+    assert [len(s) for s in shards] == [8, 8, 7]
+    assert [s.start for s in shards] == [0, 8, 16] and [s.index for s in shards] == [3, 4, 5]
+    assert sum((s.paths for s in shards), []) == [os.path.abspath(f"f{i}") for i in range(23)]  # absolute
+    assert all(s.group == 1 for s in shards)
+
+
+def test_cli_default_shard_size_is_scales():
+    from cnnvis.cli import cluster as cli_cluster
+
+    assert cli_cluster.DEFAULT_SHARD_SIZE == scale.DEFAULT_SHARD_SIZE
+
+
+def test_shard_store_round_trip_and_restart(tmp_path):
+    store = scale.ShardStore(tmp_path, "topk", {"a": 1})
+    store.save(2, {"n": 3, "skipped": []}, {"x": np.arange(4, dtype=np.float32)})
+    assert store.done() == {2}
+    res = store.load(2)
+    assert res.meta["n"] == 3 and res.arrays["x"].dtype == np.float32 and res.arrays["x"].tolist() == [0, 1, 2, 3]
+    assert scale.ShardStore(tmp_path, "topk", {"a": 1}).done() == {2}  # same fingerprint: same folder
+    assert scale.ShardStore(tmp_path, "topk", {"a": 2}).done() == set()  # another run: its own folder
+    assert scale.ShardStore(tmp_path, "topk", {"a": 1}, restart=True).done() == set()
+    (store.folder / "shard-000007.npz").write_bytes(b"truncated")
+    with pytest.raises(CnnvisError, match="shard-000007.npz: unreadable shard result"):
+        store.load(7)
+
+
+@pytest.mark.parametrize("address, message", [("local:0", "N >= 1"), ("local", "local:N"),
+                                              ("nowhere", "scheduler address")])
+def test_bad_addresses(address, message):
+    with pytest.raises(CnnvisError, match=message):
+        scale.parse_address(address)
+    assert scale.parse_address("tcp://10.0.0.1:8786") == ("remote", "tcp://10.0.0.1:8786")
+    assert scale.parse_address("local:3") == ("local", 3)
+
+
+def test_worker_model_checks_sha256():
+    from cnnvis import registry
+
+    name = registry.default_model_name()
+    model = registry.load(name)
+    assert scale.worker_model(scale.model_ref(name, None, "cpu", 1, model.sha256)).sha256 == model.sha256
+    with pytest.raises(CnnvisError, match="a different file"):
+        scale.worker_model(scale.model_ref(name, None, "cpu", 1, "0" * 64))
+
+
+def test_dask_refuses_input_arrays(tmp_path, capsys):
+    x = tmp_path / "x.npy"
+    np.save(x, np.zeros((2, 1, 28, 28), np.float32))
+    assert cli.main(["topk", "--input-array", str(x), "--dask", "local:1", "--out", str(tmp_path / "o")]) == 2
+    assert "never pixels" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+# ----------------------------------------------------------------------------- on the cluster
+
+
+def test_topk_on_cluster_equals_one_process(cluster, images, tmp_path):
+    common = ["topk", str(images), "--batch-size", "4", "--k", "3", "--layer", "conv2", "--maps", "0-5"]
+    assert cli.main(common + ["--out", str(tmp_path / "one")]) == 0
+    assert cli.main(common + ["--out", str(tmp_path / "two"), "--dask", _address(cluster), "--shard-size", "6"]) == 0
+    assert_same_outputs(tmp_path / "one", tmp_path / "two")
+    assert not (tmp_path / "two" / scale.STATE_DIR).exists()  # merged: the shard results are gone
+
+
+def test_compare_classes_on_cluster_equals_one_process(cluster, tmp_path):
+    common = ["compare-classes", "--permutations", "49", "--batch-size", "4", "--check-numerical", "2",
+              "--max-vectors-per-group", "6", "--format", "npy", "--no-progress", "--neuron", "Shirt",
+              "--similar", "T-shirt/top", "--dissimilar", "Trouser"]
+    assert cli.main(common + ["--out", str(tmp_path / "one")]) == 0
+    assert cli.main(common + ["--out", str(tmp_path / "two"), "--dask", _address(cluster), "--shard-size", "4"]) == 0
+    assert_same_outputs(tmp_path / "one", tmp_path / "two")
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["gradcheck"]["entries"] == 2 and summary["cosine"]["kept_per_group"]["reference"] == 6
+
+
+def test_unreadable_images_are_skipped_and_listed(cluster, images, tmp_path):
+    import shutil
+
+    mixed = tmp_path / "mixed"
+    shutil.copytree(images, mixed)
+    (mixed / "im0003b.png").write_text("not an image")
+    good = (mixed / "im0010.png").read_bytes()
+    (mixed / "im0020b.png").write_bytes(good[:60])  # truncated
+    common = ["topk", "--batch-size", "4", "--k", "2", "--layer", "conv1", "--maps", "0-3"]
+    assert cli.main(common + [str(images), "--out", str(tmp_path / "one")]) == 0
+    assert cli.main(common + [str(mixed), "--out", str(tmp_path / "two"), "--dask", _address(cluster),
+                              "--shard-size", "8"]) == 0
+    assert_same_outputs(tmp_path / "one", tmp_path / "two", other_inputs=True)
+    skipped = json.loads((tmp_path / "two" / "manifest.json").read_text())["runs"]["topk"]["skipped"]
+    assert skipped["count"] == 2
+    assert [Path(f["path"]).name for f in skipped["files"]] == ["im0003b.png", "im0020b.png"]
+    assert all("not a readable image" in f["reason"] for f in skipped["files"])
+
+
+def test_worker_killed_mid_run_changes_nothing(cluster, tmp_path):
+    # larger images decode slowly enough that the run is still going when a worker dies
+    folder = _images(tmp_path / "big", 120, seed=2, size=400)
+    common = ["topk", str(folder), "--batch-size", "4", "--k", "3", "--layer", "conv1", "--maps", "0-3"]
+    assert cli.main(common + ["--out", str(tmp_path / "one")]) == 0
+    out = tmp_path / "two"
+    result = {}
+    run = threading.Thread(target=lambda: result.setdefault("rc", cli.main(
+        common + ["--out", str(out), "--dask", _address(cluster), "--shard-size", "4"])))
+    pids = cluster.run(os.getpid)
+    run.start()
+    deadline = time.time() + 60
+    done_at_kill = None
+    while time.time() < deadline and run.is_alive():
+        shards = list((out / scale.STATE_DIR).glob("*/shard-*.npz")) if out.exists() else []
+        if shards:
+            done_at_kill = len(shards)
+            os.kill(sorted(pids.values())[0], signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    run.join(120)
+    assert done_at_kill is not None and done_at_kill < 30, "the worker was not killed mid-run"
+    assert result["rc"] == 0
+    assert_same_outputs(tmp_path / "one", out)
+    cluster.wait_for_workers(2, timeout=60)  # the nanny restarts the killed worker
+
+
+def test_client_killed_then_rerun_resumes(cluster, tmp_path):
+    folder = _images(tmp_path / "big", 120, seed=3, size=400)
+    common = ["topk", str(folder), "--batch-size", "4", "--k", "3", "--layer", "conv1", "--maps", "0-3"]
+    assert cli.main(common + ["--out", str(tmp_path / "one")]) == 0
+    out = tmp_path / "two"
+    dask_args = common + ["--out", str(out), "--dask", _address(cluster), "--shard-size", "4"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-m", "cnnvis", *dask_args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 90
+    recorded = []
+    while time.time() < deadline and proc.poll() is None:
+        recorded = list((out / scale.STATE_DIR).glob("*/shard-*.npz")) if out.exists() else []
+        if len(recorded) >= 3:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    proc.wait(30)
+    assert proc.returncode == -signal.SIGKILL, "the client finished before it was killed"
+    kept = len(list((out / scale.STATE_DIR).glob("*/shard-*.npz")))
+    assert 3 <= kept < 30
+    err = _run_capturing_stderr(dask_args)
+    assert f"resuming: {kept} of 30 shard(s) already recorded" in err
+    assert_same_outputs(tmp_path / "one", out)
+
+
+def _run_capturing_stderr(argv) -> str:
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stderr(buf):
+        assert cli.main(argv) == 0
+    return buf.getvalue()
+
+
+def test_dataset_channel_stats_against_numpy():
+    from cnnvis.analysis.activations import DatasetChannelStats
+
+    rng = np.random.default_rng(5)
+    conv = rng.normal(size=(11, 3, 4, 5)).astype(np.float32)
+    fc = rng.normal(size=(11, 6)).astype(np.float32)
+    acc = DatasetChannelStats()
+    for lo, hi in ((0, 4), (4, 5), (5, 11)):
+        acc.update({"conv": conv[lo:hi], "fc": fc[lo:hi]})
+    s = acc.summary()
+    values = conv.astype(np.float64).transpose(1, 0, 2, 3).reshape(3, -1)  # channel × every value
+    np.testing.assert_allclose(s["conv"]["mean"], values.mean(axis=1), rtol=1e-12)
+    np.testing.assert_allclose(s["conv"]["std"], values.std(axis=1), rtol=1e-12)
+    assert s["conv"]["max"] == values.max(axis=1).tolist()
+    assert s["conv"]["fraction_active"] == ((values > 0).sum(axis=1) / 220).tolist()
+    assert s["conv"]["values_per_channel"] == 220 and acc.n_images_ == 11
+    np.testing.assert_allclose(s["fc"]["std"], fc.astype(np.float64).std(axis=0), rtol=1e-12)
+
+
+def test_activation_stats_on_local_cluster_equals_one_process(images, tmp_path):
+    common = ["activations", str(images), "--stats", "--batch-size", "4", "--layer", "conv1", "--layer", "fc6"]
+    assert cli.main(common + ["--out", str(tmp_path / "one")]) == 0
+    assert cli.main(common + ["--out", str(tmp_path / "two"), "--dask", "local:2", "--shard-size", "8",
+                              "--no-progress"]) == 0
+    assert_same_outputs(tmp_path / "one", tmp_path / "two")
+    data = json.loads((tmp_path / "one" / "activation_stats.json").read_text())
+    assert data["n_images"] == 40 and len(data["layers"]["conv1"]["mean"]) == 48
+
+
+def test_image_tree_on_cluster_equals_the_folders_given_one_process(cluster, images, tmp_path):
+    import shutil
+
+    tree = tmp_path / "tree"
+    for i, f in enumerate(sorted(images.glob("*.png"))[:12]):
+        (tree / ("n02" if i % 3 else "n01")).mkdir(parents=True, exist_ok=True)
+        shutil.copy(f, tree / ("n02" if i % 3 else "n01") / f.name)
+    syn = tmp_path / "synset.txt"
+    syn.write_text("n01 first class\nn02 second class\n")
+    common = ["topk", "--batch-size", "4", "--k", "2", "--layer", "conv1", "--maps", "0-3"]
+    assert cli.main(common + [str(tree / "n01"), str(tree / "n02"), "--out", str(tmp_path / "one")]) == 0
+    assert cli.main(common + ["--image-tree", str(tree), "--synsets", str(syn), "--out", str(tmp_path / "two"),
+                              "--dask", _address(cluster), "--shard-size", "4", "--no-progress"]) == 0
+    assert_same_outputs(tmp_path / "one", tmp_path / "two", other_inputs=True)
+    manifest = json.loads((tmp_path / "two" / "manifest.json").read_text())
+    assert manifest["runs"]["topk"]["inputs"] == [str(tree), str(syn)]
+
+
+def test_per_image_commands_on_cluster_equal_one_process(cluster, images, tmp_path):
+    files = [str(p) for p in sorted(images.glob("*.png"))]
+    runs = {"conv-gradients": (files[:4], ["-f", "npy", "--top-k", "2"]),
+            "occlusion": (files[4:7], ["--window", "14", "--stride", "7"])}
+    for command, (few, extra) in runs.items():
+        base = [command, *few, "--batch-size", "2", *extra]
+        assert cli.main(base + ["--out", str(tmp_path / command / "one")]) == 0
+        assert cli.main(base + ["--out", str(tmp_path / command / "two"), "--dask", _address(cluster),
+                                "--shard-size", "2", "--no-progress"]) == 0
+        assert_same_outputs(tmp_path / command / "one", tmp_path / command / "two")
+
+
+def test_compare_classes_groups_from_an_image_tree(images, tmp_path):
+    import shutil
+
+    from cnnvis import registry
+
+    classes = registry.load(registry.default_model_name()).class_names
+    syn = tmp_path / "synset.txt"
+    syn.write_text("".join(f"c{i} {name}\n" for i, name in enumerate(classes)))
+    files = sorted(images.glob("*.png"))
+    for k, folder in enumerate(("c6", "c0", "c1")):  # Shirt, T-shirt/top, Trouser
+        (tmp_path / "tree" / folder).mkdir(parents=True)
+        for f in files[4 * k:4 * k + 4]:
+            shutil.copy(f, tmp_path / "tree" / folder / f.name)
+    common = ["compare-classes", "--permutations", "9", "--batch-size", "4", "--format", "npy", "--no-progress"]
+    tree = tmp_path / "tree"
+    assert cli.main(common + ["--neuron", "Shirt", "--reference", str(tree / "c6"), "--similar", str(tree / "c0"),
+                              "--dissimilar", str(tree / "c1"), "--out", str(tmp_path / "one")]) == 0
+    assert cli.main(common + ["--neuron", "Shirt", "--similar", classes[0], "--dissimilar", "1",
+                              "--image-tree", str(tree), "--synsets", str(syn), "--out", str(tmp_path / "two")]) == 0
+    one, two = (json.loads((tmp_path / o / "summary.json").read_text()) for o in ("one", "two"))
+    assert one == two and one["counts"] == {"reference": 4, "similar": 4, "dissimilar": 4}
+    assert (tmp_path / "one" / "cosine_similarity.npy").read_bytes() == \
+        (tmp_path / "two" / "cosine_similarity.npy").read_bytes()
+
+
+def test_worker_errors_reach_the_client_as_one_line(cluster, images, tmp_path):
+    from cnnvis import preprocess, registry
+
+    model = registry.load(registry.default_model_name())
+    shards = scale.make_shards(sorted(images.glob("*.png"))[:4], 4, 4)
+    job = {"model": scale.model_ref(registry.default_model_name(), None, "cpu", 1, "f" * 64),
+           "preprocessing": preprocess.for_model(model).to_dict(), "layer": "conv1", "k": 2, "batch_size": 4}
+    store = scale.ShardStore(tmp_path, "topk", {"t": 1})
+    with pytest.raises(CnnvisError, match="on the client \\(a different file\\)"):
+        scale.run_shards(cluster, scale.topk_shard, job, shards, store, "test", progress=False)
+    assert store.done() == set()
+
+
+def test_dataclass_records_round_trip_exactly(tmp_path):
+    from dataclasses import dataclass
+
+    @dataclass
+    class Result:
+        window: tuple
+        values: np.ndarray
+        score: float
+        label: int | None = None
+
+    res = Result((3, 5), np.arange(6, dtype=np.float32).reshape(2, 3) / 7, 0.1 + 0.2, None)
+    meta, arrays = scale.record_of(res)
+    store = scale.ShardStore(tmp_path, "t", {})
+    store.save(0, {"records": [meta]}, arrays)  # through the JSON + .npz file
+    back = store.load(0)
+    again = scale.from_record(Result, back.meta["records"][0], back.arrays)
+    assert again.window == (3, 5) and again.score == 0.1 + 0.2 and again.label is None
+    assert again.values.dtype == np.float32 and np.array_equal(again.values, res.values)
