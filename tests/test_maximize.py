@@ -7,7 +7,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from cnnvis.analysis import maximize as mx
-from cnnvis.analysis.occlusion import InputSpace
+from cnnvis.preprocess import InputSpace
 from cnnvis.cli import main
 from cnnvis.errors import CnnvisError
 from cnnvis.model import Model

@@ -9,7 +9,8 @@ from cnnvis.analysis import occlusion as occ
 from cnnvis.errors import CnnvisError
 from cnnvis.model import Model
 from cnnvis.onnxgraph import make_model
-from cnnvis.preprocess import preset
+from cnnvis.analysis.inputspace import probabilities
+from cnnvis.preprocess import input_space, preset
 
 
 def _graph(nodes, inits, in_shape, out_name, out_dim):
@@ -90,23 +91,6 @@ def test_grey_comes_from_the_preprocessing_mean():
     assert res.activation is None
 
 
-def test_input_space_caffe_roundtrip_and_grey():
-    pre = preset("caffe", (3, 8, 8))
-    space = occ.InputSpace(pre, (3, 8, 8))
-    assert np.array_equal(space.grey_, np.zeros((3, 1, 1)))
-    rng = np.random.default_rng(0)
-    pixels = rng.random((8, 8, 3))
-    x = pre.from_pixels(pixels)  # BGR, ×255, minus the mean
-    np.testing.assert_allclose(space.to_display(x), pixels, atol=1e-5)
-    # black and white pixels are the ends of the valid range
-    np.testing.assert_allclose(space.low_[:, 0, 0], -np.array(pre.mean), atol=1e-4)
-    np.testing.assert_allclose(space.high_[:, 0, 0], 255.0 - np.array(pre.mean), atol=1e-4)
-    grey = occ.InputSpace(preset("grey28", (1, 8, 8)), (1, 8, 8))
-    assert grey.grey_.reshape(-1).tolist() == [0.5]
-    imagenet = occ.InputSpace(preset("imagenet", (3, 8, 8)), (3, 8, 8))
-    assert np.array_equal(imagenet.grey_, np.zeros((3, 1, 1)))
-
-
 def chain_model(seed=0):
     """3×20×20: conv(5, s2, p2) relu LRN maxpool(3, s2, ceil, p1) conv(3, p2, dil 2, group 2) relu
     maxpool(2) avgpool(1) conv(1) → fc → softmax: pads, ceil mode, dilation, groups, LRN."""
@@ -143,7 +127,7 @@ def _brute_force(model, image, ys, xs, window, fill, tap, channel):
             c[:, y:y + window, x:x + window] = fill[:, y:y + window, x:x + window]
             copies.append(c)
     out = model.run(np.stack(copies), [tap, model.output_name])
-    prob = occ.probabilities(model, out[model.output_name])
+    prob = probabilities(model, out[model.output_name])
     act = out[tap][:, channel].reshape(len(copies), -1).astype(np.float64).sum(1)
     return prob, act
 
@@ -160,7 +144,7 @@ def test_incremental_path_equals_the_whole_network(layer):
     # every local op before the flatten is evaluated on rectangles
     assert [s.output for s in plan.stages] == ["norm1", "pool1", "scaled2", "pool2"]
     plain = occ.Occlusion(m, window=window, stride=stride, layer=layer, incremental=False).run(image)
-    fill = np.broadcast_to(occ.input_space(m).grey_, image.shape).astype(np.float32)
+    fill = np.broadcast_to(input_space(m).grey_, image.shape).astype(np.float32)
     prob, act = _brute_force(m, image, res.ys, res.xs, window, fill, m.layer(layer).tensor, res.channel)
     shape = res.probability.shape
     assert shape == (6, 6)  # windows at 0, 3, ..., 15: the last one touches the border
@@ -203,9 +187,6 @@ def test_errors_are_one_line():
         occ.Occlusion(m, window=4, layer=False).run(np.zeros((1, 12, 12), np.float32), target=7)
     with pytest.raises(CnnvisError, match="unknown layer"):
         occ.Occlusion(m, window=4, layer="nope").run(np.zeros((1, 12, 12), np.float32))
-    assert occ.resolve_class(m, "1") == 1 and occ.resolve_class(m, None) is None
-    with pytest.raises(CnnvisError):
-        occ.resolve_class(m, "5")
 
 
 def test_coverage_mean_by_hand():
@@ -226,11 +207,6 @@ def test_nearest_window_classes_gives_each_pixel_the_class_of_the_nearest_window
     # centres at 1, 3, 5; pixel rows 2 and 4 lie halfway between two centres: the first window wins
     nearest = [0, 0, 0, 1, 1, 2, 2]
     np.testing.assert_array_equal(res.nearest_window_classes(), top[np.ix_(nearest, nearest)])
-
-
-def test_default_feature_layer_is_the_last_map_layer():
-    assert occ.default_feature_layer(chain_model()) == "relu2"
-    assert occ.default_feature_layer(region_model()) == "relu"
 
 
 def test_cli_occlusion_files_match_the_api_and_rerun_identically(tmp_path):

@@ -19,7 +19,7 @@ import numpy as np
 
 from ..errors import CnnvisError
 from ..preprocess import input_space
-from .occlusion import FEATURE_OPS, probabilities
+from .inputspace import FEATURE_OPS, probabilities
 
 TRANSFORMS = ("translation", "scale", "rotation")
 AXES = ("vertical", "horizontal")

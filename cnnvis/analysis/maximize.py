@@ -20,7 +20,7 @@ import numpy as np
 
 from ..errors import CnnvisError
 from ..preprocess import channels_last, input_space
-from .occlusion import default_feature_layer
+from .inputspace import default_feature_layer
 
 OBJECTIVES = ("channel_mean", "logit")
 CLIPS = ("range", "none")

@@ -11,8 +11,7 @@ rectangle (plus its receptive halo), pasted into the unoccluded image's maps, an
 network runs from there. This gives the same numbers as occluding the image and running the whole
 network (tested to float32 rounding), with less arithmetic.
 
-This module also holds the small input-space helpers the sensitivity analyses share: the neutral
-grey (the preprocessing mean), the valid pixel range and conversion back to a displayable picture
+The input-space helpers the sensitivity analyses share live in :mod:`cnnvis.analysis.inputspace`
 (the heat-map overlays are drawn by :mod:`cnnvis.export.plots`).
 """
 from __future__ import annotations
@@ -23,33 +22,8 @@ import numpy as np
 from onnx import TensorProto, helper
 
 from ..errors import CnnvisError
-from ..preprocess import InputSpace, input_space  # noqa: F401  (re-exported for the analyses)
-
-#: ops whose output is a feature map a user would call "the layer" (not pools or bookkeeping)
-FEATURE_OPS = ("Conv", "Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Sigmoid", "Tanh", "Clip",
-               "BatchNormalization")
-
-
-def resolve_class(model, spec):
-    """A class index from an index or a name (None, '' and 'predicted' mean the predicted class)."""
-    if spec is None or (isinstance(spec, str) and spec in ("", "predicted")):
-        return None
-    return model.class_index(spec)
-
-
-def probabilities(model, output) -> np.ndarray:
-    """The model's output as class probabilities (see :meth:`cnnvis.model.Model.probabilities`)."""
-    return model.probabilities(np.asarray(output, dtype=np.float64))
-
-
-def default_feature_layer(model) -> str:
-    """The last layer whose output is C×H×W feature maps (e.g. relu5 of AlexNet)."""
-    for layer in reversed(model.layers):
-        if layer.op_type in FEATURE_OPS and layer.output_shape is not None and len(layer.output_shape) == 3:
-            return layer.name
-    raise CnnvisError(f"model {model.name} has no layer with C×H×W feature maps; name one with layer=...",
-                      params="layer")
-
+from ..preprocess import input_space
+from .inputspace import default_feature_layer, probabilities
 
 # ----------------------------------------------------------------------------- windows
 

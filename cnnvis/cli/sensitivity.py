@@ -158,7 +158,7 @@ def _class_name(model, k) -> str:
 def cmd_occlusion(args) -> int:
     import numpy as np
 
-    from ..analysis import occlusion
+    from ..analysis import inputspace, occlusion
     from ..export import figures, plots
     from ..manifest import RunOutput, save_npy, write_json
     from ..preprocess import InputSpace
@@ -168,7 +168,7 @@ def cmd_occlusion(args) -> int:
         cluster.options(args)  # a bad address or --input-array fails before anything is read
     pre = common.preprocessing_for(args, model)
     space = InputSpace(pre, model.input_shape)
-    target = occlusion.resolve_class(model, args.target)
+    target = inputspace.resolve_class(model, args.target)
     hw = model.input_shape[1:]
     window = _scaled_default(args.window, 35, hw)
     stride = _scaled_default(args.stride, 8, hw)
@@ -245,7 +245,7 @@ def cmd_occlusion(args) -> int:
 def cmd_invariance(args) -> int:
     import numpy as np
 
-    from ..analysis import invariance, occlusion
+    from ..analysis import inputspace, invariance
     from ..export import figures, plots
     from ..manifest import RunOutput, write_json, write_text
     from ..preprocess import InputSpace
@@ -253,7 +253,7 @@ def cmd_invariance(args) -> int:
     model = common.load_model(args)
     pre = common.preprocessing_for(args, model)
     space = InputSpace(pre, model.input_shape)
-    target = occlusion.resolve_class(model, args.target)
+    target = inputspace.resolve_class(model, args.target)
     amounts = {"translation": args.translations, "scale": args.scales, "rotation": args.rotations}
     analysis = invariance.Invariance(model, layers=args.layer, amounts=amounts, axis=args.axis,
                                      preprocessing=pre, batch_size=args.batch_size)
@@ -336,7 +336,7 @@ def cmd_maximize(args) -> int:
 # ------------------------------------------------------------------------------------ saliency
 
 def cmd_saliency(args) -> int:
-    from ..analysis import occlusion, saliency
+    from ..analysis import inputspace, saliency
     from ..export import figures, plots
     from ..manifest import RunOutput, save_npy, write_json
     from ..preprocess import InputSpace
@@ -344,11 +344,11 @@ def cmd_saliency(args) -> int:
     model = common.load_model(args)
     pre = common.preprocessing_for(args, model)
     space = InputSpace(pre, model.input_shape)
-    target = occlusion.resolve_class(model, args.target)
+    target = inputspace.resolve_class(model, args.target)
     methods = list(dict.fromkeys(args.method or saliency.METHODS))
     runners = {m: saliency.Saliency(model, method=m, layer=args.layer, batch_size=args.batch_size) for m in methods}
     if "gradcam" in methods:  # a bad --layer fails before anything is staged
-        layer = model.layer(args.layer or occlusion.default_feature_layer(model))
+        layer = model.layer(args.layer or inputspace.default_feature_layer(model))
         if layer.output_shape is None or len(layer.output_shape) != 3:
             raise CnnvisError(f"--layer {layer.name}: Grad-CAM needs a layer with C×H×W maps")
     chunks = common.checked_input_chunks(args, model)
