@@ -297,18 +297,22 @@ class Model:
             self._engines[key] = GradientEngine(self.proto, wrt, **options)
         return self._engines[key]
 
-    def session(self, outputs=()):
-        """The cached onnxruntime session whose outputs are ``outputs`` (tensor names)."""
-        key = tuple(outputs)
-        sess = self._sessions.get(key)
+    def session(self, outputs=(), key=None, build=None, spinning: bool = True):
+        """The cached onnxruntime session whose outputs are ``outputs`` (tensor names) — or, given
+        ``key`` and ``build``, of the graph ``build()`` returns (a graph made from this model, e.g.
+        occlusion's stage graphs), built once per ``key``: the one session cache of a model.
+        ``spinning=False``: idle threads sleep (for callers alternating between small sessions)."""
+        cache_key = ("graph", key) if build is not None else tuple(outputs)
+        sess = self._sessions.get(cache_key)
         if sess is None:
             # LRN as elementwise ops + channel pooling: same values, ~20% faster in onnxruntime
-            proto = onnxgraph.decompose_lrn(self.proto)
-            if key:
+            proto = onnxgraph.decompose_lrn(build() if build is not None else self.proto)
+            if build is None and cache_key:
                 del proto.graph.output[:]
-                proto.graph.output.extend(helper.make_tensor_value_info(t, TensorProto.FLOAT, None) for t in key)
-            sess = onnxgraph.create_session(proto, device=self.device, threads=self.threads)
-            self._sessions[key] = sess
+                proto.graph.output.extend(helper.make_tensor_value_info(t, TensorProto.FLOAT, None)
+                                          for t in cache_key)
+            sess = onnxgraph.create_session(proto, device=self.device, threads=self.threads, spinning=spinning)
+            self._sessions[cache_key] = sess
         return sess
 
     def check_batch(self, x) -> np.ndarray:
@@ -333,9 +337,8 @@ class Model:
         results = {t: [] for t in unique}
         if unique:
             sess = self.session(tuple(unique))
-            step = max(1, int(batch_size))
-            for start in range(0, len(x), step):
-                for t, value in zip(unique, sess.run(unique, {self.input_name: x[start:start + step]})):
+            for start, stop in chunk_bounds(len(x), batch_size):
+                for t, value in zip(unique, sess.run(unique, {self.input_name: x[start:stop]})):
                     results[t].append(value)
         # one chunk: its arrays as they are (a concatenate would copy every tapped tensor again)
         merged = {t: (v[0] if len(v) == 1 else np.concatenate(v)) if v else np.zeros((0,))
@@ -389,6 +392,23 @@ def load_model(spec, weights=None, device: str = "auto", threads: int | None = N
     from . import registry
 
     return registry.load(spec, weights=weights, device=device, threads=threads)
+
+
+def chunk_bounds(n: int, batch_size: int, parts: int = 1) -> list:
+    """``(start, stop)`` of every chunk of ``batch_size`` items out of ``n`` (the last one shorter),
+    each cut into ``parts`` near-equal pieces (none empty): the one batch-chunking loop, used by
+    :meth:`Model.run`, occlusion's windows and the gradient engine (whose full chunks may run in a
+    graph specialised to ``batch_size``; ``parts`` are its concurrent workers)."""
+    step = max(1, int(batch_size))
+    bounds = []
+    for start in range(0, int(n), step):
+        stop = min(start + step, int(n))
+        if parts <= 1:
+            bounds.append((start, stop))
+            continue
+        cuts = np.linspace(start, stop, min(int(parts), stop - start) + 1).round().astype(int)
+        bounds.extend(zip(cuts[:-1].tolist(), cuts[1:].tolist()))
+    return bounds
 
 
 def softmax(logits) -> np.ndarray:

@@ -226,8 +226,7 @@ def occlusion_shard(job: dict, shard: Shard):
     for j, (pos, x) in enumerate(shard_chunks(shard, pre, job["batch_size"], skipped)):
         chunks.append(len(pos))
         arrays[f"{j}.positions"] = np.asarray(pos, np.int64)
-        for i, image in enumerate(x):
-            res = analysis.run(image, target=job["target"], channel=job["channel"])
+        for i, res in enumerate(analysis.run(x, target=job["target"])):
             meta, values = record_of(res)
             records.append(meta)
             arrays.update({f"{j}.{i}.{k}": v for k, v in values.items()})

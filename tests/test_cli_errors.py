@@ -120,7 +120,7 @@ def test_both_sides_of_each_reachable_message(tiny, tmp_path, capsys):
     x = np.load(x_path)
     m = ["--model", model_path, "--input-array", x_path]
 
-    lib = _library_message(lambda: occlusion.Occlusion(model, window=(9, 9), stride=(1, 1)).run(x[0]))
+    lib = _library_message(lambda: occlusion.Occlusion(model, window=(9, 9), stride=(1, 1)).run(x[:1]))
     assert lib == "window=(9, 9): larger than the 8x8 input"
     assert "error: --window (9, 9): larger than the 8x8 input" in _cli_error(
         ["occlusion", *m, "--window", "9"], capsys, tmp_path)

@@ -200,3 +200,13 @@ def test_sidecar_beside_file_gives_class_names(tmp_path):
     (tmp_path / "tiny.onnx.json").write_text(json.dumps({"classes": list("abcde"), "trained": False}))
     m = Model.from_file(path)
     assert m.class_names == list("abcde") and not m.trained
+
+
+def test_chunk_bounds_cover_every_item_once_in_order():
+    from cnnvis.model import chunk_bounds
+
+    assert chunk_bounds(7, 3) == [(0, 3), (3, 6), (6, 7)]
+    assert chunk_bounds(0, 4) == [] and chunk_bounds(2, 0) == [(0, 1), (1, 2)]
+    # parts cut each chunk into near-equal non-empty pieces (the engine's concurrent workers)
+    assert chunk_bounds(7, 4, parts=2) == [(0, 2), (2, 4), (4, 6), (6, 7)]
+    assert chunk_bounds(5, 5, parts=3) == [(0, 2), (2, 3), (3, 5)]

@@ -50,7 +50,7 @@ def test_occluding_the_informative_region_drops_the_class(incremental):
     m = region_model()
     image = np.zeros((1, 12, 12), np.float32)
     image[0][REGION] = 1.0
-    res = occ.Occlusion(m, window=4, stride=2, layer="relu", incremental=incremental).run(image, target=0)
+    res = occ.Occlusion(m, window=4, stride=2, layer="relu", incremental=incremental).run(image[None], target=0)[0]
     # grey28 has no mean: the grey is the mid-grey pixel 0.5
     z0 = 0.25 * 16  # unoccluded: 4 > 3, class 0 wins
     assert res.base_probability == pytest.approx(1 / (1 + np.exp(3 - z0)), rel=1e-6)
@@ -85,7 +85,7 @@ def test_grey_comes_from_the_preprocessing_mean():
     m.sidecar["preprocessing"] = preset("grey28", (1, 12, 12), mean=[0.3], raw_scale=1.0).to_dict()
     image = np.zeros((1, 12, 12), np.float32)
     image[0][REGION] = 1.0
-    res = occ.Occlusion(m, window=4, stride=4, layer=False).run(image, target=0)
+    res = occ.Occlusion(m, window=4, stride=4, layer=False).run(image[None], target=0)[0]
     # with a mean, the grey is the mean pixel: 0 in input space, so the region sum drops to 0
     assert res.probability[1, 1] == pytest.approx(1 / (1 + np.exp(3.0)), rel=1e-6)
     assert res.activation is None
@@ -139,11 +139,11 @@ def test_incremental_path_equals_the_whole_network(layer):
     image = rng.standard_normal((3, 20, 20)).astype(np.float32)
     window, stride = 5, 3
     inc = occ.Occlusion(m, window=window, stride=stride, layer=layer, incremental=True, batch_size=7)
-    res = inc.run(image)
+    res = inc.run(image[None])[0]
     plan = next(iter(inc._plans.values()))
     # every local op before the flatten is evaluated on rectangles
     assert [s.output for s in plan.stages] == ["norm1", "pool1", "scaled2", "pool2"]
-    plain = occ.Occlusion(m, window=window, stride=stride, layer=layer, incremental=False).run(image)
+    plain = occ.Occlusion(m, window=window, stride=stride, layer=layer, incremental=False).run(image[None])[0]
     fill = np.broadcast_to(input_space(m).grey_, image.shape).astype(np.float32)
     prob, act = _brute_force(m, image, res.ys, res.xs, window, fill, m.layer(layer).tensor, res.channel)
     shape = res.probability.shape
@@ -159,10 +159,10 @@ def test_auto_mode_skips_work_only_when_it_pays_and_stays_exact():
     m = chain_model(seed=3)
     image = np.random.default_rng(2).standard_normal((3, 20, 20)).astype(np.float32)
     auto = occ.Occlusion(m, window=3, stride=4, layer="relu2")
-    res = auto.run(image)
+    res = auto.run(image[None])[0]
     plan = next(iter(auto._plans.values()))
     assert plan.costs[plan.depth] <= 0.9 * plan.costs[0] or plan.depth == 0
-    ref = occ.Occlusion(m, window=3, stride=4, layer="relu2", incremental=False).run(image)
+    ref = occ.Occlusion(m, window=3, stride=4, layer="relu2", incremental=False).run(image[None])[0]
     np.testing.assert_allclose(res.probability, ref.probability, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(res.activation, ref.activation, rtol=1e-5, atol=1e-5)
 
@@ -170,23 +170,44 @@ def test_auto_mode_skips_work_only_when_it_pays_and_stays_exact():
 def test_outputs_are_deterministic_and_channel_target_overrides():
     m = chain_model()
     image = np.random.default_rng(5).standard_normal((3, 20, 20)).astype(np.float32)
-    o = occ.Occlusion(m, window=6, stride=5, layer="relu2", incremental=True)
-    a, b = o.run(image, target=2, channel=3), o.run(image, target=2, channel=3)
+    o = occ.Occlusion(m, window=6, stride=5, layer="relu2", channel=3, incremental=True)
+    a, b = o.run(image[None], target=2)[0], o.run(image[None], target=2)[0]
     assert a.target == 2 and a.channel == 3
     for field in ("probability", "top_class", "top_probability", "activation"):
         assert np.array_equal(getattr(a, field), getattr(b, field))
 
 
+def test_a_batch_is_its_images_one_by_one_and_sessions_live_in_the_model_cache():
+    m = chain_model()
+    x = np.random.default_rng(7).standard_normal((3, 3, 20, 20)).astype(np.float32)
+    o = occ.Occlusion(m, window=5, stride=4, layer="relu2", incremental=True, batch_size=5)
+    res = o.run(x, target=[0, 3, 1])
+    assert len(res) == 3 and [r.target for r in res] == [0, 3, 1]
+    assert res.plan == o.plan_.describe()
+    stage_keys = [k for k in m._sessions if k[0] == "graph"]
+    assert stage_keys and all(k[1][0][0] == "occlusion" for k in stage_keys)
+    fresh = Model(m.proto, name="again", sidecar=m.sidecar)
+    for i, t in enumerate([0, 3, 1]):
+        one = occ.Occlusion(fresh, window=5, stride=4, layer="relu2", incremental=False).run(x[i:i + 1], target=t)[0]
+        np.testing.assert_allclose(res[i].probability, one.probability, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(res[i].activation, one.activation, rtol=1e-5, atol=1e-5)
+        assert res[i].channel == one.channel
+    # a second analysis on the same model reuses the sessions instead of building new ones
+    before = len(m._sessions)
+    occ.Occlusion(m, window=5, stride=4, layer="relu2", incremental=True, batch_size=5).run(x[:1])
+    assert len(m._sessions) == before
+
+
 def test_errors_are_one_line():
     m = region_model()
     with pytest.raises(CnnvisError, match="window"):
-        occ.Occlusion(m, window=13, stride=1).run(np.zeros((1, 12, 12), np.float32))
+        occ.Occlusion(m, window=13, stride=1).run(np.zeros((1, 1, 12, 12), np.float32))
     with pytest.raises(CnnvisError, match="expects"):
-        occ.Occlusion(m, window=3).run(np.zeros((1, 10, 10), np.float32))
+        occ.Occlusion(m, window=3).run(np.zeros((1, 1, 10, 10), np.float32))
     with pytest.raises(CnnvisError, match="class"):
-        occ.Occlusion(m, window=4, layer=False).run(np.zeros((1, 12, 12), np.float32), target=7)
+        occ.Occlusion(m, window=4, layer=False).run(np.zeros((1, 1, 12, 12), np.float32), target=7)
     with pytest.raises(CnnvisError, match="unknown layer"):
-        occ.Occlusion(m, window=4, layer="nope").run(np.zeros((1, 12, 12), np.float32))
+        occ.Occlusion(m, window=4, layer="nope").run(np.zeros((1, 1, 12, 12), np.float32))
 
 
 def test_coverage_mean_by_hand():
@@ -232,7 +253,7 @@ def test_cli_occlusion_files_match_the_api_and_rerun_identically(tmp_path):
                  "activation_overlay.png", "top_class.png", "figure.png"):
         assert f"x[0]/{name}" in files and f"x[1]/{name}" in files
     assert manifest["params"]["window"] == [5, 5] and manifest["params"]["class"] == 1
-    ref = occ.Occlusion(Model.from_file(path), window=5, stride=3, layer="relu2", incremental=False).run(x[1], target=1)
+    ref = occ.Occlusion(Model.from_file(path), window=5, stride=3, layer="relu2", incremental=False).run(x[1:2], target=1)[0]
     np.testing.assert_allclose(np.load(outs[0] / "x[1]/probability.npy"), ref.probability, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(np.load(outs[0] / "x[1]/activation.npy"), ref.activation, rtol=1e-5, atol=1e-5)
     summary = json.loads((outs[0] / "occlusion.json").read_text())

@@ -325,14 +325,14 @@ def conv_gradients(args, model, inputs, layer: str, target):
     return inputs, batches(), skipped, store
 
 
-def occlusion(args, model, inputs, options: dict, target, channel):
+def occlusion(args, model, inputs, options: dict, target):
     """occlusion on the cluster: ``(readable inputs, items, skipped, store)``; ``items`` yields
     ``(name, image, OcclusionMaps, incremental plan description)`` per image in input order."""
     from .. import scale
     from ..analysis.occlusion import OcclusionMaps
 
     inputs, chunks, skipped, store = per_image(args, model, inputs, "occlusion", scale.occlusion_shard,
-                                               {"options": options, "target": target, "channel": channel})
+                                               {"options": options, "target": target})
 
     def items():
         done_in_shard, last_meta = 0, None

@@ -174,19 +174,18 @@ def cmd_occlusion(args) -> int:
     stride = _scaled_default(args.stride, 8, hw)
     layer = None if args.layer in (None, "") else (False if args.layer.lower() == "none" else model.layer(args.layer).name)
     fill = space.grey_ if args.fill is None else args.fill
-    options = {"window": window, "stride": stride, "layer": layer, "fill": fill,
+    options = {"window": window, "stride": stride, "layer": layer, "channel": args.channel, "fill": fill,
                "incremental": False if args.no_incremental else "auto"}
     analysis = occlusion.Occlusion(model, preprocessing=pre, batch_size=args.batch_size, **options)
     skipped, store, recorded = [], None, common.recorded_inputs(args, model)
     if args.dask:  # the shard results are recorded in --out while the cluster runs, outside RunOutput
         common.model_warning(model)
-        _, items, skipped, store = cluster.occlusion(args, model, common.Inputs(args, model), options, target,
-                                                     args.channel)
+        _, items, skipped, store = cluster.occlusion(args, model, common.Inputs(args, model), options, target)
     else:
         chunks = common.checked_input_chunks(args, model)
         common.model_warning(model)
-        items = ((name, x, analysis.run(x, target=target, channel=args.channel), None)
-                 for names, batch in chunks for name, x in zip(names, batch))
+        items = ((name, x, res, None) for names, batch in chunks
+                 for name, x, res in zip(names, batch, analysis.run(batch, target=target)))
     params = {"window": list(window), "stride": list(stride), "class": target, "layer": layer, "channel": args.channel,
               "fill": "preprocessing mean (grey)" if args.fill is None else args.fill,
               "incremental": not args.no_incremental, "batch_size": args.batch_size, "cmap": args.cmap,
