@@ -255,7 +255,7 @@ def cmd_invariance(args) -> int:
     target = inputspace.resolve_class(model, args.target)
     amounts = {"translation": args.translations, "scale": args.scales, "rotation": args.rotations}
     analysis = invariance.Invariance(model, layers=args.layer, amounts=amounts, axis=args.axis,
-                                     preprocessing=pre, batch_size=args.batch_size)
+                                     preprocessing=pre, batch_size=args.batch_size, keep_inputs=True)
     sweeps = analysis.sweeps()
     layers = analysis.layer_names()
     chunks = common.checked_input_chunks(args, model)
@@ -267,7 +267,7 @@ def cmd_invariance(args) -> int:
     with RunOutput(args.out, "invariance", params=params, inputs=common.recorded_inputs(args, model), model=model.info()) as run:
         for names, batch in chunks:
             for name, safe, x in zip(names, common.unique_names(names, used), batch):
-                res = analysis.run(x, target=target, keep_inputs=True)
+                res = analysis.run(x[None], target=target)[0]  # one at a time: it keeps every transformed image
                 rows.extend(res.rows(name))
                 curves.append((name, res))
                 for kind, values in sweeps.items():
