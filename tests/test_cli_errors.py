@@ -128,12 +128,12 @@ def test_both_sides_of_each_reachable_message(tiny, tmp_path, capsys):
     lib = _library_message(lambda: saliency.Saliency(model, method="gradcam", layer="flat").run(x))
     assert lib.startswith("layer='flat': Grad-CAM needs a layer with C×H×W maps")  # (the CLI checks first)
 
-    lib = _library_message(lambda: maximize.ActivationMaximization(model, layer="flat", steps=1).fit([0]))
+    lib = _library_message(lambda: maximize.ActivationMaximization(model, layer="flat", steps=1).run(None, target=[0]))
     assert lib.startswith("layer='flat': outputs") and lib.endswith("(use objective='logit' for class neurons)")
     err = _cli_error(["maximize", "--model", model_path, "--layer", "flat", "--steps", "1"], capsys, tmp_path)
     assert "error: --layer 'flat': outputs" in err and "(use --objective 'logit' for class neurons)" in err
 
-    lib = _library_message(lambda: maximize.ActivationMaximization(model, norm_bound=-1.0).fit([0]))
+    lib = _library_message(lambda: maximize.ActivationMaximization(model, norm_bound=-1.0).run(None, target=[0]))
     assert lib == "norm_bound=-1.0: expected a positive number"
     assert "error: --norm-bound -1.0: expected a positive number" in _cli_error(
         ["maximize", "--model", model_path, "--norm-bound", "-1"], capsys, tmp_path)

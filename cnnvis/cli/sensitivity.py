@@ -311,22 +311,22 @@ def cmd_maximize(args) -> int:
               "lr": args.lr, "jitter": args.jitter, "blur_sigma": args.blur_sigma, "blur_every": args.blur_every,
               "decay": args.decay, "clip": args.clip, "norm_bound": args.norm_bound, "init_scale": args.init_scale,
               "seed": args.seed, "batch_size": args.batch_size, "preprocessing": pre.to_dict()}
-    analysis.fit(indices)
+    res = analysis.run(None, target=indices)
     lname = common.safe_name(layer.name)
     labels = [_class_name(model, int(k)) for k in indices] if args.objective == "logit" else [int(k) for k in indices]
     with RunOutput(args.out, "maximize", params=params, model=model.info()) as run:
-        tiles = analysis.display_tiles()
+        tiles = res.display_tiles()
         meta = figures.grid_png(run.path(f"{lname}_patterns.png", kind="maximize-grid", layer=layer.name),
                                 tiles, ncols=args.ncols, normalization="channel", cmap="gray",
                                 labels=[str(v) for v in labels], scale=max(1, figures.auto_scale(*tiles.shape[1:3],
                                                                                                  target=96)))
         save_npy(run.path(f"{lname}_patterns.npy", kind="maximize-patterns", layer=layer.name,
-                          shape=list(analysis.patterns_.shape), grid=meta), analysis.patterns_)
+                          shape=list(res.patterns.shape), grid=meta), res.patterns)
         write_json(run.path(f"{lname}_maximize.json", kind="maximize", layer=layer.name), {
             "layer": layer.name, "objective": args.objective, "indices": indices.tolist(), "labels": labels,
-            "final_objective": analysis.objective_.tolist(), "start_objective": analysis.history_[0].tolist()
-            if len(analysis.history_) else [], "history_every_10": analysis.history_[::10].tolist()})
-    gain = analysis.objective_ - (analysis.history_[0] if len(analysis.history_) else analysis.objective_)
+            "final_objective": res.objective.tolist(), "start_objective": res.history[0].tolist()
+            if len(res.history) else [], "history_every_10": res.history[::10].tolist()})
+    gain = res.objective - (res.history[0] if len(res.history) else res.objective)
     print(f"cnnvis maximize: {layer.name}: {len(indices)} pattern(s), objective gain median "
           f"{float(np.median(gain)):.4g} -> {args.out}")
     return 0
