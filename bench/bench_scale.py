@@ -84,7 +84,7 @@ def main(argv=None):
         for n in (1, 2):
             t0 = time.perf_counter()
             lc = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, host="127.0.0.1",
-                              dashboard_address=None, silence_logs=logging.ERROR)
+                              silence_logs=logging.ERROR, **scale.local_dashboard(False))
             clusters[n] = (lc, Client(lc))
             starts[n] = time.perf_counter() - t0
 

@@ -389,8 +389,7 @@ def connect(options: ClusterOptions, label: str = "cnnvis"):
     try:
         if kind == "local":
             cluster = LocalCluster(n_workers=where, threads_per_worker=int(options.threads), processes=True,
-                                   host="127.0.0.1", dashboard_address=":0" if options.dashboard else None,
-                                   silence_logs=logging.ERROR)
+                                   host="127.0.0.1", silence_logs=logging.ERROR, **local_dashboard(options.dashboard))
             client = Client(cluster)
         else:
             try:
@@ -416,6 +415,13 @@ def connect(options: ClusterOptions, label: str = "cnnvis"):
         client.close()
         if cluster is not None:
             cluster.close()
+
+
+def local_dashboard(on: bool) -> dict:
+    """LocalCluster arguments for its scheduler's HTTP server: on a free loopback port either way
+    (the scheduler always serves its health routes; a fixed :8787 clashes with other clusters),
+    with the dashboard pages only when ``on``."""
+    return {"dashboard_address": "127.0.0.1:0", "scheduler_kwargs": {"dashboard": bool(on)}}
 
 
 def run_shards(client, fn, job: dict, shards: list, store: ShardStore, label: str, progress: bool = True) -> None:

@@ -29,7 +29,7 @@ def cluster():
     from distributed import Client, LocalCluster
 
     lc = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-                      dashboard_address=None, silence_logs=logging.ERROR)
+                      silence_logs=logging.ERROR, **scale.local_dashboard(False))
     client = Client(lc)
     yield client
     client.close()
