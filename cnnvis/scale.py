@@ -174,7 +174,7 @@ def class_gradient_shard(job: dict, shard: Shard):
     cg = cgm.ClassGradients(model, job["layer"], job["batch_size"])
     skipped, arrays, chunks = [], {}, []
     for j, (pos, x) in enumerate(shard_chunks(shard, _preprocessing(job), job["batch_size"], skipped)):
-        batch = cg.compute(x, target=job["neuron"])
+        batch = cg.run(x, target=job["neuron"])
         summary = cgm.summarize_chunk(batch, [str(p) for p in pos], pos[0], job["cap"])
         chunks.append(len(pos))
         arrays[f"{j}.positions"] = np.asarray(pos, np.int64)
@@ -208,7 +208,7 @@ def conv_gradient_shard(job: dict, shard: Shard):
     cg = cgm.ClassGradients(model, job["layer"], job["batch_size"])
     skipped, arrays, chunks = [], {}, []
     for j, (pos, x) in enumerate(shard_chunks(shard, _preprocessing(job), job["batch_size"], skipped)):
-        batch = cg.compute(x, job["target"])
+        batch = cg.run(x, job["target"])
         chunks.append(len(pos))
         arrays.update({f"{j}.positions": np.asarray(pos, np.int64), f"{j}.gradients": batch.gradients,
                        f"{j}.targets": batch.targets, f"{j}.logits": batch.logits})
