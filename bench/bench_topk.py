@@ -33,7 +33,7 @@ def main(argv=None):
 
     from cnnvis import nets
     from cnnvis.analysis import deconv
-    from cnnvis.analysis.topk import top_activations
+    from cnnvis.analysis.topk import TopActivations
     from cnnvis.manifest import write_text
     from cnnvis.model import Model
 
@@ -58,7 +58,7 @@ def main(argv=None):
                     model.run(batch, [layer], batch_size=args.batch)
 
             def topk():
-                return top_activations(model, chunks(), layer, k=args.k, batch_size=args.batch, on_chunk=save)
+                return TopActivations(model, layer, k=args.k, batch_size=args.batch, on_chunk=save).run(chunks())
 
             times = interleaved_medians({"forward": forward, "topk": topk}, args.repeats, warmup=1)
             t_fwd, t_top = times["forward"], times["topk"]

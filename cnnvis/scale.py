@@ -145,7 +145,7 @@ def _preprocessing(job):
 
 def topk_shard(job: dict, shard: Shard):
     """Top-k candidates of one shard: per map the k best (value, input position, flat position)."""
-    from .analysis.topk import top_activations
+    from .analysis.topk import TopActivations
 
     model = worker_model(job["model"])
     skipped, positions = [], []
@@ -155,7 +155,7 @@ def topk_shard(job: dict, shard: Shard):
             positions.extend(pos)
             yield [str(p) for p in pos], x
 
-    top = top_activations(model, chunks(), job["layer"], k=job["k"], batch_size=job["batch_size"])
+    top = TopActivations(model, job["layer"], k=job["k"], batch_size=job["batch_size"]).run(chunks())
     meta = {"n": len(shard), "skipped": skipped, "readable": len(positions),
             "map_shape": None if top.map_shape_ is None else list(top.map_shape_)}
     if top.map_shape_ is None:

@@ -306,7 +306,7 @@ def cmd_topk(args) -> int:
 def _topk_one_process(args, model, inputs, layer, state_path, fingerprint):
     """The top-k in this process, chunk by chunk, saving the state after each; None when stopped
     by --max-chunks with images left."""
-    from ..analysis.topk import TopK, top_activations
+    from ..analysis.topk import TopActivations, TopK
 
     if state_path.exists() and not args.restart:
         top = _read_state(state_path, fingerprint, inputs.names)
@@ -329,8 +329,8 @@ def _topk_one_process(args, model, inputs, layer, state_path, fingerprint):
                 return
             yield item
 
-    top = top_activations(model, limited(inputs.chunks(start, args.batch_size)), layer, k=args.k, top=top,
-                          batch_size=args.batch_size, on_chunk=saved)
+    top = TopActivations(model, layer, k=args.k, batch_size=args.batch_size, on_chunk=saved).run(
+        limited(inputs.chunks(start, args.batch_size)), resume=top)
     if top.n_images_ < len(inputs):
         print(f"cnnvis topk: stopped after {chunks_done[0]} chunk(s) (--max-chunks): {top.n_images_} of "
               f"{len(inputs)} images done, state in {state_path}; rerun to continue", file=sys.stderr)
@@ -376,7 +376,7 @@ def cmd_evolution(args) -> int:
 
     from .. import registry
     from ..analysis import deconv
-    from ..analysis.topk import top_activations
+    from ..analysis.topk import TopActivations
     from ..errors import CnnvisError
     from ..export import figures
     from ..manifest import RunOutput, save_npy, write_json
@@ -396,7 +396,7 @@ def cmd_evolution(args) -> int:
         if _architecture(model) != arch or model.input_shape != first.input_shape:
             raise CnnvisError(f"--checkpoints {path}: a different architecture from {checkpoints[0][1]} "
                               "(layer names, shapes or weights differ)")
-        top = top_activations(model, inputs.chunks(0, args.batch_size), layer, k=1, batch_size=args.batch_size)
+        top = TopActivations(model, layer, k=1, batch_size=args.batch_size).run(inputs.chunks(0, args.batch_size))
         shown = [top.units(m)[0] for m in maps]
         field, raw, proj, _ = _project_records(model, inputs, layer, shown, args.rule, args.batch_size)
         raw_cols.append(raw)
