@@ -188,10 +188,10 @@ def channel_stats_shard(job: dict, shard: Shard):
     from .analysis import activations
 
     model = worker_model(job["model"])
+    analysis = activations.Activations(model, job["layers"], batch_size=job["batch_size"])
     skipped, arrays, chunks = [], {}, []
     for j, (pos, x) in enumerate(shard_chunks(shard, _preprocessing(job), job["batch_size"], skipped)):
-        acts = model.run(x, job["layers"], batch_size=job["batch_size"])
-        part = activations.channel_moments(acts)
+        part = activations.channel_moments(analysis.run(x).values)
         chunks.append(len(pos))
         for layer, values in part.items():
             for name, value in values.items():

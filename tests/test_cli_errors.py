@@ -138,8 +138,8 @@ def test_both_sides_of_each_reachable_message(tiny, tmp_path, capsys):
     assert "error: --norm-bound -1.0: expected a positive number" in _cli_error(
         ["maximize", "--model", model_path, "--norm-bound", "-1"], capsys, tmp_path)
 
-    lib = _library_message(lambda: activations.feature_stack(model, x, "conv1"))
-    assert lib == "reduce='none': 2 images given; pick one or use reduce='mean' or reduce='max'"  # (no command calls it)
+    lib = _library_message(lambda: activations.Activations(model, ["conv1"]).run(x, target=3))
+    assert lib == "target=3: activations are of the layers given as layers=..."  # (no command passes a target)
 
     lib = _library_message(lambda: figures.colorize(np.zeros((2, 2)), cmap="no-such-map"))
     assert lib == "cmap='no-such-map': not a matplotlib colormap"
