@@ -294,26 +294,38 @@ class Model:
         options = {"device": self.device, "threads": self.threads, **options}
         key = (tuple(wrt), tuple(sorted((k, repr(v)) for k, v in options.items())))
         if key not in self._engines:
-            self._engines[key] = GradientEngine(self.proto, wrt, **options)
+            self._engines[key] = GradientEngine(self.proto, wrt, sessions=_EngineSessions(self, key), **options)
         return self._engines[key]
 
-    def session(self, outputs=(), key=None, build=None, spinning: bool = True):
+    def session(self, outputs=(), key=None, build=None, spinning: bool = True, threads=None, device=None):
         """The cached onnxruntime session whose outputs are ``outputs`` (tensor names) — or, given
-        ``key`` and ``build``, of the graph ``build()`` returns (a graph made from this model, e.g.
-        occlusion's stage graphs), built once per ``key``: the one session cache of a model.
-        ``spinning=False``: idle threads sleep (for callers alternating between small sessions)."""
+        ``key`` and ``build``, of the graph ``build()`` returns, run as it is (a graph made from this
+        model: occlusion's stage graphs, the gradient engines' graphs), built once per ``key``: the
+        one session cache of a model (:meth:`drop_sessions`, :meth:`release` empty it).
+        ``spinning=False``: idle threads sleep (for callers alternating between small sessions);
+        ``threads``, ``device``: when not the model's (``threads=0``: onnxruntime's default)."""
         cache_key = ("graph", key) if build is not None else tuple(outputs)
         sess = self._sessions.get(cache_key)
         if sess is None:
-            # LRN as elementwise ops + channel pooling: same values, ~20% faster in onnxruntime
-            proto = onnxgraph.decompose_lrn(build() if build is not None else self.proto)
-            if build is None and cache_key:
-                del proto.graph.output[:]
-                proto.graph.output.extend(helper.make_tensor_value_info(t, TensorProto.FLOAT, None)
-                                          for t in cache_key)
-            sess = onnxgraph.create_session(proto, device=self.device, threads=self.threads, spinning=spinning)
+            if build is not None:
+                proto = build()
+            else:
+                # LRN as elementwise ops + channel pooling: same values, ~20% faster in onnxruntime
+                proto = onnxgraph.decompose_lrn(self.proto)
+                if cache_key:
+                    del proto.graph.output[:]
+                    proto.graph.output.extend(helper.make_tensor_value_info(t, TensorProto.FLOAT, None)
+                                              for t in cache_key)
+            sess = onnxgraph.create_session(proto, device=self.device if device is None else device,
+                                            threads=self.threads if threads is None else threads, spinning=spinning)
             self._sessions[cache_key] = sess
         return sess
+
+    def drop_sessions(self, keep) -> None:
+        """Forget the cached sessions of built graphs whose ``key`` fails ``keep(key)`` (a caller
+        dropping graphs it no longer runs, e.g. a gradient engine's evicted chunk-size graphs)."""
+        for cache_key in [k for k in self._sessions if k and k[0] == "graph" and not keep(k[1])]:
+            del self._sessions[cache_key]
 
     def check_batch(self, x) -> np.ndarray:
         x = np.asarray(x)
@@ -392,6 +404,21 @@ def load_model(spec, weights=None, device: str = "auto", threads: int | None = N
     from . import registry
 
     return registry.load(spec, weights=weights, device=device, threads=threads)
+
+
+class _EngineSessions:
+    """A gradient engine's view of its model's session cache: sessions keyed under the engine's
+    own key (see :class:`cnnvis.autodiff.GradientEngine`'s ``sessions``)."""
+
+    def __init__(self, model: "Model", engine_key):
+        self.model, self.engine_key = model, engine_key
+
+    def __call__(self, key, build, threads, device):
+        return self.model.session(key=("engine", self.engine_key, key), build=build, threads=threads or 0,
+                                  device=device)
+
+    def drop(self, keep) -> None:
+        self.model.drop_sessions(lambda k: not (k[:2] == ("engine", self.engine_key)) or keep(k[2]))
 
 
 def chunk_bounds(n: int, batch_size: int, parts: int = 1) -> list:

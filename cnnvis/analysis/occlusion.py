@@ -452,8 +452,10 @@ class Occlusion(Analysis):
         return layer.name, layer.tensor
 
     def _session(self, key, build):
+        from ..onnxgraph import decompose_lrn
+
         # idle threads sleep: the incremental path alternates between several small sessions
-        return self.model.session(key=key, build=build, spinning=False)
+        return self.model.session(key=key, build=lambda: decompose_lrn(build()), spinning=False)
 
     def plan(self, ys, xs, tap):
         window = _pair(self.window, "window")
