@@ -84,14 +84,14 @@ class Saliency(Analysis):
         return self.model.gradient_engine([wrt], objective="logit", rule=rule, outputs=tuple(outputs),
                                           batch_size=int(self.batch_size))
 
-    def run(self, x, target=None, probs=None) -> SaliencyResult:
-        """Maps for a batch ``x`` (N×C×H×W); ``target``: one class for all, one per image, or
-        None for each image's predicted class. ``probs``: the model's class probabilities for ``x``
+    def run(self, inputs, target=None, probs=None) -> SaliencyResult:
+        """Maps for a batch ``inputs`` (N×C×H×W); ``target``: one class for all, one per image, or
+        None for each image's predicted class. ``probs``: the model's class probabilities for ``inputs``
         when the caller has them already (several methods on one batch need one forward pass)."""
         if self.method not in METHODS:
             raise CnnvisError(f"method={self.method!r}: expected one of {', '.join(METHODS)}", params="method")
         model = self.model
-        x = model.check_batch(x)
+        x = model.check_batch(inputs)
         n = len(x)
         if probs is None:
             probs = probabilities(model, model.run(x, batch_size=self.batch_size)[model.output_name])
