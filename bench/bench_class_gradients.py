@@ -70,15 +70,15 @@ def main(argv=None):
     x = np.random.default_rng(0).standard_normal((n, 3, 227, 227)).astype(np.float32) * 50
     cg = cgm.ClassGradients(model, "conv1", batch_size=bs)
     t0 = time.perf_counter()
-    mine = cg.compute(x[:min(n, bs)], CLASS).gradients  # builds the gradient graph once
+    mine = cg.run(x[:min(n, bs)], CLASS).gradients  # builds the gradient graph once
     print(f"graph build + first batch: {time.perf_counter() - t0:.2f} s")
-    res = {"cnnvis": median_time(lambda: cg.compute(x, CLASS), args.repeats, warmup=0)}
+    res = {"cnnvis": median_time(lambda: cg.run(x, CLASS), args.repeats, warmup=0)}
 
     def compare():
         half = n // 2
         chunks = lambda a: ((["i"] * len(a[s:s + bs]), a[s:s + bs]) for s in range(0, len(a), bs))  # noqa: E731
-        cgm.ClassComparison(model, CLASS, batch_size=bs, n_permutations=args.permutations).fit(
-            {"reference": chunks(x[:half]), "other": chunks(x[half:])})
+        cgm.ClassComparison(model, batch_size=bs, n_permutations=args.permutations).run(
+            {"reference": chunks(x[:half]), "other": chunks(x[half:])}, target=CLASS)
 
     if n >= 2:
         res["cnnvis compare-classes (incl. build)"] = median_time(compare, 1, warmup=0)

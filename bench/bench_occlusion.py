@@ -80,9 +80,9 @@ def main(argv=None):
     for label, inc in (("cnnvis incremental", "auto"), ("cnnvis whole network", False)):
         occ = Occlusion(model, window=args.window, stride=args.stride, layer=False, batch_size=args.batch_size,
                         incremental=inc)
-        res = occ.run(x)  # warm-up: builds sessions
+        res = occ.run(x[None])[0]  # warm-up: builds sessions
         ref_maps[label] = res
-        results[label] = median_time(lambda: occ.run(x, target=res.target), args.repeats, warmup=0)
+        results[label] = median_time(lambda: occ.run(x[None], target=res.target), args.repeats, warmup=0)
         if inc == "auto":
             print(f"  incremental plan: {occ.plan_.describe()}")
     a, b = ref_maps["cnnvis incremental"], ref_maps["cnnvis whole network"]

@@ -57,7 +57,7 @@ def main(argv=None):
     from distributed import Client, LocalCluster
 
     from cnnvis import preprocess, registry, scale
-    from cnnvis.analysis.topk import top_activations
+    from cnnvis.analysis.topk import TopActivations
 
     print(machine_report())
     model = registry.load(args.model, threads=2)  # builds/fetches it once, before workers look for it
@@ -75,7 +75,7 @@ def main(argv=None):
             def chunks():
                 for s in range(0, len(files), args.batch):
                     yield files[s:s + args.batch], preprocess.load_batch(files[s:s + args.batch], pre)
-            return top_activations(model, chunks(), layer, k=args.k, batch_size=args.batch)
+            return TopActivations(model, layer, k=args.k, batch_size=args.batch).run(chunks())
 
         ref = scale.model_ref(args.model, None, "cpu", 1, model.sha256)
         job = {"model": ref, "preprocessing": pre.to_dict(), "layer": layer, "k": args.k, "batch_size": args.batch}

@@ -33,7 +33,7 @@ def main(argv=None):
 
     from cnnvis import nets
     from cnnvis.analysis import deconv
-    from cnnvis.analysis.topk import top_activations
+    from cnnvis.analysis.topk import TopActivations
     from cnnvis.manifest import write_text
     from cnnvis.model import Model
 
@@ -58,7 +58,7 @@ def main(argv=None):
                     model.run(batch, [layer], batch_size=args.batch)
 
             def topk():
-                return top_activations(model, chunks(), layer, k=args.k, batch_size=args.batch, on_chunk=save)
+                return TopActivations(model, layer, k=args.k, batch_size=args.batch, on_chunk=save).run(chunks())
 
             times = interleaved_medians({"forward": forward, "topk": topk}, args.repeats, warmup=1)
             t_fwd, t_top = times["forward"], times["topk"]
@@ -67,8 +67,8 @@ def main(argv=None):
             recs = [r for m in maps for r in top.units(m)]
             t0 = time.perf_counter()
             units = np.array([[r["map"], r["y"], r["x"]] for r in recs])
-            deconv.project(model, x[[r["image"] for r in recs]], layer, units,
-                           values=[r["value"] for r in recs], batch_size=args.batch)
+            deconv.Deconvnet(model, layer, batch_size=args.batch).run(
+                x[[r["image"] for r in recs]], target=units, values=[r["value"] for r in recs])
             t_proj = time.perf_counter() - t0
             ratio = t_top / t_fwd
             rows.append((layer, args.images / t_fwd, args.images / t_top, ratio, len(recs) / t_proj))

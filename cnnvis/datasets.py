@@ -1,7 +1,8 @@
 """Datasets read from their official files: Fashion-MNIST in IDX format; and image sets at scale:
 a class-per-subfolder tree (ImageNet's ``n01440764/….JPEG`` layout, with a synset file naming the
 classes) and a text file listing image paths with optional labels (paths only: images are decoded
-later, a batch at a time).
+later, a batch at a time); and groups of images for compare-classes (files, folders, arrays, or
+classes of a model's sample images labelled by a labels file or their folders).
 
 Debian's ``dataset-fashion-mnist`` package installs the four gzipped IDX files in
 ``/usr/share/datasets/fashion-mnist/``; ``--data DIR`` takes any folder holding the official files
@@ -9,7 +10,9 @@ Debian's ``dataset-fashion-mnist`` package installs the four gzipped IDX files i
 """
 from __future__ import annotations
 
+import csv
 import gzip
+import json
 import os
 import struct
 from dataclasses import dataclass, field
@@ -18,6 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from .errors import CnnvisError
+
+#: names of labels files looked up in the folder of a model's sample images
+LABEL_FILES = ("labels.csv", "labels.tsv", "labels.txt", "labels.json")
 
 FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
 #: the 10 class names in label order (the same list the registry's "fashion_mnist" classes name)
@@ -202,3 +208,200 @@ def image_list(path) -> ImageSet:
         raise CnnvisError(f"image list {path}: image {line + 1} has {'no ' if given[0] else 'a '}label "
                           "and others do not (label every line or none)")
     return ImageSet(files, labels if all(given) else None)
+
+
+# ----------------------------------------------------------------------------- groups of images
+# (compare-classes: a group is image files, folders, preprocessed .npy arrays or classes of the
+# model's labelled sample images)
+
+
+def sample_classes(model) -> dict:
+    """Class index → sample image paths of ``model`` (its sidecar's ``samples``).
+
+    The class of each sample comes from a labels file in the samples' folder (one of
+    :data:`LABEL_FILES`): CSV/TSV/whitespace lines ``file,label`` (a header line is allowed; the
+    label is a class index or name; the file is relative to that folder or a bare file name), or
+    JSON ``{"file": label}`` / ``[{"file": ..., "label": ...}]``. Without a labels file, a
+    sample's parent folder named after a class gives its class.
+    """
+    samples = [Path(s) for s in (model.sidecar.get("samples") or [])]
+    if not samples:
+        return {}
+    folders = {p.parent for p in samples}
+    root = Path(_common_parent(samples))
+    labels_path = next((root / n for n in LABEL_FILES if (root / n).is_file()), None)
+    by_class: dict = {}
+    if labels_path is not None:
+        table = read_labels(labels_path)
+        for p in samples:
+            key = _relative_key(p, root)
+            label = table.get(key, table.get(p.name))
+            if label is None:
+                continue
+            try:
+                idx = model.class_index(label, "label")
+            except CnnvisError as exc:
+                raise CnnvisError(f"{labels_path}: sample {p.name}: {exc}") from None
+            by_class.setdefault(idx, []).append(p)
+        return by_class
+    names = model.class_names
+    for p in samples:
+        if len(folders) > 1 and p.parent.name in names:
+            by_class.setdefault(names.index(p.parent.name), []).append(p)
+    return by_class
+
+
+def _common_parent(paths) -> str:
+    import os
+
+    parents = [str(Path(p).resolve().parent) for p in paths]
+    return os.path.commonpath(parents)
+
+
+def _relative_key(path: Path, root: Path) -> str:
+    try:
+        return Path(path).resolve().relative_to(root).as_posix()
+    except ValueError:
+        return Path(path).name
+
+
+def read_labels(path: Path) -> dict:
+    """A labels file of sample images: file (posix, relative to the labels folder) → label text.
+    CSV/TSV/whitespace lines ``file,label`` (a header line is allowed) or JSON ``{"file": label}``
+    / ``[{"file": ..., "label": ...}]`` (an ``--image-list`` is :func:`image_list`)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise CnnvisError(f"{path}: cannot read labels file ({exc.strerror or exc})") from None
+    table = {}
+    if path.suffix == ".json":
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise CnnvisError(f"{path}: labels file is not valid JSON ({exc})") from None
+        if isinstance(data, dict):
+            items = data.items()
+        elif isinstance(data, list) and all(isinstance(d, dict) and {"file", "label"} <= set(d) for d in data):
+            items = [(d["file"], d["label"]) for d in data]
+        else:
+            raise CnnvisError(f"{path}: expected {{\"file\": label}} or a list of {{\"file\", \"label\"}} objects")
+        return {Path(str(f)).as_posix(): str(lab) for f, lab in items}
+    first_row = True
+    for line_no, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if "," in line or "\t" in line:
+            row = next(csv.reader([line], delimiter="\t" if "\t" in line else ","))
+        else:
+            row = line.split(None, 1)
+        if len(row) < 2:
+            raise CnnvisError(f"{path}:{line_no}: expected 'file,label', got {line!r}")
+        file, label = row[0].strip(), row[1].strip()
+        header = first_row and file.lower() in ("file", "filename", "path", "image")
+        first_row = False
+        if header:
+            continue
+        table[Path(file).as_posix()] = label
+    return table
+
+
+def resolve_group(model, items, what: str = "group") -> list:
+    """Image files (or ``.npy`` arrays) for one group: each item is an image file, a folder, a
+    preprocessed ``N×C×H×W`` ``.npy``, or a class name/index of the model's sample images."""
+    from . import preprocess
+
+    files = []
+    by_class = None
+    for item in items:
+        p = Path(str(item))
+        if p.suffix.lower() == ".npy" and p.is_file():
+            files.append(p)
+        elif p.exists():
+            files.extend(preprocess.list_images([p]))
+        else:
+            if by_class is None:
+                by_class = sample_classes(model)
+            try:
+                idx = model.class_index(str(item), what)
+            except CnnvisError:
+                idx = None
+            if idx is None or idx not in by_class:
+                known = ", ".join(model.class_names[i] for i in sorted(by_class)) or "none"
+                raise CnnvisError(f"{what} {item!r}: not an image file, folder or .npy, nor a class of "
+                                  f"model {model.name}'s sample images (classes with samples: {known})")
+            files.extend(by_class[idx])
+    if not files:
+        raise CnnvisError(f"{what}: no images")
+    return files
+
+
+def iter_group_chunks(model, files, preprocessing, batch_size: int):
+    """``(names, batch)`` chunks of at most ``batch_size`` images of a group (lazy decoding);
+    ``.npy`` items are split the same way."""
+    from . import preprocess
+
+    images = [f for f in files if Path(f).suffix.lower() != ".npy"]
+    names = dict(zip(images, preprocess.display_names(images))) if images else {}
+    pending = []
+    for f in files:
+        if Path(f).suffix.lower() == ".npy":
+            if pending:
+                yield from _image_chunks(pending, names, preprocessing, batch_size)
+                pending = []
+            arr = preprocess.load_input_array(f, expected_shape=model.input_shape)
+            stem = Path(f).stem
+            for start in range(0, len(arr), batch_size):
+                part = arr[start:start + batch_size]
+                yield [f"{stem}[{start + i}]" for i in range(len(part))], part
+        else:
+            pending.append(f)
+    if pending:
+        yield from _image_chunks(pending, names, preprocessing, batch_size)
+
+
+def _image_chunks(files, names, preprocessing, batch_size):
+    from . import preprocess
+
+    for start in range(0, len(files), batch_size):
+        chunk = files[start:start + batch_size]
+        yield [names[f] for f in chunk], preprocess.load_batch(chunk, preprocessing)
+
+
+def group_size(model, files) -> int:
+    """Number of images in a resolved group (``.npy`` arrays counted by their first axis)."""
+    from .manifest import load_npy
+
+    total = 0
+    for f in files:
+        if Path(f).suffix.lower() == ".npy":
+            array = load_npy(f, "image group file", "an N×C×H×W array", mmap=True)
+            if array.ndim == 0:
+                raise CnnvisError(f"image group file {f}: a single value; expected an N×C×H×W array")
+            total += int(array.shape[0])
+        else:
+            total += 1
+    return total
+
+
+def compare_defaults(model) -> dict:
+    """The model's sidecar ``compare_classes`` entry: ``{"neuron": ..., "reference": [...],
+    "similar": [...], "dissimilar": [...], "per_item": false}`` (lists of class names, files or
+    folders; ``per_item``: each item of similar/dissimilar its own group); {} if none."""
+    entry = model.sidecar.get("compare_classes") or {}
+    if not isinstance(entry, dict):
+        raise CnnvisError(f"model {model.name}: sidecar 'compare_classes' must be an object")
+    out = {}
+    for key, value in entry.items():
+        if key == "neuron":
+            out[key] = value
+        elif key == "per_item":
+            if not isinstance(value, bool):
+                raise CnnvisError(f"model {model.name}: sidecar compare_classes.per_item must be true or false")
+            out[key] = value
+        elif key in ("reference", "similar", "dissimilar"):
+            out[key] = [value] if isinstance(value, (str, int)) else list(value)
+        else:
+            raise CnnvisError(f"model {model.name}: sidecar 'compare_classes' has unknown key {key!r} "
+                              "(known: neuron, reference, similar, dissimilar, per_item)")
+    return out

@@ -309,21 +309,30 @@ class Model:
         options = {"device": self.device, "threads": self.threads, **options}
         key = (tuple(wrt), tuple(sorted((k, repr(v)) for k, v in options.items())))
         if key not in self._engines:
-            self._engines[key] = GradientEngine(self.proto, wrt, **options)
+            self._engines[key] = GradientEngine(self.proto, wrt, sessions=_EngineSessions(self, key), **options)
         return self._engines[key]
 
-    def session(self, outputs=()):
-        """The cached onnxruntime session whose outputs are ``outputs`` (tensor names)."""
-        key = tuple(outputs)
-        sess = self._sessions.get(key)
+    def session(self, outputs=(), key=None, build=None, spinning: bool = True, threads=None, device=None):
+        """The cached onnxruntime session whose outputs are ``outputs`` (tensor names) — or, given
+        ``key`` and ``build``, of the graph ``build()`` returns, run as it is (a graph made from this
+        model: occlusion's stage graphs, the gradient engines' graphs), built once per ``key``: the
+        one session cache of a model (:meth:`drop_sessions`, :meth:`release` empty it).
+        ``spinning=False``: idle threads sleep (for callers alternating between small sessions);
+        ``threads``, ``device``: when not the model's (``threads=0``: onnxruntime's default)."""
+        cache_key = ("graph", key) if build is not None else tuple(outputs)
+        sess = self._sessions.get(cache_key)
         if sess is None:
-            if self.reduced_precision and self.forward_precision == self.precision:
+            device = self.device if device is None else device
+            threads = self.threads if threads is None else threads
+            if build is not None:
+                sess = onnxgraph.create_session(build(), device=device, threads=threads, spinning=spinning)
+            elif self.reduced_precision and self.forward_precision == self.precision:
                 # the file's own graph and precision, fed and answering in float32
-                outputs = key or [o.name for o in self.native_proto.graph.output]
-                proto = onnxgraph.with_outputs(self.native_proto, outputs, self._types)
+                outs = list(cache_key) or [o.name for o in self.native_proto.graph.output]
+                proto = onnxgraph.with_outputs(self.native_proto, outs, self._types)
                 try:
-                    sess = _Float32Session(onnxgraph.create_session(proto, device=self.device, threads=self.threads),
-                                           self.input_name)
+                    sess = _Float32Session(onnxgraph.create_session(proto, device=device, threads=threads,
+                                                                    spinning=spinning), self.input_name)
                 except CnnvisError:
                     if self.precision != "bfloat16":
                         raise
@@ -331,19 +340,25 @@ class Model:
                     # runs instead, and info() says so
                     self.forward_precision = "float32 (bfloat16 weights upcast: onnxruntime cannot run bfloat16 here)"
                     self._sessions.clear()
-                    return self.session(key)
+                    return self.session(outputs, spinning=spinning, threads=threads, device=device)
             elif self.reduced_precision:
-                proto = onnxgraph.with_outputs(onnxgraph.decompose_lrn(self.proto), key or [
+                proto = onnxgraph.with_outputs(onnxgraph.decompose_lrn(self.proto), list(cache_key) or [
                     o.name for o in self.proto.graph.output], {}, copy=False)
-                sess = onnxgraph.create_session(proto, device=self.device, threads=self.threads)
+                sess = onnxgraph.create_session(proto, device=device, threads=threads, spinning=spinning)
             else:
                 # LRN as elementwise ops + channel pooling: same values, ~20% faster in onnxruntime
                 proto = onnxgraph.decompose_lrn(self.proto)
-                if key:
-                    proto = onnxgraph.with_outputs(proto, key, self._types, copy=False)
-                sess = onnxgraph.create_session(proto, device=self.device, threads=self.threads)
-            self._sessions[key] = sess
+                if cache_key:
+                    proto = onnxgraph.with_outputs(proto, list(cache_key), self._types, copy=False)
+                sess = onnxgraph.create_session(proto, device=device, threads=threads, spinning=spinning)
+            self._sessions[cache_key] = sess
         return sess
+
+    def drop_sessions(self, keep) -> None:
+        """Forget the cached sessions of built graphs whose ``key`` fails ``keep(key)`` (a caller
+        dropping graphs it no longer runs, e.g. a gradient engine's evicted chunk-size graphs)."""
+        for cache_key in [k for k in self._sessions if k and k[0] == "graph" and not keep(k[1])]:
+            del self._sessions[cache_key]
 
     def check_batch(self, x) -> np.ndarray:
         x = np.asarray(x)
@@ -367,9 +382,8 @@ class Model:
         results = {t: [] for t in unique}
         if unique:
             sess = self.session(tuple(unique))
-            step = max(1, int(batch_size))
-            for start in range(0, len(x), step):
-                for t, value in zip(unique, sess.run(unique, {self.input_name: x[start:start + step]})):
+            for start, stop in chunk_bounds(len(x), batch_size):
+                for t, value in zip(unique, sess.run(unique, {self.input_name: x[start:stop]})):
                     results[t].append(value)
         # one chunk: its arrays as they are (a concatenate would copy every tapped tensor again)
         merged = {t: (v[0] if len(v) == 1 else np.concatenate(v)) if v else np.zeros((0,))
@@ -416,6 +430,38 @@ class Model:
                 shown = ", ".join(f"{i} ({names[i]})" for i in hits)
                 raise CnnvisError(f"{what} {text!r}: matches several classes: {shown}; give the index")
         raise unknown_name_error("class", text, names)
+
+
+class _EngineSessions:
+    """A gradient engine's view of its model's session cache: sessions keyed under the engine's
+    own key (see :class:`cnnvis.autodiff.GradientEngine`'s ``sessions``)."""
+
+    def __init__(self, model: "Model", engine_key):
+        self.model, self.engine_key = model, engine_key
+
+    def __call__(self, key, build, threads, device):
+        return self.model.session(key=("engine", self.engine_key, key), build=build, threads=threads or 0,
+                                  device=device)
+
+    def drop(self, keep) -> None:
+        self.model.drop_sessions(lambda k: not (k[:2] == ("engine", self.engine_key)) or keep(k[2]))
+
+
+def chunk_bounds(n: int, batch_size: int, parts: int = 1) -> list:
+    """``(start, stop)`` of every chunk of ``batch_size`` items out of ``n`` (the last one shorter),
+    each cut into ``parts`` near-equal pieces (none empty): the one batch-chunking loop, used by
+    :meth:`Model.run`, occlusion's windows and the gradient engine (whose full chunks may run in a
+    graph specialised to ``batch_size``; ``parts`` are its concurrent workers)."""
+    step = max(1, int(batch_size))
+    bounds = []
+    for start in range(0, int(n), step):
+        stop = min(start + step, int(n))
+        if parts <= 1:
+            bounds.append((start, stop))
+            continue
+        cuts = np.linspace(start, stop, min(int(parts), stop - start) + 1).round().astype(int)
+        bounds.extend(zip(cuts[:-1].tolist(), cuts[1:].tolist()))
+    return bounds
 
 
 def softmax(logits) -> np.ndarray:

@@ -145,7 +145,7 @@ def _preprocessing(job):
 
 def topk_shard(job: dict, shard: Shard):
     """Top-k candidates of one shard: per map the k best (value, input position, flat position)."""
-    from .analysis.topk import top_activations
+    from .analysis.topk import TopActivations
 
     model = worker_model(job["model"])
     skipped, positions = [], []
@@ -155,7 +155,7 @@ def topk_shard(job: dict, shard: Shard):
             positions.extend(pos)
             yield [str(p) for p in pos], x
 
-    top = top_activations(model, chunks(), job["layer"], k=job["k"], batch_size=job["batch_size"])
+    top = TopActivations(model, job["layer"], k=job["k"], batch_size=job["batch_size"]).run(chunks())
     meta = {"n": len(shard), "skipped": skipped, "readable": len(positions),
             "map_shape": None if top.map_shape_ is None else list(top.map_shape_)}
     if top.map_shape_ is None:
@@ -174,7 +174,7 @@ def class_gradient_shard(job: dict, shard: Shard):
     cg = cgm.ClassGradients(model, job["layer"], job["batch_size"])
     skipped, arrays, chunks = [], {}, []
     for j, (pos, x) in enumerate(shard_chunks(shard, _preprocessing(job), job["batch_size"], skipped)):
-        batch = cg.compute(x, target=job["neuron"])
+        batch = cg.run(x, target=job["neuron"])
         summary = cgm.summarize_chunk(batch, [str(p) for p in pos], pos[0], job["cap"])
         chunks.append(len(pos))
         arrays[f"{j}.positions"] = np.asarray(pos, np.int64)
@@ -188,10 +188,10 @@ def channel_stats_shard(job: dict, shard: Shard):
     from .analysis import activations
 
     model = worker_model(job["model"])
+    analysis = activations.Activations(model, job["layers"], batch_size=job["batch_size"])
     skipped, arrays, chunks = [], {}, []
     for j, (pos, x) in enumerate(shard_chunks(shard, _preprocessing(job), job["batch_size"], skipped)):
-        acts = model.run(x, job["layers"], batch_size=job["batch_size"])
-        part = activations.channel_moments(acts)
+        part = activations.channel_moments(analysis.run(x).values)
         chunks.append(len(pos))
         for layer, values in part.items():
             for name, value in values.items():
@@ -208,7 +208,7 @@ def conv_gradient_shard(job: dict, shard: Shard):
     cg = cgm.ClassGradients(model, job["layer"], job["batch_size"])
     skipped, arrays, chunks = [], {}, []
     for j, (pos, x) in enumerate(shard_chunks(shard, _preprocessing(job), job["batch_size"], skipped)):
-        batch = cg.compute(x, job["target"])
+        batch = cg.run(x, job["target"])
         chunks.append(len(pos))
         arrays.update({f"{j}.positions": np.asarray(pos, np.int64), f"{j}.gradients": batch.gradients,
                        f"{j}.targets": batch.targets, f"{j}.logits": batch.logits})
@@ -226,8 +226,7 @@ def occlusion_shard(job: dict, shard: Shard):
     for j, (pos, x) in enumerate(shard_chunks(shard, pre, job["batch_size"], skipped)):
         chunks.append(len(pos))
         arrays[f"{j}.positions"] = np.asarray(pos, np.int64)
-        for i, image in enumerate(x):
-            res = analysis.run(image, target=job["target"], channel=job["channel"])
+        for i, res in enumerate(analysis.run(x, target=job["target"])):
             meta, values = record_of(res)
             records.append(meta)
             arrays.update({f"{j}.{i}.{k}": v for k, v in values.items()})

@@ -7,7 +7,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from cnnvis.autodiff import GradientEngine, gradcheck, gradients, supported_ops, to_float64
-from cnnvis.autodiff.engine import _parts
+from cnnvis.model import chunk_bounds
 from cnnvis.errors import CnnvisError
 from cnnvis.onnxgraph import create_session, make_model
 
@@ -200,9 +200,10 @@ def test_results_do_not_depend_on_the_chunk_size(small_cnn):
 
 
 def test_parts_cut_chunks_into_near_equal_nonempty_pieces():
-    assert _parts(7, 4, 1) == [(0, 4), (4, 7)]
-    assert _parts(7, 4, 2) == [(0, 2), (2, 4), (4, 6), (6, 7)]
-    assert _parts(3, 8, 4) == [(0, 1), (1, 2), (2, 3)]
+    # the engine's parts are the model's one chunking loop (cnnvis.model.chunk_bounds)
+    assert chunk_bounds(7, 4, 1) == [(0, 4), (4, 7)]
+    assert chunk_bounds(7, 4, 2) == [(0, 2), (2, 4), (4, 6), (6, 7)]
+    assert chunk_bounds(3, 8, 4) == [(0, 1), (1, 2), (2, 3)]
 
 
 @pytest.mark.parametrize("per_sample", [True, False])

@@ -8,6 +8,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from cnnvis import datasets
 from cnnvis.analysis import class_gradients as cgm
 from cnnvis.cli import main
 from cnnvis.errors import CnnvisError
@@ -79,7 +80,7 @@ def test_gradients_match_closed_form(tiny):
     logits, grads = closed_form(x, params)
     cg = cgm.ClassGradients(model, "conv1", batch_size=3)
     for target in (0, 2):
-        res = cg.compute(x, target=target)
+        res = cg.run(x, target=target)
         want = grads[:, target]
         assert res.gradients.shape == (7, 3, 2, 3, 3) and res.gradients.dtype == np.float32
         # float32 engine vs float64 closed form: 1e-5 of the largest magnitude
@@ -98,21 +99,21 @@ def test_default_target_is_predicted_and_per_image_targets(tiny):
     logits, grads = closed_form(x, params)
     cg = cgm.ClassGradients(model)  # default layer: the first convolution
     assert cg.layer_.name == "conv1"
-    res = cg.compute(x)
+    res = cg.run(x)
     pred = logits.argmax(1)
     np.testing.assert_array_equal(res.targets, pred)
     np.testing.assert_array_equal(res.predicted, pred)
     want = grads[np.arange(7), pred]
     np.testing.assert_allclose(res.gradients, want, atol=1e-5 * np.abs(want).max())
     per = [3, "dog", "cat", 2, 0, 1, "tabby"]
-    res = cg.compute(x, target=per)
+    res = cg.run(x, target=per)
     np.testing.assert_array_equal(res.targets, [3, 1, 0, 2, 0, 1, 3])
 
 
 def test_chunking_does_not_change_results(tiny):
     model, _, x = tiny
-    a = cgm.ClassGradients(model, batch_size=1).compute(x, 1).gradients
-    b = cgm.ClassGradients(model, batch_size=7).compute(x, 1).gradients
+    a = cgm.ClassGradients(model, batch_size=1).run(x, 1).gradients
+    b = cgm.ClassGradients(model, batch_size=7).run(x, 1).gradients
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
 
 
@@ -149,38 +150,38 @@ def test_comparison_statistics_match_direct_computation(tiny):
     ref = rng.standard_normal((6, 2, 6, 6)).astype(np.float32)
     other = rng.standard_normal((5, 2, 6, 6)).astype(np.float32)
     other[:, 0] += 1.5  # planted: channel 0 brighter, so the gradient of channel 0's weights grows
-    cmp = cgm.ClassComparison(model, "car", batch_size=4, n_permutations=199, seed=0, top_k=3,
-                              max_vectors_per_group=4).fit({"reference": _chunks(ref, 4), "other": _chunks(other, 2)})
+    cmp = cgm.ClassComparison(model, batch_size=4, n_permutations=199, seed=0, top_k=3, max_vectors_per_group=4).run(
+        {"reference": _chunks(ref, 4), "other": _chunks(other, 2)}, target="car")
     _, g_ref = closed_form(ref, params)
     _, g_oth = closed_form(other, params)
     g_ref, g_oth = g_ref[:, 2], g_oth[:, 2]
-    assert cmp.neuron_ == 2 and cmp.counts_ == {"reference": 6, "other": 5}
+    assert cmp.neuron == 2 and cmp.counts == {"reference": 6, "other": 5}
     scale = max(np.abs(g_ref).max(), np.abs(g_oth).max())
-    np.testing.assert_allclose(cmp.mean_gradient_["reference"], g_ref.mean(0), atol=1e-5 * scale)
-    np.testing.assert_allclose(cmp.difference_["other"], g_ref.mean(0) - g_oth.mean(0), atol=2e-5 * scale)
+    np.testing.assert_allclose(cmp.mean_gradient["reference"], g_ref.mean(0), atol=1e-5 * scale)
+    np.testing.assert_allclose(cmp.difference["other"], g_ref.mean(0) - g_oth.mean(0), atol=2e-5 * scale)
     imp = np.sqrt((g_ref ** 2).sum(axis=(2, 3, 4)))
-    np.testing.assert_allclose(cmp.importance_mean_["reference"], imp.mean(0), rtol=1e-5)
-    np.testing.assert_allclose(cmp.importance_std_["reference"], imp.std(0, ddof=1), rtol=1e-4)
+    np.testing.assert_allclose(cmp.importance_mean["reference"], imp.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(cmp.importance_std["reference"], imp.std(0, ddof=1), rtol=1e-4)
     norm = (imp - imp.min(1, keepdims=True)) / (imp.max(1, keepdims=True) - imp.min(1, keepdims=True))
-    np.testing.assert_allclose(cmp.normalized_mean_["reference"], norm.mean(0), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(cmp.normalized_mean["reference"], norm.mean(0), rtol=1e-4, atol=1e-6)
     # the cosine matrix keeps the first 4 images of each group, ordered by group
     kept = np.concatenate([g_ref[:4], g_oth[:4]]).reshape(8, -1)
     unit = kept / np.linalg.norm(kept, axis=1, keepdims=True)
-    np.testing.assert_allclose(cmp.cosine_, unit @ unit.T, atol=1e-5)
-    np.testing.assert_array_equal(cmp.cosine_groups_, [0, 0, 0, 0, 1, 1, 1, 1])
-    assert cmp.cosine_names_ == ["img0", "img1", "img2", "img3", "img0", "img1", "img2", "img3"]
-    t = cmp.gradient_tests_["other"]
+    np.testing.assert_allclose(cmp.cosine, unit @ unit.T, atol=1e-5)
+    np.testing.assert_array_equal(cmp.cosine_groups, [0, 0, 0, 0, 1, 1, 1, 1])
+    assert cmp.cosine_names == ["img0", "img1", "img2", "img3", "img0", "img1", "img2", "img3"]
+    t = cmp.gradient_tests["other"]
     assert t.observed == pytest.approx(np.linalg.norm(kept[:4].mean(0) - kept[4:].mean(0)), rel=1e-4)
     assert (t.n_a, t.n_b) == (4, 4)
-    it = cmp.importance_tests_["other"]
+    it = cmp.importance_tests["other"]
     imp_o = np.sqrt((g_oth ** 2).sum(axis=(2, 3, 4)))
     assert it.observed == pytest.approx(np.linalg.norm(imp.mean(0) - imp_o.mean(0)), rel=1e-4)
     assert (it.n_a, it.n_b) == (6, 5)
-    top = cmp.top_filters_["other"]
+    top = cmp.top_filters["other"]
     diff = imp.mean(0) - imp_o.mean(0)
     assert [f["filter"] for f in top] == list(np.argsort(-np.abs(diff), kind="stable")[:3])
-    json.dumps(cmp.summary_)  # JSON-ready
-    assert len(cmp.images_) == 11 and sum(r["kept_for_cosine"] for r in cmp.images_) == 8
+    json.dumps(cmp.summary)  # JSON-ready
+    assert len(cmp.images) == 11 and sum(r["kept_for_cosine"] for r in cmp.images) == 8
 
 
 def test_comparison_permutation_finds_planted_difference_only(tiny):
@@ -190,22 +191,42 @@ def test_comparison_permutation_finds_planted_difference_only(tiny):
     shifted = base[12:].copy()
     shifted[:, 1] += 2.0
     kwargs = dict(n_permutations=299, seed=0, batch_size=8)
-    same = cgm.ClassComparison(model, 1, **kwargs).fit({"a": _chunks(base[:12], 8), "b": _chunks(base[12:], 8)})
-    planted = cgm.ClassComparison(model, 1, **kwargs).fit({"a": _chunks(base[:12], 8), "b": _chunks(shifted, 8)})
-    assert planted.gradient_tests_["b"].p_value == pytest.approx(1 / 300)
-    assert same.gradient_tests_["b"].p_value > 0.05
+    same = cgm.ClassComparison(model, **kwargs).run({"a": _chunks(base[:12], 8), "b": _chunks(base[12:], 8)}, target=1)
+    planted = cgm.ClassComparison(model, **kwargs).run({"a": _chunks(base[:12], 8), "b": _chunks(shifted, 8)}, target=1)
+    assert planted.gradient_tests["b"].p_value == pytest.approx(1 / 300)
+    assert same.gradient_tests["b"].p_value > 0.05
     # determinism: a second fit gives identical numbers
-    again = cgm.ClassComparison(model, 1, **kwargs).fit({"a": _chunks(base[:12], 8), "b": _chunks(shifted, 8)})
-    assert json.dumps(again.summary_, sort_keys=True) == json.dumps(planted.summary_, sort_keys=True)
-    np.testing.assert_array_equal(again.cosine_, planted.cosine_)
+    again = cgm.ClassComparison(model, **kwargs).run({"a": _chunks(base[:12], 8), "b": _chunks(shifted, 8)}, target=1)
+    assert json.dumps(again.summary, sort_keys=True) == json.dumps(planted.summary, sort_keys=True)
+    np.testing.assert_array_equal(again.cosine, planted.cosine)
 
 
 def test_comparison_needs_two_nonempty_groups(tiny):
     model, _, x = tiny
     with pytest.raises(CnnvisError, match="at least one other"):
-        cgm.ClassComparison(model, 0).fit({"a": _chunks(x, 3)})
+        cgm.ClassComparison(model).run({"a": _chunks(x, 3)}, target=0)
     with pytest.raises(CnnvisError, match="group b: no images"):
-        cgm.ClassComparison(model, 0).fit({"a": _chunks(x, 3), "b": iter([])})
+        cgm.ClassComparison(model).run({"a": _chunks(x, 3), "b": iter([])}, target=0)
+    with pytest.raises(CnnvisError, match="^target: the class neuron"):
+        cgm.ClassComparison(model).run({"a": _chunks(x, 3), "b": _chunks(x, 3)})
+
+
+def test_chunk_summaries_computed_elsewhere_give_the_same_comparison(tiny):
+    """The Dask path hands run() ChunkSummary objects instead of (names, batch) chunks."""
+    model, _, x = tiny
+    kwargs = dict(batch_size=2, n_permutations=49, seed=3, max_vectors_per_group=3)
+    here = cgm.ClassComparison(model, **kwargs).run({"a": _chunks(x[:4], 2), "b": _chunks(x[4:], 2)}, target=1)
+    cg = cgm.ClassGradients(model, batch_size=2)
+
+    def summaries(part):
+        first = 0
+        for names, batch in _chunks(part, 2):
+            yield cgm.summarize_chunk(cg.run(batch, target=1), names, first, 3)
+            first += len(batch)
+
+    there = cgm.ClassComparison(model, **kwargs).run({"a": summaries(x[:4]), "b": summaries(x[4:])}, target=1)
+    assert json.dumps(here.summary, sort_keys=True) == json.dumps(there.summary, sort_keys=True)
+    np.testing.assert_array_equal(here.cosine, there.cosine)
 
 
 # ------------------------------------------------------------------------------ samples and groups
@@ -237,44 +258,6 @@ def _sample_folder(tmp_path, labels="csv"):
     elif labels == "json":
         (folder / "labels.json").write_text(json.dumps({f: CLASSES.index(c) for f, c in files}))
     return folder, [folder / f for f, _ in files]
-
-
-@pytest.mark.parametrize("labels", ["csv", "json", "demo"])
-def test_sample_classes_from_labels_file(tmp_path, labels):
-    folder, files = _sample_folder(tmp_path, labels)
-    proto, _ = tiny_proto(channels=3, size=8)
-    model = Model(proto, name="t", sidecar={"classes": CLASSES, "samples": [str(f) for f in files]})
-    by_class = cgm.sample_classes(model)
-    assert sorted(by_class) == [0, 1, 2]
-    assert [p.name for p in by_class[1]] == ["dog_0.png", "dog_1.png", "dog_2.png"]
-    got = cgm.resolve_group(model, ["car", str(folder / "cat_0.png")], "--similar")
-    assert [p.name for p in got] == ["car_0.png", "car_1.png", "car_2.png", "cat_0.png"]
-    with pytest.raises(CnnvisError, match="classes with samples: cat, dog, car"):
-        cgm.resolve_group(model, ["tabby"], "--similar")
-
-
-def test_sample_classes_from_class_folders(tmp_path):
-    files = []
-    for cls in ("cat", "car"):
-        (tmp_path / cls).mkdir()
-        for k in range(2):
-            _png(tmp_path / cls / f"{k}.png", 0.3)
-            files.append(tmp_path / cls / f"{k}.png")
-    proto, _ = tiny_proto(channels=3, size=8)
-    model = Model(proto, name="t", sidecar={"classes": CLASSES, "samples": [str(f) for f in files]})
-    assert {k: [p.parent.name for p in v] for k, v in cgm.sample_classes(model).items()} == \
-        {0: ["cat", "cat"], 2: ["car", "car"]}
-
-
-def test_compare_defaults_from_sidecar(tiny):
-    model = Model(tiny_proto()[0], name="t", sidecar={"classes": CLASSES, "compare_classes": {
-        "neuron": "cat", "reference": "cat", "similar": ["tabby"], "dissimilar": ["car"]}})
-    assert cgm.compare_defaults(model) == {"neuron": "cat", "reference": ["cat"], "similar": ["tabby"],
-                                           "dissimilar": ["car"]}
-    bad = Model(tiny_proto()[0], name="t", sidecar={"compare_classes": {"neurons": 1}})
-    with pytest.raises(CnnvisError, match="unknown key 'neurons'"):
-        cgm.compare_defaults(bad)
-    assert cgm.compare_defaults(tiny[0]) == {}
 
 
 # ------------------------------------------------------------------------------ commands
@@ -318,7 +301,7 @@ def test_conv_gradients_command(cli_model, tmp_path, capsys):
     from cnnvis import preprocess
 
     x = preprocess.load_batch([folder / "cat_0.png"], preprocess.for_model(model))
-    want = cgm.ClassGradients(model).compute(x, 1).gradients[0]
+    want = cgm.ClassGradients(model).run(x, 1).gradients[0]
     np.testing.assert_array_equal(np.load(out / "cat_0" / "conv1_gradient.npy"), want)
     manifest = json.loads((out / "manifest.json").read_text())
     listed = {f["path"] for f in manifest["runs"]["conv-gradients"]["files"]}
@@ -415,7 +398,7 @@ def test_any_conv_layer_grouped_conv2_of_the_demo_topology():
     model = Model(build_fashion_caffenet(seed=0), name="demo", sidecar={"trained": False})
     x = np.random.default_rng(2).random((3, 1, 28, 28)).astype(np.float32)
     cg = cgm.ClassGradients(model, "conv2", batch_size=2)
-    res = cg.compute(x, target=6)
+    res = cg.run(x, target=6)
     assert res.gradients.shape == (3, 64, 24, 5, 5)  # group 2: 48 input channels split in two
     report = cg.check_numerical(x, 6, n_entries=6, seed=1, analytic=res.gradients[0])
     assert report.max_rel_error < 1e-3, str(report)  # float32 engine vs float64 differences
@@ -438,25 +421,12 @@ def test_groups_from_sidecar_defaults_and_npy_items(tmp_path):
     assert neuron == 0 and per_item is True
     assert list(groups) == ["reference", "similar-dog", "similar-car", "dissimilar"]
     assert [p.name for p in groups["reference"][1]] == ["cat_0.png", "cat_1.png", "cat_2.png"]
-    assert cgm.group_size(model, groups["dissimilar"][1]) == 5
+    assert datasets.group_size(model, groups["dissimilar"][1]) == 5
     from cnnvis import preprocess
 
-    chunks = list(cgm.iter_group_chunks(model, groups["dissimilar"][1] + groups["similar-dog"][1],
+    chunks = list(datasets.iter_group_chunks(model, groups["dissimilar"][1] + groups["similar-dog"][1],
                                         preprocess.for_model(model), 3))
     assert [names for names, _ in chunks] == [["extra[0]", "extra[1]", "extra[2]"], ["extra[3]", "extra[4]"],
                                               ["dog_0", "dog_1", "dog_2"]]
     args.per_item = False
     assert list(classes._groups_from_args(args, model)[1]) == ["reference", "similar", "dissimilar"]
-
-
-def test_labels_file_variants_and_bad_label(tmp_path):
-    folder, files = _sample_folder(tmp_path, labels=None)
-    proto, _ = tiny_proto(channels=3, size=8)
-    model = Model(proto, name="t", sidecar={"classes": CLASSES, "samples": [str(f) for f in files]})
-    (folder / "labels.txt").write_text("# made by hand\nfilename class\ncat_0.png 0\ncat_1.png cat\n"
-                                       "dog_0.png\tdog\n")
-    assert {k: [p.name for p in v] for k, v in cgm.sample_classes(model).items()} == \
-        {0: ["cat_0.png", "cat_1.png"], 1: ["dog_0.png"]}
-    (folder / "labels.txt").write_text("cat_0.png,zebra\n")
-    with pytest.raises(CnnvisError, match=r"labels.txt: sample cat_0.png: unknown class 'zebra'"):
-        cgm.sample_classes(model)

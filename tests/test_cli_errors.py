@@ -122,7 +122,7 @@ def test_both_sides_of_each_reachable_message(tiny, tmp_path, capsys):
     x = np.load(x_path)
     m = ["--model", model_path, "--input-array", x_path]
 
-    lib = _library_message(lambda: occlusion.Occlusion(model, window=(9, 9), stride=(1, 1)).run(x[0]))
+    lib = _library_message(lambda: occlusion.Occlusion(model, window=(9, 9), stride=(1, 1)).run(x[:1]))
     assert lib == "window=(9, 9): larger than the 8x8 input"
     assert "error: --window (9, 9): larger than the 8x8 input" in _cli_error(
         ["occlusion", *m, "--window", "9"], capsys, tmp_path)
@@ -130,18 +130,18 @@ def test_both_sides_of_each_reachable_message(tiny, tmp_path, capsys):
     lib = _library_message(lambda: saliency.Saliency(model, method="gradcam", layer="flat").run(x))
     assert lib.startswith("layer='flat': Grad-CAM needs a layer with C×H×W maps")  # (the CLI checks first)
 
-    lib = _library_message(lambda: maximize.ActivationMaximization(model, layer="flat", steps=1).fit([0]))
+    lib = _library_message(lambda: maximize.ActivationMaximization(model, layer="flat", steps=1).run(None, target=[0]))
     assert lib.startswith("layer='flat': outputs") and lib.endswith("(use objective='logit' for class neurons)")
     err = _cli_error(["maximize", "--model", model_path, "--layer", "flat", "--steps", "1"], capsys, tmp_path)
     assert "error: --layer 'flat': outputs" in err and "(use --objective 'logit' for class neurons)" in err
 
-    lib = _library_message(lambda: maximize.ActivationMaximization(model, norm_bound=-1.0).fit([0]))
+    lib = _library_message(lambda: maximize.ActivationMaximization(model, norm_bound=-1.0).run(None, target=[0]))
     assert lib == "norm_bound=-1.0: expected a positive number"
     assert "error: --norm-bound -1.0: expected a positive number" in _cli_error(
         ["maximize", "--model", model_path, "--norm-bound", "-1"], capsys, tmp_path)
 
-    lib = _library_message(lambda: activations.feature_stack(model, x, "conv1"))
-    assert lib == "reduce='none': 2 images given; pick one or use reduce='mean' or reduce='max'"  # (no command calls it)
+    lib = _library_message(lambda: activations.Activations(model, ["conv1"]).run(x, target=3))
+    assert lib == "target=3: activations are of the layers given as layers=..."  # (no command passes a target)
 
     lib = _library_message(lambda: figures.colorize(np.zeros((2, 2)), cmap="no-such-map"))
     assert lib == "cmap='no-such-map': not a matplotlib colormap"

@@ -4,8 +4,11 @@ import struct
 import numpy as np
 import pytest
 
+from test_class_gradients import CLASSES, _png, _sample_folder, tiny_proto
+
 from cnnvis import datasets
 from cnnvis.errors import CnnvisError
+from cnnvis.model import Model
 
 
 def write_idx(path, array, gz=True):
@@ -98,3 +101,56 @@ def test_image_list_paths_and_labels(tmp_path):
     lst.write_text("# nothing\n")
     with pytest.raises(CnnvisError, match="no image paths"):
         datasets.image_list(lst)
+
+
+# ----------------------------------------------------------------------------- groups of images
+
+@pytest.mark.parametrize("labels", ["csv", "json", "demo"])
+def test_sample_classes_from_labels_file(tmp_path, labels):
+    folder, files = _sample_folder(tmp_path, labels)
+    proto, _ = tiny_proto(channels=3, size=8)
+    model = Model(proto, name="t", sidecar={"classes": CLASSES, "samples": [str(f) for f in files]})
+    by_class = datasets.sample_classes(model)
+    assert sorted(by_class) == [0, 1, 2]
+    assert [p.name for p in by_class[1]] == ["dog_0.png", "dog_1.png", "dog_2.png"]
+    got = datasets.resolve_group(model, ["car", str(folder / "cat_0.png")], "--similar")
+    assert [p.name for p in got] == ["car_0.png", "car_1.png", "car_2.png", "cat_0.png"]
+    with pytest.raises(CnnvisError, match="classes with samples: cat, dog, car"):
+        datasets.resolve_group(model, ["tabby"], "--similar")
+
+
+def test_sample_classes_from_class_folders(tmp_path):
+    files = []
+    for cls in ("cat", "car"):
+        (tmp_path / cls).mkdir()
+        for k in range(2):
+            _png(tmp_path / cls / f"{k}.png", 0.3)
+            files.append(tmp_path / cls / f"{k}.png")
+    proto, _ = tiny_proto(channels=3, size=8)
+    model = Model(proto, name="t", sidecar={"classes": CLASSES, "samples": [str(f) for f in files]})
+    assert {k: [p.parent.name for p in v] for k, v in datasets.sample_classes(model).items()} == \
+        {0: ["cat", "cat"], 2: ["car", "car"]}
+
+
+def test_compare_defaults_from_sidecar():
+    model = Model(tiny_proto()[0], name="t", sidecar={"classes": CLASSES, "compare_classes": {
+        "neuron": "cat", "reference": "cat", "similar": ["tabby"], "dissimilar": ["car"]}})
+    assert datasets.compare_defaults(model) == {"neuron": "cat", "reference": ["cat"], "similar": ["tabby"],
+                                           "dissimilar": ["car"]}
+    bad = Model(tiny_proto()[0], name="t", sidecar={"compare_classes": {"neurons": 1}})
+    with pytest.raises(CnnvisError, match="unknown key 'neurons'"):
+        datasets.compare_defaults(bad)
+    assert datasets.compare_defaults(Model(tiny_proto()[0], name="t")) == {}
+
+
+def test_labels_file_variants_and_bad_label(tmp_path):
+    folder, files = _sample_folder(tmp_path, labels=None)
+    proto, _ = tiny_proto(channels=3, size=8)
+    model = Model(proto, name="t", sidecar={"classes": CLASSES, "samples": [str(f) for f in files]})
+    (folder / "labels.txt").write_text("# made by hand\nfilename class\ncat_0.png 0\ncat_1.png cat\n"
+                                       "dog_0.png\tdog\n")
+    assert {k: [p.name for p in v] for k, v in datasets.sample_classes(model).items()} == \
+        {0: ["cat_0.png", "cat_1.png"], 1: ["dog_0.png"]}
+    (folder / "labels.txt").write_text("cat_0.png,zebra\n")
+    with pytest.raises(CnnvisError, match=r"labels.txt: sample cat_0.png: unknown class 'zebra'"):
+        datasets.sample_classes(model)

@@ -126,7 +126,7 @@ def test_projection_equals_hand_computed_deconvnet(tiny):
             for flat in np.argsort(-a.reshape(-1), kind="stable")[:2]:  # the two strongest units
                 unit = tuple(int(v) for v in np.unravel_index(flat, a.shape))
                 assert a[unit] > 0
-                got = deconv.project(tiny, x[i:i + 1], layer, [unit])[0]
+                got = deconv.Deconvnet(tiny, layer).run(x[i:i + 1], target=[unit]).projections[0]
                 want = numpy_deconvnet(x[i], layer, unit)
                 assert np.abs(want).max() > 0
                 np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
@@ -140,8 +140,8 @@ def test_deconvnet_differs_from_gradient_where_signal_is_rectified(tiny):
     x = RNG.normal(size=(1, 3, 8, 8)).astype(np.float32)
     acts = tiny.run(x, ["relu2"])["relu2"][0]
     unit = np.unravel_index(np.argmax(acts), acts.shape)
-    deconvnet = deconv.project(tiny, x, "relu2", [unit])[0]
-    gradient = deconv.project(tiny, x, "relu2", [unit], rule="gradient")[0]
+    deconvnet = deconv.Deconvnet(tiny, "relu2").run(x, target=[unit]).projections[0]
+    gradient = deconv.Deconvnet(tiny, "relu2", rule="gradient").run(x, target=[unit]).projections[0]
     np.testing.assert_allclose(deconvnet, numpy_deconvnet(x[0], "relu2", unit), rtol=1e-5,
                                atol=1e-5 * np.abs(deconvnet).max())
     assert np.abs(deconvnet - gradient).max() > 1e-3 * np.abs(deconvnet).max()
@@ -149,38 +149,46 @@ def test_deconvnet_differs_from_gradient_where_signal_is_rectified(tiny):
 
 def test_batched_maps_equal_one_by_one_and_scale_with_value(tiny):
     img = RNG.normal(size=(3, 8, 8)).astype(np.float32)
-    res = deconv.deconv_image(tiny, img, "relu2", batch_size=3)  # 4 maps over two engine calls
+    res = deconv.Deconvnet(tiny, "relu2", batch_size=3).run(img[None])  # 4 maps over two engine calls
     acts = tiny.run(img[None], ["relu2"])["relu2"][0]
-    assert res["maps"] == [0, 1, 2, 3]
-    for k, (m, y, xx) in enumerate(res["units"]):
+    assert res.units[:, 0].tolist() == [0, 1, 2, 3] and res.images.tolist() == [0, 0, 0, 0]
+    for k, (m, y, xx) in enumerate(res.units):
         flat = acts[m].reshape(-1)
         assert (y, xx) == divmod(int(np.argmax(flat)), acts.shape[2])
-        assert res["values"][k] == acts[m, y, xx]
-        one = deconv.project(tiny, img[None], "relu2", [(m, y, xx)])[0]
-        np.testing.assert_allclose(res["projections"][k], one, rtol=1e-6, atol=1e-7)
+        assert res.values[k] == acts[m, y, xx]
+        one = deconv.Deconvnet(tiny, "relu2").run(img[None], target=[(m, y, xx)]).projections[0]
+        np.testing.assert_allclose(res.projections[k], one, rtol=1e-6, atol=1e-7)
         if acts[m, y, xx] > 0:
-            np.testing.assert_allclose(res["projections"][k], numpy_deconvnet(img, "relu2", (m, y, xx)),
+            np.testing.assert_allclose(res.projections[k], numpy_deconvnet(img, "relu2", (m, y, xx)),
                                        rtol=1e-5, atol=1e-5 * np.abs(one).max())
     # a seed twice as large gives twice the projection (positively homogeneous)
-    unit = tuple(res["units"][0])
-    double = deconv.project(tiny, img[None], "relu2", [unit], values=[2 * res["values"][0]])[0]
-    np.testing.assert_allclose(double, 2 * res["projections"][0], rtol=1e-6, atol=1e-7)
-    fixed = deconv.deconv_image(tiny, img, "relu2", maps=[2], position=(1, 3))
-    assert fixed["units"].tolist() == [[2, 1, 3]]
+    unit = tuple(res.units[0])
+    double = deconv.Deconvnet(tiny, "relu2").run(img[None], target=[unit], values=[2 * res.values[0]]).projections[0]
+    np.testing.assert_allclose(double, 2 * res.projections[0], rtol=1e-6, atol=1e-7)
+    fixed = deconv.Deconvnet(tiny, "relu2", maps=[2], position=(1, 3)).run(img[None])
+    assert fixed.units.tolist() == [[2, 1, 3]]
+    # a batch of images: each image's rows are those of the image alone, image by image
+    other = RNG.normal(size=(3, 8, 8)).astype(np.float32)
+    both = deconv.Deconvnet(tiny, "relu2", maps=[1, 3], batch_size=3).run(np.stack([img, other]))
+    assert both.images.tolist() == [0, 0, 1, 1]
+    alone = deconv.Deconvnet(tiny, "relu2", maps=[1, 3]).run(other[None])
+    np.testing.assert_array_equal(both.units[2:], alone.units)
+    np.testing.assert_allclose(both.projections[2:], alone.projections, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(both.projections[:2], res.projections[[1, 3]], rtol=1e-6, atol=1e-7)
 
 
 def test_bad_units_and_layers(tiny):
     x = np.zeros((1, 3, 8, 8), np.float32)
     with pytest.raises(CnnvisError, match="unit map 4: must be in"):
-        deconv.project(tiny, x, "relu2", [(4, 0, 0)])
+        deconv.Deconvnet(tiny, "relu2").run(x, target=[(4, 0, 0)])
     with pytest.raises(CnnvisError, match="unit y 5"):
-        deconv.project(tiny, x, "relu2", [(0, 5, 0)])
+        deconv.Deconvnet(tiny, "relu2").run(x, target=[(0, 5, 0)])
     with pytest.raises(CnnvisError, match="unknown layer"):
-        deconv.project(tiny, x, "conv9", [(0, 0, 0)])
+        deconv.Deconvnet(tiny, "conv9").run(x, target=[(0, 0, 0)])
     with pytest.raises(CnnvisError, match="map 7: layer relu2 has maps 0..3"):
-        deconv.deconv_image(tiny, x[0], "relu2", maps=[7])
+        deconv.Deconvnet(tiny, "relu2", maps=[7]).run(x)
     with pytest.raises(CnnvisError, match="^rule='magic': expected one of deconvnet, guided, gradient$") as err:
-        deconv.project(tiny, x, "relu2", [(0, 0, 0)], rule="magic")
+        deconv.Deconvnet(tiny, "relu2", rule="magic").run(x, target=[(0, 0, 0)])
     assert err.value.params == ("rule",)
 
 
@@ -213,7 +221,7 @@ def test_deconv_command_outputs(tiny, tmp_path, capsys):
     proj = np.load(out / "x[1]/relu2_projections.npy")
     assert proj.shape == (3, 3, 8, 8)
     for r, p in zip(rec["records"], proj):
-        want = deconv.project(tiny, x[1:2], "relu2", [(r["map"], r["y"], r["x"])])[0]
+        want = deconv.Deconvnet(tiny, "relu2").run(x[1:2], target=[(r["map"], r["y"], r["x"])]).projections[0]
         np.testing.assert_allclose(p, want, rtol=1e-6, atol=1e-7)
     field = receptive_field(tiny, "relu2")
     assert rec["receptive_field"] == field.as_dict()

@@ -83,7 +83,7 @@ def test_distance_is_zero_at_identity_and_grows_for_a_non_invariant_model():
     x = blob()
     amounts = {"translation": [-4, -2, -1, 0, 1, 2, 4], "scale": [0.6, 0.8, 1.0, 1.25, 1.6],
                "rotation": [0, 15, 30, 60, 90]}
-    res = inv.Invariance(model, layers=["relu", "fc"], amounts=amounts).run(x)
+    res = inv.Invariance(model, layers=["relu", "fc"], amounts=amounts).run(x[None])[0]
     base_prob = model.predict(x[None])[0]
     for kind, values in amounts.items():
         values = np.asarray(values, float)
@@ -116,11 +116,19 @@ def test_transformed_is_the_sweep_that_run_measures():
     for t, a in zip(batch, [-3, 0, 5]):
         np.testing.assert_array_equal(t, inv.transform_image(x, "translation", a, fill=0.0))
     # layer 'relu' is the image: run's distances are those of exactly these images
-    res = analysis.run(x, keep_inputs=True)
+    keeping = inv.Invariance(model, layers=["relu"], amounts={"translation": [-3, 0, 5], "scale": [], "rotation": []},
+                             keep_inputs=True)
+    res = keeping.run(x[None])[0]
     expected = [np.linalg.norm(np.maximum(t, 0) - x) / np.linalg.norm(x) for t in batch]
     np.testing.assert_allclose(res.distance["translation"]["relu"], expected, rtol=1e-5)
     np.testing.assert_array_equal(res.inputs["translation"], batch)
-    assert analysis.run(x).inputs is None
+    assert analysis.run(x[None])[0].inputs is None
+    # a batch is its images one by one, each with its own target
+    pair = keeping.run(np.stack([x, -x]), target=[0, 1])
+    assert len(pair) == 2 and [c.target for c in pair] == [0, 1]
+    np.testing.assert_allclose(pair[0].distance["translation"]["relu"], expected, rtol=1e-5)
+    alone = keeping.run(-x[None], target=1)[0]
+    np.testing.assert_array_equal(pair[1].probability["translation"], alone.probability["translation"])
     np.testing.assert_array_equal(analysis.transformed(x, "rotation", [0.0])[0], x)
 
 

@@ -7,7 +7,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from cnnvis.analysis import maximize as mx
-from cnnvis.analysis.occlusion import InputSpace
+from cnnvis.preprocess import InputSpace
 from cnnvis.cli import main
 from cnnvis.errors import CnnvisError
 from cnnvis.model import Model
@@ -59,27 +59,27 @@ def test_linear_filter_maximiser_is_the_filter_scaled():
     w = smooth_filters(2)
     model, _ = one_filter_model(w)
     am = mx.ActivationMaximization(model, layer="conv", steps=60, learning_rate=0.1, clip="none", norm_bound=3.0,
-                                   seed=1).fit([0, 1])
-    assert am.patterns_.shape == (2, 3, 8, 8)
+                                   seed=1).run(None, target=[0, 1])
+    assert am.patterns.shape == (2, 3, 8, 8)
     for c in range(2):
         # under ||x|| <= r the maximiser of <w, x> is r w / ||w||
-        assert _cos(am.patterns_[c], w[c]) > 0.99
-        assert np.linalg.norm(am.patterns_[c]) == pytest.approx(3.0, rel=1e-4)
-        assert am.objective_[c] == pytest.approx(3.0 * np.linalg.norm(w[c]) + 0.3, rel=1e-3)
+        assert _cos(am.patterns[c], w[c]) > 0.99
+        assert np.linalg.norm(am.patterns[c]) == pytest.approx(3.0, rel=1e-4)
+        assert am.objective[c] == pytest.approx(3.0 * np.linalg.norm(w[c]) + 0.3, rel=1e-3)
     # the objective climbed
-    assert (am.history_[-1] > am.history_[0]).all()
+    assert (am.history[-1] > am.history[0]).all()
 
 
 def test_blur_decay_and_clip_keep_the_answer_for_a_smooth_filter():
     w = smooth_filters(2, seed=4)
     model, _ = one_filter_model(w)
     am = mx.ActivationMaximization(model, layer="conv", steps=80, learning_rate=0.1, blur_sigma=0.5, blur_every=4,
-                                   decay=0.01, clip="range", norm_bound=3.0, seed=0).fit([0, 1])
+                                   decay=0.01, clip="range", norm_bound=3.0, seed=0).run(None, target=[0, 1])
     for c in range(2):
-        assert _cos(am.patterns_[c], w[c]) > 0.95
+        assert _cos(am.patterns[c], w[c]) > 0.95
     space = InputSpace(preset("imagenet", (3, 8, 8)), (3, 8, 8))
-    assert (am.patterns_ >= np.minimum(space.low_, space.high_) - 1e-5).all()
-    assert (am.patterns_ <= np.maximum(space.low_, space.high_) + 1e-5).all()
+    assert (am.patterns >= np.minimum(space.low_, space.high_) - 1e-5).all()
+    assert (am.patterns <= np.maximum(space.low_, space.high_) + 1e-5).all()
 
 
 def _jitter_average(wc, j):
@@ -97,9 +97,9 @@ def test_jitter_maximises_the_shift_averaged_objective():
     model, _ = one_filter_model(w)
     # small steps: the pattern averages many randomly shifted gradients
     am = mx.ActivationMaximization(model, layer="conv", steps=150, learning_rate=0.01, jitter=1, clip="none",
-                                   norm_bound=3.0, seed=0).fit([0, 1])
+                                   norm_bound=3.0, seed=0).run(None, target=[0, 1])
     for c in range(2):
-        assert _cos(am.patterns_[c], _jitter_average(w[c], 1)) > 0.95
+        assert _cos(am.patterns[c], _jitter_average(w[c], 1)) > 0.95
 
 
 def test_logit_objective_maximises_each_class_in_one_batch():
@@ -111,10 +111,10 @@ def test_logit_objective_maximises_each_class_in_one_batch():
     side = {"preprocessing": preset("imagenet", (3, 2, 2)).to_dict()}
     model, _ = _model(nodes, {"fw": wfc, "fb": np.zeros(3)}, (3, 2, 2), "prob", 3, side)
     am = mx.ActivationMaximization(model, objective="logit", steps=40, learning_rate=0.1, clip="none",
-                                   norm_bound=1.0).fit([2, 0, 1])
-    assert am.layer_ == "fc" and am.indices_.tolist() == [2, 0, 1]
+                                   norm_bound=1.0).run(None, target=[2, 0, 1])
+    assert am.layer == "fc" and am.indices.tolist() == [2, 0, 1]
     for row, k in enumerate([2, 0, 1]):
-        assert _cos(am.patterns_[row], wfc[k]) > 0.99  # each batch element followed its own class
+        assert _cos(am.patterns[row], wfc[k]) > 0.99  # each batch element followed its own class
 
 
 def test_deterministic_by_seed_and_channel_mean_on_a_relu_layer():
@@ -126,27 +126,44 @@ def test_deterministic_by_seed_and_channel_mean_on_a_relu_layer():
     inits = {"w": w, "b": np.zeros(4), "fw": np.ones((2, 4 * 36)), "fb": np.zeros(2)}
     model, _ = _model(nodes, inits, (3, 8, 8), "fc", 2, SIDE)
     kw = dict(steps=15, jitter=2, blur_sigma=0.7, blur_every=3, decay=0.02, seed=7)
-    a = mx.maximize(model, [0, 1, 2, 3], **kw)
-    b = mx.maximize(model, [0, 1, 2, 3], **kw)
-    c = mx.maximize(model, [0, 1, 2, 3], **{**kw, "seed": 8})
-    assert a.layer_ == "relu"  # the default: last layer with maps
-    assert np.array_equal(a.patterns_, b.patterns_) and np.array_equal(a.history_, b.history_)
-    assert not np.array_equal(a.patterns_, c.patterns_)
-    assert (a.objective_ > a.history_[0]).all()
+    a = mx.ActivationMaximization(model, **kw).run(None, target=[0, 1, 2, 3])
+    b = mx.ActivationMaximization(model, **kw).run(None, target=[0, 1, 2, 3])
+    c = mx.ActivationMaximization(model, **{**kw, "seed": 8}).run(None, target=[0, 1, 2, 3])
+    assert a.layer == "relu"  # the default: last layer with maps
+    assert np.array_equal(a.patterns, b.patterns) and np.array_equal(a.history, b.history)
+    assert not np.array_equal(a.patterns, c.patterns)
+    assert (a.objective > a.history[0]).all()
     tiles = a.display_tiles()
     assert tiles.shape == (4, 8, 8, 3)
+    # target=None: every channel of the layer, in order — the same patterns as naming them all
+    every = mx.ActivationMaximization(model, **kw).run()
+    assert every.indices.tolist() == [0, 1, 2, 3] and np.array_equal(every.patterns, a.patterns)
+
+
+def test_given_starting_images_are_where_the_ascent_starts():
+    weights = smooth_filters(2).astype(np.float64)
+    model, _ = one_filter_model(smooth_filters(2))
+    start = np.random.default_rng(4).uniform(-0.5, 0.5, (2, 3, 8, 8)).astype(np.float32)
+    # no steps, no clipping or bound: the patterns are the starting images, the objective theirs
+    res = mx.ActivationMaximization(model, layer="conv", steps=0, clip="none").run(start, target=[1, 0])
+    np.testing.assert_array_equal(res.patterns, start)
+    # channel c's mean is <w_c, x> + 0.3 (the 8×8 kernel covers the input)
+    expected = [np.sum(weights[1] * start[0]) + 0.3, np.sum(weights[0] * start[1]) + 0.3]
+    np.testing.assert_allclose(res.objective, expected, rtol=1e-5)
+    with pytest.raises(CnnvisError, match="inputs: 1 starting images for 2 indices"):
+        mx.ActivationMaximization(model, layer="conv", steps=0).run(start[:1], target=[1, 0])
 
 
 def test_errors_name_the_problem():
     model, _ = one_filter_model(smooth_filters(2))
     with pytest.raises(CnnvisError, match="index 5"):
-        mx.maximize(model, [5], layer="conv", steps=1)
+        mx.ActivationMaximization(model, layer="conv", steps=1).run(None, target=[5])
     with pytest.raises(CnnvisError, match="channel_mean needs"):
-        mx.maximize(model, [0], layer="fc", steps=1)
+        mx.ActivationMaximization(model, layer="fc", steps=1).run(None, target=[0])
     with pytest.raises(CnnvisError, match="objective"):
-        mx.maximize(model, [0], objective="loss", steps=1)
+        mx.ActivationMaximization(model, objective="loss", steps=1).run(None, target=[0])
     with pytest.raises(CnnvisError, match="decay"):
-        mx.maximize(model, [0], layer="conv", decay=1.5, steps=1)
+        mx.ActivationMaximization(model, layer="conv", decay=1.5, steps=1).run(None, target=[0])
 
 
 def test_cli_maximize_grid_and_files(tmp_path):

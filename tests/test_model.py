@@ -369,3 +369,35 @@ def test_float16_inside_float32_io_model():
     ref_g = half.gradient_engine(half.input_name, objective="logit", target=half.layer("fc").tensor).run(x, index=1)
     assert g["x"].dtype == np.float32 and np.abs(g["x"]).max() > 0
     np.testing.assert_allclose(g["x"], ref_g["x"], rtol=1e-6, atol=1e-8)
+
+
+def test_chunk_bounds_cover_every_item_once_in_order():
+    from cnnvis.model import chunk_bounds
+
+    assert chunk_bounds(7, 3) == [(0, 3), (3, 6), (6, 7)]
+    assert chunk_bounds(0, 4) == [] and chunk_bounds(2, 0) == [(0, 1), (1, 2)]
+    # parts cut each chunk into near-equal non-empty pieces (the engine's concurrent workers)
+    assert chunk_bounds(7, 4, parts=2) == [(0, 2), (2, 4), (4, 6), (6, 7)]
+    assert chunk_bounds(5, 5, parts=3) == [(0, 2), (2, 3), (3, 5)]
+
+
+def test_gradient_engines_sessions_live_in_the_models_one_cache():
+    from cnnvis.autodiff import GradientEngine
+
+    m = tiny_model()
+    w = m.param_name("conv1.weight")
+    x = np.random.default_rng(2).standard_normal((5, 3, 12, 12)).astype(np.float32)
+    engine = m.gradient_engine([w], objective="logit", batch_size=2)
+    got = engine.run(x, index=3)
+    keys = [k for k in m._sessions if k[0] == "graph"]
+    assert keys and all(k[1][0] == "engine" for k in keys)
+    # the same numbers as an engine holding its own sessions (built from the same graph)
+    alone = GradientEngine(m.proto, [w], objective="logit", batch_size=2).run(x, index=3)
+    np.testing.assert_array_equal(got[w], alone[w])
+    np.testing.assert_array_equal(got.objective, alone.objective)
+    # forgetting the engine's evicted graphs forgets only their sessions; release() empties the cache
+    m.run(x)
+    engine.sessions.drop(lambda key: False)
+    assert [k for k in m._sessions if k[0] == "graph"] == [] and list(m._sessions) == [(m.output_name,)]
+    m.release()
+    assert m._sessions == {}

@@ -9,7 +9,8 @@ from cnnvis.analysis import occlusion as occ
 from cnnvis.errors import CnnvisError
 from cnnvis.model import Model
 from cnnvis.onnxgraph import make_model
-from cnnvis.preprocess import preset
+from cnnvis.analysis.inputspace import probabilities
+from cnnvis.preprocess import input_space, preset
 
 
 def _graph(nodes, inits, in_shape, out_name, out_dim):
@@ -49,7 +50,7 @@ def test_occluding_the_informative_region_drops_the_class(incremental):
     m = region_model()
     image = np.zeros((1, 12, 12), np.float32)
     image[0][REGION] = 1.0
-    res = occ.Occlusion(m, window=4, stride=2, layer="relu", incremental=incremental).run(image, target=0)
+    res = occ.Occlusion(m, window=4, stride=2, layer="relu", incremental=incremental).run(image[None], target=0)[0]
     # grey28 has no mean: the grey is the mid-grey pixel 0.5
     z0 = 0.25 * 16  # unoccluded: 4 > 3, class 0 wins
     assert res.base_probability == pytest.approx(1 / (1 + np.exp(3 - z0)), rel=1e-6)
@@ -84,27 +85,10 @@ def test_grey_comes_from_the_preprocessing_mean():
     m.sidecar["preprocessing"] = preset("grey28", (1, 12, 12), mean=[0.3], raw_scale=1.0).to_dict()
     image = np.zeros((1, 12, 12), np.float32)
     image[0][REGION] = 1.0
-    res = occ.Occlusion(m, window=4, stride=4, layer=False).run(image, target=0)
+    res = occ.Occlusion(m, window=4, stride=4, layer=False).run(image[None], target=0)[0]
     # with a mean, the grey is the mean pixel: 0 in input space, so the region sum drops to 0
     assert res.probability[1, 1] == pytest.approx(1 / (1 + np.exp(3.0)), rel=1e-6)
     assert res.activation is None
-
-
-def test_input_space_caffe_roundtrip_and_grey():
-    pre = preset("caffe", (3, 8, 8))
-    space = occ.InputSpace(pre, (3, 8, 8))
-    assert np.array_equal(space.grey_, np.zeros((3, 1, 1)))
-    rng = np.random.default_rng(0)
-    pixels = rng.random((8, 8, 3))
-    x = pre.from_pixels(pixels)  # BGR, ×255, minus the mean
-    np.testing.assert_allclose(space.to_display(x), pixels, atol=1e-5)
-    # black and white pixels are the ends of the valid range
-    np.testing.assert_allclose(space.low_[:, 0, 0], -np.array(pre.mean), atol=1e-4)
-    np.testing.assert_allclose(space.high_[:, 0, 0], 255.0 - np.array(pre.mean), atol=1e-4)
-    grey = occ.InputSpace(preset("grey28", (1, 8, 8)), (1, 8, 8))
-    assert grey.grey_.reshape(-1).tolist() == [0.5]
-    imagenet = occ.InputSpace(preset("imagenet", (3, 8, 8)), (3, 8, 8))
-    assert np.array_equal(imagenet.grey_, np.zeros((3, 1, 1)))
 
 
 def chain_model(seed=0):
@@ -143,7 +127,7 @@ def _brute_force(model, image, ys, xs, window, fill, tap, channel):
             c[:, y:y + window, x:x + window] = fill[:, y:y + window, x:x + window]
             copies.append(c)
     out = model.run(np.stack(copies), [tap, model.output_name])
-    prob = occ.probabilities(model, out[model.output_name])
+    prob = probabilities(model, out[model.output_name])
     act = out[tap][:, channel].reshape(len(copies), -1).astype(np.float64).sum(1)
     return prob, act
 
@@ -155,12 +139,12 @@ def test_incremental_path_equals_the_whole_network(layer):
     image = rng.standard_normal((3, 20, 20)).astype(np.float32)
     window, stride = 5, 3
     inc = occ.Occlusion(m, window=window, stride=stride, layer=layer, incremental=True, batch_size=7)
-    res = inc.run(image)
+    res = inc.run(image[None])[0]
     plan = next(iter(inc._plans.values()))
     # every local op before the flatten is evaluated on rectangles
     assert [s.output for s in plan.stages] == ["norm1", "pool1", "scaled2", "pool2"]
-    plain = occ.Occlusion(m, window=window, stride=stride, layer=layer, incremental=False).run(image)
-    fill = np.broadcast_to(occ.input_space(m).grey_, image.shape).astype(np.float32)
+    plain = occ.Occlusion(m, window=window, stride=stride, layer=layer, incremental=False).run(image[None])[0]
+    fill = np.broadcast_to(input_space(m).grey_, image.shape).astype(np.float32)
     prob, act = _brute_force(m, image, res.ys, res.xs, window, fill, m.layer(layer).tensor, res.channel)
     shape = res.probability.shape
     assert shape == (6, 6)  # windows at 0, 3, ..., 15: the last one touches the border
@@ -175,10 +159,10 @@ def test_auto_mode_skips_work_only_when_it_pays_and_stays_exact():
     m = chain_model(seed=3)
     image = np.random.default_rng(2).standard_normal((3, 20, 20)).astype(np.float32)
     auto = occ.Occlusion(m, window=3, stride=4, layer="relu2")
-    res = auto.run(image)
+    res = auto.run(image[None])[0]
     plan = next(iter(auto._plans.values()))
     assert plan.costs[plan.depth] <= 0.9 * plan.costs[0] or plan.depth == 0
-    ref = occ.Occlusion(m, window=3, stride=4, layer="relu2", incremental=False).run(image)
+    ref = occ.Occlusion(m, window=3, stride=4, layer="relu2", incremental=False).run(image[None])[0]
     np.testing.assert_allclose(res.probability, ref.probability, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(res.activation, ref.activation, rtol=1e-5, atol=1e-5)
 
@@ -186,26 +170,44 @@ def test_auto_mode_skips_work_only_when_it_pays_and_stays_exact():
 def test_outputs_are_deterministic_and_channel_target_overrides():
     m = chain_model()
     image = np.random.default_rng(5).standard_normal((3, 20, 20)).astype(np.float32)
-    o = occ.Occlusion(m, window=6, stride=5, layer="relu2", incremental=True)
-    a, b = o.run(image, target=2, channel=3), o.run(image, target=2, channel=3)
+    o = occ.Occlusion(m, window=6, stride=5, layer="relu2", channel=3, incremental=True)
+    a, b = o.run(image[None], target=2)[0], o.run(image[None], target=2)[0]
     assert a.target == 2 and a.channel == 3
     for field in ("probability", "top_class", "top_probability", "activation"):
         assert np.array_equal(getattr(a, field), getattr(b, field))
 
 
+def test_a_batch_is_its_images_one_by_one_and_sessions_live_in_the_model_cache():
+    m = chain_model()
+    x = np.random.default_rng(7).standard_normal((3, 3, 20, 20)).astype(np.float32)
+    o = occ.Occlusion(m, window=5, stride=4, layer="relu2", incremental=True, batch_size=5)
+    res = o.run(x, target=[0, 3, 1])
+    assert len(res) == 3 and [r.target for r in res] == [0, 3, 1]
+    assert res.plan == o.plan_.describe()
+    stage_keys = [k for k in m._sessions if k[0] == "graph"]
+    assert stage_keys and all(k[1][0][0] == "occlusion" for k in stage_keys)
+    fresh = Model(m.proto, name="again", sidecar=m.sidecar)
+    for i, t in enumerate([0, 3, 1]):
+        one = occ.Occlusion(fresh, window=5, stride=4, layer="relu2", incremental=False).run(x[i:i + 1], target=t)[0]
+        np.testing.assert_allclose(res[i].probability, one.probability, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(res[i].activation, one.activation, rtol=1e-5, atol=1e-5)
+        assert res[i].channel == one.channel
+    # a second analysis on the same model reuses the sessions instead of building new ones
+    before = len(m._sessions)
+    occ.Occlusion(m, window=5, stride=4, layer="relu2", incremental=True, batch_size=5).run(x[:1])
+    assert len(m._sessions) == before
+
+
 def test_errors_are_one_line():
     m = region_model()
     with pytest.raises(CnnvisError, match="window"):
-        occ.Occlusion(m, window=13, stride=1).run(np.zeros((1, 12, 12), np.float32))
+        occ.Occlusion(m, window=13, stride=1).run(np.zeros((1, 1, 12, 12), np.float32))
     with pytest.raises(CnnvisError, match="expects"):
-        occ.Occlusion(m, window=3).run(np.zeros((1, 10, 10), np.float32))
+        occ.Occlusion(m, window=3).run(np.zeros((1, 1, 10, 10), np.float32))
     with pytest.raises(CnnvisError, match="class"):
-        occ.Occlusion(m, window=4, layer=False).run(np.zeros((1, 12, 12), np.float32), target=7)
+        occ.Occlusion(m, window=4, layer=False).run(np.zeros((1, 1, 12, 12), np.float32), target=7)
     with pytest.raises(CnnvisError, match="unknown layer"):
-        occ.Occlusion(m, window=4, layer="nope").run(np.zeros((1, 12, 12), np.float32))
-    assert occ.resolve_class(m, "1") == 1 and occ.resolve_class(m, None) is None
-    with pytest.raises(CnnvisError):
-        occ.resolve_class(m, "5")
+        occ.Occlusion(m, window=4, layer="nope").run(np.zeros((1, 1, 12, 12), np.float32))
 
 
 def test_coverage_mean_by_hand():
@@ -226,11 +228,6 @@ def test_nearest_window_classes_gives_each_pixel_the_class_of_the_nearest_window
     # centres at 1, 3, 5; pixel rows 2 and 4 lie halfway between two centres: the first window wins
     nearest = [0, 0, 0, 1, 1, 2, 2]
     np.testing.assert_array_equal(res.nearest_window_classes(), top[np.ix_(nearest, nearest)])
-
-
-def test_default_feature_layer_is_the_last_map_layer():
-    assert occ.default_feature_layer(chain_model()) == "relu2"
-    assert occ.default_feature_layer(region_model()) == "relu"
 
 
 def test_cli_occlusion_files_match_the_api_and_rerun_identically(tmp_path):
@@ -256,7 +253,7 @@ def test_cli_occlusion_files_match_the_api_and_rerun_identically(tmp_path):
                  "activation_overlay.png", "top_class.png", "figure.png"):
         assert f"x[0]/{name}" in files and f"x[1]/{name}" in files
     assert manifest["params"]["window"] == [5, 5] and manifest["params"]["class"] == 1
-    ref = occ.Occlusion(Model.from_file(path), window=5, stride=3, layer="relu2", incremental=False).run(x[1], target=1)
+    ref = occ.Occlusion(Model.from_file(path), window=5, stride=3, layer="relu2", incremental=False).run(x[1:2], target=1)[0]
     np.testing.assert_allclose(np.load(outs[0] / "x[1]/probability.npy"), ref.probability, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(np.load(outs[0] / "x[1]/activation.npy"), ref.activation, rtol=1e-5, atol=1e-5)
     summary = json.loads((outs[0] / "occlusion.json").read_text())

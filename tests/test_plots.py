@@ -124,7 +124,7 @@ def test_occlusion_figure_probability_panel_is_darkest_where_the_object_was_cove
 
     image = np.zeros((1, 12, 12), np.float32)
     image[0][OBJECT] = 1.0
-    res = Occlusion(_object_model(), window=3, stride=1, layer="relu").run(image, target=0)
+    res = Occlusion(_object_model(), window=3, stride=1, layer="relu").run(image[None], target=0)[0]
     rgb = np.repeat(image[0][..., None], 3, axis=-1)
     boxes = plots.occlusion_figure(tmp_path / "f.png", res, rgb, plots.class_colours([0, 1]),
                                    lambda k: f"class {k}", "gray")

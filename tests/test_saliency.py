@@ -145,11 +145,16 @@ def test_upsample_bilinear_by_hand():
 
 def test_bad_method_layer_and_class(model, images):
     with pytest.raises(CnnvisError, match="method"):
-        sal.Saliency(model, method="lrp")
+        sal.Saliency(model, method="lrp").run(images)
     with pytest.raises(CnnvisError, match="C×H×W"):
         sal.Saliency(model, method="gradcam", layer="fc").run(images)
     with pytest.raises(CnnvisError, match="class"):
         sal.Saliency(model).run(images, target=9)
+
+
+def test_constructor_only_stores_its_parameters(model):
+    s = sal.Saliency(model, method="lrp", layer="nope", batch_size=3)  # checked by run(), not here
+    assert s.get_params() == {"method": "lrp", "layer": "nope", "batch_size": 3} and s.model is model
 
 
 def test_cli_saliency_writes_maps_deterministically(tmp_path):

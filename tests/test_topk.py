@@ -9,7 +9,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
-from cnnvis.analysis.topk import TopK, chunk_top, top_activations
+from cnnvis.analysis.topk import TopActivations, TopK, chunk_top
 from cnnvis.cli import main
 from cnnvis.cli.projections import STATE_FILE, parse_maps
 from cnnvis.errors import CnnvisError
@@ -138,10 +138,17 @@ def test_planted_crosses_found_exactly(planted):
     folder, pixels = planted
     model = Model(cross_model_proto(), name="cross")
     chunks = (([f"im{i:02d}" for i in range(s, min(s + 6, 20))], pixels[s:s + 6, None]) for s in range(0, 20, 6))
-    top = top_activations(model, chunks, "relu1", k=9)
+    top = TopActivations(model, "relu1", k=9).run(chunks)
     found = [(r["image"], r["y"], r["x"]) for r in top.units(0)[:3]]
     assert found == [(i, y, x) for i, y, x, _ in PLANTED]
     assert top.units(0)[3]["value"] < 0.5 * top.units(0)[2]["value"]  # the rest is far below
+    # one batch instead of chunks: the same top-k (image names are stream positions then)
+    whole = TopActivations(model, "relu1", k=9).run(pixels[:, None])
+    np.testing.assert_array_equal(whole.values_, top.values_)
+    np.testing.assert_array_equal(whole.images_, top.images_)
+    np.testing.assert_array_equal(whole.positions_, top.positions_)
+    with pytest.raises(CnnvisError, match="^target=0: top-k keeps every map"):
+        TopActivations(model, "relu1").run(pixels[:, None], target=0)
 
 
 def _run(argv, capsys):
@@ -226,7 +233,7 @@ def test_resume_after_an_exception_in_the_stream():
     model = Model(cross_model_proto(), name="cross")
     x = np.random.default_rng(3).uniform(size=(11, 1, 16, 16)).astype(np.float32)
     chunks = lambda start: ((["i%d" % i for i in range(s, min(s + 4, 11))], x[s:s + 4]) for s in range(start, 11, 4))  # noqa: E731
-    full = top_activations(model, chunks(0), "conv1", k=5)
+    full = TopActivations(model, "conv1", k=5).run(chunks(0))
     saved = {}
 
     def stop_after_first(top):
@@ -234,10 +241,10 @@ def test_resume_after_an_exception_in_the_stream():
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        top_activations(model, chunks(0), "conv1", k=5, on_chunk=stop_after_first)
+        TopActivations(model, "conv1", k=5, on_chunk=stop_after_first).run(chunks(0))
     restored = TopK.from_state(json.loads(saved["state"]))
     assert restored.n_images_ == 4
-    resumed = top_activations(model, chunks(restored.n_images_), "conv1", k=5, top=restored)
+    resumed = TopActivations(model, "conv1", k=5).run(chunks(restored.n_images_), resume=restored)
     assert json.dumps(resumed.to_state()) == json.dumps(full.to_state())
 
 

@@ -1,14 +1,18 @@
 """Activations: what each layer outputs for a set of images.
 
-Functions take a :class:`cnnvis.model.Model` and preprocessed batches; they know nothing of files
-or plots (those are :mod:`cnnvis.export`).
+:class:`Activations` takes a :class:`cnnvis.model.Model` and preprocessed batches; nothing here
+knows of files or plots (those are :mod:`cnnvis.export`). :class:`DatasetChannelStats` accumulates
+per-channel statistics over a stream of chunks.
 """
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 
 from .. import ops
 from ..errors import CnnvisError
+from .base import Analysis
 
 #: op types whose outputs are shown by default ("every layer" without the bookkeeping ones)
 DEFAULT_LAYER_OPS = ops.DISPLAY_OPS
@@ -33,39 +37,39 @@ def resolve_layers(model, names) -> list:
     return list(dict.fromkeys(out))
 
 
-def layer_activations(model, batch, layers, batch_size: int = 32) -> dict:
-    """``{layer: N×...}`` for one preprocessed batch; one onnxruntime session for the whole tap set."""
-    layers = resolve_layers(model, layers)
-    return model.run(batch, layers, batch_size=batch_size)
+@dataclasses.dataclass
+class ActivationsResult:
+    """:meth:`Activations.run`'s result: the layers (table names, in order) and ``values``
+    ``{layer: N×...}`` of the batch."""
+
+    layers: list
+    values: dict
+
+    def __getitem__(self, layer) -> np.ndarray:
+        return self.values[layer]
 
 
-def iter_activations(model, chunks, layers, batch_size: int = 32):
-    """For an iterable of ``(names, batch)`` chunks, yield ``(names, {layer: N×...})`` chunk by chunk.
+class Activations(Analysis):
+    """What some layers output for a batch: ``Activations(model, layers).run(x)``.
 
-    Memory stays bounded by one chunk whatever the number of images.
+    Parameters
+    ----------
+    model : :class:`cnnvis.model.Model`
+    layers : layer names (``all`` or none: :func:`default_layers`); errors list the closest names.
+    batch_size : images per onnxruntime call (one session for the whole tap set).
     """
-    layers = resolve_layers(model, layers)
-    for names, batch in chunks:
-        yield names, model.run(batch, layers, batch_size=batch_size)
 
+    def __init__(self, model, layers=None, batch_size: int = 32):
+        super().__init__(model, layers=layers, batch_size=batch_size)
 
-def feature_stack(model, image_batch, layer: str, reduce: str = "none", batch_size: int = 32) -> np.ndarray:
-    """A layer's maps as a C×H×W stack: of one image (``reduce='none'`` with N == 1) or averaged /
-    maximised over the images (``reduce='mean'|'max'``)."""
-    acts = model.run(image_batch, [layer], batch_size=batch_size)[layer]
-    if acts.ndim != 4:
-        raise CnnvisError(f"layer {layer} outputs shape {acts.shape[1:]} per image; "
-                          "a volume needs C×H×W feature maps (a convolution, pooling or LRN layer)")
-    if reduce == "none":
-        if len(acts) != 1:
-            raise CnnvisError(f"reduce='none': {len(acts)} images given; pick one or use reduce='mean' or "
-                              "reduce='max'", params="reduce")
-        return acts[0]
-    if reduce == "mean":
-        return acts.mean(axis=0)
-    if reduce == "max":
-        return acts.max(axis=0)
-    raise CnnvisError(f"reduce={reduce!r}: expected none, mean or max", params="reduce")
+    def run(self, inputs, target=None) -> ActivationsResult:
+        """``{layer: N×...}`` of the batch ``inputs`` (N×C×H×W). ``target``: None (the layers
+        are ``layers``); callers stream a dataset chunk by chunk, so memory stays bounded by one."""
+        if target is not None:
+            raise CnnvisError(f"target={target!r}: activations are of the layers given as layers=...",
+                              params="target")
+        layers = resolve_layers(self.model, self.layers)
+        return ActivationsResult(layers, self.model.run(inputs, layers, batch_size=self.batch_size))
 
 
 def as_maps(values) -> np.ndarray:

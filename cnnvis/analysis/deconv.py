@@ -12,10 +12,13 @@ its own seed, so all the maps of a layer project in one engine call per ``batch_
 """
 from __future__ import annotations
 
+import dataclasses
 
 import numpy as np
 
 from ..errors import CnnvisError
+from ..model import chunk_bounds
+from .base import Analysis
 from .receptive import receptive_field
 
 RULES = ("deconvnet", "guided", "gradient")
@@ -66,44 +69,6 @@ def unit_values(acts, units) -> np.ndarray:
     return acts[rows, units[:, 0], units[:, 1], units[:, 2]]
 
 
-def project(model, x, layer: str, units, values=None, rule: str = "deconvnet", batch_size: int = 32) -> np.ndarray:
-    """Deconvnet projections: row i keeps activation ``units[i]`` = (map, y, x) of ``layer`` for
-    image ``x[i]`` and returns its projection to the input (N×C×H×W float32).
-
-    ``values``: the kept activations (default: computed by a forward pass); a projection is linear
-    in its seed, so it is scaled by the activation's value as in the paper. Memory stays bounded by
-    ``batch_size`` rows.
-    """
-    x = np.asarray(x)  # may be a broadcast view of one image: rows are copied chunk by chunk
-    model.check_batch(x[:1])
-    shape = layer_shape(model, layer)
-    units = unit_rows(units, shape)
-    if len(units) != len(x):
-        raise CnnvisError(f"project: {len(x)} image rows but {len(units)} units (one unit per row)")
-    if values is None:
-        values = np.concatenate([
-            unit_values(model.run(x[s:s + batch_size].astype(np.float32), [layer], batch_size=batch_size)[layer],
-                        units[s:s + batch_size])
-            for s in range(0, len(x), batch_size)]) if len(x) else np.zeros(0, np.float32)
-    values = np.asarray(values, dtype=np.float32).reshape(-1)
-    if len(values) != len(x):
-        raise CnnvisError(f"project: {len(values)} values for {len(x)} rows")
-    engine = projection_engine(model, layer, rule=rule, batch_size=batch_size)
-    out = np.empty((len(x), *x.shape[1:]), dtype=np.float32)
-    for start in range(0, len(x), batch_size):
-        stop = min(start + batch_size, len(x))
-        seed = np.zeros((stop - start, *shape), dtype=np.float32)
-        u = units[start:stop]
-        rows = np.arange(stop - start)
-        if len(shape) == 1:
-            seed[rows, u[:, 0]] = values[start:stop]
-        else:
-            seed[rows, u[:, 0], u[:, 1], u[:, 2]] = values[start:stop]
-        rows_x = np.ascontiguousarray(x[start:stop], dtype=np.float32)
-        out[start:stop] = engine.run(rows_x, seed=seed)[model.input_name]
-    return out
-
-
 def strongest_units(acts) -> tuple:
     """Per map of one image's activations (C×H×W or F), the strongest unit (first in row-major
     order on ties): ``(units (C, 3) of (map, y, x), values (C,))``."""
@@ -117,35 +82,109 @@ def strongest_units(acts) -> tuple:
     return units, flat[np.arange(c), best]
 
 
-def deconv_image(model, image, layer: str, maps=None, position=None, rule: str = "deconvnet",
-                 batch_size: int = 32) -> dict:
-    """Project, for one image (C×H×W), each chosen map's strongest activation (or the activation at
-    ``position`` = (y, x)) of ``layer``; all maps in one batched engine call per ``batch_size``.
+@dataclasses.dataclass
+class DeconvResult:
+    """:meth:`Deconvnet.run`'s result, one row per projection: ``images`` (M,) the row of the
+    inputs it comes from, ``units`` (M, 3) of (map, y, x) (a vector layer's units are (f, 0, 0)),
+    ``values`` (M,) the kept activations, ``projections`` M×C×H×W float32 (input space), and the
+    layer's receptive ``field`` (:class:`~cnnvis.analysis.receptive.ReceptiveField`)."""
 
-    Returns ``maps``, ``units`` (M, 3), ``values`` (M,), ``projections`` (M×C×H×W) and
-    ``field`` (the layer's :class:`~cnnvis.analysis.receptive.ReceptiveField`).
+    layer: str
+    rule: str
+    images: np.ndarray
+    units: np.ndarray
+    values: np.ndarray
+    projections: np.ndarray
+    field: object
+
+    def __len__(self):
+        return len(self.units)
+
+
+class Deconvnet(Analysis):
+    """Projections of activations of ``layer`` back to the input:
+    ``Deconvnet(model, layer).run(x, target=units)``.
+
+    Parameters
+    ----------
+    model : :class:`cnnvis.model.Model`
+    layer : the layer whose activations are projected (C×H×W maps or a feature vector).
+    rule : ``deconvnet`` (Zeiler & Fergus), ``guided`` or ``gradient`` at the ReLUs.
+    maps : without a ``target``, the maps projected for each image (default: all).
+    position : without a ``target``, project each map's activation at (y, x) instead of its
+        strongest one.
+    batch_size : projection rows per engine call (memory stays bounded by it).
     """
-    image = model.check_batch(np.asarray(image)[None])
-    shape = layer_shape(model, layer)
-    acts = model.run(image, [layer])[layer][0]
-    n_maps = shape[0]
-    maps = list(range(n_maps)) if maps is None else [int(m) for m in maps]
-    for m in maps:
-        if not 0 <= m < n_maps:
-            raise CnnvisError(f"map {m}: layer {layer} has maps 0..{n_maps - 1}")
-    if position is None:
-        all_units, _ = strongest_units(acts)
-        units = all_units[maps]
-    else:
-        if len(shape) == 1:
+
+    def __init__(self, model, layer, rule: str = "deconvnet", maps=None, position=None, batch_size: int = 32):
+        super().__init__(model, layer=layer, rule=rule, maps=maps, position=position, batch_size=batch_size)
+
+    def run(self, inputs, target=None, values=None) -> DeconvResult:
+        """Projections for the batch ``inputs`` (N×C×H×W; may be a broadcast view, rows are copied
+        chunk by chunk). ``target``: one unit (map, y, x) per image, each projected from its own
+        image; None: for each image, each of ``maps``' strongest unit (or the unit at ``position``),
+        image by image. ``values``: the kept activations of the ``target`` units (default: computed
+        by a forward pass); a projection is linear in its seed, so it is scaled by the activation's
+        value as in the paper."""
+        model, layer = self.model, self.layer
+        x = np.asarray(inputs)
+        model.check_batch(x[:1])
+        shape = layer_shape(model, layer)
+        batch = int(self.batch_size)
+        if target is None:
+            images, units, values = self._chosen_units(x, shape)
+        else:
+            units = unit_rows(target, shape)
+            if len(units) != len(x):
+                raise CnnvisError(f"target: {len(x)} image rows but {len(units)} units (one unit per row)",
+                                  params="target")
+            images = np.arange(len(x))
+            if values is None:
+                values = np.concatenate([
+                    unit_values(model.run(x[s:e].astype(np.float32), [layer], batch_size=batch)[layer], units[s:e])
+                    for s, e in chunk_bounds(len(x), batch)]) if len(x) else np.zeros(0, np.float32)
+        values = np.asarray(values, dtype=np.float32).reshape(-1)
+        if len(values) != len(units):
+            raise CnnvisError(f"values: {len(values)} values for {len(units)} rows", params="values")
+        engine = projection_engine(model, layer, rule=self.rule, batch_size=batch)
+        out = np.empty((len(units), *x.shape[1:]), dtype=np.float32)
+        for start, stop in chunk_bounds(len(units), batch):
+            seed = np.zeros((stop - start, *shape), dtype=np.float32)
+            u = units[start:stop]
+            rows = np.arange(stop - start)
+            if len(shape) == 1:
+                seed[rows, u[:, 0]] = values[start:stop]
+            else:
+                seed[rows, u[:, 0], u[:, 1], u[:, 2]] = values[start:stop]
+            rows_x = np.ascontiguousarray(x[images[start:stop]], dtype=np.float32)
+            out[start:stop] = engine.run(rows_x, seed=seed)[model.input_name]
+        return DeconvResult(layer=layer, rule=self.rule, images=images, units=units, values=values, projections=out,
+                            field=receptive_field(model, layer))
+
+    def _chosen_units(self, x, shape):
+        """Rows (image, unit, value) of each image's chosen maps, image by image."""
+        model, layer = self.model, self.layer
+        n_maps = shape[0]
+        maps = list(range(n_maps)) if self.maps is None else [int(m) for m in self.maps]
+        for m in maps:
+            if not 0 <= m < n_maps:
+                raise CnnvisError(f"map {m}: layer {layer} has maps 0..{n_maps - 1}")
+        if self.position is not None and len(shape) == 1:
             raise CnnvisError(f"layer {layer} is a feature vector; a position (y, x) needs feature maps")
-        y, xx = (int(v) for v in position)
-        units = unit_rows([(m, y, xx) for m in maps], shape)
-    values = unit_values(np.broadcast_to(acts, (len(units), *acts.shape)), units)
-    rows = np.broadcast_to(image, (len(units), *image.shape[1:]))
-    projections = project(model, rows, layer, units, values=values, rule=rule, batch_size=batch_size)
-    return {"maps": maps, "units": units, "values": np.asarray(values, np.float32), "projections": projections,
-            "field": receptive_field(model, layer)}
+        images, units, values = [], [], []
+        for i in range(len(x)):
+            acts = model.run(model.check_batch(x[i:i + 1]), [layer])[layer][0]
+            if self.position is None:
+                chosen = strongest_units(acts)[0][maps]
+            else:
+                y, xx = (int(v) for v in self.position)
+                chosen = unit_rows([(m, y, xx) for m in maps], shape)
+            images.append(np.full(len(chosen), i, np.int64))
+            units.append(chosen)
+            values.append(unit_values(np.broadcast_to(acts, (len(chosen), *acts.shape)), chosen))
+        if not images:
+            return np.zeros(0, np.int64), np.zeros((0, 3), np.int64), np.zeros(0, np.float32)
+        return np.concatenate(images), np.concatenate(units), np.concatenate(values)
 
 
 # ------------------------------------------------------------------------------------ display

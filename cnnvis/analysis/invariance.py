@@ -19,7 +19,8 @@ import numpy as np
 
 from ..errors import CnnvisError
 from ..preprocess import input_space
-from .occlusion import FEATURE_OPS, probabilities
+from .base import Analysis
+from .inputspace import FEATURE_OPS, probabilities
 
 TRANSFORMS = ("translation", "scale", "rotation")
 AXES = ("vertical", "horizontal")
@@ -158,8 +159,25 @@ class InvarianceCurves:
         return out
 
 
-class Invariance:
-    """Feature distances and class probability along transformation sweeps.
+@dataclasses.dataclass
+class InvarianceResult:
+    """:meth:`Invariance.run`'s result: one :class:`InvarianceCurves` per image, in order."""
+
+    curves: list
+
+    def __len__(self):
+        return len(self.curves)
+
+    def __getitem__(self, i) -> InvarianceCurves:
+        return self.curves[i]
+
+    def __iter__(self):
+        return iter(self.curves)
+
+
+class Invariance(Analysis):
+    """Feature distances and class probability along transformation sweeps:
+    ``Invariance(model, layers=...).run(x, target)``.
 
     Parameters
     ----------
@@ -171,17 +189,14 @@ class Invariance:
     fill : value of uncovered pixels (default: the preprocessing's neutral grey).
     preprocessing : for the default fill (default: the model's own).
     batch_size : images per onnxruntime call.
+    keep_inputs : also return the transformed images (to show what was measured; A×C×H×W per
+        transform and image, so callers keeping them pass small batches).
     """
 
     def __init__(self, model, layers=None, amounts=None, axis: str = "vertical", fill=None, preprocessing=None,
-                 batch_size: int = 32):
-        self.model = model
-        self.layers = layers
-        self.amounts = amounts
-        self.axis = axis
-        self.fill = fill
-        self.preprocessing = preprocessing
-        self.batch_size = batch_size
+                 batch_size: int = 32, keep_inputs: bool = False):
+        super().__init__(model, layers=layers, amounts=amounts, axis=axis, fill=fill, preprocessing=preprocessing,
+                         batch_size=batch_size, keep_inputs=keep_inputs)
 
     def sweeps(self) -> dict:
         given = dict(self.amounts or {})
@@ -211,11 +226,16 @@ class Invariance:
         amounts = self.sweeps()[kind] if amounts is None else amounts
         return np.stack([transform_image(image, kind, a, fill, self.axis) for a in amounts])
 
-    def run(self, image, target=None, keep_inputs: bool = False) -> InvarianceCurves:
-        """The curves of one preprocessed image (C×H×W); ``target`` class (default: predicted).
-        ``keep_inputs``: also return the transformed images (to show what was measured)."""
+    def run(self, inputs, target=None) -> InvarianceResult:
+        """The curves of each preprocessed image of the batch ``inputs`` (N×C×H×W); ``target``:
+        one class for all, one per image, or None for each image's predicted class."""
+        x = self.model.check_batch(inputs)
+        targets = [None] * len(x) if target is None else np.broadcast_to(
+            np.asarray(target, dtype=np.int64), (len(x),)).tolist()
+        return InvarianceResult([self._image(image, t, self.keep_inputs) for image, t in zip(x, targets)])
+
+    def _image(self, x, target, keep_inputs) -> InvarianceCurves:
         model = self.model
-        x = model.check_batch(np.asarray(image)[None])[0]
         layers = self.layer_names()
         sweeps = self.sweeps()
         names = list(dict.fromkeys(layers + [model.output_name]))

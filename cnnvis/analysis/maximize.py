@@ -16,18 +16,42 @@ pattern, so the same settings work for 0–255 Caffe inputs and 0–1 inputs.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from ..errors import CnnvisError
 from ..preprocess import channels_last, input_space
-from .occlusion import default_feature_layer
+from .base import Analysis
+from .inputspace import default_feature_layer
 
 OBJECTIVES = ("channel_mean", "logit")
 CLIPS = ("range", "none")
 
 
-class ActivationMaximization:
-    """Gradient ascent on the input for several channels or classes at once.
+@dataclasses.dataclass
+class MaximizationResult:
+    """:meth:`ActivationMaximization.run`'s result: ``patterns`` (N×C×H×W, input space) for the
+    channel or class ``indices``, the final objective per pattern (without jitter), ``history``
+    (steps×N objective values), the objective's ``layer`` and the input ``space`` (for display)."""
+
+    indices: np.ndarray
+    layer: str
+    patterns: np.ndarray
+    objective: np.ndarray
+    history: np.ndarray
+    space: object
+
+    def display_tiles(self) -> np.ndarray:
+        """The patterns as tiles for :func:`cnnvis.export.figures.grid_png`: N×H×W×3 RGB (colour
+        models) or N×H×W (grey), deviations from the grey (each tile is min–max scaled there)."""
+        p = self.patterns.astype(np.float64) - self.space.grey_[None]
+        return np.ascontiguousarray(channels_last(p, self.space.preprocessing.channel_order))
+
+
+class ActivationMaximization(Analysis):
+    """Gradient ascent on the input for several channels or classes at once:
+    ``ActivationMaximization(model, layer=...).run(None, target=indices)``.
 
     Parameters
     ----------
@@ -41,30 +65,16 @@ class ActivationMaximization:
     seed : for the starting noise and the jitter offsets.
     preprocessing : defines the grey, the pixel range and the display (default: the model's).
     batch_size : patterns per onnxruntime call.
-
-    After :meth:`fit`: ``indices_``, ``patterns_`` (N×C×H×W, input space), ``objective_`` (the
-    final objective per pattern, without jitter), ``history_`` (steps×N objective values).
     """
 
     def __init__(self, model, layer=None, objective: str = "channel_mean", steps: int = 200,
                  learning_rate: float = 0.05, jitter: int = 0, blur_sigma: float = 0.0, blur_every: int = 4,
                  decay: float = 0.0, clip: str = "range", norm_bound=None, init_scale: float = 0.1,
                  seed: int = 0, preprocessing=None, batch_size: int = 32):
-        self.model = model
-        self.layer = layer
-        self.objective = objective
-        self.steps = steps
-        self.learning_rate = learning_rate
-        self.jitter = jitter
-        self.blur_sigma = blur_sigma
-        self.blur_every = blur_every
-        self.decay = decay
-        self.clip = clip
-        self.norm_bound = norm_bound
-        self.init_scale = init_scale
-        self.seed = seed
-        self.preprocessing = preprocessing
-        self.batch_size = batch_size
+        super().__init__(model, layer=layer, objective=objective, steps=steps, learning_rate=learning_rate,
+                         jitter=jitter, blur_sigma=blur_sigma, blur_every=blur_every, decay=decay, clip=clip,
+                         norm_bound=norm_bound, init_scale=init_scale, seed=seed, preprocessing=preprocessing,
+                         batch_size=batch_size)
 
     def _check(self):
         if self.objective not in OBJECTIVES:
@@ -87,14 +97,18 @@ class ActivationMaximization:
             return self.model.logits_layer
         return self.model.layer(self.layer or default_feature_layer(self.model))
 
-    def fit(self, indices):
-        """Optimise one pattern per channel (or class) index in ``indices``."""
+    def run(self, inputs=None, target=None) -> MaximizationResult:
+        """Optimise one pattern per channel (or class) index in ``target`` (default: every channel
+        or class of the target layer). ``inputs``: the starting images (N×C×H×W, one per index;
+        default: the grey plus seeded noise of ``init_scale``)."""
         self._check()
         model = self.model
-        indices = np.atleast_1d(np.asarray(indices))
-        if indices.ndim != 1 or not np.issubdtype(indices.dtype, np.integer) or len(indices) == 0:
-            raise CnnvisError("indices: expected a non-empty list of channel or class numbers")
         layer = self.target_layer()
+        if target is None:
+            target = range((layer.output_shape or (0,))[0])
+        indices = np.atleast_1d(np.asarray(target))
+        if indices.ndim != 1 or not np.issubdtype(indices.dtype, np.integer) or len(indices) == 0:
+            raise CnnvisError("target: expected a non-empty list of channel or class numbers", params="target")
         size = (layer.output_shape or (0,))[0]
         bad = indices[(indices < 0) | (indices >= size)]
         if bad.size:
@@ -111,7 +125,12 @@ class ActivationMaximization:
         c, h, w = model.input_shape
         span = space.pixel_span.reshape(1, c, 1, 1)
         grey = space.grey_.reshape(1, c, *space.grey_.shape[1:])
-        x = grey + float(self.init_scale) * span * rng.standard_normal((n, c, h, w))
+        if inputs is None:
+            x = grey + float(self.init_scale) * span * rng.standard_normal((n, c, h, w))
+        else:
+            x = model.check_batch(inputs).astype(np.float64)
+            if len(x) != n:
+                raise CnnvisError(f"inputs: {len(x)} starting images for {n} indices", params="inputs")
         x = self._constrain(x, space, grey)
         history = np.empty((int(self.steps), n))
         jitter = int(self.jitter)
@@ -133,13 +152,9 @@ class ActivationMaximization:
                 x = gaussian_filter(x, sigma=(0, 0, float(self.blur_sigma), float(self.blur_sigma)), mode="nearest")
             x = self._constrain(x, space, grey)
         final = engine.run(x.astype(np.float32), index=indices.astype(np.int64))
-        self.indices_ = indices.astype(np.int64)
-        self.layer_ = layer.name
-        self.patterns_ = x.astype(np.float32)
-        self.objective_ = np.asarray(final.objective, dtype=np.float64)
-        self.history_ = history
-        self.space_ = space
-        return self
+        return MaximizationResult(indices=indices.astype(np.int64), layer=layer.name, patterns=x.astype(np.float32),
+                                  objective=np.asarray(final.objective, dtype=np.float64), history=history,
+                                  space=space)
 
     def _constrain(self, x, space, grey):
         if self.clip == "range":
@@ -150,12 +165,6 @@ class ActivationMaximization:
             x = grey + d * np.minimum(1.0, float(self.norm_bound) / np.where(norm > 0, norm, 1.0))
         return x
 
-    def display_tiles(self) -> np.ndarray:
-        """The patterns as tiles for :func:`cnnvis.export.figures.grid_png`: N×H×W×3 RGB (colour
-        models) or N×H×W (grey), deviations from the grey (each tile is min–max scaled there)."""
-        p = self.patterns_.astype(np.float64) - self.space_.grey_[None]
-        return np.ascontiguousarray(channels_last(p, self.space_.preprocessing.channel_order))
-
 
 def _roll(x, shifts):
     out = np.empty_like(x)
@@ -163,7 +172,3 @@ def _roll(x, shifts):
         out[i] = np.roll(x[i], (int(dy), int(dx)), axis=(1, 2))
     return out
 
-
-def maximize(model, indices, **options) -> ActivationMaximization:
-    """One-call form: ``maximize(model, range(16), layer="conv5").patterns_``."""
-    return ActivationMaximization(model, **options).fit(indices)

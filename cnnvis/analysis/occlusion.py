@@ -11,8 +11,7 @@ rectangle (plus its receptive halo), pasted into the unoccluded image's maps, an
 network runs from there. This gives the same numbers as occluding the image and running the whole
 network (tested to float32 rounding), with less arithmetic.
 
-This module also holds the small input-space helpers the sensitivity analyses share: the neutral
-grey (the preprocessing mean), the valid pixel range and conversion back to a displayable picture
+The input-space helpers the sensitivity analyses share live in :mod:`cnnvis.analysis.inputspace`
 (the heat-map overlays are drawn by :mod:`cnnvis.export.plots`).
 """
 from __future__ import annotations
@@ -24,33 +23,10 @@ from onnx import TensorProto, helper
 
 from .. import ops
 from ..errors import CnnvisError
-from ..preprocess import InputSpace, input_space  # noqa: F401  (re-exported for the analyses)
-
-#: ops whose output is a feature map a user would call "the layer" (not pools or bookkeeping);
-#: Conv first, then the ops that follow it in a block (invariance walks those)
-FEATURE_OPS = ("Conv", *sorted(ops.FEATURE_OPS - {"Conv"}))
-
-
-def resolve_class(model, spec):
-    """A class index from an index or a name (None, '' and 'predicted' mean the predicted class)."""
-    if spec is None or (isinstance(spec, str) and spec in ("", "predicted")):
-        return None
-    return model.class_index(spec)
-
-
-def probabilities(model, output) -> np.ndarray:
-    """The model's output as class probabilities (see :meth:`cnnvis.model.Model.probabilities`)."""
-    return model.probabilities(np.asarray(output, dtype=np.float64))
-
-
-def default_feature_layer(model) -> str:
-    """The last layer whose output is C×H×W feature maps (e.g. relu5 of AlexNet)."""
-    for layer in reversed(model.layers):
-        if layer.op_type in FEATURE_OPS and layer.output_shape is not None and len(layer.output_shape) == 3:
-            return layer.name
-    raise CnnvisError(f"model {model.name} has no layer with C×H×W feature maps; name one with layer=...",
-                      params="layer")
-
+from ..model import chunk_bounds
+from ..preprocess import input_space
+from .base import Analysis
+from .inputspace import default_feature_layer, probabilities
 
 # ----------------------------------------------------------------------------- windows
 
@@ -147,6 +123,25 @@ class OcclusionMaps:
                        min_activation=float(self.activation[k]),
                        min_activation_window=[int(self.ys[k[0]]), int(self.xs[k[1]])])
         return out
+
+
+@dataclasses.dataclass
+class OcclusionResult:
+    """:meth:`Occlusion.run`'s result: one :class:`OcclusionMaps` per image of the batch, in order,
+    and how the windows were computed (``plan``: :meth:`_IncrementalPlan.describe` of the batch's
+    plan)."""
+
+    maps: list
+    plan: dict | None = None
+
+    def __len__(self):
+        return len(self.maps)
+
+    def __getitem__(self, i) -> OcclusionMaps:
+        return self.maps[i]
+
+    def __iter__(self):
+        return iter(self.maps)
 
 
 # ----------------------------------------------------------------------------- incremental plan
@@ -405,8 +400,8 @@ class _IncrementalPlan:
                 "estimated_work_ratio": round(self.cost / self.full_cost, 4)}
 
 
-class Occlusion:
-    """Occlusion maps of images, Zeiler & Fergus style.
+class Occlusion(Analysis):
+    """Occlusion maps of images, Zeiler & Fergus style: ``Occlusion(model, window=...).run(x, target)``.
 
     Parameters
     ----------
@@ -414,6 +409,8 @@ class Occlusion:
     window, stride : occluder size and step in input pixels (int or (height, width)).
     layer : layer whose strongest feature map's total activation is mapped (default: the last
         layer with C×H×W maps); ``False`` for none.
+    channel : that layer's feature map to map (default: per image, the strongest in the
+        unoccluded image).
     fill : occluder value in input space, broadcastable to C×H×W (default: the preprocessing's
         neutral grey, see :class:`cnnvis.preprocess.InputSpace`).
     preprocessing : for the default fill (default: the model's own).
@@ -422,20 +419,14 @@ class Occlusion:
         (``"auto"``), never (``False``), or always as deep as possible (``True``, for tests).
 
     After :meth:`run`, ``plan_`` describes how the last image was computed (``plan_.describe()``).
+    Sessions (of the model and of the stage graphs) live in the model's cache (``Model.session``).
     """
 
-    def __init__(self, model, window=35, stride=8, layer=None, fill=None, preprocessing=None,
+    def __init__(self, model, window=35, stride=8, layer=None, channel=None, fill=None, preprocessing=None,
                  batch_size: int = 32, incremental="auto"):
-        self.model = model
-        self.window = window
-        self.stride = stride
-        self.layer = layer
-        self.fill = fill
-        self.preprocessing = preprocessing
-        self.batch_size = batch_size
-        self.incremental = incremental
+        super().__init__(model, window=window, stride=stride, layer=layer, channel=channel, fill=fill,
+                         preprocessing=preprocessing, batch_size=batch_size, incremental=incremental)
         self._plans = {}
-        self._sessions = {}
 
     # -------------------------------------------------------------- helpers
     def _fill_array(self):
@@ -459,15 +450,10 @@ class Occlusion:
         return layer.name, layer.tensor
 
     def _session(self, key, build):
-        sess = self._sessions.get(key)
-        if sess is None:
-            from ..onnxgraph import create_session, decompose_lrn
+        from ..onnxgraph import decompose_lrn
 
-            # idle threads sleep: the incremental path alternates between several small sessions
-            sess = create_session(decompose_lrn(build()), device=self.model.device, threads=self.model.threads,
-                                  spinning=False)
-            self._sessions[key] = sess
-        return sess
+        # idle threads sleep: the incremental path alternates between several small sessions
+        return self.model.session(key=key, build=lambda: decompose_lrn(build()), spinning=False)
 
     def plan(self, ys, xs, tap):
         window = _pair(self.window, "window")
@@ -483,18 +469,23 @@ class Occlusion:
                 plan.depth = len(plan.all_stages)
                 plan.stages = plan.all_stages
                 plan.cost = plan.costs[plan.depth]
+            plan.key = ("occlusion", key, self.incremental)
             self._plans[key] = plan
         return self._plans[key]
 
     # -------------------------------------------------------------- running
-    def run(self, image, target=None, channel=None) -> OcclusionMaps:
-        """The maps of one preprocessed image (C×H×W). ``target``: class (default: predicted);
-        ``channel``: feature map of ``layer`` (default: the strongest in the unoccluded image)."""
+    def run(self, inputs, target=None) -> OcclusionResult:
+        """The maps of each preprocessed image of the batch ``inputs`` (N×C×H×W). ``target``: one
+        class for all, one per image, or None for each image's predicted class."""
+        x = self.model.check_batch(inputs)
+        targets = [None] * len(x) if target is None else np.broadcast_to(
+            np.asarray(target, dtype=np.int64), (len(x),)).tolist()
+        maps = [self._image(image, t, self.channel) for image, t in zip(x, targets)]
+        plan = getattr(self, "plan_", None)
+        return OcclusionResult(maps, plan.describe() if maps and plan is not None else None)
+
+    def _image(self, x, target, channel) -> OcclusionMaps:
         model = self.model
-        image = np.asarray(image)
-        if image.ndim == 4 and image.shape[0] == 1:
-            image = image[0]
-        x = model.check_batch(image[None])[0]
         window = _pair(self.window, "window")
         stride = _pair(self.stride, "stride")
         ys, xs = window_positions(x.shape[1:], window, stride)
@@ -533,9 +524,8 @@ class Occlusion:
         n = len(ys) * len(xs)
         prob = np.empty((n, base_prob.shape[0]))
         activation = np.empty(n) if tap else None
-        step = max(1, int(self.batch_size))
-        for start in range(0, n, step):
-            idx = np.arange(start, min(n, start + step))
+        for start, stop in chunk_bounds(n, self.batch_size):
+            idx = np.arange(start, stop)
             p, act = self._windows(plan, x, fill, base, padded, idx, ys, xs, window, tap, channel)
             prob[idx] = p
             if tap:
@@ -558,14 +548,14 @@ class Occlusion:
             nodes = ([_unpadded(s.nodes[0])] + s.nodes[1:]) if s.spatial else list(s.nodes)
             return _submodel(self.model.proto, nodes, s.input, (cin, *s.crop), outs)
 
-        return self._session(("stage", id(plan), i, tuple(outs)), build)
+        return self._session((plan.key, plan.depth, "stage", i, tuple(outs)), build)
 
     def _tail_session(self, plan, outs):
         model = self.model
         last = plan.stages[-1]
         inside = {t for st in plan.stages for t in st.tensors}
         remaining = [n for n in model.proto.graph.node if not (n.output and n.output[0] in inside)]
-        return self._session(("tail", id(plan), tuple(outs)), lambda: _submodel(
+        return self._session((plan.key, plan.depth, "tail", tuple(outs)), lambda: _submodel(
             model.proto, remaining, last.output, last.out_shape, outs))
 
     def _windows(self, plan, x, fill, base, padded, idx, ys, xs, window, tap, channel):
@@ -626,10 +616,3 @@ class Occlusion:
             tap_sum = res[tap][:, channel].reshape(b, -1).astype(np.float64).sum(axis=1)
         return probabilities(model, res[out_name]), tap_sum
 
-
-def occlusion_maps(model, image, window=35, stride=8, target=None, layer=None, channel=None, fill=None,
-                   batch_size: int = 32, incremental="auto") -> OcclusionMaps:
-    """One-call form of :class:`Occlusion` for one preprocessed image."""
-    occ = Occlusion(model, window=window, stride=stride, layer=layer, fill=fill, batch_size=batch_size,
-                    incremental=incremental)
-    return occ.run(image, target=target, channel=channel)

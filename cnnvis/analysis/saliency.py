@@ -17,7 +17,8 @@ import dataclasses
 import numpy as np
 
 from ..errors import CnnvisError
-from .occlusion import default_feature_layer, probabilities
+from .base import Analysis
+from .inputspace import default_feature_layer, probabilities
 
 METHODS = ("gradient", "guided", "gradcam")
 
@@ -64,8 +65,8 @@ class SaliencyResult:
     layer: str | None = None
 
 
-class Saliency:
-    """Saliency maps for a model.
+class Saliency(Analysis):
+    """Saliency maps for a model: ``Saliency(model, method=...).run(x, target)``.
 
     Parameters
     ----------
@@ -76,24 +77,21 @@ class Saliency:
     """
 
     def __init__(self, model, method: str = "gradient", layer=None, batch_size: int = 32):
-        self.model = model
-        self.method = method
-        self.layer = layer
-        self.batch_size = batch_size
-        if method not in METHODS:
-            raise CnnvisError(f"method={method!r}: expected one of {', '.join(METHODS)}", params="method")
+        super().__init__(model, method=method, layer=layer, batch_size=batch_size)
 
     def _engine(self, wrt, rule, outputs=()):
         # shared per model: run() is called chunk after chunk
         return self.model.gradient_engine([wrt], objective="logit", rule=rule, outputs=tuple(outputs),
                                           batch_size=int(self.batch_size))
 
-    def run(self, x, target=None, probs=None) -> SaliencyResult:
-        """Maps for a batch ``x`` (N×C×H×W); ``target``: one class for all, one per image, or
-        None for each image's predicted class. ``probs``: the model's class probabilities for ``x``
+    def run(self, inputs, target=None, probs=None) -> SaliencyResult:
+        """Maps for a batch ``inputs`` (N×C×H×W); ``target``: one class for all, one per image, or
+        None for each image's predicted class. ``probs``: the model's class probabilities for ``inputs``
         when the caller has them already (several methods on one batch need one forward pass)."""
+        if self.method not in METHODS:
+            raise CnnvisError(f"method={self.method!r}: expected one of {', '.join(METHODS)}", params="method")
         model = self.model
-        x = model.check_batch(x)
+        x = model.check_batch(inputs)
         n = len(x)
         if probs is None:
             probs = probabilities(model, model.run(x, batch_size=self.batch_size)[model.output_name])
@@ -124,7 +122,3 @@ class Saliency:
         heat = upsample_bilinear(cam, x.shape[2:])
         return SaliencyResult("gradcam", targets, chosen, heat, cam=cam, layer=layer.name)
 
-
-def saliency_maps(model, x, method: str = "gradient", target=None, layer=None, batch_size: int = 32) -> SaliencyResult:
-    """One-call form of :class:`Saliency`."""
-    return Saliency(model, method=method, layer=layer, batch_size=batch_size).run(x, target=target)

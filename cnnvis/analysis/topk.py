@@ -15,6 +15,7 @@ import binascii
 import numpy as np
 
 from ..errors import CnnvisError
+from .base import Analysis
 
 STATE_VERSION = 2  # arrays as base64 of little-endian bytes (v1: JSON lists, 30 ms a chunk for fc6)
 
@@ -216,20 +217,39 @@ def chunk_top(flat, k: int) -> np.ndarray:
     return np.take_along_axis(cols, order, axis=1)
 
 
-def top_activations(model, chunks, layer: str, k: int = 9, top: TopK | None = None, batch_size: int = 32,
-                    on_chunk=None) -> TopK:
-    """Stream ``(names, batch)`` chunks through ``model`` and keep ``layer``'s top-k per map.
+class TopActivations(Analysis):
+    """The top-``k`` activations of every map of ``layer`` over a stream of images:
+    ``TopActivations(model, layer, k=9).run(chunks)`` → :class:`TopK`.
 
-    ``top``: a TopK to continue (its images are taken as already seen). ``on_chunk(top)`` runs after
-    each chunk (to save state; raising from it stops the stream with everything so far kept).
+    Parameters
+    ----------
+    model : :class:`cnnvis.model.Model`
+    layer : the layer (C×H×W maps, or a feature vector: F maps of 1×1).
+    k : activations kept per map.
+    batch_size : images per onnxruntime call.
+    on_chunk : ``on_chunk(top)`` runs after each chunk (to save state; raising from it stops the
+        stream with everything so far kept).
     """
-    from .deconv import layer_shape
 
-    layer_shape(model, layer)
-    top = TopK(k) if top is None else top
-    for names, batch in chunks:
-        acts = model.run(batch, [layer], batch_size=batch_size)[layer]
-        top.update(acts, names)
-        if on_chunk is not None:
-            on_chunk(top)
-    return top
+    def __init__(self, model, layer, k: int = 9, batch_size: int = 32, on_chunk=None):
+        super().__init__(model, layer=layer, k=k, batch_size=batch_size, on_chunk=on_chunk)
+
+    def run(self, inputs, target=None, resume: TopK | None = None) -> TopK:
+        """Stream ``inputs`` — a batch (N×C×H×W) or an iterable of ``(names, batch)`` chunks —
+        through the model and keep every map's top-k. ``target``: None (every map is kept; pick
+        maps from the result with :meth:`TopK.units`). ``resume``: a TopK to continue (its images
+        are taken as already seen)."""
+        from .deconv import layer_shape
+
+        if target is not None:
+            raise CnnvisError(f"target={target!r}: top-k keeps every map; choose maps from the result",
+                              params="target")
+        layer_shape(self.model, self.layer)
+        top = TopK(self.k) if resume is None else resume
+        chunks = [(None, inputs)] if isinstance(inputs, np.ndarray) else inputs
+        for names, batch in chunks:
+            acts = self.model.run(batch, [self.layer], batch_size=self.batch_size)[self.layer]
+            top.update(acts, names)
+            if self.on_chunk is not None:
+                self.on_chunk(top)
+        return top

@@ -237,10 +237,13 @@ def conv_nd(x, w, b, kernel, strides, dilations, pads, group):
 class Runner:
     """Runs one ONNX model: ``runner(feeds) -> dict name -> array`` for the requested outputs."""
 
-    def __init__(self, model: onnx.ModelProto, backend: str = "onnxruntime", device: str = "auto", threads=None):
+    def __init__(self, model: onnx.ModelProto, backend: str = "onnxruntime", device: str = "auto", threads=None,
+                 session=None):
         self.backend = backend
         self.output_names = [o.name for o in model.graph.output]
-        if backend == "reference":
+        if session is not None:  # an onnxruntime session of ``model`` from a cache (Model.session)
+            self._sess, self._ref = session, None
+        elif backend == "reference":
             from onnx.reference import ReferenceEvaluator
 
             self._ref = ReferenceEvaluator(model, new_ops=_reference_ops())

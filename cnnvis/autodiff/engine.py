@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 
 from ..errors import CnnvisError
+from ..model import chunk_bounds
 from ..onnxgraph import select_providers
 from .backend import Runner, resolve_backend
 from .graph import OBJECTIVE_OUTPUT, OBJECTIVES, GradientGraph, build_gradient_graph, model_dtype
@@ -81,12 +82,16 @@ class GradientEngine:
         Batch sums are summed over parts in float64, and with several workers the graphs are not
         specialised to a batch size (see the module docstring), so results differ from
         ``workers=1`` in the last bits; the same ``workers`` repeats exactly. Capped at ``threads``.
+    sessions : where the onnxruntime sessions come from: ``sessions(key, build, threads, device)``
+        returns the session of ``build()``'s graph, cached under ``key``, and ``sessions.drop(keep)``
+        forgets those whose key fails ``keep`` (graphs the engine evicted). ``Model.gradient_engine``
+        passes its model's session cache (:meth:`cnnvis.model.Model.session`); None: the engine's own.
     """
 
     def __init__(self, model, wrt, objective: str = "logit", target=None, rule: str = "gradient",
                  per_sample: bool = True, training: bool = False, weights_as_inputs=None, outputs=(),
                  batch_size: int = 32, device: str = "auto", threads=None, backend: str = "auto",
-                 workers: int = 1):
+                 workers: int = 1, sessions=None):
         self.model = _as_model(model)
         self.wrt = [wrt] if isinstance(wrt, str) else list(wrt)
         self.objective = objective
@@ -100,6 +105,7 @@ class GradientEngine:
         self.device = device
         self.threads = threads
         self.backend = backend
+        self.sessions = sessions
         if objective not in OBJECTIVES:
             raise CnnvisError(f"objective {objective!r}: expected one of {', '.join(OBJECTIVES)}")
         if int(batch_size) < 1:
@@ -145,6 +151,8 @@ class GradientEngine:
                     old = self._specialised.pop(0)
                     self._built.pop(old, None)
                     self._runners.pop(old, None)
+                    if self.sessions is not None:
+                        self.sessions.drop(lambda k, old=old: k[:2] != old)
         return self._built[key]
 
     def graph_info(self, sample_shape) -> GradientGraph:
@@ -167,9 +175,17 @@ class GradientEngine:
         key = (gg.sample_shape, gg.static_batch)
         for stale in [k for k in self._runners if k not in self._built]:  # their graph was evicted
             del self._runners[stale]
+            if self.sessions is not None:
+                self.sessions.drop(lambda k, stale=stale: k[:2] != stale)
         if key not in self._runners:
-            self._runners[key] = [Runner(gg.model, backend=self.backend_, device=self.device,
-                                         threads=self._session_threads()) for _ in range(self.workers_)]
+            threads = self._session_threads()
+            if self.sessions is not None and self.backend_ == "onnxruntime":
+                # the model's session cache (Model.session) holds them, one per worker
+                self._runners[key] = [Runner(gg.model, session=self.sessions((*key, w), lambda: gg.model, threads, self.device))
+                                      for w in range(self.workers_)]
+            else:
+                self._runners[key] = [Runner(gg.model, backend=self.backend_, device=self.device, threads=threads)
+                                      for _ in range(self.workers_)]
         return self._runners[key]
 
     def dropout_masks(self, n: int, sample_shape, rng) -> dict:
@@ -222,7 +238,7 @@ class GradientEngine:
             feeds.update(fixed)
             return feeds
 
-        parts = _parts(n, bs, self.workers_)
+        parts = chunk_bounds(n, bs, self.workers_)
         graphs = [full if stop - start == bs else gg for start, stop in parts]
         for out in self._run_parts(graphs, parts, feeds_of, wanted):
             objective.append(out[OBJECTIVE_OUTPUT])
@@ -293,17 +309,6 @@ class GradientEngine:
                 raise CnnvisError(f"params[{name!r}]: expected shape {inits[name]}, got {arr.shape}")
             feeds[name] = arr
         return feeds
-
-
-def _parts(n: int, batch_size: int, workers: int) -> list:
-    """(start, stop) of every part: chunks of ``batch_size``, each cut into ``workers`` near-equal
-    parts (none empty)."""
-    parts = []
-    for start in range(0, n, batch_size):
-        stop = min(start + batch_size, n)
-        cuts = np.linspace(start, stop, min(workers, stop - start) + 1).round().astype(int)
-        parts.extend(zip(cuts[:-1].tolist(), cuts[1:].tolist()))
-    return parts
 
 
 def index_feed(objective, index, n, target, shape):

@@ -137,7 +137,7 @@ def cmd_conv_gradients(args) -> int:
     else:
         chunks = common.checked_input_chunks(args, model)  # unreadable inputs fail here, before anything is staged
         common.model_warning(model)
-        batches = ((names, cg.compute(x, target), x[:1]) for names, x in chunks)
+        batches = ((names, cg.run(x, target), x[:1]) for names, x in chunks)
     weights = cg.weights_
     order = _channel_order(args, model, weights)
     top_k = min(args.top_k, weights.shape[0])
@@ -211,9 +211,9 @@ def cmd_conv_gradients(args) -> int:
 
 def _groups_from_args(args, model):
     """``(neuron, {group name: (items, files)}, per_item)``; the first group is the reference."""
-    from ..analysis import class_gradients as cgm
+    from .. import datasets
 
-    defaults = cgm.compare_defaults(model)
+    defaults = datasets.compare_defaults(model)
     neuron = args.neuron if args.neuron is not None else defaults.get("neuron")
     if neuron is None:
         raise CnnvisError(f"--neuron: model {model.name} has no compare_classes defaults in its sidecar; "
@@ -235,13 +235,14 @@ def _groups_from_args(args, model):
         if per_item and role != "reference" and len(items) > 1:
             for item, where in zip(items, found):
                 name = f"{role}-{common.safe_name(str(item))}"
-                groups[name] = ([item], cgm.resolve_group(model, [where], f"--{role} {item}"))
+                groups[name] = ([item], datasets.resolve_group(model, [where], f"--{role} {item}"))
         else:
-            groups[role] = (list(items), cgm.resolve_group(model, found, f"--{role}"))
+            groups[role] = (list(items), datasets.resolve_group(model, found, f"--{role}"))
     return neuron, groups, per_item
 
 
 def cmd_compare_classes(args) -> int:
+    from .. import datasets
     from ..analysis import class_gradients as cgm
     from ..manifest import RunOutput
 
@@ -253,9 +254,9 @@ def cmd_compare_classes(args) -> int:
     layer = cgm.conv_layer(model, args.layer).name
     neuron, groups, per_item = _groups_from_args(args, model)
     pre = common.preprocessing_for(args, model)
-    totals = {g: cgm.group_size(model, files) for g, (_, files) in groups.items()}
+    totals = {g: datasets.group_size(model, files) for g, (_, files) in groups.items()}
     common.model_warning(model)
-    cmp = cgm.ClassComparison(model, neuron, layer=layer, batch_size=args.batch_size,
+    cmp = cgm.ClassComparison(model, layer=layer, batch_size=args.batch_size,
                               n_permutations=args.permutations, seed=args.seed,
                               max_vectors_per_group=args.max_vectors_per_group, top_k=args.top_k,
                               progress=not args.no_progress and not args.dask,
@@ -272,118 +273,118 @@ def cmd_compare_classes(args) -> int:
     inputs = [str(f) for _, files in groups.values() for f in files]
     skipped, store = [], None
     if args.dask:  # the shard results are recorded in --out while the cluster runs, outside RunOutput
-        skipped, store = cluster.compare_classes(args, model, cmp, groups, pre)
+        res, skipped, store = cluster.compare_classes(args, model, cmp, neuron, groups, pre)
     with RunOutput(args.out, "compare-classes", params=params, inputs=inputs, model=model.info()) as run:
         if not args.dask:
-            cmp.fit({g: cgm.iter_group_chunks(model, files, pre, args.batch_size)
-                     for g, (_, files) in groups.items()}, totals=totals)
+            res = cmp.run({g: datasets.iter_group_chunks(model, files, pre, args.batch_size)
+                           for g, (_, files) in groups.items()}, target=neuron, totals=totals)
         if skipped:
             run.extra["skipped"] = {"count": len(skipped), "files": [
                 {"group": g, "position": int(pos), "path": path, "reason": reason}
                 for g, pos, path, reason in skipped]}
-        _write_comparison(run, cmp, args, model, formats)
+        _write_comparison(run, res, args, model, formats)
         run.extra["summary"] = {
-            "counts": cmp.counts_,
-            "gradient_p_values": {g: t.p_value for g, t in cmp.gradient_tests_.items()},
-            "cosine_within_mean": cmp.cosine_summary_["within_mean"],
-            "cosine_between_mean": cmp.cosine_summary_["between_mean"],
-            "gradcheck": cmp.summary_["gradcheck"],
+            "counts": res.counts,
+            "gradient_p_values": {g: t.p_value for g, t in res.gradient_tests.items()},
+            "cosine_within_mean": res.cosine_summary["within_mean"],
+            "cosine_between_mean": res.cosine_summary["between_mean"],
+            "gradcheck": res.summary["gradcheck"],
         }
     if store is not None:
         store.remove()
-    ref = cmp.group_names_[0]
+    ref = res.group_names[0]
     print(f"cnnvis compare-classes: neuron {neuron} ({classes[neuron]}), layer {layer}; "
-          + ", ".join(f"{g}: {n} images" for g, n in cmp.counts_.items()))
-    for g, t in cmp.gradient_tests_.items():
-        it = cmp.importance_tests_[g]
-        top = ", ".join(str(f["filter"]) for f in cmp.top_filters_[g][:5])
+          + ", ".join(f"{g}: {n} images" for g, n in res.counts.items()))
+    for g, t in res.gradient_tests.items():
+        it = res.importance_tests[g]
+        top = ", ".join(str(f["filter"]) for f in res.top_filters[g][:5])
         print(f"  {ref} vs {g}: mean-gradient distance {t.observed:.4g} (p={t.p_value:.4g}, "
               f"{t.n_permutations} permutations, seed {t.seed}); importance distance p={it.p_value:.4g}; "
               f"filters differing most: {top}")
-    cs = cmp.cosine_summary_
+    cs = res.cosine_summary
     if cs["within_mean"] is not None and cs["between_mean"] is not None:
         print(f"  cosine similarity: within groups {cs['within_mean']:.4f}, between groups {cs['between_mean']:.4f}")
-    if cmp.gradcheck_ is not None:
-        print(f"  numerical check ({cmp.gradcheck_image_}): {cmp.gradcheck_}")
+    if res.gradcheck is not None:
+        print(f"  numerical check ({res.gradcheck_image}): {res.gradcheck}")
     print(f"cnnvis compare-classes: -> {args.out}")
     return 0
 
 
-def _write_comparison(run, cmp, args, model, formats) -> None:
+def _write_comparison(run, res, args, model, formats) -> None:
     import numpy as np
 
     from ..export import plots
     from ..manifest import save_npy, write_json
 
-    names = cmp.group_names_
+    names = res.group_names
     ref = names[0]
-    layer = cmp.layer_
+    layer = res.layer
     safe = {g: common.safe_name(g) for g in names}
-    neuron_label = f"{cmp.neuron_} {model.class_names[cmp.neuron_]}"
-    write_json(run.path("summary.json", kind="summary", layer=layer), cmp.summary_)
+    neuron_label = f"{res.neuron} {model.class_names[res.neuron]}"
+    write_json(run.path("summary.json", kind="summary", layer=layer), res.summary)
 
     header = ["group", "image", "kept_for_cosine", "predicted", "predicted_name", "predicted_probability",
               "neuron_logit", "neuron_probability", "gradient_norm"]
     run.path("images.csv", kind="images-table").write_text(
-        csv_text(header, [[r[h] for h in header] for r in cmp.images_]), encoding="utf-8")
+        csv_text(header, [[r[h] for h in header] for r in res.images]), encoding="utf-8")
 
     header = ["filter"] + [f"{g}_{s}" for g in names for s in ("mean", "std", "normalized_mean", "normalized_std")]
-    rows = [[f] + [v for g in names for v in (cmp.importance_mean_[g][f], cmp.importance_std_[g][f],
-                                              cmp.normalized_mean_[g][f], cmp.normalized_std_[g][f])]
-            for f in range(len(cmp.weights_))]
+    rows = [[f] + [v for g in names for v in (res.importance_mean[g][f], res.importance_std[g][f],
+                                              res.normalized_mean[g][f], res.normalized_std[g][f])]
+            for f in range(len(res.weights))]
     run.path("importance.csv", kind="importance-table", layer=layer).write_text(csv_text(header, rows),
                                                                                  encoding="utf-8")
     plots.plot_group_importance(run.path("importance_raw.png", kind="importance-plot", layer=layer),
-                                cmp.importance_mean_, cmp.importance_std_,
+                                res.importance_mean, res.importance_std,
                                 f"‖∂logit[{neuron_label}]/∂W_f‖₂ per {layer} filter (mean ± std)",
                                 ylabel="importance")
     plots.plot_group_importance(run.path("importance_normalized.png", kind="importance-plot", layer=layer),
-                                cmp.normalized_mean_, cmp.normalized_std_,
+                                res.normalized_mean, res.normalized_std,
                                 "per-image min-max normalised importance (mean ± std)", ylabel="normalised importance")
 
-    plots.plot_cosine_matrix(run.path("cosine_similarity.png", kind="cosine-plot", layer=layer), cmp.cosine_,
-                             cmp.cosine_groups_, names,
+    plots.plot_cosine_matrix(run.path("cosine_similarity.png", kind="cosine-plot", layer=layer), res.cosine,
+                             res.cosine_groups, names,
                              f"cosine similarity of ∂logit[{neuron_label}]/∂{layer} between images")
-    labels = [f"{names[g]}/{n}" for g, n in zip(cmp.cosine_groups_, cmp.cosine_names_)]
+    labels = [f"{names[g]}/{n}" for g, n in zip(res.cosine_groups, res.cosine_names)]
     run.path("cosine_images.csv", kind="cosine-rows").write_text(
         csv_text(["row", "group", "image"], [(i, names[g], n) for i, (g, n) in
-                                                 enumerate(zip(cmp.cosine_groups_, cmp.cosine_names_))]),
+                                                 enumerate(zip(res.cosine_groups, res.cosine_names))]),
         encoding="utf-8")
     save_npy(run.path("cosine_similarity.npy", kind="cosine-matrix", rows="cosine_images.csv"),
-             cmp.cosine_.astype(np.float64))
+             res.cosine.astype(np.float64))
     if len(labels) <= COSINE_CSV_MAX:  # beyond that the text matrix is too large to be useful
         run.path("cosine_similarity.csv", kind="cosine-table").write_text(
-            csv_text([""] + labels, [[lab] + [float(v) for v in row] for lab, row in zip(labels, cmp.cosine_)]),
+            csv_text([""] + labels, [[lab] + [float(v) for v in row] for lab, row in zip(labels, res.cosine)]),
             encoding="utf-8")
 
     header = ["reference", "group", "features", "statistic", "observed", "p_value", "n_permutations", "seed",
               "n_reference", "n_group"]
     rows = []
     for g in names[1:]:
-        for feats, t in (("gradient", cmp.gradient_tests_[g]), ("importance", cmp.importance_tests_[g])):
+        for feats, t in (("gradient", res.gradient_tests[g]), ("importance", res.importance_tests[g])):
             rows.append([ref, g, feats, t.statistic, t.observed, t.p_value, t.n_permutations, t.seed, t.n_a, t.n_b])
     run.path("permutation_tests.csv", kind="permutation-tests").write_text(csv_text(header, rows),
                                                                              encoding="utf-8")
 
-    order = _channel_order(args, model, cmp.weights_)
+    order = _channel_order(args, model, res.weights)
     header = ["filter", "difference", "reference_mean", "other_mean", "reference_std", "other_std",
               "effect_size", "p_value", "p_adjusted"]
     for g in names[1:]:
-        top = cmp.top_filters_[g]
+        top = res.top_filters[g]
         run.path(f"top_filters_{safe[g]}.csv", kind="top-filters-table", group=g).write_text(
             csv_text(header, [[t[h] for h in header] for t in top]), encoding="utf-8")
         filters = [t["filter"] for t in top]
         plots.save_filters_beside(
             run.path(f"top_filters_{safe[g]}.png", kind="top-filters", layer=layer, group=g, filters=filters,
                      columns=["weights", f"mean gradient {ref}", f"mean gradient {g}", f"{ref} - {g}"]),
-            [cmp.weights_, cmp.mean_gradient_[ref], cmp.mean_gradient_[g], cmp.difference_[g]], filters,
+            [res.weights, res.mean_gradient[ref], res.mean_gradient[g], res.difference[g]], filters,
             channel_order=order)
 
-    base_meta = {"model": model.name, "model_sha256": model.sha256, "layer": layer, "neuron": cmp.neuron_,
-                 "neuron_name": model.class_names[cmp.neuron_], "objective": "logit"}
+    base_meta = {"model": model.name, "model_sha256": model.sha256, "layer": layer, "neuron": res.neuron,
+                 "neuron_name": model.class_names[res.neuron], "objective": "logit"}
     for g in names:
-        _write_volume(run, f"volumes/mean_{safe[g]}", cmp.mean_gradient_[g], formats, args,
-                      {**base_meta, "image": f"mean of {cmp.counts_[g]} images ({g})", "group": g}, "mean-gradient")
+        _write_volume(run, f"volumes/mean_{safe[g]}", res.mean_gradient[g], formats, args,
+                      {**base_meta, "image": f"mean of {res.counts[g]} images ({g})", "group": g}, "mean-gradient")
     for g in names[1:]:
-        _write_volume(run, f"volumes/difference_{safe[ref]}-minus-{safe[g]}", cmp.difference_[g], formats, args,
+        _write_volume(run, f"volumes/difference_{safe[ref]}-minus-{safe[g]}", res.difference[g], formats, args,
                       {**base_meta, "image": f"mean {ref} - mean {g}", "group": g}, "difference-gradient")

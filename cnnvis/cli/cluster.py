@@ -158,9 +158,10 @@ def topk(args, model, inputs, layer: str, out):
 # ----------------------------------------------------------------------------- compare-classes
 
 
-def compare_classes(args, model, cmp, groups, pre):
-    """Fit ``cmp`` (a ClassComparison) from chunk summaries computed on the cluster; returns
-    ``(skipped, store)``. ``groups``: name → (items, files), the reference first."""
+def compare_classes(args, model, cmp, neuron: int, groups, pre):
+    """Run ``cmp`` (a ClassComparison) on the class ``neuron`` from chunk summaries computed on the
+    cluster; returns ``(result, skipped, store)``. ``groups``: name → (items, files), the reference
+    first."""
     from pathlib import Path
 
     from .. import preprocess, scale
@@ -176,7 +177,7 @@ def compare_classes(args, model, cmp, groups, pre):
     cap = int(args.max_vectors_per_group)
     files_of = {g: [str(f) for f in files] for g, (_, files) in groups.items()}
     fingerprint = {"command": "compare-classes", "model_sha256": model.sha256, "layer": layer,
-                   "neuron": cmp.neuron, "batch_size": args.batch_size, "max_vectors_per_group": cap,
+                   "neuron": neuron, "batch_size": args.batch_size, "max_vectors_per_group": cap,
                    "groups": {g: scale.input_digest(f) for g, f in files_of.items()},
                    "preprocessing": pre.to_dict(), "shard_size": opts.shard_size}
     shards_of = {}
@@ -185,7 +186,7 @@ def compare_classes(args, model, cmp, groups, pre):
         shards_of[g] = scale.make_shards(files, opts.shard_size, args.batch_size, group=gi, first_index=first)
     shards = [s for group in shards_of.values() for s in group]
     job = {"model": worker_model_ref(args, model), "preprocessing": pre.to_dict(), "layer": layer,
-           "neuron": int(cmp.neuron), "batch_size": args.batch_size, "cap": cap}
+           "neuron": int(neuron), "batch_size": args.batch_size, "cap": cap}
     with scale.connect(opts, "cnnvis compare-classes") as client:
         store = scale.ShardStore(args.out, "compare-classes", fingerprint, restart=args.restart)
         scale.run_shards(client, scale.class_gradient_shard, job, shards, store, "cnnvis compare-classes",
@@ -211,14 +212,14 @@ def compare_classes(args, model, cmp, groups, pre):
             position = names_of[ref].index(first.names[0])
             x = preprocess.load_batch([files_of[ref][position]], pre)
             cg = cgm.ClassGradients(model, layer, args.batch_size)
-            report = cg.check_numerical(x, int(cmp.neuron), args.check_numerical, args.seed,
+            report = cg.check_numerical(x, int(neuron), args.check_numerical, args.seed,
                                         analytic=first.kept[0].reshape(cg.weights_.shape))
             gradcheck = (report, first.names[0])
-    cmp.fit_summaries({g: summaries(g) for g in files_of}, gradcheck=gradcheck)
+    res = cmp.run({g: summaries(g) for g in files_of}, target=neuron, gradcheck=gradcheck)
     if skipped:
         print(f"cnnvis compare-classes: skipped {len(skipped)} unreadable image(s), e.g. {skipped[0][2]}: "
               f"{skipped[0][3]} (all listed in manifest.json)", file=sys.stderr)
-    return skipped, store
+    return res, skipped, store
 
 
 # ----------------------------------------------------------------------------- activations --stats
@@ -325,14 +326,14 @@ def conv_gradients(args, model, inputs, layer: str, target):
     return inputs, batches(), skipped, store
 
 
-def occlusion(args, model, inputs, options: dict, target, channel):
+def occlusion(args, model, inputs, options: dict, target):
     """occlusion on the cluster: ``(readable inputs, items, skipped, store)``; ``items`` yields
     ``(name, image, OcclusionMaps, incremental plan description)`` per image in input order."""
     from .. import scale
     from ..analysis.occlusion import OcclusionMaps
 
     inputs, chunks, skipped, store = per_image(args, model, inputs, "occlusion", scale.occlusion_shard,
-                                               {"options": options, "target": target, "channel": channel})
+                                               {"options": options, "target": target})
 
     def items():
         done_in_shard, last_meta = 0, None

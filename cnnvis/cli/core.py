@@ -97,7 +97,8 @@ def cmd_activations(args) -> int:
     # the layer table rides along in this run's model card (the report shows it)
     card = dict(model.info(), layers=[layer.as_dict() for layer in model.layers])
     with RunOutput(args.out, "activations", params=params, inputs=common.recorded_inputs(args, model), model=card) as run:
-        for names, acts in activations.iter_activations(model, chunks, layers, args.batch_size):
+        analysis = activations.Activations(model, layers, batch_size=args.batch_size)
+        for names, acts in ((names, analysis.run(batch).values) for names, batch in chunks):
             for i, (name, safe) in enumerate(zip(names, common.unique_names(names, used))):
                 h5_path = run.path(f"{safe}/activations.h5", kind="stack-hdf5", image=name)
                 with hdf5_file(h5_path) as h5:
@@ -138,9 +139,9 @@ def _activation_stats(args) -> int:
     if args.dask:
         result, skipped, store = cluster.activation_stats(args, model, inputs, layers)
     else:
-        result = activations.DatasetChannelStats()
+        result, analysis = activations.DatasetChannelStats(), activations.Activations(model, layers, args.batch_size)
         for _, x in inputs.chunks(0, args.batch_size):
-            result.update(model.run(x, layers, batch_size=args.batch_size))
+            result.update(analysis.run(x).values)
     summary = result.summary()
     params = {"layers": layers, "stats": True, "batch_size": args.batch_size, "input_array": args.input_array}
     rows = [[layer, c, s["values_per_channel"], s["mean"][c], s["std"][c], s["max"][c], s["fraction_active"][c]]

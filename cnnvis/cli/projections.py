@@ -145,22 +145,22 @@ def cmd_deconv(args) -> int:
     params = {"layer": layer, "maps": maps, "position": position, "rule": args.rule,
               "batch_size": args.batch_size, "input_array": args.input_array}
     used = {}
+    analysis = deconv.Deconvnet(model, layer, rule=args.rule, maps=maps, position=position, batch_size=args.batch_size)
     with RunOutput(args.out, "deconv", params=params, inputs=inputs.sources, model=model.info()) as run:
         for names, batch in inputs.chunks(0, args.batch_size):
             for name, safe, image in zip(names, common.unique_names(names, used), batch):
-                res = deconv.deconv_image(model, image, layer, maps=maps, position=position, rule=args.rule,
-                                          batch_size=args.batch_size)
-                field, units = res["field"], res["units"]
+                res = analysis.run(image[None])  # one image at a time: its rows are every chosen map
+                field, units = res.field, res.units
                 rows = np.broadcast_to(image, (len(units), *image.shape))
-                _, proj_tiles, patch_tiles = _tiles(deconv, field, inputs.pre, rows, res["projections"], units)
+                _, proj_tiles, patch_tiles = _tiles(deconv, field, inputs.pre, rows, res.projections, units)
                 blocks = plots.side_by_side(proj_tiles[:, None], patch_tiles[:, None], ncols=1)
                 meta = plots.save_blocks(run.path(f"{safe}/{lname}_deconv.png", kind="deconv-grid", layer=layer,
                                                   image=name), blocks, labels=maps, cmap=_display_cmap(model))
                 save_npy(run.path(f"{safe}/{lname}_projections.npy", kind="projections", layer=layer, image=name,
-                                  shape=list(res["projections"].shape)), res["projections"])
+                                  shape=list(res.projections.shape)), res.projections)
                 records = [{"map": int(u[0]), "y": int(u[1]), "x": int(u[2]), "value": float(v),
                             "box": list(field.box(int(u[1]), int(u[2])))}
-                           for u, v in zip(units, res["values"])]
+                           for u, v in zip(units, res.values)]
                 write_json(run.path(f"{safe}/{lname}_deconv.json", kind="records", layer=layer, image=name),
                            {"image": name, "layer": layer, "rule": args.rule, "receptive_field": field.as_dict(),
                             "records": records, "grid": meta,
@@ -236,6 +236,7 @@ def _project_records(model, inputs, layer, records, rule, batch_size):
     from ..analysis.receptive import receptive_field
 
     field = receptive_field(model, layer)
+    analysis = deconv.Deconvnet(model, layer, rule=rule, batch_size=batch_size)
     raw, proj, patches = [], [], []
     for s in range(0, len(records), batch_size):
         chunk = records[s:s + batch_size]
@@ -244,7 +245,7 @@ def _project_records(model, inputs, layer, records, rule, batch_size):
         x = np.stack([loaded[r["image"]] for r in chunk])
         units = np.array([[r["map"], r["y"], r["x"]] for r in chunk], np.int64)
         values = np.array([r["value"] for r in chunk], np.float32)
-        p = deconv.project(model, x, layer, units, values=values, rule=rule, batch_size=batch_size)
+        p = analysis.run(x, target=units, values=values).projections
         r_crop, p_tiles, i_tiles = _tiles(deconv, field, inputs.pre, x, p, units)
         raw.append(r_crop.astype(np.float32))
         proj.append(p_tiles)
@@ -324,7 +325,7 @@ def cmd_topk(args) -> int:
 def _topk_one_process(args, model, inputs, layer, state_path, fingerprint):
     """The top-k in this process, chunk by chunk, saving the state after each; None when stopped
     by --max-chunks with images left."""
-    from ..analysis.topk import TopK, top_activations
+    from ..analysis.topk import TopActivations, TopK
 
     if state_path.exists() and not args.restart:
         top = _read_state(state_path, fingerprint, inputs.names)
@@ -347,8 +348,8 @@ def _topk_one_process(args, model, inputs, layer, state_path, fingerprint):
                 return
             yield item
 
-    top = top_activations(model, limited(inputs.chunks(start, args.batch_size)), layer, k=args.k, top=top,
-                          batch_size=args.batch_size, on_chunk=saved)
+    top = TopActivations(model, layer, k=args.k, batch_size=args.batch_size, on_chunk=saved).run(
+        limited(inputs.chunks(start, args.batch_size)), resume=top)
     if top.n_images_ < len(inputs):
         print(f"cnnvis topk: stopped after {chunks_done[0]} chunk(s) (--max-chunks): {top.n_images_} of "
               f"{len(inputs)} images done, state in {state_path}; rerun to continue", file=sys.stderr)
@@ -394,7 +395,7 @@ def cmd_evolution(args) -> int:
 
     from .. import registry
     from ..analysis import deconv
-    from ..analysis.topk import top_activations
+    from ..analysis.topk import TopActivations
     from ..errors import CnnvisError
     from ..export import figures
     from ..manifest import RunOutput, save_npy, write_json
@@ -414,7 +415,7 @@ def cmd_evolution(args) -> int:
         if _architecture(model) != arch or model.input_shape != first.input_shape:
             raise CnnvisError(f"--checkpoints {path}: a different architecture from {checkpoints[0][1]} "
                               "(layer names, shapes or weights differ)")
-        top = top_activations(model, inputs.chunks(0, args.batch_size), layer, k=1, batch_size=args.batch_size)
+        top = TopActivations(model, layer, k=1, batch_size=args.batch_size).run(inputs.chunks(0, args.batch_size))
         shown = [top.units(m)[0] for m in maps]
         field, raw, proj, _ = _project_records(model, inputs, layer, shown, args.rule, args.batch_size)
         raw_cols.append(raw)

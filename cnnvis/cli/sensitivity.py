@@ -158,7 +158,7 @@ def _class_name(model, k) -> str:
 def cmd_occlusion(args) -> int:
     import numpy as np
 
-    from ..analysis import occlusion
+    from ..analysis import inputspace, occlusion
     from ..export import figures, plots
     from ..manifest import RunOutput, save_npy, write_json
     from ..preprocess import InputSpace
@@ -168,25 +168,24 @@ def cmd_occlusion(args) -> int:
         cluster.options(args)  # a bad address or --input-array fails before anything is read
     pre = common.preprocessing_for(args, model)
     space = InputSpace(pre, model.input_shape)
-    target = occlusion.resolve_class(model, args.target)
+    target = inputspace.resolve_class(model, args.target)
     hw = model.input_shape[1:]
     window = _scaled_default(args.window, 35, hw)
     stride = _scaled_default(args.stride, 8, hw)
     layer = None if args.layer in (None, "") else (False if args.layer.lower() == "none" else model.layer(args.layer).name)
     fill = space.grey_ if args.fill is None else args.fill
-    options = {"window": window, "stride": stride, "layer": layer, "fill": fill,
+    options = {"window": window, "stride": stride, "layer": layer, "channel": args.channel, "fill": fill,
                "incremental": False if args.no_incremental else "auto"}
     analysis = occlusion.Occlusion(model, preprocessing=pre, batch_size=args.batch_size, **options)
     skipped, store, recorded = [], None, common.recorded_inputs(args, model)
     if args.dask:  # the shard results are recorded in --out while the cluster runs, outside RunOutput
         common.model_warning(model)
-        _, items, skipped, store = cluster.occlusion(args, model, common.Inputs(args, model), options, target,
-                                                     args.channel)
+        _, items, skipped, store = cluster.occlusion(args, model, common.Inputs(args, model), options, target)
     else:
         chunks = common.checked_input_chunks(args, model)
         common.model_warning(model)
-        items = ((name, x, analysis.run(x, target=target, channel=args.channel), None)
-                 for names, batch in chunks for name, x in zip(names, batch))
+        items = ((name, x, res, None) for names, batch in chunks
+                 for name, x, res in zip(names, batch, analysis.run(batch, target=target)))
     params = {"window": list(window), "stride": list(stride), "class": target, "layer": layer, "channel": args.channel,
               "fill": "preprocessing mean (grey)" if args.fill is None else args.fill,
               "incremental": not args.no_incremental, "batch_size": args.batch_size, "cmap": args.cmap,
@@ -245,7 +244,7 @@ def cmd_occlusion(args) -> int:
 def cmd_invariance(args) -> int:
     import numpy as np
 
-    from ..analysis import invariance, occlusion
+    from ..analysis import inputspace, invariance
     from ..export import figures, plots
     from ..manifest import RunOutput, write_json, write_text
     from ..preprocess import InputSpace
@@ -253,10 +252,10 @@ def cmd_invariance(args) -> int:
     model = common.load_model(args)
     pre = common.preprocessing_for(args, model)
     space = InputSpace(pre, model.input_shape)
-    target = occlusion.resolve_class(model, args.target)
+    target = inputspace.resolve_class(model, args.target)
     amounts = {"translation": args.translations, "scale": args.scales, "rotation": args.rotations}
     analysis = invariance.Invariance(model, layers=args.layer, amounts=amounts, axis=args.axis,
-                                     preprocessing=pre, batch_size=args.batch_size)
+                                     preprocessing=pre, batch_size=args.batch_size, keep_inputs=True)
     sweeps = analysis.sweeps()
     layers = analysis.layer_names()
     chunks = common.checked_input_chunks(args, model)
@@ -268,7 +267,7 @@ def cmd_invariance(args) -> int:
     with RunOutput(args.out, "invariance", params=params, inputs=common.recorded_inputs(args, model), model=model.info()) as run:
         for names, batch in chunks:
             for name, safe, x in zip(names, common.unique_names(names, used), batch):
-                res = analysis.run(x, target=target, keep_inputs=True)
+                res = analysis.run(x[None], target=target)[0]  # one at a time: it keeps every transformed image
                 rows.extend(res.rows(name))
                 curves.append((name, res))
                 for kind, values in sweeps.items():
@@ -312,22 +311,22 @@ def cmd_maximize(args) -> int:
               "lr": args.lr, "jitter": args.jitter, "blur_sigma": args.blur_sigma, "blur_every": args.blur_every,
               "decay": args.decay, "clip": args.clip, "norm_bound": args.norm_bound, "init_scale": args.init_scale,
               "seed": args.seed, "batch_size": args.batch_size, "preprocessing": pre.to_dict()}
-    analysis.fit(indices)
+    res = analysis.run(None, target=indices)
     lname = common.safe_name(layer.name)
     labels = [_class_name(model, int(k)) for k in indices] if args.objective == "logit" else [int(k) for k in indices]
     with RunOutput(args.out, "maximize", params=params, model=model.info()) as run:
-        tiles = analysis.display_tiles()
+        tiles = res.display_tiles()
         meta = figures.grid_png(run.path(f"{lname}_patterns.png", kind="maximize-grid", layer=layer.name),
                                 tiles, ncols=args.ncols, normalization="channel", cmap="gray",
                                 labels=[str(v) for v in labels], scale=max(1, figures.auto_scale(*tiles.shape[1:3],
                                                                                                  target=96)))
         save_npy(run.path(f"{lname}_patterns.npy", kind="maximize-patterns", layer=layer.name,
-                          shape=list(analysis.patterns_.shape), grid=meta), analysis.patterns_)
+                          shape=list(res.patterns.shape), grid=meta), res.patterns)
         write_json(run.path(f"{lname}_maximize.json", kind="maximize", layer=layer.name), {
             "layer": layer.name, "objective": args.objective, "indices": indices.tolist(), "labels": labels,
-            "final_objective": analysis.objective_.tolist(), "start_objective": analysis.history_[0].tolist()
-            if len(analysis.history_) else [], "history_every_10": analysis.history_[::10].tolist()})
-    gain = analysis.objective_ - (analysis.history_[0] if len(analysis.history_) else analysis.objective_)
+            "final_objective": res.objective.tolist(), "start_objective": res.history[0].tolist()
+            if len(res.history) else [], "history_every_10": res.history[::10].tolist()})
+    gain = res.objective - (res.history[0] if len(res.history) else res.objective)
     print(f"cnnvis maximize: {layer.name}: {len(indices)} pattern(s), objective gain median "
           f"{float(np.median(gain)):.4g} -> {args.out}")
     return 0
@@ -336,7 +335,7 @@ def cmd_maximize(args) -> int:
 # ------------------------------------------------------------------------------------ saliency
 
 def cmd_saliency(args) -> int:
-    from ..analysis import occlusion, saliency
+    from ..analysis import inputspace, saliency
     from ..export import figures, plots
     from ..manifest import RunOutput, save_npy, write_json
     from ..preprocess import InputSpace
@@ -344,11 +343,11 @@ def cmd_saliency(args) -> int:
     model = common.load_model(args)
     pre = common.preprocessing_for(args, model)
     space = InputSpace(pre, model.input_shape)
-    target = occlusion.resolve_class(model, args.target)
+    target = inputspace.resolve_class(model, args.target)
     methods = list(dict.fromkeys(args.method or saliency.METHODS))
     runners = {m: saliency.Saliency(model, method=m, layer=args.layer, batch_size=args.batch_size) for m in methods}
     if "gradcam" in methods:  # a bad --layer fails before anything is staged
-        layer = model.layer(args.layer or occlusion.default_feature_layer(model))
+        layer = model.layer(args.layer or inputspace.default_feature_layer(model))
         if layer.output_shape is None or len(layer.output_shape) != 3:
             raise CnnvisError(f"--layer {layer.name}: Grad-CAM needs a layer with C×H×W maps")
     chunks = common.checked_input_chunks(args, model)
