@@ -421,11 +421,11 @@ def test_gradcheck_of_input_and_first_conv_weights(arch, capsys):
 def test_float16_occlusion_is_the_model_s_own_run_of_occluded_images():
     """A float16 model is occluded whole in its own precision: each map value equals the class
     probability of the occluded image run through the model (no float32 partial graphs mixed in)."""
-    from cnnvis.analysis.occlusion import occlusion_maps
+    from cnnvis.analysis.occlusion import Occlusion
 
     model = Model(float16(mobilenet_v3)(), name="fp16")
     x = np.random.default_rng(1).normal(size=(3, 32, 32)).astype(np.float32)
-    maps = occlusion_maps(model, x, window=16, stride=16, fill=0.0, layer=False)
+    maps = Occlusion(model, window=16, stride=16, fill=0.0, layer=False).run(x[None])[0]
     occluded = []
     for y in maps.ys:
         for xx in maps.xs:
