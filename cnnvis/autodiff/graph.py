@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from .. import ops
 from ..errors import CnnvisError, unknown_name_error
 from ..onnxgraph import make_batch_dynamic, make_model, opset_of, prune, real_inputs
 from .builder import GraphBuilder, value_info
@@ -313,31 +314,23 @@ def _floor_mode_pools(nodes, shapes, b):
     mode both agree. AveragePool counting the padding keeps its divisors via a constant factor
     when the new end padding is larger than the old one.
     """
-    from ..onnxgraph import pool_output_size
-    from .rules import average_pool_divisors
-
     out = []
     for node in nodes:
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        if node.op_type not in ("MaxPool", "AveragePool") or not attrs.get("ceil_mode", 0):
+        if node.op_type not in ("MaxPool", "AveragePool"):
             out.append(node)
             continue
-        auto_pad = attrs.get("auto_pad", b"NOTSET")
-        if auto_pad not in (b"NOTSET", "NOTSET", b"", ""):
+        attrs = ops.attributes(node)
+        if not attrs.get("ceil_mode", 0) or (attrs.get("auto_pad") or "NOTSET") != "NOTSET":
             out.append(node)
             continue
         in_shape = shapes[node.input[0]]
         spatial = len(in_shape) - 2
-        kernel = list(attrs["kernel_shape"])
-        strides = list(attrs.get("strides") or [1] * spatial)
-        dil = list(attrs.get("dilations") or [1] * spatial)
-        pads = list(attrs.get("pads") or [0] * (2 * spatial))
-        sizes = [pool_output_size(in_shape[2 + i], kernel[i], strides[i], pads[i], pads[spatial + i], True, dil[i])
-                 for i in range(spatial)]
-        new_end = [max(0, (sizes[i] - 1) * strides[i] + (kernel[i] - 1) * dil[i] + 1 - in_shape[2 + i] - pads[i])
-                   for i in range(spatial)]
+        win = ops.window(node, in_shape, attrs=attrs)
+        pads = list(win.pads)
+        sizes, floor_pads = ops.floor_mode_pads(win, in_shape[2:])
+        new_end = floor_pads[spatial:]
         new_attrs = {k: v for k, v in attrs.items() if k not in ("ceil_mode", "pads")}
-        new_attrs["pads"] = pads[:spatial] + new_end
+        new_attrs["pads"] = floor_pads
         correction = None
         if node.op_type == "AveragePool" and attrs.get("count_include_pad", 0) and \
                 any(new_end[i] > pads[spatial + i] for i in range(spatial)):
@@ -345,10 +338,11 @@ def _floor_mode_pools(nodes, shapes, b):
             new_attrs["count_include_pad"] = 0
             factor = np.ones([1, 1] + sizes)
             for i in range(spatial):
-                args = (in_shape[2 + i], sizes[i], kernel[i], strides[i], pads[i], pads[spatial + i])
+                args = (in_shape[2 + i], sizes[i], win.kernel[i], win.strides[i], pads[i], pads[spatial + i])
                 shape = [1] * (2 + spatial)
                 shape[2 + i] = -1
-                factor = factor * (average_pool_divisors(*args, 0) / average_pool_divisors(*args, 1)).reshape(shape)
+                factor = factor * (ops.average_pool_divisors(*args, 0)
+                                   / ops.average_pool_divisors(*args, 1)).reshape(shape)
             correction = b.const(factor.astype(b.dtype), hint="avgpool_pad_correction")
         if correction is None:
             out.append(helper.make_node(node.op_type, list(node.input), list(node.output), name=node.name, **new_attrs))
