@@ -267,13 +267,14 @@ def floor_mode_pads(win: Window, sizes) -> tuple:
     return out, list(win.pads[:n]) + end
 
 
-def average_pool_divisors(size, out, kernel, stride, pad_begin, pad_end, count_include_pad):
-    """Per-output-position divisor of an undilated AveragePool along one axis, as onnxruntime (and
-    Caffe) divide: windows clipped at ``size + pad_end``; without ``count_include_pad`` only the
-    elements inside the image count. float64, length ``out``."""
+def average_pool_divisors(size, out, kernel, stride, pad_begin, pad_end, count_include_pad, dilation=1):
+    """Per-output-position divisor of AveragePool along one axis, as onnxruntime (and Caffe)
+    divide: of a window's taps ``start + j * dilation`` (``start = i * stride - pad_begin``, j < kernel)
+    count those before ``size + pad_end`` (``count_include_pad``), or only those inside the image.
+    float64, length ``out``."""
     div = np.empty(out, dtype=np.float64)
     for i in range(out):
-        start = i * stride - pad_begin
-        end = min(start + kernel, size + pad_end)
-        div[i] = (end - start) if count_include_pad else (min(end, size) - max(start, 0))
+        taps = i * stride - pad_begin + dilation * np.arange(kernel)
+        inside = (taps >= 0) & (taps < size) if not count_include_pad else taps < size + pad_end
+        div[i] = np.count_nonzero(inside)
     return div

@@ -123,7 +123,7 @@ def build_gradient_graph(model: onnx.ModelProto, sample_shape, wrt, objective: s
         raise CnnvisError(f"rule {rule!r}: expected one of {', '.join(RULES)}")
     if objective not in OBJECTIVES:
         raise CnnvisError(f"objective {objective!r}: expected one of {', '.join(OBJECTIVES)}")
-    forward = prepare_forward(model)
+    forward = _pin_dilated_same_pools(prepare_forward(model), sample_shape, backend)
     dtype = model_dtype(forward)
     graph = forward.graph
     image = real_inputs(forward)[0].name
@@ -305,6 +305,41 @@ def _copy_node(node):
     return n
 
 
+def _pin_dilated_same_pools(forward, sample_shape, backend):
+    """``forward`` with each SAME-padded pool whose windows are dilated given its pads explicitly.
+
+    onnxruntime sizes such a pool's pads by the undilated kernel (see :func:`cnnvis.ops.window`),
+    so its output is shorter than the ``ceil(size / stride)`` that onnx shape inference and onnx's
+    reference evaluator give it. With the pads onnxruntime uses written out (auto_pad NOTSET) all
+    three run the same windows, and the rules differentiate what onnxruntime runs. A copy when
+    anything changes; other models are returned as they are.
+    """
+    from .backend import forward_shapes
+
+    def dilated_same(node):
+        if node.op_type not in ops.POOL_OPS:
+            return False
+        attrs = ops.attributes(node)
+        return (attrs.get("auto_pad") or "NOTSET") in ("SAME_UPPER", "SAME_LOWER") and \
+            any(int(d) != 1 for d in attrs.get("dilations") or [])
+
+    todo = [i for i, node in enumerate(forward.graph.node) if dilated_same(node)]
+    if not todo:
+        return forward
+    pinned = onnx.ModelProto()
+    pinned.CopyFrom(forward)
+    sample_shape = tuple(int(d) for d in sample_shape)
+    for i in todo:  # in graph order: the pools before this one are pinned already
+        node = pinned.graph.node[i]
+        in_shape = forward_shapes(pinned, sample_shape, backend)[node.input[0]]
+        win = ops.window(node, in_shape)
+        attrs = ops.attributes(node)
+        attrs.update(auto_pad="NOTSET", pads=list(win.pads))
+        node.CopyFrom(helper.make_node(node.op_type, list(node.input), list(node.output), name=node.name,
+                                       domain=node.domain, **attrs))
+    return pinned
+
+
 def _floor_mode_pools(nodes, shapes, b):
     """Rewrite ceil-mode pools as floor-mode pools with the end padding that gives the same windows.
 
@@ -341,8 +376,8 @@ def _floor_mode_pools(nodes, shapes, b):
                 args = (in_shape[2 + i], sizes[i], win.kernel[i], win.strides[i], pads[i], pads[spatial + i])
                 shape = [1] * (2 + spatial)
                 shape[2 + i] = -1
-                factor = factor * (ops.average_pool_divisors(*args, 0)
-                                   / ops.average_pool_divisors(*args, 1)).reshape(shape)
+                factor = factor * (ops.average_pool_divisors(*args, 0, win.dilations[i])
+                                   / ops.average_pool_divisors(*args, 1, win.dilations[i])).reshape(shape)
             correction = b.const(factor.astype(b.dtype), hint="avgpool_pad_correction")
         if correction is None:
             out.append(helper.make_node(node.op_type, list(node.input), list(node.output), name=node.name, **new_attrs))
@@ -484,7 +519,7 @@ def build_objective_graph(model: onnx.ModelProto, sample_shape, objective: str =
 
     if objective not in OBJECTIVES:
         raise CnnvisError(f"objective {objective!r}: expected one of {', '.join(OBJECTIVES)}")
-    forward = prepare_forward(model)
+    forward = _pin_dilated_same_pools(prepare_forward(model), sample_shape, backend)
     graph = forward.graph
     names = tensor_names(forward)
     target = target or default_target(forward, objective)

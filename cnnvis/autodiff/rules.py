@@ -828,7 +828,7 @@ def _maxpool(ctx):
     return [b.reshape(flat, b.shape_of(x))]
 
 
-@rule("AveragePool", note="pads, ceil_mode, count_include_pad")
+@rule("AveragePool", note="pads, ceil_mode, count_include_pad, dilations")
 def _avgpool(ctx):
     b, x = ctx.b, ctx.x[0]
     x_shape, y_shape = ctx.shape(x), ctx.shape(ctx.y[0])
@@ -838,7 +838,7 @@ def _avgpool(ctx):
     inv = np.ones([1, 1] + list(y_shape[2:]), dtype=np.float64)
     for i in range(spatial):
         div = ops.average_pool_divisors(x_shape[2 + i], y_shape[2 + i], kernel[i], strides[i], pads[i],
-                                        pads[spatial + i], include)
+                                        pads[spatial + i], include, dilations[i])
         shape = [1] * (2 + spatial)
         shape[2 + i] = -1
         inv = inv / div.reshape(shape)
@@ -846,13 +846,14 @@ def _avgpool(ctx):
     g = b.reshape(g, [-1, 1] + list(y_shape[2:]))
     end_pads, out_pad = [], []
     for i in range(spatial):
-        covered = strides[i] * (y_shape[2 + i] - 1) + kernel[i]
+        covered = strides[i] * (y_shape[2 + i] - 1) + (kernel[i] - 1) * dilations[i] + 1
         extra = covered - pads[i] - x_shape[2 + i]
         end_pads.append(max(extra, 0))
         out_pad.append(max(-extra, 0))
     ones = b.const(np.ones([1, 1] + list(kernel), dtype=b.dtype), hint="avgpool_ones")
+    dilated = {"dilations": dilations} if any(d != 1 for d in dilations) else {}  # (opset 19 pools)
     dx = b.op("ConvTranspose", [g, ones], strides=strides, pads=list(pads[:spatial]) + end_pads,
-              output_padding=out_pad, kernel_shape=list(kernel))
+              output_padding=out_pad, kernel_shape=list(kernel), **dilated)
     return [b.reshape(dx, b.shape_of(x))]
 
 
