@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 from onnx import TensorProto, helper
 
 from .errors import CnnvisError
@@ -123,6 +124,18 @@ def feature_tensors(proto, elem_types: dict) -> set:
 
 # ------------------------------------------------------------------------------- window geometry
 
+def split_pads(auto_pad: str, totals) -> list:
+    """``[begin..., end...]`` pads sharing each axis's total padding in two: the odd pixel at the
+    end for SAME_UPPER, at the beginning otherwise (SAME_LOWER, and a ConvTranspose sized by
+    ``output_shape``). A negative total (an output longer than the window reaches) stays negative."""
+    n = len(totals)
+    pads = [0] * (2 * n)
+    for i, total in enumerate(totals):
+        small = int(total) // 2
+        pads[i], pads[n + i] = (small, total - small) if auto_pad == "SAME_UPPER" else (total - small, small)
+    return pads
+
+
 def same_pads(auto_pad: str, sizes, kernel, strides, dilations) -> list:
     """``[begin..., end...]`` pads of a SAME_UPPER / SAME_LOWER window op (Conv, pools).
 
@@ -130,29 +143,33 @@ def same_pads(auto_pad: str, sizes, kernel, strides, dilations) -> list:
     ``max((out - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)``, is split in two with the
     odd pixel at the end (SAME_UPPER) or at the beginning (SAME_LOWER).
     """
-    n = len(sizes)
-    pads = [0] * (2 * n)
-    for i in range(n):
+    totals = []
+    for i in range(len(sizes)):
         out = -(-int(sizes[i]) // strides[i])
-        total = max((out - 1) * strides[i] + (kernel[i] - 1) * dilations[i] + 1 - int(sizes[i]), 0)
-        small = total // 2
-        pads[i], pads[n + i] = (small, total - small) if auto_pad == "SAME_UPPER" else (total - small, small)
-    return pads
+        totals.append(max((out - 1) * strides[i] + (kernel[i] - 1) * dilations[i] + 1 - int(sizes[i]), 0))
+    return split_pads(auto_pad, totals)
+
+
+def transpose_pad_totals(sizes, kernel, strides, dilations, output_padding, out_sizes=None) -> list:
+    """Per axis, the total padding of a ConvTranspose with output length ``out`` (ONNX
+    specification): ``stride * (size - 1) + output_padding + (kernel - 1) * dilation + 1 - out``;
+    ``out`` is ``out_sizes`` (an ``output_shape``, or the length the op produced) or else
+    ``size * stride`` (SAME auto padding). Not clamped: a negative total is an output longer than
+    the transposed window reaches."""
+    totals = []
+    for i in range(len(sizes)):
+        out = int(out_sizes[i]) if out_sizes is not None else int(sizes[i]) * strides[i]
+        totals.append(strides[i] * (int(sizes[i]) - 1) + output_padding[i] + (kernel[i] - 1) * dilations[i] + 1
+                      - out)
+    return totals
 
 
 def transpose_same_pads(auto_pad: str, sizes, kernel, strides, dilations, output_padding) -> list:
     """``[begin..., end...]`` pads of a SAME ConvTranspose (ONNX specification: the output is
-    ``size * stride`` long and the total padding is
-    ``stride * (size - 1) + output_padding + (kernel - 1) * dilation + 1 - size * stride``; SAME_UPPER
+    ``size * stride`` long, the total padding is :func:`transpose_pad_totals` at least 0; SAME_UPPER
     puts the smaller half first)."""
-    n = len(sizes)
-    pads = [0] * (2 * n)
-    for i in range(n):
-        total = max(strides[i] * (int(sizes[i]) - 1) + output_padding[i] + (kernel[i] - 1) * dilations[i] + 1
-                    - int(sizes[i]) * strides[i], 0)
-        small = total // 2
-        pads[i], pads[n + i] = (small, total - small) if auto_pad == "SAME_UPPER" else (total - small, small)
-    return pads
+    totals = transpose_pad_totals(sizes, kernel, strides, dilations, output_padding)
+    return split_pads(auto_pad, [max(t, 0) for t in totals])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,3 +265,16 @@ def floor_mode_pads(win: Window, sizes) -> tuple:
                             win.dilations[i]) for i in range(n)]
     end = [max(0, (out[i] - 1) * win.strides[i] + win.extent[i] - int(sizes[i]) - win.pads[i]) for i in range(n)]
     return out, list(win.pads[:n]) + end
+
+
+def average_pool_divisors(size, out, kernel, stride, pad_begin, pad_end, count_include_pad, dilation=1):
+    """Per-output-position divisor of AveragePool along one axis, as onnxruntime (and Caffe)
+    divide: of a window's taps ``start + j * dilation`` (``start = i * stride - pad_begin``, j < kernel)
+    count those before ``size + pad_end`` (``count_include_pad``), or only those inside the image.
+    float64, length ``out``."""
+    div = np.empty(out, dtype=np.float64)
+    for i in range(out):
+        taps = i * stride - pad_begin + dilation * np.arange(kernel)
+        inside = (taps >= 0) & (taps < size) if not count_include_pad else taps < size + pad_end
+        div[i] = np.count_nonzero(inside)
+    return div

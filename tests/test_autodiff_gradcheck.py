@@ -303,3 +303,35 @@ def test_ties_and_bounds_of_reductions_and_clip_are_kinks(op, attrs, inits):
     report = gradcheck(m, x, "x", objective="seed", target="y", seed=np.ones(y_shape), samples=4)["x"]
     assert report.kinked.tolist() == [0, 1], str(report)
     assert report.entries.tolist() == [2, 3] and report.max_rel_error <= 1e-6
+
+
+def test_the_reference_backend_shares_no_geometry_with_the_rules():
+    """backend.py is the independent float64 reference the rules are checked against: it writes its
+    window geometry itself, so it imports neither the rules' modules nor cnnvis.ops (where the rules'
+    geometry lives), nor any of ops' geometry helpers through another module (onnxgraph re-exports
+    some), at module level or inside functions."""
+    import ast
+    import pathlib
+
+    import cnnvis.autodiff.backend as backend
+    from cnnvis import ops
+
+    tree = ast.parse(pathlib.Path(backend.__file__).read_text())
+    modules, names = set(), set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            modules.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = "." * node.level + (node.module or "")
+            modules.add(base)
+            names.update(a.name for a in node.names)
+            if not node.module:  # "from .. import ops"
+                modules.update(base + a.name for a in node.names)
+    assert "numpy" in modules and "..onnxgraph" in modules  # the parse sees the imports
+    forbidden_modules = {"..ops", "cnnvis.ops", ".rules", "cnnvis.autodiff.rules", ".graph",
+                         "cnnvis.autodiff.graph", ".builder", "cnnvis.autodiff.builder"}
+    assert not modules & forbidden_modules, sorted(modules & forbidden_modules)
+    geometry = {"window", "Window", "same_pads", "split_pads", "transpose_same_pads", "transpose_pad_totals",
+                "pool_output_size", "floor_mode_pads", "average_pool_divisors"}
+    assert geometry <= set(vars(ops)), "the list names ops' geometry helpers"
+    assert not names & geometry, sorted(names & geometry)

@@ -263,6 +263,69 @@ def test_avgpool(attrs, include_pad):
     check(m, rand(2, 2, 8, 7), ["x"])
 
 
+AVGPOOL_DILATION_CASES = [  # AveragePool has dilations from opset 19
+    dict(kernel_shape=[3, 2], dilations=[2, 2], strides=[2, 1], pads=[1, 0, 1, 1]),
+    dict(kernel_shape=[2, 3], dilations=[3, 2], strides=[1, 2], pads=[1, 1, 0, 2]),
+    dict(kernel_shape=[3, 2], dilations=[2, 2], strides=[2, 2], pads=[1, 1, 1, 0], ceil_mode=1),
+]
+
+
+@pytest.mark.parametrize("attrs", AVGPOOL_DILATION_CASES)
+@pytest.mark.parametrize("include_pad", [0, 1])
+def test_avgpool_dilation(attrs, include_pad):
+    m = tiny([n("AveragePool", ["x"], ["y"], count_include_pad=include_pad, **attrs)], {}, (2, 8, 7), opset=19)
+    check(m, rand(2, 2, 8, 7), ["x"])
+
+
+DILATED_SAME_POOLS = [
+    ("MaxPool", 17, dict(kernel_shape=[3, 2], dilations=[2, 2], strides=[2, 1], auto_pad="SAME_UPPER")),
+    ("MaxPool", 17, dict(kernel_shape=[3, 2], dilations=[2, 3], strides=[2, 2], auto_pad="SAME_LOWER")),
+    ("AveragePool", 19, dict(kernel_shape=[3, 2], dilations=[2, 2], strides=[2, 1], auto_pad="SAME_UPPER")),
+    ("AveragePool", 19, dict(kernel_shape=[3, 2], dilations=[2, 3], strides=[2, 2], auto_pad="SAME_LOWER",
+                             count_include_pad=1)),
+]
+
+
+def _two_pools(op, opset, attrs):
+    """1x1 Conv -> pool -> pool: the second pool's input size depends on the first one's pads."""
+    return tiny([n("Conv", ["x", "w"], ["c"], kernel_shape=[1, 1]), n(op, ["c"], ["p"], **attrs),
+                 n(op, ["p"], ["y"], **attrs)], {"w": (2, 2, 1, 1)}, (2, 9, 8), opset=opset)
+
+
+@pytest.mark.parametrize("op,opset,attrs", DILATED_SAME_POOLS)
+def test_dilated_same_pools(op, opset, attrs):
+    """onnxruntime sizes a dilated pool's SAME pads by the undilated kernel, so its output is shorter
+    than onnx shape inference says; the gradient is the
+    one of what onnxruntime runs, checked against central differences of onnxruntime's forward
+    (float32) and of the reference evaluator (float64)."""
+    m = _two_pools(op, opset, attrs)
+    x = rand(2, 2, 9, 8)
+    y = create_session(m, device="cpu").run(None, {"x": x.astype(np.float32)})[0]
+    # rows: kernel 3, dilation 2, stride 2; pads by the undilated kernel 1 + 1 on 9 rows -> 4, then
+    # 0 + 1 (SAME_UPPER) or 1 + 0 on 4 -> 1 (the specification's dilated pads give 5, then 3)
+    assert y.shape[2] == 1
+    check(m, x, ["x", "w"])
+
+
+@pytest.mark.parametrize("op,opset,attrs", DILATED_SAME_POOLS)
+def test_dilated_same_pools_pinned_to_onnxruntime_s_pads(op, opset, attrs):
+    """The forward with those pools' pads written out computes what onnxruntime computes for the
+    original: bit for bit in onnxruntime, to 1e-6 (float64) in the reference evaluator."""
+    from cnnvis.autodiff.backend import Runner
+    from cnnvis.autodiff.graph import _pin_dilated_same_pools
+
+    m = _two_pools(op, opset, attrs)
+    pinned = _pin_dilated_same_pools(m, (2, 9, 8), "onnxruntime")
+    pools = [node for node in pinned.graph.node if node.op_type == op]
+    assert all(helper.get_attribute_value(a) == b"NOTSET" for p in pools for a in p.attribute if a.name == "auto_pad")
+    x = rand(2, 2, 9, 8)
+    want = create_session(m, device="cpu").run(None, {"x": x.astype(np.float32)})[0]
+    got = create_session(pinned, device="cpu").run(None, {"x": x.astype(np.float32)})[0]
+    np.testing.assert_array_equal(got, want)
+    ref = Runner(to_float64(pinned), backend="reference", device="cpu")({"x": x})["y"]
+    np.testing.assert_allclose(ref, want, rtol=0, atol=1e-6 * np.abs(want).max())
+
+
 @pytest.mark.parametrize("trans_a,trans_b", [(0, 0), (0, 1), (1, 0), (1, 1)])
 def test_gemm(trans_a, trans_b):
     nodes = [n("Flatten", ["x"], ["f"])]

@@ -167,3 +167,51 @@ def test_floor_mode_pads_give_onnxruntime_s_ceil_mode_pool():
         ceil = _run([node], x)
         assert ceil.shape[2:] == tuple(out), (size, k, s, p)
         np.testing.assert_array_equal(_run([floor], x), ceil, err_msg=f"{(size, k, s, p)}")
+
+
+def test_split_pads_hand_computed():
+    # the odd pixel at the end for SAME_UPPER, at the beginning otherwise; negative totals stay
+    assert ops.split_pads("SAME_UPPER", [3, 4]) == [1, 2, 2, 2]
+    assert ops.split_pads("SAME_LOWER", [3, 0]) == [2, 0, 1, 0]
+    assert ops.split_pads("NOTSET", [5]) == [3, 2]
+    assert ops.split_pads("SAME_UPPER", [-1]) == [-1, 0]
+
+
+def test_transpose_pad_totals_hand_computed():
+    # size 3, kernel 3, stride 2, output_padding 1: full extent 2*2 + 1 + 3 = 8; SAME output 6 -> 2
+    assert ops.transpose_pad_totals([3], [3], [2], [1], [1]) == [2]
+    # an output_shape of 7 leaves 1; dilation 2 widens the kernel span to 5: 2*2 + 0 + 5 - 6 = 3
+    assert ops.transpose_pad_totals([3], [3], [2], [1], [1], out_sizes=[7]) == [1]
+    assert ops.transpose_pad_totals([3], [3], [2], [2], [0]) == [3]
+    # kernel 1 stride 2: the transposed windows reach 5 of the 6 SAME outputs
+    assert ops.transpose_pad_totals([3], [1], [2], [1], [0]) == [-1]
+    assert ops.transpose_same_pads("SAME_UPPER", [3], [1], [2], [1], [0]) == [0, 0]
+
+
+def test_average_pool_divisors_hand_computed():
+    # size 5, kernel 3, stride 2, pads 1/1: windows [-1,1], [1,3], [3,5]
+    np.testing.assert_array_equal(ops.average_pool_divisors(5, 3, 3, 2, 1, 1, 0), [2, 3, 2])
+    np.testing.assert_array_equal(ops.average_pool_divisors(5, 3, 3, 2, 1, 1, 1), [3, 3, 3])
+    # dilation 2: taps {-1, 1, 3}, {1, 3, 5}: 5 is in the end padding, counted only with the padding
+    np.testing.assert_array_equal(ops.average_pool_divisors(5, 2, 3, 2, 1, 1, 0, 2), [2, 2])
+    np.testing.assert_array_equal(ops.average_pool_divisors(5, 2, 3, 2, 1, 1, 1, 2), [3, 3])
+    # a ceil-mode window overhanging the end padding: taps {4, 5, 6} with size 5 + pad 1 -> 2 counted
+    np.testing.assert_array_equal(ops.average_pool_divisors(5, 3, 3, 2, 0, 1, 1), [3, 3, 2])
+
+
+def test_average_pool_divisors_equal_onnxruntime():
+    """Divisors read off onnxruntime's AveragePool (opset 19, dilations): a one-hot input at a tap
+    of window i gives 1 / divisor there, so divisor_i = 1 / max over the one-hot inputs."""
+    for size, k, s, d, (pb, pe), ceil, include in itertools.product(
+            (5, 8), (2, 3), (1, 2), (1, 2), ((0, 0), (1, 0), (1, 1), (0, 1)), (0, 1), (0, 1)):
+        node = helper.make_node("AveragePool", ["x"], ["y"], kernel_shape=[k], strides=[s], dilations=[d],
+                                pads=[pb, pe], ceil_mode=ceil, count_include_pad=include)
+        graph = helper.make_graph([node], "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [size, 1, size])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+        sess = ort.InferenceSession(make_model(graph, opset=19).SerializeToString(),
+                                    providers=["CPUExecutionProvider"])
+        y = sess.run(["y"], {"x": np.eye(size, dtype=np.float32)[:, None, :]})[0][:, 0, :]
+        out = ops.pool_output_size(size, k, s, pb, pe, bool(ceil), d)
+        assert y.shape[1] == out
+        divisors = ops.average_pool_divisors(size, out, k, s, pb, pe, include, d)
+        np.testing.assert_allclose(1.0 / y.max(axis=0), divisors, rtol=1e-6, err_msg=f"{(size, k, s, d, pb, pe, ceil, include)}")

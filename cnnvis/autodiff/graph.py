@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from .. import ops
 from ..errors import CnnvisError, unknown_name_error
 from ..onnxgraph import make_batch_dynamic, make_model, opset_of, prune, real_inputs
 from .builder import GraphBuilder, value_info
@@ -123,7 +124,7 @@ def build_gradient_graph(model: onnx.ModelProto, sample_shape, wrt, objective: s
         raise CnnvisError(f"rule {rule!r}: expected one of {', '.join(RULES)}")
     if objective not in OBJECTIVES:
         raise CnnvisError(f"objective {objective!r}: expected one of {', '.join(OBJECTIVES)}")
-    forward = prepare_forward(model)
+    forward = _pin_dilated_same_pools(prepare_forward(model), sample_shape, backend)
     dtype = model_dtype(forward)
     graph = forward.graph
     image = real_inputs(forward)[0].name
@@ -305,6 +306,41 @@ def _copy_node(node):
     return n
 
 
+def _pin_dilated_same_pools(forward, sample_shape, backend):
+    """``forward`` with each SAME-padded pool whose windows are dilated given its pads explicitly.
+
+    onnxruntime sizes such a pool's pads by the undilated kernel (see :func:`cnnvis.ops.window`),
+    so its output is shorter than the ``ceil(size / stride)`` that onnx shape inference and onnx's
+    reference evaluator give it. With the pads onnxruntime uses written out (auto_pad NOTSET) all
+    three run the same windows, and the rules differentiate what onnxruntime runs. A copy when
+    anything changes; other models are returned as they are.
+    """
+    from .backend import forward_shapes
+
+    def dilated_same(node):
+        if node.op_type not in ops.POOL_OPS:
+            return False
+        attrs = ops.attributes(node)
+        return (attrs.get("auto_pad") or "NOTSET") in ("SAME_UPPER", "SAME_LOWER") and \
+            any(int(d) != 1 for d in attrs.get("dilations") or [])
+
+    todo = [i for i, node in enumerate(forward.graph.node) if dilated_same(node)]
+    if not todo:
+        return forward
+    pinned = onnx.ModelProto()
+    pinned.CopyFrom(forward)
+    sample_shape = tuple(int(d) for d in sample_shape)
+    for i in todo:  # in graph order: the pools before this one are pinned already
+        node = pinned.graph.node[i]
+        in_shape = forward_shapes(pinned, sample_shape, backend)[node.input[0]]
+        win = ops.window(node, in_shape)
+        attrs = ops.attributes(node)
+        attrs.update(auto_pad="NOTSET", pads=list(win.pads))
+        node.CopyFrom(helper.make_node(node.op_type, list(node.input), list(node.output), name=node.name,
+                                       domain=node.domain, **attrs))
+    return pinned
+
+
 def _floor_mode_pools(nodes, shapes, b):
     """Rewrite ceil-mode pools as floor-mode pools with the end padding that gives the same windows.
 
@@ -314,31 +350,23 @@ def _floor_mode_pools(nodes, shapes, b):
     mode both agree. AveragePool counting the padding keeps its divisors via a constant factor
     when the new end padding is larger than the old one.
     """
-    from ..onnxgraph import pool_output_size
-    from .rules import average_pool_divisors
-
     out = []
     for node in nodes:
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        if node.op_type not in ("MaxPool", "AveragePool") or not attrs.get("ceil_mode", 0):
+        if node.op_type not in ("MaxPool", "AveragePool"):
             out.append(node)
             continue
-        auto_pad = attrs.get("auto_pad", b"NOTSET")
-        if auto_pad not in (b"NOTSET", "NOTSET", b"", ""):
+        attrs = ops.attributes(node)
+        if not attrs.get("ceil_mode", 0) or (attrs.get("auto_pad") or "NOTSET") != "NOTSET":
             out.append(node)
             continue
         in_shape = shapes[node.input[0]]
         spatial = len(in_shape) - 2
-        kernel = list(attrs["kernel_shape"])
-        strides = list(attrs.get("strides") or [1] * spatial)
-        dil = list(attrs.get("dilations") or [1] * spatial)
-        pads = list(attrs.get("pads") or [0] * (2 * spatial))
-        sizes = [pool_output_size(in_shape[2 + i], kernel[i], strides[i], pads[i], pads[spatial + i], True, dil[i])
-                 for i in range(spatial)]
-        new_end = [max(0, (sizes[i] - 1) * strides[i] + (kernel[i] - 1) * dil[i] + 1 - in_shape[2 + i] - pads[i])
-                   for i in range(spatial)]
+        win = ops.window(node, in_shape, attrs=attrs)
+        pads = list(win.pads)
+        sizes, floor_pads = ops.floor_mode_pads(win, in_shape[2:])
+        new_end = floor_pads[spatial:]
         new_attrs = {k: v for k, v in attrs.items() if k not in ("ceil_mode", "pads")}
-        new_attrs["pads"] = pads[:spatial] + new_end
+        new_attrs["pads"] = floor_pads
         correction = None
         if node.op_type == "AveragePool" and attrs.get("count_include_pad", 0) and \
                 any(new_end[i] > pads[spatial + i] for i in range(spatial)):
@@ -346,10 +374,11 @@ def _floor_mode_pools(nodes, shapes, b):
             new_attrs["count_include_pad"] = 0
             factor = np.ones([1, 1] + sizes)
             for i in range(spatial):
-                args = (in_shape[2 + i], sizes[i], kernel[i], strides[i], pads[i], pads[spatial + i])
+                args = (in_shape[2 + i], sizes[i], win.kernel[i], win.strides[i], pads[i], pads[spatial + i])
                 shape = [1] * (2 + spatial)
                 shape[2 + i] = -1
-                factor = factor * (average_pool_divisors(*args, 0) / average_pool_divisors(*args, 1)).reshape(shape)
+                factor = factor * (ops.average_pool_divisors(*args, 0, win.dilations[i])
+                                   / ops.average_pool_divisors(*args, 1, win.dilations[i])).reshape(shape)
             correction = b.const(factor.astype(b.dtype), hint="avgpool_pad_correction")
         if correction is None:
             out.append(helper.make_node(node.op_type, list(node.input), list(node.output), name=node.name, **new_attrs))
@@ -491,7 +520,7 @@ def build_objective_graph(model: onnx.ModelProto, sample_shape, objective: str =
 
     if objective not in OBJECTIVES:
         raise CnnvisError(f"objective {objective!r}: expected one of {', '.join(OBJECTIVES)}")
-    forward = prepare_forward(model)
+    forward = _pin_dilated_same_pools(prepare_forward(model), sample_shape, backend)
     graph = forward.graph
     names = tensor_names(forward)
     target = target or default_target(forward, objective)

@@ -33,6 +33,7 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto, helper
 
+from .. import ops
 from ..errors import CnnvisError
 from ..onnxgraph import lrn_attributes, lrn_windows, write_lrn
 
@@ -557,24 +558,12 @@ def _matmul(ctx):
 
 # ================================================================== convolution
 
-def _spatial_attrs(ctx, x_shape, w_shape=None, kernel=None):
-    spatial = len(x_shape) - 2
-    kernel = list(kernel or ctx.attr("kernel_shape") or w_shape[2:])
-    strides = list(ctx.attr("strides") or [1] * spatial)
-    dilations = list(ctx.attr("dilations") or [1] * spatial)
-    pads = list(ctx.attr("pads") or [0] * (2 * spatial))
-    auto_pad = ctx.attr("auto_pad", "NOTSET") or "NOTSET"
-    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-        pads = [0] * (2 * spatial)
-        for i in range(spatial):
-            size = x_shape[2 + i]
-            out = -(-size // strides[i])
-            total = max((out - 1) * strides[i] + (kernel[i] - 1) * dilations[i] + 1 - size, 0)
-            small = total // 2
-            pads[i], pads[spatial + i] = (small, total - small) if auto_pad == "SAME_UPPER" else (total - small, small)
-    elif auto_pad == "VALID":
-        pads = [0] * (2 * spatial)
-    return kernel, strides, dilations, pads
+def _spatial_attrs(ctx, x_shape, w_shape=None):
+    """kernel, strides, dilations, pads (lists) of a Conv or pool node as onnxruntime runs it
+    (:func:`cnnvis.ops.window`: ``auto_pad`` resolved, a pool's SAME pads sized by its undilated
+    kernel)."""
+    win = ops.window(ctx.node, x_shape, w_shape, attrs=ctx.attrs)
+    return list(win.kernel), list(win.strides), list(win.dilations), list(win.pads)
 
 
 def _flipped_swapped_kernel(b, w, w_shape, group):
@@ -795,17 +784,6 @@ def _conv(ctx):
 
 # ====================================================================== pooling
 
-def average_pool_divisors(size, out, kernel, stride, pad_begin, pad_end, count_include_pad):
-    """Per-output-position divisor of AveragePool along one axis (onnxruntime/Caffe convention:
-    windows clipped at size + pad_end; without count_include_pad only in-image elements count)."""
-    div = np.empty(out, dtype=np.float64)
-    for i in range(out):
-        start = i * stride - pad_begin
-        end = min(start + kernel, size + pad_end)
-        div[i] = (end - start) if count_include_pad else (min(end, size) - max(start, 0))
-    return div
-
-
 def _premaskable_relu_output(ctx, x):
     """The Relu output whose backward mask a MaxPool reading ``x`` may apply on its own output.
 
@@ -851,17 +829,17 @@ def _maxpool(ctx):
     return [b.reshape(flat, b.shape_of(x))]
 
 
-@rule("AveragePool", note="pads, ceil_mode, count_include_pad")
+@rule("AveragePool", note="pads, ceil_mode, count_include_pad, dilations")
 def _avgpool(ctx):
     b, x = ctx.b, ctx.x[0]
     x_shape, y_shape = ctx.shape(x), ctx.shape(ctx.y[0])
     spatial = len(x_shape) - 2
-    kernel, strides, dilations, pads = _spatial_attrs(ctx, x_shape, kernel=ctx.attr("kernel_shape"))
+    kernel, strides, dilations, pads = _spatial_attrs(ctx, x_shape)
     include = int(ctx.attr("count_include_pad", 0))
     inv = np.ones([1, 1] + list(y_shape[2:]), dtype=np.float64)
     for i in range(spatial):
-        div = average_pool_divisors(x_shape[2 + i], y_shape[2 + i], kernel[i], strides[i], pads[i],
-                                    pads[spatial + i], include)
+        div = ops.average_pool_divisors(x_shape[2 + i], y_shape[2 + i], kernel[i], strides[i], pads[i],
+                                        pads[spatial + i], include, dilations[i])
         shape = [1] * (2 + spatial)
         shape[2 + i] = -1
         inv = inv / div.reshape(shape)
@@ -869,13 +847,14 @@ def _avgpool(ctx):
     g = b.reshape(g, [-1, 1] + list(y_shape[2:]))
     end_pads, out_pad = [], []
     for i in range(spatial):
-        covered = strides[i] * (y_shape[2 + i] - 1) + kernel[i]
+        covered = strides[i] * (y_shape[2 + i] - 1) + (kernel[i] - 1) * dilations[i] + 1
         extra = covered - pads[i] - x_shape[2 + i]
         end_pads.append(max(extra, 0))
         out_pad.append(max(-extra, 0))
     ones = b.const(np.ones([1, 1] + list(kernel), dtype=b.dtype), hint="avgpool_ones")
+    dilated = {"dilations": dilations} if any(d != 1 for d in dilations) else {}  # (opset 19 pools)
     dx = b.op("ConvTranspose", [g, ones], strides=strides, pads=list(pads[:spatial]) + end_pads,
-              output_padding=out_pad, kernel_shape=list(kernel))
+              output_padding=out_pad, kernel_shape=list(kernel), **dilated)
     return [b.reshape(dx, b.shape_of(x))]
 
 
@@ -1397,12 +1376,8 @@ def _conv_transpose_pads(ctx, x_shape, w_shape, y_shape, strides, dilations):
         return list(explicit), out_pad
     if auto_pad == "VALID" or (auto_pad == "NOTSET" and not ctx.attr("output_shape")):
         return [0] * (2 * spatial), out_pad
-    pads = [0] * (2 * spatial)
-    for i in range(spatial):
-        span = (w_shape[2 + i] - 1) * dilations[i] + 1
-        total = strides[i] * (x_shape[2 + i] - 1) + out_pad[i] + span - y_shape[2 + i]
-        small = total // 2
-        pads[i], pads[spatial + i] = (small, total - small) if auto_pad == "SAME_UPPER" else (total - small, small)
+    totals = ops.transpose_pad_totals(x_shape[2:], w_shape[2:], strides, dilations, out_pad, y_shape[2:])
+    pads = ops.split_pads(auto_pad, totals)
     return pads, out_pad
 
 
