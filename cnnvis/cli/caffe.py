@@ -22,7 +22,7 @@ def register(sub) -> None:
                    help="the .onnx file to write (default: <prototxt name>.onnx in the current folder)")
     p.add_argument("--fill", default="he", choices=("he", "xavier", "gaussian"),
                    help="generated weights when no weights file is given (default he)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the generated weights (default 0)")
+    p.add_argument("--seed", type=common.seed, default=0, help="seed of the generated weights (default 0)")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     p.set_defaults(func=cmd_convert_caffe)
 

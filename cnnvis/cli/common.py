@@ -3,10 +3,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
+import math
 import os
 
 DEFAULT_BATCH = 32
 VOLUME_FORMATS = ("hdf", "vti", "vox", "npy")  # cnnvis.export.volumes.FORMATS, without importing numpy
+#: the largest --permutations of a permutation test (p-values resolve 1e-6; more only costs time)
+MAX_PERMUTATIONS = 1_000_000
+#: the largest side of a rendered window in pixels (VTK's off-screen buffers stop well before)
+MAX_WINDOW_SIDE = 16384
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
@@ -38,12 +44,92 @@ def add_output_options(p: argparse.ArgumentParser, default: str) -> None:
 
 
 def positive_int(text: str) -> int:
+    """An integer >= 1 (argparse type)."""
+    return _checked_int(text, 1, None, "a positive integer")
+
+
+def seed(text: str) -> int:
+    """A random seed: an integer in [0, 2**32 - 1] (numpy's range) (argparse type)."""
+    return _checked_int(text, 0, 2 ** 32 - 1, "a seed in [0, 4294967295]")
+
+
+
+def nonnegative_int(text: str) -> int:
+    """An integer >= 0 (argparse type)."""
+    return _checked_int(text, 0, None, "an integer >= 0")
+
+
+def int_range(low=None, high=None):
+    """An argparse type: an integer in [low, high] (either end may be None: open)."""
+    return functools.partial(_checked_int, low=low, high=high, what=_range_text("an integer", low, high))
+
+
+def finite_float(text: str) -> float:
+    """A finite number (no nan, inf) (argparse type)."""
+    return _checked_float(text, None, None, "a finite number")
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0 (argparse type)."""
+    return _checked_float(text, 0.0, None, "a finite number > 0", open_low=True)
+
+
+def nonnegative_float(text: str) -> float:
+    """A finite number >= 0 (argparse type)."""
+    return _checked_float(text, 0.0, None, "a finite number >= 0")
+
+
+def fraction(text: str) -> float:
+    """A number in [0, 1] (argparse type)."""
+    return _checked_float(text, 0.0, 1.0, "a number in [0, 1]")
+
+
+def float_range(low=None, high=None):
+    """An argparse type: a finite number in [low, high] (either end may be None: open)."""
+    return functools.partial(_checked_float, low=low, high=high, what=_range_text("a finite number", low, high))
+
+
+def memory_size(text: str) -> int:
+    """A size in bytes: ``4G``, ``512M``, ``1.5GiB``, ``1000000`` (argparse type)."""
+    from ..limits import parse_size
+
     try:
-        value = int(text)
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _range_text(what: str, low, high) -> str:
+    if low is not None and high is not None:
+        return f"{what} in [{low}, {high}]"
+    if low is not None:
+        return f"{what} >= {low}"
+    if high is not None:
+        return f"{what} <= {high}"
+    return what
+
+
+def _checked_int(text, low=None, high=None, what: str = "an integer") -> int:
+    """The one integer check of the command line: ``text`` as an int in [low, high]."""
+    try:
+        value = int(str(text).strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+    return value
+
+
+def _checked_float(text, low=None, high=None, what: str = "a finite number", open_low: bool = False) -> float:
+    """The one number check of the command line: ``text`` as a finite float in [low, high]
+    (``(low, high]`` with ``open_low``); nan and inf are refused."""
+    try:
+        value = float(str(text).strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if not math.isfinite(value) or (low is not None and (value <= low if open_low else value < low)) \
+            or (high is not None and value > high):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
     return value
 
 

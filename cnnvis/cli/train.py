@@ -14,8 +14,8 @@ def register(sub) -> None:
                                                 "(default: /usr/share/datasets/fashion-mnist)")
     p.add_argument("--epochs", type=common.positive_int, default=None)
     p.add_argument("--batch-size", type=common.positive_int, default=None)
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--lr", type=common.positive_float, default=None, help="peak learning rate")
+    p.add_argument("--seed", type=common.seed, default=None)
     p.add_argument("--workers", type=common.positive_int, default=None,
                    help="concurrent parts per batch (default 2; the committed model used 1)")
     p.add_argument("--limit", type=common.positive_int, default=None,
