@@ -268,10 +268,18 @@ class Preprocessing:
     def input_shape(self) -> tuple:
         return (self.channels, *self.size)
 
+    @property
+    def largest_side(self) -> int:
+        """The largest side an image is resized to on its way to ``size``."""
+        sides = list(self.size)
+        if self.resize_to is not None:
+            sides += list(self.resize_to) if isinstance(self.resize_to, tuple) else [self.resize_to]
+        return max(sides)
+
     def __call__(self, image) -> np.ndarray:
         """A PIL image, or a path, → C×H×W float32."""
         if isinstance(image, (str, os.PathLike)):
-            image = read_image(image, exif_transpose=self.exif_transpose)
+            image = read_image(image, exif_transpose=self.exif_transpose, reduce_to=self.largest_side)
         pixels = image_to_array(image, self.channels)
         return self.from_pixels(pixels)
 
@@ -562,26 +570,89 @@ def _mean_image(path: str, channels: int, size: tuple) -> np.ndarray:
 
 # ---------------------------------------------------------------------- files
 
-def read_image(path, exif_transpose: bool = True):
-    """Open and fully decode one image (first frame); any failure → one-line CnnvisError naming it."""
+#: images with more pixels than this are decoded reduced (JPEG draft, then an integer box
+#: reduction) to no less than twice the largest side the preprocessing resizes to
+REDUCE_ABOVE_PIXELS = 1 << 22
+#: bytes per pixel while decoding (8-bit RGBA and one converted copy)
+DECODE_BYTES_PER_PIXEL = 8
+
+
+def read_image(path, exif_transpose: bool = True, reduce_to: int | None = None):
+    """Open and fully decode one image (first frame); any failure → one-line CnnvisError naming it.
+
+    The memory budget (:mod:`cnnvis.limits`) bounds the pixel count before anything is decoded:
+    a decompression bomb (a small file claiming a huge image) is refused, naming its size and the
+    limit. With ``reduce_to`` (the largest side the caller resizes to), an image of more than
+    :data:`REDUCE_ABOVE_PIXELS` is decoded reduced — JPEG at a lower DCT scale (``draft``), others
+    with an integer box reduction (``reduce``) — keeping its shorter side >= 2 × ``reduce_to``.
+    """
+    import warnings
+
     from PIL import Image, ImageOps
+
+    from . import limits
 
     path = Path(path)
     if not path.is_file():
         raise CnnvisError(f"{path}: no such image file")
+    budget_pixels = max(1, limits.memory_limit() // DECODE_BYTES_PER_PIXEL)
+    saved = Image.MAX_IMAGE_PIXELS
     try:
-        with Image.open(path) as im:
-            im.load()
-            if exif_transpose:
-                im = ImageOps.exif_transpose(im)
-            else:
-                im = im.copy()
-    except Image.DecompressionBombError as exc:
-        raise CnnvisError(f"{path}: image too large to decode safely ({exc})") from None
+        Image.MAX_IMAGE_PIXELS = budget_pixels
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                w, h = im.size
+                if reduce_to and w * h > REDUCE_ABOVE_PIXELS and im.format == "JPEG":
+                    side = 2 * int(reduce_to)
+                    im.draft(None, (side, side))
+                    w, h = im.size
+                _check_pixels(path, w, h, budget_pixels)
+                im.load()
+                im = _reduced(im, reduce_to) if reduce_to and w * h > REDUCE_ABOVE_PIXELS else im
+                limits.check(im.size[0] * im.size[1] * limits.BYTES_PER_IMAGE_PIXEL,
+                             f"{path}: a {im.size[0]}x{im.size[1]} image as float pixels")
+                if exif_transpose:
+                    im = ImageOps.exif_transpose(im)
+                else:
+                    im = im.copy()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise CnnvisError(f"{path}: image too large to decode safely ({str(exc).split(',')[0]}; memory budget "
+                          f"{limits.format_bytes(limits.memory_limit())}: set --memory-limit or {limits.ENV_VAR}; "
+                          "a decompression bomb?)") from None
+    except MemoryError:
+        raise CnnvisError(f"{path}: out of memory decoding this image (set a lower --memory-limit "
+                          "to have such images refused before decoding)") from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise CnnvisError(f"{path}: not a readable image ({reason})") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
     return im
+
+
+def _check_pixels(path, w: int, h: int, budget_pixels: int) -> None:
+    from . import limits
+
+    if w * h > budget_pixels:
+        raise CnnvisError(f"{path}: a {w}x{h} image ({w * h:,} pixels) is over the {budget_pixels:,}-pixel "
+                          f"limit of the memory budget {limits.format_bytes(limits.memory_limit())} "
+                          f"(set --memory-limit or {limits.ENV_VAR}; a decompression bomb?)")
+
+
+def _reduced(im, reduce_to: int):
+    """``im`` shrunk by the largest integer factor keeping its shorter side >= 2 × ``reduce_to``
+    (box filter; palette and 1-bit images are converted first, as :func:`image_to_array` would)."""
+    factor = min(im.size) // (2 * int(reduce_to))
+    if factor < 2:
+        return im
+    if im.mode in ("P", "PA"):
+        im = im.convert("RGBA" if im.mode == "PA" or "transparency" in im.info else "RGB")
+    elif im.mode == "1":
+        im = im.convert("L")
+    elif im.mode.startswith("I;16"):
+        im = im.convert("I")
+    return im.reduce(factor)
 
 
 def list_images(inputs) -> list:

@@ -44,6 +44,7 @@ def cmd_convert_caffe(args) -> int:
 
     prototxt = Path(args.prototxt)
     output = Path(args.output) if args.output else Path.cwd() / (prototxt.stem + ".onnx")
+    _check_output_file(output, "--output" if args.output else "the default output")
     model = caffe.load_caffe(prototxt, args.weights, fill=args.fill, seed=args.seed)
     try:
         onnx.checker.check_model(model)
@@ -82,6 +83,20 @@ def cmd_export_caffe(args) -> int:
         run.path(f"{name}.caffemodel", kind="caffemodel").write_bytes(caffe.caffemodel_bytes(net, blobs))
     print(f"wrote {Path(args.out) / (name + '.prototxt')} and {name}.caffemodel ({len(net.layer)} layers)")
     return 0
+
+
+def _check_output_file(output: Path, what: str) -> None:
+    """The .onnx file to write: not a folder, in a folder that exists or can be made (checked
+    before the conversion spends any time)."""
+    from ..errors import CnnvisError
+
+    if output.is_dir():
+        raise CnnvisError(f"{what} {output}: is a folder; expected the .onnx file to write")
+    for parent in output.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise CnnvisError(f"{what} {output}: {parent} is a file, not a folder")
+            break
 
 
 def _size(init) -> int:

@@ -65,7 +65,7 @@ def register(sub) -> None:
                    help="images per group kept (first ones) for the cosine matrix and the gradient "
                         "permutation test; means, stds and importance tests use all (default 1000)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--tmp-dir", default=None, metavar="DIR",
+    p.add_argument("--tmp-dir", type=common.writable_folder, default=None, metavar="DIR",
                    help="folder for the temporary float32 memmap of the kept gradient vectors "
                         "(default: the system's temporary folder; up to 4·d bytes per kept image)")
     _add_layer_options(p)

@@ -99,6 +99,16 @@ def memory_size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def writable_folder(text: str) -> str:
+    """An existing folder this process can write in (argparse type), e.g. for temporary files."""
+    if not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"expected an existing folder, got {text!r}"
+                                         + (" (a file)" if os.path.exists(text) else ""))
+    if not os.access(text, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"cannot write in folder {text!r}")
+    return text
+
+
 def _range_text(what: str, low, high) -> str:
     if low is not None and high is not None:
         return f"{what} in [{low}, {high}]"
