@@ -32,7 +32,8 @@ def register(sub) -> None:
     common.add_input_options(p)
     common.add_model_options(p)
     _add_projection_options(p, maps_default="0-15")
-    p.add_argument("--k", type=common.positive_int, default=9, help="activations kept per map (default 9)")
+    p.add_argument("--k", type=common.int_range(1, common.MAX_TOPK), default=9,
+                   help=f"activations kept per map (default 9, at most {common.MAX_TOPK})")
     p.add_argument("--restart", action="store_true",
                    help=f"discard a saved {STATE_FILE} in --out (from an interrupted or different run)")
     p.add_argument("--max-chunks", type=common.positive_int, default=None, metavar="N",
@@ -244,6 +245,7 @@ def cmd_topk(args) -> int:
     shape = deconv.layer_shape(model, layer)
     maps = _maps(args, "0-15", shape[0])
     inputs = common.Inputs(args, model)
+    _check_topk_budget(args.k, len(inputs), shape, len(maps), model.input_shape)
     out = ensure_writable_dir(args.out)
     # The state file is the one thing written outside RunOutput: it must survive an interrupted run
     # (RunOutput discards its staging folder on errors). Each write is atomic (temp file + rename).
@@ -309,6 +311,25 @@ def cmd_topk(args) -> int:
     print(f"cnnvis topk: {top.n_images_} image(s), top {per_map} of {shape[0]} map(s) of {layer}; "
           f"{len(maps)} shown -> {args.out}")
     return 0
+
+
+#: bytes one kept activation costs in TopK (value, image, position and the merge's copies)
+TOPK_BYTES_PER_RECORD = 64
+
+
+def _check_topk_budget(k: int, n_images: int, map_shape, n_shown: int, input_shape) -> None:
+    """--k against the memory budget: the records kept per map (at most every position of every
+    image) and the projections and patches of the shown maps (input-sized, four copies)."""
+    import numpy as np
+
+    from .. import limits
+
+    positions = n_images * int(np.prod(map_shape[1:], dtype=object)) if len(map_shape) > 1 else n_images
+    kept = min(int(k), positions)
+    need = kept * int(map_shape[0]) * TOPK_BYTES_PER_RECORD \
+        + n_shown * kept * int(np.prod(input_shape, dtype=object)) * 4 * 4
+    limits.check(need, f"--k {k}: {kept:,} records for each of {map_shape[0]} maps and the projections of "
+                       f"{n_shown} maps")
 
 
 def _records_csv(records) -> str:
