@@ -155,12 +155,17 @@ class _Converter:
         rng = np.random.default_rng([self.seed, zlib.crc32(layer.name.encode("utf-8"))])
         if kind == "weight":
             fan_in = max(int(fan_in), 1)
-            if self.fill == "he":
-                return rng.standard_normal(shape, dtype=np.float32) * np.float32(np.sqrt(2.0 / fan_in))
-            if self.fill == "xavier":
-                limit = np.sqrt(3.0 / fan_in)
-                return rng.uniform(-limit, limit, size=shape).astype(np.float32)
-            return rng.standard_normal(shape, dtype=np.float32) * np.float32(0.01)
+            # drawn in chunks (the same numbers as one draw) so that Ctrl-C is seen between them
+            out = np.empty(_count(shape), np.float32)
+            for start in range(0, out.size, _CHUNK):
+                part = out[start:start + _CHUNK]
+                if self.fill == "xavier":
+                    limit = np.sqrt(3.0 / fan_in)
+                    part[:] = rng.uniform(-limit, limit, size=part.size)
+                else:
+                    rng.standard_normal(out=part, dtype=np.float32)
+                    part *= np.float32(np.sqrt(2.0 / fan_in) if self.fill == "he" else 0.01)
+            return out.reshape(shape)
         constant = {"bias": 0.0, "mean": 0.0, "variance": 1.0, "scale_factor": 1.0, "gamma": 1.0,
                     "beta": 0.0, "slope": 0.25}[kind]
         return np.full(shape, constant, dtype=np.float32)
@@ -788,6 +793,9 @@ class _Converter:
             out[axis] = s
             out_shapes.append(tuple(out))
         return out_shapes
+
+
+_CHUNK = 1 << 22  # generated weights per random draw
 
 
 def _count(shape) -> int:
