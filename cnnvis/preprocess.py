@@ -19,7 +19,9 @@ min/max to [0, 1], scikit-image ``resize(order=1, mode="constant", anti_aliasing
 back. The other interpolations use Pillow on float32 planes (antialiased when shrinking).
 
 Presets (:data:`PRESETS`) are plain dictionaries of these fields; a model's JSON sidecar names one
-and overrides any field, so new models need data, not code.
+and overrides any field, so new models need data, not code. A sidecar may also give its own
+fields without a preset (or with ``"preset": "custom"``): then ``size`` and ``channels`` are
+required (:data:`CUSTOM_REQUIRED`) and the rest default.
 """
 from __future__ import annotations
 
@@ -72,6 +74,11 @@ PRESETS = {
         "channel_order": "RGB", "raw_scale": 1.0, "mean": None, "std": None,
     },
 }
+
+
+#: the fields a preprocessing without a preset (``"custom"``) must give; the others default as in
+#: :class:`Preprocessing` (resize exact, bilinear, RGB, raw_scale 1, no mean/std)
+CUSTOM_REQUIRED = ("size", "channels")
 
 
 def _pair(value, field: str):
@@ -208,11 +215,16 @@ class Preprocessing:
             fields["mean"] = str(Path(base_dir) / mean)
         try:
             preset = fields.pop("preset", None)
-            if preset is not None:
+            if preset is not None and preset != "custom":
                 return cls.from_preset(preset, **fields)
-            return cls(**fields)
+            pre = cls(**fields)  # (a bad value is named before a missing key)
         except CnnvisError as exc:
             raise CnnvisError(f"{source}: {exc}") from None
+        missing = [key for key in CUSTOM_REQUIRED if key not in fields]
+        if missing:
+            raise CnnvisError(f"{source}: custom preprocessing (no preset) misses {', '.join(missing)} "
+                              f"(give {', '.join(CUSTOM_REQUIRED)}, or a preset: {', '.join(PRESETS)})")
+        return pre
 
     def to_dict(self) -> dict:
         """JSON-ready fields; ``from_dict(to_dict())`` gives an equal object."""

@@ -272,6 +272,18 @@ def recorded_inputs(args, model) -> list:
     return [str(p) for p in input_paths(args, model)]
 
 
+def model_checkpoints(model) -> list:
+    """The training checkpoints a model ships: its sidecar's ``checkpoints`` (relative to the model
+    file), those present; [] when it lists none."""
+    from pathlib import Path
+
+    listed = (model.sidecar or {}).get("checkpoints") or []
+    if not listed or not model.source:
+        return []
+    base = Path(model.source).parent
+    return [base / c for c in listed if (base / c).is_file()]
+
+
 def default_images(model) -> list:
     from .. import registry
 

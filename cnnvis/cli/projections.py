@@ -45,14 +45,11 @@ def register(sub) -> None:
     p = sub.add_parser("evolution", help="per map, the projection of the strongest activation over some images, "
                                          "for each training checkpoint (paper Figure 4)")
     common.add_input_options(p)
-    p.add_argument("--checkpoints", "-c", nargs="+", required=True, metavar="PATH",
+    p.add_argument("--checkpoints", "-c", nargs="+", default=None, metavar="PATH",
                    help="ONNX checkpoints of one architecture, or folders of them; ordered by the (last) "
-                        "number in each file name, e.g. epoch_5.onnx (give image arguments before this option)")
-    g = p.add_argument_group("model")
-    g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    g.add_argument("--threads", type=common.positive_int, default=None, help="onnxruntime intra-op threads")
-    g.add_argument("--batch-size", type=common.positive_int, default=common.DEFAULT_BATCH,
-                   help=f"images per onnxruntime call (default {common.DEFAULT_BATCH})")
+                        "number in each file name, e.g. epoch_5.onnx (give image arguments before this option; "
+                        "default: the checkpoints the --model's sidecar lists)")
+    common.add_model_options(p)
     _add_projection_options(p, maps_default="0-7")
     common.add_output_options(p, "out/evolution")
     p.set_defaults(func=cmd_evolution)
@@ -373,6 +370,12 @@ def cmd_evolution(args) -> int:
     from ..export import figures
     from ..manifest import RunOutput, save_npy, write_json
 
+    if args.checkpoints is None:
+        shipped = common.model_checkpoints(common.load_model(args))
+        if not shipped:
+            raise CnnvisError(f"--checkpoints: model {args.model or registry.default_model_name()} ships no "
+                              "checkpoints (no 'checkpoints' in its sidecar); give --checkpoints PATH...")
+        args.checkpoints = [str(p) for p in shipped]
     checkpoints = checkpoint_files(args.checkpoints)
     first = registry.load(str(checkpoints[0][1]), device=args.device, threads=args.threads)
     layer = first.layer(args.layer or default_layer(first)).name
