@@ -610,10 +610,13 @@ def read_image(path, exif_transpose: bool = True, reduce_to: int | None = None):
     budget_pixels = max(1, limits.memory_limit() // DECODE_BYTES_PER_PIXEL)
     saved = Image.MAX_IMAGE_PIXELS
     try:
-        Image.MAX_IMAGE_PIXELS = budget_pixels
+        # Pillow's own bomb check at open is replaced by ours (which names the size and the budget);
+        # it is back, at the budget, for whatever Pillow checks while decoding (frames, tiles)
+        Image.MAX_IMAGE_PIXELS = None
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
+                Image.MAX_IMAGE_PIXELS = budget_pixels
                 w, h = im.size
                 if reduce_to and w * h > REDUCE_ABOVE_PIXELS and im.format == "JPEG":
                     side = 2 * int(reduce_to)
