@@ -115,8 +115,11 @@ def check(nbytes, what: str) -> int:
     nbytes = int(nbytes)
     limit = memory_limit()
     if nbytes > limit:
-        raise CnnvisError(f"{what}: needs {format_bytes(nbytes)}, more than the memory limit "
-                          f"{format_bytes(limit)} (set --memory-limit or {ENV_VAR})")
+        need, have = format_bytes(nbytes), format_bytes(limit)
+        if need == have:  # too close to tell apart rounded: in bytes
+            need, have = f"{nbytes:,} B", f"{limit:,} B"
+        raise CnnvisError(f"{what}: needs {need}, more than the memory limit {have} "
+                          f"(set --memory-limit or {ENV_VAR})")
     return nbytes
 
 

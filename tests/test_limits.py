@@ -85,6 +85,9 @@ def test_check_names_value_and_limit():
             limits.check(1001, "--ncols 7: a grid")
     assert str(info.value) == ("--ncols 7: a grid: needs 1001 B, more than the memory limit 1000 B "
                                "(set --memory-limit or CNNVIS_MEMORY_LIMIT)")
+    with limits.memory_limit_set(2 ** 30):
+        with pytest.raises(CnnvisError, match=r"^y: needs 2\.0 GiB, more than the memory limit 1\.0 GiB "):
+            limits.check(2 ** 31, "y")
 
 
 def test_check_elements_has_no_overflow():
