@@ -527,8 +527,6 @@ def _run_in_process(argv, capsys, forbidden=()):
     _FORBIDDEN[:] = [os.path.realpath(f) for f in forbidden]
     try:
         code = main(argv)
-    except SystemExit as exc:  # argparse
-        code = exc.code
     finally:
         _FORBIDDEN.clear()
     out, err = capsys.readouterr()

@@ -54,7 +54,10 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # a refused argument (2, said in one line) or --help/--version (0)
+        return exc.code if isinstance(exc.code, int) else 2
     from .. import limits
 
     try:
