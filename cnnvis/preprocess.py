@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -608,15 +609,10 @@ def read_image(path, exif_transpose: bool = True, reduce_to: int | None = None):
     if not path.is_file():
         raise CnnvisError(f"{path}: no such image file")
     budget_pixels = max(1, limits.memory_limit() // DECODE_BYTES_PER_PIXEL)
-    saved = Image.MAX_IMAGE_PIXELS
     try:
-        # Pillow's own bomb check at open is replaced by ours (which names the size and the budget);
-        # it is back, at the budget, for whatever Pillow checks while decoding (frames, tiles)
-        Image.MAX_IMAGE_PIXELS = None
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                Image.MAX_IMAGE_PIXELS = budget_pixels
+            with _open_unchecked(path) as im:
                 w, h = im.size
                 if reduce_to and w * h > REDUCE_ABOVE_PIXELS and im.format == "JPEG":
                     side = 2 * int(reduce_to)
@@ -641,9 +637,26 @@ def read_image(path, exif_transpose: bool = True, reduce_to: int | None = None):
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise CnnvisError(f"{path}: not a readable image ({reason})") from None
-    finally:
-        Image.MAX_IMAGE_PIXELS = saved
     return im
+
+
+_PIL_OPEN_LOCK = threading.Lock()
+
+
+def _open_unchecked(path):
+    """``Image.open`` (reads the header only) without Pillow's decompression-bomb check, which
+    :func:`read_image` replaces by its own against the memory budget (naming the size and the
+    limit, and letting a large image be decoded reduced); Pillow's global is switched under a lock
+    and restored at once, so its check still guards frames it seeks to later and other callers."""
+    from PIL import Image
+
+    with _PIL_OPEN_LOCK:
+        saved = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            return Image.open(path)
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
 
 
 def _check_pixels(path, w: int, h: int, budget_pixels: int) -> None:
