@@ -171,6 +171,23 @@ def corpus(tmp_path_factory):
     for k in ("bomb", "ok", "nan", "shape", "pickled"):
         c[f"{k}_npy"] = str(npy / f"{k}.npy")
     c["archive_npz"] = str(npy / "archive.npz")
+    # volume files whose headers claim 2000³ / 100000³ points over a few kB
+    import h5py
+
+    vol = d / "vol"
+    vol.mkdir()
+    with h5py.File(vol / "bomb.hdf", "w") as f:
+        g = f.create_group("VTKHDF")
+        g.attrs["Type"] = np.bytes_("ImageData")
+        g.attrs["WholeExtent"] = [0, 1999, 0, 1999, 0, 1999]
+        g.attrs["Spacing"], g.attrs["Origin"], g.attrs["Direction"] = [1.0] * 3, [0.0] * 3, np.eye(3).ravel()
+        g.create_group("PointData").create_dataset("value", shape=(2000, 2000, 2000), dtype="f8",
+                                                   chunks=(100, 100, 100), compression="gzip")
+    (vol / "bomb.vti").write_text(
+        '<?xml version="1.0"?>\n<VTKFile type="ImageData" version="0.1"><ImageData WholeExtent="0 99999 0 99999 '
+        '0 99999" Origin="0 0 0" Spacing="1 1 1"><Piece Extent="0 99999 0 99999 0 99999"><PointData Scalars="v">'
+        '<DataArray type="Float32" Name="v" format="ascii">0</DataArray></PointData></Piece></ImageData></VTKFile>\n')
+    c["bomb_hdf"], c["bomb_vti"] = str(vol / "bomb.hdf"), str(vol / "bomb.vti")
     # hostile ONNX models
     bad_models = d / "models"
     bad_models.mkdir()
@@ -295,6 +312,10 @@ SUBPROCESS_CASES = {
                                  ["palette_bomb.png", "12000x12000", "512.0 MiB"], {"CNNVIS_MEMORY_LIMIT": "512M"}, 2),
     "palette-bomb-over-memory-limit-option": (["occlusion", "{palette_bomb}", "--model", "{model}", "--out", "{out}",
                                                "--memory-limit", "256M"], ["palette_bomb.png", "256.0 MiB"], {}, 2),
+    "volume-hdf-claims-2000-cubed": (["volume", "--volume", "{bomb_hdf}", "--out", "{out}"],
+                                     ["bomb.hdf", "(2000, 2000, 2000)", "memory limit"], {}, 2),
+    "render-vti-claims-100000-cubed": (["render", "--volume", "{bomb_vti}", "--out", "{out}"],
+                                       ["bomb.vti", "WholeExtent", "memory limit"], {}, 2),
     # grids and windows
     "maximize-ncols-1e8": (["maximize", "--model", "{model}", "--layer", "conv1", "--channels", "1", "--steps", "1",
                             "--ncols", "100000000", "--out", "{out}"], ["ncols 100000000", "memory limit"], {}, 2),
