@@ -245,6 +245,12 @@ def corpus(tmp_path_factory):
         'name: "s"\n' + layer_in.format("dim: 1 dim: 3 dim: 227 dim: 227")
         + 'layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1" convolution_param { num_output: 96 kernel_size: 11 stride: 4 } }\n'
         + 'layer { name: "fc" type: "InnerProduct" bottom: "conv1" top: "fc" inner_product_param { num_output: 300 } }\n')
+    with h5py.File(proto_dir / "bomb.caffemodel.h5", "w") as f:  # conv1's blob 0 claims 1e10 floats
+        f.create_group("data").create_group("conv1").create_dataset(
+            "0", shape=(100000, 100000), dtype="f4", chunks=(1000, 1000), compression="gzip")
+    c["bomb_h5"] = str(proto_dir / "bomb.caffemodel.h5")
+    c["demo_prototxt"] = str(ROOT / "models" / "caffe" / "fashion_caffenet.prototxt")
+    c["demo_caffemodel"] = str(ROOT / "models" / "caffe" / "fashion_caffenet.caffemodel")
     for k in ("huge_input", "huge_fc", "unknown_layer", "unparsable", "slow"):
         c[f"{k}_prototxt"] = str(proto_dir / f"{k}.prototxt")
     # models with sidecars: custom preprocessing, shipped checkpoints
@@ -316,6 +322,8 @@ SUBPROCESS_CASES = {
                                      ["bomb.hdf", "(2000, 2000, 2000)", "memory limit"], {}, 2),
     "render-vti-claims-100000-cubed": (["render", "--volume", "{bomb_vti}", "--out", "{out}"],
                                        ["bomb.vti", "WholeExtent", "memory limit"], {}, 2),
+    "caffe-hdf5-weights-claim-1e10-floats": (["convert-caffe", "{demo_prototxt}", "{bomb_h5}", "-o", "{out}/x.onnx"],
+                                             ["bomb.caffemodel.h5", "conv1", "memory limit"], {}, 2),
     # grids and windows
     "maximize-ncols-1e8": (["maximize", "--model", "{model}", "--layer", "conv1", "--channels", "1", "--steps", "1",
                             "--ncols", "100000000", "--out", "{out}"], ["ncols 100000000", "memory limit"], {}, 2),
@@ -500,6 +508,8 @@ IN_PROCESS_CASES = {
     "onnx-dangling-input": (["layers", "--model", "{onnx_dangling}"], ["dangling.onnx", "not a valid ONNX model"]),
     "onnx-two-inputs": (["filters", "--model", "{onnx_two_inputs}", "--out", "{out}"], ["two_inputs.onnx", "one image input"]),
     "prototxt-unknown-layer": (["convert-caffe", "{unknown_layer_prototxt}", "-o", "{out}/x.onnx"], ["Frobnicate"]),
+    "caffemodel-over-memory-limit": (["convert-caffe", "{demo_prototxt}", "{demo_caffemodel}", "-o", "{out}/x.onnx",
+                                      "--memory-limit", "1M"], ["fashion_caffenet.caffemodel", "memory limit 1.0 MiB"]),
     "prototxt-unparsable": (["layers", "--model", "{unparsable_prototxt}"], ["unparsable.prototxt"]),
     # sidecars
     "sidecar-custom-preprocessing-missing-key": (["activations", "{image}", "--model", "{side_custom_missing}", "--out", "{out}"],
