@@ -475,19 +475,15 @@ def read_onnx(path):
 def _external_data_files(proto, path: Path) -> dict:
     """``{location: file}`` of the model's external data, each checked to be a regular file inside
     the model's folder that holds the bytes the tensor claims; a one-line error otherwise."""
-    from onnx.external_data_helper import _get_all_tensors, uses_external_data
-
     folder = os.path.realpath(path.parent)
     files = {}
-    for tensor in _get_all_tensors(proto):
-        if not uses_external_data(tensor):
+    for tensor in _all_tensors(proto.graph):
+        if not (tensor.HasField("data_location") and tensor.data_location == TensorProto.EXTERNAL):
             continue
         info = {e.key: e.value for e in tensor.external_data}
         location = info.get("location", "")
         what = f"{path}: tensor {tensor.name!r} external data {location!r}"
-        parts = Path(location).parts
-        if not location or os.path.isabs(location) or location.startswith(("\\", "/")) or ".." in parts \
-                or ":" in location or "\\" in location:
+        if not location or os.path.isabs(location) or ".." in Path(location).parts:
             raise CnnvisError(f"{what}: expected a file name relative to the model's folder "
                               "(no absolute path, no '..')")
         real = os.path.realpath(os.path.join(folder, location))
@@ -507,13 +503,37 @@ def _external_data_files(proto, path: Path) -> dict:
     return files
 
 
-def _all_nodes(graph):
-    """The nodes of a graph and of its subgraphs (If/Loop/Scan bodies)."""
+def _all_graphs(graph):
+    """A graph and its subgraphs (If/Loop/Scan bodies), depth first."""
+    yield graph
     for node in graph.node:
-        yield node
         for attr in node.attribute:
             for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                yield from _all_nodes(sub)
+                yield from _all_graphs(sub)
+
+
+def _all_nodes(graph):
+    """The nodes of a graph and of its subgraphs."""
+    for g in _all_graphs(graph):
+        yield from g.node
+
+
+def _all_tensors(graph):
+    """Every TensorProto of a graph and its subgraphs: initializers (dense and sparse) and the
+    tensors of node attributes (Constant values and the like)."""
+    for g in _all_graphs(graph):
+        yield from g.initializer
+        for sparse in g.sparse_initializer:
+            yield sparse.values
+            yield sparse.indices
+        for node in g.node:
+            for attr in node.attribute:
+                if attr.HasField("t"):
+                    yield attr.t
+                yield from attr.tensors
+                if attr.HasField("sparse_tensor"):
+                    yield attr.sparse_tensor.values
+                    yield attr.sparse_tensor.indices
 
 
 def _first_line(exc) -> str:
