@@ -260,7 +260,8 @@ def _read_hdf5_weights(path: Path) -> CaffeWeights:
             if [int(k) for k in keys] != list(range(len(keys))):
                 raise CnnvisError(f"{path}: /data/{name} blobs are {keys}, expected 0..{len(keys) - 1}")
             try:
-                limits.check(sum(4 * getattr(group[k], "size", 0) for k in keys), f"{path}: the blobs of layer {name!r}")
+                limits.check(sum(4 * getattr(group[k], "size", 0) for k in keys),
+                             f"{path}: the blobs of layer {name!r}")
                 arrays = [np.asarray(group[k][()], dtype=np.float32) for k in keys]
             except (OSError, TypeError, ValueError) as exc:
                 raise CnnvisError(f"{path}: /data/{name}: unreadable dataset ({_reason(exc)})") from None

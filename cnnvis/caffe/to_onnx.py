@@ -151,7 +151,8 @@ class _Converter:
         return arrays
 
     def _generate(self, layer, kind, shape, fan_in):
-        limits.check(4 * _count(shape), f"{self.net.path}: layer {layer.name!r}: a generated {kind} of shape {_show(shape)}")
+        limits.check(4 * _count(shape),
+                     f"{self.net.path}: layer {layer.name!r}: a generated {kind} of shape {_show(shape)}")
         rng = np.random.default_rng([self.seed, zlib.crc32(layer.name.encode("utf-8"))])
         if kind == "weight":
             fan_in = max(int(fan_in), 1)

@@ -39,7 +39,8 @@ def register(sub) -> None:
     p.add_argument("--class", "-c", dest="target", default=None, metavar="K",
                    help="class index or name whose logit is differentiated (default: each image's "
                         "predicted class)")
-    p.add_argument("--seed", type=common.seed, default=0, help="seed choosing the --check-numerical entries (default 0)")
+    p.add_argument("--seed", type=common.seed, default=0,
+                   help="seed choosing the --check-numerical entries (default 0)")
     _add_layer_options(p)
     common.add_output_options(p, "out/conv_gradients")
     p.set_defaults(func=cmd_conv_gradients)

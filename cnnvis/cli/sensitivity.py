@@ -95,15 +95,18 @@ def register(sub) -> None:
     g.add_argument("--steps", type=common.positive_int, default=200, help="gradient steps (default 200)")
     g.add_argument("--lr", type=common.positive_float, default=0.05,
                    help="step size as a fraction of the pixel range per unit-RMS gradient (default 0.05)")
-    g.add_argument("--jitter", type=common.nonnegative_int, default=2, help="random roll of up to N pixels per step (default 2)")
-    g.add_argument("--blur-sigma", type=common.nonnegative_float, default=0.5, help="Gaussian blur sigma in pixels (0: none)")
+    g.add_argument("--jitter", type=common.nonnegative_int, default=2,
+                   help="random roll of up to N pixels per step (default 2)")
+    g.add_argument("--blur-sigma", type=common.nonnegative_float, default=0.5,
+                   help="Gaussian blur sigma in pixels (0: none)")
     g.add_argument("--blur-every", type=common.positive_int, default=4, help="blur every N steps (default 4)")
     g.add_argument("--decay", type=common.fraction, default=0.01, help="L2 decay towards grey per step (default 0.01)")
     g.add_argument("--clip", default="range", choices=("range", "none"),
                    help="keep pixels in the valid range of the preprocessing (default) or not")
     g.add_argument("--norm-bound", type=common.positive_float, default=None,
                    help="keep each pattern within this L2 distance (input units) of the grey")
-    g.add_argument("--init-scale", type=common.nonnegative_float, default=0.1, help="starting noise, fraction of the pixel range")
+    g.add_argument("--init-scale", type=common.nonnegative_float, default=0.1,
+                   help="starting noise, fraction of the pixel range")
     g.add_argument("--seed", type=common.seed, default=0, help="seed of the starting noise and the jitter")
     g.add_argument("--ncols", type=common.positive_int, default=None, help="grid columns")
     common.add_output_options(p, "out/maximize")
