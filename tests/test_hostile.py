@@ -478,6 +478,12 @@ IN_PROCESS_CASES = {
     "convert-caffe-seed-negative": (["convert-caffe", "x.prototxt", "--seed", "-5"], ["--seed"]),
     "order-clusters-0": (["order", "--clusters", "0"], ["--clusters"]),
     "render-azimuth-nan": (["render", "--azimuth", "nan"], ["--azimuth"]),
+    "compare-classes-max-vectors-1e11": (["compare-classes", "--max-vectors-per-group", "100000000000"],
+                                         ["--max-vectors-per-group"]),
+    "deconv-maps-0-999999999": (["deconv", "{image}", "--model", "{model}", "--layer", "conv1", "--maps", "0-999999999",
+                                 "--out", "{out}"], ["--maps 0-999999999", "map 4 out of range"]),
+    "evolution-maps-huge": (["evolution", "{image}", "--model", "{ship}", "--layer", "conv1", "--maps",
+                             "2-99999999999", "--out", "{out}"], ["--maps", "out of range"]),
     # folders and files where the other kind must be
     "compare-classes-tmp-dir-is-file": (["compare-classes", "--tmp-dir", "{a_file}", "--out", "{out}"], ["--tmp-dir", "a_file"]),
     "compare-classes-tmp-dir-missing": (["compare-classes", "--tmp-dir", "{out}/nope", "--out", "{out}"], ["--tmp-dir"]),

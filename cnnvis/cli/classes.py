@@ -62,7 +62,7 @@ def register(sub) -> None:
     p.add_argument("--permutations", type=common.int_range(1, common.MAX_PERMUTATIONS), default=999,
                    help="relabellings per permutation test (default 999)")
     p.add_argument("--seed", type=common.seed, default=0, help="seed of the permutation tests and checks (default 0)")
-    p.add_argument("--max-vectors-per-group", type=common.positive_int, default=1000,
+    p.add_argument("--max-vectors-per-group", type=common.int_range(1, common.MAX_VECTORS_PER_GROUP), default=1000,
                    help="images per group kept (first ones) for the cosine matrix and the gradient "
                         "permutation test; means, stds and importance tests use all (default 1000)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -11,6 +11,9 @@ DEFAULT_BATCH = 32
 VOLUME_FORMATS = ("hdf", "vti", "vox", "npy")  # cnnvis.export.volumes.FORMATS, without importing numpy
 #: the largest --permutations of a permutation test (p-values resolve 1e-6; more only costs time)
 MAX_PERMUTATIONS = 1_000_000
+#: the largest compare-classes --max-vectors-per-group (a sparse temporary file holds that many
+#: gradient vectors per group)
+MAX_VECTORS_PER_GROUP = 100_000
 #: the largest topk --k (each kept activation of a shown map is projected back to the input)
 MAX_TOPK = 1000
 #: the largest side of a rendered window in pixels (VTK's off-screen buffers stop well before)

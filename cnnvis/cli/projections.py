@@ -83,12 +83,9 @@ def parse_maps(text: str, n_maps: int, default: bool = False) -> list:
         lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
         if hi < lo:
             raise CnnvisError(f"--maps {text}: range {part} runs backwards")
-        maps.extend(range(lo, hi + 1))
-    if default:
-        maps = [m for m in maps if m < n_maps]
-    bad = [m for m in maps if m >= n_maps]
-    if bad:
-        raise CnnvisError(f"--maps {text}: map {bad[0]} out of range; the layer has maps 0..{n_maps - 1}")
+        if hi >= n_maps and not default:  # (before expanding: 0-999999999 must not build a list)
+            raise CnnvisError(f"--maps {text}: map {max(lo, n_maps)} out of range; the layer has maps 0..{n_maps - 1}")
+        maps.extend(range(lo, min(hi, n_maps - 1) + 1))
     return sorted(set(maps))
 
 
