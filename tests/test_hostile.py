@@ -484,6 +484,8 @@ IN_PROCESS_CASES = {
                                  "--out", "{out}"], ["--maps 0-999999999", "map 4 out of range"]),
     "evolution-maps-huge": (["evolution", "{image}", "--model", "{ship}", "--layer", "conv1", "--maps",
                              "2-99999999999", "--out", "{out}"], ["--maps", "out of range"]),
+    "activations-threads-5000": (["activations", "--threads", "5000"], ["--threads", "4 per CPU"]),
+    "train-demo-workers-1000": (["train-demo", "--workers", "1000"], ["--workers"]),
     # folders and files where the other kind must be
     "compare-classes-tmp-dir-is-file": (["compare-classes", "--tmp-dir", "{a_file}", "--out", "{out}"], ["--tmp-dir", "a_file"]),
     "compare-classes-tmp-dir-missing": (["compare-classes", "--tmp-dir", "{out}/nope", "--out", "{out}"], ["--tmp-dir"]),

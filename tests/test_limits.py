@@ -123,6 +123,8 @@ def test_cli_memory_limit_option_holds_for_the_command_only(tmp_path, capsys):
     (common.positive_int, [("1", 1), (" 7 ", 7)], ["0", "-1", "1.5", "x", ""]),
     (common.nonnegative_int, [("0", 0), ("3", 3)], ["-1", "nan", "2.0"]),
     (common.seed, [("0", 0), ("4294967295", 2 ** 32 - 1)], ["-1", "4294967296"]),
+    (common.thread_count, [("1", 1), (str(common.MAX_THREADS), common.MAX_THREADS)],
+     ["0", str(common.MAX_THREADS + 1), "5000"]),
     (common.int_range(1, 10), [("1", 1), ("10", 10)], ["0", "11"]),
     (common.finite_float, [("-2.5", -2.5), ("1e3", 1000.0)], ["nan", "inf", "-inf", "NaN", "x"]),
     (common.positive_float, [("1e-9", 1e-9)], ["0", "-0.0", "-1", "nan", "inf"]),

@@ -16,6 +16,9 @@ MAX_PERMUTATIONS = 1_000_000
 MAX_VECTORS_PER_GROUP = 100_000
 #: the largest topk --k (each kept activation of a shown map is projected back to the input)
 MAX_TOPK = 1000
+#: the most onnxruntime threads or concurrent parts: 4 per CPU (onnxruntime's threads spin while
+#: they wait, so thousands of them on a few cores make a command crawl)
+MAX_THREADS = 4 * (os.cpu_count() or 1)
 #: the largest side of a rendered window in pixels (VTK's off-screen buffers stop well before)
 MAX_WINDOW_SIDE = 16384
 
@@ -28,7 +31,8 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weights", default=None, help="Caffe .caffemodel / .caffemodel.h5 for a .prototxt model")
     g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="onnxruntime execution provider (auto: CUDA when available)")
-    g.add_argument("--threads", type=positive_int, default=None, help="onnxruntime intra-op threads")
+    g.add_argument("--threads", type=thread_count, default=None,
+                   help=f"onnxruntime intra-op threads (at most {MAX_THREADS}: 4 per CPU)")
     g.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH,
                    help=f"images per onnxruntime call (bounds memory; default {DEFAULT_BATCH})")
 
@@ -57,6 +61,11 @@ def seed(text: str) -> int:
     """A random seed: an integer in [0, 2**32 - 1] (numpy's range) (argparse type)."""
     return _checked_int(text, 0, 2 ** 32 - 1, "a seed in [0, 4294967295]")
 
+
+
+def thread_count(text: str) -> int:
+    """A number of threads: an integer in [1, MAX_THREADS] (argparse type)."""
+    return _checked_int(text, 1, MAX_THREADS, f"an integer in [1, {MAX_THREADS}] (4 per CPU)")
 
 
 def nonnegative_int(text: str) -> int:
