@@ -455,9 +455,12 @@ def read_onnx(path):
             load_external_data_for_model(proto, str(path.parent))
         except Exception as exc:
             raise CnnvisError(f"{path}: cannot read its external data ({_first_line(exc)})") from None
-    imported = {o.domain or "" for o in proto.opset_import}
+    def domain_of(d):
+        return "" if d in ("", "ai.onnx") else d  # two names of the default domain
+
+    imported = {domain_of(o.domain) for o in proto.opset_import}
     for node in _all_nodes(proto.graph):
-        domain = node.domain or ""
+        domain = domain_of(node.domain)
         if domain not in KNOWN_DOMAINS or domain not in imported:
             raise CnnvisError(f"{path}: node {node.name or node.op_type!r} uses op {node.op_type} of "
                               f"{'unknown' if domain not in KNOWN_DOMAINS else 'unimported'} domain {domain!r} "
