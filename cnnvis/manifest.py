@@ -222,6 +222,7 @@ def load_npy(path, what: str, expected: str | None = None, mmap: bool = False):
 
     path = Path(path)
     tail = f"; expected {expected}" if expected else ""
+    _check_npy_header(path, what, tail, mmap)
     try:
         array = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
     except (OSError, ValueError, EOFError) as exc:
@@ -231,6 +232,37 @@ def load_npy(path, what: str, expected: str | None = None, mmap: bool = False):
         array.close()
         raise CnnvisError(f"{what} {path}: an .npz archive, not a single .npy array{tail}")
     return array
+
+
+def _check_npy_header(path: Path, what: str, tail: str, mmap: bool) -> None:
+    """Before ``np.load``: the size an ``.npy`` header claims must be in the file (a header claiming
+    1e11 images over a few bytes is refused, not allocated) and, unless memory-mapped, within the
+    memory budget (cnnvis.limits). Files that are not plain ``.npy`` are left to ``np.load``."""
+    import numpy as np
+
+    from . import limits
+
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read(f, max_header_size=10000)
+            start = f.tell()
+        size = path.stat().st_size
+    except (OSError, ValueError, EOFError, SyntaxError, TypeError):
+        return  # np.load says what is wrong, in its words
+    if dtype.hasobject:
+        return
+    count = 1
+    for d in shape:
+        count *= int(d)
+    nbytes = count * dtype.itemsize
+    shown = " x ".join(map(str, shape)) or "scalar"
+    if start + nbytes > size:
+        raise CnnvisError(f"{what} {path}: not a readable .npy array (its header claims {shown} {dtype}, "
+                          f"{nbytes:,} bytes, but the file holds {size - start:,} bytes of data){tail}")
+    if not mmap:
+        limits.check(nbytes, f"{what} {path}: a {shown} {dtype} array")
 
 
 def list_files(items, suffixes, what: str, label: str = "") -> list:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 
@@ -21,6 +22,8 @@ from onnx import TensorProto, numpy_helper
 from . import onnxgraph, ops
 from .errors import CnnvisError, unknown_name_error
 
+#: op domains onnxruntime's CPU provider implements ("" is ai.onnx)
+KNOWN_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft"})
 #: ops that carry the weights of a layer (and so name it)
 PARAM_OPS = ops.PARAM_OPS
 #: prefix of a derived name for parameterless ops, Caffe style (relu1, norm1, pool1, drop6)
@@ -120,19 +123,13 @@ class Model:
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_file(cls, path, **kwargs) -> "Model":
+        """A Model from an ``.onnx`` file, validated once: external data only from the file's own
+        folder, onnx's full check, and an onnxruntime session that runs one image (within the
+        memory budget). Any failure is one CnnvisError naming the file."""
         path = Path(path)
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise CnnvisError(f"{path}: cannot read model file ({exc.strerror or exc})") from None
-        try:
-            proto = onnx.load_from_string(data)
-        except Exception:
-            proto = None
-        if proto is None or not proto.graph.node:
-            raise CnnvisError(f"{path}: not an ONNX model (unparsable or truncated protobuf, or an empty graph)")
+        proto, digest = read_onnx(path)
         kwargs.setdefault("name", path.name)
-        kwargs.setdefault("sha256", hashlib.sha256(data).hexdigest())
+        kwargs.setdefault("sha256", digest)
         kwargs.setdefault("source", str(path))
         if "sidecar" not in kwargs:
             side = path.with_name(path.name + ".json")
@@ -141,9 +138,45 @@ class Model:
             if side.exists():
                 try:
                     kwargs["sidecar"] = json.loads(side.read_text(encoding="utf-8"))
-                except ValueError as exc:
+                except (OSError, UnicodeDecodeError, ValueError) as exc:
                     raise CnnvisError(f"{side}: sidecar is not valid JSON ({exc})") from None
-        return cls(proto, **kwargs)
+                if not isinstance(kwargs["sidecar"], dict):
+                    raise CnnvisError(f"{side}: sidecar must be a JSON object")
+        try:
+            model = cls(proto, **kwargs)
+        except CnnvisError:
+            raise
+        except Exception as exc:  # a graph onnx's checker accepts but shape inference or folding cannot take
+            raise CnnvisError(f"{path}: cannot read this graph ({_first_line(exc)})") from None
+        model.check_runs(str(path))
+        return model
+
+    def check_runs(self, what: str | None = None) -> None:
+        """Build the forward session and run one zero image through it (after checking that one
+        image's activations fit the memory budget), so that a model which cannot run (an op of an
+        unknown domain, a convolution whose weight does not match its input) fails at load in one
+        line naming ``what`` (default: the model's name), not in the middle of a command."""
+        from . import limits
+
+        what = what or self.name
+        per_image = int(np.prod(self.input_shape, dtype=object))
+        for layer in self.layers:
+            if layer.output_shape:
+                per_image += int(np.prod(layer.output_shape, dtype=object))
+        shown = "x".join(map(str, self.input_shape))
+        limits.check(4 * per_image, f"{what}: one {shown} input and its activations")
+        try:
+            import onnxruntime
+
+            quiet = onnxruntime.RunOptions()
+            quiet.log_severity_level = 4  # the failure is reported below, in one line
+            sess = self.session((self.output_name,))
+            sess.run([self.output_name], {self.input_name: np.zeros((1, *self.input_shape), np.float32)}, quiet)
+        except CnnvisError:
+            raise
+        except Exception as exc:  # onnxruntime raises its own classes (Fail, InvalidGraph, ...)
+            self.release()
+            raise CnnvisError(f"{what}: onnxruntime cannot run this model ({_first_line(exc)})") from None
 
     # ------------------------------------------------------------------ layer table
     def _layer_table(self) -> list:
@@ -430,6 +463,133 @@ class Model:
                 shown = ", ".join(f"{i} ({names[i]})" for i in hits)
                 raise CnnvisError(f"{what} {text!r}: matches several classes: {shown}; give the index")
         raise unknown_name_error("class", text, names)
+
+
+def read_onnx(path):
+    """``(proto, sha256)`` of an ``.onnx`` file, checked: a parsable non-empty graph, external data
+    only from files inside the model's own folder (relative names resolved there, never in the
+    current folder; absolute names, ``..`` and symlinks leading out refused), and onnx's full
+    check (``onnx.checker.check_model(..., full_check=True)``; by path for models over 2 GB).
+    The sha256 covers the file and its external data."""
+    from . import limits
+
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if not path.is_file():
+            raise CnnvisError(f"{path}: not a file (expected an .onnx model)")
+        limits.check(size, f"{path}: a {size:,}-byte model file")
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CnnvisError(f"{path}: cannot read model file ({exc.strerror or exc})") from None
+    try:
+        proto = onnx.load_from_string(data)
+    except Exception:
+        proto = None
+    if proto is None or not proto.graph.node:
+        raise CnnvisError(f"{path}: not an ONNX model (unparsable or truncated protobuf, or an empty graph)")
+    digest = hashlib.sha256(data)
+    external = _external_data_files(proto, path)
+    if external:
+        total = sum(os.path.getsize(f) for f in external.values())
+        limits.check(size + total, f"{path}: the model and its {total:,} bytes of external data")
+        for location in sorted(external):
+            with open(external[location], "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+        try:
+            from onnx.external_data_helper import load_external_data_for_model
+
+            load_external_data_for_model(proto, str(path.parent))
+        except Exception as exc:
+            raise CnnvisError(f"{path}: cannot read its external data ({_first_line(exc)})") from None
+    def domain_of(d):
+        return "" if d in ("", "ai.onnx") else d  # two names of the default domain
+
+    imported = {domain_of(o.domain) for o in proto.opset_import}
+    for node in _all_nodes(proto.graph):
+        domain = domain_of(node.domain)
+        if domain not in KNOWN_DOMAINS or domain not in imported:
+            raise CnnvisError(f"{path}: node {node.name or node.op_type!r} uses op {node.op_type} of "
+                              f"{'unknown' if domain not in KNOWN_DOMAINS else 'unimported'} domain {domain!r} "
+                              f"(known: {', '.join(repr(d) for d in sorted(KNOWN_DOMAINS))})")
+    try:
+        if proto.ByteSize() < onnx.checker.MAXIMUM_PROTOBUF:
+            onnx.checker.check_model(proto, full_check=True)
+        else:
+            onnx.checker.check_model(str(path), full_check=True)
+    except Exception as exc:  # ValidationError, InferenceError, and what onnx's C++ raises
+        raise CnnvisError(f"{path}: not a valid ONNX model ({_first_line(exc)})") from None
+    return proto, digest.hexdigest()
+
+
+def _external_data_files(proto, path: Path) -> dict:
+    """``{location: file}`` of the model's external data, each checked to be a regular file inside
+    the model's folder that holds the bytes the tensor claims; a one-line error otherwise."""
+    folder = os.path.realpath(path.parent)
+    files = {}
+    for tensor in _all_tensors(proto.graph):
+        if not (tensor.HasField("data_location") and tensor.data_location == TensorProto.EXTERNAL):
+            continue
+        info = {e.key: e.value for e in tensor.external_data}
+        location = info.get("location", "")
+        what = f"{path}: tensor {tensor.name!r} external data {location!r}"
+        if not location or os.path.isabs(location) or ".." in Path(location).parts:
+            raise CnnvisError(f"{what}: expected a file name relative to the model's folder "
+                              "(no absolute path, no '..')")
+        real = os.path.realpath(os.path.join(folder, location))
+        if os.path.commonpath([real, folder]) != folder:
+            raise CnnvisError(f"{what}: leads outside the model's folder {folder} (symlink?)")
+        if not os.path.isfile(real):
+            raise CnnvisError(f"{what}: no such file beside the model")
+        try:
+            offset = int(info.get("offset", 0) or 0)
+            length = int(info["length"]) if info.get("length") else None
+        except ValueError:
+            raise CnnvisError(f"{what}: offset/length are not integers") from None
+        file_size = os.path.getsize(real)
+        if offset < 0 or (length is not None and (length < 0 or offset + length > file_size)) or offset > file_size:
+            raise CnnvisError(f"{what}: offset {offset} / length {length} lie outside the {file_size}-byte file")
+        files[location] = real
+    return files
+
+
+def _all_graphs(graph):
+    """A graph and its subgraphs (If/Loop/Scan bodies), depth first."""
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                yield from _all_graphs(sub)
+
+
+def _all_nodes(graph):
+    """The nodes of a graph and of its subgraphs."""
+    for g in _all_graphs(graph):
+        yield from g.node
+
+
+def _all_tensors(graph):
+    """Every TensorProto of a graph and its subgraphs: initializers (dense and sparse) and the
+    tensors of node attributes (Constant values and the like)."""
+    for g in _all_graphs(graph):
+        yield from g.initializer
+        for sparse in g.sparse_initializer:
+            yield sparse.values
+            yield sparse.indices
+        for node in g.node:
+            for attr in node.attribute:
+                if attr.HasField("t"):
+                    yield attr.t
+                yield from attr.tensors
+                if attr.HasField("sparse_tensor"):
+                    yield attr.sparse_tensor.values
+                    yield attr.sparse_tensor.indices
+
+
+def _first_line(exc) -> str:
+    text = str(exc).strip()
+    return " ".join(text.splitlines()[0].split())[:300] if text else type(exc).__name__
 
 
 class _EngineSessions:

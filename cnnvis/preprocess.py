@@ -19,13 +19,16 @@ min/max to [0, 1], scikit-image ``resize(order=1, mode="constant", anti_aliasing
 back. The other interpolations use Pillow on float32 planes (antialiased when shrinking).
 
 Presets (:data:`PRESETS`) are plain dictionaries of these fields; a model's JSON sidecar names one
-and overrides any field, so new models need data, not code.
+and overrides any field, so new models need data, not code. A sidecar may also give its own
+fields without a preset (or with ``"preset": "custom"``): then ``size`` and ``channels`` are
+required (:data:`CUSTOM_REQUIRED`) and the rest default.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -72,6 +75,11 @@ PRESETS = {
         "channel_order": "RGB", "raw_scale": 1.0, "mean": None, "std": None,
     },
 }
+
+
+#: the fields a preprocessing without a preset (``"custom"``) must give; the others default as in
+#: :class:`Preprocessing` (resize exact, bilinear, RGB, raw_scale 1, no mean/std)
+CUSTOM_REQUIRED = ("size", "channels")
 
 
 def _pair(value, field: str):
@@ -208,11 +216,16 @@ class Preprocessing:
             fields["mean"] = str(Path(base_dir) / mean)
         try:
             preset = fields.pop("preset", None)
-            if preset is not None:
+            if preset is not None and preset != "custom":
                 return cls.from_preset(preset, **fields)
-            return cls(**fields)
+            pre = cls(**fields)  # (a bad value is named before a missing key)
         except CnnvisError as exc:
             raise CnnvisError(f"{source}: {exc}") from None
+        missing = [key for key in CUSTOM_REQUIRED if key not in fields]
+        if missing:
+            raise CnnvisError(f"{source}: custom preprocessing (no preset) misses {', '.join(missing)} "
+                              f"(give {', '.join(CUSTOM_REQUIRED)}, or a preset: {', '.join(PRESETS)})")
+        return pre
 
     def to_dict(self) -> dict:
         """JSON-ready fields; ``from_dict(to_dict())`` gives an equal object."""
@@ -268,10 +281,18 @@ class Preprocessing:
     def input_shape(self) -> tuple:
         return (self.channels, *self.size)
 
+    @property
+    def largest_side(self) -> int:
+        """The largest side an image is resized to on its way to ``size``."""
+        sides = list(self.size)
+        if self.resize_to is not None:
+            sides += list(self.resize_to) if isinstance(self.resize_to, tuple) else [self.resize_to]
+        return max(sides)
+
     def __call__(self, image) -> np.ndarray:
         """A PIL image, or a path, → C×H×W float32."""
         if isinstance(image, (str, os.PathLike)):
-            image = read_image(image, exif_transpose=self.exif_transpose)
+            image = read_image(image, exif_transpose=self.exif_transpose, reduce_to=self.largest_side)
         pixels = image_to_array(image, self.channels)
         return self.from_pixels(pixels)
 
@@ -562,26 +583,104 @@ def _mean_image(path: str, channels: int, size: tuple) -> np.ndarray:
 
 # ---------------------------------------------------------------------- files
 
-def read_image(path, exif_transpose: bool = True):
-    """Open and fully decode one image (first frame); any failure → one-line CnnvisError naming it."""
+#: images with more pixels than this are decoded reduced (JPEG draft, then an integer box
+#: reduction) to no less than twice the largest side the preprocessing resizes to
+REDUCE_ABOVE_PIXELS = 1 << 22
+#: bytes per pixel while decoding (8-bit RGBA and one converted copy)
+DECODE_BYTES_PER_PIXEL = 8
+
+
+def read_image(path, exif_transpose: bool = True, reduce_to: int | None = None):
+    """Open and fully decode one image (first frame); any failure → one-line CnnvisError naming it.
+
+    The memory budget (:mod:`cnnvis.limits`) bounds the pixel count before anything is decoded:
+    a decompression bomb (a small file claiming a huge image) is refused, naming its size and the
+    limit. With ``reduce_to`` (the largest side the caller resizes to), an image of more than
+    :data:`REDUCE_ABOVE_PIXELS` is decoded reduced — JPEG at a lower DCT scale (``draft``), others
+    with an integer box reduction (``reduce``) — keeping its shorter side >= 2 × ``reduce_to``.
+    """
+    import warnings
+
     from PIL import Image, ImageOps
+
+    from . import limits
 
     path = Path(path)
     if not path.is_file():
         raise CnnvisError(f"{path}: no such image file")
+    budget_pixels = max(1, limits.memory_limit() // DECODE_BYTES_PER_PIXEL)
     try:
-        with Image.open(path) as im:
-            im.load()
-            if exif_transpose:
-                im = ImageOps.exif_transpose(im)
-            else:
-                im = im.copy()
-    except Image.DecompressionBombError as exc:
-        raise CnnvisError(f"{path}: image too large to decode safely ({exc})") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with _open_unchecked(path) as im:
+                w, h = im.size
+                if reduce_to and w * h > REDUCE_ABOVE_PIXELS and im.format == "JPEG":
+                    side = 2 * int(reduce_to)
+                    im.draft(None, (side, side))
+                    w, h = im.size
+                _check_pixels(path, w, h, budget_pixels)
+                im.load()
+                im = _reduced(im, reduce_to) if reduce_to and w * h > REDUCE_ABOVE_PIXELS else im
+                limits.check(im.size[0] * im.size[1] * limits.BYTES_PER_IMAGE_PIXEL,
+                             f"{path}: a {im.size[0]}x{im.size[1]} image as float pixels")
+                if exif_transpose:
+                    im = ImageOps.exif_transpose(im)
+                else:
+                    im = im.copy()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise CnnvisError(f"{path}: image too large to decode safely ({str(exc).split(',')[0]}; memory budget "
+                          f"{limits.format_bytes(limits.memory_limit())}: set --memory-limit or {limits.ENV_VAR}; "
+                          "a decompression bomb?)") from None
+    except MemoryError:
+        raise CnnvisError(f"{path}: out of memory decoding this image (set a lower --memory-limit "
+                          "to have such images refused before decoding)") from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise CnnvisError(f"{path}: not a readable image ({reason})") from None
     return im
+
+
+_PIL_OPEN_LOCK = threading.Lock()
+
+
+def _open_unchecked(path):
+    """``Image.open`` (reads the header only) without Pillow's decompression-bomb check, which
+    :func:`read_image` replaces by its own against the memory budget (naming the size and the
+    limit, and letting a large image be decoded reduced); Pillow's global is switched under a lock
+    and restored at once, so its check still guards frames it seeks to later and other callers."""
+    from PIL import Image
+
+    with _PIL_OPEN_LOCK:
+        saved = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            return Image.open(path)
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
+def _check_pixels(path, w: int, h: int, budget_pixels: int) -> None:
+    from . import limits
+
+    if w * h > budget_pixels:
+        raise CnnvisError(f"{path}: a {w}x{h} image ({w * h:,} pixels) is over the {budget_pixels:,}-pixel "
+                          f"limit of the memory budget {limits.format_bytes(limits.memory_limit())} "
+                          f"(set --memory-limit or {limits.ENV_VAR}; a decompression bomb?)")
+
+
+def _reduced(im, reduce_to: int):
+    """``im`` shrunk by the largest integer factor keeping its shorter side >= 2 × ``reduce_to``
+    (box filter; palette and 1-bit images are converted first, as :func:`image_to_array` would)."""
+    factor = min(im.size) // (2 * int(reduce_to))
+    if factor < 2:
+        return im
+    if im.mode in ("P", "PA"):
+        im = im.convert("RGBA" if im.mode == "PA" or "transparency" in im.info else "RGB")
+    elif im.mode == "1":
+        im = im.convert("L")
+    elif im.mode.startswith("I;16"):
+        im = im.convert("I")
+    return im.reduce(factor)
 
 
 def list_images(inputs) -> list:

@@ -231,7 +231,7 @@ def test_render_show_opens_a_window_per_stack_and_mode_and_writes_nothing(tmp_pa
     (["order", "--method", "kmeans-maps", "-k", "9"], "--clusters 9: more clusters than the 7"),
     (["order", "--method", "pca-rows", "--row", "5"], "--row 5: the maps of stack have 5 rows"),
     (["volume", "--spacing", "1", "0", "1"], "spacing"),
-    (["volume", "--threshold", "3"], "threshold 3.0"),
+    (["volume", "--threshold", "3"], "--threshold: expected a number in [0, 1], got '3'"),
 ])
 def test_bad_arguments_fail_with_one_line_and_no_files(tmp_path, capsys, argv, message):
     np.save(tmp_path / "stack.npy", np.random.default_rng(5).normal(size=(7, 5, 6)))

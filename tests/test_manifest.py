@@ -425,3 +425,30 @@ def test_replacing_one_run_then_rerunning_another_keeps_one_record_each(tmp_path
     runs = json.loads((tmp_path / "manifest.json").read_text())["runs"]
     assert len(runs) == 1 and [r["params"] for r in runs.values()] == [{"method": "m2"}]
     assert sorted(f["path"] for f in next(iter(runs.values()))["files"]) == ["a.json", "b.json"]
+
+
+def test_load_npy_checks_the_header_before_allocating(tmp_path):
+    """A header claiming 1e11 images over 1000 bytes is refused without allocating (MemoryError
+    before); a complete file over the memory budget is refused unless memory-mapped."""
+    import numpy as np
+
+    from cnnvis import limits
+    from cnnvis.manifest import load_npy
+
+    bomb = tmp_path / "bomb.npy"
+    with open(bomb, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False,
+                                                 "shape": (10 ** 11, 1, 28, 28)})
+        f.write(b"\0" * 1000)
+    with pytest.raises(CnnvisError, match=r"^--x .*bomb\.npy: not a readable \.npy array \(its header claims "
+                                          r"100000000000 x 1 x 28 x 28 float32, 313,600,000,000,000 bytes, "
+                                          r"but the file holds 1,000 bytes of data\)"):
+        load_npy(bomb, "--x")
+    ok = tmp_path / "ok.npy"
+    np.save(ok, np.arange(1000, dtype=np.float64))
+    with limits.memory_limit_set(7999):
+        with pytest.raises(CnnvisError, match=r"ok\.npy: a 1000 float64 array: needs 8,000 B, more than the memory limit 7,999 B"):
+            load_npy(ok, "--x")
+        assert load_npy(ok, "--x", mmap=True)[999] == 999.0  # a memory map is not read at once
+    with limits.memory_limit_set(8000):
+        assert load_npy(ok, "--x").sum() == 499500.0

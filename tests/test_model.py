@@ -401,3 +401,41 @@ def test_gradient_engines_sessions_live_in_the_models_one_cache():
     assert [k for k in m._sessions if k[0] == "graph"] == [] and list(m._sessions) == [(m.output_name,)]
     m.release()
     assert m._sessions == {}
+
+
+def test_from_file_external_data_beside_the_model_and_its_hash(tmp_path, monkeypatch):
+    """External data is read from the model's folder whatever the current folder, and the model's
+    sha256 covers it: other weight bytes give another sha256 (a rerun notices changed weights)."""
+    from onnx.external_data_helper import convert_model_to_external_data
+
+    proto = tiny_model().proto
+    convert_model_to_external_data(proto, all_tensors_to_one_file=True, location="weights.bin", size_threshold=0)
+    folder = tmp_path / "m"
+    folder.mkdir()
+    onnx.save_model(proto, str(folder / "tiny.onnx"))
+    cwd = tmp_path / "elsewhere"
+    cwd.mkdir()
+    (cwd / "weights.bin").write_bytes(b"\0" * (folder / "weights.bin").stat().st_size)
+    monkeypatch.chdir(cwd)
+    m = Model.from_file(folder / "tiny.onnx")
+    np.testing.assert_array_equal(m.param("conv1.weight"), tiny_model().param("conv1.weight"))
+    first = m.sha256
+    data = bytearray((folder / "weights.bin").read_bytes())
+    data[0] ^= 1
+    (folder / "weights.bin").write_bytes(bytes(data))
+    assert Model.from_file(folder / "tiny.onnx").sha256 != first
+
+
+def test_check_runs_refuses_a_model_that_cannot_run(tmp_path):
+    """A conv whose weight has 2 input channels for a 3-channel input passes onnx's checker and
+    fails only when run: at load, in one line naming the file."""
+    proto = tiny_model().proto
+    w = next(i for i in proto.graph.initializer if i.name == "conv1.weight")
+    arr = onnx.numpy_helper.to_array(w)[:, :2]
+    w.CopyFrom(onnx.numpy_helper.from_array(np.ascontiguousarray(arr), "conv1.weight"))
+    onnx.checker.check_model(proto, full_check=True)  # the checker accepts it
+    path = tmp_path / "bad.onnx"
+    onnx.save_model(proto, str(path))
+    with pytest.raises(CnnvisError, match=r"^.*bad\.onnx: onnxruntime cannot run this model \(.*\)$") as info:
+        Model.from_file(path)
+    assert "\n" not in str(info.value)

@@ -408,3 +408,54 @@ def test_load_input_array(tmp_path, bad_npy_files):
     for name in bad_npy_files:
         expect(f"bad_npy/{name}.npy", None, "not a readable|an .npz archive")
     expect("missing.npy", None, "no such file")
+
+
+# ---------------------------------------------------------------------- hostile sizes and sidecars
+
+def test_custom_preprocessing_from_a_sidecar_dict():
+    fields = {"size": [12, 10], "channels": 1, "mean": [0.5], "std": [0.25], "raw_scale": 1.0}
+    for data in (fields, dict(fields, preset="custom")):
+        pre = Preprocessing.from_dict(data, source="side.json")
+        assert (pre.size, pre.channels, pre.mean, pre.std, pre.preset) == ((12, 10), 1, (0.5,), (0.25,), "custom")
+        # (pixel - mean) / std, by hand
+        assert np.allclose(pre.from_pixels(np.full((12, 10, 1), 0.75)), 1.0)
+    custom = Preprocessing(size=(5, 6), channels=1, mean=(0.1,))
+    assert Preprocessing.from_dict(json.loads(json.dumps(custom.to_dict()))) == custom
+    with pytest.raises(CnnvisError, match=r"^side\.json: custom preprocessing \(no preset\) misses channels "):
+        Preprocessing.from_dict({"size": [12, 12]}, source="side.json")
+    with pytest.raises(CnnvisError, match=r"misses size, channels"):
+        Preprocessing.from_dict({"preset": "custom", "mean": [1, 2, 3]}, source="side.json")
+    with pytest.raises(CnnvisError, match="preprocessing std"):  # a bad value is named first
+        Preprocessing.from_dict({"size": [12, 12], "std": [0]}, source="side.json")
+
+
+def test_image_over_the_memory_budget_is_refused_before_decoding(tmp_path):
+    from cnnvis import limits
+
+    path = tmp_path / "big.png"
+    Image.new("L", (400, 300)).save(path)
+    with limits.memory_limit_set(preprocess.DECODE_BYTES_PER_PIXEL * 400 * 300 - 1):
+        with pytest.raises(CnnvisError, match=r"big\.png: a 400x300 image \(120,000 pixels\) is over the 119,999-pixel limit"):
+            preprocess.read_image(path)
+    with limits.memory_limit_set(limits.BYTES_PER_IMAGE_PIXEL * 400 * 300):
+        assert preprocess.read_image(path).size == (400, 300)
+
+
+def test_large_images_are_decoded_reduced_by_block_means(tmp_path, monkeypatch):
+    """Above REDUCE_ABOVE_PIXELS an image is box-reduced by the largest integer factor keeping its
+    shorter side >= 2 × the target: the result equals numpy block means of the pixels."""
+    monkeypatch.setattr(preprocess, "REDUCE_ABOVE_PIXELS", 1000)
+    rng = np.random.default_rng(4)
+    pixels = rng.integers(0, 256, (60, 90), dtype=np.uint8)
+    path = tmp_path / "big.png"
+    Image.fromarray(pixels).save(path)
+    im = preprocess.read_image(path, reduce_to=10)  # factor 60 // 20 = 3
+    assert im.size == (30, 20)
+    blocks = pixels.astype(np.float64).reshape(20, 3, 30, 3).mean(axis=(1, 3))
+    # within one 8-bit level (Pillow's integer arithmetic rounds down halves and more)
+    assert np.abs(np.asarray(im, dtype=np.float64) - blocks).max() < 1.0
+    # a palette image is converted first; small images and small targets are left alone
+    Image.fromarray(pixels).convert("P").save(tmp_path / "p.png")
+    assert preprocess.read_image(tmp_path / "p.png", reduce_to=10).mode == "RGB"
+    assert preprocess.read_image(path, reduce_to=16).size == (90, 60)  # factor 1: as decoded
+    assert preprocess.read_image(path).size == (90, 60)

@@ -339,8 +339,13 @@ class ClassComparison(Analysis):
         kept_groups, kept_names = [], []
         with tempfile.TemporaryDirectory(prefix="cnnvis-classgrad-", dir=self.tmp_dir) as tmp:
             # Sparse file: only rows actually written take disk space.
-            vectors = np.memmap(Path(tmp) / "vectors.f32", dtype=np.float32, mode="w+",
-                                shape=(cap * len(names), dim))
+            try:
+                vectors = np.memmap(Path(tmp) / "vectors.f32", dtype=np.float32, mode="w+",
+                                    shape=(cap * len(names), dim))
+            except OSError as exc:  # a file system without sparse files of that size, or full
+                raise CnnvisError(f"tmp_dir {tmp}: cannot create the {cap * len(names)} x {dim} float32 file of "
+                                  f"kept gradient vectors ({exc.strerror or exc}); keep fewer vectors per group "
+                                  "or choose another folder") from None
             n_kept = 0
             with tqdm(total=total, unit="img", desc="class gradients", disable=not self.progress) as bar:
                 for gi, g in enumerate(names):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import limits
 from ..errors import CnnvisError
 from . import schema
 
@@ -210,6 +211,8 @@ def read_weights(path) -> CaffeWeights:
         raise CnnvisError(f"{path}: weights file not found")
     if is_hdf5(path):
         return _read_hdf5_weights(path)
+    size = path.stat().st_size  # read, parsed and converted to arrays: about three copies
+    limits.check(3 * size, f"{path}: a {size:,}-byte weights file")
     return _read_binary_weights(path)
 
 
@@ -259,6 +262,8 @@ def _read_hdf5_weights(path: Path) -> CaffeWeights:
             if [int(k) for k in keys] != list(range(len(keys))):
                 raise CnnvisError(f"{path}: /data/{name} blobs are {keys}, expected 0..{len(keys) - 1}")
             try:
+                limits.check(sum(4 * getattr(group[k], "size", 0) for k in keys),
+                             f"{path}: the blobs of layer {name!r}")
                 arrays = [np.asarray(group[k][()], dtype=np.float32) for k in keys]
             except (OSError, TypeError, ValueError) as exc:
                 raise CnnvisError(f"{path}: /data/{name}: unreadable dataset ({_reason(exc)})") from None

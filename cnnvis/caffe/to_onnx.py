@@ -24,6 +24,7 @@ import zlib
 
 import numpy as np
 
+from .. import limits
 from ..errors import CnnvisError
 from .reader import CaffeNetDef, CaffeWeights, blob_from_proto
 
@@ -117,6 +118,7 @@ class _Converter:
         self.tensor_names, self.node_names = set(), set()
         self.available = {}  # blobs produced and not consumed yet (Caffe's net outputs), in order
         self.reserved = {name for name, _ in net.inputs} | {t for layer in net.layers for t in layer.tops}
+        self._per_image_bytes = 0  # inputs and layer outputs of one image so far (the memory budget)
 
     # ------------------------------------------------------------ naming and emission
 
@@ -189,15 +191,22 @@ class _Converter:
         return arrays
 
     def _generate(self, layer, kind, shape, fan_in):
+        limits.check(4 * _count(shape),
+                     f"{self.net.path}: layer {layer.name!r}: a generated {kind} of shape {_show(shape)}")
         rng = np.random.default_rng([self.seed, zlib.crc32(layer.name.encode("utf-8"))])
         if kind == "weight":
             fan_in = max(int(fan_in), 1)
-            if self.fill == "he":
-                return rng.standard_normal(shape, dtype=np.float32) * np.float32(np.sqrt(2.0 / fan_in))
-            if self.fill == "xavier":
-                limit = np.sqrt(3.0 / fan_in)
-                return rng.uniform(-limit, limit, size=shape).astype(np.float32)
-            return rng.standard_normal(shape, dtype=np.float32) * np.float32(0.01)
+            # drawn in chunks (the same numbers as one draw) so that Ctrl-C is seen between them
+            out = np.empty(_count(shape), np.float32)
+            for start in range(0, out.size, _CHUNK):
+                part = out[start:start + _CHUNK]
+                if self.fill == "xavier":
+                    limit = np.sqrt(3.0 / fan_in)
+                    part[:] = rng.uniform(-limit, limit, size=part.size)
+                else:
+                    rng.standard_normal(out=part, dtype=np.float32)
+                    part *= np.float32(np.sqrt(2.0 / fan_in) if self.fill == "he" else 0.01)
+            return out.reshape(shape)
         constant = {"bias": 0.0, "mean": 0.0, "variance": 1.0, "scale_factor": 1.0, "gamma": 1.0,
                     "beta": 0.0, "slope": 0.25}[kind]
         return np.full(shape, constant, dtype=np.float32)
@@ -334,7 +343,10 @@ class _Converter:
             self.blob_history.setdefault(top, []).append(tensor)
             self.available.pop(top, None)
             self.available[top] = tensor
+            self._per_image_bytes += 4 * _count(shape[1:])
         self.layer_tensors[layer.name] = list(outputs)
+        limits.check(self._per_image_bytes, f"{self.net.path}: layer {layer.name!r} (outputs "
+                     f"{', '.join(_show(s) for s in shapes)}): the activations of one image")
 
     def add_input(self, name, shape, where):
         from onnx import TensorProto, helper
@@ -347,6 +359,8 @@ class _Converter:
         if name in self.blob_tensor:
             raise CnnvisError(f"{where}: input blob {name!r} is declared twice")
         self.tensor_names.add(name)
+        self._per_image_bytes += 4 * _count(shape[1:])
+        limits.check(self._per_image_bytes, f"{where}: input {name!r} of shape {_show(shape)}, one image")
         dims = [BATCH] + list(shape[1:])
         self.graph_inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, dims))
         self.shapes[name] = (None,) + shape[1:]
@@ -1094,6 +1108,17 @@ class _Converter:
             out[axis] = s
             out_shapes.append(tuple(out))
         return out_shapes
+
+
+_CHUNK = 1 << 22  # generated weights per random draw
+
+
+def _count(shape) -> int:
+    """Elements of a shape (None dimensions count 1), as a Python int (no overflow)."""
+    n = 1
+    for d in shape:
+        n *= 1 if d is None else max(int(d), 0)
+    return n
 
 
 def _shape_matches(blob, shape) -> bool:

@@ -25,7 +25,7 @@ def register(sub) -> None:
                    help="the .onnx file to write (default: <prototxt name>.onnx in the current folder)")
     p.add_argument("--fill", default="he", choices=("he", "xavier", "gaussian"),
                    help="generated weights when no weights file is given (default he)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the generated weights (default 0)")
+    p.add_argument("--seed", type=common.seed, default=0, help="seed of the generated weights (default 0)")
     p.add_argument("--input-shape", default=None, metavar="C,H,W",
                    help="the net's input shape (a train/test prototxt whose data layer does not say it)")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
@@ -49,6 +49,7 @@ def cmd_convert_caffe(args) -> int:
 
     prototxt = Path(args.prototxt)
     output = Path(args.output) if args.output else Path.cwd() / (prototxt.stem + ".onnx")
+    _check_output_file(output, "--output" if args.output else "the default output")
     model = caffe.load_caffe(prototxt, args.weights, fill=args.fill, seed=args.seed, input_shape=args.input_shape)
     try:
         onnx.checker.check_model(model)
@@ -91,6 +92,20 @@ def cmd_export_caffe(args) -> int:
         run.path(f"{name}.caffemodel", kind="caffemodel").write_bytes(caffe.caffemodel_bytes(net, blobs))
     print(f"wrote {Path(args.out) / (name + '.prototxt')} and {name}.caffemodel ({len(net.layer)} layers)")
     return 0
+
+
+def _check_output_file(output: Path, what: str) -> None:
+    """The .onnx file to write: not a folder, in a folder that exists or can be made (checked
+    before the conversion spends any time)."""
+    from ..errors import CnnvisError
+
+    if output.is_dir():
+        raise CnnvisError(f"{what} {output}: is a folder; expected the .onnx file to write")
+    for parent in output.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise CnnvisError(f"{what} {output}: {parent} is a file, not a folder")
+            break
 
 
 def _size(init) -> int:

@@ -39,7 +39,8 @@ def register(sub) -> None:
     p.add_argument("--class", "-c", dest="target", default=None, metavar="K",
                    help="class index or name whose logit is differentiated (default: each image's "
                         "predicted class)")
-    p.add_argument("--seed", type=int, default=0, help="seed choosing the --check-numerical entries (default 0)")
+    p.add_argument("--seed", type=common.seed, default=0,
+                   help="seed choosing the --check-numerical entries (default 0)")
     _add_layer_options(p)
     cluster.add_dataset_options(p)
     cluster.add_dask_options(p)
@@ -60,14 +61,14 @@ def register(sub) -> None:
     p.add_argument("--per-item", action="store_true", default=None,
                    help="make each item of --similar/--dissimilar its own group (e.g. one per class; "
                         "default: the sidecar's per_item, else one group per option)")
-    p.add_argument("--permutations", type=common.positive_int, default=999,
+    p.add_argument("--permutations", type=common.int_range(1, common.MAX_PERMUTATIONS), default=999,
                    help="relabellings per permutation test (default 999)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the permutation tests and checks (default 0)")
-    p.add_argument("--max-vectors-per-group", type=common.positive_int, default=1000,
+    p.add_argument("--seed", type=common.seed, default=0, help="seed of the permutation tests and checks (default 0)")
+    p.add_argument("--max-vectors-per-group", type=common.int_range(1, common.MAX_VECTORS_PER_GROUP), default=1000,
                    help="images per group kept (first ones) for the cosine matrix and the gradient "
                         "permutation test; means, stds and importance tests use all (default 1000)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--tmp-dir", default=None, metavar="DIR",
+    p.add_argument("--tmp-dir", type=common.writable_folder, default=None, metavar="DIR",
                    help="folder for the temporary float32 memmap of the kept gradient vectors "
                         "(default: the system's temporary folder; up to 4·d bytes per kept image)")
     _add_layer_options(p)
@@ -84,9 +85,9 @@ def _add_layer_options(p) -> None:
     common.add_volume_format_option(g, "volume formats")
     g.add_argument("--normalization", default="symmetric", choices=("symmetric", "global", "per-channel"),
                    help="how gradients become 0..1 in the volumes (default symmetric: 0 stays at 0.5)")
-    g.add_argument("--threshold", type=float, default=0.5,
+    g.add_argument("--threshold", type=common.fraction, default=0.5,
                    help="volume mask = normalized > THRESHOLD (default 0.5: positive gradients)")
-    p.add_argument("--check-numerical", type=int, default=0, metavar="N",
+    p.add_argument("--check-numerical", type=common.nonnegative_int, default=0, metavar="N",
                    help="check N random weights of the first image's gradient by float64 central "
                         "differences and report the error (default 0 = no check)")
 

@@ -3,11 +3,25 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
+import math
 import os
 
 from ..export import volumes  # its format registry; the module imports numpy only when it writes or reads
 
 DEFAULT_BATCH = 32
+#: the largest --permutations of a permutation test (p-values resolve 1e-6; more only costs time)
+MAX_PERMUTATIONS = 1_000_000
+#: the largest compare-classes --max-vectors-per-group (a sparse temporary file holds that many
+#: gradient vectors per group)
+MAX_VECTORS_PER_GROUP = 100_000
+#: the largest topk --k (each kept activation of a shown map is projected back to the input)
+MAX_TOPK = 1000
+#: the most onnxruntime threads or concurrent parts: 4 per CPU (onnxruntime's threads spin while
+#: they wait, so thousands of them on a few cores make a command crawl)
+MAX_THREADS = 4 * (os.cpu_count() or 1)
+#: the largest side of a rendered window in pixels (VTK's off-screen buffers stop well before)
+MAX_WINDOW_SIDE = 16384
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
@@ -20,7 +34,8 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                    help="input shape of a Caffe model (a train/test prototxt whose data layer does not say it)")
     g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="onnxruntime execution provider (auto: CUDA when available)")
-    g.add_argument("--threads", type=positive_int, default=None, help="onnxruntime intra-op threads")
+    g.add_argument("--threads", type=thread_count, default=None,
+                   help=f"onnxruntime intra-op threads (at most {MAX_THREADS}: 4 per CPU)")
     g.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH,
                    help=f"images per onnxruntime call (bounds memory; default {DEFAULT_BATCH})")
 
@@ -52,12 +67,107 @@ def volume_formats(args) -> list:
 
 
 def positive_int(text: str) -> int:
+    """An integer >= 1 (argparse type)."""
+    return _checked_int(text, 1, None, "a positive integer")
+
+
+def seed(text: str) -> int:
+    """A random seed: an integer in [0, 2**32 - 1] (numpy's range) (argparse type)."""
+    return _checked_int(text, 0, 2 ** 32 - 1, "a seed in [0, 4294967295]")
+
+
+
+def thread_count(text: str) -> int:
+    """A number of threads: an integer in [1, MAX_THREADS] (argparse type)."""
+    return _checked_int(text, 1, MAX_THREADS, f"an integer in [1, {MAX_THREADS}] (4 per CPU)")
+
+
+def nonnegative_int(text: str) -> int:
+    """An integer >= 0 (argparse type)."""
+    return _checked_int(text, 0, None, "an integer >= 0")
+
+
+def int_range(low=None, high=None):
+    """An argparse type: an integer in [low, high] (either end may be None: open)."""
+    return functools.partial(_checked_int, low=low, high=high, what=_range_text("an integer", low, high))
+
+
+def finite_float(text: str) -> float:
+    """A finite number (no nan, inf) (argparse type)."""
+    return _checked_float(text, None, None, "a finite number")
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0 (argparse type)."""
+    return _checked_float(text, 0.0, None, "a finite number > 0", open_low=True)
+
+
+def nonnegative_float(text: str) -> float:
+    """A finite number >= 0 (argparse type)."""
+    return _checked_float(text, 0.0, None, "a finite number >= 0")
+
+
+def fraction(text: str) -> float:
+    """A number in [0, 1] (argparse type)."""
+    return _checked_float(text, 0.0, 1.0, "a number in [0, 1]")
+
+
+def float_range(low=None, high=None):
+    """An argparse type: a finite number in [low, high] (either end may be None: open)."""
+    return functools.partial(_checked_float, low=low, high=high, what=_range_text("a finite number", low, high))
+
+
+def memory_size(text: str) -> int:
+    """A size in bytes: ``4G``, ``512M``, ``1.5GiB``, ``1000000`` (argparse type)."""
+    from ..limits import parse_size
+
     try:
-        value = int(text)
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def writable_folder(text: str) -> str:
+    """An existing folder this process can write in (argparse type), e.g. for temporary files."""
+    if not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"expected an existing folder, got {text!r}"
+                                         + (" (a file)" if os.path.exists(text) else ""))
+    if not os.access(text, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"cannot write in folder {text!r}")
+    return text
+
+
+def _range_text(what: str, low, high) -> str:
+    if low is not None and high is not None:
+        return f"{what} in [{low}, {high}]"
+    if low is not None:
+        return f"{what} >= {low}"
+    if high is not None:
+        return f"{what} <= {high}"
+    return what
+
+
+def _checked_int(text, low=None, high=None, what: str = "an integer") -> int:
+    """The one integer check of the command line: ``text`` as an int in [low, high]."""
+    try:
+        value = int(str(text).strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+    return value
+
+
+def _checked_float(text, low=None, high=None, what: str = "a finite number", open_low: bool = False) -> float:
+    """The one number check of the command line: ``text`` as a finite float in [low, high]
+    (``(low, high]`` with ``open_low``); nan and inf are refused."""
+    try:
+        value = float(str(text).strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if not math.isfinite(value) or (low is not None and (value <= low if open_low else value < low)) \
+            or (high is not None and value > high):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
     return value
 
 
@@ -240,6 +350,18 @@ def recorded_inputs(args, model) -> list:
         if getattr(args, option, None):
             return [str(getattr(args, o)) for o in ("image_list", "image_tree", "synsets") if getattr(args, o, None)]
     return [str(p) for p in input_paths(args, model)]
+
+
+def model_checkpoints(model) -> list:
+    """The training checkpoints a model ships: its sidecar's ``checkpoints`` (relative to the model
+    file), those present; [] when it lists none."""
+    from pathlib import Path
+
+    listed = (model.sidecar or {}).get("checkpoints") or []
+    if not listed or not model.source:
+        return []
+    base = Path(model.source).parent
+    return [base / c for c in listed if (base / c).is_file()]
 
 
 def default_images(model) -> list:

@@ -55,9 +55,9 @@ def register(sub) -> None:
     common.add_model_options(p)
     _add_target_options(p)
     p.add_argument("--samples", type=common.positive_int, default=20, help="entries checked per --wrt (default 20)")
-    p.add_argument("--tolerance", type=float, default=1e-3,
+    p.add_argument("--tolerance", type=common.positive_float, default=1e-3,
                    help="largest accepted relative error (default 1e-3, for float32 models)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sampled entries (and of the random input)")
+    p.add_argument("--seed", type=common.seed, default=0, help="seed of the sampled entries (and of the random input)")
     p.add_argument("--list-ops", action="store_true",
                    help="print the ops that have backward rules (a Markdown table) and exit")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")

@@ -59,16 +59,11 @@ def plan(model, model_args: list, images: list, out: str) -> list:
         ("maximize", ["maximize", *m, "--layer", last, "--out", f"{out}/maximize"]),
         ("saliency", ["saliency", *few[:3], *m, "--out", f"{out}/saliency"]),
     ]
-    checkpoints = (model.sidecar or {}).get("checkpoints")
-    if checkpoints and model.source:
-        from pathlib import Path
-
-        base = Path(model.source).parent
-        paths = [str(base / c) for c in checkpoints if (base / c).is_file()]
-        if len(paths) >= 2:
-            steps.append(("evolution", ["evolution", *few[:3], "--layer", first, "--checkpoints", *paths,
-                                        "--device", model_args[model_args.index("--device") + 1],
-                                        "--out", f"{out}/evolution"]))
+    paths = [str(p) for p in common.model_checkpoints(model)]
+    if len(paths) >= 2:
+        steps.append(("evolution", ["evolution", *few[:3], "--layer", first, "--checkpoints", *paths,
+                                    "--device", model_args[model_args.index("--device") + 1],
+                                    "--out", f"{out}/evolution"]))
     if "compare_classes" not in (model.sidecar or {}):
         steps = [s for s in steps if s[0] != "compare-classes"]  # needs groups the model's sidecar names
     return steps

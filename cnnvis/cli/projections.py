@@ -32,7 +32,8 @@ def register(sub) -> None:
     common.add_input_options(p)
     common.add_model_options(p)
     _add_projection_options(p, maps_default="0-15")
-    p.add_argument("--k", type=common.positive_int, default=9, help="activations kept per map (default 9)")
+    p.add_argument("--k", type=common.int_range(1, common.MAX_TOPK), default=9,
+                   help=f"activations kept per map (default 9, at most {common.MAX_TOPK})")
     p.add_argument("--restart", action="store_true",
                    help=f"discard a saved {STATE_FILE} in --out (from an interrupted or different run)")
     p.add_argument("--max-chunks", type=common.positive_int, default=None, metavar="N",
@@ -46,14 +47,11 @@ def register(sub) -> None:
     p = sub.add_parser("evolution", help="per map, the projection of the strongest activation over some images, "
                                          "for each training checkpoint (paper Figure 4)")
     common.add_input_options(p)
-    p.add_argument("--checkpoints", "-c", nargs="+", required=True, metavar="PATH",
+    p.add_argument("--checkpoints", "-c", nargs="+", default=None, metavar="PATH",
                    help="ONNX checkpoints of one architecture, or folders of them; ordered by the (last) "
-                        "number in each file name, e.g. epoch_5.onnx (give image arguments before this option)")
-    g = p.add_argument_group("model")
-    g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    g.add_argument("--threads", type=common.positive_int, default=None, help="onnxruntime intra-op threads")
-    g.add_argument("--batch-size", type=common.positive_int, default=common.DEFAULT_BATCH,
-                   help=f"images per onnxruntime call (default {common.DEFAULT_BATCH})")
+                        "number in each file name, e.g. epoch_5.onnx (give image arguments before this option; "
+                        "default: the checkpoints the --model's sidecar lists)")
+    common.add_model_options(p)
     _add_projection_options(p, maps_default="0-7")
     common.add_output_options(p, "out/evolution")
     p.set_defaults(func=cmd_evolution)
@@ -87,12 +85,9 @@ def parse_maps(text: str, n_maps: int, default: bool = False) -> list:
         lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
         if hi < lo:
             raise CnnvisError(f"--maps {text}: range {part} runs backwards")
-        maps.extend(range(lo, hi + 1))
-    if default:
-        maps = [m for m in maps if m < n_maps]
-    bad = [m for m in maps if m >= n_maps]
-    if bad:
-        raise CnnvisError(f"--maps {text}: map {bad[0]} out of range; the layer has maps 0..{n_maps - 1}")
+        if hi >= n_maps and not default:  # (before expanding: 0-999999999 must not build a list)
+            raise CnnvisError(f"--maps {text}: map {max(lo, n_maps)} out of range; the layer has maps 0..{n_maps - 1}")
+        maps.extend(range(lo, min(hi, n_maps - 1) + 1))
     return sorted(set(maps))
 
 
@@ -271,6 +266,7 @@ def cmd_topk(args) -> int:
     shape = deconv.layer_shape(model, layer)
     maps = _maps(args, "0-15", shape[0])
     inputs = common.Inputs(args, model)
+    _check_topk_budget(args.k, len(inputs), shape, len(maps), model.input_shape)
     out = ensure_writable_dir(args.out)
     # The state file is the one thing written outside RunOutput: it must survive an interrupted run
     # (RunOutput discards its staging folder on errors). Each write is atomic (temp file + rename).
@@ -359,6 +355,25 @@ def _topk_one_process(args, model, inputs, layer, state_path, fingerprint):
     return top
 
 
+#: bytes one kept activation costs in TopK (value, image, position and the merge's copies)
+TOPK_BYTES_PER_RECORD = 64
+
+
+def _check_topk_budget(k: int, n_images: int, map_shape, n_shown: int, input_shape) -> None:
+    """--k against the memory budget: the records kept per map (at most every position of every
+    image) and the projections and patches of the shown maps (input-sized, four copies)."""
+    import numpy as np
+
+    from .. import limits
+
+    positions = n_images * int(np.prod(map_shape[1:], dtype=object)) if len(map_shape) > 1 else n_images
+    kept = min(int(k), positions)
+    need = kept * int(map_shape[0]) * TOPK_BYTES_PER_RECORD \
+        + n_shown * kept * int(np.prod(input_shape, dtype=object)) * 4 * 4
+    limits.check(need, f"--k {k}: {kept:,} records for each of {map_shape[0]} maps and the projections of "
+                       f"{n_shown} maps")
+
+
 def _records_csv(records) -> str:
     return csv_text(["map", "rank", "value", "image", "name", "y", "x", "top", "left", "bottom", "right"],
                     [[r["map"], r["rank"], r["value"], r["image"], r["name"], r["y"], r["x"], *r["box"]]
@@ -400,6 +415,12 @@ def cmd_evolution(args) -> int:
     from ..export import figures
     from ..manifest import RunOutput, save_npy, write_json
 
+    if args.checkpoints is None:
+        shipped = common.model_checkpoints(common.load_model(args))
+        if not shipped:
+            raise CnnvisError(f"--checkpoints: model {args.model or registry.default_model_name()} ships no "
+                              "checkpoints (no 'checkpoints' in its sidecar); give --checkpoints PATH...")
+        args.checkpoints = [str(p) for p in shipped]
     checkpoints = checkpoint_files(args.checkpoints)
     first = registry.load(str(checkpoints[0][1]), device=args.device, threads=args.threads)
     layer = first.layer(args.layer or default_layer(first)).name

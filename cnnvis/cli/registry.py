@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import sys
 
+from . import common
+
 ORDER = 5
 
 
@@ -22,8 +24,10 @@ def register(sub) -> None:
                                                   "must equal the sidecar's when it has one)")
     p.add_argument("--sha1", default=None, help="expected sha1 of the file at --url")
     p.add_argument("--force", action="store_true", help="download again even if the file is present")
-    p.add_argument("--retries", type=int, default=3, help="retries per URL without progress (default 3)")
-    p.add_argument("--timeout", type=float, default=30.0, help="seconds without data before a retry (default 30)")
+    p.add_argument("--retries", type=common.nonnegative_int, default=3,
+                   help="retries per URL without progress (default 3)")
+    p.add_argument("--timeout", type=common.positive_float, default=30.0,
+                   help="seconds without data before a retry (default 30)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     p.set_defaults(func=cmd_fetch)

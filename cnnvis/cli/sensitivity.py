@@ -15,9 +15,9 @@ ORDER = 45
 
 def _number_list(text: str) -> list:
     try:
-        return [float(v) for v in text.replace(",", " ").split()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
+        return [common.finite_float(v) for v in text.replace(",", " ").split()]
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected finite numbers separated by commas, got {text!r}") from None
 
 
 def _window_pair(text: str):
@@ -29,13 +29,6 @@ def _window_pair(text: str):
     if len(values) not in (1, 2) or min(values) <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive size N or HxW, got {text!r}")
     return (values[0], values[-1])
-
-
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
-    return value
 
 
 def register(sub) -> None:
@@ -53,9 +46,9 @@ def register(sub) -> None:
     g.add_argument("--layer", "-l", default=None,
                    help="layer whose strongest feature map's total activation is mapped "
                         "(default: the last layer with C×H×W maps; 'none' to skip)")
-    g.add_argument("--channel", type=int, default=None,
+    g.add_argument("--channel", type=common.nonnegative_int, default=None,
                    help="feature map of --layer (default: the strongest in the unoccluded image)")
-    g.add_argument("--fill", type=float, default=None,
+    g.add_argument("--fill", type=common.finite_float, default=None,
                    help="occluder value in model-input units (default: the preprocessing mean, i.e. grey)")
     g.add_argument("--no-incremental", action="store_true",
                    help="run the whole network for every window (default: recompute only the changed "
@@ -98,22 +91,25 @@ def register(sub) -> None:
     g.add_argument("--layer", "-l", default=None, help="layer (default: the last layer with C×H×W maps)")
     g.add_argument("--channels", type=common.positive_int, default=16, metavar="N",
                    help="optimise the first N channels / classes (default 16)")
-    g.add_argument("--index", type=int, action="append", default=None,
+    g.add_argument("--index", type=common.nonnegative_int, action="append", default=None,
                    help="a channel / class index (repeatable; instead of --channels)")
     g = p.add_argument_group("ascent and regularisers")
-    g.add_argument("--steps", type=int, default=200, help="gradient steps (default 200)")
-    g.add_argument("--lr", type=float, default=0.05,
+    g.add_argument("--steps", type=common.positive_int, default=200, help="gradient steps (default 200)")
+    g.add_argument("--lr", type=common.positive_float, default=0.05,
                    help="step size as a fraction of the pixel range per unit-RMS gradient (default 0.05)")
-    g.add_argument("--jitter", type=int, default=2, help="random roll of up to N pixels per step (default 2)")
-    g.add_argument("--blur-sigma", type=float, default=0.5, help="Gaussian blur sigma in pixels (0: none)")
+    g.add_argument("--jitter", type=common.nonnegative_int, default=2,
+                   help="random roll of up to N pixels per step (default 2)")
+    g.add_argument("--blur-sigma", type=common.nonnegative_float, default=0.5,
+                   help="Gaussian blur sigma in pixels (0: none)")
     g.add_argument("--blur-every", type=common.positive_int, default=4, help="blur every N steps (default 4)")
-    g.add_argument("--decay", type=_fraction, default=0.01, help="L2 decay towards grey per step (default 0.01)")
+    g.add_argument("--decay", type=common.fraction, default=0.01, help="L2 decay towards grey per step (default 0.01)")
     g.add_argument("--clip", default="range", choices=("range", "none"),
                    help="keep pixels in the valid range of the preprocessing (default) or not")
-    g.add_argument("--norm-bound", type=float, default=None,
+    g.add_argument("--norm-bound", type=common.positive_float, default=None,
                    help="keep each pattern within this L2 distance (input units) of the grey")
-    g.add_argument("--init-scale", type=float, default=0.1, help="starting noise, fraction of the pixel range")
-    g.add_argument("--seed", type=int, default=0, help="seed of the starting noise and the jitter")
+    g.add_argument("--init-scale", type=common.nonnegative_float, default=0.1,
+                   help="starting noise, fraction of the pixel range")
+    g.add_argument("--seed", type=common.seed, default=0, help="seed of the starting noise and the jitter")
     g.add_argument("--ncols", type=common.positive_int, default=None, help="grid columns")
     common.add_output_options(p, "out/maximize")
     p.set_defaults(func=cmd_maximize)
@@ -137,7 +133,7 @@ def register(sub) -> None:
 def _add_picture_options(p):
     g = p.add_argument_group("pictures")
     g.add_argument("--cmap", default="jet", help="colormap of heat maps (default jet)")
-    g.add_argument("--alpha", type=_fraction, default=0.5, help="heat-map opacity over the image (default 0.5)")
+    g.add_argument("--alpha", type=common.fraction, default=0.5, help="heat-map opacity over the image (default 0.5)")
 
 
 # ------------------------------------------------------------------------------------ helpers

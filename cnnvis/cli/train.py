@@ -14,16 +14,16 @@ def register(sub) -> None:
                                                 "(default: /usr/share/datasets/fashion-mnist)")
     p.add_argument("--epochs", type=common.positive_int, default=None)
     p.add_argument("--batch-size", type=common.positive_int, default=None)
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--workers", type=common.positive_int, default=None,
+    p.add_argument("--lr", type=common.positive_float, default=None, help="peak learning rate")
+    p.add_argument("--seed", type=common.seed, default=None)
+    p.add_argument("--workers", type=common.thread_count, default=None,
                    help="concurrent parts per batch (default 2; the committed model used 1)")
     p.add_argument("--limit", type=common.positive_int, default=None,
                    help="train on the first N training images only (quick runs)")
     p.add_argument("--checkpoints", default="1,2,4,8",
                    help="epochs whose weights are also saved (comma separated; default 1,2,4,8)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--threads", type=common.positive_int, default=None)
+    p.add_argument("--threads", type=common.thread_count, default=None)
     p.add_argument("--no-caffe", action="store_true", help="do not also write Caffe prototxt + caffemodel")
     common.add_output_options(p, "out/train-demo")
     p.set_defaults(func=cmd_train_demo)

@@ -53,8 +53,8 @@ def _add_volume_look_options(p: argparse.ArgumentParser, threshold_help: str,
     g.add_argument("--normalization", default="global", choices=("global", "per-channel", "symmetric"),
                    help="how values become 0..1: min-max over the volume (global), per slice, or "
                         "symmetric around 0 (for signed values such as gradients)")
-    g.add_argument("--threshold", type=float, default=0.5, help=threshold_help)
-    g.add_argument("--spacing", type=float, nargs=3, default=(1.0, 1.0, 1.0),
+    g.add_argument("--threshold", type=common.fraction, default=0.5, help=threshold_help)
+    g.add_argument("--spacing", type=common.positive_float, nargs=3, default=(1.0, 1.0, 1.0),
                    metavar=("SX", "SY", "SZ"), help="voxel spacing along x, y, z (default 1 1 1)")
     if permutation:
         g.add_argument("--permutation", default=None, metavar="ORDER.json",
@@ -83,12 +83,12 @@ def register(sub) -> None:
                    help="ordering method (default pca-maps)")
     p.add_argument("--clusters", "-k", type=common.positive_int, default=8,
                    help="k-means clusters (default 8)")
-    p.add_argument("--row", type=int, default=None,
+    p.add_argument("--row", type=common.nonnegative_int, default=None,
                    help="row used by the *-rows methods and the pictures (default: the middle)")
-    p.add_argument("--seed", type=int, default=0, help="k-means seed (default 0)")
+    p.add_argument("--seed", type=common.seed, default=0, help="k-means seed (default 0)")
     p.add_argument("--n-init", type=common.positive_int, default=10,
                    help="k-means restarts (default 10)")
-    p.add_argument("--separator", type=int, default=2,
+    p.add_argument("--separator", type=common.nonnegative_int, default=2,
                    help="white pixel rows between clusters in the pictures (default 2; 0 = none)")
     _add_volume_look_options(p, "mask threshold of the written volumes, default 0.5",
                              permutation=False)
@@ -106,12 +106,12 @@ def register(sub) -> None:
                    help="what to draw (repeatable; default volume)")
     p.add_argument("--gif", action="store_true", help="also write an orbit GIF of the first mode")
     p.add_argument("--frames", type=common.positive_int, default=36, help="GIF frames (default 36)")
-    p.add_argument("--fps", type=float, default=12.0, help="GIF frames per second (default 12)")
-    p.add_argument("--window-size", type=common.positive_int, nargs=2, default=(800, 800),
+    p.add_argument("--fps", type=common.positive_float, default=12.0, help="GIF frames per second (default 12)")
+    p.add_argument("--window-size", type=common.int_range(1, common.MAX_WINDOW_SIDE), nargs=2, default=(800, 800),
                    metavar=("W", "H"), help="picture size in pixels (default 800 800)")
-    p.add_argument("--azimuth", type=float, default=35.0, help="camera azimuth in degrees")
-    p.add_argument("--elevation", type=float, default=25.0, help="camera elevation in degrees")
-    p.add_argument("--gap", type=float, default=None,
+    p.add_argument("--azimuth", type=common.finite_float, default=35.0, help="camera azimuth in degrees")
+    p.add_argument("--elevation", type=common.finite_float, default=25.0, help="camera elevation in degrees")
+    p.add_argument("--gap", type=common.nonnegative_float, default=None,
                    help="distance of the planes in --mode stack, in z spacings (default: "
                         "1.5·max(W, H)/C clipped to 1..4)")
     p.add_argument("--cmap", default="viridis", help="matplotlib colormap (default viridis)")

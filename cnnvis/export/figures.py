@@ -9,6 +9,7 @@ import math
 
 import numpy as np
 
+from .. import limits
 from ..errors import CnnvisError
 from ..manifest import atomic_path
 
@@ -30,6 +31,10 @@ def symmetric(x) -> np.ndarray:
     x = np.asarray(x, dtype=np.float64)
     peak = float(np.abs(x).max()) if x.size else 0.0
     return 0.5 + x / (2.0 * peak) if peak > 0 else np.full_like(x, 0.5)
+
+
+#: bytes a grid pixel may cost: the float64 grid, its 8-bit colour picture and an upscaled copy
+GRID_BYTES_PER_PIXEL = 32
 
 
 def grid_shape(n: int, ncols: int | None = None) -> tuple:
@@ -58,6 +63,10 @@ def tile_grid(stack, ncols: int | None = None, pad: int = 1, normalization: str 
     n, h, w = stack.shape[:3]
     rows, cols = grid_shape(n, ncols)
     extra = stack.shape[3:]
+    height, width = rows * h + (rows - 1) * pad, cols * w + (cols - 1) * pad
+    # the float64 grid, its colour picture and an upscaled copy
+    limits.check(height * width * int(np.prod(extra, dtype=object)) * GRID_BYTES_PER_PIXEL,
+                 f"ncols {cols}: a {rows} x {cols} grid of {h} x {w} tiles ({height} x {width} pixels)")
     out = np.full((rows * h + (rows - 1) * pad, cols * w + (cols - 1) * pad, *extra), fill)
     for i in range(n):
         r, c = divmod(i, cols)

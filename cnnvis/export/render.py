@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import limits
 from ..errors import CnnvisError
 from ..manifest import atomic_path
 from . import RENDER_MODES
@@ -189,6 +190,10 @@ def _place_camera(plotter, azimuth: float, elevation: float):
     plotter.reset_camera()
 
 
+#: bytes a window pixel costs in VTK's off-screen buffers (colour, depth) and the screenshot copies
+WINDOW_BYTES_PER_PIXEL = 32
+
+
 def _plotter(array, *, mode, show, window_size, threshold, normalization, spacing, layout,
              permutation, cmap, gap, azimuth, elevation, title):
     from .volumes import to_pyvista
@@ -198,6 +203,8 @@ def _plotter(array, *, mode, show, window_size, threshold, normalization, spacin
         raise CnnvisError(f"gap {gap!r}: expected a number >= 1 (planes apart, in z spacings)")
     if len(window_size) != 2 or min(window_size) < 16:
         raise CnnvisError(f"window size {window_size!r}: expected two integers >= 16")
+    limits.check(int(window_size[0]) * int(window_size[1]) * WINDOW_BYTES_PER_PIXEL,
+                 f"window size {int(window_size[0])} x {int(window_size[1])}")
     grid = to_pyvista(array, layout=layout, permutation=permutation, normalization=normalization,
                       threshold=threshold, spacing=spacing)
     check_gl(show)

@@ -42,6 +42,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import limits
 from ..errors import CnnvisError
 from ..manifest import atomic_path, hdf5_file, save_npy, to_jsonable, write_bytes, write_text
 
@@ -533,6 +534,9 @@ def _read_hdf(path: Path) -> VolumeData:
                               "only axis-aligned volumes are supported")
         arrays = {}
         for name, dset in root.get("PointData", {}).items():
+            # a compressed dataset may claim far more than the file holds: the budget first
+            limits.check(int(np.prod(dset.shape, dtype=object)) * dset.dtype.itemsize,
+                         f"{path}: point array {name!r} of shape {tuple(dset.shape)}")
             data = np.asarray(dset)
             if data.shape != (dims[2], dims[1], dims[0]):
                 raise CnnvisError(f"{path}: point array {name!r} has shape {data.shape}; "
@@ -554,6 +558,7 @@ def _read_vti(path: Path) -> VolumeData:
     import numpy as np
     import pyvista as pv
 
+    _check_vti_extent(path)
     try:
         grid = pv.read(path)
     except Exception as exc:  # VTK readers raise various types
@@ -580,6 +585,28 @@ def _read_vti(path: Path) -> VolumeData:
                       spacing=tuple(float(v) for v in grid.spacing),
                       origin=tuple(float(v) for v in grid.origin),
                       arrays=arrays, metadata=metadata)
+
+
+def _check_vti_extent(path: Path) -> None:
+    """The points a .vti's ``WholeExtent`` claims (one float32 each at least) against the memory
+    budget, before VTK allocates them (compressed data may claim far more than the file holds)."""
+    import re
+
+    with open(path, "rb") as f:
+        head = f.read(4096).decode("ascii", "replace")
+    m = re.search(r'WholeExtent\s*=\s*"([^"]*)"', head)
+    if not m:
+        return  # VTK says what is wrong
+    try:
+        ext = [int(v) for v in m.group(1).split()]
+    except ValueError:
+        raise CnnvisError(f"{path}: WholeExtent {m.group(1)!r} is not six integers") from None
+    if len(ext) != 6:
+        raise CnnvisError(f"{path}: WholeExtent {m.group(1)!r} is not six integers")
+    points = 1
+    for lo, hi in zip(ext[0::2], ext[1::2]):
+        points *= max(hi - lo + 1, 0)
+    limits.check(4 * points, f"{path}: WholeExtent {m.group(1)} ({points:,} points)")
 
 
 def read_vox_header(path) -> tuple:
