@@ -23,7 +23,7 @@ def mnist_like_net():
              n("MaxPool", ["r2"], ["p2"], kernel_shape=[2, 2], strides=[2, 2]), n("Flatten", ["p2"], ["f"]),
              n("Gemm", ["f", "fc", "fb"], ["logits"], transB=1)]
     g = helper.make_graph(nodes, "mnistlike", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 12, 12])],
-                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)],
+                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
                           [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()])
     return make_model(g)
 
