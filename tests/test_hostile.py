@@ -662,8 +662,6 @@ def test_evolution_uses_shipped_checkpoints_by_default(corpus, tmp_path, capsys)
     assert [c["number"] for c in records["checkpoints"]] == [1, 3]
 
 
-@pytest.mark.xfail(strict=False, reason="issue 15 item 8 (a file where an output folder must go): the check "
-                                        "sits in manifest.RunOutput, on the branch that owns manifest.py")
 def test_file_where_an_output_folder_goes(corpus, tmp_path, capsys):
     """--out holds a file named like the per-image folder activations writes: one line naming it,
     the user's file untouched, nothing else written."""
