@@ -863,6 +863,19 @@ def test_stale_staging_folders_and_part_files_are_cleaned_up(corpus, tmp_path, c
             assert (out / rel).read_bytes() == (clean / rel).read_bytes(), rel
 
 
+@pytest.mark.parametrize("blocker", ["activations", "filters"])
+def test_run_all_with_a_file_where_a_step_folder_goes(corpus, tmp_path, capsys, blocker):
+    """run-all writes each step into its own folder of --out: a file named like one of them (the
+    first step's or a later one's) is one line naming it before any step runs; nothing is written."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / blocker).write_text("mine")
+    code, _, err = _run_in_process(["run-all", "--images", corpus["image"], "--model", corpus["model"],
+                                    "--only", "activations", "filters", "--out", str(out)], capsys)
+    _refused(code, err, str(out / blocker), "a file is where")
+    assert _snapshot(out) == {blocker: b"mine"}
+
+
 def test_case_count():
     """The issue asks for at least 60 hostile cases across commands."""
     commands = {argv[0] for argv, *_ in SUBPROCESS_CASES.values()} | {argv[0] for argv, _ in IN_PROCESS_CASES.values()}
