@@ -134,7 +134,7 @@ def atomic_path(path):
 def _folder_error(exc: OSError, path: Path) -> Exception:
     """A file sitting where a folder must go (or the reverse) is the user's problem: one line."""
     if exc.errno in (errno.ENOTDIR, errno.EEXIST, errno.EISDIR):
-        blocker = next((p for p in [*reversed(path.parents), path] if p.exists() and not p.is_dir()), None)
+        blocker = file_in_the_way(path)
         if blocker is not None and blocker != path:
             return CnnvisError(f"{blocker}: a file is where a folder must go (writing {path})")
         return CnnvisError(f"{path}: cannot write there ({exc.strerror or exc})")
@@ -287,6 +287,25 @@ def list_files(items, suffixes, what: str, label: str = "") -> list:
     return files
 
 
+def file_in_the_way(folder) -> Path | None:
+    """The first path on the way to ``folder`` (itself included) that exists and is not a folder
+    (a file, a fifo, a dangling symlink), or None: where creating ``folder`` would fail."""
+    folder = Path(folder)
+    return next((p for p in [*reversed(folder.parents), folder]
+                 if (p.exists() or p.is_symlink()) and not p.is_dir()), None)
+
+
+def check_output_folders(folders) -> None:
+    """Before a command that writes into several ``--out`` folders (run-all's steps) starts: a
+    file sitting where one of them must go is one CnnvisError naming it, before anything runs
+    or moves."""
+    for folder in folders:
+        blocker = file_in_the_way(folder)
+        if blocker is not None:
+            where = "an output folder" if blocker == Path(folder) else f"the output folder {folder}"
+            raise CnnvisError(f"{blocker}: a file is where {where} must go; move it away or write to another --out")
+
+
 def ensure_writable_dir(out) -> Path:
     """Create ``out`` if needed and check that files can be written there (one-line error if not)."""
     out = Path(out)
@@ -296,7 +315,7 @@ def ensure_writable_dir(out) -> Path:
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        blocker = next((p for p in [*reversed(out.parents), out] if p.exists() and not p.is_dir()), None)
+        blocker = file_in_the_way(out)
         if blocker is not None:
             raise CnnvisError(f"out={out}: cannot write there ({blocker} is a file, not a folder)",
                               params="out") from None

@@ -662,8 +662,6 @@ def test_evolution_uses_shipped_checkpoints_by_default(corpus, tmp_path, capsys)
     assert [c["number"] for c in records["checkpoints"]] == [1, 3]
 
 
-@pytest.mark.xfail(strict=False, reason="issue 15 item 8 (a file where an output folder must go): the check "
-                                        "sits in manifest.RunOutput, on the branch that owns manifest.py")
 def test_file_where_an_output_folder_goes(corpus, tmp_path, capsys):
     """--out holds a file named like the per-image folder activations writes: one line naming it,
     the user's file untouched, nothing else written."""
@@ -676,6 +674,206 @@ def test_file_where_an_output_folder_goes(corpus, tmp_path, capsys):
     lines = error_lines(err)
     assert len(lines) == 1 and "im0" in lines[0], err
     assert files_under(out) == ["im0"] and (out / "im0").read_text() == "mine"
+
+
+# ------------------------------------------------- report, manifests, downloads, names, resumes, commits
+# (the long versions of these live in test_report/test_manifest/test_registry/test_topk; the corpus
+#  carries one compact case each, through the command line, with the same assertions as above)
+
+def _snapshot(folder) -> dict:
+    """Every file under ``folder`` (relative path -> bytes; a symlink -> its target)."""
+    folder = Path(folder)
+    return {str(p.relative_to(folder)): (os.readlink(p) if p.is_symlink() else p.read_bytes())
+            for p in sorted(folder.rglob("*")) if p.is_file() or p.is_symlink()} if folder.exists() else {}
+
+
+def _refused(code, err, *words) -> str:
+    """The common assertions of a refusal: exit 2, one line naming ``words``, no traceback."""
+    assert code == 2, err
+    assert "Traceback" not in err
+    lines = error_lines(err)
+    assert len(lines) == 1, err
+    assert lines[0].startswith("cnnvis ") and ": error: " in lines[0]
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+    return lines[0]
+
+
+def _activations(corpus, out, *images, extra=()):
+    return ["activations", *(images or [corpus["image"]]), "--model", corpus["model"], "--layer", "conv1",
+            *extra, "--out", str(out)]
+
+
+def test_report_does_not_embed_a_manifest_symlink_to_etc_passwd(corpus, tmp_path, capsys):
+    """A manifest listing ``leak.csv -> /etc/passwd``: the report is written, /etc/passwd is never
+    opened, and none of its lines is in index.html."""
+    out = tmp_path / "out"
+    code, _, err = _run_in_process(_activations(corpus, out), capsys)
+    assert code == 0, err
+    (out / "leak.csv").symlink_to("/etc/passwd")
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["runs"]["activations"]["files"].append({"path": "leak.csv", "kind": "table"})
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    code, _, err = _run_in_process(["report", str(out)], capsys, forbidden=["/etc/passwd"])
+    assert code == 0 and "Traceback" not in err, err
+    assert _OPENED == [], f"read outside the report's folder: {_OPENED}"
+    html = (out / "index.html").read_text(encoding="utf-8")
+    assert "root:" not in html and "/bin/" not in html
+    assert 'href="leak.csv"' not in html
+
+
+@pytest.mark.parametrize("kind", ["corrupt", "directory"])
+@pytest.mark.parametrize("command", ["report", "activations"])
+def test_a_bad_manifest_is_one_line_and_nothing_moves(corpus, tmp_path, capsys, command, kind):
+    """A corrupt or a directory ``manifest.json`` under the report's folder or an analysis's --out:
+    one line naming it, before anything is written; the folder is as it was."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "im0").mkdir()
+    (out / "im0" / "earlier.txt").write_text("an earlier run's file")
+    if kind == "corrupt":
+        (out / "manifest.json").write_text('{"runs": {"activations": ')
+    else:
+        (out / "manifest.json").mkdir()
+        (out / "manifest.json" / "x").write_text("{}")
+    before = _snapshot(out)
+    argv = ["report", str(out)] if command == "report" else _activations(corpus, out)
+    code, _, err = _run_in_process(argv, capsys)
+    line = _refused(code, err)
+    assert "manifest" in line, line
+    assert _snapshot(out) == before and not (out / "index.html").exists()
+    assert not any(p.name.startswith(".cnnvis") for p in out.iterdir())
+
+
+def test_fetch_url_file_etc_passwd_is_refused_and_caches_nothing(tmp_path, capsys, monkeypatch):
+    home = tmp_path / "home"
+    monkeypatch.setenv("CNNVIS_HOME", str(home))
+    code, _, err = _run_in_process(["fetch", "alexnet", "--no-progress", "--url", "file:///etc/passwd"], capsys,
+                                   forbidden=["/etc/passwd"])
+    _refused(code, err, "--url file:///etc/passwd", "http")
+    assert _OPENED == []
+    assert _snapshot(home) == {}
+
+
+@pytest.mark.parametrize("which", ["unknown-name", "registered-without-checksum"])
+def test_fetch_url_without_sha256_is_refused_before_any_download(tmp_path, capsys, monkeypatch, which):
+    """--url alone for a model the registry has no checksum for (or does not know): refused before
+    a connection is made (the URL points at a closed port: a download attempt would fail otherwise)."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("CNNVIS_HOME", str(home))
+    sidecars = tmp_path / "sidecars"
+    sidecars.mkdir()
+    (sidecars / "plain.json").write_text(json.dumps({"name": "plain", "kind": "onnx", "file": "plain.onnx",
+                                                     "url": "http://127.0.0.1:9/plain.onnx"}))
+    monkeypatch.setenv("CNNVIS_MODEL_PATH", str(sidecars))
+    name = "no-such-model" if which == "unknown-name" else "plain"
+    code, _, err = _run_in_process(["fetch", name, "--no-progress", "--retries", "0", "--url",
+                                    "http://127.0.0.1:9/x.onnx"], capsys)
+    line = _refused(code, err, name)
+    assert ("unknown model" in line) if which == "unknown-name" else ("--sha256" in line), line
+    assert _snapshot(home) == {}
+
+
+HOSTILE_NAMES = ["..png", "-x.png", "new\nline.png", "ünïcødé-猫.png", "L" * 251 + ".png"]  # 255 bytes: the longest a file system takes
+
+
+def test_hostile_image_names_give_safe_outputs_inside_out(corpus, tmp_path, capsys, monkeypatch):
+    """Images named '..png', '-x.png', with a newline, in unicode, and 255 bytes long: each is read,
+    and every output lands inside --out under a name with no newline, no leading '.' or '-', at
+    most 255 bytes a component, one folder per image."""
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for name in HOSTILE_NAMES:
+        (imgs / name).write_bytes(Path(corpus["image"]).read_bytes())
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    code, _, err = _run_in_process(_activations(corpus, out, *(str(imgs / n) for n in HOSTILE_NAMES)), capsys)
+    assert code == 0, err
+    files = [f for f in files_under(out) if f != "manifest.json"]
+    assert files
+    for f in files:
+        for part in Path(f).parts:
+            assert "\n" not in part and part[0] not in ".-" and len(part.encode()) <= 255, repr(f)
+    assert len({Path(f).parts[0] for f in files}) == len(HOSTILE_NAMES)
+    assert set(files_under(tmp_path)) == {f"out/{f}" for f in files_under(out)} | {f"imgs/{n}" for n in HOSTILE_NAMES}
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert sorted(manifest["runs"]["activations"]["inputs"]) == sorted(str(imgs / n) for n in HOSTILE_NAMES)
+
+
+def test_topk_resume_refuses_an_image_changed_since_the_saved_state(corpus, tmp_path, capsys):
+    """A resumed top-k whose already-processed image changed: one line naming it, nothing mixed in."""
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for i in range(3):
+        (imgs / f"im{i}.png").write_bytes((Path(corpus["imgs"]) / f"im{i}.png").read_bytes())
+    out = tmp_path / "out"
+    argv = ["topk", str(imgs), "--model", corpus["model"], "--layer", "conv1", "--k", "2", "--batch-size", "1",
+            "--out", str(out)]
+    code, _, err = _run_in_process(argv + ["--max-chunks", "1"], capsys)
+    assert code == 3, err  # images left: the state is saved
+    before = _snapshot(out)
+    assert before
+    (imgs / "im0.png").write_bytes((Path(corpus["imgs"]) / "im2.png").read_bytes())  # the processed one
+    code, _, err = _run_in_process(argv, capsys)
+    _refused(code, err, str(imgs / "im0.png"), "changed", "--restart")
+    assert _snapshot(out) == before
+
+
+def test_two_runs_with_other_parameters_never_leave_a_lying_manifest(corpus, tmp_path, capsys):
+    """Into one --out: activations of im0 and im1, then of im0 alone with another --ncols. The
+    second run would overwrite only part of the first run's files: refused in one line, the
+    first run byte-identical. Then a run over both images with the other parameters replaces
+    the first as a whole: one record, whose every file is there and was written by it."""
+    out = tmp_path / "out"
+    both = [str(Path(corpus["imgs"]) / "im0.png"), str(Path(corpus["imgs"]) / "im1.png")]
+    code, _, err = _run_in_process(_activations(corpus, out, *both), capsys)
+    assert code == 0, err
+    first = _snapshot(out)
+    code, _, err = _run_in_process(_activations(corpus, out, both[0], extra=["--ncols", "3"]), capsys)
+    _refused(code, err, f"--out {out}", "other parameters", "im0/activations.h5")
+    assert _snapshot(out) == first
+    code, _, err = _run_in_process(_activations(corpus, out, *both, extra=["--ncols", "3"]), capsys)
+    assert code == 0, err
+    runs = json.loads((out / "manifest.json").read_text())["runs"]
+    assert len(runs) == 1
+    (record,) = runs.values()
+    assert record["params"]["ncols"] == 3
+    listed = sorted(f["path"] for f in record["files"])
+    assert listed == [f for f in files_under(out) if f != "manifest.json"]
+
+
+def test_stale_staging_folders_and_part_files_are_cleaned_up(corpus, tmp_path, capsys):
+    """What a killed run left in --out (an unlocked ``.cnnvis-stage-*`` folder, ``.part`` files
+    beside the outputs) is gone after the next run; the outputs are those of a clean run."""
+    out = tmp_path / "out"
+    clean = tmp_path / "clean"
+    code, _, err = _run_in_process(_activations(corpus, clean), capsys)
+    assert code == 0, err
+    code, _, err = _run_in_process(_activations(corpus, out), capsys)
+    assert code == 0, err
+    (out / ".cnnvis-stage-dead" / "im0").mkdir(parents=True)
+    (out / ".cnnvis-stage-dead" / "im0" / "grid.png").write_text("left by a killed run")
+    (out / ".manifest.json.x1.part").write_text("half")
+    (out / "im0" / ".activations.h5.x2.part").write_text("half")
+    code, _, err = _run_in_process(_activations(corpus, out), capsys)
+    assert code == 0, err
+    assert files_under(out) == files_under(clean)
+    for rel in files_under(clean):
+        if rel != "manifest.json":
+            assert (out / rel).read_bytes() == (clean / rel).read_bytes(), rel
+
+
+@pytest.mark.parametrize("blocker", ["activations", "filters"])
+def test_run_all_with_a_file_where_a_step_folder_goes(corpus, tmp_path, capsys, blocker):
+    """run-all writes each step into its own folder of --out: a file named like one of them (the
+    first step's or a later one's) is one line naming it before any step runs; nothing is written."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / blocker).write_text("mine")
+    code, _, err = _run_in_process(["run-all", "--images", corpus["image"], "--model", corpus["model"],
+                                    "--only", "activations", "filters", "--out", str(out)], capsys)
+    _refused(code, err, str(out / blocker), "a file is where")
+    assert _snapshot(out) == {blocker: b"mine"}
 
 
 def test_case_count():

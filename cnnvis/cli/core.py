@@ -89,7 +89,7 @@ def cmd_activations(args) -> int:
     layers = activations.resolve_layers(model, args.layer)
     chunks = common.checked_input_chunks(args, model)  # bad inputs fail here, before anything is staged
     common.model_warning(model)
-    params = {"layers": layers, "normalization": args.normalization, "cmap": args.cmap,
+    params = {"layers": layers, "normalization": args.normalization, "cmap": args.cmap, "ncols": args.ncols,
               "batch_size": args.batch_size, "input_array": args.input_array}
     used = {}
     preprocessing_json = ("--input-array (preprocessed by the user)" if args.input_array else

@@ -104,6 +104,9 @@ def _run_all(args) -> int:
     if problem:  # a machine without GL libraries still gets every other analysis, and is told why
         print(f"cnnvis run-all: skipping render: {problem}", file=sys.stderr)
         chosen = [(n, a) for n, a in chosen if n != "render"]
+    from ..manifest import check_output_folders
+
+    check_output_folders([args.out, *(argv[argv.index("--out") + 1] for _, argv in chosen if "--out" in argv)])
     common.model_warning(model)
     print(f"cnnvis run-all: model {model.name}, {len(images)} image(s), {len(chosen)} step(s) -> {args.out}/")
     failed = []
