@@ -114,7 +114,7 @@ class Model:
         self.input_shape = tuple(int(d) for d in shape)
         self.sha256 = sha256 or hashlib.sha256(proto.SerializeToString()).hexdigest()
         self._inits = onnxgraph.initializer_map(self.proto)
-        self._sessions: dict = {}
+        self._sessions = SessionCache()
         self._engines: dict = {}
         self.layers = self._layer_table()
         self._by_name = {layer.name: layer for layer in self.layers}
@@ -358,8 +358,8 @@ class Model:
             device = self.device if device is None else device
             threads = self.threads if threads is None else threads
             if build is not None:
-                sess = onnxgraph.create_session(build(), device=device, threads=threads, spinning=spinning)
-            elif self.reduced_precision and self.forward_precision == self.precision:
+                return self._sessions(key, build, threads=threads, device=device, spinning=spinning)
+            if self.reduced_precision and self.forward_precision == self.precision:
                 # the file's own graph and precision, fed and answering in float32
                 outs = list(cache_key) or [o.name for o in self.native_proto.graph.output]
                 proto = onnxgraph.with_outputs(self.native_proto, outs, self._types)
@@ -390,8 +390,7 @@ class Model:
     def drop_sessions(self, keep) -> None:
         """Forget the cached sessions of built graphs whose ``key`` fails ``keep(key)`` (a caller
         dropping graphs it no longer runs, e.g. a gradient engine's evicted chunk-size graphs)."""
-        for cache_key in [k for k in self._sessions if k and k[0] == "graph" and not keep(k[1])]:
-            del self._sessions[cache_key]
+        self._sessions.drop(keep)
 
     def check_batch(self, x) -> np.ndarray:
         x = np.asarray(x)
@@ -590,6 +589,29 @@ def _all_tensors(graph):
 def _first_line(exc) -> str:
     text = str(exc).strip()
     return " ".join(text.splitlines()[0].split())[:300] if text else type(exc).__name__
+
+
+class SessionCache(dict):
+    """onnxruntime sessions, each built once per key: the one session cache of cnnvis. A
+    :class:`Model` keeps its tap sessions in one (under their output names, :meth:`Model.session`)
+    and the sessions of graphs built from it under ``("graph", key)``; a gradient engine made from
+    a bare graph (no Model: ``cached_engine``, the trainer's training graph) gets one of its own.
+    Called as ``cache(key, build, threads, device)`` it is the ``sessions`` provider
+    :class:`cnnvis.autodiff.GradientEngine` takes."""
+
+    def __call__(self, key, build, threads=None, device="auto", spinning: bool = True):
+        """The session of the graph ``build()`` returns, built on the first call for ``key``."""
+        cache_key = ("graph", key)
+        sess = self.get(cache_key)
+        if sess is None:
+            sess = self[cache_key] = onnxgraph.create_session(build(), device=device, threads=threads,
+                                                              spinning=spinning)
+        return sess
+
+    def drop(self, keep) -> None:
+        """Forget the sessions of built graphs whose ``key`` fails ``keep(key)``."""
+        for cache_key in [k for k in self if k and k[0] == "graph" and not keep(k[1])]:
+            del self[cache_key]
 
 
 class _EngineSessions:

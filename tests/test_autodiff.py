@@ -226,6 +226,56 @@ def test_workers_run_parts_concurrently_with_the_same_results(small_cnn, per_sam
         np.testing.assert_array_equal(again[k], got[k])
 
 
+class _FreshSessions:
+    """A sessions provider without a cache: a new onnxruntime session on every call, made as the
+    engine made its own before it took them from a SessionCache."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, key, build, threads, device):
+        self.calls += 1
+        return create_session(build(), device=device, threads=threads)
+
+    def drop(self, keep):
+        pass
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_an_engine_without_a_model_keeps_its_sessions_in_a_session_cache(small_cnn, workers):
+    from cnnvis.model import SessionCache
+
+    x = np.random.default_rng(12).standard_normal((7, 2, 9, 9)).astype(np.float32)
+    idx = np.arange(7) % 6
+    options = dict(objective="logit", batch_size=4, workers=workers, threads=workers)
+    engine = GradientEngine(small_cnn, ["w1", "x"], **options)
+    got = engine.run(x, index=idx)
+    assert type(engine.sessions) is SessionCache
+    # one session per built graph and worker, each built once: a second run adds none
+    keys = sorted(engine.sessions)
+    assert keys and all(k[0] == "graph" for k in keys)
+    assert len(keys) == workers * len({id(g) for g in engine._built.values()})
+    sessions = [engine.sessions[k] for k in keys]
+    again = engine.run(x, index=idx)
+    assert sorted(engine.sessions) == keys and all(engine.sessions[k] is s for k, s in zip(keys, sessions))
+    # bit-identical to sessions made fresh for every graph, outside any cache: the per-sample
+    # weight gradient and the input gradient
+    fresh = _FreshSessions()
+    ref = GradientEngine(small_cnn, ["w1", "x"], sessions=fresh, **options).run(x, index=idx)
+    assert fresh.calls == len(keys)
+    assert got["w1"].shape == (7, 4, 1, 3, 3) and got["x"].shape == x.shape
+    for k in ("w1", "x"):
+        np.testing.assert_array_equal(got[k], ref[k])
+        np.testing.assert_array_equal(again[k], ref[k])
+    np.testing.assert_array_equal(got.objective, ref.objective)
+
+
+def test_a_float64_engine_runs_the_reference_evaluator_without_sessions(small_cnn):
+    engine = GradientEngine(to_float64(small_cnn), ["x"], objective="logit")
+    engine.run(np.ones((2, 2, 9, 9)), index=1)
+    assert engine.backend_ == "reference" and len(engine.sessions) == 0
+
+
 def test_workers_need_onnxruntime_on_cpu_and_a_positive_count(small_cnn, monkeypatch):
     with pytest.raises(CnnvisError, match="workers 0: expected a positive integer"):
         GradientEngine(small_cnn, "x", workers=0)

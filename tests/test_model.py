@@ -439,3 +439,28 @@ def test_check_runs_refuses_a_model_that_cannot_run(tmp_path):
     with pytest.raises(CnnvisError, match=r"^.*bad\.onnx: onnxruntime cannot run this model \(.*\)$") as info:
         Model.from_file(path)
     assert "\n" not in str(info.value)
+
+
+def test_session_cache_builds_each_key_once_and_drops_only_graphs_failing_keep():
+    from cnnvis.model import SessionCache
+
+    m = tiny_model()
+    builds = []
+
+    def build():
+        builds.append(1)
+        return m.proto
+
+    cache = SessionCache()
+    cache[("tap",)] = "a tap session"  # a Model keeps its tap sessions under their output names
+    first = cache(("a", 1), build, threads=1, device="cpu")
+    assert cache(("a", 1), build, threads=1, device="cpu") is first and len(builds) == 1
+    second = cache(("b", 2), build, threads=1, device="cpu")
+    assert second is not first and len(builds) == 2
+    x = np.random.default_rng(5).standard_normal((2, 3, 12, 12)).astype(np.float32)
+    np.testing.assert_array_equal(first.run(None, {m.input_name: x})[0], m.run(x)[m.output_name])
+    cache.drop(lambda key: key[0] == "b")
+    assert sorted(cache, key=repr) == [("graph", ("b", 2)), ("tap",)]
+    # the model's cache is one: its graph sessions go through the same class
+    assert type(m._sessions) is SessionCache
+    assert m.session(key=("k",), build=build) is m._sessions[("graph", ("k",))] and len(builds) == 3

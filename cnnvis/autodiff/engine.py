@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 
 from ..errors import CnnvisError
-from ..model import chunk_bounds
+from ..model import SessionCache, chunk_bounds
 from ..onnxgraph import select_providers
 from .backend import Runner, resolve_backend
 from .graph import OBJECTIVE_OUTPUT, OBJECTIVES, GradientGraph, build_gradient_graph, model_dtype
@@ -85,7 +85,9 @@ class GradientEngine:
     sessions : where the onnxruntime sessions come from: ``sessions(key, build, threads, device)``
         returns the session of ``build()``'s graph, cached under ``key``, and ``sessions.drop(keep)``
         forgets those whose key fails ``keep`` (graphs the engine evicted). ``Model.gradient_engine``
-        passes its model's session cache (:meth:`cnnvis.model.Model.session`); None: the engine's own.
+        passes its model's session cache (:meth:`cnnvis.model.Model.session`); None (an engine made
+        from a bare graph): a :class:`cnnvis.model.SessionCache` of the engine's own, the class the
+        model's cache is.
     """
 
     def __init__(self, model, wrt, objective: str = "logit", target=None, rule: str = "gradient",
@@ -105,7 +107,7 @@ class GradientEngine:
         self.device = device
         self.threads = threads
         self.backend = backend
-        self.sessions = sessions
+        self.sessions = SessionCache() if sessions is None else sessions
         if objective not in OBJECTIVES:
             raise CnnvisError(f"objective {objective!r}: expected one of {', '.join(OBJECTIVES)}")
         if int(batch_size) < 1:
@@ -124,7 +126,7 @@ class GradientEngine:
             self.workers_ = min(self.workers_, int(threads))  # never more cores than asked for
         self._built = {}  # (sample shape, batch or None) -> GradientGraph
         self._specialised = []  # keys of batch-specialised graphs, oldest first
-        self._runners = {}
+        self._runners = {}  # graph key -> its Runners, one per worker (views of self.sessions' sessions)
         self._pool = None
 
     # ------------------------------------------------------------------ graphs
@@ -151,8 +153,7 @@ class GradientEngine:
                     old = self._specialised.pop(0)
                     self._built.pop(old, None)
                     self._runners.pop(old, None)
-                    if self.sessions is not None:
-                        self.sessions.drop(lambda k, old=old: k[:2] != old)
+                    self.sessions.drop(lambda k, old=old: k[:2] != old)
         return self._built[key]
 
     def graph_info(self, sample_shape) -> GradientGraph:
@@ -175,17 +176,15 @@ class GradientEngine:
         key = (gg.sample_shape, gg.static_batch)
         for stale in [k for k in self._runners if k not in self._built]:  # their graph was evicted
             del self._runners[stale]
-            if self.sessions is not None:
-                self.sessions.drop(lambda k, stale=stale: k[:2] != stale)
+            self.sessions.drop(lambda k, stale=stale: k[:2] != stale)
         if key not in self._runners:
             threads = self._session_threads()
-            if self.sessions is not None and self.backend_ == "onnxruntime":
-                # the model's session cache (Model.session) holds them, one per worker
+            if self.backend_ == "onnxruntime":
+                # the session cache (the model's, or the engine's own) holds them, one per worker
                 self._runners[key] = [Runner(gg.model, session=self.sessions((*key, w), lambda: gg.model, threads, self.device))
                                       for w in range(self.workers_)]
-            else:
-                self._runners[key] = [Runner(gg.model, backend=self.backend_, device=self.device, threads=threads)
-                                      for _ in range(self.workers_)]
+            else:  # onnx's reference evaluator (float64): no onnxruntime session
+                self._runners[key] = [Runner(gg.model, backend=self.backend_)]
         return self._runners[key]
 
     def dropout_masks(self, n: int, sample_shape, rng) -> dict:

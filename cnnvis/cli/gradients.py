@@ -111,7 +111,6 @@ def _objective_target(model, objective):
 def cmd_gradients(args) -> int:
     import numpy as np
 
-    from ..autodiff import GradientEngine
     from ..manifest import RunOutput, save_npy
 
     model = common.load_model(args)
@@ -121,10 +120,9 @@ def cmd_gradients(args) -> int:
     image_names, x = common.load_inputs(args, model)
     x = model.check_batch(x)
     targets = _targets(model, args, x)
-    engine = GradientEngine(model.proto, list(dict.fromkeys(names.values())), objective=args.objective,
-                            target=_objective_target(model, args.objective), rule=args.rule,
-                            per_sample=not args.batch_sum, batch_size=args.batch_size, device=model.device,
-                            threads=model.threads)
+    engine = model.gradient_engine(list(dict.fromkeys(names.values())), objective=args.objective,
+                                   target=_objective_target(model, args.objective), rule=args.rule,
+                                   per_sample=not args.batch_sum, batch_size=args.batch_size)
     result = engine.run(x, index=targets)
     params = {"wrt": specs, "rule": args.rule, "objective": args.objective, "batch_sum": args.batch_sum,
               "classes": targets.tolist(), "model": model.name}
