@@ -303,7 +303,7 @@ def check_output_folders(folders) -> None:
         blocker = file_in_the_way(folder)
         if blocker is not None:
             where = "an output folder" if blocker == Path(folder) else f"the output folder {folder}"
-            raise CnnvisError(f"{blocker}: a file is where {where} must go; move it away or write to another --out")
+            raise CnnvisError(f"{blocker}: a file is where {where} must go; move it away or write to another output folder")
 
 
 def ensure_writable_dir(out) -> Path:
