@@ -119,7 +119,7 @@ def check(nbytes, what: str) -> int:
         if need == have:  # too close to tell apart rounded: in bytes
             need, have = f"{nbytes:,} B", f"{limit:,} B"
         raise CnnvisError(f"{what}: needs {need}, more than the memory limit {have} "
-                          f"(set --memory-limit or {ENV_VAR})")
+                          f"(set memory_limit=SIZE or {ENV_VAR})", params="memory_limit")
     return nbytes
 
 

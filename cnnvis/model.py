@@ -253,7 +253,7 @@ class Model:
         kinds = ("Conv", "ConvTranspose") if transposed else ("Conv",)
         convs = [layer for layer in self.layers if layer.op_type in kinds]
         if not convs:
-            raise CnnvisError(f"model {self.name} has no convolution layer; name one with --layer")
+            raise CnnvisError(f"model {self.name} has no convolution layer; name one with layer=...", params="layer")
         return convs
 
     def layer(self, name: str) -> Layer:
@@ -434,8 +434,9 @@ class Model:
             return np.asarray(output)
         return softmax(output)
 
-    def class_index(self, spec, what: str = "--class") -> int:
-        """A class index from an index (int or digit string) or a class name.
+    def class_index(self, spec, what: str = "class") -> int:
+        """A class index from an index (int or digit string) or a class name; ``what`` names it in
+        errors (the CLI passes its flag).
 
         Names match exactly, then case-insensitively, then against any comma-separated alias of
         the name ('tabby' finds 'tabby, tabby cat'); an alias shared by several classes is an error.

@@ -279,7 +279,7 @@ DEVICES = ("auto", "cpu", "cuda")
 def select_providers(device: str = "auto", available=None) -> list:
     """Execution providers for ``device``: CUDA first when it is asked for or available, else CPU."""
     if device not in DEVICES:
-        raise CnnvisError(f"--device {device!r}: expected one of {', '.join(DEVICES)}")
+        raise CnnvisError(f"device={device!r}: expected one of {', '.join(DEVICES)}", params="device")
     if available is None:
         import onnxruntime as ort
 
@@ -288,8 +288,8 @@ def select_providers(device: str = "auto", available=None) -> list:
     if device == "cuda":
         if not has_cuda:
             raise CnnvisError(
-                "--device cuda: onnxruntime has no CUDAExecutionProvider here "
-                f"(available: {', '.join(available)}); install onnxruntime-gpu and a CUDA driver")
+                "device='cuda': onnxruntime has no CUDAExecutionProvider here "
+                f"(available: {', '.join(available)}); install onnxruntime-gpu and a CUDA driver", params="device")
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     if device == "auto" and has_cuda:
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]

@@ -629,11 +629,11 @@ def read_image(path, exif_transpose: bool = True, reduce_to: int | None = None):
                     im = im.copy()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise CnnvisError(f"{path}: image too large to decode safely ({str(exc).split(',')[0]}; memory budget "
-                          f"{limits.format_bytes(limits.memory_limit())}: set --memory-limit or {limits.ENV_VAR}; "
-                          "a decompression bomb?)") from None
+                          f"{limits.format_bytes(limits.memory_limit())}: set memory_limit=SIZE or {limits.ENV_VAR}; "
+                          "a decompression bomb?)", params="memory_limit") from None
     except MemoryError:
-        raise CnnvisError(f"{path}: out of memory decoding this image (set a lower --memory-limit "
-                          "to have such images refused before decoding)") from None
+        raise CnnvisError(f"{path}: out of memory decoding this image (set a lower memory_limit=SIZE "
+                          "to have such images refused before decoding)", params="memory_limit") from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise CnnvisError(f"{path}: not a readable image ({reason})") from None
@@ -665,7 +665,7 @@ def _check_pixels(path, w: int, h: int, budget_pixels: int) -> None:
     if w * h > budget_pixels:
         raise CnnvisError(f"{path}: a {w}x{h} image ({w * h:,} pixels) is over the {budget_pixels:,}-pixel "
                           f"limit of the memory budget {limits.format_bytes(limits.memory_limit())} "
-                          f"(set --memory-limit or {limits.ENV_VAR}; a decompression bomb?)")
+                          f"(set memory_limit=SIZE or {limits.ENV_VAR}; a decompression bomb?)", params="memory_limit")
 
 
 def _reduced(im, reduce_to: int):
@@ -719,7 +719,7 @@ def display_names(paths) -> list:
 def iter_image_batches(inputs, preprocessing: Preprocessing, batch_size: int = 32) -> Iterator:
     """Yield (names, N×C×H×W float32) chunks of at most ``batch_size`` images, decoding lazily."""
     if int(batch_size) < 1:
-        raise CnnvisError(f"--batch-size: expected a positive integer, got {batch_size}")
+        raise CnnvisError(f"batch_size={batch_size}: expected a positive integer", params="batch_size")
     paths = list_images(inputs)
     names = display_names(paths)
     for start in range(0, len(paths), int(batch_size)):
@@ -744,11 +744,12 @@ def load_images(inputs, preprocessing: Preprocessing):
     return names, np.concatenate(batches)
 
 
-def load_input_array(path, expected_shape: Sequence) -> np.ndarray:
+def load_input_array(path, expected_shape: Sequence, what: str = "input array") -> np.ndarray:
     """An already-preprocessed N×C×H×W float array from ``.npy`` (never unpickled).
 
     ``expected_shape`` is (C, H, W) or (N, C, H, W); None in it accepts any size there.
-    Wrong ndim, shape, dtype, or NaN/inf → one-line CnnvisError naming the file and the shape.
+    Wrong ndim, shape, dtype, or NaN/inf → one-line CnnvisError naming the file and the shape
+    (``what`` names the array: the CLI passes its flag).
     """
     path = Path(path)
     expected = tuple(expected_shape)
@@ -757,16 +758,16 @@ def load_input_array(path, expected_shape: Sequence) -> np.ndarray:
     shown = "N x " + " x ".join("?" if d is None else str(d) for d in expected[1:]) if expected[0] is None \
         else " x ".join("?" if d is None else str(d) for d in expected)
     if not path.is_file():
-        raise CnnvisError(f"--input-array {path}: no such file (expected a {shown} float .npy)")
+        raise CnnvisError(f"{what} {path}: no such file (expected a {shown} float .npy)")
     from .manifest import load_npy
 
-    array = load_npy(path, "--input-array", f"{shown} float")
+    array = load_npy(path, what, f"{shown} float")
     if not np.issubdtype(array.dtype, np.floating):
-        raise CnnvisError(f"--input-array {path}: expected floats, got dtype {array.dtype} (shape {shown})")
+        raise CnnvisError(f"{what} {path}: expected floats, got dtype {array.dtype} (shape {shown})")
     if array.ndim != 4:
-        raise CnnvisError(f"--input-array {path}: expected 4 dimensions {shown}, got shape {tuple(array.shape)}")
+        raise CnnvisError(f"{what} {path}: expected 4 dimensions {shown}, got shape {tuple(array.shape)}")
     if any(e is not None and e != a for e, a in zip(expected, array.shape)) or array.shape[0] == 0:
-        raise CnnvisError(f"--input-array {path}: expected shape {shown}, got {tuple(array.shape)}")
+        raise CnnvisError(f"{what} {path}: expected shape {shown}, got {tuple(array.shape)}")
     if not np.all(np.isfinite(array)):
-        raise CnnvisError(f"--input-array {path}: contains NaN or infinite values (shape {shown})")
+        raise CnnvisError(f"{what} {path}: contains NaN or infinite values (shape {shown})")
     return np.ascontiguousarray(array, dtype=np.float32)

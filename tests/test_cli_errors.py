@@ -45,11 +45,13 @@ def _flag_strings(node):
 
 def test_library_messages_name_no_cli_flags():
     """No CnnvisError raised in the library below the CLI (analysis/, export/, autodiff/, caffe/,
-    the catalog, downloads, output folders, datasets, Dask scale) spells a flag; those naming a
+    the catalog, downloads, output folders, datasets, Dask scale, the model, sessions, preprocessing,
+    limits) spells a flag; those naming a
     parameter list it in ``params`` so the CLI can print its flag."""
     package = ROOT / "cnnvis"
     files = sorted(f for folder in ("analysis", "export", "autodiff", "caffe") for f in (package / folder).glob("*.py"))
-    files += [package / f"{m}.py" for m in ("registry", "download", "manifest", "datasets", "scale")]
+    files += [package / f"{m}.py" for m in ("registry", "download", "manifest", "datasets", "scale", "model", "onnxgraph",
+                                             "preprocess", "limits", "ops", "nets", "training", "demo")]
     offenders, named = [], 0
     for path in files:
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):

@@ -84,7 +84,8 @@ def test_check_names_value_and_limit():
         with pytest.raises(CnnvisError) as info:
             limits.check(1001, "--ncols 7: a grid")
     assert str(info.value) == ("--ncols 7: a grid: needs 1001 B, more than the memory limit 1000 B "
-                               "(set --memory-limit or CNNVIS_MEMORY_LIMIT)")
+                               "(set memory_limit=SIZE or CNNVIS_MEMORY_LIMIT)")
+    assert info.value.params == ("memory_limit",)  # the CLI prints --memory-limit SIZE
     with limits.memory_limit_set(2 ** 30):
         with pytest.raises(CnnvisError, match=r"^y: needs 2\.0 GiB, more than the memory limit 1\.0 GiB "):
             limits.check(2 ** 31, "y")

@@ -14,11 +14,11 @@ from ..errors import CnnvisError
 FEATURE_OPS = ("Conv", *sorted(ops.FEATURE_OPS - {"Conv"}))
 
 
-def resolve_class(model, spec):
+def resolve_class(model, spec, what: str = "class"):
     """A class index from an index or a name (None, '' and 'predicted' mean the predicted class)."""
     if spec is None or (isinstance(spec, str) and spec in ("", "predicted")):
         return None
-    return model.class_index(spec)
+    return model.class_index(spec, what)
 
 
 def probabilities(model, output) -> np.ndarray:

@@ -218,7 +218,7 @@ class Inputs:
         self.pre = preprocessing_for(args, model)
         self.sources = recorded_inputs(args, model)
         if args.input_array:
-            self.array = preprocess.load_input_array(args.input_array, expected_shape=model.input_shape)
+            self.array = preprocess.load_input_array(args.input_array, expected_shape=model.input_shape, what="--input-array")
             stem = os.path.splitext(os.path.basename(args.input_array))[0]
             self.names = [f"{stem}[{i}]" for i in range(len(self.array))]
             self.files = None

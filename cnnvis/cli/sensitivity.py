@@ -164,7 +164,7 @@ def cmd_occlusion(args) -> int:
         cluster.options(args)  # a bad address or --input-array fails before anything is read
     pre = common.preprocessing_for(args, model)
     space = InputSpace(pre, model.input_shape)
-    target = inputspace.resolve_class(model, args.target)
+    target = inputspace.resolve_class(model, args.target, "--class")
     hw = model.input_shape[1:]
     window = _scaled_default(args.window, 35, hw)
     stride = _scaled_default(args.stride, 8, hw)
@@ -248,7 +248,7 @@ def cmd_invariance(args) -> int:
     model = common.load_model(args)
     pre = common.preprocessing_for(args, model)
     space = InputSpace(pre, model.input_shape)
-    target = inputspace.resolve_class(model, args.target)
+    target = inputspace.resolve_class(model, args.target, "--class")
     amounts = {"translation": args.translations, "scale": args.scales, "rotation": args.rotations}
     analysis = invariance.Invariance(model, layers=args.layer, amounts=amounts, axis=args.axis,
                                      preprocessing=pre, batch_size=args.batch_size, keep_inputs=True)
@@ -339,7 +339,7 @@ def cmd_saliency(args) -> int:
     model = common.load_model(args)
     pre = common.preprocessing_for(args, model)
     space = InputSpace(pre, model.input_shape)
-    target = inputspace.resolve_class(model, args.target)
+    target = inputspace.resolve_class(model, args.target, "--class")
     methods = list(dict.fromkeys(args.method or saliency.METHODS))
     runners = {m: saliency.Saliency(model, method=m, layer=args.layer, batch_size=args.batch_size) for m in methods}
     if "gradcam" in methods:  # a bad --layer fails before anything is staged
