@@ -127,3 +127,20 @@ def test_an_op_without_a_rule_stops_gradient_commands_and_the_named_commands_sti
         out = tmp_path / command
         assert main([command, *common, "--out", str(out)]) == 0, command
         assert json.loads((out / "manifest.json").read_text())
+
+
+def test_gradcheck_command_reports_kinks_on_a_zero_background(tmp_path, capsys):
+    # an MNIST-like net on a digit with an exactly zero background: max-pool ties are reported and
+    # excluded, and the check passes (it used to print a bare FAILED)
+    from test_autodiff_gradcheck import digit, mnist_like_net
+
+    path = tmp_path / "mnistlike.onnx"
+    onnx.save(mnist_like_net(), path)
+    np.save(tmp_path / "digit.npy", digit().astype(np.float32))
+    capsys.readouterr()
+    assert main(["gradcheck", "--model", str(path), "--input-array", str(tmp_path / "digit.npy"), "--class", "3",
+                 "--wrt", "input", "--samples", "20"]) == 0
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if "input: 20 entries" in line)
+    assert "sampled entries sit on a kink (a tie or bound under the finite difference); excluded" in line
+    assert "OK" in out

@@ -4,10 +4,17 @@ The model is cast to float64 and run by onnx's reference evaluator (onnxruntime'
 no float64 Conv/pooling/LRN). Central differences of the total objective (sum over the batch, mean
 for cross-entropy) are compared with the engine's batch gradients on randomly sampled entries.
 Relative error = max |analytic - numeric| / largest |numeric| or |analytic| among the sampled entries.
+
+Kinks: where a central difference straddles a non-differentiable point (a max-pool or Max tie, a
+Relu/Clip/HardSwish... input at its bound, Abs at 0) it measures neither one-sided derivative. The
+check reads, at x + h and x - h, every decision such a point takes (pooling switches, the side of
+each bound); an entry whose two evaluations decide differently sits on a kink: it is reported and
+excluded, and other entries are drawn in its place (at most ``KINK_BUDGET`` times ``samples``
+entries evaluated in all), so the verdict rests on entries away from kinks.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -45,18 +52,35 @@ def to_float64(model: onnx.ModelProto) -> onnx.ModelProto:
     return m
 
 
+KINK_BUDGET = 10  # at most this many times ``samples`` entries evaluated, replacements for kinks included
+
+
 @dataclass
 class GradcheckReport:
     wrt: str
-    entries: np.ndarray  # flat indices checked
+    entries: np.ndarray  # flat indices checked (away from kinks)
     analytic: np.ndarray
     numeric: np.ndarray
     max_abs_error: float
-    max_rel_error: float
+    max_rel_error: float  # nan when every sampled entry sits on a kink
+    kinked: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # excluded entries
+    kinked_numeric: np.ndarray = field(default_factory=lambda: np.zeros(0))  # their central differences
+
+    @property
+    def sampled(self) -> int:
+        return len(self.entries) + len(self.kinked)
+
+    @property
+    def kink_note(self) -> str:
+        """'' without kinks, else '; k of N sampled entries sit on a kink (...); excluded'."""
+        if not len(self.kinked):
+            return ""
+        return (f"; {len(self.kinked)} of {self.sampled} sampled entries sit on a kink (a tie or bound "
+                "under the finite difference); excluded")
 
     def __str__(self):
         return (f"{self.wrt}: {len(self.entries)} entries, max abs error {self.max_abs_error:.3g}, "
-                f"max relative error {self.max_rel_error:.3g}")
+                f"max relative error {self.max_rel_error:.3g}{self.kink_note}")
 
 
 def gradcheck(model, x, wrt, objective: str = "logit", target=None, index=None, seed=None, labels=None,
@@ -89,7 +113,9 @@ def gradcheck(model, x, wrt, objective: str = "logit", target=None, index=None, 
         upstream = [t for t in conv.input[:1] if t != image] if conv is not None else []
         obj_model, runtime, target_name, target_shape = build_objective_graph(
             forward64, x.shape[1:], objective, target, free=[free], outputs=upstream)
+        decisions = _decision_outputs(obj_model, [image, free])
         runner = Runner(obj_model, backend="reference")
+        outputs = [OBJECTIVE_OUTPUT, *decisions]
         per_image = {image: x64}
         if "index" in runtime:
             value = labels if objective == "cross_entropy" and labels is not None else index
@@ -111,57 +137,191 @@ def gradcheck(model, x, wrt, objective: str = "logit", target=None, index=None, 
             raise CnnvisError(f"gradcheck {w!r}: analytic gradient has shape {a.shape}, expected {base.shape}")
         count = min(int(samples), base.size)
         entries = np.sort(rng.choice(base.size, size=count, replace=False))
-        steps = np.array([eps * max(1.0, abs(float(base.flat[e]))) for e in entries])
 
         def rows_objective(sample_ids, free_values):
-            """Objective per row: image/index/seed of ``sample_ids`` with the free tensor's values."""
-            out = []
+            """Objective and decisions per row: image/index/seed of ``sample_ids`` with the free
+            tensor's values."""
+            parts = []
             for start in range(0, len(sample_ids), 16):
                 ids = sample_ids[start:start + 16]
                 feeds = {k: v[ids] for k, v in per_image.items()}
                 feeds[free] = free_values[start:start + 16]
-                out.append(runner(feeds, [OBJECTIVE_OUTPUT])[OBJECTIVE_OUTPUT])
-            return np.concatenate(out)
+                res = runner(feeds, outputs)
+                parts.append([res[o] for o in outputs])
+            return [np.concatenate([p[i] for p in parts]) for i in range(len(outputs))]
 
-        if w not in inits:  # batched tensor: an entry belongs to one image, the others cancel
-            ids, rows = [], []
-            for e, h in zip(entries, steps):
-                idx = np.unravel_index(e, base.shape)
-                for sign in (1.0, -1.0):
-                    row = base[idx[0]].copy()
-                    row[idx[1:]] += sign * h
-                    ids.append(idx[0])
-                    rows.append(row)
-            values_pm = rows_objective(np.array(ids), np.stack(rows)).reshape(count, 2)
-            numeric = (values_pm[:, 0] - values_pm[:, 1]) / (2 * steps) * scale
-        elif conv is not None:
-            conv_out, conv_in = values[conv.output[0]], values[conv.input[0]]
-            ids = np.tile(np.arange(n), 2 * count)
-            rows = []
-            for e, h in zip(entries, steps):
-                delta = _conv_response(conv, conv_in, base.shape, e)
-                rows.extend([conv_out + h * delta, conv_out - h * delta])
-            values_pm = rows_objective(ids, np.concatenate(rows)).reshape(count, 2, n).sum(axis=2)
-            numeric = (values_pm[:, 0] - values_pm[:, 1]) / (2 * steps) * scale
-        else:
+        def differ(plus, minus, rows):
+            """Which of ``rows`` rows (axis 0) decide differently in the two evaluations."""
+            out = np.zeros(rows, dtype=bool)
+            for a, b in zip(plus, minus):
+                out |= (a != b).reshape(len(a), -1).any(axis=1)
+            return out
+
+        def central_differences(picked):
+            """(numeric derivative, on a kink) for the flat entries ``picked``."""
+            steps = np.array([eps * max(1.0, abs(float(base.flat[e]))) for e in picked])
+            k = len(picked)
+            if w not in inits:  # batched tensor: an entry belongs to one image, the others cancel
+                ids, rows = [], []
+                for e, h in zip(picked, steps):
+                    idx = np.unravel_index(e, base.shape)
+                    for sign in (1.0, -1.0):
+                        row = base[idx[0]].copy()
+                        row[idx[1:]] += sign * h
+                        ids.append(idx[0])
+                        rows.append(row)
+                res = rows_objective(np.array(ids), np.stack(rows))
+                pm = res[0].reshape(k, 2)
+                kink = differ([d[0::2] for d in res[1:]], [d[1::2] for d in res[1:]], k)
+                return (pm[:, 0] - pm[:, 1]) / (2 * steps) * scale, kink
+            if conv is not None:
+                conv_out, conv_in = values[conv.output[0]], values[conv.input[0]]
+                ids = np.tile(np.arange(n), 2 * k)
+                rows = []
+                for e, h in zip(picked, steps):
+                    delta = _conv_response(conv, conv_in, base.shape, e)
+                    rows.extend([conv_out + h * delta, conv_out - h * delta])
+                res = rows_objective(ids, np.concatenate(rows))
+                pm = res[0].reshape(k, 2, n).sum(axis=2)
+                by_entry = [d.reshape(k, 2, -1) for d in res[1:]]
+                kink = differ([d[:, 0] for d in by_entry], [d[:, 1] for d in by_entry], k)
+                return (pm[:, 0] - pm[:, 1]) / (2 * steps) * scale, kink
+
             def total(value):
                 feeds = dict(per_image)
                 feeds[w] = value
-                return float(np.sum(runner(feeds, [OBJECTIVE_OUTPUT])[OBJECTIVE_OUTPUT])) * scale
+                res = runner(feeds, outputs)
+                return float(np.sum(res[OBJECTIVE_OUTPUT])) * scale, [res[d].reshape(1, -1) for d in decisions]
 
-            numeric = np.empty(count)
-            for k, (e, h) in enumerate(zip(entries, steps)):
+            numeric, kink = np.empty(k), np.zeros(k, dtype=bool)
+            for j, (e, h) in enumerate(zip(picked, steps)):
                 plus, minus = base.copy(), base.copy()
                 plus.flat[e] += h
                 minus.flat[e] -= h
-                numeric[k] = (total(plus) - total(minus)) / (2 * h)
+                (fp, dp), (fm, dm) = total(plus), total(minus)
+                numeric[j] = (fp - fm) / (2 * h)
+                kink[j] = bool(differ(dp, dm, 1)[0])
+            return numeric, kink
+
+        numeric, kink = central_differences(entries)
+        kinked, kinked_numeric = entries[kink], numeric[kink]
+        entries, numeric = entries[~kink], numeric[~kink]
+        evaluated = count
+        while True:  # replacements for the entries on a kink, twice as many drawn
+            missing = count - len(entries)
+            pool = np.setdiff1d(np.arange(base.size), np.concatenate([entries, kinked]))
+            room = KINK_BUDGET * count - evaluated
+            if missing == 0 or not len(pool) or room <= 0:
+                break
+            extra = rng.choice(pool, size=min(2 * missing, len(pool), room), replace=False)
+            evaluated += len(extra)
+            more, more_kink = central_differences(extra)
+            clean = np.flatnonzero(~more_kink)[:missing]  # in the order drawn
+            last = clean[-1] + 1 if len(clean) == missing else len(extra)  # entries past it stay unused
+            kinked = np.concatenate([kinked, extra[:last][more_kink[:last]]])
+            kinked_numeric = np.concatenate([kinked_numeric, more[:last][more_kink[:last]]])
+            order = np.argsort(np.concatenate([entries, extra[clean]]), kind="stable")
+            entries = np.concatenate([entries, extra[clean]])[order]
+            numeric = np.concatenate([numeric, more[clean]])[order]
+        order = np.argsort(kinked, kind="stable")
+        kinked, kinked_numeric = kinked[order].astype(np.int64), kinked_numeric[order]
         picked = a.reshape(-1)[entries]
         err = np.abs(picked - numeric)
         magnitude = max(float(np.max(np.abs(numeric), initial=0.0)), float(np.max(np.abs(picked), initial=0.0)))
         max_abs = float(err.max(initial=0.0))
-        rel = max_abs / magnitude if magnitude > 0 else (0.0 if max_abs == 0 else float("inf"))
-        reports[w] = GradcheckReport(w, entries, picked, numeric, max_abs, rel)
+        if not len(entries):
+            rel = float("nan")  # nothing away from kinks: no verdict
+        else:
+            rel = max_abs / magnitude if magnitude > 0 else (0.0 if max_abs == 0 else float("inf"))
+        reports[w] = GradcheckReport(w, entries, picked, numeric, max_abs, rel, kinked, kinked_numeric)
     return reports
+
+
+#: Ops with points where they are not differentiable, and the decisions taken there: the sign of
+#: the input against each bound (Relu ...), the switch (MaxPool), which input wins (Max/Min).
+_SIGN_AT_ZERO = {"Relu", "LeakyRelu", "PRelu", "Abs", "Elu", "Selu", "Celu", "ThresholdedRelu", "Sign"}
+
+
+def _decision_outputs(model, sources):
+    """Add to ``model`` outputs holding the decisions of its non-differentiable points that
+    depend on ``sources`` (one row per sample); return their names."""
+    from onnx import helper
+
+    g = model.graph
+    batched = set(sources)
+    for node in g.node:
+        if any(i in batched for i in node.input if i):
+            batched.update(o for o in node.output if o)
+    new_nodes, names, count = [], [], [0]
+
+    def fresh(hint):
+        count[0] += 1
+        return f"cnnvis_kink/{hint}_{count[0]}"
+
+    def const(value):
+        name = fresh("const")
+        g.initializer.append(numpy_helper.from_array(np.asarray(value, dtype=np.float64), name))
+        return name
+
+    def add(op, inputs, **attrs):
+        out = fresh(op.lower())
+        new_nodes.append(helper.make_node(op, inputs, [out], name=out, **attrs))
+        return out
+
+    def sign_against(x, bound, scale=1.0):
+        shifted = add("Sub", [add("Mul", [x, const(scale)]) if scale != 1.0 else x, const(bound)])
+        names.append(add("Sign", [shifted]))
+
+    for node in list(g.node):
+        if not node.input or node.input[0] not in batched:
+            continue
+        op, x = node.op_type, node.input[0]
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if op in _SIGN_AT_ZERO:
+            names.append(add("Sign", [x]))
+        elif op == "Clip":
+            for bound in node.input[1:3]:
+                if bound:
+                    names.append(add("Sign", [add("Sub", [x, bound])]))
+        elif op == "HardSigmoid":
+            alpha, beta = float(attrs.get("alpha", 0.2)), float(attrs.get("beta", 0.5))
+            sign_against(x, -beta, alpha)
+            sign_against(x, 1.0 - beta, alpha)
+        elif op == "HardSwish":
+            sign_against(x, -3.0)
+            sign_against(x, 3.0)
+        elif op == "MaxPool":
+            while len(node.output) < 2:
+                node.output.append("")
+            if not node.output[1]:
+                node.output[1] = fresh("maxpool_switch")
+            # the indices count across the batch: within a sample, mod its size
+            size = add("ReduceProd", [add("Shape", [x], start=1)], keepdims=1)
+            names.append(add("Mod", [node.output[1], size]))
+        elif op == "GlobalMaxPool":
+            flat = add("Reshape", [x, numpy_name(g, fresh("shape"), np.array([0, 0, -1], np.int64))])
+            names.append(add("ArgMax", [flat], axis=2))
+        elif op in ("Max", "Min"):
+            for i in node.input:
+                if i:
+                    names.append(add("Equal", [i, node.output[0]]))
+        elif op in ("ReduceMax", "ReduceMin"):
+            kept = fresh("reduce_kept")
+            keep = helper.make_node(op, list(node.input), [kept], name=kept,
+                                    **{k: v for k, v in attrs.items() if k != "keepdims"}, keepdims=1)
+            new_nodes.append(keep)
+            names.append(add("Equal", [x, kept]))
+        elif op == "Where" and x in batched:
+            names.append(x)
+    g.node.extend(new_nodes)
+    for name in names:
+        g.output.append(onnx.ValueInfoProto(name=name))
+    return names
+
+
+def numpy_name(graph, name, value):
+    graph.initializer.append(numpy_helper.from_array(value, name))
+    return name
 
 
 def _sole_conv_consumer(model, name):
