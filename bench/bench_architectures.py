@@ -42,6 +42,7 @@ import io
 import json
 import os
 import re
+import shutil
 import sys
 import time
 import traceback
@@ -190,7 +191,8 @@ def non_finite_output(folder: Path, nan_allowed: bool) -> str | None:
 
 
 def run_command(argv, out: Path | None) -> dict:
-    """One ``cnnvis`` command in this process: {"ok", "seconds", "error"}."""
+    """One ``cnnvis`` command in this process: {"ok", "seconds", "error"}. ``out``: its --out folder
+    (None for the commands that write nothing: layers, gradcheck)."""
     from cnnvis.cli import main
 
     err = io.StringIO()
@@ -198,6 +200,10 @@ def run_command(argv, out: Path | None) -> dict:
     try:
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
             code = main([*argv, "--out", str(out)] if out is not None else argv)
+    except SystemExit as exc:  # argparse refused the command line
+        lines = [ln for ln in err.getvalue().splitlines() if ln.strip()]
+        return {"ok": False, "seconds": time.perf_counter() - t0,
+                "error": f"exit {exc.code}: {lines[-1] if lines else ''}"}
     except Exception as exc:  # noqa: BLE001 - a bug in cnnvis is what the bench reports
         return {"ok": False, "seconds": time.perf_counter() - t0, "error": first_line(exc)}
     seconds = time.perf_counter() - t0
@@ -286,7 +292,10 @@ def check_architecture(name: str, exporter: str, args, work: Path) -> dict:
         if wanted and cmd not in wanted:
             continue
         print(f"  {name} [{exporter}] {cmd} ...", end="", flush=True)
-        res = run_command(argv, None if cmd == "layers" else folder / "out" / cmd)
+        out = None if cmd in ("layers", "gradcheck") else folder / "out" / cmd
+        if out is not None and out.exists():
+            shutil.rmtree(out)  # a rerun checks only what this run wrote
+        res = run_command(argv, out)
         row["commands"][cmd] = res
         print(f" {'ok' if res['ok'] else 'FAILED'} ({res['seconds']:.1f} s){'' if res['ok'] else ': ' + res['error']}",
               flush=True)
