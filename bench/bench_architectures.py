@@ -134,25 +134,33 @@ def build_torch_model(name: str, seed: int, size: int):
     return model.eval()
 
 
-def export(model, x, exporter: str, path: Path) -> str | None:
-    """Write ``model`` as ONNX with ``exporter``; return None, or the first line of its failure."""
+def export(model, x, exporter: str, path: Path, dynamic: bool = True) -> str | None:
+    """Write ``model`` as ONNX with ``exporter`` (``dynamic``: a dynamic batch axis); return None, or the
+    first line of its failure."""
+    import logging
+
     import torch
 
     opset = EXPORTERS[exporter]
     example = (torch.from_numpy(x),)
+    quiet = logging.getLogger("torch")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)  # the dynamo exporter logs whole tracebacks of guards it retries
     try:
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             if exporter == "dynamo":
-                batch = torch.export.Dim("batch", min=1, max=1024)
+                shapes = {"x": {0: torch.export.Dim("batch", min=1, max=1024)}} if dynamic else None
                 torch.onnx.export(model, example, str(path), dynamo=True, opset_version=opset,
                                   input_names=["input"], output_names=["logits"],
-                                  dynamic_shapes={"x": {0: batch}}, external_data=False)
+                                  dynamic_shapes=shapes, external_data=False)
             else:
+                axes = {"input": {0: "batch"}, "logits": {0: "batch"}} if dynamic else None
                 torch.onnx.export(model, example, str(path), dynamo=False, opset_version=opset,
-                                  input_names=["input"], output_names=["logits"],
-                                  dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+                                  input_names=["input"], output_names=["logits"], dynamic_axes=axes)
     except Exception as exc:  # noqa: BLE001 - the bench records any exporter failure
-        return first_line(exc)
+        return first_line(exc).replace("\x1b[96m", "").replace("\x1b[0m", "")
+    finally:
+        quiet.setLevel(level)
     return None
 
 
@@ -275,6 +283,11 @@ def check_architecture(name: str, exporter: str, args, work: Path) -> dict:
     path = folder / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.onnx"
     t0 = time.perf_counter()
     row["export_error"] = export(tmodel, x[:1], exporter, path)
+    row["batch_axis"] = "dynamic"
+    if row["export_error"]:  # recorded; then the export users fall back to: a fixed batch of one
+        row["dynamic_export_error"] = row["export_error"]
+        row["export_error"] = export(tmodel, x[:1], exporter, path, dynamic=False)
+        row["batch_axis"] = "fixed 1"
     row["export_seconds"] = round(time.perf_counter() - t0, 1)
     if row["export_error"]:
         return row
@@ -347,6 +360,9 @@ def table(results: dict) -> str:
     for key in sorted(results):
         r = results[key]
         arch, exp = r["architecture"], f"{r['exporter']} (opset {r['opset']})"
+        if r.get("dynamic_export_error"):
+            exp += ", batch fixed at 1"
+            failures.append(f"{arch} [{r['exporter']}] export with a dynamic batch axis: {r['dynamic_export_error']}")
         if r.get("export_error") or r.get("load_error"):
             what = "export" if r.get("export_error") else "cnnvis load"
             rows.append(f"| {arch} | {exp} | {what} failed | | | |")
