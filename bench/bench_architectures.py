@@ -234,6 +234,10 @@ def run_command(argv, out: Path | None) -> dict:
     return {"ok": True, "seconds": seconds, "error": None}
 
 
+COMMANDS = ("layers", "activations", "filters", "volume", "order", "conv-gradients", "compare-classes", "deconv", "topk",
+            "occlusion", "invariance", "maximize", "saliency", "gradients", "gradcheck")
+
+
 def command_lines(model, path: Path, arrays: dict, threads: int, size: int) -> dict:
     """Every analysis command on the exported file, as a user would type it."""
     m = ["--model", str(path), "--device", "cpu", "--threads", str(threads)]
@@ -375,6 +379,9 @@ def table(results: dict) -> str:
         ok = sum(c["ok"] for c in cmds.values())
         bad = [c for c in cmds if not cmds[c]["ok"]]
         cell = f"{ok} / {len(bad)}" + (f" ({', '.join(bad)})" if bad else "")
+        skipped = [c for c in COMMANDS if c not in cmds]
+        if skipped:
+            cell += f"; not run: {', '.join(skipped)}"
         if r.get("gradient_error") is None:
             grad, grad64 = "failed", "failed"
             failures.append(f"{arch} [{r['exporter']}] input gradients: {r.get('gradient_failure')}")
@@ -457,7 +464,7 @@ def main(argv=None) -> int:
                     help=f"torchvision names or timm:<name> (default: {' '.join(DEFAULT_ARCHS)}; "
                          f"also known: {' '.join(sorted(set(TORCHVISION) - set(DEFAULT_ARCHS)))})")
     mx.add_argument("--exporter", nargs="+", choices=sorted(EXPORTERS), default=["dynamo", "torchscript"])
-    mx.add_argument("--commands", nargs="*", help="only these commands (default: all; none: forward and "
+    mx.add_argument("--commands", nargs="*", choices=COMMANDS, metavar="COMMAND", help="only these commands (default: all; none: forward and "
                     "gradients only); recorded results of the others are kept")
     mx.add_argument("--size", type=int, help="input side (default: per architecture, 64 where it allows)")
     tb = sub.add_parser("table", help="print the table of the recorded results")
