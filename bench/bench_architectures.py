@@ -304,7 +304,11 @@ def check_architecture(name: str, exporter: str, args, work: Path) -> dict:
     row["layers"] = len(model.layers)
     with torch.no_grad():
         ref = tmodel(torch.from_numpy(x)).numpy()
-    got = model.run(x)[model.output_name]
+    try:
+        got = model.run(x)[model.output_name]
+    except Exception as exc:  # noqa: BLE001
+        row["forward_failure"] = first_line(exc)
+        return row
     row["forward_error"] = float(np.abs(got - ref).max() / np.abs(ref).max())
     row["top1_equal"] = bool((got.argmax(1) == ref.argmax(1)).all())
 
@@ -367,10 +371,11 @@ def table(results: dict) -> str:
         if r.get("dynamic_export_error"):
             exp += ", batch fixed at 1"
             failures.append(f"{arch} [{r['exporter']}] export with a dynamic batch axis: {r['dynamic_export_error']}")
-        if r.get("export_error") or r.get("load_error"):
-            what = "export" if r.get("export_error") else "cnnvis load"
-            rows.append(f"| {arch} | {exp} | {what} failed | | | |")
-            failures.append(f"{arch} [{r['exporter']}] {what}: {r.get('export_error') or r.get('load_error')}")
+        stop = [(what, r.get(key)) for what, key in (("export", "export_error"), ("cnnvis load", "load_error"),
+                                                      ("cnnvis forward", "forward_failure")) if r.get(key)]
+        if stop:
+            rows.append(f"| {arch} | {exp} | {stop[0][0]} failed | | | |")
+            failures.append(f"{arch} [{r['exporter']}] {stop[0][0]}: {stop[0][1]}")
             continue
         fwd = f"{r['forward_error']:.1e}" + ("" if r["forward_error"] <= FORWARD_TOL else " (over 1e-4)")
         if not r["top1_equal"]:
