@@ -97,6 +97,7 @@ class Model:
                               f"({', '.join(i.name for i in inputs)})")
         self.input_name = inputs[0].name
         self.precision = onnxgraph.precision_name(_native_float_type(self.native_proto, inputs[0]))
+        self.forward_precision = self.precision  # what the forward sessions compute in
         dims = inputs[0].type.tensor_type.shape.dim
         if len(dims) != 4:
             raise CnnvisError(f"{name}: input {self.input_name!r} has {len(dims)} dims; expected N×C×H×W")
@@ -287,7 +288,7 @@ class Model:
         info = {"name": self.name, "sha256": self.sha256, "source": self.source,
                 "trained": self.trained, "input_shape": list(self.input_shape)}
         if self.reduced_precision:
-            info["precision"] = {"forward": self.precision, "gradients": "float32 (weights upcast)",
+            info["precision"] = {"forward": self.forward_precision, "gradients": "float32 (weights upcast)",
                                  "results": "float32"}
         return info
 
@@ -316,12 +317,25 @@ class Model:
         key = tuple(outputs)
         sess = self._sessions.get(key)
         if sess is None:
-            if self.reduced_precision:
+            if self.reduced_precision and self.forward_precision == self.precision:
                 # the file's own graph and precision, fed and answering in float32
                 outputs = key or [o.name for o in self.native_proto.graph.output]
                 proto = onnxgraph.with_outputs(self.native_proto, outputs, self._types)
-                sess = _Float32Session(onnxgraph.create_session(proto, device=self.device, threads=self.threads),
-                                       self.input_name)
+                try:
+                    sess = _Float32Session(onnxgraph.create_session(proto, device=self.device, threads=self.threads),
+                                           self.input_name)
+                except CnnvisError:
+                    if self.precision != "bfloat16":
+                        raise
+                    # onnxruntime's CPU build has next to no bfloat16 kernels: the float32 graph
+                    # runs instead, and info() says so
+                    self.forward_precision = "float32 (bfloat16 weights upcast: onnxruntime cannot run bfloat16 here)"
+                    self._sessions.clear()
+                    return self.session(key)
+            elif self.reduced_precision:
+                proto = onnxgraph.with_outputs(onnxgraph.decompose_lrn(self.proto), key or [
+                    o.name for o in self.proto.graph.output], {}, copy=False)
+                sess = onnxgraph.create_session(proto, device=self.device, threads=self.threads)
             else:
                 # LRN as elementwise ops + channel pooling: same values, ~20% faster in onnxruntime
                 proto = onnxgraph.decompose_lrn(self.proto)

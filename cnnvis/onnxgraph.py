@@ -13,7 +13,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .errors import CnnvisError
-from .ops import attributes, pool_output_size, window  # noqa: F401  (pool_output_size: callers import it from here)
+from .ops import attributes, floor_mode_pads, pool_output_size, window  # noqa: F401  (pool_output_size: callers import it from here)
 
 #: Opset and IR version of every model cnnvis writes. onnx>=1.23 defaults to IR 14 / opset 28,
 #: which current onnxruntime refuses; these are accepted by onnxruntime >= 1.14.
@@ -239,13 +239,7 @@ def static_shapes_and_types(model: onnx.ModelProto, input_shape, onnxruntime_poo
             continue
         if attrs.get("auto_pad", "NOTSET") not in ("NOTSET", ""):
             continue
-        win = window(node, in_shape, attrs=attrs)
-        spatial, kernel, strides, dil, pads = win.spatial, win.kernel, win.strides, win.dilations, win.pads
-        new_pads = list(pads)
-        for i in range(spatial):
-            size = in_shape[2 + i]
-            out = pool_output_size(size, kernel[i], strides[i], pads[i], pads[spatial + i], True, dil[i])
-            new_pads[spatial + i] = max(0, (out - 1) * strides[i] + (kernel[i] - 1) * dil[i] + 1 - size - pads[i])
+        _, new_pads = floor_mode_pads(window(node, in_shape, attrs=attrs), in_shape[2:])
         kept = [helper.make_attribute(a.name, helper.get_attribute_value(a))
                 for a in node.attribute if a.name not in ("ceil_mode", "pads")]  # copies: del frees them
         del node.attribute[:]

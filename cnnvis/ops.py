@@ -34,26 +34,23 @@ UNARY_POINTWISE_OPS = frozenset({
     "Sin", "Cos", "IsNaN", "IsInf", "BatchNormalization",
     "LRN",  # across channels: still one spatial position
 })
-#: elementwise ops over several inputs with numpy broadcasting
-BROADCAST_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "PRelu", "Where",
-                           "Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "And", "Or", "Xor",
-                           "Mod", "BitShift"})
+#: elementwise arithmetic over several float inputs with numpy broadcasting
+ARITHMETIC_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "PRelu"})
+#: every elementwise op over several inputs with numpy broadcasting (also selections and comparisons)
+BROADCAST_OPS = ARITHMETIC_OPS | {"Where", "Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "And", "Or",
+                                  "Xor", "Mod", "BitShift"}
 #: every op that does not mix spatial positions
 POINTWISE_OPS = UNARY_POINTWISE_OPS | BROADCAST_OPS
 
 #: ops after which every unit sees the whole image, whatever their attributes
 GLOBAL_OPS = frozenset({"GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool", "Gemm", "Flatten",
-                        "InstanceNormalization", "GroupNormalization", "LpNormalization", "TopK"})
+                        "InstanceNormalization", "GroupNormalization", "LpNormalization"})
 #: ops that mix positions along the axes their attributes or operands name (a reduction over the
 #: channels, a softmax over classes, a MatMul over the last axis): pointwise or global depending
 #: on where the spatial axes are
 AXIS_OPS = frozenset({"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
                       "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare", "ArgMax", "ArgMin", "Softmax",
                       "LogSoftmax", "Hardmax", "LayerNormalization", "MatMul"})
-#: ops that move data between axes without computing (the spatial axes may move or stay)
-LAYOUT_OPS = frozenset({"Transpose", "Reshape", "Squeeze", "Unsqueeze", "Concat", "Split", "Slice", "Expand",
-                        "Pad", "Tile"})
-
 #: ops carrying a layer's weights (the first constant input names the layer)
 PARAM_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization", "PRelu",
                        "InstanceNormalization", "LayerNormalization", "GroupNormalization"})
@@ -193,7 +190,7 @@ def _node_label(node) -> str:
 
 
 def window(node, in_shape=None, weight_shape=None, attrs=None) -> Window:
-    """The :class:`Window` of a Conv, ConvTranspose or pool node.
+    """The :class:`Window` of a Conv, ConvTranspose or pool node, as onnxruntime runs it.
 
     ``in_shape`` (N, C, spatial...) is needed only for SAME auto padding; ``weight_shape`` gives a
     Conv's kernel when the node has no ``kernel_shape``. ``attrs`` may pass already-read
@@ -219,6 +216,9 @@ def window(node, in_shape=None, weight_shape=None, attrs=None) -> Window:
         if node.op_type == "ConvTranspose":
             out_pad = list(a.get("output_padding") or [0] * n)
             pads = transpose_same_pads(auto_pad, sizes, kernel, strides, dilations, out_pad)
+        elif node.op_type in POOL_OPS:
+            # onnxruntime sizes a pool's SAME pads by the undilated kernel (the windows stay dilated)
+            pads = same_pads(auto_pad, sizes, kernel, strides, [1] * n)
         else:
             pads = same_pads(auto_pad, sizes, kernel, strides, dilations)
     elif auto_pad == "VALID":
@@ -237,3 +237,14 @@ def pool_output_size(size, kernel, stride, pad_begin, pad_end, ceil_mode, dilati
     if ceil_mode and (out - 1) * stride >= size + pad_begin:
         out -= 1
     return out
+
+
+def floor_mode_pads(win: Window, sizes) -> tuple:
+    """``(out_sizes, pads)``: onnxruntime's output sizes of a ceil-mode pool ``win`` over ``sizes``,
+    and the pads (begin unchanged, end adjusted) with which the same pool in floor mode has exactly
+    those windows (onnx shape inference and onnxruntime then agree on the size)."""
+    n = win.spatial
+    out = [pool_output_size(int(sizes[i]), win.kernel[i], win.strides[i], win.pads[i], win.pads[n + i], True,
+                            win.dilations[i]) for i in range(n)]
+    end = [max(0, (out[i] - 1) * win.strides[i] + win.extent[i] - int(sizes[i]) - win.pads[i]) for i in range(n)]
+    return out, list(win.pads[:n]) + end

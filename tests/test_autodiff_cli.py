@@ -144,3 +144,10 @@ def test_gradcheck_command_reports_kinks_on_a_zero_background(tmp_path, capsys):
     line = next(line for line in out.splitlines() if "input: 20 entries" in line)
     assert "sampled entries sit on a kink (a tie or bound under the finite difference); excluded" in line
     assert "OK" in out
+
+
+def test_gradcheck_lists_the_ops_with_rules(capsys):
+    from cnnvis.autodiff.rules import markdown_table
+
+    assert main(["gradcheck", "--list-ops"]) == 0
+    assert capsys.readouterr().out == markdown_table()

@@ -109,3 +109,197 @@ def test_max_ties_are_kinks_and_all_kinks_give_no_verdict():
                        samples=3)["x"]
     assert len(report.kinked) == 3 and len(report.entries) == 0
     assert np.isnan(report.max_rel_error)  # no verdict: not a pass
+
+
+# ------------------------------------------- the float64 reference ops against onnxruntime's forward
+
+def _single_node(op, inputs, attrs, n_out, elem, opset):
+    from onnx import TensorProto as T
+
+    outs = [f"out{i}" for i in range(n_out)]
+    out_types = [T.INT64 if (op == "MaxPool" and i == 1) else elem for i in range(n_out)]
+    g = helper.make_graph([helper.make_node(op, list(inputs), outs, **attrs)], "one",
+                          [helper.make_tensor_value_info(k, elem, None) for k in inputs],
+                          [helper.make_tensor_value_info(o, t, None) for o, t in zip(outs, out_types)])
+    return make_model(g, opset=opset)
+
+
+def against_onnxruntime(op, inputs, attrs, n_out=1, opset=17, runs=None):
+    """Run one node in the float64 reference (cnnvis's replacement ops) and in onnxruntime
+    (float32) on the same float32-representable inputs; assert equal outputs."""
+    from cnnvis.autodiff.backend import Runner
+    from cnnvis.onnxgraph import create_session
+
+    x32 = {k: np.asarray(v, np.float32) for k, v in inputs.items()}
+    ref = Runner(_single_node(op, inputs, attrs, n_out, TensorProto.DOUBLE, opset), backend="reference")(
+        {k: v.astype(np.float64) for k, v in x32.items()})
+    sess = create_session(_single_node(op, inputs, attrs, n_out, TensorProto.FLOAT, opset), device="cpu")
+    want = dict(zip([f"out{i}" for i in range(n_out)], sess.run(None, x32)))
+    for name, w in want.items():
+        got = ref[name]
+        assert got.shape == w.shape, (op, attrs, name, got.shape, w.shape)
+        if w.dtype.kind == "i":
+            np.testing.assert_array_equal(got, w, err_msg=f"{op} {attrs}")
+        else:
+            np.testing.assert_allclose(got, w, rtol=0, atol=2e-6 * max(1.0, float(np.abs(w).max())),
+                                       err_msg=f"{op} {attrs}")
+
+
+def _r(*shape, seed=0):
+    return np.random.default_rng(seed).standard_normal(shape)
+
+
+WINDOWS = [
+    dict(kernel_shape=[3, 3]),
+    dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
+    dict(kernel_shape=[3, 2], strides=[2, 3], pads=[0, 1, 2, 0]),
+    dict(kernel_shape=[2, 2], dilations=[2, 1], strides=[1, 2]),
+    dict(kernel_shape=[3, 3], auto_pad="SAME_UPPER", strides=[2, 2]),
+    dict(kernel_shape=[4, 3], auto_pad="SAME_LOWER", strides=[3, 2]),
+    dict(kernel_shape=[2, 3], auto_pad="SAME_UPPER", dilations=[2, 2]),
+    dict(kernel_shape=[3, 3], auto_pad="VALID", strides=[2, 1]),
+]
+
+
+@pytest.mark.parametrize("attrs", WINDOWS + [
+    dict(kernel_shape=[3, 3], strides=[2, 2], ceil_mode=1),
+    dict(kernel_shape=[2, 3], strides=[3, 1], pads=[0, 1, 1, 0], ceil_mode=1),
+    dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1], ceil_mode=1),
+    dict(kernel_shape=[2, 2], strides=[2, 2], ceil_mode=1, dilations=[2, 2]),
+])
+@pytest.mark.parametrize("size", [(7, 6), (8, 9)])
+def test_reference_maxpool_values_and_switches(attrs, size):
+    against_onnxruntime("MaxPool", {"x": _r(2, 3, *size)}, attrs, n_out=2)
+
+
+@pytest.mark.parametrize("attrs", [w for w in WINDOWS if not ("dilations" in w and "SAME" in w.get("auto_pad", ""))]
+                         + [dict(kernel_shape=[1, 1]), dict(kernel_shape=[5, 6], strides=[5, 3], pads=[1, 0, 0, 2])])
+@pytest.mark.parametrize("group", [1, 2, 4])
+def test_reference_conv(attrs, group):
+    # (onnxruntime refuses a dilated Conv with SAME padding; MaxPool takes it, see above)
+    against_onnxruntime("Conv", {"x": _r(2, 4, 9, 8), "w": _r(4, 4 // group, *attrs["kernel_shape"], seed=1),
+                                 "b": _r(4, seed=2)}, dict(attrs, group=group))
+
+
+@pytest.mark.parametrize("shape", [(2, 2, 5), (1, 2, 4, 3, 5)])
+def test_reference_conv_in_1d_and_3d(shape):
+    nd = len(shape) - 2
+    attrs = dict(kernel_shape=[2] * nd, strides=[2] * nd, pads=[1] * nd + [0] * nd)
+    against_onnxruntime("Conv", {"x": _r(*shape), "w": _r(3, shape[1], *[2] * nd, seed=1)}, attrs)
+
+
+@pytest.mark.parametrize("attrs", [
+    dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1], output_padding=[1, 0]),
+    dict(kernel_shape=[2, 3], strides=[2, 1], pads=[0, 1, 1, 0], dilations=[1, 2]),
+    dict(kernel_shape=[4, 4], strides=[2, 2], pads=[1, 1, 1, 1]),
+    dict(kernel_shape=[3, 3], strides=[2, 2], auto_pad="SAME_UPPER"),
+    dict(kernel_shape=[3, 3], strides=[1, 1]),
+    dict(kernel_shape=[3, 3], strides=[2, 2], output_shape=[6, 8]),
+    dict(kernel_shape=[3, 2], strides=[2, 3], output_shape=[5, 10], output_padding=[1, 0]),
+])
+@pytest.mark.parametrize("group", [1, 2])
+def test_reference_conv_transpose(attrs, group):
+    against_onnxruntime("ConvTranspose", {"x": _r(2, 4, 3, 4), "w": _r(4, 6 // group, *attrs["kernel_shape"], seed=1),
+                                          "b": _r(6, seed=2)}, dict(attrs, group=group))
+
+
+@pytest.mark.parametrize("size", [1, 3, 5])
+@pytest.mark.parametrize("beta,alpha,bias", [(0.75, 1e-4 * 5, 1.0), (0.5, 0.5, 1.5), (1.0, 0.3, 2.0), (0.6, 0.5, 1.5)])
+def test_reference_lrn(size, beta, alpha, bias):
+    against_onnxruntime("LRN", {"x": _r(2, 7, 3, 4) * 3}, dict(size=size, alpha=alpha, beta=beta, bias=bias))
+
+
+def test_reference_erf_and_gelu():
+    x = np.concatenate([_r(2, 50) * 3, np.array([[0.0, -6.0, 6.0] + [0.5] * 47] * 2)], axis=1)
+    against_onnxruntime("Erf", {"x": x}, {})
+    for approximate in ("none", "tanh"):
+        against_onnxruntime("Gelu", {"x": x}, {"approximate": approximate}, opset=20)
+
+
+def _recording(monkeypatch, calls):
+    """Record every call of cnnvis's reference ops (node, inputs) while tests run float64 graphs."""
+    from cnnvis.autodiff import backend
+
+    original = backend._reference_ops
+
+    def wrapped():
+        classes = []
+        for cls in original():
+            def run(self, *args, _cls=cls, **kw):
+                res = _cls.run(self, *args, **kw)
+                calls.append((self.onnx_node, [np.array(a) for a in args if a is not None]))
+                return res
+            classes.append(type(cls.__name__, (cls,), {"run": run, "op_domain": ""}))
+        return classes
+
+    monkeypatch.setattr(backend, "_reference_ops", wrapped)
+
+
+def test_every_reference_op_call_of_the_gradient_checks_matches_onnxruntime(monkeypatch):
+    # the float64 forward and backward graphs of the rule tests' cases, run in the reference: every
+    # call to a replaced op (with its attributes and input shapes) replayed in onnxruntime
+    import test_autodiff_ops as ops_tests
+
+    calls = []
+    _recording(monkeypatch, calls)
+    cases = []
+    for attrs in ops_tests.CONV_CASES:
+        for group in (1, 2):
+            cases.append((ops_tests.tiny([ops_tests.n("Conv", ["x", "w", "b"], ["y"], group=group, **attrs)],
+                                         {"w": (4, 4 // group, *attrs["kernel_shape"]), "b": (4,)}, (4, 7, 6)),
+                          (2, 4, 7, 6), ["x", "w", "b"]))
+    for attrs in ops_tests.POOL_CASES + [dict(kernel_shape=[2, 2], dilations=[2, 2], strides=[1, 2])]:
+        cases.append((ops_tests.tiny([ops_tests.n("MaxPool", ["x"], ["y"], **attrs)], {}, (2, 8, 7)), (2, 2, 8, 7), ["x"]))
+        for include in (0, 1):
+            if "dilations" not in attrs:
+                cases.append((ops_tests.tiny([ops_tests.n("AveragePool", ["x"], ["y"], count_include_pad=include,
+                                                          **attrs)], {}, (2, 8, 7)), (2, 2, 8, 7), ["x"]))
+    for size in (3, 5):
+        for beta in (0.75, 0.5, 1.0, 0.6):
+            cases.append((ops_tests.tiny([ops_tests.n("LRN", ["x"], ["y"], size=size, alpha=0.5, beta=beta, bias=1.5)],
+                                         {}, (6, 3, 4)), (2, 6, 3, 4), ["x"]))
+    for attrs in ops_tests.CONV_TRANSPOSE_CASES:
+        for group in (1, 2):
+            cases.append((ops_tests.tiny([ops_tests.n("ConvTranspose", ["x", "wt", "bt"], ["y"], group=group, **attrs)],
+                                         {"wt": (4, 6 // group, *attrs["kernel_shape"]), "bt": (6,)}, (4, 3, 4)),
+                          (2, 4, 3, 4), ["x", "wt", "bt"]))
+    cases.append((ops_tests.tiny([ops_tests.n("Gelu", ["x"], ["y"])], {}, (3, 4), opset=20), (2, 3, 4), ["x"]))
+    for model, shape, wrt in cases:
+        m64 = to_float64(model)
+        x = _r(*shape, seed=3)
+        out_shape = GradientEngine(m64, wrt[0], objective="seed", target="y").graph_info(shape[1:]).target_shape
+        seed = _r(shape[0], *out_shape, seed=4)
+        for per_sample in (True, False):
+            GradientEngine(m64, wrt, objective="seed", target="y", per_sample=per_sample).run(x, seed=seed)
+        gradcheck(m64, x, wrt, objective="seed", target="y", seed=seed, samples=2)
+    seen = {}
+    for node, args in calls:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        key = (node.op_type, repr(sorted(attrs.items())), tuple(a.shape for a in args))
+        seen.setdefault(key, (node, attrs, args))
+    assert {k[0] for k in seen} == {"Conv", "MaxPool", "ConvTranspose", "LRN", "Gelu", "Erf"}
+    for node, attrs, args in seen.values():
+        names = ["x", "w", "b"][:len(args)]
+        n_out = 2 if node.op_type == "MaxPool" else 1
+        against_onnxruntime(node.op_type, dict(zip(names, args)), attrs, n_out=n_out,
+                            opset=20 if node.op_type == "Gelu" else 17)
+    assert len(seen) > 100, len(seen)  # forward and backward convolutions of many geometries
+
+
+@pytest.mark.parametrize("op,attrs,inits", [
+    ("GlobalMaxPool", {}, {}), ("ReduceMax", {"keepdims": 0, "axes": [2, 3]}, {}), ("MaxPool", {"kernel_shape": [2, 2]}, {}),
+    ("Clip", {}, {"lo": np.array(-1.0), "hi": np.array(1.0)}),
+])
+def test_ties_and_bounds_of_reductions_and_clip_are_kinks(op, attrs, inits):
+    # x = [1, 1, 0.2, -0.3]: a tie of the two maxima (entries 0, 1; for Clip: both at the upper bound)
+    inputs = ["x"] + list(inits)
+    g = helper.make_graph([n(op, inputs, ["y"], **attrs)], "k",
+                          [helper.make_tensor_value_info("x", TensorProto.DOUBLE, ["N", 1, 2, 2])],
+                          [helper.make_tensor_value_info("y", TensorProto.DOUBLE, None)],
+                          [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    m = make_model(g)
+    x = np.array([1.0, 1.0, 0.2, -0.3]).reshape(1, 1, 2, 2)
+    y_shape = {"Clip": (1, 1, 2, 2), "ReduceMax": (1, 1)}.get(op, (1, 1, 1, 1))
+    report = gradcheck(m, x, "x", objective="seed", target="y", seed=np.ones(y_shape), samples=4)["x"]
+    assert report.kinked.tolist() == [0, 1], str(report)
+    assert report.entries.tolist() == [2, 3] and report.max_rel_error <= 1e-6

@@ -428,6 +428,34 @@ def test_cast_between_float_types(to):
     check(m, rand(2, 3, 2, 3), ["x", "w"])
 
 
+@pytest.mark.parametrize("region", [TensorProto.DOUBLE, TensorProto.FLOAT16])
+def test_rules_inside_a_region_cast_to_another_float_type(region):
+    # Relu, Sigmoid, LayerNorm, Clip write constants and masks: in the region's type, not the model's
+    body = [n("Relu", ["d"], ["r"]), n("Sigmoid", ["r"], ["s"]), n("Mul", ["s", "d"], ["m"]),
+            n("LayerNormalization", ["m", "ls", "lb"], ["ln"], axis=-1), n("Clip", ["ln", "lo", "hi"], ["cl"])]
+    region_type = helper.tensor_dtype_to_np_dtype(region)
+    consts = {"ls": np.linspace(0.5, 1.5, 3).astype(region_type), "lb": np.linspace(-0.2, 0.2, 3).astype(region_type),
+              "lo": np.array(-1.0, region_type), "hi": np.array(1.2, region_type)}
+    cast = _with_source([n("Cast", ["SRC"], ["d"], to=region)] + body + [n("Cast", ["cl"], ["y"], to=TensorProto.FLOAT)],
+                        (3, 2, 3), consts)
+    for init in cast.graph.initializer:  # tiny() stores float32: the region's constants in its type
+        if init.name in consts:
+            init.CopyFrom(numpy_helper.from_array(consts[init.name], init.name))
+    x = rand(2, 3, 2, 3)
+    if region == TensorProto.DOUBLE:
+        check(cast, x, ["x", "w"])
+        return
+    # float16: the same function as the float32 graph, gradients to float16 precision
+    plain = _with_source([n("Identity", ["SRC"], ["d"])] + body + [n("Identity", ["cl"], ["y"])], (3, 2, 3),
+                         {k: v.astype(np.float32) for k, v in consts.items()})
+    seed = rand(2, 3, 2, 3, seed=3)
+    got = GradientEngine(cast, ["x", "w"], objective="seed", target="y").run(x.astype(np.float32), seed=seed)
+    want = GradientEngine(plain, ["x", "w"], objective="seed", target="y").run(x.astype(np.float32), seed=seed)
+    for w in ("x", "w"):
+        assert got[w].dtype == np.float32
+        np.testing.assert_allclose(got[w], want[w], rtol=0, atol=2e-2 * np.abs(want[w]).max())
+
+
 def test_cast_to_integers_passes_no_gradient():
     # y = c + float(int(c)): the integer path is piecewise constant, d y / d c = 1
     nodes = [n("Cast", ["SRC"], ["i"], to=TensorProto.INT64), n("Cast", ["i"], ["f"], to=TensorProto.FLOAT),
@@ -593,6 +621,7 @@ CONV_TRANSPOSE_CASES = [
     dict(kernel_shape=[2, 3], strides=[2, 1], pads=[0, 1, 1, 0], dilations=[1, 2]),
     dict(kernel_shape=[4, 4], strides=[2, 2], pads=[1, 1, 1, 1]),  # the classic 2x upsampling
     dict(kernel_shape=[3, 3], strides=[2, 2], auto_pad="SAME_UPPER"),
+    dict(kernel_shape=[3, 3], strides=[2, 2], output_shape=[6, 8]),  # pads from the output shape
 ]
 
 
@@ -602,6 +631,15 @@ def test_conv_transpose(attrs, group):
     nodes = [n("ConvTranspose", ["SRC", "wt", "bt"], ["y"], group=group, **attrs)]
     m = _with_source(nodes, (4, 3, 4), {"wt": (4, 6 // group, *attrs["kernel_shape"]), "bt": (6,)})
     check(m, rand(2, 4, 3, 4), ["x", "w", "wt", "bt", "c"])
+    # per-sample weight gradients (unfold of the output gradient) sum to the batch gradient
+    x = rand(3, 4, 3, 4).astype(np.float32)
+    seed = rand(3, *create_session(m, device="cpu").run(None, {"x": x})[0].shape[1:], seed=2)
+    per = GradientEngine(m, ["wt", "bt"], objective="seed", target="y").run(x, seed=seed)
+    summed = GradientEngine(to_float64(m), ["wt", "bt"], objective="seed", target="y", per_sample=False).run(
+        x.astype(np.float64), seed=seed)
+    for w in ("wt", "bt"):
+        assert per[w].shape == (3, *summed[w].shape)
+        np.testing.assert_allclose(per[w].sum(axis=0), summed[w], rtol=0, atol=1e-5 * np.abs(summed[w]).max())
 
 
 RESIZE_CASES = [
@@ -735,3 +773,142 @@ def test_pad_with_axes_opset18_and_split_with_num_outputs():
     m = _with_source(nodes, (3, 2, 3), {"pads": np.array([1, 0, 0, 2], np.int64), "paxes": np.array([3, 2], np.int64)},
                      opset=18)
     check(m, rand(2, 3, 2, 3), ["x", "w"])
+
+
+# ------------------------------------------------- blocks as torch.onnx (opset 17/18) exports them
+
+def _conv(name, x, cin, cout, k, inits, group=1, stride=1, bias=True):
+    inits[name + ".w"] = (cout, cin // group, k, k)
+    ins = [x, name + ".w"]
+    if bias:
+        inits[name + ".b"] = (cout,)
+        ins.append(name + ".b")
+    return n("Conv", ins, [name], kernel_shape=[k, k], pads=[k // 2] * 4, group=group, strides=[stride, stride])
+
+
+def _runtime_flatten(x, out, nodes, inits):
+    # x.view(x.size(0), -1): Shape -> Gather -> Unsqueeze -> Concat -> Reshape (int64 shape tensors)
+    inits.update({"i0": np.array(0, np.int64), "ax0": np.array([0], np.int64), "minus1": np.array([-1], np.int64)})
+    nodes += [n("Shape", [x], [x + "_shape"]), n("Gather", [x + "_shape", "i0"], [x + "_n"], axis=0),
+              n("Unsqueeze", [x + "_n", "ax0"], [x + "_n1"]), n("Concat", [x + "_n1", "minus1"], [x + "_dims"], axis=0),
+              n("Reshape", [x, x + "_dims"], [out])]
+
+
+def _mobilenet_v3_block():
+    inits, nodes = {}, []
+    nodes += [_conv("c1", "x", 4, 8, 3, inits), n("HardSwish", ["c1"], ["h1"]),
+              _conv("dw", "h1", 8, 8, 3, inits, group=8), n("HardSwish", ["dw"], ["h2"]),
+              # squeeze-and-excitation: ReduceMean (axes as input, opset 18) -> conv -> relu -> conv -> HardSigmoid -> Mul
+              n("ReduceMean", ["h2", "axes23"], ["sq"], keepdims=1), _conv("se1", "sq", 8, 4, 1, inits),
+              n("Relu", ["se1"], ["ser"]), _conv("se2", "ser", 4, 8, 1, inits),
+              n("HardSigmoid", ["se2"], ["gate"], alpha=1.0 / 6, beta=0.5), n("Mul", ["h2", "gate"], ["scaled"]),
+              _conv("pw", "scaled", 8, 4, 1, inits), n("Add", ["pw", "x"], ["res"]),
+              n("GlobalAveragePool", ["res"], ["gap"])]
+    _runtime_flatten("gap", "flat", nodes, inits)
+    inits.update({"axes23": np.array([2, 3], np.int64), "fc": (5, 4), "fb": (5,)})
+    nodes.append(n("Gemm", ["flat", "fc", "fb"], ["y"], transB=1))
+    return tiny(nodes, inits, (4, 6, 6), opset=18)
+
+
+def _shufflenet_v2_block():
+    inits, nodes = {}, []
+    nodes += [n("Split", ["x"], ["a", "b"], axis=1, num_outputs=2),  # chunk(2, dim=1), opset 18
+              _conv("b1", "b", 4, 4, 1, inits), n("Relu", ["b1"], ["b1r"]), _conv("b2", "b1r", 4, 4, 3, inits, group=4),
+              n("Concat", ["a", "b2"], ["cat"], axis=1),
+              # channel shuffle, groups 2: Reshape -> Transpose -> Reshape
+              n("Reshape", ["cat", "s5"], ["r5"]), n("Transpose", ["r5"], ["t5"], perm=[0, 2, 1, 3, 4]),
+              n("Reshape", ["t5", "s4"], ["y"])]
+    inits.update({"s5": np.array([0, 2, 4, 5, 5], np.int64), "s4": np.array([0, 8, 5, 5], np.int64)})
+    return tiny(nodes, inits, (8, 5, 5), opset=18)
+
+
+def _convnext_block():
+    inits, nodes = {}, []
+    c = 4
+    nodes += [_conv("dw", "x", c, c, 7, inits, group=c), n("Transpose", ["dw"], ["nhwc"], perm=[0, 2, 3, 1]),
+              n("LayerNormalization", ["nhwc", "ln.w", "ln.b"], ["ln"], axis=-1, epsilon=1e-6),
+              n("MatMul", ["ln", "fc1"], ["m1"]), n("Add", ["m1", "fc1.b"], ["a1"]),
+              # GELU as torch exports it at opset 17
+              n("Div", ["a1", "sqrt2"], ["d"]), n("Erf", ["d"], ["e"]), n("Add", ["e", "one"], ["e1"]),
+              n("Mul", ["a1", "e1"], ["m"]), n("Mul", ["m", "half"], ["gelu"]),
+              n("MatMul", ["gelu", "fc2"], ["m2"]), n("Add", ["m2", "fc2.b"], ["a2"]),
+              n("Mul", ["a2", "gamma"], ["ls"]), n("Transpose", ["ls"], ["nchw"], perm=[0, 3, 1, 2]),
+              n("Add", ["nchw", "x"], ["y"])]
+    inits.update({"ln.w": (c,), "ln.b": (c,), "fc1": (c, 4 * c), "fc1.b": (4 * c,), "fc2": (4 * c, c), "fc2.b": (c,),
+                  "gamma": (c,), "sqrt2": np.array(np.sqrt(2.0), np.float32), "one": np.array(1.0, np.float32),
+                  "half": np.array(0.5, np.float32)})
+    return tiny(nodes, inits, (c, 8, 8))
+
+
+def _efficientnet_block():
+    inits, nodes = {}, []
+    nodes += [_conv("c1", "x", 3, 6, 3, inits, stride=2, bias=False),
+              n("BatchNormalization", ["c1", "bn.s", "bn.b", "bn.m", "bn.v"], ["bn"]),
+              n("Sigmoid", ["bn"], ["sg"]), n("Mul", ["bn", "sg"], ["silu"]),  # SiLU
+              n("GlobalAveragePool", ["silu"], ["sq"]), _conv("se1", "sq", 6, 2, 1, inits),
+              n("Sigmoid", ["se1"], ["s1"]), n("Mul", ["se1", "s1"], ["se1a"]), _conv("se2", "se1a", 2, 6, 1, inits),
+              n("Sigmoid", ["se2"], ["gate"]), n("Mul", ["silu", "gate"], ["y"])]
+    inits.update({"bn.s": (6,), "bn.b": (6,), "bn.m": (6,), "bn.v": np.random.default_rng(1).uniform(0.5, 2, 6).astype(np.float32)})
+    return tiny(nodes, inits, (3, 7, 7))
+
+
+@pytest.mark.parametrize("build,first_conv,in_shape", [
+    (_mobilenet_v3_block, "c1.w", (4, 6, 6)), (_shufflenet_v2_block, "b1.w", (8, 5, 5)),
+    (_convnext_block, "dw.w", (4, 8, 8)), (_efficientnet_block, "c1.w", (3, 7, 7)),
+])
+def test_blocks_of_modern_classifiers(build, first_conv, in_shape):
+    m = build()
+    x = rand(2, *in_shape)
+    check(m, x, ["x", first_conv])
+    # deconvnet / guided run and give finite gradients of the input (the rectifiers as documented)
+    out_shape = create_session(m, device="cpu").run(None, {"x": x.astype(np.float32)})[0].shape
+    seed = rand(*out_shape, seed=2)
+    for r in ("deconvnet", "guided"):
+        g = GradientEngine(m, "x", objective="seed", target="y", rule=r).run(x.astype(np.float32), seed=seed)["x"]
+        assert g.shape == x.shape and np.isfinite(g).all() and np.abs(g).max() > 0
+    # per-sample weight gradients (conv-gradients) through the block sum to the batch gradient
+    per = GradientEngine(m, first_conv, objective="seed", target="y").run(x.astype(np.float32), seed=seed)[first_conv]
+    summed = GradientEngine(m, first_conv, objective="seed", target="y", per_sample=False).run(
+        x.astype(np.float32), seed=seed)[first_conv]
+    np.testing.assert_allclose(per.sum(axis=0), summed, rtol=0, atol=1e-5 * np.abs(summed).max())
+
+
+@pytest.mark.parametrize("op,attrs,in_shape", [
+    ("DepthToSpace", {"blocksize": 2, "mode": "DCR"}, (8, 2, 3)), ("DepthToSpace", {"blocksize": 2, "mode": "CRD"}, (8, 2, 3)),
+    ("SpaceToDepth", {"blocksize": 2}, (2, 4, 6)),
+])
+def test_depth_to_space_and_back(op, attrs, in_shape):
+    m = _with_source([n(op, ["SRC"], ["y"], **attrs)], in_shape)
+    check(m, rand(2, *in_shape), ["x", "w"])
+
+
+def test_constants_from_constant_nodes_as_exporters_write_them():
+    # Clip bounds (ReLU6), Slice starts/ends and Resize scales given by Constant nodes, not initializers
+    def const(name, value):
+        return helper.make_node("Constant", [], [name], name=name, value=numpy_helper.from_array(value, name))
+
+    nodes = [const("lo", np.array(0.0, np.float32)), const("hi", np.array(6.0, np.float32)),
+             const("st", np.array([1], np.int64)), const("en", np.array([3], np.int64)), const("ax", np.array([2], np.int64)),
+             const("sc", np.array([1, 1, 2, 2], np.float32)),
+             n("Clip", ["SRC", "lo", "hi"], ["r6"]), n("Slice", ["r6", "st", "en", "ax"], ["sl"]),
+             n("Resize", ["sl", "", "sc"], ["y"], mode="nearest")]
+    m = _with_source(nodes, (2, 4, 3), spread=4.0)
+    check(m, rand(2, 2, 4, 3), ["x", "w"])
+    x, seed = rand(2, 2, 4, 3).astype(np.float32), rand(2, 2, 4, 6, seed=2)
+    exact = GradientEngine(m, "c", objective="seed", target="y").run(x, seed=seed)["c"]
+    deconv = GradientEngine(m, "c", objective="seed", target="y", rule="deconvnet").run(x, seed=seed)["c"]
+    assert (exact < 0).any() and (deconv >= 0).all()  # the Constant-bound Clip is a rectifier
+
+
+def test_per_sample_gradients_of_a_float16_weight_cast_to_float32():
+    # mixed-precision exports store weights in float16 and Cast them: per-sample weight gradients
+    # reach the stored weight, in its type
+    w16 = np.random.default_rng(0).standard_normal((3, 2, 3, 3)).astype(np.float16)
+    nodes = [n("Cast", ["w16"], ["w"], to=TensorProto.FLOAT), n("Conv", ["x", "w"], ["y"], kernel_shape=[3, 3])]
+    m = tiny(nodes, {}, (2, 5, 5))
+    m.graph.initializer.append(numpy_helper.from_array(w16, "w16"))
+    x, seed = rand(2, 2, 5, 5).astype(np.float32), rand(2, 3, 3, 3, seed=2)
+    got = GradientEngine(m, "w16", objective="seed", target="y").run(x, seed=seed)["w16"]
+    want = GradientEngine(m, "w", objective="seed", target="y").run(x, seed=seed)["w"]
+    assert got.dtype == np.float16 and got.shape == (2, 3, 2, 3, 3)
+    np.testing.assert_allclose(got.astype(np.float32), want, rtol=2e-3, atol=2e-3 * np.abs(want).max())

@@ -297,15 +297,75 @@ def test_float16_gradients_are_the_upcast_model_s():
     np.testing.assert_allclose(g16, g32, rtol=1e-5, atol=1e-7)
 
 
-def test_bfloat16_model_onnxruntime_cannot_run_is_one_line():
+def test_bfloat16_model_runs_upcast_where_onnxruntime_has_no_kernels_and_says_so():
+    """onnxruntime's CPU build cannot run a bfloat16 Relu; the model then runs its float32 graph
+    (weights upcast) and info() records that precision. Reference: numpy on the upcast weight."""
     from onnx import TensorProto, helper
 
     from cnnvis.onnxgraph import make_model
 
-    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "bf16",
-                              [helper.make_tensor_value_info("x", TensorProto.BFLOAT16, ["N", 1, 4, 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.BFLOAT16, None)])
+    w = helper.make_tensor("w", TensorProto.BFLOAT16, [1, 2, 1, 1], [0.75, -1.5])
+    graph = helper.make_graph([helper.make_node("Mul", ["x", "w"], ["m"]), helper.make_node("Relu", ["m"], ["y"])],
+                              "bf16", [helper.make_tensor_value_info("x", TensorProto.BFLOAT16, ["N", 2, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.BFLOAT16, None)], [w])
     model = Model(make_model(graph), name="bf16")
-    assert model.precision == "bfloat16" and [layer.tensor for layer in model.layers] == ["y"]
-    with pytest.raises(CnnvisError, match="onnxruntime cannot load the model"):
-        model.run(np.zeros((1, 1, 4, 4), np.float32))
+    assert model.precision == "bfloat16" and [layer.tensor for layer in model.layers] == ["m", "y"]
+    x = np.random.default_rng(6).normal(size=(3, 2, 4, 4)).astype(np.float32)
+    y = model.run(x, ["y"])["y"]
+    expected = np.maximum(x * np.array([0.75, -1.5], np.float32).reshape(1, 2, 1, 1), 0)
+    assert y.dtype == np.float32
+    np.testing.assert_array_equal(y, expected)  # one float32 multiply and a max: exact
+    assert model.info()["precision"]["forward"].startswith("float32 (bfloat16 weights upcast")
+
+
+def test_gradients_pass_around_a_reshape_whose_shape_is_computed_at_run_time():
+    """d logit / d input and d logit / d conv1.weight through torch's Shape -> Gather -> Concat ->
+    Reshape flatten equal those through a constant Reshape of the same weights, exactly."""
+    x = np.random.default_rng(4).normal(size=(3, 3, 8, 8)).astype(np.float32)
+    grads = []
+    for torch_flatten in (True, False):
+        model = Model(_small_classifier(torch_flatten=torch_flatten), name="flat")
+        engine = model.gradient_engine([model.input_name, "conv1.weight"], objective="logit",
+                                       target=model.layer("fc").tensor)
+        grads.append(engine.run(x, index=[0, 2, 4]))
+    for name in ("x", "conv1.weight"):
+        assert np.abs(grads[0][name]).max() > 0
+        np.testing.assert_array_equal(grads[0][name], grads[1][name])
+
+
+def test_float16_inside_float32_io_model():
+    """A float16 model converted with float32 inputs and outputs kept (Cast after the input and
+    before the output): runs in float16 exactly as onnxruntime runs the file, taps of its float16
+    tensors come back as float32, and gradients run on the float32 graph (the Casts cast to float32)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    proto = _small_classifier(np.float16)
+    graph = proto.graph
+    graph.input[0].type.tensor_type.elem_type = TensorProto.FLOAT
+    graph.output[0].type.tensor_type.elem_type = TensorProto.FLOAT
+    for node in graph.node:
+        for k, name in enumerate(node.input):
+            if name == "x":
+                node.input[k] = "x16"
+        for k, name in enumerate(node.output):
+            if name == "prob":
+                node.output[k] = "prob16"
+    nodes = [helper.make_node("Cast", ["x"], ["x16"], to=TensorProto.FLOAT16, name="/Cast_in")] + list(graph.node) \
+        + [helper.make_node("Cast", ["prob16"], ["prob"], to=TensorProto.FLOAT, name="/Cast_out")]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    model = Model(proto, name="mixed")
+    assert model.reduced_precision and model.precision == "float16"
+    x = np.random.default_rng(5).normal(size=(4, 3, 8, 8)).astype(np.float32)
+    ref = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(["prob"], {"x": x})[0]
+    np.testing.assert_array_equal(model.run(x, ["prob"])["prob"], ref)
+    conv = model.run(x, ["conv1"])["conv1"]
+    assert conv.dtype == np.float32 and conv.shape == (4, 4, 8, 8)
+    assert all(n.attribute[0].i == TensorProto.FLOAT for n in model.proto.graph.node if n.op_type == "Cast")
+    g = model.gradient_engine(model.input_name, objective="logit", target=model.layer("fc").tensor).run(x, index=1)
+    # the same as the all-float16 model's (whose gradients are the upcast graph's: see above)
+    half = Model(_small_classifier(np.float16), name="fp16")
+    ref_g = half.gradient_engine(half.input_name, objective="logit", target=half.layer("fc").tensor).run(x, index=1)
+    assert g["x"].dtype == np.float32 and np.abs(g["x"]).max() > 0
+    np.testing.assert_allclose(g["x"], ref_g["x"], rtol=1e-6, atol=1e-8)

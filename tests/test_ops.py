@@ -49,6 +49,21 @@ def test_same_pads_equal_onnxruntime_auto_pad(auto_pad):
                                       err_msg=f"size {size} k {k} s {s} d {d}")
 
 
+@pytest.mark.parametrize("auto_pad", ["SAME_UPPER", "SAME_LOWER"])
+def test_pool_same_pads_equal_onnxruntime_auto_pad(auto_pad):
+    """MaxPool with auto_pad and with ops.window's explicit pads: the same values in onnxruntime,
+    dilated pools included (onnxruntime sizes their SAME pads by the undilated kernel)."""
+    rng = np.random.default_rng(3)
+    for size, k, s, d in itertools.product((5, 6, 9), (2, 3), (1, 2), (1, 2)):
+        x = rng.normal(size=(1, 2, size, size + 2)).astype(np.float32)
+        node = helper.make_node("MaxPool", ["x"], ["y"], kernel_shape=[k, k], strides=[s, s], dilations=[d, d],
+                                auto_pad=auto_pad)
+        win = ops.window(node, in_shape=x.shape)
+        explicit = helper.make_node("MaxPool", ["x"], ["y"], kernel_shape=[k, k], strides=[s, s], dilations=[d, d],
+                                    pads=list(win.pads))
+        np.testing.assert_array_equal(_run([explicit], x), _run([node], x), err_msg=f"size {size} k {k} s {s} d {d}")
+
+
 def test_window_reads_attributes_and_weight_kernel():
     node = helper.make_node("Conv", ["x", "w"], ["y"], strides=[2, 1], pads=[1, 0, 2, 3], dilations=[1, 2])
     win = ops.window(node, weight_shape=(8, 3, 5, 3))
@@ -138,3 +153,17 @@ def test_backward_rule_ops_is_the_rule_table():
     assert ops.backward_rule_ops() == supported_ops()
     assert ops.has_backward_rule("Conv") and ops.has_backward_rule("MaxPool")
     assert not ops.has_backward_rule("NonZero") and not ops.has_backward_rule("Shape")
+
+
+def test_floor_mode_pads_give_onnxruntime_s_ceil_mode_pool():
+    """The ceil-mode pool and the floor-mode pool with ops.floor_mode_pads' end pads give the same
+    values in onnxruntime (including a window dropped for starting in the end padding)."""
+    rng = np.random.default_rng(2)
+    for size, k, s, p in itertools.product((6, 7, 13), (2, 3), (2, 3), (0, 1)):
+        x = rng.normal(size=(1, 1, size, size)).astype(np.float32)
+        node = helper.make_node("MaxPool", ["x"], ["y"], kernel_shape=[k, k], strides=[s, s], pads=[p] * 4, ceil_mode=1)
+        out, pads = ops.floor_mode_pads(ops.window(node), (size, size))
+        floor = helper.make_node("MaxPool", ["x"], ["y"], kernel_shape=[k, k], strides=[s, s], pads=pads)
+        ceil = _run([node], x)
+        assert ceil.shape[2:] == tuple(out), (size, k, s, p)
+        np.testing.assert_array_equal(_run([floor], x), ceil, err_msg=f"{(size, k, s, p)}")

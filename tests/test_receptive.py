@@ -220,9 +220,14 @@ def test_reduce_mean_over_space_is_global_over_channels_is_not():
     inits.update(hw=np.array([2, 3], np.int64), ch=np.array([1], np.int64))
     nodes += [helper.make_node("ReduceMean", ["t0", "ch"], ["mc"], name="mc", keepdims=1),
               helper.make_node("ReduceMean", ["t0", "hw"], ["ms"], name="ms", keepdims=1),
-              helper.make_node("Mul", ["mc", "ms"], ["prod"], name="prod")]
+              helper.make_node("Mul", ["mc", "ms"], ["prod"], name="prod"),
+              helper.make_node("Squeeze", ["mc"], ["sq"], name="sq"),  # no axes: the channel axis of size 1
+              helper.make_node("Unsqueeze", ["sq", "ch"], ["unsq"], name="unsq")]
     model = _net(nodes, inits)
     assert receptive_field(model, "mc").size == (3, 3) and receptive_field(model, "ms").is_global
+    for layer in ("sq", "unsq"):
+        rf = receptive_field(model, layer)
+        assert (rf.size, rf.stride, rf.offset, rf.source) == ((3, 3), (2, 2), (-1, -1), "graph"), layer
     assert receptive_field(model, "prod").size == (3, 3)  # ms is broadcast over space: a per-channel factor
 
 

@@ -154,8 +154,7 @@ _SPATIAL = ("Conv", "MaxPool", "AveragePool")
 #: pointwise ops applied to the chain's tensor with constant parameters (Clip's bounds, BatchNorm's
 #: statistics), and elementwise ops whose other operands are constants broadcast over space
 _UNARY = ops.UNARY_POINTWISE_OPS - {"BatchNormalization", "Clip"}
-_WITH_CONSTANTS = (ops.BROADCAST_OPS & {"Add", "Sub", "Mul", "Div", "PRelu", "Max", "Min", "Pow"}) \
-    | {"BatchNormalization", "Clip"}
+_WITH_CONSTANTS = ops.ARITHMETIC_OPS | {"BatchNormalization", "Clip"}
 
 
 @dataclasses.dataclass

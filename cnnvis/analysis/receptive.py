@@ -228,8 +228,10 @@ def _node_field(node, ins, shapes, constants):
         raise _Unknown("reshapes the spatial axes")
     if op in ("Squeeze", "Unsqueeze"):
         axes = _int_list(node, constants, 1, "axes")
+        if axes is None and op == "Squeeze":  # every axis of size 1
+            axes = [i for i, d in enumerate(shapes.get(node.input[0]) or ()) if d == 1]
         if axes is None:
-            raise _Unknown("squeezes axes given at run time")
+            raise _Unknown("unsqueezes axes given at run time")
         if op == "Squeeze":
             removed = _negative(axes, rank)
             if set(removed) & set(first.axes):

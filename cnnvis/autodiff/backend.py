@@ -6,7 +6,13 @@ Its MaxPool disagrees with onnxruntime on ceil-mode output sizes and on tie-brea
 an implementation with onnxruntime's semantics: the output length drops a window that would start
 in the end padding, padding never wins, and on ties the first element in row-major order of the
 window is the switch. Its ConvTranspose is wrong for group > 1 (run group by group here) and
-its LRN sums over the wrong axis (replaced); its Conv is replaced by a faster one.
+its LRN sums over the wrong axis (replaced); its Conv is replaced by a faster one; its Erf (and
+the Gelu function built on it) computes in float32 (replaced).
+
+These replacements are the independent reference the rules are checked against, so they share
+no code with the rules: window geometry (pads, auto_pad, pooled lengths) is written here again
+from the ONNX spec and onnxruntime's behaviour (:func:`window_pads`, :func:`pooled_length`), and
+tests/test_autodiff_gradcheck.py compares every replacement with onnxruntime's forward.
 """
 from __future__ import annotations
 
@@ -30,14 +36,48 @@ def resolve_backend(backend: str, dtype) -> str:
     return backend
 
 
+def window_pads(in_spatial, kernel, strides, dilations, pads=None, auto_pad="NOTSET"):
+    """Begin and end pads [b0, b1, ..., e0, e1, ...] of a sliding window (Conv, MaxPool).
+
+    SAME_UPPER / SAME_LOWER: the output is ceil(in / stride) long and the missing extent
+    total = (out - 1) * stride + (k - 1) * dilation + 1 - in is split with the odd unit at the end
+    (UPPER) or at the beginning (LOWER); VALID: none; otherwise the ``pads`` given (default none).
+    """
+    nd = len(in_spatial)
+    if isinstance(auto_pad, bytes):
+        auto_pad = auto_pad.decode()
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        begin, end = [], []
+        for size, k, s, d in zip(in_spatial, kernel, strides, dilations):
+            out = (size + s - 1) // s
+            total = max(0, (out - 1) * s + (k - 1) * d + 1 - size)
+            half, odd = divmod(total, 2)
+            begin.append(half if auto_pad == "SAME_UPPER" else half + odd)
+            end.append(half + odd if auto_pad == "SAME_UPPER" else half)
+        return begin + end
+    if auto_pad == "VALID" or not pads:
+        return [0] * (2 * nd)
+    return [int(p) for p in pads]
+
+
+def pooled_length(size, k, s, d, pad_begin, pad_end, ceil_mode):
+    """Windows along one axis: floor or ceil of (padded extent - window span) / stride, plus one;
+    in ceil mode onnxruntime drops a last window that would start past the input and the begin
+    padding."""
+    span = (k - 1) * d + 1
+    room = size + pad_begin + pad_end - span
+    count = (-(-room // s) if ceil_mode else room // s) + 1
+    if ceil_mode and (count - 1) * s >= size + pad_begin:
+        count -= 1
+    return count
+
+
 def maxpool_first_max(x, kernel, strides, pads, dilations, ceil_mode):
     """MaxPool with flat indices over the whole tensor (N, C, *spatial), first maximum on ties."""
-    from ..onnxgraph import pool_output_size
-
     n, c = x.shape[:2]
     spatial = x.shape[2:]
     nd = len(spatial)
-    out = [pool_output_size(spatial[i], kernel[i], strides[i], pads[i], pads[nd + i], ceil_mode, dilations[i])
+    out = [pooled_length(spatial[i], kernel[i], strides[i], dilations[i], pads[i], pads[nd + i], ceil_mode)
            for i in range(nd)]
     pad_end = [max(0, (out[i] - 1) * strides[i] + (kernel[i] - 1) * dilations[i] + 1 - spatial[i] - pads[i])
                for i in range(nd)]
@@ -61,6 +101,30 @@ def maxpool_first_max(x, kernel, strides, pads, dilations, ceil_mode):
     return best, best_flat
 
 
+def conv_transpose_pads_for(in_spatial, kernel, strides, dilations, output_padding, out_spatial):
+    """The pads of a ConvTranspose sized by output_shape (auto_pad NOTSET): the extent
+    total = s (in - 1) + output_padding + (k - 1) d + 1 - out, the larger half at the beginning."""
+    nd = len(in_spatial)
+    strides = list(strides or [1] * nd)
+    dilations = list(dilations or [1] * nd)
+    output_padding = list(output_padding or [0] * nd)
+    begin, end = [], []
+    for i in range(nd):
+        total = strides[i] * (in_spatial[i] - 1) + output_padding[i] + (kernel[i] - 1) * dilations[i] + 1 - out_spatial[i]
+        begin.append(total - total // 2)
+        end.append(total // 2)
+    return begin + end
+
+
+def window_geometry(x_shape, kernel, strides=None, dilations=None, pads=None, auto_pad="NOTSET"):
+    """(kernel, strides, dilations, pads) of a Conv or MaxPool node's attributes, defaults filled."""
+    nd = len(x_shape) - 2
+    kernel = [int(k) for k in kernel]
+    strides = [int(s) for s in strides] if strides else [1] * nd
+    dilations = [int(d) for d in dilations] if dilations else [1] * nd
+    return kernel, strides, dilations, window_pads(x_shape[2:], kernel, strides, dilations, pads, auto_pad or "NOTSET")
+
+
 def _reference_ops():
     from onnx.reference.op_run import OpRun
 
@@ -69,21 +133,26 @@ def _reference_ops():
 
         def _run(self, x, auto_pad=None, ceil_mode=None, dilations=None, kernel_shape=None, pads=None,
                  storage_order=None, strides=None):
-            from .rules import _spatial_attrs
-
-            nd = x.ndim - 2
-            attrs = {"kernel_shape": kernel_shape, "strides": strides, "dilations": dilations, "pads": pads,
-                     "auto_pad": auto_pad}
-            kernel, st, dil, pd = _spatial_attrs(_AttrView(attrs), x.shape, kernel=list(kernel_shape))
-            y, idx = maxpool_first_max(x, kernel, st, pd, dil or [1] * nd, int(ceil_mode or 0))
+            kernel, st, dil, pd = window_geometry(x.shape, kernel_shape, strides, dilations, pads, auto_pad)
+            if auto_pad in ("SAME_UPPER", "SAME_LOWER", b"SAME_UPPER", b"SAME_LOWER"):
+                # onnxruntime's pooling sizes SAME pads by the undilated kernel (its Conv refuses
+                # dilation with SAME); the windows themselves stay dilated
+                pd = window_pads(x.shape[2:], kernel, st, [1] * len(kernel), None, auto_pad)
+            y, idx = maxpool_first_max(x, kernel, st, pd, dil, int(ceil_mode or 0))
             return (y.astype(x.dtype), idx)
 
     from onnx.reference.ops.op_conv_transpose import ConvTranspose as _RefConvTranspose
 
     class ConvTranspose(_RefConvTranspose):
-        # the reference implementation mixes up output channels when group > 1: run group by group
+        # the reference implementation mixes up output channels when group > 1 (run group by group
+        # here) and fails with output_shape (given here as the pads it implies)
         def _run(self, X, W, B=None, group=None, **attrs):
             group = int(group or 1)
+            if attrs.get("output_shape") is not None and (attrs.get("auto_pad") or "NOTSET") in ("NOTSET", b"NOTSET"):
+                attrs = dict(attrs)
+                out_shape = [int(v) for v in attrs.pop("output_shape")][-(X.ndim - 2):]
+                attrs["pads"] = conv_transpose_pads_for(X.shape[2:], W.shape[2:], attrs.get("strides"),
+                                                        attrs.get("dilations"), attrs.get("output_padding"), out_shape)
             if group == 1:
                 return super()._run(X, W, B, group=1, **attrs)
             cin, cout = X.shape[1] // group, W.shape[1]
@@ -113,11 +182,8 @@ def _reference_ops():
 
         def _run(self, X, W, B=None, auto_pad=None, dilations=None, group=None, kernel_shape=None, pads=None,
                  strides=None):
-            from .rules import _spatial_attrs
-
-            attrs = {"kernel_shape": kernel_shape, "strides": strides, "dilations": dilations, "pads": pads,
-                     "auto_pad": auto_pad}
-            kernel, st, dil, pd = _spatial_attrs(_AttrView(attrs), X.shape, W.shape)
+            kernel, st, dil, pd = window_geometry(X.shape, kernel_shape or W.shape[2:], strides, dilations, pads,
+                                                  auto_pad)
             return (conv_nd(X, W, B, kernel, st, dil, pd, int(group or 1)),)
 
     class Erf(OpRun):
@@ -143,18 +209,6 @@ def _reference_ops():
             return (y.astype(x.dtype),)
 
     return [MaxPool, ConvTranspose, LRN, Conv, Erf, Gelu]
-
-
-class _AttrView:
-    """Just enough of a RuleContext for ``rules._spatial_attrs``."""
-
-    def __init__(self, attrs):
-        self._attrs = attrs
-
-    def attr(self, name, default=None):
-        value = self._attrs.get(name)
-        value = value.decode() if isinstance(value, bytes) else value
-        return default if value is None else value
 
 
 def conv_nd(x, w, b, kernel, strides, dilations, pads, group):

@@ -45,6 +45,17 @@ class GraphBuilder:
         finally:
             self.nodes = saved
 
+    @contextlib.contextmanager
+    def computing_in(self, dtype):
+        """Write constants, masks and zeros in ``dtype`` (a rule in a region cast to another float type)."""
+        saved = self.dtype, self.elem_type
+        self.dtype = np.dtype(dtype)
+        self.elem_type = helper.np_dtype_to_tensor_dtype(self.dtype)
+        try:
+            yield
+        finally:
+            self.dtype, self.elem_type = saved
+
     # ------------------------------------------------------------------ names
     def fresh(self, hint: str = "t") -> str:
         while True:

@@ -258,9 +258,9 @@ def _decision_outputs(model, sources):
         count[0] += 1
         return f"cnnvis_kink/{hint}_{count[0]}"
 
-    def const(value):
+    def const(value, dtype=np.float64):
         name = fresh("const")
-        g.initializer.append(numpy_helper.from_array(np.asarray(value, dtype=np.float64), name))
+        g.initializer.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
         return name
 
     def add(op, inputs, **attrs):
@@ -299,7 +299,7 @@ def _decision_outputs(model, sources):
             size = add("ReduceProd", [add("Shape", [x], start=1)], keepdims=1)
             names.append(add("Mod", [node.output[1], size]))
         elif op == "GlobalMaxPool":
-            flat = add("Reshape", [x, numpy_name(g, fresh("shape"), np.array([0, 0, -1], np.int64))])
+            flat = add("Reshape", [x, const([0, 0, -1], np.int64)])
             names.append(add("ArgMax", [flat], axis=2))
         elif op in ("Max", "Min"):
             for i in node.input:
@@ -317,11 +317,6 @@ def _decision_outputs(model, sources):
     for name in names:
         g.output.append(onnx.ValueInfoProto(name=name))
     return names
-
-
-def numpy_name(graph, name, value):
-    graph.initializer.append(numpy_helper.from_array(value, name))
-    return name
 
 
 def _sole_conv_consumer(model, name):
@@ -348,24 +343,30 @@ def _conv_out_shape(model, name):
 
 
 def _conv_output(node, conv_in, inits):
-    from .backend import _AttrView, conv_nd
-    from .rules import _spatial_attrs
+    from .backend import conv_nd
 
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
     w = inits[node.input[1]].astype(np.float64)
     bias = inits[node.input[2]].astype(np.float64) if len(node.input) > 2 and node.input[2] else None
-    kernel, strides, dilations, pads = _spatial_attrs(_AttrView(attrs), conv_in.shape, w.shape)
+    kernel, strides, dilations, pads = _conv_geometry(attrs, conv_in.shape, w.shape)
     return conv_nd(conv_in, w, bias, kernel, strides, dilations, pads, int(attrs.get("group", 1)))
+
+
+def _conv_geometry(attrs, x_shape, w_shape):
+    """The reference's geometry (not the rules'): see :func:`.backend.window_geometry`."""
+    from .backend import window_geometry
+
+    return window_geometry(x_shape, attrs.get("kernel_shape") or w_shape[2:], attrs.get("strides"),
+                           attrs.get("dilations"), attrs.get("pads"), attrs.get("auto_pad", "NOTSET"))
 
 
 def _conv_response(node, conv_in, w_shape, flat):
     """How the Conv output changes per unit change of weight entry ``flat`` (float64, exact)."""
-    from .backend import _AttrView, conv_nd
-    from .rules import _spatial_attrs
+    from .backend import conv_nd
 
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
     group = int(attrs.get("group", 1))
-    kernel, strides, dilations, pads = _spatial_attrs(_AttrView(attrs), conv_in.shape, w_shape)
+    kernel, strides, dilations, pads = _conv_geometry(attrs, conv_in.shape, w_shape)
     m = np.unravel_index(flat, w_shape)[0]
     cg, mg = w_shape[1], w_shape[0] // group
     gi = m // mg

@@ -35,7 +35,7 @@ GRAD_PREFIX = "cnnvis_grad/"
 MASK_SUFFIX = "/dropout_mask"
 
 # ops whose rules also handle a gradient that carries a per-sample axis for a constant tensor
-_PER_SAMPLE_SAFE_ON_CONSTANTS = {"Identity", "Dropout", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose"}
+_PER_SAMPLE_SAFE_ON_CONSTANTS = {"Identity", "Dropout", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Cast"}
 
 
 @dataclass
@@ -151,6 +151,7 @@ def build_gradient_graph(model: onnx.ModelProto, sample_shape, wrt, objective: s
     b.static_batch = int(batch) if batch else None
     b.session_threads = session_threads
     nodes = _floor_mode_pools([_copy_node(n) for n in graph.node], shapes, b)
+    float_types = _float_types(nodes, forward)
     new_inputs = [onnx.ValueInfoProto()]
     new_inputs[0].CopyFrom(real_inputs(forward)[0])
 
@@ -212,7 +213,9 @@ def build_gradient_graph(model: onnx.ModelProto, sample_shape, wrt, objective: s
             raise CnnvisError(f"node {node.name or outs[0]!r} ({node.op_type}) computes a constant from a "
                               "requested weight; fold constants first or ask for batch-summed gradients")
         ctx = RuleContext(node, b, shapes, batched, rule, per_sample, need, grads_out, request_output)
-        for inp, g in zip(node.input, backward(ctx)):
+        with b.computing_in(float_types.get(node.output[0], dtype)):  # a Cast region of another float type
+            grads_in = backward(ctx)
+        for inp, g in zip(node.input, grads_in):
             if g is not None and inp:
                 contributions.setdefault(inp, []).append(g)
 
@@ -225,7 +228,8 @@ def build_gradient_graph(model: onnx.ModelProto, sample_shape, wrt, objective: s
         grad_outputs[w] = out_name
         wrt_shapes[w] = tuple(shapes[w][1:]) if w in batched else tuple(shapes[w])
         leading = ["N"] if (w in batched or per_sample) else []
-        out_infos.append(helper.make_tensor_value_info(out_name, b.elem_type, leading + list(wrt_shapes[w])))
+        w_type = helper.np_dtype_to_tensor_dtype(np.dtype(float_types.get(w, dtype)))
+        out_infos.append(helper.make_tensor_value_info(out_name, w_type, leading + list(wrt_shapes[w])))
     for o in outputs:
         out_infos.append(value_info(o))
 
@@ -252,6 +256,39 @@ def build_gradient_graph(model: onnx.ModelProto, sample_shape, wrt, objective: s
         batched_wrt={w for w in wrt if w in batched}, per_sample=per_sample, rule=rule, runtime_inputs=runtime,
         dropout_masks=masks, extra_outputs=list(outputs), dtype=dtype,
         static_batch=b.static_batch if b.wants_static_batch else None, batch_specialisable=b.wants_static_batch)
+
+
+_NOT_FLOAT = {"Shape", "Size", "ArgMax", "ArgMin", "NonZero", "Equal", "Greater", "Less", "GreaterOrEqual",
+              "LessOrEqual", "Not", "And", "Or", "Xor", "IsNaN", "IsInf"}
+
+
+def _float_types(nodes, model):
+    """The float type (numpy dtype) of each float tensor: inputs and initializers as declared,
+    Cast/CastLike outputs as cast, other outputs as their first float input. Rules build their
+    constants in the type of the node's output, so a region cast to another float type works."""
+    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+    types = {}
+    for vi in model.graph.input:
+        if vi.type.tensor_type.elem_type in floats:
+            types[vi.name] = helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)
+    for init in model.graph.initializer:
+        if init.data_type in floats:
+            types[init.name] = helper.tensor_dtype_to_np_dtype(init.data_type)
+    for node in nodes:
+        if node.op_type in _NOT_FLOAT:
+            continue
+        if node.op_type == "Cast":
+            to = next(a.i for a in node.attribute if a.name == "to")
+            t = helper.tensor_dtype_to_np_dtype(to) if to in floats else None
+        elif node.op_type == "CastLike":
+            t = types.get(node.input[1])
+        else:
+            t = next((types[i] for i in node.input if i in types), None)
+        if t is not None:
+            for o in node.output[:1]:
+                if o:
+                    types[o] = t
+    return types
 
 
 def _assemble(nodes, name, inputs, outputs, initializers, opset):

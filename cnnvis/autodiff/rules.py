@@ -77,9 +77,21 @@ class RuleContext:
     def fail(self, what: str):
         return CnnvisError(f"node {self.node.name or self.node.output[0]!r} ({self.node.op_type}): {what}")
 
-    def constant_value(self, name):
-        """The value of a constant input (an initializer after constant folding)."""
+    def known_value(self, name):
+        """The value of ``name`` if it is an initializer or the output of a Constant node, else None."""
         value = self.b.known_constants.get(name)
+        node = self.b.producer.get(name) if value is None else None
+        if node is not None and node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            from onnx import numpy_helper
+
+            attr = node.attribute[0]
+            raw = helper.get_attribute_value(attr)
+            value = numpy_helper.to_array(raw) if attr.name in ("value", "sparse_value") else np.asarray(raw)
+        return value
+
+    def constant_value(self, name):
+        """The value of a constant input (an initializer after constant folding, or a Constant node)."""
+        value = self.known_value(name)
         if value is None:
             raise self.fail(f"input {name!r} must be a constant (initializer) to differentiate this node")
         return value
@@ -153,7 +165,8 @@ def supported_ops():
 
 
 def markdown_table() -> str:
-    """The README's table of ops with backward rules: one row per op (ONNX domain)."""
+    """The README's table of ops with backward rules (also ``cnnvis gradcheck --list-ops``): one row
+    per op (ONNX domain)."""
     lines = ["| op | covers | `deconvnet` | `guided` |", "| --- | --- | --- | --- |"]
     for op in supported_ops():
         note, deconv, guided = _RULE_NOTES[op]
@@ -167,7 +180,7 @@ def backward(ctx: RuleContext):
         domain = f" in domain {ctx.node.domain!r}" if ctx.node.domain not in ("", "ai.onnx") else ""
         raise ctx.fail(f"no backward rule for this op{domain} (it lies between the objective and a requested "
                        "gradient); gradient methods cannot run on this model, these commands need no gradients: "
-                       f"{', '.join(GRADIENT_FREE_COMMANDS)}; ops with rules: cnnvis.autodiff.supported_ops()")
+                       f"{', '.join(GRADIENT_FREE_COMMANDS)}; ops with rules: cnnvis gradcheck --list-ops")
     grads = fn(ctx)
     return list(grads) + [None] * (len(ctx.node.input) - len(grads))
 
@@ -387,7 +400,7 @@ def _clip(ctx):
         raise ctx.fail("gradients of Clip's min/max are not supported")
     lo = ctx.x[1] if len(ctx.x) > 1 and ctx.x[1] else None
     hi = ctx.x[2] if len(ctx.x) > 2 and ctx.x[2] else None
-    lo_value = ctx.b.known_constants.get(lo) if lo is not None else None
+    lo_value = ctx.known_value(lo) if lo is not None else None
     rectifier = (ctx.rule != "gradient" and lo_value is not None and np.size(lo_value) == 1
                  and float(np.asarray(lo_value).reshape(-1)[0]) == 0.0)
     if rectifier and ctx.rule == "deconvnet":
@@ -1538,9 +1551,9 @@ def _einsum_terms(ctx):
     equation = ctx.attr("equation").replace(" ", "")
     if "..." in equation:
         raise ctx.fail(f"Einsum {equation!r}: ellipses are not supported")
-    lhs, _, out = equation.partition("->")
+    lhs, arrow, out = equation.partition("->")
     terms = lhs.split(",")
-    if not _:
+    if not arrow:
         letters = "".join(terms)
         out = "".join(sorted(c for c in set(letters) if letters.count(c) == 1))
     if len(terms) != 2:
@@ -1580,3 +1593,27 @@ def _einsum(ctx):
             d = b.op("Expand", [d, b.ints(target)])
         grads.append(d)
     return grads
+
+
+# ======================================================= block rearrangements (pure permutations)
+
+def _block_layout(ctx):
+    """(6-D view of the input, the transpose applied to it) of a DepthToSpace / SpaceToDepth."""
+    n, c, h, w = ctx.shape(ctx.x[0])
+    b = int(ctx.attr("blocksize"))
+    if ctx.node.op_type == "SpaceToDepth":
+        return [c, h // b, b, w // b, b], [0, 3, 5, 1, 2, 4]
+    if ctx.attr("mode", "DCR") == "DCR":
+        return [b, b, c // (b * b), h, w], [0, 3, 4, 1, 5, 2]
+    return [c // (b * b), b, b, h, w], [0, 1, 4, 2, 5, 3]
+
+
+@rule("DepthToSpace", "SpaceToDepth", note="DCR and CRD modes")
+def _depth_space(ctx):
+    """A reshape, a transpose and a reshape: the gradient undoes them in reverse order."""
+    b = ctx.b
+    view, perm = _block_layout(ctx)
+    moved = [0] + [view[p - 1] for p in perm[1:]]
+    g = b.reshape(ctx.output_grad(0), moved)
+    g = b.transpose(g, np.argsort(perm, kind="stable").tolist())
+    return [b.reshape(g, b.shape_of(ctx.x[0]))]

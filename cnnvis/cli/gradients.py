@@ -58,6 +58,8 @@ def register(sub) -> None:
     p.add_argument("--tolerance", type=float, default=1e-3,
                    help="largest accepted relative error (default 1e-3, for float32 models)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampled entries (and of the random input)")
+    p.add_argument("--list-ops", action="store_true",
+                   help="print the ops that have backward rules (a Markdown table) and exit")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     p.set_defaults(func=cmd_gradcheck)
 
@@ -154,6 +156,11 @@ def cmd_gradcheck(args) -> int:
 
     from ..autodiff import gradcheck
 
+    if args.list_ops:
+        from ..autodiff.rules import markdown_table
+
+        print(markdown_table(), end="")
+        return 0
     model = common.load_model(args)
     specs = args.wrt or ["input"]
     names = {spec: resolve_wrt(model, spec) for spec in specs}
