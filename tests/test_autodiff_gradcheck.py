@@ -335,3 +335,81 @@ def test_the_reference_backend_shares_no_geometry_with_the_rules():
                 "pool_output_size", "floor_mode_pads", "average_pool_divisors"}
     assert geometry <= set(vars(ops)), "the list names ops' geometry helpers"
     assert not names & geometry, sorted(names & geometry)
+
+
+# --------------------------------------- float32 models: the rule check in float64, precision apart
+def flipping_net():
+    """x (1x3x1x1) -> Flatten -> MatMul W1 -> +1000 -> -1000 -> Relu -> MatMul W2 -> logits (float32).
+
+    Unit 0's pre-activation is x . W1[:, 0] = 1e-5 for ``flip_input``: float64 keeps it (Relu
+    passes), float32 loses it in 1000 + 1e-5 (half an ulp of 1000 is 3e-5) and gets exactly 0
+    (Relu blocks), so the float32 gradient misses unit 0's path. Units 1 and 2 sit at +1 and -2.
+    """
+    w1 = np.array([[1.0, 1e5, 0.0], [0.0, 0.0, -1e5], [0.0, 0.0, 0.0]])
+    w2 = np.array([[300.0, -1.0], [0.5, 2.0], [1.0, 1.0]])
+    nodes = [n("Flatten", ["x"], ["f"]), n("MatMul", ["f", "w1"], ["h"]), n("Add", ["h", "big"], ["hb"]), n("Sub", ["hb", "big"], ["z"]),
+             n("Relu", ["z"], ["r"]), n("MatMul", ["r", "w2"], ["logits"])]
+    inits = {"w1": w1, "w2": w2, "big": np.array([1000.0])}
+    g = helper.make_graph(nodes, "flip", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 1, 1])],
+                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 2])],
+                          [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()])
+    return make_model(g)
+
+
+def flip_input():
+    return np.array([[1e-5, 2e-5, 0.3]], dtype=np.float32).reshape(1, 3, 1, 1)
+
+
+def by_hand_gradient(unit0_passes: bool):
+    """d logit0 / dx: sum over the units Relu passes of W1[:, u] * W2[u, 0] (hand-computed)."""
+    g = np.array([1e5 * 0.5, 0.0, 0.0])  # unit 1 (z = 1) passes; unit 2 (z = -2) is blocked
+    if unit0_passes:
+        g += np.array([1.0, 0.0, 0.0]) * 300.0
+    return g
+
+
+def test_float32_decision_flip_is_a_precision_note_not_a_rule_failure():
+    m, x = flipping_net(), flip_input()
+    # the premise, independently: float32 rounds unit 0's pre-activation to exactly 0, float64 not
+    z32 = (np.float32(x.flat[0]) + np.float32(1000.0)) - np.float32(1000.0)
+    assert z32 == 0.0 and float(x.flat[0]) > 0
+    g32 = GradientEngine(m, "x", objective="logit", per_sample=False).run(x, index=0)["x"].reshape(-1)
+    np.testing.assert_allclose(g32, by_hand_gradient(False), rtol=1e-6)
+    r = gradcheck(m, x, "x", objective="logit", index=0, samples=3)["x"]
+    # the rule check: the float64 gradient graph against float64 central differences (and by hand)
+    assert len(r.entries) == 3 and len(r.kinked) == 0
+    np.testing.assert_allclose(r.analytic, by_hand_gradient(True)[r.entries], rtol=1e-9)
+    assert r.max_rel_error <= 1e-6, str(r)
+    # precision apart: distance 300 / 50300 of the largest entry (above the default 1e-3, where
+    # comparing the float32 gradient with the differences used to fail), one Relu sign of 3 differs
+    assert r.float32_rel_error == pytest.approx(300.0 / 50300.0, rel=1e-6)
+    assert (r.decisions_differ, r.decisions) == (1, 3)
+    assert "1 of 3 forward decisions (Relu signs, pool switches, bounds) differ" in str(r)
+    assert r.failure(1e-3) == ""  # above the tolerance, explained by the flip: not a failure
+
+
+def test_a_wrong_rule_fails_a_float32_model_too(monkeypatch):
+    right = rules._RULE_TABLE["MatMul"]
+
+    def off_by_a_thousandth(ctx):
+        grads = right(ctx)
+        grads[0] = ctx.b.scale(grads[0], 1.001) if grads[0] is not None else None
+        return grads
+
+    monkeypatch.setitem(rules._RULE_TABLE, "MatMul", off_by_a_thousandth)
+    r = gradcheck(flipping_net(), flip_input(), "x", objective="logit", index=0, samples=3)["x"]
+    assert 5e-4 < r.max_rel_error < 5e-3, str(r)  # the float64 gradient graph has the wrong rule too
+    assert r.failure(1e-4).startswith("relative error")
+
+
+def test_an_unexplained_float32_distance_fails():
+    # a float32 gradient far from the float64 one with no decision differing is not precision
+    m, x = flipping_net(), flip_input()
+    x64 = x.astype(np.float64)
+    x64.reshape(-1)[0] = 0.5  # unit 0 well away from 0: no flip
+    x = x64.astype(np.float32)
+    good = GradientEngine(m, "x", objective="logit", per_sample=False).run(x, index=0)["x"]
+    r = gradcheck(m, x, "x", objective="logit", index=0, samples=3)["x"]
+    assert r.decisions_differ == 0 and r.float32_rel_error <= 1e-6 and r.failure(1e-3) == ""
+    r.float32_rel_error = float(np.abs(good * 0.01).max() / np.abs(good).max())  # as a 1% float32-only error would
+    assert "no forward decision differing" in r.failure(1e-3)

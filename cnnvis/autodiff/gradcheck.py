@@ -11,6 +11,16 @@ check reads, at x + h and x - h, every decision such a point takes (pooling swit
 each bound); an entry whose two evaluations decide differently sits on a kink: it is reported and
 excluded, and other entries are drawn in its place (at most ``KINK_BUDGET`` times ``samples``
 entries evaluated in all), so the verdict rests on entries away from kinks.
+
+Float32 models: the rule check runs the engine's gradient graph in float64 too (onnx's reference
+evaluator) and compares that with the central differences: the rules against the function, at
+the same precision. The float32 gradient is compared with the float64 gradient apart, as a
+precision note, with the count of decisions (Relu signs, pool switches, bounds: the same points
+as the kinks) the float32 forward takes differently from the float64 one: where one differs, the
+float32 gradient is the exact gradient of a slightly different function and may be far from the
+float64 one although every rule is right. :meth:`GradcheckReport.failure` is the verdict: the
+rule check above the tolerance fails, so does a float32 gradient further than the tolerance from
+the float64 gradient while no decision differs (nothing in the precision explains it).
 """
 from __future__ import annotations
 
@@ -24,7 +34,7 @@ from ..errors import CnnvisError
 from .backend import Runner
 from .engine import GradientEngine, _as_model, index_feed, seed_feed
 from ..onnxgraph import real_inputs
-from .graph import OBJECTIVE_OUTPUT, build_objective_graph, prepare_forward
+from .graph import OBJECTIVE_OUTPUT, build_objective_graph, model_dtype, prepare_forward
 
 
 def to_float64(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -65,6 +75,12 @@ class GradcheckReport:
     max_rel_error: float  # nan when every sampled entry sits on a kink
     kinked: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # excluded entries
     kinked_numeric: np.ndarray = field(default_factory=lambda: np.zeros(0))  # their central differences
+    # float32 models: ``analytic`` is the engine's float64 gradient; the float32 one against it
+    # (max |g32 - g64| over the whole tensor / largest |g64| or |g32|) and the forward decisions
+    # that differ between float32 and float64, of ``decisions`` in all
+    float32_rel_error: float | None = None
+    decisions_differ: int | None = None
+    decisions: int | None = None
 
     @property
     def sampled(self) -> int:
@@ -78,9 +94,29 @@ class GradcheckReport:
         return (f"; {len(self.kinked)} of {self.sampled} sampled entries sit on a kink (a tie or bound "
                 "under the finite difference); excluded")
 
+    @property
+    def precision_note(self) -> str:
+        """'' for a float64 model, else '; float32 gradient vs float64 gradient: ...'."""
+        if self.float32_rel_error is None:
+            return ""
+        return (f"; float32 gradient vs float64 gradient (same rules): relative distance "
+                f"{self.float32_rel_error:.3g}, {self.decisions_differ} of {self.decisions} forward decisions "
+                "(Relu signs, pool switches, bounds) differ between float32 and float64")
+
+    def failure(self, tolerance: float) -> str:
+        """'' when the check passes at ``tolerance``, else why it fails (one line)."""
+        if np.isnan(self.max_rel_error):
+            return "every sampled entry sits on a kink, no verdict (other inputs or more --samples)"
+        if not self.max_rel_error <= tolerance:
+            return f"relative error {self.max_rel_error:.3g} > tolerance {tolerance:g}"
+        if self.float32_rel_error is not None and not self.float32_rel_error <= tolerance and not self.decisions_differ:
+            return (f"float32 gradient {self.float32_rel_error:.3g} from the float64 gradient (> tolerance "
+                    f"{tolerance:g}) with no forward decision differing")
+        return ""
+
     def __str__(self):
         return (f"{self.wrt}: {len(self.entries)} entries, max abs error {self.max_abs_error:.3g}, "
-                f"max relative error {self.max_rel_error:.3g}{self.kink_note}")
+                f"max relative error {self.max_rel_error:.3g}{self.kink_note}{self.precision_note}")
 
 
 def gradcheck(model, x, wrt, objective: str = "logit", target=None, index=None, seed=None, labels=None,
@@ -88,15 +124,24 @@ def gradcheck(model, x, wrt, objective: str = "logit", target=None, index=None, 
               analytic=None) -> dict:
     """Compare the engine's gradients with float64 central differences; returns wrt -> GradcheckReport.
 
-    ``analytic`` (wrt -> batch gradient) skips running the engine; otherwise a
-    :class:`GradientEngine` on ``model`` (batch-summed weight gradients) provides them.
+    ``analytic`` (wrt -> batch gradient) skips running the engine and is compared as it is;
+    otherwise a :class:`GradientEngine` on ``model`` (batch-summed weight gradients) provides them,
+    and for a model not in float64 the same engine on the float64 model (reference backend) gives
+    the gradient checked, the model's own one going to the precision note (see the module doc).
     """
     model = _as_model(model)
     wrt = [wrt] if isinstance(wrt, str) else list(wrt)
     x = np.asarray(x)
+    low = None  # wrt -> the model's own (float32) gradient, when the check runs in float64
     if analytic is None:
         engine = GradientEngine(model, wrt, objective=objective, target=target, per_sample=False, backend=backend)
         analytic = dict(engine.run(x, index=index, seed=seed, labels=labels))
+        if model_dtype(model) != np.float64:
+            low = analytic
+            engine64 = GradientEngine(to_float64(model), wrt, objective=objective, target=target, per_sample=False,
+                                      backend="reference")
+            analytic = dict(engine64.run(x.astype(np.float64), index=index, seed=seed, labels=labels))
+            flipped, n_decisions = _decisions_differ(model, x)
     forward64 = to_float64(prepare_forward(model))
     x64 = x.astype(np.float64)
     n = x.shape[0]
@@ -234,7 +279,32 @@ def gradcheck(model, x, wrt, objective: str = "logit", target=None, index=None, 
         else:
             rel = max_abs / magnitude if magnitude > 0 else (0.0 if max_abs == 0 else float("inf"))
         reports[w] = GradcheckReport(w, entries, picked, numeric, max_abs, rel, kinked, kinked_numeric)
+        if low is not None:
+            g32 = np.asarray(low[w], dtype=np.float64)
+            top = max(float(np.max(np.abs(a), initial=0.0)), float(np.max(np.abs(g32), initial=0.0)))
+            dist = float(np.max(np.abs(g32 - a), initial=0.0))
+            reports[w].float32_rel_error = dist / top if top > 0 else 0.0
+            reports[w].decisions_differ, reports[w].decisions = flipped, n_decisions
     return reports
+
+
+def _decisions_differ(model, x):
+    """(count, total) of the forward's decisions (:func:`_decision_outputs` on the image) that
+    the model's own precision (onnxruntime) takes differently from float64 (reference)."""
+    forward = prepare_forward(model)
+    image = real_inputs(forward)[0].name
+    runs = []
+    for m, dtype, backend in ((forward, model_dtype(forward), "onnxruntime"),
+                              (to_float64(forward), np.float64, "reference")):
+        copy = onnx.ModelProto()
+        copy.CopyFrom(m)
+        names = _decision_outputs(copy, [image], dtype)
+        if not names:
+            return 0, 0
+        res = Runner(copy, backend=backend)({image: x.astype(dtype)}, names)
+        runs.append([np.asarray(res[name]) for name in names])
+    differ = sum(int(np.count_nonzero(a != b)) for a, b in zip(*runs))
+    return differ, sum(a.size for a in runs[0])
 
 
 #: Ops with points where they are not differentiable, and the decisions taken there: the sign of
@@ -242,9 +312,9 @@ def gradcheck(model, x, wrt, objective: str = "logit", target=None, index=None, 
 _SIGN_AT_ZERO = {"Relu", "LeakyRelu", "PRelu", "Abs", "Elu", "Selu", "Celu", "ThresholdedRelu", "Sign"}
 
 
-def _decision_outputs(model, sources):
+def _decision_outputs(model, sources, dtype=np.float64):
     """Add to ``model`` outputs holding the decisions of its non-differentiable points that
-    depend on ``sources`` (one row per sample); return their names."""
+    depend on ``sources`` (one row per sample); return their names. ``dtype``: the model's floats."""
     from onnx import helper
 
     g = model.graph
@@ -258,7 +328,7 @@ def _decision_outputs(model, sources):
         count[0] += 1
         return f"cnnvis_kink/{hint}_{count[0]}"
 
-    def const(value, dtype=np.float64):
+    def const(value, dtype=dtype):
         name = fresh("const")
         g.initializer.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
         return name

@@ -21,11 +21,19 @@ examples:
 
 GRADCHECK_EPILOG = """\
 Compares the engine's gradient for the first image with float64 central differences on
---samples random entries and exits with 1 when the relative error (largest |difference| over the
-largest |gradient| among the entries) is above --tolerance. Entries whose finite difference
-straddles a non-differentiable point (a max-pool tie, a Relu or Clip input at its bound) are
-reported ("k of N sampled entries sit on a kink") and replaced by others; the verdict rests on
-entries away from kinks.
+--samples random entries. For a float32 model the engine's gradient graph also runs in float64
+and that gradient is the one checked (the rules against the function at the same precision).
+Entries whose finite difference straddles a non-differentiable point (a max-pool tie, a Relu or
+Clip input at its bound) are reported ("k of N sampled entries sit on a kink") and replaced by
+others; the verdict rests on entries away from kinks.
+The float32 gradient is reported apart: its relative distance from the float64 gradient and how
+many forward decisions (Relu signs, pool switches, bounds) float32 takes differently from
+float64. A float32 forward that flips a decision computes the exact gradient of a slightly
+different function, so a large distance with flipped decisions is a precision note, not a failure.
+Verdict, exit 1 (FAILED) when: the float64 gradient's relative error (largest |difference| over
+the largest |gradient| among the entries) is above --tolerance; every sampled entry sits on a
+kink (no verdict); or the float32 gradient is further than --tolerance from the float64 gradient
+while no decision differs. Otherwise exit 0 (OK).
 
 example:
   cnnvis gradcheck --model net.onnx --wrt conv1.weight --samples 20
@@ -56,7 +64,7 @@ def register(sub) -> None:
     _add_target_options(p)
     p.add_argument("--samples", type=common.positive_int, default=20, help="entries checked per --wrt (default 20)")
     p.add_argument("--tolerance", type=common.positive_float, default=1e-3,
-                   help="largest accepted relative error (default 1e-3, for float32 models)")
+                   help="largest accepted relative error, of the rule check and of an unexplained float32 distance (default 1e-3)")
     p.add_argument("--seed", type=common.seed, default=0, help="seed of the sampled entries (and of the random input)")
     p.add_argument("--list-ops", action="store_true",
                    help="print the ops that have backward rules (a Markdown table) and exit")
@@ -171,18 +179,17 @@ def cmd_gradcheck(args) -> int:
     reports = gradcheck(model.proto, x, list(dict.fromkeys(names.values())), objective=args.objective,
                         target=_objective_target(model, args.objective), index=targets, samples=args.samples,
                         rng_seed=args.seed)
-    worst = 0.0
+    failures = []
     for spec in specs:
         r = reports[names[spec]]
-        worst = max(worst, r.max_rel_error) if not np.isnan(r.max_rel_error) else float("nan")
         print(f"cnnvis gradcheck: {spec}: {len(r.entries)} entries, max abs error {r.max_abs_error:.3g}, "
-              f"max relative error {r.max_rel_error:.3g}{r.kink_note}")
-    if np.isnan(worst):
-        print("cnnvis gradcheck: FAILED: every sampled entry sits on a kink, no verdict (other inputs or more "
-              "--samples)", file=sys.stderr)
+              f"max relative error {r.max_rel_error:.3g}{r.kink_note}{r.precision_note}")
+        why = r.failure(args.tolerance)
+        if why:
+            failures.append(f"{spec}: {why}")
+    if failures:
+        print(f"cnnvis gradcheck: FAILED: {'; '.join(failures)}", file=sys.stderr)
         return 1
-    if not worst <= args.tolerance:
-        print(f"cnnvis gradcheck: FAILED: relative error {worst:.3g} > tolerance {args.tolerance:g}", file=sys.stderr)
-        return 1
+    worst = max(reports[names[spec]].max_rel_error for spec in specs)
     print(f"cnnvis gradcheck: OK (relative error {worst:.3g} <= {args.tolerance:g})")
     return 0
