@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from cnnvis.analysis.receptive import receptive_field, support_field
+from cnnvis.analysis.receptive import ReceptiveField, receptive_field, support_field
 from cnnvis.autodiff.rules import supported_ops
 from cnnvis.autodiff.engine import GradientEngine
 from cnnvis.errors import CnnvisError
@@ -136,6 +136,32 @@ def test_patch_pads_outside_with_fill():
     np.testing.assert_array_equal(rf.patch(img, 2, 3), img[:, 1:4, 2:5])
     with pytest.raises(CnnvisError, match="expected an array ending in 6×6"):
         rf.patch(np.zeros((1, 5, 5)), 0, 0)
+
+
+def test_patch_of_a_field_larger_than_the_image_is_cut_to_it():
+    """Along an axis where the field (20 rows) exceeds the image (8), the patch spans the image
+    (origin 0) with the rows the unit does not see filled; where it fits (3 columns) it is as before."""
+    rf = ReceptiveField("l", size=(20, 3), stride=(2, 1), offset=(-15, -1), input_hw=(8, 8))
+    img = np.arange(2 * 64, dtype=np.float32).reshape(2, 8, 8)
+    assert rf.patch_hw == (8, 3)
+    # unit (0, 0): rows -15..4 (clipped 0..4), columns -1..1 (clipped 0..1)
+    assert rf.box(0, 0) == (-15, -1, 5, 2) and rf.patch_origin(0, 0) == (0, -1)
+    p = rf.patch(img, 0, 0)
+    assert p.shape == (2, 8, 3)
+    want = np.full((2, 8, 3), np.nan, np.float32)
+    want[:, 0:5, 1:3] = img[:, 0:5, 0:2]  # by hand
+    np.testing.assert_array_equal(p, want)
+    # unit (5, 6): rows -5..14 cover the image, columns 5..7 inside it
+    np.testing.assert_array_equal(rf.patch(img, 5, 6), img[:, :, 5:8])
+    # unit (11, 2): rows 7..26, only the image's last row is seen
+    q = rf.patch(img, 11, 2)
+    assert np.isnan(q[:, :7]).all()
+    np.testing.assert_array_equal(q[:, 7], img[:, 7, 1:4])
+    # the geometry stays the field's; the cut is recorded beside it
+    d = rf.as_dict()
+    assert d["size"] == [20, 3] and d["offset"] == [-15, -1] and d["patch_hw"] == [8, 3]
+    fits = ReceptiveField("l", size=(3, 3), stride=(1, 1), offset=(-1, -1), input_hw=(8, 8))
+    assert "patch_hw" not in fits.as_dict()
 
 
 def test_unknown_op_and_branch_union():

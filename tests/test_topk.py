@@ -340,3 +340,112 @@ def test_topk_killed_during_its_commit_ends_like_an_uninterrupted_run(planted, t
     code, cap = _run(base + ["--out", str(part)], capsys)
     assert code == 0, cap.err
     assert _outputs(part) == files
+
+
+# ----------------------------------------------------------------- fields far larger than the image
+
+WIDE_RNG = np.random.default_rng(11)
+WIDE_W = [WIDE_RNG.normal(size=s).astype(np.float32) for s in ((4, 3, 5, 5), (4, 4, 5, 5), (4, 4, 5, 5))]
+# the chain formula by hand: conv1 (k5 s2 p2) size 5, stride 2, offset -2; conv2 (k5 s2 p2)
+# 5 + 4·2 = 13, stride 4, offset -2 - 2·2 = -6; conv3 (k5 s1 p128 d64) 13 + 4·64·4 = 1037, stride 4,
+# offset -6 - 128·4 = -518: every unit of relu3 (2×2) sees the whole 8×8 image, 130 times its width
+WIDE_SIZE, WIDE_STRIDE, WIDE_OFFSET = 1037, 4, -518
+
+
+def wide_field_proto():
+    """data 3×8×8 → conv1 (4 maps, 5×5, stride 2, pad 2) → relu → conv2 (same) → relu → conv3 (4 maps,
+    5×5, dilation 64, pad 128) → relu3 (4×2×2): a receptive field of 1037 pixels on an 8×8 input."""
+    nodes = [helper.make_node("Conv", ["data", "w1"], ["c1"], name="conv1", strides=[2, 2], pads=[2, 2, 2, 2]),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("Conv", ["r1", "w2"], ["c2"], name="conv2", strides=[2, 2], pads=[2, 2, 2, 2]),
+             helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+             helper.make_node("Conv", ["r2", "w3"], ["c3"], name="conv3", dilations=[64, 64],
+                              pads=[128, 128, 128, 128]),
+             helper.make_node("Relu", ["c3"], ["relu3"], name="relu3")]
+    graph = helper.make_graph(
+        nodes, "wide", [helper.make_tensor_value_info("data", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("relu3", TensorProto.FLOAT, ["N", 4, 2, 2])],
+        [numpy_helper.from_array(w, f"w{i + 1}") for i, w in enumerate(WIDE_W)])
+    return make_model(graph)
+
+
+def _traced_main(argv):
+    """cli.main under tracemalloc: (exit code, peak bytes of Python/numpy allocations)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        code = main(argv)
+        return code, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+#: numpy memory the wide-field runs may peak at: a few MiB of 8×8 tiles, model and graphs. One
+#: field-sized float64 RGB tile (1037×1037×3×8 B) alone is 24.6 MiB, and the run holds 16 of them
+WIDE_PEAK_BYTES = 16 << 20
+
+
+def test_topk_tiles_of_a_field_larger_than_the_image(tmp_path, capsys):
+    from cnnvis.analysis import deconv
+
+    model_path = tmp_path / "wide.onnx"
+    onnx.save(wide_field_proto(), model_path)
+    x = WIDE_RNG.normal(size=(3, 3, 8, 8)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    out = tmp_path / "out"
+    code, peak = _traced_main(["topk", "--model", str(model_path), "--input-array", str(tmp_path / "x.npy"),
+                               "--layer", "relu3", "--k", "4", "--maps", "all", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    assert peak < WIDE_PEAK_BYTES, peak
+    rec = json.loads((out / "relu3_top4.json").read_text())
+    # the geometry stays the field's: size, stride, offset and each record's unclipped box
+    assert rec["receptive_field"] == {"layer": "relu3", "size": [WIDE_SIZE] * 2, "stride": [WIDE_STRIDE] * 2,
+                                      "offset": [WIDE_OFFSET] * 2, "input_hw": [8, 8], "global": False,
+                                      "patch_hw": [8, 8]}
+    for r in rec["records"]:
+        top, left = WIDE_OFFSET + WIDE_STRIDE * r["y"], WIDE_OFFSET + WIDE_STRIDE * r["x"]
+        assert r["box"] == [top, left, top + WIDE_SIZE, left + WIDE_SIZE]
+    with open(out / "relu3_top4.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [[int(row[k]) for k in ("top", "left", "bottom", "right")] for row in rows] == \
+        [r["box"] for r in rec["records"]]
+    # the tiles are image-sized, and since every unit sees the whole image they are its projection
+    raw = np.load(out / "relu3_top4_projections.npy")
+    assert raw.shape == (4, 4, 3, 8, 8)
+    model = Model(wide_field_proto(), name="wide")
+    for r in rec["records"]:
+        want = deconv.Deconvnet(model, "relu3").run(x[r["image"]:r["image"] + 1],
+                                                    target=[(r["map"], r["y"], r["x"])]).projections[0]
+        np.testing.assert_allclose(raw[r["map"], r["rank"]], want, rtol=1e-6, atol=1e-7)
+    # the picture: 4 blocks of 2×2 projection tiles and 2×2 patches of 8×8 pixels, not 1037×1037
+    pic = Image.open(out / "relu3_top4.png")
+    assert max(pic.size) / rec["grid"]["scale"] < 100, (pic.size, rec["grid"])
+
+
+def test_deconv_tiles_of_a_field_larger_than_the_image(tmp_path, capsys):
+    model_path = tmp_path / "wide.onnx"
+    onnx.save(wide_field_proto(), model_path)
+    x = WIDE_RNG.normal(size=(1, 3, 8, 8)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    out = tmp_path / "out"
+    code, peak = _traced_main(["deconv", "--model", str(model_path), "--input-array", str(tmp_path / "x.npy"),
+                               "--layer", "relu3", "--maps", "all", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    assert peak < WIDE_PEAK_BYTES, peak
+    rec = json.loads((out / "x[0]/relu3_deconv.json").read_text())
+    assert rec["receptive_field"]["size"] == [WIDE_SIZE] * 2 and rec["receptive_field"]["patch_hw"] == [8, 8]
+    assert max(Image.open(out / "x[0]/relu3_deconv.png").size) / rec["grid"]["scale"] < 100, rec["grid"]
+
+
+def test_tile_memory_is_checked_against_the_budget():
+    from cnnvis import limits
+    from cnnvis.analysis.receptive import ReceptiveField
+    from cnnvis.cli.projections import TILE_COPIES, check_tiles
+
+    field = ReceptiveField("l", size=(1037, 1037), stride=(4, 4), offset=(-518, -518), input_hw=(64, 48))
+    need = 10 * 3 * 64 * 48 * 8 * TILE_COPIES  # tiles cut to the 64×48 image
+    with limits.memory_limit_set(need):
+        check_tiles(10, 3, field, "--layer l")
+    with limits.memory_limit_set(need - 1), pytest.raises(CnnvisError, match="--layer l: 10 projection tiles of 64×48"):
+        check_tiles(10, 3, field, "--layer l")

@@ -77,18 +77,31 @@ class ReceptiveField:
 
     @property
     def patch_hw(self) -> tuple:
-        """Height and width of a patch as :meth:`patch` returns it."""
-        return tuple(self.input_hw) if self.is_global else tuple(self.size)
+        """Height and width of a patch as :meth:`patch` returns it: the field's size, but never more
+        than the image's (a field larger than the image is cut to it; the whole input when global)."""
+        if self.is_global:
+            return tuple(self.input_hw)
+        return tuple(min(int(s), int(n)) for s, n in zip(self.size, self.input_hw))
+
+    def patch_origin(self, y: int, x: int) -> tuple:
+        """(top, left) input coordinates of the patch of unit (y, x): the box's corner along an axis
+        where the field fits in the image (negative where padding lets it start outside), else 0
+        (the patch then spans the image along that axis)."""
+        if self.is_global:
+            return (0, 0)
+        box = self.box(y, x)
+        return tuple(box[i] if self.size[i] <= self.input_hw[i] else 0 for i in range(2))
 
     def patch(self, array, y: int, x: int, fill: float = np.nan) -> np.ndarray:
-        """The part of ``array`` (…×H×W, input-sized) under unit (y, x), always ``patch_hw`` in size:
-        positions outside the image are ``fill`` (so that patches of border units line up)."""
+        """The part of ``array`` (…×H×W, input-sized) under unit (y, x), always ``patch_hw`` in size
+        (at most H×W) and placed at :meth:`patch_origin`: positions outside the image, or outside the
+        field where the patch spans the image, are ``fill`` (so that patches of border units line up)."""
         array = np.asarray(array)
         h, w = self.input_hw
         if array.shape[-2:] != (h, w):
             raise CnnvisError(f"receptive field of {self.layer}: expected an array ending in {h}×{w}, "
                               f"got shape {array.shape}")
-        top, left, bottom, right = self.box(y, x)
+        top, left = self.patch_origin(y, x)
         ph, pw = self.patch_hw
         dtype = np.result_type(array.dtype, np.float32 if np.isnan(fill) else array.dtype)
         out = np.full((*array.shape[:-2], ph, pw), fill, dtype=dtype)
@@ -100,6 +113,8 @@ class ReceptiveField:
     def as_dict(self) -> dict:
         out = {"layer": self.layer, "size": list(self.size), "stride": list(self.stride),
                "offset": list(self.offset), "input_hw": list(self.input_hw), "global": self.is_global}
+        if tuple(self.patch_hw) != tuple(self.size) and not self.is_global:
+            out["patch_hw"] = list(self.patch_hw)  # patches cut to the image (see patch_origin)
         if self.source != "graph":
             out["source"] = self.source
         return out

@@ -103,8 +103,24 @@ def _display_cmap(model) -> str:
     return "gray" if model.input_shape[0] != 3 else "viridis"
 
 
+#: float64-sized copies of a record's tiles alive at once: the projection crop and its display,
+#: the image patch and its display, and the grids plots.side_by_side builds from them
+TILE_COPIES = 6
+
+
+def check_tiles(n_records: int, channels: int, field, what: str) -> None:
+    """The memory of ``n_records`` projection and patch tiles (``field.patch_hw``, at most the
+    image's size) against the budget, before any is allocated."""
+    from .. import limits
+
+    ph, pw = field.patch_hw
+    limits.check_elements((n_records, max(int(channels), 3), ph, pw), 8,
+                          f"{what}: {n_records} projection tiles of {ph}×{pw} pixels", copies=TILE_COPIES)
+
+
 def _tiles(deconv, field, pre, images, projections, units):
-    """RF-sized crops of projections and images, as display tiles (NaN outside the image)."""
+    """Crops of projections and images under each unit's receptive field, as display tiles (NaN
+    outside the image; a field larger than the image is cut to it, see ReceptiveField.patch)."""
     import numpy as np
 
     proj = np.stack([field.patch(p, int(u[1]), int(u[2])) for p, u in zip(projections, units)])
@@ -146,6 +162,7 @@ def cmd_deconv(args) -> int:
             for name, safe, image in zip(names, common.unique_names(names, used), batch):
                 res = analysis.run(image[None])  # one image at a time: its rows are every chosen map
                 field, units = res.field, res.units
+                check_tiles(len(units), image.shape[0], field, f"--layer {layer} --maps {args.maps}")
                 rows = np.broadcast_to(image, (len(units), *image.shape))
                 _, proj_tiles, patch_tiles = _tiles(deconv, field, inputs.pre, rows, res.projections, units)
                 blocks = plots.side_by_side(proj_tiles[:, None], patch_tiles[:, None], ncols=1)
@@ -231,6 +248,7 @@ def _project_records(model, inputs, layer, records, rule, batch_size):
     from ..analysis.receptive import receptive_field
 
     field = receptive_field(model, layer)
+    check_tiles(len(records), model.input_shape[0], field, f"--layer {layer}")
     analysis = deconv.Deconvnet(model, layer, rule=rule, batch_size=batch_size)
     raw, proj, patches = [], [], []
     for s in range(0, len(records), batch_size):
