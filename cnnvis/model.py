@@ -166,10 +166,7 @@ class Model:
         shown = "x".join(map(str, self.input_shape))
         limits.check(4 * per_image, f"{what}: one {shown} input and its activations")
         try:
-            import onnxruntime
-
-            quiet = onnxruntime.RunOptions()
-            quiet.log_severity_level = 4  # the failure is reported below, in one line
+            quiet = _quiet_run_options()  # the failure is reported below, in one line
             sess = self.session((self.output_name,))
             sess.run([self.output_name], {self.input_name: np.zeros((1, *self.input_shape), np.float32)}, quiet)
         except CnnvisError:
@@ -414,8 +411,13 @@ class Model:
         results = {t: [] for t in unique}
         if unique:
             sess = self.session(tuple(unique))
+            quiet = _quiet_run_options()
             for start, stop in chunk_bounds(len(x), batch_size):
-                for t, value in zip(unique, sess.run(unique, {self.input_name: x[start:stop]})):
+                try:
+                    values = sess.run(unique, {self.input_name: x[start:stop]}, quiet)
+                except Exception as exc:  # onnxruntime's own classes (Fail, RuntimeException...)
+                    raise runtime_error(f"{self.name}: batch of {stop - start}", exc) from None
+                for t, value in zip(unique, values):
                     results[t].append(value)
         # one chunk: its arrays as they are (a concatenate would copy every tapped tensor again)
         merged = {t: (v[0] if len(v) == 1 else np.concatenate(v)) if v else np.zeros((0,))
@@ -585,6 +587,32 @@ def _all_tensors(graph):
                 if attr.HasField("sparse_tensor"):
                     yield attr.sparse_tensor.values
                     yield attr.sparse_tensor.indices
+
+
+def _quiet_run_options():
+    """onnxruntime RunOptions that do not log a failing kernel to stderr (the failure is raised
+    as one line instead)."""
+    import onnxruntime
+
+    quiet = onnxruntime.RunOptions()
+    quiet.log_severity_level = 4
+    return quiet
+
+
+_ORT_NODE = re.compile(r"running (\w+) node\. Name:'([^']*)' Status Message: (.*)", re.S)
+
+
+def runtime_error(what: str, exc) -> CnnvisError:
+    """One line for an onnxruntime failure while running a session: the node (name and op) and
+    its message without the source location (``reshape_helper.h:91 ... was false.``) when
+    onnxruntime names them, else the message's first line."""
+    match = _ORT_NODE.search(str(exc))
+    if not match:
+        return CnnvisError(f"{what}: onnxruntime failed ({_first_line(exc)})")
+    op, node, message = match.groups()
+    message = " ".join(message.split())
+    message = re.sub(r"^\S+:\d+ .*? was false\. ", "", message)
+    return CnnvisError(f"{what}: node {node!r} ({op}): {message[:300]}")
 
 
 def _first_line(exc) -> str:

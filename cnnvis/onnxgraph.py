@@ -168,7 +168,10 @@ def make_batch_dynamic(model: onnx.ModelProto, batch_name: str = "N") -> onnx.Mo
     """Give the single image input and all outputs a symbolic batch dimension.
 
     A ``Reshape`` whose constant target starts with the file's fixed batch size (``[1, -1]`` in the
-    zoo AlexNet) gets ``0`` there instead, meaning "copy the batch dimension".
+    zoo AlexNet) gets ``0`` there instead, meaning "copy the batch dimension". With ``allowzero=1``
+    (dynamo exports) a 0 would mean a literal zero: when the target has no other zero, allowzero
+    changes nothing else and is dropped, so the 0 copies the batch. Targets with another zero are
+    left as they are (with allowzero a literal zero, which only an empty tensor can take).
     """
     m = onnx.ModelProto()
     m.CopyFrom(model)
@@ -191,10 +194,15 @@ def make_batch_dynamic(model: onnx.ModelProto, batch_name: str = "N") -> onnx.Mo
         for node in m.graph.node:
             if node.op_type == "Reshape" and len(node.input) > 1 and node.input[1] in inits:
                 shape = numpy_helper.to_array(inits[node.input[1]]).copy()
-                if shape.size and shape[0] == fixed:
-                    shape[0] = 0
-                    new = numpy_helper.from_array(shape.astype(np.int64), node.input[1])
-                    inits[node.input[1]].CopyFrom(new)
+                if not (shape.size and shape[0] == fixed) or (shape[1:] == 0).any():
+                    continue  # a literal zero (allowzero=1) empties the tensor at any batch
+                if attributes(node).get("allowzero", 0):
+                    kept = [a for a in node.attribute if a.name != "allowzero"]
+                    del node.attribute[:]
+                    node.attribute.extend(kept)
+                shape[0] = 0
+                new = numpy_helper.from_array(shape.astype(np.int64), node.input[1])
+                inits[node.input[1]].CopyFrom(new)
     return m
 
 
