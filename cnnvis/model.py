@@ -112,6 +112,12 @@ class Model:
                                   "give input_size in the model's sidecar")
             shape = list(size)
         self.input_shape = tuple(int(d) for d in shape)
+        # shape arithmetic (Slice bounds computed from Shape) as constants for this input shape:
+        # gradient rules and the layer table's shapes need them constant
+        folded = onnxgraph.fold_shape_arithmetic(self.native_proto, self.input_shape)
+        if folded is not self.native_proto:
+            self.native_proto = folded
+            self.proto = onnxgraph.to_float32(folded)
         self.sha256 = sha256 or hashlib.sha256(proto.SerializeToString()).hexdigest()
         self._inits = onnxgraph.initializer_map(self.proto)
         self._sessions = SessionCache()
