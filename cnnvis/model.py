@@ -424,6 +424,13 @@ class Model:
                 except Exception as exc:  # onnxruntime's own classes (Fail, RuntimeException...)
                     raise runtime_error(f"{self.name}: batch of {stop - start}", exc) from None
                 for t, value in zip(unique, values):
+                    layer = self._by_tensor.get(t)
+                    if layer is not None and (value.ndim == 0 or value.shape[0] != stop - start):
+                        # e.g. a dynamo batch-1 export's as_strided: Reshape [-1] -> Gather of fixed indices
+                        raise CnnvisError(f"{self.name}: layer {layer.name!r} gives "
+                                          f"{value.shape[0] if value.ndim else 0} rows for a batch of "
+                                          f"{stop - start} images: the graph fixes its batch size; "
+                                          "expected batch_size=1", params="batch_size")
                     results[t].append(value)
         # one chunk: its arrays as they are (a concatenate would copy every tapped tensor again)
         merged = {t: (v[0] if len(v) == 1 else np.concatenate(v)) if v else np.zeros((0,))

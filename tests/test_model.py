@@ -503,3 +503,41 @@ def test_a_run_time_onnxruntime_failure_is_one_line_naming_the_node(tmp_path, ca
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "node 'flat' (Reshape)" in err, err
     assert not out.exists() or not any(out.rglob("*.npy"))
+
+
+def test_a_graph_that_fixes_its_batch_is_one_line_at_batch_two(tmp_path, capsys):
+    """A dynamo batch-1 export of adaptive_avg_pool2d: Reshape [-1] -> Gather of the fixed indices
+    [1, 4, 1, 1] (as_strided). Batch 1 runs; a batch of 2 gives 1 row: one line, not an IndexError."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from cnnvis.cli import main
+    from cnnvis.onnxgraph import make_model
+
+    rng = np.random.default_rng(1)
+    inits = [numpy_helper.from_array(rng.normal(size=(4, 3, 1, 1)).astype(np.float32), "w"),
+             numpy_helper.from_array(np.array([-1], np.int64), "flat"),
+             numpy_helper.from_array(np.arange(4, dtype=np.int64).reshape(1, 4, 1, 1), "idx")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+             helper.make_node("ReduceMean", ["c"], ["m"], name="mean", axes=[2, 3], keepdims=1),
+             helper.make_node("Reshape", ["m", "flat"], ["f"], name="view"),
+             helper.make_node("Gather", ["f", "idx"], ["y"], name="as_strided", axis=0)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 2, 2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 1, 1])], inits)
+    path = tmp_path / "strided.onnx"
+    onnx.save(make_model(graph), str(path))
+    model = Model.from_file(path)
+    x = rng.normal(size=(2, 3, 2, 2)).astype(np.float32)
+    one = model.run(x[:1], ["as_strided"])["as_strided"]
+    w = numpy_helper.to_array(inits[0])[:, :, 0, 0].astype(np.float64)
+    want = np.einsum("chw,oc->o", x[0].astype(np.float64), w) / 4  # 1x1 conv, then the mean of 2x2
+    np.testing.assert_allclose(one.reshape(4), want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(CnnvisError, match=r"layer 'as_strided' gives 1 rows for a batch of 2 images: "
+                                          r"the graph fixes its batch size; expected batch_size=1$"):
+        model.run(x, ["as_strided"], batch_size=2)
+    np.save(tmp_path / "x.npy", x)
+    code = main(["activations", "--input-array", str(tmp_path / "x.npy"), "--model", str(path),
+                 "--layer", "as_strided", "--batch-size", "2", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "--batch-size 1" in err, err
+    assert main(["activations", "--input-array", str(tmp_path / "x.npy"), "--model", str(path),
+                 "--layer", "as_strided", "--batch-size", "1", "--out", str(tmp_path / "one")]) == 0
