@@ -425,7 +425,8 @@ class Model:
                     raise runtime_error(f"{self.name}: batch of {stop - start}", exc) from None
                 for t, value in zip(unique, values):
                     layer = self._by_tensor.get(t)
-                    if layer is not None and (value.ndim == 0 or value.shape[0] != stop - start):
+                    if layer is not None and stop - start > 1 \
+                            and (value.ndim == 0 or value.shape[0] != stop - start):
                         # e.g. a dynamo batch-1 export's as_strided: Reshape [-1] -> Gather of fixed indices
                         raise CnnvisError(f"{self.name}: layer {layer.name!r} gives "
                                           f"{value.shape[0] if value.ndim else 0} rows for a batch of "
