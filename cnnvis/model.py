@@ -122,6 +122,9 @@ class Model:
         self._inits = onnxgraph.initializer_map(self.proto)
         self._sessions = SessionCache()
         self._engines: dict = {}
+        #: 1 once a run found a layer that does not follow the batch (the graph's batch is fixed):
+        #: :meth:`run` then runs one image at a time
+        self.fixed_batch = None
         self.layers = self._layer_table()
         self._by_name = {layer.name: layer for layer in self.layers}
         self._by_tensor = {layer.tensor: layer for layer in self.layers}
@@ -411,6 +414,7 @@ class Model:
         ``batch_size`` so that memory stays bounded; one session serves every chunk.
         """
         x = self.check_batch(x)
+        batch_size = min(batch_size, self.fixed_batch or batch_size)
         names = list(outputs) if outputs else [self.output_name]
         tensors = [self.tensor_name(n) for n in names]
         unique = list(dict.fromkeys(t for t in tensors if t != self.input_name))
@@ -427,11 +431,10 @@ class Model:
                     layer = self._by_tensor.get(t)
                     if layer is not None and stop - start > 1 \
                             and (value.ndim == 0 or value.shape[0] != stop - start):
-                        # e.g. a dynamo batch-1 export's as_strided: Reshape [-1] -> Gather of fixed indices
-                        raise CnnvisError(f"{self.name}: layer {layer.name!r} gives "
-                                          f"{value.shape[0] if value.ndim else 0} rows for a batch of "
-                                          f"{stop - start} images: the graph fixes its batch size; "
-                                          "expected batch_size=1", params="batch_size")
+                        # a layer that does not follow the batch (a dynamo batch-1 export's
+                        # as_strided: Reshape [-1] -> Gather of fixed indices): one image at a time
+                        self.fixed_batch = 1
+                        return self.run(x, outputs, batch_size=1)
                     results[t].append(value)
         # one chunk: its arrays as they are (a concatenate would copy every tapped tensor again)
         merged = {t: (v[0] if len(v) == 1 else np.concatenate(v)) if v else np.zeros((0,))

@@ -505,12 +505,12 @@ def test_a_run_time_onnxruntime_failure_is_one_line_naming_the_node(tmp_path, ca
     assert not out.exists() or not any(out.rglob("*.npy"))
 
 
-def test_a_graph_that_fixes_its_batch_is_one_line_at_batch_two(tmp_path, capsys):
+def test_a_graph_that_fixes_its_batch_runs_one_image_at_a_time(tmp_path):
     """A dynamo batch-1 export of adaptive_avg_pool2d: Reshape [-1] -> Gather of the fixed indices
-    [1, 4, 1, 1] (as_strided). Batch 1 runs; a batch of 2 gives 1 row: one line, not an IndexError."""
+    [1, 4, 1, 1] (as_strided). Batch 1 runs; a batch of 2 gives 1 row, so Model.run
+    goes on one image at a time (before, 1 row came back for 2 images: an IndexError later)."""
     from onnx import TensorProto, helper, numpy_helper
 
-    from cnnvis.cli import main
     from cnnvis.onnxgraph import make_model
 
     rng = np.random.default_rng(1)
@@ -531,13 +531,19 @@ def test_a_graph_that_fixes_its_batch_is_one_line_at_batch_two(tmp_path, capsys)
     w = numpy_helper.to_array(inits[0])[:, :, 0, 0].astype(np.float64)
     want = np.einsum("chw,oc->o", x[0].astype(np.float64), w) / 4  # 1x1 conv, then the mean of 2x2
     np.testing.assert_allclose(one.reshape(4), want, rtol=1e-5, atol=1e-6)
-    with pytest.raises(CnnvisError, match=r"layer 'as_strided' gives 1 rows for a batch of 2 images: "
-                                          r"the graph fixes its batch size; expected batch_size=1$"):
-        model.run(x, ["as_strided"], batch_size=2)
+    assert model.fixed_batch is None
+    both = model.run(x, ["as_strided"], batch_size=2)["as_strided"]
+    assert model.fixed_batch == 1 and both.shape == (2, 4, 1, 1)
+    np.testing.assert_array_equal(both[:1], one)
+    np.testing.assert_array_equal(both[1:], model.run(x[1:], ["as_strided"])["as_strided"])
     np.save(tmp_path / "x.npy", x)
-    code = main(["activations", "--input-array", str(tmp_path / "x.npy"), "--model", str(path),
-                 "--layer", "as_strided", "--batch-size", "2", "--out", str(tmp_path / "out")])
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and len(err.splitlines()) == 1 and "--batch-size 1" in err, err
+    from cnnvis.cli import main
+
     assert main(["activations", "--input-array", str(tmp_path / "x.npy"), "--model", str(path),
-                 "--layer", "as_strided", "--batch-size", "1", "--out", str(tmp_path / "one")]) == 0
+                 "--layer", "as_strided", "--batch-size", "2", "--out", str(tmp_path / "out")]) == 0
+    import h5py
+
+    stacks = sorted((tmp_path / "out").rglob("activations.h5"))
+    assert len(stacks) == 2
+    with h5py.File(stacks[1]) as h5:
+        np.testing.assert_array_equal(h5["as_strided"][()], both[1])
