@@ -112,10 +112,19 @@ class Model:
                                   "give input_size in the model's sidecar")
             shape = list(size)
         self.input_shape = tuple(int(d) for d in shape)
+        # shape arithmetic (Slice bounds computed from Shape) as constants for this input shape:
+        # gradient rules and the layer table's shapes need them constant
+        folded = onnxgraph.fold_shape_arithmetic(self.native_proto, self.input_shape)
+        if folded is not self.native_proto:
+            self.native_proto = folded
+            self.proto = onnxgraph.to_float32(folded)
         self.sha256 = sha256 or hashlib.sha256(proto.SerializeToString()).hexdigest()
         self._inits = onnxgraph.initializer_map(self.proto)
         self._sessions = SessionCache()
         self._engines: dict = {}
+        #: 1 once a run found a layer that does not follow the batch (the graph's batch is fixed):
+        #: :meth:`run` then runs one image at a time
+        self.fixed_batch = None
         self.layers = self._layer_table()
         self._by_name = {layer.name: layer for layer in self.layers}
         self._by_tensor = {layer.tensor: layer for layer in self.layers}
@@ -166,10 +175,7 @@ class Model:
         shown = "x".join(map(str, self.input_shape))
         limits.check(4 * per_image, f"{what}: one {shown} input and its activations")
         try:
-            import onnxruntime
-
-            quiet = onnxruntime.RunOptions()
-            quiet.log_severity_level = 4  # the failure is reported below, in one line
+            quiet = _quiet_run_options()  # the failure is reported below, in one line
             sess = self.session((self.output_name,))
             sess.run([self.output_name], {self.input_name: np.zeros((1, *self.input_shape), np.float32)}, quiet)
         except CnnvisError:
@@ -408,14 +414,27 @@ class Model:
         ``batch_size`` so that memory stays bounded; one session serves every chunk.
         """
         x = self.check_batch(x)
+        batch_size = min(batch_size, self.fixed_batch or batch_size)
         names = list(outputs) if outputs else [self.output_name]
         tensors = [self.tensor_name(n) for n in names]
         unique = list(dict.fromkeys(t for t in tensors if t != self.input_name))
         results = {t: [] for t in unique}
         if unique:
             sess = self.session(tuple(unique))
+            quiet = _quiet_run_options()
             for start, stop in chunk_bounds(len(x), batch_size):
-                for t, value in zip(unique, sess.run(unique, {self.input_name: x[start:stop]})):
+                try:
+                    values = sess.run(unique, {self.input_name: x[start:stop]}, quiet)
+                except Exception as exc:  # onnxruntime's own classes (Fail, RuntimeException...)
+                    raise runtime_error(f"{self.name}: batch of {stop - start}", exc) from None
+                for t, value in zip(unique, values):
+                    layer = self._by_tensor.get(t)
+                    if layer is not None and stop - start > 1 \
+                            and (value.ndim == 0 or value.shape[0] != stop - start):
+                        # a layer that does not follow the batch (a dynamo batch-1 export's
+                        # as_strided: Reshape [-1] -> Gather of fixed indices): one image at a time
+                        self.fixed_batch = 1
+                        return self.run(x, outputs, batch_size=1)
                     results[t].append(value)
         # one chunk: its arrays as they are (a concatenate would copy every tapped tensor again)
         merged = {t: (v[0] if len(v) == 1 else np.concatenate(v)) if v else np.zeros((0,))
@@ -585,6 +604,32 @@ def _all_tensors(graph):
                 if attr.HasField("sparse_tensor"):
                     yield attr.sparse_tensor.values
                     yield attr.sparse_tensor.indices
+
+
+def _quiet_run_options():
+    """onnxruntime RunOptions that do not log a failing kernel to stderr (the failure is raised
+    as one line instead)."""
+    import onnxruntime
+
+    quiet = onnxruntime.RunOptions()
+    quiet.log_severity_level = 4
+    return quiet
+
+
+_ORT_NODE = re.compile(r"running (\w+) node\. Name:'([^']*)' Status Message: (.*)", re.S)
+
+
+def runtime_error(what: str, exc) -> CnnvisError:
+    """One line for an onnxruntime failure while running a session: the node (name and op) and
+    its message without the source location (``reshape_helper.h:91 ... was false.``) when
+    onnxruntime names them, else the message's first line."""
+    match = _ORT_NODE.search(str(exc))
+    if not match:
+        return CnnvisError(f"{what}: onnxruntime failed ({_first_line(exc)})")
+    op, node, message = match.groups()
+    message = " ".join(message.split())
+    message = re.sub(r"^\S+:\d+ .*? was false\. ", "", message)
+    return CnnvisError(f"{what}: node {node!r} ({op}): {message[:300]}")
 
 
 def _first_line(exc) -> str:

@@ -168,7 +168,10 @@ def make_batch_dynamic(model: onnx.ModelProto, batch_name: str = "N") -> onnx.Mo
     """Give the single image input and all outputs a symbolic batch dimension.
 
     A ``Reshape`` whose constant target starts with the file's fixed batch size (``[1, -1]`` in the
-    zoo AlexNet) gets ``0`` there instead, meaning "copy the batch dimension".
+    zoo AlexNet) gets ``0`` there instead, meaning "copy the batch dimension". With ``allowzero=1``
+    (dynamo exports) a 0 would mean a literal zero: when the target has no other zero, allowzero
+    changes nothing else and is dropped, so the 0 copies the batch. Targets with another zero are
+    left as they are (with allowzero a literal zero, which only an empty tensor can take).
     """
     m = onnx.ModelProto()
     m.CopyFrom(model)
@@ -191,11 +194,57 @@ def make_batch_dynamic(model: onnx.ModelProto, batch_name: str = "N") -> onnx.Mo
         for node in m.graph.node:
             if node.op_type == "Reshape" and len(node.input) > 1 and node.input[1] in inits:
                 shape = numpy_helper.to_array(inits[node.input[1]]).copy()
-                if shape.size and shape[0] == fixed:
-                    shape[0] = 0
-                    new = numpy_helper.from_array(shape.astype(np.int64), node.input[1])
-                    inits[node.input[1]].CopyFrom(new)
+                if not (shape.size and shape[0] == fixed) or (shape[1:] == 0).any():
+                    continue  # a literal zero (allowzero=1) empties the tensor at any batch
+                if attributes(node).get("allowzero", 0):
+                    kept = [a for a in node.attribute if a.name != "allowzero"]
+                    del node.attribute[:]
+                    node.attribute.extend(kept)
+                shape[0] = 0
+                new = numpy_helper.from_array(shape.astype(np.int64), node.input[1])
+                inits[node.input[1]].CopyFrom(new)
     return m
+
+
+def fold_shape_arithmetic(model: onnx.ModelProto, sample_shape, batches=(1, 2)) -> onnx.ModelProto:
+    """``model`` with its shape arithmetic folded to initializers for images of ``sample_shape``
+    (C, H, W): the tensors computed from Shape/Size and constants only (:func:`ops.data_tensors`;
+    the Shape → Gather → Add → Div → Mul bounds of a TorchScript ``torch.chunk`` Slice) that have
+    the same value at every batch size. The graph is run once per batch size of ``batches`` (on
+    zeros: these tensors never depend on the values) and the tensors equal in all runs become
+    initializers; those that follow the batch (a Reshape target ``[N, -1]``) and the nodes they
+    need stay, so the model still takes any batch. ``model`` itself when it has no such tensor
+    or cannot run (loading it reports that in one line)."""
+    from .ops import SHAPE_SOURCE_OPS, data_tensors
+
+    graph = model.graph
+    if not any(n.op_type in SHAPE_SOURCE_OPS for n in graph.node):
+        return model
+    data = data_tensors(model)
+    shape_only = [o for n in graph.node for o in n.output if o and o not in data]
+    image = real_inputs(model)[0]
+    try:
+        probe = with_outputs(model, shape_only, static_shapes_and_types(model, (1, *sample_shape))[1])
+        sess = create_session(probe, device="cpu", threads=1)
+        dtype = helper.tensor_dtype_to_np_dtype(probe.graph.input[[i.name for i in probe.graph.input]
+                                                                 .index(image.name)].type.tensor_type.elem_type)
+        runs = [sess.run(shape_only, {image.name: np.zeros((b, *sample_shape), dtype)}) for b in batches]
+    except Exception:  # noqa: BLE001 - a model that cannot run is reported by its own check
+        return model
+    fixed = {name: runs[0][k] for k, name in enumerate(shape_only)
+             if all(r[k].shape == runs[0][k].shape and np.array_equal(r[k], runs[0][k]) for r in runs[1:])}
+    if not fixed:
+        return model
+    kept = [n for n in graph.node if not all(o in fixed for o in n.output if o)]
+    outputs = [o.name for o in graph.output]
+    nodes, _ = prune(kept, [], outputs)  # a Shape whose every use was folded goes too
+    used = {i for n in nodes for i in n.input if i} | set(outputs)
+    inits = list(graph.initializer) + [numpy_helper.from_array(np.asarray(fixed[name]), name)
+                                       for name in shape_only if name in fixed and name in used]
+    new_graph = helper.make_graph(nodes, graph.name or "graph", list(graph.input), list(graph.output), inits)
+    out = make_model(new_graph, opset=opset_of(model))
+    _copy_metadata(model, out)
+    return out
 
 
 def static_shapes(model: onnx.ModelProto, input_shape, onnxruntime_pools: bool = True) -> dict:

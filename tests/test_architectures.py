@@ -277,6 +277,29 @@ def convnext():
     return n.build("convnext", n.linear(x, 8, CLASSES))
 
 
+def shufflenet_v2_torchscript():
+    """ShuffleNet V2 as the TorchScript exporter writes torch.chunk(x, 2, dim=1): two Slices whose
+    bounds are computed at run time (Shape -> Gather -> Add -> Div -> Mul -> Unsqueeze), and the
+    Shape -> Gather -> Concat -> Reshape flatten. The bounds are constants for a fixed input shape."""
+    n = _Net(9)
+    x = n.op("MaxPool", [n.conv_bn("x", 8, stride=2)], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])
+    for _ in range(2):
+        c = n.channels[x]
+        dim = n.op("Gather", [n.op("Shape", [x]), n.const(np.array(1, np.int64))], axis=0)
+        half = n.op("Div", [n.op("Add", [dim, n.const(np.array(1, np.int64))]), n.const(np.array(2, np.int64))])
+        axes, zero = n.const(np.array([0], np.int64)), n.const(np.array([1], np.int64))
+        mid = n.op("Unsqueeze", [half, axes])
+        end = n.op("Unsqueeze", [n.op("Mul", [half, n.const(np.array(2, np.int64))]), axes])
+        a = n.op("Slice", [x, n.const(np.array([0], np.int64)), mid, zero], channels=c // 2)
+        b = n.op("Slice", [x, mid, end, zero], channels=c // 2)
+        b = n.conv_bn(b, c // 2, k=1)
+        b = n.conv_bn(b, c // 2, group=c // 2, act=None)
+        b = n.conv_bn(b, c // 2, k=1)
+        x = n.op("Concat", [a, b], channels=c, axis=1)
+    x = n.conv_bn(x, 16, k=1)
+    return n.build("shufflenet_v2_torchscript", n.head(x))
+
+
 def float16(build):
     """The architecture with its weights and its input and output in float16."""
     def make():
@@ -292,7 +315,7 @@ def float16(build):
 
 
 ARCHITECTURES = [resnet_basic, resnet_bottleneck, mobilenet_v2, mobilenet_v3, efficientnet, densenet, inception,
-                 shufflenet_v2, squeezenet, convnext, float16(resnet_basic), float16(mobilenet_v3)]
+                 shufflenet_v2, shufflenet_v2_torchscript, squeezenet, convnext, float16(resnet_basic), float16(mobilenet_v3)]
 IDS = [a.__name__ for a in ARCHITECTURES]
 
 
@@ -466,3 +489,18 @@ def test_graph_receptive_field_equals_gradient_support(build):
     name, rf = inside[-1]
     support = support_field(model, name)
     assert (support.size, support.stride, support.offset) == (rf.size, rf.stride, rf.offset), name
+
+
+def test_computed_slice_bounds_fold_and_every_layer_has_a_shape():
+    """The torch.chunk bounds become constants for the fixed input shape (so the layer table knows
+    every shape and the Slice rules see constants); the batch-following flatten target stays."""
+    model = Model(shufflenet_v2_torchscript(), name="chunks")
+    assert all(layer.output_shape and None not in layer.output_shape for layer in model.layers)
+    slices = [n for n in model.proto.graph.node if n.op_type == "Slice"]
+    inits = {i.name: numpy_helper.to_array(i).tolist() for i in model.proto.graph.initializer}
+    # 8 channels at 8x8 after the stem: halves [0, 4) and [4, 8), hand-computed (8 + 1) // 2 = 4
+    assert [(inits[s.input[1]], inits[s.input[2]]) for s in slices] == [([0], [4]), ([4], [8])] * 2
+    assert [n.op_type for n in model.proto.graph.node if n.op_type in ("Shape", "Div", "Mul", "Add")] \
+        == ["Shape"]  # only the flatten's Shape -> Gather(0) follows the batch
+    sliced = [layer for layer in model.layers if layer.op_type == "Slice"]
+    assert [layer.output_shape for layer in sliced] == [(4, 8, 8)] * 4

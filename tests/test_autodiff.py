@@ -459,3 +459,57 @@ def test_readme_op_list_is_the_generated_rule_table():
     assert rows == supported_ops()
     for op in ("HardSwish", "ReduceMean", "LayerNormalization", "Resize", "Einsum", "ConvTranspose"):
         assert op in rows
+
+
+def _chunk_net(w):
+    """x (1, 4, 3, 3) split as TorchScript writes torch.chunk(x, 2, dim=1): Slice bounds from
+    Shape -> Gather(1) -> Add(1) -> Div(2) (-> Mul(2)) -> Unsqueeze. logits (N, 2) =
+    tanh(mean of the first half over H, W) * conv(second half, w) (a 3x3 kernel, no padding)."""
+    i64 = lambda v: numpy_helper.from_array(np.array(v, np.int64), f"k{v}")  # noqa: E731
+    consts = [i64(1), i64(2), i64([0]), i64([1])]
+    nodes = [
+        helper.make_node("Shape", ["x"], ["s"]),
+        helper.make_node("Gather", ["s", "k1"], ["c"], axis=0),
+        helper.make_node("Add", ["c", "k1"], ["c1"]),
+        helper.make_node("Div", ["c1", "k2"], ["half"]),
+        helper.make_node("Mul", ["half", "k2"], ["whole"]),
+        helper.make_node("Unsqueeze", ["half", "k[0]"], ["mid"]),
+        helper.make_node("Unsqueeze", ["whole", "k[0]"], ["end"]),
+        helper.make_node("Slice", ["x", "k[0]", "mid", "k[1]"], ["a"]),
+        helper.make_node("Slice", ["x", "mid", "end", "k[1]"], ["b"]),
+        helper.make_node("ReduceMean", ["a"], ["am"], axes=[2, 3], keepdims=1),
+        helper.make_node("Tanh", ["am"], ["t"]),
+        helper.make_node("Conv", ["b", "w"], ["cb"]),
+        helper.make_node("Mul", ["t", "cb"], ["p"]),
+        helper.make_node("Flatten", ["p"], ["y"], axis=1),
+    ]
+    inits = consts + [numpy_helper.from_array(w.astype(np.float32), "w")]
+    graph = helper.make_graph(nodes, "chunk", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 3, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])], inits)
+    return make_model(graph)
+
+
+def test_gradients_through_slices_with_computed_bounds_equal_central_differences():
+    rng = np.random.default_rng(7)
+    w = rng.standard_normal((2, 2, 3, 3))
+    x = rng.standard_normal((3, 4, 3, 3)).astype(np.float32)
+
+    def logits(xs):  # independent float64 numpy forward: halves [0, 2) and [2, 4) of the 4 channels
+        a, b = xs[:, :2], xs[:, 2:]
+        return np.tanh(a.mean(axis=(2, 3))) * np.einsum("nchw,ochw->no", b, w)
+
+    engine = GradientEngine(_chunk_net(w), ["x", "w"], objective="logit", target="y")
+    got = engine.run(x, index=1)
+    eps = 1e-6
+    for i in range(len(x)):
+        x64 = x[i:i + 1].astype(np.float64)
+        want = np.zeros_like(x64)
+        for idx in np.ndindex(x64.shape):
+            d = np.zeros_like(x64)
+            d[idx] = eps
+            want[idx] = (logits(x64 + d)[0, 1] - logits(x64 - d)[0, 1]) / (2 * eps)
+        np.testing.assert_allclose(got["x"][i], want[0], rtol=1e-4, atol=1e-5)
+        # dlogit1/dw[1] = tanh(mean a[1]) * b (per sample); w[0] gets nothing
+        want_w = np.zeros_like(w)
+        want_w[1] = np.tanh(x64[0, 1].mean()) * x64[0, 2:]
+        np.testing.assert_allclose(got["w"][i], want_w, rtol=1e-4, atol=1e-5)

@@ -464,3 +464,86 @@ def test_session_cache_builds_each_key_once_and_drops_only_graphs_failing_keep()
     # the model's cache is one: its graph sessions go through the same class
     assert type(m._sessions) is SessionCache
     assert m.session(key=("k",), build=build) is m._sessions[("graph", ("k",))] and len(builds) == 3
+
+
+def _batch_one_reshape_model(path):
+    """conv (1x3x2x2 input, 4 maps) then a Reshape to the literal target [2, 8]: right at batch 1 (16
+    values), wrong at any other batch (make_batch_dynamic only rewrites targets starting with 1)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from cnnvis.onnxgraph import make_model
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.normal(size=(4, 3, 1, 1)).astype(np.float32), "w")
+    target = numpy_helper.from_array(np.array([2, 8], np.int64), "target")
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+             helper.make_node("Reshape", ["c", "target"], ["y"], name="flat")]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 2, 2])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])
+    onnx.save(make_model(helper.make_graph(nodes, "g", [x], [y], [w, target])), str(path))
+    return path
+
+
+def test_a_run_time_onnxruntime_failure_is_one_line_naming_the_node(tmp_path, capsys):
+    from cnnvis.cli import main
+
+    path = _batch_one_reshape_model(tmp_path / "m.onnx")
+    model = Model.from_file(path)  # batch 1 runs
+    assert model.run(np.zeros((1, 3, 2, 2), np.float32))[model.output_name].shape == (2, 8)
+    with pytest.raises(CnnvisError) as info:
+        model.run(np.zeros((3, 3, 2, 2), np.float32), batch_size=3)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith("m.onnx: batch of 3: node 'flat' (Reshape): ")
+    assert "requested shape:{2,8}" in message and "reshape_helper" not in message
+    np.save(tmp_path / "x.npy", np.zeros((3, 3, 2, 2), np.float32))
+    out = tmp_path / "out"
+    code = main(["activations", "--input-array", str(tmp_path / "x.npy"), "--model", str(path),
+                 "--batch-size", "3", "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "node 'flat' (Reshape)" in err, err
+    assert not out.exists() or not any(out.rglob("*.npy"))
+
+
+def test_a_graph_that_fixes_its_batch_runs_one_image_at_a_time(tmp_path):
+    """A dynamo batch-1 export of adaptive_avg_pool2d: Reshape [-1] -> Gather of the fixed indices
+    [1, 4, 1, 1] (as_strided). Batch 1 runs; a batch of 2 gives 1 row, so Model.run
+    goes on one image at a time (before, 1 row came back for 2 images: an IndexError later)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from cnnvis.onnxgraph import make_model
+
+    rng = np.random.default_rng(1)
+    inits = [numpy_helper.from_array(rng.normal(size=(4, 3, 1, 1)).astype(np.float32), "w"),
+             numpy_helper.from_array(np.array([-1], np.int64), "flat"),
+             numpy_helper.from_array(np.arange(4, dtype=np.int64).reshape(1, 4, 1, 1), "idx")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+             helper.make_node("ReduceMean", ["c"], ["m"], name="mean", axes=[2, 3], keepdims=1),
+             helper.make_node("Reshape", ["m", "flat"], ["f"], name="view"),
+             helper.make_node("Gather", ["f", "idx"], ["y"], name="as_strided", axis=0)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 2, 2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 1, 1])], inits)
+    path = tmp_path / "strided.onnx"
+    onnx.save(make_model(graph), str(path))
+    model = Model.from_file(path)
+    x = rng.normal(size=(2, 3, 2, 2)).astype(np.float32)
+    one = model.run(x[:1], ["as_strided"])["as_strided"]
+    w = numpy_helper.to_array(inits[0])[:, :, 0, 0].astype(np.float64)
+    want = np.einsum("chw,oc->o", x[0].astype(np.float64), w) / 4  # 1x1 conv, then the mean of 2x2
+    np.testing.assert_allclose(one.reshape(4), want, rtol=1e-5, atol=1e-6)
+    assert model.fixed_batch is None
+    both = model.run(x, ["as_strided"], batch_size=2)["as_strided"]
+    assert model.fixed_batch == 1 and both.shape == (2, 4, 1, 1)
+    np.testing.assert_array_equal(both[:1], one)
+    np.testing.assert_array_equal(both[1:], model.run(x[1:], ["as_strided"])["as_strided"])
+    np.save(tmp_path / "x.npy", x)
+    from cnnvis.cli import main
+
+    assert main(["activations", "--input-array", str(tmp_path / "x.npy"), "--model", str(path),
+                 "--layer", "as_strided", "--batch-size", "2", "--out", str(tmp_path / "out")]) == 0
+    import h5py
+
+    stacks = sorted((tmp_path / "out").rglob("activations.h5"))
+    assert len(stacks) == 2
+    with h5py.File(stacks[1]) as h5:
+        np.testing.assert_array_equal(h5["as_strided"][()], both[1])

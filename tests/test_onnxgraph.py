@@ -89,6 +89,43 @@ def test_make_batch_dynamic_rewrites_fixed_reshape():
     assert onnxgraph.static_shapes(dyn, (4, 2, 3))["y"] == (4, 6)
 
 
+def _allowzero_reshape_model(target, allowzero=1):
+    """x (1, 4, 1, 1) -> Relu -> Reshape(allowzero) to ``target`` (a dynamo flatten)."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 1, 1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    nodes = [helper.make_node("Relu", ["x"], ["r"]),
+             helper.make_node("Reshape", ["r", "target"], ["y"], allowzero=allowzero)]
+    init = numpy_helper.from_array(np.array(target, np.int64), "target")
+    return onnxgraph.make_model(helper.make_graph(nodes, "g", [x], [y], [init]))
+
+
+@pytest.mark.parametrize("target", [[1, 4], [1, -1], [1, 2, 2]])
+def test_make_batch_dynamic_allowzero_reshape_runs_at_any_batch(target):
+    # allowzero=1: a 0 in the target would be a literal zero ("requested shape {0,4}" at any
+    # batch), so the batch must not become a plain 0 there.
+    m = _allowzero_reshape_model(target)
+    dyn = onnxgraph.make_batch_dynamic(m)
+    rng = np.random.default_rng(0)
+    orig = onnxgraph.create_session(m, device="cpu")
+    sess = onnxgraph.create_session(dyn, device="cpu")
+    for n in (1, 3):
+        x = rng.normal(size=(n, 4, 1, 1)).astype(np.float32)
+        out = sess.run(None, {"x": x})[0]
+        expect = np.maximum(x, 0).reshape([n] + [4 if d == -1 else d for d in target[1:]])  # numpy reshape
+        assert out.shape == expect.shape
+        np.testing.assert_array_equal(out, expect)
+        for i in range(n):  # each image as the original file computes it
+            np.testing.assert_array_equal(out[i:i + 1], orig.run(None, {"x": x[i:i + 1]})[0])
+    assert onnxgraph.static_shapes(dyn, (3, 4, 1, 1))["y"] == (3, *expect.shape[1:])
+
+
+def test_make_batch_dynamic_leaves_a_literal_zero_target():
+    # [1, 4, 0] with allowzero=1 is a literal zero (only an empty tensor takes it): left unchanged
+    dyn = onnxgraph.make_batch_dynamic(_allowzero_reshape_model([1, 4, 0]))
+    assert numpy_helper.to_array(dyn.graph.initializer[0]).tolist() == [1, 4, 0]
+    assert onnxgraph.attributes(dyn.graph.node[1])["allowzero"] == 1
+
+
 def lrn_f64(x, size, alpha, beta, bias):
     """ONNX LRN: y = x / (bias + alpha/size · Σ_{c-floor((size-1)/2)}^{c+ceil((size-1)/2)} x²)^beta."""
     x = x.astype(np.float64)

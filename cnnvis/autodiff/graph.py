@@ -17,7 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from .. import ops
 from ..errors import CnnvisError, unknown_name_error
-from ..onnxgraph import make_batch_dynamic, make_model, opset_of, prune, real_inputs
+from ..onnxgraph import fold_shape_arithmetic, make_batch_dynamic, make_model, opset_of, prune, real_inputs
 from .builder import GraphBuilder, value_info
 from .rules import RULES, RuleContext, backward
 
@@ -124,7 +124,8 @@ def build_gradient_graph(model: onnx.ModelProto, sample_shape, wrt, objective: s
         raise CnnvisError(f"rule {rule!r}: expected one of {', '.join(RULES)}")
     if objective not in OBJECTIVES:
         raise CnnvisError(f"objective {objective!r}: expected one of {', '.join(OBJECTIVES)}")
-    forward = _pin_dilated_same_pools(prepare_forward(model), sample_shape, backend)
+    forward = fold_shape_arithmetic(prepare_forward(model), tuple(int(d) for d in sample_shape))
+    forward = _pin_dilated_same_pools(forward, sample_shape, backend)
     dtype = model_dtype(forward)
     graph = forward.graph
     image = real_inputs(forward)[0].name
@@ -520,7 +521,8 @@ def build_objective_graph(model: onnx.ModelProto, sample_shape, objective: str =
 
     if objective not in OBJECTIVES:
         raise CnnvisError(f"objective {objective!r}: expected one of {', '.join(OBJECTIVES)}")
-    forward = _pin_dilated_same_pools(prepare_forward(model), sample_shape, backend)
+    forward = fold_shape_arithmetic(prepare_forward(model), tuple(int(d) for d in sample_shape))
+    forward = _pin_dilated_same_pools(forward, sample_shape, backend)
     graph = forward.graph
     names = tensor_names(forward)
     target = target or default_target(forward, objective)
