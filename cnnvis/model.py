@@ -114,6 +114,7 @@ class Model:
         self.input_shape = tuple(int(d) for d in shape)
         # shape arithmetic (Slice bounds computed from Shape) as constants for this input shape:
         # gradient rules and the layer table's shapes need them constant
+        _check_fold_budget(self.native_proto, self.input_shape, name)
         folded = onnxgraph.fold_shape_arithmetic(self.native_proto, self.input_shape)
         if folded is not self.native_proto:
             self.native_proto = folded
@@ -658,6 +659,23 @@ class SessionCache(dict):
         """Forget the sessions of built graphs whose ``key`` fails ``keep(key)``."""
         for cache_key in [k for k in self if k and k[0] == "graph" and not keep(k[1])]:
             del self[cache_key]
+
+
+def _check_fold_budget(proto, input_shape, name) -> None:
+    """Folding shape arithmetic runs the graph at batch 2: when the graph has any, the tensors onnx
+    can size for two images must fit the memory budget first (a model declaring a huge input or
+    huge activations is refused in one line before anything runs)."""
+    from . import limits
+    from .ops import SHAPE_SOURCE_OPS
+
+    if not any(n.op_type in SHAPE_SOURCE_OPS for n in proto.graph.node):
+        return
+    elements = int(np.prod(input_shape, dtype=object)) * 2
+    for shape in onnxgraph.static_shapes(proto, (2, *input_shape)).values():
+        if shape and all(isinstance(d, int) and d > 0 for d in shape):
+            elements += int(np.prod(shape, dtype=object))
+    shown = "x".join(map(str, input_shape))
+    limits.check(4 * elements, f"{name}: two {shown} inputs and their activations")
 
 
 class _EngineSessions:

@@ -547,3 +547,20 @@ def test_a_graph_that_fixes_its_batch_runs_one_image_at_a_time(tmp_path):
     assert len(stacks) == 2
     with h5py.File(stacks[1]) as h5:
         np.testing.assert_array_equal(h5["as_strided"][()], both[1])
+
+
+def test_folding_shape_arithmetic_is_held_to_the_memory_budget_first():
+    """A model with shape arithmetic is run at batch 2 to fold it: a declared 1x4000x4000 input
+    (2 x 64 MB with its Relu) is refused against a 32 MiB budget before anything runs."""
+    from onnx import TensorProto, helper
+
+    from cnnvis import limits
+    from cnnvis.onnxgraph import make_model
+
+    nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Shape", ["r"], ["s"]),
+             helper.make_node("Reshape", ["r", "s"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 4000, 4000])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1, 4000, 4000])])
+    with limits.memory_limit_set(32 << 20):
+        with pytest.raises(CnnvisError, match=r"^bomb: two 1x4000x4000 inputs and their activations: needs "):
+            Model(make_model(graph), name="bomb")
