@@ -154,7 +154,7 @@ def test_conv_layers_in_graph_order_or_one_line():
     assert [layer.name for layer in tiny_model().conv_layers()] == ["conv1"]
     b = nets.NetBuilder((3, 4, 4), seed=0)
     b.fc("fc1", 2)
-    with pytest.raises(CnnvisError, match="model dense has no convolution layer; name one with layer=\.\.\."):
+    with pytest.raises(CnnvisError, match=r"model dense has no convolution layer; name one with layer=\.\.\."):
         Model(b.build("dense"), name="dense").conv_layers()
 
 
