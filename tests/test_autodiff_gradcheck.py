@@ -28,6 +28,19 @@ def mnist_like_net():
     return make_model(g)
 
 
+
+def break_rule(monkeypatch, op: str, factor: float = 1.001) -> None:
+    """Make ``op``'s backward rule wrong by ``factor`` on its first input (a deliberately wrong
+    rule, which gradcheck must still fail)."""
+    right = rules._RULE_TABLE[op]
+
+    def off(ctx):
+        grads = right(ctx)
+        grads[0] = ctx.b.scale(grads[0], factor) if grads[0] is not None else None
+        return grads
+
+    monkeypatch.setitem(rules._RULE_TABLE, op, off)
+
 def digit():
     """A '7' of grey levels on an exactly zero background."""
     x = np.zeros((1, 1, 12, 12))
@@ -63,14 +76,7 @@ def test_one_grey_level_of_noise_has_no_ties():
 
 
 def test_a_wrong_rule_still_fails_on_the_entries_away_from_kinks(monkeypatch):
-    right = rules._RULE_TABLE["Gemm"]
-
-    def off_by_a_thousandth(ctx):
-        grads = right(ctx)
-        grads[0] = ctx.b.scale(grads[0], 1.001) if grads[0] is not None else None
-        return grads
-
-    monkeypatch.setitem(rules._RULE_TABLE, "Gemm", off_by_a_thousandth)
+    break_rule(monkeypatch, "Gemm")
     m = to_float64(mnist_like_net())
     report = gradcheck(m, digit(), "x", objective="logit", index=3, samples=25)["x"]
     assert len(report.kinked) > 0 and len(report.entries) == 25
@@ -389,14 +395,7 @@ def test_float32_decision_flip_is_a_precision_note_not_a_rule_failure():
 
 
 def test_a_wrong_rule_fails_a_float32_model_too(monkeypatch):
-    right = rules._RULE_TABLE["MatMul"]
-
-    def off_by_a_thousandth(ctx):
-        grads = right(ctx)
-        grads[0] = ctx.b.scale(grads[0], 1.001) if grads[0] is not None else None
-        return grads
-
-    monkeypatch.setitem(rules._RULE_TABLE, "MatMul", off_by_a_thousandth)
+    break_rule(monkeypatch, "MatMul")
     r = gradcheck(flipping_net(), flip_input(), "x", objective="logit", index=0, samples=3)["x"]
     assert 5e-4 < r.max_rel_error < 5e-3, str(r)  # the float64 gradient graph has the wrong rule too
     assert r.failure(1e-4).startswith("relative error")

@@ -13,9 +13,10 @@ of maps, not a model, and keep scikit-learn's ``fit``/``transform``.
 from __future__ import annotations
 
 import inspect
+from abc import ABC, abstractmethod
 
 
-class Analysis:
+class Analysis(ABC):
     """Base of the model analyses: ``__init__`` stores ``model`` and the keyword parameters
     (subclasses list them in their signature), ``get_params`` returns them, ``run`` computes."""
 
@@ -33,8 +34,9 @@ class Analysis:
         """The stored parameters (the constructor's keywords) by name."""
         return {name: getattr(self, name) for name in self._param_names()}
 
-    def run(self, inputs, target=None):  # pragma: no cover - every analysis overrides it
-        raise NotImplementedError(f"{type(self).__name__}.run")
+    @abstractmethod
+    def run(self, inputs, target=None):
+        """Work on ``inputs`` (a batch) for ``target``; return the analysis's result object."""
 
     def __repr__(self):
         params = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
