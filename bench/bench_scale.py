@@ -11,6 +11,11 @@ as with real files). The distributed pass is the one `topk --dask` runs (shards 
 results recorded in a shard folder, merged in shard order); its result is checked equal to the
 one-process result. Cluster start-up is timed apart (it is paid once per command). Run it on an
 otherwise idle machine: the cores are the measurement.
+
+A control separates the machine from the cluster: the plain one-thread top-9 pass (no shards, no
+store, no merge; the model already loaded) timed inside the worker processes themselves, in one
+worker alone and in two workers at the same time (``Client.run``). Its per-worker ratio is what the
+cores give two independent processes; the cluster's own per-worker ratio is compared with it.
 """
 from __future__ import annotations
 
@@ -41,6 +46,27 @@ def write_images(folder: Path, n: int, size: int = 256, seed: int = 0) -> list:
         Image.fromarray(pixels).save(path, quality=90)
         files.append(str(path))
     return files
+
+
+def control_pass(job: dict, halves: dict, dask_worker=None) -> float:
+    """In a worker process: the one-thread top-9 pass over this worker's part of the images (its
+    address keys ``halves``), timed here, after a warm-up batch; returns images per second."""
+    from cnnvis import preprocess, scale
+    from cnnvis.analysis.topk import TopActivations
+
+    files = halves[dask_worker.address]
+    model = scale.worker_model(job["model"])
+    pre = preprocess.Preprocessing.from_dict(job["preprocessing"])
+    batch = job["batch_size"]
+
+    def chunks(paths):
+        for s in range(0, len(paths), batch):
+            yield paths[s:s + batch], preprocess.load_batch(paths[s:s + batch], pre)
+
+    TopActivations(model, job["layer"], k=job["k"], batch_size=batch).run(chunks(files[:batch]))
+    t0 = time.perf_counter()
+    TopActivations(model, job["layer"], k=job["k"], batch_size=batch).run(chunks(files))
+    return len(files) / (time.perf_counter() - t0)
 
 
 def main(argv=None):
@@ -107,6 +133,7 @@ def main(argv=None):
                     and np.array_equal(got.positions_, expect.positions_)):
                 sys.exit(f"local:{n}: the distributed top-{args.k} differs from the one-process result")
         times = {"one process, 2 threads": [], "local:2, 1 thread each": [], "local:1, 1 thread": []}
+        control = {1: [], 2: []}
         for r in range(args.rounds):
             for name, fn in (("one process, 2 threads", one_process),
                              ("local:2, 1 thread each", lambda: distributed(2, r)),
@@ -115,6 +142,12 @@ def main(argv=None):
                 t0 = time.perf_counter()
                 fn()
                 times[name].append(time.perf_counter() - t0)
+            for n in (1, 2):  # the control: plain passes in n worker processes at once
+                client = clusters[n][1]
+                workers = sorted(client.scheduler_info()["workers"])
+                halves = {w: files[i::n] for i, w in enumerate(workers)}
+                time.sleep(0.05)
+                control[n].append(sum(client.run(control_pass, job, halves).values()))
         for lc, client in clusters.values():
             client.close()
             lc.close()
@@ -123,17 +156,22 @@ def main(argv=None):
     for name, t in times.items():
         print(f"{name:24s} {rate[name]:7.1f} img/s (median of {len(t)}: "
               + ", ".join(f"{args.images / x:.1f}" for x in t) + ")")
+    c1, c2 = statistics.median(control[1]), statistics.median(control[2])
+    print(f"control, plain one-thread pass inside the workers: 1 worker {c1:.1f} img/s, 2 workers at once "
+          f"{c2:.1f} img/s in all (medians of {len(control[1])}); per worker {c2 / 2 / c1:.2f}")
     print(f"cluster start-up: local:1 {starts[1]:.1f} s, local:2 {starts[2]:.1f} s (once per command)")
     ratio = rate["local:2, 1 thread each"] / rate["one process, 2 threads"]
     per_worker = (rate["local:2, 1 thread each"] / 2) / rate["local:1, 1 thread"]
     print(f"local:2 / one process: {ratio:.2f}x {'(>= 0.9x: met)' if ratio >= 0.9 else '(UNDER the 0.9x target)'}")
     print(f"throughput per worker, 2 workers / 1 worker: {per_worker:.2f} "
-          f"{'(flat within 10%)' if per_worker >= 0.9 else '(drops by more than 10%)'}")
+          f"{'(flat within 10%)' if per_worker >= 0.9 else '(drops by more than 10%)'}; the same ratio of the "
+          f"control (two processes on these cores, no cluster): {c2 / 2 / c1:.2f}; the cluster's own share "
+          f"{per_worker / (c2 / 2 / c1):.2f}")
     core = rate["local:2, 1 thread each"] / 2
     for cores in (1, 8, 64):
         print(f"ImageNet train ({IMAGENET_TRAIN:,} images) top-{args.k} of {layer} on {cores:2d} worker core(s) at "
               f"{core:.1f} img/s per core: {IMAGENET_TRAIN / (core * cores) / 3600:6.1f} h")
-    return rate, ratio, per_worker
+    return rate, ratio, per_worker, (c1, c2)
 
 
 if __name__ == "__main__":
