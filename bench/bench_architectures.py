@@ -440,11 +440,26 @@ def speed(args) -> int:
           f"{len(taps)} layers tapped")
     print(f"input gradients against PyTorch float64 autograd (first {k} images; max |diff| / max |ref|, worst "
           f"image): cnnvis {relative_error(ours[:k], ref64):.1e}, PyTorch float32 {relative_error(ours32[:k], ref64):.1e}")
+    # the memory floor of tapping: every tapped tensor has to leave the blocked layout onnxruntime's
+    # convolutions work in, so at least one read and one write of its bytes; timed as a plain copy of
+    # that many bytes on the same threads
+    floats = len(x) * sum(int(np.prod(layer.output_shape)) for layer in model.layers if layer.output_shape)
+    src, dst = np.ones(floats, np.float32), np.zeros(floats, np.float32)
+    halves = np.array_split(np.arange(floats), max(1, args.threads or os.cpu_count() or 1))
+    bounds = [(int(h[0]), int(h[-1]) + 1) for h in halves if len(h)]
+    from concurrent.futures import ThreadPoolExecutor
+    pool = ThreadPoolExecutor(len(bounds))
+
+    def copy_taps():
+        list(pool.map(lambda b: np.copyto(dst[b[0]:b[1]], src[b[0]:b[1]]), bounds))
+
+    print(f"tapped tensors: {floats / len(x) * 4 / 1e6:.1f} MB per image")
     runs = {
         "cnnvis input gradients": lambda: engine.run(x, index=classes),
         "PyTorch eager autograd": torch_saliency,
         "cnnvis forward": lambda: model.run(x, batch_size=args.batch),
         "cnnvis forward, every layer tapped": lambda: model.run(x, taps, batch_size=args.batch),
+        "copy of the tapped bytes (floor)": copy_taps,
     }
     t = interleaved_medians(runs, args.rounds, warmup=1)
     ms = 1000 / args.batch
@@ -454,8 +469,10 @@ def speed(args) -> int:
     tap_ratio = t["cnnvis forward, every layer tapped"] / t["cnnvis forward"]
     print(f"input gradients: cnnvis {grad_ratio:.2f}x PyTorch eager's speed (target >= 1.0: "
           f"{'met' if grad_ratio >= 1.0 else 'NOT met'}); median of {args.rounds} interleaved rounds")
+    floor = (t["cnnvis forward"] + t["copy of the tapped bytes (floor)"]) / t["cnnvis forward"]
     print(f"forward, every layer tapped: {tap_ratio:.3f}x the untapped forward (target <= 1.10: "
-          f"{'met' if tap_ratio <= 1.10 else 'NOT met'})")
+          f"{'met' if tap_ratio <= 1.10 else 'NOT met'}); the untapped forward plus one copy of the tapped "
+          f"bytes: {floor:.3f}x")
     return 0
 
 
