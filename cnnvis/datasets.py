@@ -336,18 +336,21 @@ def resolve_group(model, items, what: str = "group") -> list:
     return files
 
 
-def iter_group_chunks(model, files, preprocessing, batch_size: int):
+def iter_group_chunks(model, files, preprocessing, batch_size: int, skipped: list | None = None, named=()):
     """``(names, batch)`` chunks of at most ``batch_size`` images of a group (lazy decoding);
-    ``.npy`` items are split the same way."""
+    ``.npy`` items are split the same way. With a ``skipped`` list, unreadable image files are
+    left out and appended to it as ``[position in files, path, reason]``, except those at
+    positions ``named`` (files named explicitly: their error is raised) — read by
+    :func:`cnnvis.preprocess.read_chunk`, as a Dask worker reads its shard."""
     from . import preprocess
 
     images = [f for f in files if Path(f).suffix.lower() != ".npy"]
-    names = dict(zip(images, preprocess.display_names(images))) if images else {}
-    pending = []
-    for f in files:
+    names = iter(preprocess.display_names(images) if images else [])
+    pending = []  # (position in files, name) of the image files since the last array
+    for position, f in enumerate(files):
         if Path(f).suffix.lower() == ".npy":
             if pending:
-                yield from _image_chunks(pending, names, preprocessing, batch_size)
+                yield from _image_chunks(files, pending, preprocessing, batch_size, skipped, named)
                 pending = []
             arr = preprocess.load_input_array(f, expected_shape=model.input_shape)
             stem = Path(f).stem
@@ -355,17 +358,22 @@ def iter_group_chunks(model, files, preprocessing, batch_size: int):
                 part = arr[start:start + batch_size]
                 yield [f"{stem}[{start + i}]" for i in range(len(part))], part
         else:
-            pending.append(f)
+            pending.append((position, next(names)))
     if pending:
-        yield from _image_chunks(pending, names, preprocessing, batch_size)
+        yield from _image_chunks(files, pending, preprocessing, batch_size, skipped, named)
 
 
-def _image_chunks(files, names, preprocessing, batch_size):
+def _image_chunks(files, pending, preprocessing, batch_size, skipped, named):
+    """Chunks of a run of image files (``pending``: consecutive positions in ``files`` and names)."""
     from . import preprocess
 
-    for start in range(0, len(files), batch_size):
-        chunk = files[start:start + batch_size]
-        yield [names[f] for f in chunk], preprocess.load_batch(chunk, preprocessing)
+    for start in range(0, len(pending), batch_size):
+        run = pending[start:start + batch_size]
+        name_of = dict(run)
+        first = run[0][0]
+        positions, batch = preprocess.read_chunk([files[p] for p, _ in run], preprocessing, first, skipped, named)
+        if batch is not None:
+            yield [name_of[p] for p in positions], batch
 
 
 def group_size(model, files) -> int:
