@@ -177,7 +177,7 @@ def class_gradient_shard(job: dict, shard: Shard):
     skipped, arrays, chunks = [], {}, []
     for j, (pos, x) in enumerate(shard_chunks(shard, _preprocessing(job), job["batch_size"], skipped)):
         batch = cg.run(x, target=job["neuron"])
-        summary = cgm.summarize_chunk(batch, [str(p) for p in pos], pos[0], job["cap"])
+        summary = cgm.summarize_chunk(batch, [str(p) for p in pos], pos, job["cap"])
         chunks.append(len(pos))
         arrays[f"{j}.positions"] = np.asarray(pos, np.int64)
         for name, value in summary.arrays().items():

@@ -138,7 +138,7 @@ def cmd_conv_gradients(args) -> int:
     else:
         # unreadable dataset files are skipped; none readable, or an unreadable file named explicitly,
         # fails here, before anything is staged
-        chunks = common.checked_input_chunks(args, model, skipped, "conv-gradients")
+        chunks = common.checked_input_chunks(args, model, skipped)
         common.model_warning(model)
         batches = ((names, cg.run(x, target), x[:1]) for names, x in chunks)
     weights = cg.weights_
@@ -327,7 +327,7 @@ def _readable(chunks, group: str, n: int, skipped: list):
         empty = False
         yield chunk
     if empty:
-        raise common.none_readable(f"compare-classes: group {group}", n, skipped)
+        raise common.none_readable(n, skipped, group=group)
 
 
 def _write_comparison(run, res, args, model, formats) -> None:

@@ -133,7 +133,7 @@ def topk(args, model, inputs, layer: str, out):
             readable.extend(int(i) for i in a["readable"])
     if not readable:
         store.remove()  # nothing to resume: every input was read and none could be
-        raise common.none_readable("topk", len(files), skipped)
+        raise common.none_readable(len(files), skipped)
     top = scale.merge_topk(parts, args.k)
     if skipped:
         inputs = inputs.subset(readable)
@@ -188,8 +188,7 @@ def compare_classes(args, model, cmp, neuron: int, groups, pre):
             readable += int(res.meta["readable"])
         if not readable:
             store.remove()  # nothing to resume: every input was read and none of this group could be
-            raise common.none_readable(f"compare-classes: group {g}", len(files_of[g]),
-                                       [s[1:] for s in skipped if s[0] == g])
+            raise common.none_readable(len(files_of[g]), [s[1:] for s in skipped if s[0] == g], group=g)
     names_of = {g: preprocess.display_names(files) for g, files in files_of.items()}
 
     def summaries(g):
@@ -250,7 +249,7 @@ def activation_stats(args, model, inputs, layers):
             result.merge({layer: part[layer] for layer in layers}, n)
     if result.n_images_ == 0:
         store.remove()  # nothing to resume: every input was read and none could be
-        raise common.none_readable("activations", len(files), skipped)
+        raise common.none_readable(len(files), skipped)
     common.report_skipped("activations", skipped)
     return result, skipped, store
 
@@ -283,7 +282,7 @@ def per_image(args, model, inputs, command: str, fn, params: dict):
         readable.extend(int(p) for j in range(len(res.meta["chunks"])) for p in res.arrays[f"{j}.positions"])
     if not readable:
         store.remove()  # nothing to resume: every input was read and none could be
-        raise common.none_readable(command, len(files), skipped)
+        raise common.none_readable(len(files), skipped)
     if skipped:
         inputs = inputs.subset(readable)
     common.report_skipped(command, skipped)

@@ -345,7 +345,7 @@ def iter_input_chunks(args, model):
     yield from Inputs(args, model).chunks(0, args.batch_size)
 
 
-def checked_input_chunks(args, model, skipped: list | None = None, command: str = ""):
+def checked_input_chunks(args, model, skipped: list | None = None):
     """:func:`iter_input_chunks` with the first chunk already read, so that bad inputs fail before
     the caller stages any output. With a ``skipped`` list (the dataset commands), unreadable files
     of folders and image sets are skipped and recorded there (:meth:`Inputs.readable_chunks`),
@@ -357,7 +357,7 @@ def checked_input_chunks(args, model, skipped: list | None = None, command: str 
         chunks = ((names, batch) for names, batch, _ in inputs.readable_chunks(0, args.batch_size, skipped))
     first = next(chunks, None)
     if first is None:
-        raise none_readable(command, len(inputs), skipped)
+        raise none_readable(len(inputs), skipped)
 
     def chain():
         yield first
@@ -366,13 +366,14 @@ def checked_input_chunks(args, model, skipped: list | None = None, command: str 
     return chain()
 
 
-def none_readable(command: str, n: int, skipped: list):
-    """The one-line error of a run none of whose ``n`` input images can be read (in one process
-    or on a cluster)."""
+def none_readable(n: int, skipped: list, group: str | None = None):
+    """The one-line error of a run (or a compare-classes group) none of whose ``n`` input images
+    can be read, in one process or on a cluster (the CLI names the command)."""
     from ..errors import CnnvisError
 
     example = f", e.g. {skipped[0][-1]}" if skipped else ""
-    return CnnvisError(f"{command}: none of the {n} input image(s) is readable{example}")
+    where = f"group {group}: " if group is not None else ""
+    return CnnvisError(f"{where}none of the {n} input image(s) is readable{example}")
 
 
 def report_skipped(command: str, skipped: list) -> None:

@@ -143,7 +143,7 @@ def _activation_stats(args) -> int:
         for _, x, _ in inputs.readable_chunks(0, args.batch_size, skipped):
             result.update(analysis.run(x).values)
         if result.n_images_ == 0:
-            raise common.none_readable("activations", len(inputs), skipped)
+            raise common.none_readable(len(inputs), skipped)
         common.report_skipped("activations", skipped)
     summary = result.summary()
     params = {"layers": layers, "stats": True, "batch_size": args.batch_size, "input_array": args.input_array}

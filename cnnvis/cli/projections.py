@@ -388,7 +388,7 @@ def _topk_one_process(args, model, inputs, layer, state_path, fingerprint):
               f"{len(inputs)} images done, state in {state_path}; rerun to continue", file=sys.stderr)
         return None
     if top.n_images_ == 0:
-        raise common.none_readable("topk", len(inputs), skipped)
+        raise common.none_readable(len(inputs), skipped)
     if chunks_done[0] == 0 or saved_skips[0] != len(skipped):  # unreadable files after the last chunk
         _write_state(state_path, fingerprint, top, complete=True, skipped=skipped)
     common.report_skipped("topk", skipped)

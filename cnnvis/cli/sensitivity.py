@@ -178,7 +178,7 @@ def cmd_occlusion(args) -> int:
         common.model_warning(model)
         _, items, skipped, store = cluster.occlusion(args, model, common.Inputs(args, model), options, target)
     else:
-        chunks = common.checked_input_chunks(args, model, skipped, "occlusion")
+        chunks = common.checked_input_chunks(args, model, skipped)
         common.model_warning(model)
         items = ((name, x, res, None) for names, batch in chunks
                  for name, x, res in zip(names, batch, analysis.run(batch, target=target)))
