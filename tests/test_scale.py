@@ -345,6 +345,35 @@ def test_compare_classes_skips_unreadable_files_in_one_process_as_on_cluster(clu
     assert summary["counts"] == {"reference": 4, "similar": 4, "dissimilar": 4}
 
 
+def test_image_lists_and_trees_skip_unreadable_files_in_one_process_as_on_cluster(cluster, mixed, tmp_path):
+    """--image-list (a missing file among them) and --image-tree: the same files skipped and the
+    same outputs with and without --dask."""
+    import shutil
+
+    folder, _, bad = mixed
+    listed = tmp_path / "list.txt"
+    names = [f.name for f in sorted(folder.iterdir())][:9]  # 4 good, 4 unreadable, 1 good
+    listed.write_text("".join(f"{folder / n}\n" for n in names) + "gone.png\n")
+    tree = tmp_path / "imagenet"
+    for i, n in enumerate(names):
+        (tree / f"n0{i % 2}").mkdir(parents=True, exist_ok=True)
+        shutil.copy(folder / n, tree / f"n0{i % 2}" / n)
+    runs = {"list": (["activations", "--stats", "--layer", "conv1", "--image-list", str(listed)], "activations", 5),
+            "tree": (["topk", "--layer", "conv1", "--maps", "0-1", "--k", "2", "--image-tree", str(tree)], "topk", 4)}
+    for label, (argv, command, n_bad) in runs.items():
+        base = argv + ["--batch-size", "2"]
+        assert cli.main(base + ["--out", str(tmp_path / label / "one")]) == 0
+        assert cli.main(base + ["--out", str(tmp_path / label / "two"), "--dask", _address(cluster),
+                                "--shard-size", "2", "--no-progress"]) == 0
+        assert_same_outputs(tmp_path / label / "one", tmp_path / label / "two")
+        skipped = _skipped(tmp_path / label / "one", command)
+        assert skipped["count"] == n_bad
+        assert sorted(Path(f["path"]).name for f in skipped["files"]) == \
+            sorted([n for n in names if n in bad] + (["gone.png"] if label == "list" else []))
+    gone = _skipped(tmp_path / "list" / "one", "activations")["files"][-1]
+    assert gone["position"] == 9 and "no such image file" in gone["reason"]
+
+
 def _one_error_line(err: str) -> str:
     lines = [line for line in err.splitlines() if line.startswith("cnnvis") and ": error: " in line]
     assert len(lines) == 1 and "Traceback" not in err, err

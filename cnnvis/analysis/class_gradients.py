@@ -274,7 +274,8 @@ class ClassComparison(Analysis):
     batch_size : images per engine call.
     n_permutations, seed : of every permutation test.
     max_vectors_per_group : images per group kept for the cosine matrix and the gradient
-        permutation test (the first ones in input order); means, stds and importance tests use all.
+        permutation test (those among the group's first ``max_vectors_per_group`` inputs, in input
+        order; an input left out as unreadable still counts); means, stds and importance tests use all.
     top_k : filters listed per comparison.
     ddof : of the reported standard deviations (1 = sample standard deviation).
     progress : show a tqdm progress bar (stderr).

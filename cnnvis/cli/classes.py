@@ -65,8 +65,9 @@ def register(sub) -> None:
                    help="relabellings per permutation test (default 999)")
     p.add_argument("--seed", type=common.seed, default=0, help="seed of the permutation tests and checks (default 0)")
     p.add_argument("--max-vectors-per-group", type=common.int_range(1, common.MAX_VECTORS_PER_GROUP), default=1000,
-                   help="images per group kept (first ones) for the cosine matrix and the gradient "
-                        "permutation test; means, stds and importance tests use all (default 1000)")
+                   help="images per group kept (those among its first N inputs; an unreadable one skipped "
+                        "still counts) for the cosine matrix and the gradient permutation test; means, stds "
+                        "and importance tests use all (default 1000)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--tmp-dir", type=common.writable_folder, default=None, metavar="DIR",
                    help="folder for the temporary float32 memmap of the kept gradient vectors "
