@@ -336,36 +336,49 @@ def resolve_group(model, items, what: str = "group") -> list:
     return files
 
 
-def iter_group_chunks(model, files, preprocessing, batch_size: int):
-    """``(names, batch)`` chunks of at most ``batch_size`` images of a group (lazy decoding);
-    ``.npy`` items are split the same way."""
+def iter_group_chunks(model, files, preprocessing, batch_size: int, skipped: list | None = None, named=()):
+    """``(names, batch, positions)`` chunks of at most ``batch_size`` images of a group (lazy
+    decoding); ``.npy`` items are split the same way. ``positions``: each image's index in the
+    group's inputs (an array's rows count one each). With a ``skipped`` list, unreadable image
+    files are left out and appended to it as ``[position, path, reason]``, except those at
+    positions ``named`` (files named explicitly: their error is raised) — read by
+    :func:`cnnvis.preprocess.read_chunk`, as a Dask worker reads its shard."""
     from . import preprocess
 
     images = [f for f in files if Path(f).suffix.lower() != ".npy"]
-    names = dict(zip(images, preprocess.display_names(images))) if images else {}
-    pending = []
-    for f in files:
+    names = iter(preprocess.display_names(images) if images else [])
+    named = set(named)
+    pending, index = [], 0  # pending: (file, name, strict) since the last array; index: of the next input
+    for position, f in enumerate(files):
         if Path(f).suffix.lower() == ".npy":
             if pending:
-                yield from _image_chunks(pending, names, preprocessing, batch_size)
+                yield from _image_chunks(pending, index - len(pending), preprocessing, batch_size, skipped)
                 pending = []
             arr = preprocess.load_input_array(f, expected_shape=model.input_shape)
             stem = Path(f).stem
             for start in range(0, len(arr), batch_size):
                 part = arr[start:start + batch_size]
-                yield [f"{stem}[{start + i}]" for i in range(len(part))], part
+                yield [f"{stem}[{start + i}]" for i in range(len(part))], part, list(range(index, index + len(part)))
+                index += len(part)
         else:
-            pending.append(f)
+            pending.append((f, next(names), position in named))
+            index += 1
     if pending:
-        yield from _image_chunks(pending, names, preprocessing, batch_size)
+        yield from _image_chunks(pending, index - len(pending), preprocessing, batch_size, skipped)
 
 
-def _image_chunks(files, names, preprocessing, batch_size):
+def _image_chunks(pending, first: int, preprocessing, batch_size, skipped):
+    """Chunks of a run of image files (``pending``: (file, name, named explicitly) of the inputs
+    ``first``, ``first + 1``, … of the group)."""
     from . import preprocess
 
-    for start in range(0, len(files), batch_size):
-        chunk = files[start:start + batch_size]
-        yield [names[f] for f in chunk], preprocess.load_batch(chunk, preprocessing)
+    for start in range(0, len(pending), batch_size):
+        run = pending[start:start + batch_size]
+        begin = first + start
+        strict = [begin + j for j, (_, _, s) in enumerate(run) if s]
+        positions, batch = preprocess.read_chunk([f for f, _, _ in run], preprocessing, begin, skipped, strict)
+        if batch is not None:
+            yield [run[p - begin][1] for p in positions], batch, positions
 
 
 def group_size(model, files) -> int:

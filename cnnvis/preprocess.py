@@ -290,10 +290,18 @@ class Preprocessing:
         return max(sides)
 
     def __call__(self, image) -> np.ndarray:
-        """A PIL image, or a path, → C×H×W float32."""
+        """A PIL image, or a path, → C×H×W float32 (an image file that cannot be read, decoded or
+        converted to pixels: :class:`UnreadableImage`)."""
         if isinstance(image, (str, os.PathLike)):
-            image = read_image(image, exif_transpose=self.exif_transpose, reduce_to=self.largest_side)
-        pixels = image_to_array(image, self.channels)
+            path = image
+            image = read_image(path, exif_transpose=self.exif_transpose, reduce_to=self.largest_side)
+            try:
+                pixels = image_to_array(image, self.channels)
+            except (OSError, ValueError, TypeError) as exc:  # a pixel mode Pillow cannot convert
+                reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                raise UnreadableImage(f"{path}: not a readable image (mode {image.mode}: {reason})") from None
+        else:
+            pixels = image_to_array(image, self.channels)
         return self.from_pixels(pixels)
 
     def from_pixels(self, pixels: np.ndarray) -> np.ndarray:
@@ -590,8 +598,16 @@ REDUCE_ABOVE_PIXELS = 1 << 22
 DECODE_BYTES_PER_PIXEL = 8
 
 
+class UnreadableImage(CnnvisError):
+    """An image file that cannot be read: missing, not decodable by Pillow (zero bytes,
+    truncated, not an image, a mode or colour type Pillow does not know), or over the memory
+    budget (:mod:`cnnvis.limits`). Dataset runs skip such files (:func:`read_chunk`); any other
+    error (a bad mean image, a bug) is not this and stops the run."""
+
+
 def read_image(path, exif_transpose: bool = True, reduce_to: int | None = None):
-    """Open and fully decode one image (first frame); any failure → one-line CnnvisError naming it.
+    """Open and fully decode one image (first frame); any failure → one-line
+    :class:`UnreadableImage` naming it.
 
     The memory budget (:mod:`cnnvis.limits`) bounds the pixel count before anything is decoded:
     a decompression bomb (a small file claiming a huge image) is refused, naming its size and the
@@ -607,7 +623,7 @@ def read_image(path, exif_transpose: bool = True, reduce_to: int | None = None):
 
     path = Path(path)
     if not path.is_file():
-        raise CnnvisError(f"{path}: no such image file")
+        raise UnreadableImage(f"{path}: no such image file")
     budget_pixels = max(1, limits.memory_limit() // DECODE_BYTES_PER_PIXEL)
     try:
         with warnings.catch_warnings():
@@ -621,22 +637,25 @@ def read_image(path, exif_transpose: bool = True, reduce_to: int | None = None):
                 _check_pixels(path, w, h, budget_pixels)
                 im.load()
                 im = _reduced(im, reduce_to) if reduce_to and w * h > REDUCE_ABOVE_PIXELS else im
-                limits.check(im.size[0] * im.size[1] * limits.BYTES_PER_IMAGE_PIXEL,
-                             f"{path}: a {im.size[0]}x{im.size[1]} image as float pixels")
+                try:
+                    limits.check(im.size[0] * im.size[1] * limits.BYTES_PER_IMAGE_PIXEL,
+                                 f"{path}: a {im.size[0]}x{im.size[1]} image as float pixels")
+                except CnnvisError as exc:
+                    raise UnreadableImage(str(exc), params=exc.params) from None
                 if exif_transpose:
                     im = ImageOps.exif_transpose(im)
                 else:
                     im = im.copy()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise CnnvisError(f"{path}: image too large to decode safely ({str(exc).split(',')[0]}; memory budget "
+        raise UnreadableImage(f"{path}: image too large to decode safely ({str(exc).split(',')[0]}; memory budget "
                           f"{limits.format_bytes(limits.memory_limit())}: set memory_limit=SIZE or {limits.ENV_VAR}; "
                           "a decompression bomb?)", params="memory_limit") from None
     except MemoryError:
-        raise CnnvisError(f"{path}: out of memory decoding this image (set a lower memory_limit=SIZE "
+        raise UnreadableImage(f"{path}: out of memory decoding this image (set a lower memory_limit=SIZE "
                           "to have such images refused before decoding)", params="memory_limit") from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise CnnvisError(f"{path}: not a readable image ({reason})") from None
+        raise UnreadableImage(f"{path}: not a readable image ({reason})") from None
     return im
 
 
@@ -663,7 +682,7 @@ def _check_pixels(path, w: int, h: int, budget_pixels: int) -> None:
     from . import limits
 
     if w * h > budget_pixels:
-        raise CnnvisError(f"{path}: a {w}x{h} image ({w * h:,} pixels) is over the {budget_pixels:,}-pixel "
+        raise UnreadableImage(f"{path}: a {w}x{h} image ({w * h:,} pixels) is over the {budget_pixels:,}-pixel "
                           f"limit of the memory budget {limits.format_bytes(limits.memory_limit())} "
                           f"(set memory_limit=SIZE or {limits.ENV_VAR}; a decompression bomb?)", params="memory_limit")
 
@@ -696,6 +715,41 @@ def list_images(inputs) -> list:
     if not paths:
         raise CnnvisError("no input images given")
     return paths
+
+
+def named_positions(items, files) -> list:
+    """Positions in ``files`` (listed from ``items``, e.g. by :func:`list_images`) of the files
+    the user named one by one: items that are files, not folders. Such a file that cannot be read
+    is the user's argument error, never skipped (:func:`read_chunk`)."""
+    named = {str(Path(item)) for item in items if Path(str(item)).is_file()}
+    return [i for i, f in enumerate(files) if str(Path(f)) in named]
+
+
+def read_chunk(paths, preprocessing: "Preprocessing", start: int = 0, skipped: list | None = None,
+               named=()) -> tuple:
+    """The one decision "unreadable → skip and record" of dataset runs, in one process and on
+    Dask workers alike: ``(positions, batch)`` of the images of ``paths`` — inputs ``start``,
+    ``start + 1``, … of the input list — that can be read; ``batch`` is N×C×H×W float32, or None
+    when none can. A file that cannot be read (:class:`UnreadableImage`: missing, zero bytes,
+    truncated, not an image, unknown mode, over the memory budget) is appended to ``skipped`` as
+    ``[position, absolute path, reason]`` and left out — unless ``skipped`` is None (every file
+    must be read) or its position is in ``named`` (a file named explicitly): then its one-line
+    error is raised. Skipped files are read by absolute path, so that the reason recorded is the
+    same wherever the file is read from."""
+    named = set(named)
+    arrays, positions = [], []
+    for j, path in enumerate(paths):
+        position = int(start) + j
+        strict = skipped is None or position in named
+        try:
+            arrays.append(preprocessing(path if strict else os.path.abspath(path)))
+        except UnreadableImage as exc:
+            if strict:
+                raise
+            skipped.append([position, os.path.abspath(path), str(exc)])
+            continue
+        positions.append(position)
+    return positions, (np.stack(arrays) if arrays else None)
 
 
 def display_names(paths) -> list:

@@ -96,42 +96,44 @@ def worker_model(ref: ModelRef):
 @dataclass
 class Shard:
     """Consecutive inputs: ``paths`` are inputs ``start`` … ``start + len(paths) - 1`` of the input
-    list (of group ``group`` for compare-classes)."""
+    list (of group ``group`` for compare-classes); ``named``: the input positions among them of
+    files the user named explicitly (read or fail, never skipped)."""
 
     index: int
     start: int
     paths: list
     group: int = 0
+    named: tuple = ()
 
     def __len__(self):
         return len(self.paths)
 
 
-def make_shards(paths, shard_size: int, batch_size: int, group: int = 0, first_index: int = 0) -> list:
+def make_shards(paths, shard_size: int, batch_size: int, group: int = 0, first_index: int = 0,
+                named=()) -> list:
     """Shards of at most ``shard_size`` paths, a multiple of ``batch_size`` each, so that a shard's
     chunks are the chunks the one-process run makes. Paths are made absolute (workers elsewhere
-    do not share the client's working folder)."""
+    do not share the client's working folder). ``named``: input positions of files named
+    explicitly (:func:`cnnvis.preprocess.named_positions`)."""
     size = max(1, -(-int(shard_size) // int(batch_size))) * int(batch_size)
     paths = [os.path.abspath(p) for p in paths]
-    return [Shard(first_index + i, s, paths[s:s + size], group)
+    named = sorted(int(i) for i in named)
+    return [Shard(first_index + i, s, paths[s:s + size], group, tuple(n for n in named if s <= n < s + size))
             for i, s in enumerate(range(0, len(paths), size))]
 
 
 def shard_chunks(shard: Shard, preprocessing, batch_size: int, skipped: list):
     """``(positions, batch)`` per ``batch_size`` run of the shard's paths: the input-list positions
-    of the images read and their N×C×H×W array. Unreadable images are left out and appended to
-    ``skipped`` as ``[position, path, reason]``."""
+    of the images read and their N×C×H×W array, read by :func:`cnnvis.preprocess.read_chunk` (the
+    one-process runs' reader: unreadable images are left out and appended to ``skipped`` as
+    ``[position, path, reason]``; an unreadable file named explicitly is an error)."""
+    from .preprocess import read_chunk
+
     for s in range(0, len(shard.paths), batch_size):
-        arrays, positions = [], []
-        for j, path in enumerate(shard.paths[s:s + batch_size]):
-            try:
-                arrays.append(preprocessing(path))
-            except CnnvisError as exc:
-                skipped.append([shard.start + s + j, path, str(exc)])
-                continue
-            positions.append(shard.start + s + j)
-        if arrays:
-            yield positions, np.stack(arrays)
+        positions, batch = read_chunk(shard.paths[s:s + batch_size], preprocessing, shard.start + s, skipped,
+                                      shard.named)
+        if batch is not None:
+            yield positions, batch
 
 
 def _preprocessing(job):
@@ -175,7 +177,7 @@ def class_gradient_shard(job: dict, shard: Shard):
     skipped, arrays, chunks = [], {}, []
     for j, (pos, x) in enumerate(shard_chunks(shard, _preprocessing(job), job["batch_size"], skipped)):
         batch = cg.run(x, target=job["neuron"])
-        summary = cgm.summarize_chunk(batch, [str(p) for p in pos], pos[0], job["cap"])
+        summary = cgm.summarize_chunk(batch, [str(p) for p in pos], pos, job["cap"])
         chunks.append(len(pos))
         arrays[f"{j}.positions"] = np.asarray(pos, np.int64)
         for name, value in summary.arrays().items():

@@ -229,6 +229,20 @@ def test_chunk_summaries_computed_elsewhere_give_the_same_comparison(tiny):
     np.testing.assert_array_equal(here.cosine, there.cosine)
 
 
+def test_chunk_summaries_keep_the_vectors_of_the_groups_first_inputs_across_gaps(tiny):
+    """Where unreadable inputs were left out, the kept gradient vectors are those of the images
+    among the group's first cap inputs (by index, the left-out ones counted)."""
+    model, _, x = tiny
+    batch = cgm.ClassGradients(model, batch_size=4).run(x[:3], target=1)
+    d = int(np.prod(batch.gradients.shape[1:]))
+    for positions, cap, take in (([1, 2, 4], 3, 2), ([0, 1, 2], 3, 3), ([3, 5, 6], 3, 0), ([1, 2, 4], 5, 3)):
+        kept = cgm.summarize_chunk(batch, ["a", "b", "c"], positions, cap).kept
+        np.testing.assert_array_equal(kept, batch.gradients[:take].reshape(take, d))
+    # an int first index is the same as consecutive indices
+    np.testing.assert_array_equal(cgm.summarize_chunk(batch, ["a", "b", "c"], 1, 3).kept,
+                                  cgm.summarize_chunk(batch, ["a", "b", "c"], [1, 2, 3], 3).kept)
+
+
 # ------------------------------------------------------------------------------ samples and groups
 
 
@@ -426,7 +440,8 @@ def test_groups_from_sidecar_defaults_and_npy_items(tmp_path):
 
     chunks = list(datasets.iter_group_chunks(model, groups["dissimilar"][1] + groups["similar-dog"][1],
                                         preprocess.for_model(model), 3))
-    assert [names for names, _ in chunks] == [["extra[0]", "extra[1]", "extra[2]"], ["extra[3]", "extra[4]"],
-                                              ["dog_0", "dog_1", "dog_2"]]
+    assert [names for names, _, _ in chunks] == [["extra[0]", "extra[1]", "extra[2]"], ["extra[3]", "extra[4]"],
+                                                 ["dog_0", "dog_1", "dog_2"]]
+    assert [positions for _, _, positions in chunks] == [[0, 1, 2], [3, 4], [5, 6, 7]]
     args.per_item = False
     assert list(classes._groups_from_args(args, model)[1]) == ["reference", "similar", "dissimilar"]

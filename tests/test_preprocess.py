@@ -459,3 +459,74 @@ def test_large_images_are_decoded_reduced_by_block_means(tmp_path, monkeypatch):
     assert preprocess.read_image(tmp_path / "p.png", reduce_to=10).mode == "RGB"
     assert preprocess.read_image(path, reduce_to=16).size == (90, 60)  # factor 1: as decoded
     assert preprocess.read_image(path).size == (90, 60)
+
+
+def _png_bytes(width: int, height: int, colour_type: int) -> bytes:
+    """A PNG of one IHDR (8-bit, ``colour_type``) and a few bytes of data."""
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, colour_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def test_read_chunk_skips_and_records_unreadable_files_but_not_named_ones(tmp_path, monkeypatch):
+    """read_chunk, the one 'unreadable → skip and record' decision: zero bytes, truncated, text,
+    an unknown PNG colour type and an image over the memory budget are left out and recorded with
+    their input position, absolute path and reason; the readable ones come back in order and equal
+    to reading them one by one; a named file, or strict reading, raises instead."""
+    from cnnvis import limits
+
+    rng = np.random.default_rng(3)
+    good = []
+    for i in range(3):
+        good.append(tmp_path / f"good{i}.png")
+        Image.fromarray(rng.integers(0, 256, (10, 12), dtype=np.uint8)).save(good[-1])
+    bad = {"zero.jpg": b"", "trunc.png": good[0].read_bytes()[:60], "text.png": b"not an image\n",
+           "mode.png": _png_bytes(4, 4, 5), "huge.png": _png_bytes(3000, 3000, 0)}
+    for name, data in bad.items():
+        (tmp_path / name).write_bytes(data)
+    monkeypatch.chdir(tmp_path)  # relative paths: recorded absolute
+    paths = ["good0.png", "zero.jpg", "trunc.png", "good1.png", "text.png", "mode.png", "huge.png", "good2.png"]
+    pre = preset("grey28")
+    skipped = []
+    with limits.memory_limit_set(preprocess.DECODE_BYTES_PER_PIXEL * 1000 * 1000):  # huge.png: 9e6 pixels
+        positions, batch = preprocess.read_chunk(paths, pre, start=20, skipped=skipped)
+        assert positions == [20, 23, 27]
+        np.testing.assert_array_equal(batch, np.stack([pre(str(g)) for g in good]))
+        assert [s[0] for s in skipped] == [21, 22, 24, 25, 26]
+        assert [s[1] for s in skipped] == [str(tmp_path / p) for p in paths if p in bad]
+        reasons = [s[2] for s in skipped]
+        assert all(r.startswith(f"{tmp_path / p}: ") for r, p in zip(reasons, [p for p in paths if p in bad]))
+        assert all("not a readable image" in r for r in reasons[:4])
+        assert "over the 1,000,000-pixel limit of the memory budget" in reasons[4]
+        # all unreadable: nothing, and every one recorded
+        again = []
+        assert preprocess.read_chunk(["zero.jpg", "text.png"], pre, 0, again) == ([], None)
+        assert len(again) == 2
+        # a file named explicitly (position 2 here) is the user's error, one line naming it as given
+        with pytest.raises(preprocess.UnreadableImage, match=r"^trunc\.png: not a readable image"):
+            preprocess.read_chunk(paths, pre, 0, [], named=[2])
+        with pytest.raises(preprocess.UnreadableImage, match=r"^zero\.jpg: not a readable image"):
+            preprocess.read_chunk(paths, pre, 0, None)  # strict: every file must be read
+    # an error that is not the file's (a missing mean image) stops the run, never skipped
+    broken = pre.replace(mean=str(tmp_path / "missing_mean.npy"))
+    with pytest.raises(CnnvisError, match="missing_mean.npy") as info:
+        preprocess.read_chunk(["good0.png"], broken, 0, [])
+    assert not isinstance(info.value, preprocess.UnreadableImage)
+
+
+def test_named_positions_are_the_files_given_one_by_one(tmp_path):
+    folder = tmp_path / "f"
+    folder.mkdir()
+    for name in ("a.png", "b.png"):
+        Image.new("L", (4, 4)).save(folder / name)
+    single = tmp_path / "c.png"
+    Image.new("L", (4, 4)).save(single)
+    items = [folder, single, folder / "b.png"]
+    files = preprocess.list_images(items)
+    assert [f.name for f in files] == ["a.png", "b.png", "c.png", "b.png"]
+    # b.png is named one by one too: wherever it is in the list, it must be read
+    assert preprocess.named_positions(items, files) == [1, 2, 3]

@@ -79,6 +79,7 @@ def assert_same_outputs(one: Path, two: Path, other_inputs: bool = False) -> Non
         elif rel == "topk_state.json" and other_inputs:
             sa, sb = json.loads(a[rel]), json.loads(b[rel])
             assert sa.pop("fingerprint")["images"] != sb.pop("fingerprint")["images"]
+            sa.pop("skipped", None), sb.pop("skipped", None)
             assert sa == sb
         else:
             assert a[rel] == b[rel], rel
@@ -209,23 +210,211 @@ def test_compare_classes_on_cluster_equals_one_process(cluster, tmp_path):
     assert summary["gradcheck"]["entries"] == 2 and summary["cosine"]["kept_per_group"]["reference"] == 6
 
 
-def test_unreadable_images_are_skipped_and_listed(cluster, images, tmp_path):
+def _png_header(width: int, height: int, colour_type: int) -> bytes:
+    """A PNG of one IHDR (8-bit, ``colour_type``) and a few bytes of data."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, colour_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def _bad_files(folder: Path, good: Path) -> dict:
+    """Unreadable files in ``folder``: name → what is wrong (a zero-byte .jpg, a truncated PNG, a
+    text file named .png, a PNG of an unknown colour type)."""
+    files = {"zero": b"", "truncated": good.read_bytes()[:60], "text": b"not an image\n",
+             "colour-type": _png_header(4, 4, 5)}
+    names = {}
+    for (what, data), name in zip(files.items(), ("a.jpg", "b.png", "c.png", "d.png")):
+        (folder / f"im0003{name}").write_bytes(data)
+        names[f"im0003{name}"] = what
+    return names
+
+
+@pytest.fixture(scope="module")
+def mixed(images, tmp_path_factory):
+    """10 good images and 5 unreadable files (a whole chunk of 4 of them, at batch size 4, and an
+    image header claiming 60000×60000 pixels, over the memory budget, in the last chunk)."""
     import shutil
 
-    mixed = tmp_path / "mixed"
-    shutil.copytree(images, mixed)
-    (mixed / "im0003b.png").write_text("not an image")
-    good = (mixed / "im0010.png").read_bytes()
-    (mixed / "im0020b.png").write_bytes(good[:60])  # truncated
+    root = tmp_path_factory.mktemp("mixed")
+    for folder in ("good", "mixed"):
+        (root / folder).mkdir()
+        for f in sorted(images.glob("*.png"))[:10]:
+            shutil.copy(f, root / folder / f.name)
+    bad = _bad_files(root / "mixed", root / "good" / "im0002.png")
+    (root / "mixed" / "im0009z.png").write_bytes(_png_header(60000, 60000, 0))
+    bad["im0009z.png"] = "too large"
+    return root / "mixed", root / "good", bad
+
+
+def _skipped(out: Path, command: str) -> dict:
+    return json.loads((out / "manifest.json").read_text())["runs"][command]["skipped"]
+
+
+def test_unreadable_images_are_skipped_and_listed(cluster, mixed, tmp_path, capsys):
+    """One process and the cluster skip the same files, list them (count, position, path, reason)
+    and write the same files; the records are those of a run that never saw them."""
+    folder, good, bad = mixed
     common = ["topk", "--batch-size", "4", "--k", "2", "--layer", "conv1", "--maps", "0-3"]
-    assert cli.main(common + [str(images), "--out", str(tmp_path / "one")]) == 0
-    assert cli.main(common + [str(mixed), "--out", str(tmp_path / "two"), "--dask", _address(cluster),
-                              "--shard-size", "8"]) == 0
-    assert_same_outputs(tmp_path / "one", tmp_path / "two", other_inputs=True)
-    skipped = json.loads((tmp_path / "two" / "manifest.json").read_text())["runs"]["topk"]["skipped"]
-    assert skipped["count"] == 2
-    assert [Path(f["path"]).name for f in skipped["files"]] == ["im0003b.png", "im0020b.png"]
-    assert all("not a readable image" in f["reason"] for f in skipped["files"])
+    assert cli.main(common + [str(folder), "--out", str(tmp_path / "one")]) == 0
+    assert "skipped 5 unreadable image(s)" in capsys.readouterr().err
+    skipped = _skipped(tmp_path / "one", "topk")
+    assert skipped["count"] == 5
+    assert [Path(f["path"]).name for f in skipped["files"]] == sorted(bad)
+    assert [f["position"] for f in skipped["files"]] == [4, 5, 6, 7, 14]
+    assert all(f["path"] == str(folder.resolve() / Path(f["path"]).name) for f in skipped["files"])
+    assert all("not a readable image" in f["reason"] for f in skipped["files"][:4])
+    assert cli.main(common + [str(folder), "--out", str(tmp_path / "two"), "--dask", _address(cluster),
+                              "--shard-size", "8", "--no-progress"]) == 0
+    assert_same_outputs(tmp_path / "one", tmp_path / "two")
+    assert cli.main(common + [str(good), "--out", str(tmp_path / "good")]) == 0
+    assert_same_outputs(tmp_path / "good", tmp_path / "one", other_inputs=True)
+    records = json.loads((tmp_path / "one" / "conv1_top2.json").read_text())
+    assert records["n_images"] == 10
+
+
+def test_one_process_topk_resumes_past_unreadable_files(mixed, tmp_path):
+    """--max-chunks 2 stops after the chunk that follows the all-unreadable one; the rerun
+    continues after the files already read or skipped and writes the uninterrupted run's files."""
+    from cnnvis.cli.projections import INCOMPLETE
+
+    folder, _, _ = mixed
+    common = ["topk", str(folder), "--batch-size", "4", "--k", "2", "--layer", "conv1", "--maps", "0-3"]
+    assert cli.main(common + ["--out", str(tmp_path / "once")]) == 0
+    assert cli.main(common + ["--out", str(tmp_path / "twice"), "--max-chunks", "2"]) == INCOMPLETE
+    state = json.loads((tmp_path / "twice" / "topk_state.json").read_text())
+    assert not state["complete"] and [s[0] for s in state["skipped"]] == [4, 5, 6, 7]
+    assert len(state["topk"]["images"]) == 8
+    assert cli.main(common + ["--out", str(tmp_path / "twice")]) == 0
+    assert_same_outputs(tmp_path / "once", tmp_path / "twice")
+
+
+def test_other_commands_skip_unreadable_files_in_one_process_as_on_cluster(cluster, mixed, tmp_path):
+    """activations --stats, conv-gradients and occlusion over a folder with unreadable files: the
+    one-process run skips and lists them and writes the cluster run's files."""
+    import shutil
+
+    folder, _, bad = mixed
+    few = tmp_path / "few"
+    few.mkdir()
+    for f in sorted(folder.glob("im000[0-3]*")):
+        shutil.copy(f, few / f.name)  # 4 good, 4 unreadable
+    runs = {"activations": (folder, ["--stats", "--batch-size", "4", "--layer", "conv1", "--layer", "fc6"], 5),
+            "conv-gradients": (few, ["--batch-size", "2", "-f", "npy", "--top-k", "2"], 4),
+            "occlusion": (few, ["--batch-size", "2", "--window", "14", "--stride", "7"], 4)}
+    for command, (where, extra, n_bad) in runs.items():
+        base = [command, str(where), *extra]
+        assert cli.main(base + ["--out", str(tmp_path / command / "one")]) == 0
+        assert cli.main(base + ["--out", str(tmp_path / command / "two"), "--dask", _address(cluster),
+                                "--shard-size", "4", "--no-progress"]) == 0
+        assert_same_outputs(tmp_path / command / "one", tmp_path / command / "two")
+        skipped = _skipped(tmp_path / command / "one", command)
+        assert skipped["count"] == n_bad
+        assert [Path(f["path"]).name for f in skipped["files"]] == sorted(bad)[:n_bad]
+    stats = json.loads((tmp_path / "activations" / "one" / "activation_stats.json").read_text())
+    assert stats["n_images"] == 10
+    summary = json.loads((tmp_path / "occlusion" / "one" / "occlusion.json").read_text())
+    assert [s["image"] for s in summary["images"]] == ["im0000", "im0001", "im0002", "im0003"]
+
+
+def test_compare_classes_skips_unreadable_files_in_one_process_as_on_cluster(cluster, images, tmp_path):
+    files = sorted(images.glob("*.png"))
+    groups = {}
+    for k, role in enumerate(("reference", "similar", "dissimilar")):
+        groups[role] = tmp_path / role
+        groups[role].mkdir()
+        for f in files[4 * k:4 * k + 4]:
+            (groups[role] / f.name).write_bytes(f.read_bytes())
+    bad_ref = _bad_files(groups["reference"], files[0])
+    (groups["similar"] / "im0003a.jpg").write_bytes(b"")
+    common = ["compare-classes", "--permutations", "19", "--batch-size", "4", "--format", "npy", "--no-progress",
+              "--max-vectors-per-group", "3", "--neuron", "Shirt", "--reference", str(groups["reference"]),
+              "--similar", str(groups["similar"]), "--dissimilar", str(groups["dissimilar"])]
+    assert cli.main(common + ["--out", str(tmp_path / "one")]) == 0
+    assert cli.main(common + ["--out", str(tmp_path / "two"), "--dask", _address(cluster), "--shard-size", "4"]) == 0
+    assert_same_outputs(tmp_path / "one", tmp_path / "two")
+    skipped = _skipped(tmp_path / "one", "compare-classes")
+    assert skipped["count"] == 5
+    assert [(f["group"], Path(f["path"]).name) for f in skipped["files"]] == \
+        [("reference", n) for n in sorted(bad_ref)] + [("similar", "im0003a.jpg")]
+    summary = json.loads((tmp_path / "one" / "summary.json").read_text())
+    assert summary["counts"] == {"reference": 4, "similar": 4, "dissimilar": 4}
+
+
+def test_image_lists_and_trees_skip_unreadable_files_in_one_process_as_on_cluster(cluster, mixed, tmp_path):
+    """--image-list (a missing file among them) and --image-tree: the same files skipped and the
+    same outputs with and without --dask."""
+    import shutil
+
+    folder, _, bad = mixed
+    listed = tmp_path / "list.txt"
+    names = [f.name for f in sorted(folder.iterdir())][:9]  # 4 good, 4 unreadable, 1 good
+    listed.write_text("".join(f"{folder / n}\n" for n in names) + "gone.png\n")
+    tree = tmp_path / "imagenet"
+    for i, n in enumerate(names):
+        (tree / f"n0{i % 2}").mkdir(parents=True, exist_ok=True)
+        shutil.copy(folder / n, tree / f"n0{i % 2}" / n)
+    runs = {"list": (["activations", "--stats", "--layer", "conv1", "--image-list", str(listed)], "activations", 5),
+            "tree": (["topk", "--layer", "conv1", "--maps", "0-1", "--k", "2", "--image-tree", str(tree)], "topk", 4)}
+    for label, (argv, command, n_bad) in runs.items():
+        base = argv + ["--batch-size", "2"]
+        assert cli.main(base + ["--out", str(tmp_path / label / "one")]) == 0
+        assert cli.main(base + ["--out", str(tmp_path / label / "two"), "--dask", _address(cluster),
+                                "--shard-size", "2", "--no-progress"]) == 0
+        assert_same_outputs(tmp_path / label / "one", tmp_path / label / "two")
+        skipped = _skipped(tmp_path / label / "one", command)
+        assert skipped["count"] == n_bad
+        assert sorted(Path(f["path"]).name for f in skipped["files"]) == \
+            sorted([n for n in names if n in bad] + (["gone.png"] if label == "list" else []))
+    gone = _skipped(tmp_path / "list" / "one", "activations")["files"][-1]
+    assert gone["position"] == 9 and "no such image file" in gone["reason"]
+
+
+def _one_error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.startswith("cnnvis") and ": error: " in line]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_all_unreadable_is_one_line_and_nothing_written(cluster, mixed, tmp_path, capsys):
+    folder, good, bad = mixed
+    only_bad = tmp_path / "bad"
+    only_bad.mkdir()
+    for name in bad:
+        (only_bad / name).write_bytes((folder / name).read_bytes())
+    runs = {"topk": ["--batch-size", "4", "--layer", "conv1"], "activations": ["--stats", "--layer", "conv1"],
+            "conv-gradients": ["-f", "npy"], "occlusion": ["--window", "14"]}
+    for command, extra in runs.items():
+        for dask in ([], ["--dask", _address(cluster), "--no-progress"]):
+            out = tmp_path / f"{command}{len(dask)}"
+            assert cli.main([command, str(only_bad), *extra, *dask, "--out", str(out)]) == 2
+            line = _one_error_line(capsys.readouterr().err)
+            assert line.startswith(f"cnnvis {command}: error: none of the 5 input image(s) is readable, e.g. ")
+            assert not out.exists() or not [p for p in out.rglob("*") if p.is_file()], command
+    out = tmp_path / "compare"
+    assert cli.main(["compare-classes", "--neuron", "Shirt", "--reference", str(good), "--similar", str(only_bad),
+                     "--permutations", "9", "--no-progress", "--out", str(out)]) == 2
+    assert _one_error_line(capsys.readouterr().err).startswith(
+        "cnnvis compare-classes: error: group similar: none of the 5 input image(s) is readable")
+    assert not out.exists() or not [p for p in out.rglob("*") if p.is_file()]
+
+
+def test_an_unreadable_file_named_explicitly_is_an_error(cluster, mixed, tmp_path, capsys):
+    """A file the user names one by one is read or fails (one line naming it), on a cluster too;
+    only the files of folders and image sets are skipped."""
+    folder, good, _ = mixed
+    argv = ["topk", str(good / "im0000.png"), str(folder / "im0003b.png"), "--layer", "conv1"]
+    for dask in ([], ["--dask", _address(cluster), "--no-progress"]):
+        out = tmp_path / f"out{len(dask)}"
+        assert cli.main(argv + dask + ["--out", str(out)]) == 2
+        line = _one_error_line(capsys.readouterr().err)
+        assert "im0003b.png: not a readable image" in line
+        # no output; a cluster run keeps only the shard results it recorded (for a rerun)
+        assert not out.exists() or not [p for p in out.rglob("*") if p.is_file() and scale.STATE_DIR not in p.parts]
 
 
 def test_worker_killed_mid_run_changes_nothing(cluster, tmp_path):

@@ -126,10 +126,15 @@ class ChunkSummary:
                    arrays["neuron_probability"])
 
 
-def summarize_chunk(batch: "ClassGradientBatch", names, first: int, cap: int) -> ChunkSummary:
-    """The summary of one computed chunk whose first image is image ``first`` of its group: the
-    gradient vectors are kept for the images among the group's first ``cap``."""
-    take = max(0, min(len(batch), int(cap) - int(first)))
+def summarize_chunk(batch: "ClassGradientBatch", names, first, cap: int) -> ChunkSummary:
+    """The summary of one computed chunk: the gradient vectors are kept for the images among the
+    group's first ``cap`` inputs. ``first``: the index in its group of the chunk's first image (the
+    others follow it), or the indices of all its images, ascending (where unreadable files were
+    left out: they count as inputs, so that a Dask worker decides alone which vectors to keep)."""
+    if np.ndim(first) == 0:
+        take = max(0, min(len(batch), int(cap) - int(first)))
+    else:
+        take = int(np.searchsorted(np.asarray(first, np.int64), int(cap)))  # indices < cap
     pred = batch.predicted
     rows = np.arange(len(batch))
     return ChunkSummary(list(names), batch.importance, stats.batch_moments(batch.gradients),
@@ -269,7 +274,8 @@ class ClassComparison(Analysis):
     batch_size : images per engine call.
     n_permutations, seed : of every permutation test.
     max_vectors_per_group : images per group kept for the cosine matrix and the gradient
-        permutation test (the first ones in input order); means, stds and importance tests use all.
+        permutation test (those among the group's first ``max_vectors_per_group`` inputs, in input
+        order; an input left out as unreadable still counts); means, stds and importance tests use all.
     top_k : filters listed per comparison.
     ddof : of the reported standard deviations (1 = sample standard deviation).
     progress : show a tqdm progress bar (stderr).
@@ -289,7 +295,9 @@ class ClassComparison(Analysis):
     def run(self, inputs, target=None, totals=None, gradcheck=None) -> ComparisonResult:
         """Compare the groups ``inputs`` (an ordered mapping group name → iterable of chunks, the
         first group the reference) on the logit of the class neuron ``target`` (an index or name).
-        A chunk is ``(names, batch)`` (computed here) or a :class:`ChunkSummary` computed elsewhere
+        A chunk is ``(names, batch)`` or ``(names, batch, positions)`` (computed here; ``positions``:
+        the images' indices in their group where unreadable inputs were left out, see
+        :func:`summarize_chunk`) or a :class:`ChunkSummary` computed elsewhere
         (e.g. by Dask workers, in input order; then ``gradcheck`` is the ``(report, image name)`` of
         the numerical check, done by the caller). ``totals``: images per group, for the progress bar."""
         if target is None:
@@ -311,13 +319,13 @@ class ClassComparison(Analysis):
                 if isinstance(chunk, ChunkSummary):
                     yield chunk
                     continue
-                chunk_names, x = chunk
+                chunk_names, x, *positions = chunk
                 batch = cg.run(x, target=neuron)
                 if self.check_numerical and r.gradcheck is None:
                     r.gradcheck = cg.check_numerical(x[:1], neuron, self.check_numerical, self.seed,
                                                      analytic=batch.gradients[0])
                     r.gradcheck_image = chunk_names[0]
-                yield summarize_chunk(batch, chunk_names, n, self.max_vectors_per_group)
+                yield summarize_chunk(batch, chunk_names, positions[0] if positions else n, self.max_vectors_per_group)
                 n += len(batch)
 
         return self._fit(r, {g: summaries(chunks) for g, chunks in dict(inputs).items()}, totals)

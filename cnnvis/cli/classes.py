@@ -65,8 +65,9 @@ def register(sub) -> None:
                    help="relabellings per permutation test (default 999)")
     p.add_argument("--seed", type=common.seed, default=0, help="seed of the permutation tests and checks (default 0)")
     p.add_argument("--max-vectors-per-group", type=common.int_range(1, common.MAX_VECTORS_PER_GROUP), default=1000,
-                   help="images per group kept (first ones) for the cosine matrix and the gradient "
-                        "permutation test; means, stds and importance tests use all (default 1000)")
+                   help="images per group kept (those among its first N inputs; an unreadable one skipped "
+                        "still counts) for the cosine matrix and the gradient permutation test; means, stds "
+                        "and importance tests use all (default 1000)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--tmp-dir", type=common.writable_folder, default=None, metavar="DIR",
                    help="folder for the temporary float32 memmap of the kept gradient vectors "
@@ -136,7 +137,9 @@ def cmd_conv_gradients(args) -> int:
         common.model_warning(model)
         _, batches, skipped, store = cluster.conv_gradients(args, model, common.Inputs(args, model), layer, target)
     else:
-        chunks = common.checked_input_chunks(args, model)  # unreadable inputs fail here, before anything is staged
+        # unreadable dataset files are skipped; none readable, or an unreadable file named explicitly,
+        # fails here, before anything is staged
+        chunks = common.checked_input_chunks(args, model, skipped)
         common.model_warning(model)
         batches = ((names, cg.run(x, target), x[:1]) for names, x in chunks)
     weights = cg.weights_
@@ -150,8 +153,6 @@ def cmd_conv_gradients(args) -> int:
     rows, used, gradcheck = [], {}, None
     lname = common.safe_name(layer)
     with RunOutput(args.out, "conv-gradients", params=params, inputs=recorded, model=model.info()) as run:
-        if skipped:
-            run.extra["skipped"] = cluster.skipped_record(skipped)
         for names, batch, x1 in batches:
             if args.check_numerical and gradcheck is None:
                 report = cg.check_numerical(x1, int(batch.targets[0]), args.check_numerical, args.seed,
@@ -201,6 +202,10 @@ def cmd_conv_gradients(args) -> int:
         write_json(run.path("summary.json", kind="summary"),
                    {"layer": layer, "weight_shape": list(weights.shape), "images": rows, "gradcheck": gradcheck})
         run.extra["gradcheck"] = gradcheck
+        if skipped:
+            run.extra["skipped"] = common.skipped_record(skipped)
+        if not args.dask:
+            common.report_skipped("conv-gradients", skipped)
     if store is not None:
         store.remove()
     print(f"cnnvis conv-gradients: {len(rows)} image(s), layer {layer} -> {args.out}")
@@ -276,13 +281,18 @@ def cmd_compare_classes(args) -> int:
     if args.dask:  # the shard results are recorded in --out while the cluster runs, outside RunOutput
         res, skipped, store = cluster.compare_classes(args, model, cmp, neuron, groups, pre)
     with RunOutput(args.out, "compare-classes", params=params, inputs=inputs, model=model.info()) as run:
-        if not args.dask:
-            res = cmp.run({g: datasets.iter_group_chunks(model, files, pre, args.batch_size)
-                           for g, (_, files) in groups.items()}, target=neuron, totals=totals)
+        if not args.dask:  # unreadable files of folders and classes are skipped, as on a cluster
+            from ..preprocess import named_positions
+
+            skipped_of = {g: [] for g in groups}
+            res = cmp.run({g: _readable(datasets.iter_group_chunks(model, files, pre, args.batch_size, skipped_of[g],
+                                                                   named_positions(items, files)),
+                                        g, len(files), skipped_of[g])
+                           for g, (items, files) in groups.items()}, target=neuron, totals=totals)
+            skipped = [[g, *entry] for g, entries in skipped_of.items() for entry in entries]
+            common.report_skipped("compare-classes", skipped)
         if skipped:
-            run.extra["skipped"] = {"count": len(skipped), "files": [
-                {"group": g, "position": int(pos), "path": path, "reason": reason}
-                for g, pos, path, reason in skipped]}
+            run.extra["skipped"] = common.skipped_record(skipped)
         _write_comparison(run, res, args, model, formats)
         run.extra["summary"] = {
             "counts": res.counts,
@@ -309,6 +319,16 @@ def cmd_compare_classes(args) -> int:
         print(f"  numerical check ({res.gradcheck_image}): {res.gradcheck}")
     print(f"cnnvis compare-classes: -> {args.out}")
     return 0
+
+
+def _readable(chunks, group: str, n: int, skipped: list):
+    """A group's chunks; a group none of whose files can be read is one error, as on a cluster."""
+    empty = True
+    for chunk in chunks:
+        empty = False
+        yield chunk
+    if empty:
+        raise common.none_readable(n, skipped, group=group)
 
 
 def _write_comparison(run, res, args, model, formats) -> None:

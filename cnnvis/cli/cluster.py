@@ -7,8 +7,6 @@ passes over a few images) stays in the command. The cluster, the shard store and
 """
 from __future__ import annotations
 
-import sys
-
 from . import common
 from ..errors import CnnvisError
 
@@ -106,18 +104,6 @@ def worker_model_ref(args, model):
                      args.threads or 1, model.sha256)
 
 
-def _report_skipped(command: str, skipped: list) -> None:
-    if skipped:
-        print(f"cnnvis {command}: skipped {len(skipped)} unreadable image(s), e.g. {skipped[0][1]}: "
-              f"{skipped[0][2]} (all listed in manifest.json)", file=sys.stderr)
-
-
-def skipped_record(skipped: list) -> dict:
-    """What manifest.json records of unreadable inputs."""
-    return {"count": len(skipped), "files": [{"position": int(p), "path": path, "reason": reason}
-                                             for p, path, reason in skipped]}
-
-
 # ----------------------------------------------------------------------------- topk
 
 
@@ -132,7 +118,7 @@ def topk(args, model, inputs, layer: str, out):
                    "inputs": scale.input_digest(files), "n_inputs": len(files),
                    "preprocessing": inputs.pre.to_dict(), "batch_size": args.batch_size,
                    "shard_size": opts.shard_size}
-    shards = scale.make_shards(files, opts.shard_size, args.batch_size)
+    shards = scale.make_shards(files, opts.shard_size, args.batch_size, named=inputs.named)
     job = {"model": worker_model_ref(args, model), "preprocessing": inputs.pre.to_dict(), "layer": layer,
            "k": args.k, "batch_size": args.batch_size}
     with scale.connect(opts, "cnnvis topk") as client:
@@ -146,12 +132,13 @@ def topk(args, model, inputs, layer: str, out):
             parts.append((res.meta["map_shape"], a["values"], a["images"], a["positions"]))
             readable.extend(int(i) for i in a["readable"])
     if not readable:
-        raise CnnvisError(f"topk: none of the {len(files)} input image(s) is readable")
+        store.remove()  # nothing to resume: every input was read and none could be
+        raise common.none_readable(len(files), skipped)
     top = scale.merge_topk(parts, args.k)
     if skipped:
         inputs = inputs.subset(readable)
     scale.compact_topk(top, readable, inputs.names)
-    _report_skipped("topk", skipped)
+    common.report_skipped("topk", skipped)
     return top, inputs, skipped, store
 
 
@@ -168,6 +155,7 @@ def compare_classes(args, model, cmp, neuron: int, groups, pre):
     from ..analysis import class_gradients as cgm
 
     opts = options(args)
+    named_of = {g: preprocess.named_positions(items, files) for g, (items, files) in groups.items()}
     for g, (_, files) in groups.items():
         arrays = [f for f in files if Path(f).suffix.lower() == ".npy"]
         if arrays:
@@ -183,7 +171,8 @@ def compare_classes(args, model, cmp, neuron: int, groups, pre):
     shards_of = {}
     for gi, (g, files) in enumerate(files_of.items()):
         first = sum(len(s) for s in shards_of.values())
-        shards_of[g] = scale.make_shards(files, opts.shard_size, args.batch_size, group=gi, first_index=first)
+        shards_of[g] = scale.make_shards(files, opts.shard_size, args.batch_size, group=gi, first_index=first,
+                                         named=named_of[g])
     shards = [s for group in shards_of.values() for s in group]
     job = {"model": worker_model_ref(args, model), "preprocessing": pre.to_dict(), "layer": layer,
            "neuron": int(neuron), "batch_size": args.batch_size, "cap": cap}
@@ -193,8 +182,13 @@ def compare_classes(args, model, cmp, neuron: int, groups, pre):
                          progress=opts.progress)
     skipped = []
     for g in files_of:
+        readable = 0
         for _, res in scale.results(store, shards_of[g]):
             skipped.extend([[g, *s] for s in res.meta["skipped"]])
+            readable += int(res.meta["readable"])
+        if not readable:
+            store.remove()  # nothing to resume: every input was read and none of this group could be
+            raise common.none_readable(len(files_of[g]), [s[1:] for s in skipped if s[0] == g], group=g)
     names_of = {g: preprocess.display_names(files) for g, files in files_of.items()}
 
     def summaries(g):
@@ -216,9 +210,7 @@ def compare_classes(args, model, cmp, neuron: int, groups, pre):
                                         analytic=first.kept[0].reshape(cg.weights_.shape))
             gradcheck = (report, first.names[0])
     res = cmp.run({g: summaries(g) for g in files_of}, target=neuron, gradcheck=gradcheck)
-    if skipped:
-        print(f"cnnvis compare-classes: skipped {len(skipped)} unreadable image(s), e.g. {skipped[0][2]}: "
-              f"{skipped[0][3]} (all listed in manifest.json)", file=sys.stderr)
+    common.report_skipped("compare-classes", skipped)
     return res, skipped, store
 
 
@@ -237,7 +229,7 @@ def activation_stats(args, model, inputs, layers):
                    "inputs": scale.input_digest(files), "n_inputs": len(files),
                    "preprocessing": inputs.pre.to_dict(), "batch_size": args.batch_size,
                    "shard_size": opts.shard_size}
-    shards = scale.make_shards(files, opts.shard_size, args.batch_size)
+    shards = scale.make_shards(files, opts.shard_size, args.batch_size, named=inputs.named)
     job = {"model": worker_model_ref(args, model), "preprocessing": inputs.pre.to_dict(), "layers": list(layers),
            "batch_size": args.batch_size}
     with scale.connect(opts, "cnnvis activations") as client:
@@ -256,8 +248,9 @@ def activation_stats(args, model, inputs, layers):
                     part.setdefault(layer, {})[name] = value
             result.merge({layer: part[layer] for layer in layers}, n)
     if result.n_images_ == 0:
-        raise CnnvisError(f"activations: none of the {len(files)} input image(s) is readable")
-    _report_skipped("activations", skipped)
+        store.remove()  # nothing to resume: every input was read and none could be
+        raise common.none_readable(len(files), skipped)
+    common.report_skipped("activations", skipped)
     return result, skipped, store
 
 
@@ -276,7 +269,7 @@ def per_image(args, model, inputs, command: str, fn, params: dict):
     fingerprint = {"command": command, "model_sha256": model.sha256, "inputs": scale.input_digest(files),
                    "n_inputs": len(files), "preprocessing": inputs.pre.to_dict(), "batch_size": args.batch_size,
                    "shard_size": opts.shard_size, "params": params}
-    shards = scale.make_shards(files, opts.shard_size, args.batch_size)
+    shards = scale.make_shards(files, opts.shard_size, args.batch_size, named=inputs.named)
     job = {"model": worker_model_ref(args, model), "preprocessing": inputs.pre.to_dict(),
            "batch_size": args.batch_size, **params}
     label = f"cnnvis {command}"
@@ -288,10 +281,11 @@ def per_image(args, model, inputs, command: str, fn, params: dict):
         skipped.extend(res.meta["skipped"])
         readable.extend(int(p) for j in range(len(res.meta["chunks"])) for p in res.arrays[f"{j}.positions"])
     if not readable:
-        raise CnnvisError(f"{command}: none of the {len(files)} input image(s) is readable")
+        store.remove()  # nothing to resume: every input was read and none could be
+        raise common.none_readable(len(files), skipped)
     if skipped:
         inputs = inputs.subset(readable)
-    _report_skipped(command, skipped)
+    common.report_skipped(command, skipped)
 
     def chunks():
         first = 0

@@ -209,7 +209,11 @@ def load_model(args):
 class Inputs:
     """The inputs of a command — ``--input-array`` or the image arguments (default: the model's
     samples) — as an indexable list: names, chunks from any start, any subset by index (second
-    passes over a few images). Images are decoded when loaded; an array is read once."""
+    passes over a few images). Images are decoded when loaded; an array is read once.
+
+    ``named``: positions of the image files named one by one (image arguments that are files, the
+    model's sample images); the files listed from a folder, ``--image-tree`` or ``--image-list``
+    are the dataset, whose unreadable files :meth:`readable_chunks` skips and records."""
 
     def __init__(self, args, model):
         from .. import preprocess
@@ -223,11 +227,16 @@ class Inputs:
             self.names = [f"{stem}[{i}]" for i in range(len(self.array))]
             self.files = None
             self.labels = None
+            self.named = ()
         else:
             self.array = None
             dataset = image_set(args)
-            self.files = dataset.files if dataset is not None else preprocess.list_images(input_paths(args, model))
-            self.labels = dataset.labels if dataset is not None else None
+            if dataset is not None:
+                self.files, self.labels, self.named = dataset.files, dataset.labels, ()
+            else:
+                given = input_paths(args, model)
+                self.files, self.labels = preprocess.list_images(given), None
+                self.named = tuple(preprocess.named_positions(given, self.files))
             self.names = preprocess.display_names(self.files)
 
     def __len__(self):
@@ -251,22 +260,39 @@ class Inputs:
             batch = self.array[s:e] if self.array is not None else preprocess.load_batch(self.files[s:e], self.pre)
             yield self.names[s:e], batch
 
-    def subset(self, indices) -> "Inputs":
-        """These inputs restricted to ``indices`` (in that order), names given afresh as for a list
-        of just those files (a distributed run drops unreadable images this way)."""
-        import copy
-
+    def readable_chunks(self, start: int = 0, size: int = DEFAULT_BATCH, skipped: list | None = None):
+        """``(names, batch, positions)`` per ``size`` run of the input list from input ``start`` on,
+        through :func:`cnnvis.preprocess.read_chunk` (what a Dask worker reads a shard with): the
+        unreadable files of the dataset are left out and appended to ``skipped`` as ``[position,
+        path, reason]``; a run none of whose files can be read yields nothing. Names are the
+        names in the whole input list (an image's name never depends on another one being
+        readable)."""
         from .. import preprocess
+
+        for s in range(start, len(self), size):
+            e = min(s + size, len(self))
+            if self.array is not None:
+                yield self.names[s:e], self.array[s:e], list(range(s, e))
+                continue
+            positions, batch = preprocess.read_chunk(self.files[s:e], self.pre, s, skipped, self.named)
+            if batch is not None:
+                yield [self.names[p] for p in positions], batch, positions
+
+    def subset(self, indices) -> "Inputs":
+        """These inputs restricted to ``indices`` (in that order), with their names in the whole
+        list (a run drops unreadable images this way)."""
+        import copy
 
         indices = [int(i) for i in indices]
         out = copy.copy(self)
+        out.names = [self.names[i] for i in indices]
         if self.array is not None:
             out.array = self.array[indices]
-            out.names = [self.names[i] for i in indices]
         else:
             out.files = [self.files[i] for i in indices]
-            out.names = preprocess.display_names(out.files)
             out.labels = None if self.labels is None else [self.labels[i] for i in indices]
+            keep = set(self.named)
+            out.named = tuple(j for j, i in enumerate(indices) if i in keep)
         return out
 
     def fingerprint(self) -> dict:
@@ -279,9 +305,12 @@ class Inputs:
             return {"input_array": str(self.args.input_array), "sha256": sha256_file(self.args.input_array)}
         files = []
         for path in self.files:
-            st = os.stat(path)
-            files.append({"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-                          "sha256": sha256_file(path)})
+            try:
+                st = os.stat(path)
+                files.append({"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                              "sha256": sha256_file(path)})
+            except OSError as exc:  # a listed file that is gone or unreadable: skipped when read
+                files.append({"path": str(path), "error": exc.strerror or type(exc).__name__})
         return {"images": self.sources, "preprocessing": self.pre.to_dict(), "files": files}
 
 
@@ -316,17 +345,55 @@ def iter_input_chunks(args, model):
     yield from Inputs(args, model).chunks(0, args.batch_size)
 
 
-def checked_input_chunks(args, model):
+def checked_input_chunks(args, model, skipped: list | None = None):
     """:func:`iter_input_chunks` with the first chunk already read, so that bad inputs fail before
-    the caller stages any output."""
-    chunks = iter_input_chunks(args, model)
-    first = next(chunks)
+    the caller stages any output. With a ``skipped`` list (the dataset commands), unreadable files
+    of folders and image sets are skipped and recorded there (:meth:`Inputs.readable_chunks`),
+    and a run none of whose files can be read fails here (:func:`none_readable`)."""
+    inputs = Inputs(args, model)
+    if skipped is None:
+        chunks = inputs.chunks(0, args.batch_size)
+    else:
+        chunks = ((names, batch) for names, batch, _ in inputs.readable_chunks(0, args.batch_size, skipped))
+    first = next(chunks, None)
+    if first is None:
+        raise none_readable(len(inputs), skipped)
 
     def chain():
         yield first
         yield from chunks
 
     return chain()
+
+
+def none_readable(n: int, skipped: list, group: str | None = None):
+    """The one-line error of a run (or a compare-classes group) none of whose ``n`` input images
+    can be read, in one process or on a cluster (the CLI names the command)."""
+    from ..errors import CnnvisError
+
+    example = f", e.g. {skipped[0][-1]}" if skipped else ""
+    where = f"group {group}: " if group is not None else ""
+    return CnnvisError(f"{where}none of the {n} input image(s) is readable{example}")
+
+
+def report_skipped(command: str, skipped: list) -> None:
+    """Say on stderr how many unreadable images a run skipped (manifest.json lists them)."""
+    import sys
+
+    if skipped:
+        print(f"cnnvis {command}: skipped {len(skipped)} unreadable image(s), e.g. {skipped[0][-1]} "
+              "(all listed in manifest.json)", file=sys.stderr)
+
+
+def skipped_record(skipped: list) -> dict:
+    """What manifest.json records of unreadable inputs: their count and, per file, its position in
+    the input list (and its group, for compare-classes: ``[group, position, path, reason]``)."""
+    files = []
+    for entry in skipped:
+        *group, position, path, reason = entry
+        files.append({**({"group": group[0]} if group else {}), "position": int(position), "path": path,
+                      "reason": reason})
+    return {"count": len(skipped), "files": files}
 
 
 def input_paths(args, model) -> list:

@@ -140,15 +140,18 @@ def _activation_stats(args) -> int:
         result, skipped, store = cluster.activation_stats(args, model, inputs, layers)
     else:
         result, analysis = activations.DatasetChannelStats(), activations.Activations(model, layers, args.batch_size)
-        for _, x in inputs.chunks(0, args.batch_size):
+        for _, x, _ in inputs.readable_chunks(0, args.batch_size, skipped):
             result.update(analysis.run(x).values)
+        if result.n_images_ == 0:
+            raise common.none_readable(len(inputs), skipped)
+        common.report_skipped("activations", skipped)
     summary = result.summary()
     params = {"layers": layers, "stats": True, "batch_size": args.batch_size, "input_array": args.input_array}
     rows = [[layer, c, s["values_per_channel"], s["mean"][c], s["std"][c], s["max"][c], s["fraction_active"][c]]
             for layer, s in summary.items() for c in range(len(s["mean"]))]
     with RunOutput(args.out, "activations", params=params, inputs=inputs.sources, model=model.info()) as run:
         if skipped:
-            run.extra["skipped"] = cluster.skipped_record(skipped)
+            run.extra["skipped"] = common.skipped_record(skipped)
         write_json(run.path("activation_stats.json", kind="activation-stats"),
                    {"n_images": result.n_images_, "layers": {
                        layer: {"shape": list(model.layer(layer).output_shape or []), **s}

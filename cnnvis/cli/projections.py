@@ -184,6 +184,8 @@ def cmd_deconv(args) -> int:
 # ------------------------------------------------------------------------------ topk
 
 def _read_state(path: Path, fingerprint: dict, names: list):
+    """``(TopK, skipped)`` saved in ``path`` by an interrupted run of the same inputs; ``skipped``:
+    the unreadable inputs met so far, ``[position, path, reason]``."""
     from ..analysis.topk import TopK
     from ..errors import CnnvisError
 
@@ -193,6 +195,7 @@ def _read_state(path: Path, fingerprint: dict, names: list):
         state = saved["topk"]
         if not isinstance(old, dict):
             raise TypeError("fingerprint is not an object")
+        skipped = [[int(p), str(f), str(r)] for p, f, r in saved.get("skipped", [])]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise CnnvisError(f"{path}: unreadable top-k state ({exc}); use --restart to start over") from None
     if old != fingerprint:
@@ -206,10 +209,12 @@ def _read_state(path: Path, fingerprint: dict, names: list):
                           f"{_short(fingerprint.get(key))} now); use --restart to start over or another --out")
     top = TopK.from_state(state, source=str(path))
     done = top.image_names_
-    if done != names[:len(done)]:
+    left_out = {p for p, _, _ in skipped}
+    seen = len(done) + len(skipped)
+    if seen > len(names) or done != [n for i, n in enumerate(names[:seen]) if i not in left_out]:
         raise CnnvisError(f"{path}: the {len(done)} images already processed are not the first images of this "
                           "input list (files changed?); use --restart to start over")
-    return top
+    return top, skipped
 
 
 def _changed_inputs(before: list, now: list) -> str:
@@ -232,11 +237,15 @@ def _short(value) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _write_state(path: Path, fingerprint: dict, top, complete: bool) -> None:
+def _write_state(path: Path, fingerprint: dict, top, complete: bool, skipped=()) -> None:
+    """The top-k so far; ``skipped`` (the unreadable inputs met so far) only when there are any,
+    so that a run without them writes the state it always wrote."""
     from ..manifest import write_text
 
-    write_text(path, json.dumps({"fingerprint": fingerprint, "complete": complete, "topk": top.to_state()},
-                                sort_keys=True, separators=(",", ":")) + "\n")
+    state = {"fingerprint": fingerprint, "complete": complete, "topk": top.to_state()}
+    if skipped:
+        state["skipped"] = [list(entry) for entry in skipped]
+    write_text(path, json.dumps(state, sort_keys=True, separators=(",", ":")) + "\n")
 
 
 def _project_records(model, inputs, layer, records, rule, batch_size):
@@ -295,11 +304,15 @@ def cmd_topk(args) -> int:
     if args.dask:
         common.model_warning(model)
         top, inputs, skipped, store = cluster.topk(args, model, inputs, layer, out)
-        _write_state(state_path, fingerprint, top, complete=True)
+        _write_state(state_path, fingerprint, top, complete=True, skipped=skipped)
     else:
-        top = _topk_one_process(args, model, inputs, layer, state_path, fingerprint)
-        if top is None:
+        done = _topk_one_process(args, model, inputs, layer, state_path, fingerprint)
+        if done is None:
             return INCOMPLETE
+        top, skipped = done
+        if skipped:  # the second pass and the records see the readable inputs only, as on a cluster
+            left_out = {p for p, _, _ in skipped}
+            inputs = inputs.subset([i for i in range(len(inputs)) if i not in left_out])
 
     # second pass: projections of the final top-k of the chosen maps only
     shown = [rec for m in maps for rec in top.units(m)]
@@ -314,7 +327,7 @@ def cmd_topk(args) -> int:
     with RunOutput(out, "topk", params=params, inputs=inputs.sources, model=model.info()) as run:
         run.extra["state_file"] = STATE_FILE
         if skipped:
-            run.extra["skipped"] = cluster.skipped_record(skipped)
+            run.extra["skipped"] = common.skipped_record(skipped)
         ncols = int(np.ceil(np.sqrt(per_map)))
         blocks = plots.side_by_side(proj.reshape(len(maps), per_map, *proj.shape[1:]),
                                     patches.reshape(len(maps), per_map, *patches.shape[1:]), ncols=ncols)
@@ -337,40 +350,49 @@ def cmd_topk(args) -> int:
 
 
 def _topk_one_process(args, model, inputs, layer, state_path, fingerprint):
-    """The top-k in this process, chunk by chunk, saving the state after each; None when stopped
+    """The top-k in this process, chunk by chunk, saving the state after each: ``(top, skipped)``
+    (the unreadable dataset files left out, as a cluster run leaves them out); None when stopped
     by --max-chunks with images left."""
     from ..analysis.topk import TopActivations, TopK
 
     if state_path.exists() and not args.restart:
-        top = _read_state(state_path, fingerprint, inputs.names)
+        top, skipped = _read_state(state_path, fingerprint, inputs.names)
     else:
-        top = TopK(args.k)
+        top, skipped = TopK(args.k), []
     common.model_warning(model)
-    start = top.n_images_
+    start = top.n_images_ + len(skipped)  # every input before this one is in the top-k or skipped
     if start:
         print(f"cnnvis topk: continuing from {state_path}: {start} of {len(inputs)} images already done",
               file=sys.stderr)
-    chunks_done = [0]
+    chunks_done, saved_skips = [0], [len(skipped)]
+
+    def seen(top_now) -> int:
+        return top_now.n_images_ + len(skipped)
 
     def saved(top_now):
         chunks_done[0] += 1
-        _write_state(state_path, fingerprint, top_now, complete=top_now.n_images_ == len(inputs))
+        saved_skips[0] = len(skipped)
+        _write_state(state_path, fingerprint, top_now, complete=seen(top_now) == len(inputs), skipped=skipped)
 
-    def limited(chunks):
-        for item in chunks:
-            if args.max_chunks is not None and chunks_done[0] >= args.max_chunks:
+    def limited(chunks):  # stops before reading a chunk past --max-chunks
+        while args.max_chunks is None or chunks_done[0] < args.max_chunks:
+            item = next(chunks, None)
+            if item is None:
                 return
-            yield item
+            yield item[:2]
 
     top = TopActivations(model, layer, k=args.k, batch_size=args.batch_size, on_chunk=saved).run(
-        limited(inputs.chunks(start, args.batch_size)), resume=top)
-    if top.n_images_ < len(inputs):
-        print(f"cnnvis topk: stopped after {chunks_done[0]} chunk(s) (--max-chunks): {top.n_images_} of "
+        limited(inputs.readable_chunks(start, args.batch_size, skipped)), resume=top)
+    if seen(top) < len(inputs):
+        print(f"cnnvis topk: stopped after {chunks_done[0]} chunk(s) (--max-chunks): {seen(top)} of "
               f"{len(inputs)} images done, state in {state_path}; rerun to continue", file=sys.stderr)
         return None
-    if chunks_done[0] == 0:
-        _write_state(state_path, fingerprint, top, complete=True)
-    return top
+    if top.n_images_ == 0:
+        raise common.none_readable(len(inputs), skipped)
+    if chunks_done[0] == 0 or saved_skips[0] != len(skipped):  # unreadable files after the last chunk
+        _write_state(state_path, fingerprint, top, complete=True, skipped=skipped)
+    common.report_skipped("topk", skipped)
+    return top, skipped
 
 
 #: bytes one kept activation costs in TopK (value, image, position and the merge's copies)

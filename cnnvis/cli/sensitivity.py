@@ -178,7 +178,7 @@ def cmd_occlusion(args) -> int:
         common.model_warning(model)
         _, items, skipped, store = cluster.occlusion(args, model, common.Inputs(args, model), options, target)
     else:
-        chunks = common.checked_input_chunks(args, model)
+        chunks = common.checked_input_chunks(args, model, skipped)
         common.model_warning(model)
         items = ((name, x, res, None) for names, batch in chunks
                  for name, x, res in zip(names, batch, analysis.run(batch, target=target)))
@@ -188,8 +188,6 @@ def cmd_occlusion(args) -> int:
               "alpha": args.alpha, "preprocessing": pre.to_dict(), "input_array": args.input_array}
     used, summaries, plan = {}, [], None
     with RunOutput(args.out, "occlusion", params=params, inputs=recorded, model=model.info()) as run:
-        if skipped:
-            run.extra["skipped"] = cluster.skipped_record(skipped)
         for name, x, res, plan in items:
             safe = common.unique_names([name], used)[0]
             meta = dict(image=name, layer=res.layer)
@@ -227,6 +225,9 @@ def cmd_occlusion(args) -> int:
             run.extra["incremental"] = plan if summaries else None
         else:
             run.extra["incremental"] = analysis.plan_.describe() if summaries else None
+            common.report_skipped("occlusion", skipped)
+        if skipped:
+            run.extra["skipped"] = common.skipped_record(skipped)
         write_json(run.path("occlusion.json", kind="occlusion-summary"),
                    {"images": summaries, "window": list(window), "stride": list(stride)})
     if store is not None:
