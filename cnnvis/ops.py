@@ -136,18 +136,39 @@ def split_pads(auto_pad: str, totals) -> list:
     return pads
 
 
-def same_pads(auto_pad: str, sizes, kernel, strides, dilations) -> list:
-    """``[begin..., end...]`` pads of a SAME_UPPER / SAME_LOWER window op (Conv, pools).
-
-    The output is ``ceil(size / stride)`` long; the total padding that needs,
-    ``max((out - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)``, is split in two with the
-    odd pixel at the end (SAME_UPPER) or at the beginning (SAME_LOWER).
-    """
+def same_pad_totals(sizes, kernel, strides, dilations) -> list:
+    """Per axis, the total padding a SAME_UPPER / SAME_LOWER window op (Conv, pools) needs for its
+    ``ceil(size / stride)`` outputs: ``(out - 1) * stride + (kernel - 1) * dilation + 1 - size``.
+    Not clamped: negative when the stride skips more of the input than the last window needs."""
     totals = []
     for i in range(len(sizes)):
         out = -(-int(sizes[i]) // strides[i])
-        totals.append(max((out - 1) * strides[i] + (kernel[i] - 1) * dilations[i] + 1 - int(sizes[i]), 0))
-    return split_pads(auto_pad, totals)
+        totals.append((out - 1) * strides[i] + (kernel[i] - 1) * dilations[i] + 1 - int(sizes[i]))
+    return totals
+
+
+def same_pads(auto_pad: str, sizes, kernel, strides, dilations) -> list:
+    """``[begin..., end...]`` pads of a SAME_UPPER / SAME_LOWER window op (Conv, pools).
+
+    The output is ``ceil(size / stride)`` long; the total padding that needs
+    (:func:`same_pad_totals`, at least 0) is split in two with the odd pixel at the end
+    (SAME_UPPER) or at the beginning (SAME_LOWER).
+    """
+    return split_pads(auto_pad, [max(t, 0) for t in same_pad_totals(sizes, kernel, strides, dilations)])
+
+
+def same_pool_output_size(size, kernel, stride, dilation=1) -> int:
+    """onnxruntime's output length of a SAME_UPPER / SAME_LOWER pool along one axis.
+
+    onnxruntime pads a pool by the *undilated* kernel's :func:`same_pad_totals` (not clamped at 0)
+    and divides ``size + total - extent`` by the stride truncating toward zero (C++), where
+    ``extent = (kernel - 1) * dilation + 1``. Undilated, that is the ONNX specification's
+    ``ceil(size / stride)``; a dilated pool's output is shorter (onnx shape inference and onnx's
+    reference evaluator still say ``ceil(size / stride)``).
+    """
+    total = same_pad_totals([size], [kernel], [stride], [1])[0]
+    span = int(size) + total - ((kernel - 1) * dilation + 1)
+    return (span // stride if span >= 0 else -(-span // stride)) + 1
 
 
 def transpose_pad_totals(sizes, kernel, strides, dilations, output_padding, out_sizes=None) -> list:

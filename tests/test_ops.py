@@ -64,6 +64,25 @@ def test_pool_same_pads_equal_onnxruntime_auto_pad(auto_pad):
         np.testing.assert_array_equal(_run([explicit], x), _run([node], x), err_msg=f"size {size} k {k} s {s} d {d}")
 
 
+def test_same_pool_output_size_hand_computed():
+    # size 6, kernel 2, dilation 2, stride 1: onnxruntime pads by the undilated kernel (1 in
+    # total), so the extent 3 fits 6 + 1 - 3 + 1 = 5 times; the specification says 6
+    assert ops.same_pool_output_size(6, 2, 1, 2) == 5
+    # size 6, kernel 2, dilation 2, stride 3: padding 3 + 2 - 6 = -1, span 6 - 1 - 3 = 2, 2 // 3 + 1 = 1
+    assert ops.same_pool_output_size(6, 2, 3, 2) == 1
+    # size 5, kernel 3, dilation 3, stride 3: padding 1, span 5 + 1 - 7 = -1 truncates to 0: 1 output
+    assert ops.same_pool_output_size(5, 3, 3, 3) == 1
+    assert ops.same_pool_output_size(7, 3, 2, 1) == 4  # undilated: ceil(7 / 2)
+
+
+def test_same_pad_totals_hand_computed():
+    # 7 long, stride 2: 4 outputs; (4 - 1) * 2 + extent 3 - 7 = 2; dilation 2 (extent 5): 4
+    assert ops.same_pad_totals([7, 7], [3, 3], [2, 2], [1, 2]) == [2, 4]
+    # 6 long, kernel 2, stride 3: 2 outputs, (2 - 1) * 3 + 2 - 6 = -1 (not clamped; same_pads clamps)
+    assert ops.same_pad_totals([6], [2], [3], [1]) == [-1]
+    assert ops.same_pads("SAME_UPPER", [6], [2], [3], [1]) == [0, 0]
+
+
 def test_window_reads_attributes_and_weight_kernel():
     node = helper.make_node("Conv", ["x", "w"], ["y"], strides=[2, 1], pads=[1, 0, 2, 3], dilations=[1, 2])
     win = ops.window(node, weight_shape=(8, 3, 5, 3))
