@@ -25,6 +25,15 @@ FLOAT_TYPES = frozenset({TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFL
 #: ops with a sliding window over the spatial axes
 WINDOW_OPS = frozenset({"Conv", "ConvTranspose", "MaxPool", "AveragePool", "LpPool"})
 POOL_OPS = frozenset({"MaxPool", "AveragePool", "LpPool"})
+#: window ops whose output position ``o`` reads one window of the input, from ``o * stride - pad_begin``
+#: over the dilated extent (a depthwise or grouped Conv too): receptive fields chain them, occlusion
+#: computes them on rectangles. Not ConvTranspose: it spreads each *input* position over a window
+#: of the output. Not the global pools: they are :data:`GLOBAL_OPS`
+SLIDING_WINDOW_OPS = WINDOW_OPS - {"ConvTranspose"}
+#: what the padding of a sliding window op reads as, where it is one value: zeros for a convolution
+#: and an Lp pool (|0|^p adds nothing to the sum), -inf for a max pool (padding never wins). Not
+#: AveragePool: its divisor counts or skips the padding depending on the position
+PAD_VALUES = {"Conv": 0.0, "LpPool": 0.0, "MaxPool": -np.inf}
 
 #: pointwise ops with one data input (input 0); any further inputs are parameters (Clip's bounds,
 #: BatchNormalization's statistics, Dropout's ratio)
@@ -68,6 +77,10 @@ FEATURE_OPS = frozenset({"Conv", "BatchNormalization"}) | ACTIVATION_OPS
 DISPLAY_OPS = FEATURE_OPS | {"Add", "ConvTranspose", "LRN", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool",
                              "Gemm", "MatMul", "Softmax", "Concat", "LayerNormalization", "InstanceNormalization",
                              "GroupNormalization", "ReduceMean"}
+
+#: ops that pass their first input's values through unchanged, only regrouped or relabelled
+#: (Dropout at inference): their output shows what the layer before it shows, in another layout
+VALUE_PRESERVING_OPS = frozenset({"Identity", "Dropout", "Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose"})
 
 #: ops whose output depends on the *shape* of their input, never its values: the roots of the
 #: shape-computing subgraphs (Shape → Gather → Concat → Reshape) that exporters write
