@@ -12,8 +12,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .errors import CnnvisError
 from . import ops
+from .errors import CnnvisError
 from .ops import attributes, floor_mode_pads, pool_output_size, window  # noqa: F401  (pool_output_size: callers import it from here)
 
 #: Opset and IR version of every model cnnvis writes. onnx>=1.23 defaults to IR 14 / opset 28,

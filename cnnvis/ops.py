@@ -1,9 +1,11 @@
 """Facts about ONNX ops, in one place.
 
 Which ops are pointwise over space, which see the whole image, which carry a layer's weights,
-which compute shapes rather than features, which have backward rules; and the geometry of
-windowed ops (kernel, strides, dilations, pads, with ``auto_pad`` resolved by one formula). The
-model's layer table, receptive fields, occlusion, the gradient rules and the Caffe writer read
+which pass values through unchanged, which slide one window over their input and what their
+padding reads as, which compute shapes rather than features, which have backward rules; and the
+geometry of windowed ops (kernel, strides, dilations, pads, with ``auto_pad`` resolved by one
+formula, and the output sizes onnxruntime gives them). The model's layer table and shape
+inference, receptive fields, occlusion, invariance, the gradient rules and the Caffe writer read
 these instead of keeping their own lists.
 
 Conventions: "pointwise" means pointwise over *space* — the output at an image position depends
