@@ -15,6 +15,7 @@ output element may depend on every input position.
 from __future__ import annotations
 
 import dataclasses
+import types
 
 import numpy as np
 from onnx import TensorProto, helper
@@ -35,7 +36,7 @@ SLIDING_WINDOW_OPS = WINDOW_OPS - {"ConvTranspose"}
 #: what the padding of a sliding window op reads as, where it is one value: zeros for a convolution
 #: and an Lp pool (|0|^p adds nothing to the sum), -inf for a max pool (padding never wins). Not
 #: AveragePool: its divisor counts or skips the padding depending on the position
-PAD_VALUES = {"Conv": 0.0, "LpPool": 0.0, "MaxPool": -np.inf}
+PAD_VALUES = types.MappingProxyType({"Conv": 0.0, "LpPool": 0.0, "MaxPool": -np.inf})
 
 #: pointwise ops with one data input (input 0); any further inputs are parameters (Clip's bounds,
 #: BatchNormalization's statistics, Dropout's ratio)
