@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from . import ops
 from .errors import CnnvisError
 from .ops import attributes, floor_mode_pads, pool_output_size, window  # noqa: F401  (pool_output_size: callers import it from here)
 
@@ -255,14 +256,18 @@ def static_shapes(model: onnx.ModelProto, input_shape, onnxruntime_pools: bool =
 def static_shapes_and_types(model: onnx.ModelProto, input_shape, onnxruntime_pools: bool = True) -> tuple:
     """``(shapes, elem_types)``: shapes of every tensor for a fixed input shape (N, C, H, W), by onnx shape inference.
     ``input_shape`` may also be a dict giving the shape of each runtime input by name.
-    ``onnxruntime_pools=False`` keeps the ONNX specification's ceil-mode pool sizes.
+    ``onnxruntime_pools=False`` keeps the ONNX specification's sizes of the window ops below.
 
     Large initializers are replaced by typed graph inputs first, so that inference does not copy
-    hundreds of megabytes of weights. onnx sizes ceil-mode pooling without onnxruntime's rule (a
-    window that would start in the end padding is dropped), so each ceil-mode pool is replaced, in
-    that throwaway copy, by the floor-mode pool with the end padding that gives onnxruntime's size.
-    Tensors inference cannot size have None dimensions (or are absent). ``elem_types`` maps each
-    tensor inference could type to its ONNX element type (``TensorProto.FLOAT16``, ``INT64``...).
+    hundreds of megabytes of weights. Where onnx sizes a window op otherwise than onnxruntime runs
+    it, the op is replaced, in that throwaway copy, by one with explicit pads that onnx sizes as
+    onnxruntime does (:func:`_onnxruntime_sized`): ceil-mode pools (onnxruntime drops a window that
+    would start in the end padding), SAME-padded dilated pools (onnxruntime pads them by the
+    undilated kernel) and SAME-padded ConvTranspose with ``output_padding`` (onnxruntime's output
+    is ``size * stride`` long, onnx adds the output padding). The ops are taken in graph order,
+    shapes inferred again after one whose size changed, so an op after it is sized from its real
+    input. Tensors inference cannot size have None dimensions (or are absent). ``elem_types`` maps
+    each tensor inference could type to its ONNX element type (``TensorProto.FLOAT16``, ``INT64``...).
     """
     graph = model.graph
     small, large = [], []
@@ -275,31 +280,78 @@ def static_shapes_and_types(model: onnx.ModelProto, input_shape, onnxruntime_poo
                     for name, shape in input_shape.items()]
     typed_inputs += [helper.make_tensor_value_info(i.name, i.data_type, list(i.dims)) for i in large]
     outputs = [helper.make_tensor_value_info(o.name, o.type.tensor_type.elem_type, None) for o in graph.output]
-    nodes = [_copy(n) for n in graph.node]  # the ceil-mode rewrite below edits these copies
+    nodes = [_copy(n) for n in graph.node]  # the rewrites below edit these copies
     light = make_model(helper.make_graph(nodes, "shapes", typed_inputs, outputs, small), opset=opset_of(model))
     shapes, types = _infer_shapes(light)
-    changed = False
+    stale = False  # a rewritten op changed a size since shapes were inferred
     for node in light.graph.node if onnxruntime_pools else ():
-        if node.op_type not in ("MaxPool", "AveragePool"):
+        if node.op_type not in ops.WINDOW_OPS:
             continue
-        attrs = attributes(node)
-        in_shape = shapes.get(node.input[0])
-        if not attrs.get("ceil_mode", 0) or in_shape is None or None in in_shape:
+        if stale:
+            shapes, types = _infer_shapes(light)
+            stale = False
+        in_shape, out_shape = shapes.get(node.input[0]), shapes.get(node.output[0])
+        if in_shape is None or None in in_shape:
             continue
-        if attrs.get("auto_pad", "NOTSET") not in ("NOTSET", ""):
+        rewritten = _onnxruntime_sized(node, in_shape)
+        if rewritten is None:
             continue
-        _, new_pads = floor_mode_pads(window(node, in_shape, attrs=attrs), in_shape[2:])
-        kept = [helper.make_attribute(a.name, helper.get_attribute_value(a))
-                for a in node.attribute if a.name not in ("ceil_mode", "pads")]  # copies: del frees them
-        del node.attribute[:]
-        node.attribute.extend(kept + [helper.make_attribute("pads", new_pads)])
-        changed = True
-    if changed:
+        attrs, sizes = rewritten
+        node.CopyFrom(helper.make_node(node.op_type, list(node.input), list(node.output), name=node.name,
+                                       domain=node.domain, **attrs))
+        stale = out_shape is None or tuple(out_shape[2:]) != tuple(sizes)
+    if stale:
         shapes, types = _infer_shapes(light)
     for init in graph.initializer:
         shapes[init.name] = tuple(init.dims)
         types[init.name] = init.data_type
     return shapes, types
+
+
+def _onnxruntime_sized(node, in_shape):
+    """``(attributes, out_sizes)`` of a stand-in for ``node`` (a window op over ``in_shape``) that
+    onnx shape inference sizes as onnxruntime runs ``node``, or None where onnx already does.
+
+    Only for shape inference: a pool becomes a floor-mode pool with the same strides and begin
+    pads and an undilated kernel as long as the dilated one, whose end pads make onnxruntime's
+    number of windows (:func:`cnnvis.ops.floor_mode_pads` for ceil mode,
+    :func:`cnnvis.ops.same_pool_output_size` for SAME padding); where onnxruntime's SAME pads are
+    negative (a dilated kernel shorter than its stride), no end pad is small enough and the kernel
+    grows instead. A SAME ConvTranspose gets :func:`cnnvis.ops.window`'s explicit pads.
+    """
+    attrs = attributes(node)
+    auto_pad = attrs.get("auto_pad") or "NOTSET"
+    sizes = [int(d) for d in in_shape[2:]]
+    if node.op_type == "ConvTranspose":
+        if auto_pad not in ("SAME_UPPER", "SAME_LOWER") or "output_shape" in attrs \
+                or not any(attrs.get("output_padding") or []):
+            return None
+        win = window(node, in_shape, attrs=attrs)
+        n = win.spatial
+        out_pad = list(attrs["output_padding"])
+        out = [win.strides[i] * (sizes[i] - 1) + out_pad[i] + win.extent[i] - win.pads[i] - win.pads[n + i]
+               for i in range(n)]
+        attrs.update(auto_pad="NOTSET", pads=list(win.pads))
+        return attrs, out
+    if node.op_type not in ops.POOL_OPS:
+        return None
+    dilated = any(int(d) != 1 for d in attrs.get("dilations") or [])
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER") and dilated:
+        win = window(node, in_shape, attrs=attrs)
+        out = [ops.same_pool_output_size(sizes[i], win.kernel[i], win.strides[i], win.dilations[i])
+               for i in range(win.spatial)]
+    elif auto_pad == "NOTSET" and attrs.get("ceil_mode", 0) and node.op_type in ("MaxPool", "AveragePool"):
+        win = window(node, in_shape, attrs=attrs)
+        out, _ = floor_mode_pads(win, sizes)
+    else:
+        return None
+    n = win.spatial
+    ends = [(out[i] - 1) * win.strides[i] + win.extent[i] - sizes[i] - win.pads[i] for i in range(n)]
+    kernel = [win.extent[i] + max(0, -ends[i]) for i in range(n)]
+    for key in ("ceil_mode", "dilations", "auto_pad"):
+        attrs.pop(key, None)
+    attrs.update(kernel_shape=kernel, pads=list(win.pads_begin) + [max(0, e) for e in ends])
+    return attrs, out
 
 
 def _copy(node):

@@ -1,9 +1,11 @@
 """Facts about ONNX ops, in one place.
 
 Which ops are pointwise over space, which see the whole image, which carry a layer's weights,
-which compute shapes rather than features, which have backward rules; and the geometry of
-windowed ops (kernel, strides, dilations, pads, with ``auto_pad`` resolved by one formula). The
-model's layer table, receptive fields, occlusion, the gradient rules and the Caffe writer read
+which pass values through unchanged, which slide one window over their input and what their
+padding reads as, which compute shapes rather than features, which have backward rules; and the
+geometry of windowed ops (kernel, strides, dilations, pads, with ``auto_pad`` resolved by one
+formula, and the output sizes onnxruntime gives them). The model's layer table and shape
+inference, receptive fields, occlusion, invariance, the gradient rules and the Caffe writer read
 these instead of keeping their own lists.
 
 Conventions: "pointwise" means pointwise over *space* — the output at an image position depends
@@ -13,6 +15,7 @@ output element may depend on every input position.
 from __future__ import annotations
 
 import dataclasses
+import types
 
 import numpy as np
 from onnx import TensorProto, helper
@@ -25,6 +28,15 @@ FLOAT_TYPES = frozenset({TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFL
 #: ops with a sliding window over the spatial axes
 WINDOW_OPS = frozenset({"Conv", "ConvTranspose", "MaxPool", "AveragePool", "LpPool"})
 POOL_OPS = frozenset({"MaxPool", "AveragePool", "LpPool"})
+#: window ops whose output position ``o`` reads one window of the input, from ``o * stride - pad_begin``
+#: over the dilated extent (a depthwise or grouped Conv too): receptive fields chain them, occlusion
+#: computes them on rectangles. Not ConvTranspose: it spreads each *input* position over a window
+#: of the output. Not the global pools: they are :data:`GLOBAL_OPS`
+SLIDING_WINDOW_OPS = WINDOW_OPS - {"ConvTranspose"}
+#: what the padding of a sliding window op reads as, where it is one value: zeros for a convolution
+#: and an Lp pool (|0|^p adds nothing to the sum), -inf for a max pool (padding never wins). Not
+#: AveragePool: its divisor counts or skips the padding depending on the position
+PAD_VALUES = types.MappingProxyType({"Conv": 0.0, "LpPool": 0.0, "MaxPool": -np.inf})
 
 #: pointwise ops with one data input (input 0); any further inputs are parameters (Clip's bounds,
 #: BatchNormalization's statistics, Dropout's ratio)
@@ -68,6 +80,10 @@ FEATURE_OPS = frozenset({"Conv", "BatchNormalization"}) | ACTIVATION_OPS
 DISPLAY_OPS = FEATURE_OPS | {"Add", "ConvTranspose", "LRN", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool",
                              "Gemm", "MatMul", "Softmax", "Concat", "LayerNormalization", "InstanceNormalization",
                              "GroupNormalization", "ReduceMean"}
+
+#: ops that pass their first input's values through unchanged, only regrouped or relabelled
+#: (Dropout at inference): their output shows what the layer before it shows, in another layout
+VALUE_PRESERVING_OPS = frozenset({"Identity", "Dropout", "Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose"})
 
 #: ops whose output depends on the *shape* of their input, never its values: the roots of the
 #: shape-computing subgraphs (Shape → Gather → Concat → Reshape) that exporters write
@@ -136,18 +152,39 @@ def split_pads(auto_pad: str, totals) -> list:
     return pads
 
 
-def same_pads(auto_pad: str, sizes, kernel, strides, dilations) -> list:
-    """``[begin..., end...]`` pads of a SAME_UPPER / SAME_LOWER window op (Conv, pools).
-
-    The output is ``ceil(size / stride)`` long; the total padding that needs,
-    ``max((out - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)``, is split in two with the
-    odd pixel at the end (SAME_UPPER) or at the beginning (SAME_LOWER).
-    """
+def same_pad_totals(sizes, kernel, strides, dilations) -> list:
+    """Per axis, the total padding a SAME_UPPER / SAME_LOWER window op (Conv, pools) needs for its
+    ``ceil(size / stride)`` outputs: ``(out - 1) * stride + (kernel - 1) * dilation + 1 - size``.
+    Not clamped: negative when the stride skips more of the input than the last window needs."""
     totals = []
     for i in range(len(sizes)):
         out = -(-int(sizes[i]) // strides[i])
-        totals.append(max((out - 1) * strides[i] + (kernel[i] - 1) * dilations[i] + 1 - int(sizes[i]), 0))
-    return split_pads(auto_pad, totals)
+        totals.append((out - 1) * strides[i] + (kernel[i] - 1) * dilations[i] + 1 - int(sizes[i]))
+    return totals
+
+
+def same_pads(auto_pad: str, sizes, kernel, strides, dilations) -> list:
+    """``[begin..., end...]`` pads of a SAME_UPPER / SAME_LOWER window op (Conv, pools).
+
+    The output is ``ceil(size / stride)`` long; the total padding that needs
+    (:func:`same_pad_totals`, at least 0) is split in two with the odd pixel at the end
+    (SAME_UPPER) or at the beginning (SAME_LOWER).
+    """
+    return split_pads(auto_pad, [max(t, 0) for t in same_pad_totals(sizes, kernel, strides, dilations)])
+
+
+def same_pool_output_size(size, kernel, stride, dilation=1) -> int:
+    """onnxruntime's output length of a SAME_UPPER / SAME_LOWER pool along one axis.
+
+    onnxruntime pads a pool by the *undilated* kernel's :func:`same_pad_totals` (not clamped at 0)
+    and divides ``size + total - extent`` by the stride truncating toward zero (C++), where
+    ``extent = (kernel - 1) * dilation + 1``. Undilated, that is the ONNX specification's
+    ``ceil(size / stride)``; a dilated pool's output is shorter (onnx shape inference and onnx's
+    reference evaluator still say ``ceil(size / stride)``).
+    """
+    total = same_pad_totals([size], [kernel], [stride], [1])[0]
+    span = int(size) + total - ((kernel - 1) * dilation + 1)
+    return (span // stride if span >= 0 else -(-span // stride)) + 1
 
 
 def transpose_pad_totals(sizes, kernel, strides, dilations, output_padding, out_sizes=None) -> list:

@@ -337,8 +337,9 @@ def test_the_reference_backend_shares_no_geometry_with_the_rules():
     forbidden_modules = {"..ops", "cnnvis.ops", ".rules", "cnnvis.autodiff.rules", ".graph",
                          "cnnvis.autodiff.graph", ".builder", "cnnvis.autodiff.builder"}
     assert not modules & forbidden_modules, sorted(modules & forbidden_modules)
-    geometry = {"window", "Window", "same_pads", "split_pads", "transpose_same_pads", "transpose_pad_totals",
-                "pool_output_size", "floor_mode_pads", "average_pool_divisors"}
+    geometry = {"window", "Window", "same_pads", "same_pad_totals", "split_pads", "transpose_same_pads",
+                "transpose_pad_totals", "pool_output_size", "same_pool_output_size", "floor_mode_pads",
+                "average_pool_divisors"}
     assert geometry <= set(vars(ops)), "the list names ops' geometry helpers"
     assert not names & geometry, sorted(names & geometry)
 

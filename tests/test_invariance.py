@@ -199,3 +199,35 @@ def test_cli_invariance_tables_and_determinism(tmp_path):
     assert big[2] > 1.8 * one[2]  # 1.5 times larger: about 2.25 times the variance along the rows
     assert main(["invariance", "--model", str(path), "--input-array", str(tmp_path / "x.npy"),
                  "--out", str(tmp_path / "bad"), "--layer", "nope"]) == 2
+
+
+def test_top_hidden_layer_looks_through_squeeze_and_transpose():
+    """conv relu GAP → Transpose → Squeeze → Gemm: the layer feeding the logits is the pooling
+    ('gap'), not the Squeeze or Transpose that only relabel its values (ops.VALUE_PRESERVING_OPS);
+    the two name the same features, so the distances agree."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Conv", ["data", "cw", "cb"], ["conv"], name="conv", kernel_shape=[3, 3]),
+             helper.make_node("Relu", ["conv"], ["relu"], name="relu"),
+             helper.make_node("GlobalAveragePool", ["relu"], ["gap"], name="gap"),
+             helper.make_node("Transpose", ["gap"], ["nhwc"], name="nhwc", perm=[0, 2, 3, 1]),
+             helper.make_node("Squeeze", ["nhwc", "axes"], ["vec"], name="vec"),
+             helper.make_node("Gemm", ["vec", "fw", "fb"], ["fc"], name="fc", transB=1),
+             helper.make_node("Softmax", ["fc"], ["prob"], name="prob", axis=1)]
+    inits = [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in
+             {"cw": rng.standard_normal((4, 1, 3, 3)), "cb": np.zeros(4), "fw": rng.standard_normal((3, 4)),
+              "fb": np.zeros(3)}.items()]
+    inits.append(numpy_helper.from_array(np.array([1, 2], np.int64), "axes"))
+    graph = helper.make_graph(
+        nodes, "sq", [helper.make_tensor_value_info("data", TensorProto.FLOAT, ["N", 1, 12, 12])],
+        [helper.make_tensor_value_info("prob", TensorProto.FLOAT, ["N", 3])], inits)
+    model = Model(make_model(graph), name="sq",
+                  sidecar={"preprocessing": preset("grey28", (1, 12, 12), mean=[0.5]).to_dict()})
+    assert [layer.name for layer in model.layers][2:5] == ["gap", "nhwc", "vec"]
+    assert inv.top_hidden_layer(model) == "gap"
+    assert inv.default_layers(model) == ["relu", "gap"]
+    x = blob(12)[None]
+    amounts = {"rotation": [0.0, 90.0]}
+    pooled = inv.Invariance(model, layers=["gap"], amounts=amounts).run(x, target=0)[0]
+    squeezed = inv.Invariance(model, layers=["vec"], amounts=amounts).run(x, target=0)[0]
+    np.testing.assert_allclose(pooled.distance["rotation"]["gap"], squeezed.distance["rotation"]["vec"], rtol=1e-6)
+    assert pooled.distance["rotation"]["gap"][1] > 0

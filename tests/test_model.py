@@ -564,3 +564,29 @@ def test_folding_shape_arithmetic_is_held_to_the_memory_budget_first():
     with limits.memory_limit_set(32 << 20):
         with pytest.raises(CnnvisError, match=r"^bomb: two 1x4000x4000 inputs and their activations: needs "):
             Model(make_model(graph), name="bomb")
+
+
+def test_layer_table_sizes_same_padded_dilated_pools_as_onnxruntime_runs_them():
+    """conv → SAME_UPPER MaxPool (kernel 2, dilation 2) → SAME_LOWER AveragePool (kernel 3, dilation
+    2, stride 2) on 1×9×10: onnxruntime pads them by the undilated kernel, so they give 8×9 and 3×4
+    where onnx shape inference says 9×10 and 4×5; the layer table says what the runs return.
+    By hand: the pool pads 1 in total (9 + 1 - 3 + 1 = 8, 10 + 1 - 3 + 1 = 9); the average pool on
+    8×9 pads (4 - 1) * 2 + 3 - 8 = 1 and (5 - 1) * 2 + 3 - 9 = 2 over an extent 5: (8 + 1 - 5) // 2 + 1 = 3,
+    (9 + 2 - 5) // 2 + 1 = 4."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from cnnvis.onnxgraph import make_model
+
+    nodes = [helper.make_node("Conv", ["data", "w"], ["conv"], name="conv", kernel_shape=[1, 1]),
+             helper.make_node("MaxPool", ["conv"], ["pool"], name="pool", kernel_shape=[2, 2], dilations=[2, 2],
+                              auto_pad="SAME_UPPER"),
+             helper.make_node("AveragePool", ["pool"], ["avg"], name="avg", kernel_shape=[3, 3], strides=[2, 2],
+                              dilations=[2, 2], auto_pad="SAME_LOWER")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("data", TensorProto.FLOAT, ["N", 1, 9, 10])],
+                              [helper.make_tensor_value_info("avg", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(np.full((2, 1, 1, 1), 2.0, np.float32), "w")])
+    m = Model(make_model(graph, opset=19), name="dilated-same")
+    shapes = {layer.name: layer.output_shape for layer in m.layers}
+    assert shapes == {"conv": (2, 9, 10), "pool": (2, 8, 9), "avg": (2, 3, 4)}
+    ran = m.run(np.ones((3, 1, 9, 10), np.float32), ["pool", "avg"])
+    assert ran["pool"].shape[1:] == shapes["pool"] and ran["avg"].shape[1:] == shapes["avg"]

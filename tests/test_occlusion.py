@@ -289,3 +289,44 @@ def test_windows_cover_every_pixel_when_the_stride_does_not_divide():
     assert ys[-2] == 184 and len(ys) == 25  # 0..184 by 8, then 189 flush with the edge
     ys, _ = occ.window_positions((227, 227), (35, 35), (8, 8))
     assert len(ys) == 25 and ys[-1] == 192  # the stride lands on the edge: no extra window
+
+
+def lp_pool_model(seed=0):
+    """3×16×16: conv(3, p1) relu LpPool(3, s2, p1, p=2) relu conv(1) → fc → softmax."""
+    rng = np.random.default_rng(seed)
+    nodes = [
+        helper.make_node("Conv", ["data", "c1.w", "c1.b"], ["conv1"], name="conv1", kernel_shape=[3, 3],
+                         pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["conv1"], ["relu1"], name="relu1"),
+        helper.make_node("LpPool", ["relu1"], ["lp"], name="lp", kernel_shape=[3, 3], strides=[2, 2],
+                         pads=[1, 1, 1, 1], p=2),
+        helper.make_node("Conv", ["lp", "c2.w", "c2.b"], ["conv2"], name="conv2", kernel_shape=[1, 1]),
+        helper.make_node("Relu", ["conv2"], ["relu2"], name="relu2"),
+        helper.make_node("Flatten", ["relu2"], ["flat"], name="flat", axis=1),
+        helper.make_node("Gemm", ["flat", "fc.w", "fc.b"], ["fc"], name="fc", transB=1),
+        helper.make_node("Softmax", ["fc"], ["prob"], name="prob", axis=1),
+    ]
+    inits = {"c1.w": rng.standard_normal((4, 3, 3, 3)) * 0.3, "c1.b": rng.standard_normal(4) * 0.1,
+             "c2.w": rng.standard_normal((5, 4, 1, 1)) * 0.3, "c2.b": rng.standard_normal(5) * 0.1,
+             "fc.w": rng.standard_normal((3, 5 * 8 * 8)) * 0.3, "fc.b": np.zeros(3)}
+    proto = _graph(nodes, inits, (3, 16, 16), "prob", 3)
+    return Model(proto, name="lp", sidecar={"preprocessing": preset("imagenet", (3, 16, 16)).to_dict()})
+
+
+def test_lp_pool_is_computed_on_rectangles_and_equals_the_whole_network():
+    """LpPool is a sliding window op whose padding reads as zeros (ops.PAD_VALUES): the
+    incremental plan goes through it (it used to stop at it) and gives the brute-force numbers."""
+    m = lp_pool_model()
+    image = np.random.default_rng(4).standard_normal((3, 16, 16)).astype(np.float32)
+    window, stride = 4, 3
+    inc = occ.Occlusion(m, window=window, stride=stride, layer="relu2", incremental=True, batch_size=6)
+    res = inc.run(image[None])[0]
+    plan = next(iter(inc._plans.values()))
+    assert [s.output for s in plan.stages] == ["relu1", "lp", "relu2"]
+    fill = np.broadcast_to(input_space(m).grey_, image.shape).astype(np.float32)
+    prob, act = _brute_force(m, image, res.ys, res.xs, window, fill, "relu2", res.channel)
+    shape = res.probability.shape
+    assert shape == (5, 5)
+    np.testing.assert_allclose(res.probability, prob[:, res.target].reshape(shape), rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(res.top_class, np.argmax(prob, axis=1).reshape(shape))
+    np.testing.assert_allclose(res.activation, act.reshape(shape), rtol=1e-5, atol=1e-5)

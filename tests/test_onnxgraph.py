@@ -193,3 +193,103 @@ def test_static_shapes_use_onnxruntimes_ceil_mode_sizes():
     assert onnxgraph.static_shapes(m, (1, 1, 5, 5))["y"] == ran.shape == (1, 1, 3, 3)
     assert onnxgraph.pool_output_size(5, 2, 2, 1, 1, True) == 3
     assert onnxgraph.pool_output_size(6, 2, 2, 1, 1, True) == 4  # here the last window starts in the image
+
+
+def _window_model(nodes, in_shape, opset=19, inits=()):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, list(in_shape))
+    y = helper.make_tensor_value_info(nodes[-1].output[0], TensorProto.FLOAT, None)
+    return onnxgraph.make_model(helper.make_graph(nodes, "g", [x], [y], list(inits)), opset=opset)
+
+
+def _ran_shape(m, in_shape):
+    """onnxruntime's output shape, or None where onnxruntime refuses to run the graph."""
+    from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, RuntimeException
+
+    try:
+        out = onnxgraph.create_session(m, device="cpu").run(None, {"x": np.zeros(in_shape, np.float32)})[0]
+    except (Fail, InvalidArgument, RuntimeException):
+        return None
+    return out.shape
+
+
+def test_static_shapes_of_same_padded_pools_are_onnxruntimes():
+    """For every SAME pool of the grid that onnxruntime runs, the layer table's shape is the one
+    onnxruntime returns. Plain onnx inference gives ceil(size / stride) and disagrees for dilated
+    kernels (onnxruntime pads by the undilated kernel); onnxruntime refuses only the undilated
+    pools whose SAME padding would be negative (a kernel shorter than the stride skips input)."""
+    import itertools
+
+    from cnnvis import ops
+
+    compared, disagreements, refused = 0, [], []
+    for auto_pad, op, k, d, s, (h, w) in itertools.product(
+            ("SAME_UPPER", "SAME_LOWER"), ("MaxPool", "AveragePool", "LpPool"), (1, 2, 3), (1, 2, 3), (1, 2, 3),
+            ((5, 8), (6, 7))):
+        pool = helper.make_node(op, ["x"], ["y"], kernel_shape=[k, k], strides=[s, s], dilations=[d, d],
+                                auto_pad=auto_pad)
+        shape = (1, 2, h, w)
+        m = _window_model([pool], shape)
+        ran = _ran_shape(m, shape)
+        case = (auto_pad, op, k, d, s, h, w)
+        if ran is None:
+            refused.append(case)
+            continue
+        compared += 1
+        assert onnxgraph.static_shapes(m, shape)["y"] == ran, case
+        if onnxgraph.static_shapes(m, shape, onnxruntime_pools=False)["y"] != ran:
+            disagreements.append(case)
+            assert ran[2:] == tuple(ops.same_pool_output_size(size, k, s, d) for size in (h, w))
+    assert compared > 250
+    assert disagreements and all(case[3] > 1 and case[2] > 1 for case in disagreements)
+    assert ("SAME_UPPER", "MaxPool", 2, 2, 1, 5, 8) in disagreements  # onnx 5x8, onnxruntime 4x7
+    assert all(case[3] == 1 and min(ops.same_pad_totals(case[5:], [case[2]] * 2, [case[4]] * 2, [1, 1])) < 0
+               for case in refused), refused
+
+
+def test_static_shapes_of_same_conv_transpose_with_output_padding_are_onnxruntimes():
+    """A SAME ConvTranspose is ``size * stride`` long in onnxruntime, or the whole transposed
+    length ``stride * (size - 1) + output_padding + extent`` where that is shorter; onnx's
+    inference adds the output padding to ``size * stride``."""
+    import itertools
+
+    compared, disagreements = 0, []
+    for auto_pad, k, d, s, size, out_pad in itertools.product(("SAME_UPPER", "SAME_LOWER"), (1, 2, 3), (1, 2),
+                                                             (1, 2, 3), (3, 4), (0, 1)):
+        if out_pad >= s:  # onnxruntime refuses output padding as large as the stride
+            continue
+        weight = numpy_helper.from_array(np.ones((2, 1, k, k), np.float32), "w")
+        conv = helper.make_node("ConvTranspose", ["x", "w"], ["y"], kernel_shape=[k, k], strides=[s, s],
+                                dilations=[d, d], output_padding=[out_pad, out_pad], auto_pad=auto_pad)
+        shape = (1, 2, size, size + 1)
+        m = _window_model([conv], shape, inits=[weight])
+        ran = _ran_shape(m, shape)
+        case = (auto_pad, k, d, s, size, out_pad)
+        expected = tuple(min(n * s, s * (n - 1) + out_pad + (k - 1) * d + 1) for n in (size, size + 1))
+        assert ran == (1, 1, *expected), case
+        assert onnxgraph.static_shapes(m, shape)["y"] == ran, case
+        if onnxgraph.static_shapes(m, shape, onnxruntime_pools=False)["y"] != ran:
+            disagreements.append(case)
+        compared += 1
+    assert compared == 2 * 3 * 2 * 3 * 2 + 2 * 3 * 2 * 2 * 2  # output padding 1 for strides 2 and 3
+    assert ("SAME_UPPER", 2, 1, 2, 3, 1) in disagreements  # onnx 7x9, onnxruntime 6x8
+    assert all(case[-1] for case in disagreements)
+
+
+def test_static_shapes_size_a_pool_from_the_real_size_of_the_pool_before_it():
+    # 5 -> ceil-mode pool (pads 1+1, kernel 2, stride 2) -> 3 (onnx says 4) -> ceil-mode pool
+    # (kernel 2, stride 2) -> 2 from 3; sized from onnx's stale 4 its floor-mode stand-in would
+    # have no end pad and give 1
+    pool1 = helper.make_node("MaxPool", ["x"], ["p1"], kernel_shape=[2, 2], strides=[2, 2], pads=[1, 1, 1, 1],
+                             ceil_mode=1)
+    pool2 = helper.make_node("MaxPool", ["p1"], ["p2"], kernel_shape=[2, 2], strides=[2, 2], ceil_mode=1)
+    dilated = helper.make_node("MaxPool", ["p2"], ["p3"], kernel_shape=[2, 2], dilations=[2, 2],
+                               auto_pad="SAME_UPPER")
+    shape = (1, 1, 5, 5)
+    m = _window_model([pool1, pool2], shape, opset=17)
+    shapes = onnxgraph.static_shapes(m, shape)
+    assert shapes["p1"] == (1, 1, 3, 3) and shapes["p2"] == _ran_shape(m, shape) == (1, 1, 2, 2)
+    shape = (1, 1, 9, 9)  # 9 -> 5 -> 3 -> SAME dilated: 2 (onnx says 3)
+    m = _window_model([pool1, pool2, dilated], shape, opset=17)
+    shapes = onnxgraph.static_shapes(m, shape)
+    assert (shapes["p1"], shapes["p2"], shapes["p3"]) == ((1, 1, 5, 5), (1, 1, 3, 3), (1, 1, 2, 2))
+    assert shapes["p3"] == _ran_shape(m, shape)

@@ -64,6 +64,25 @@ def test_pool_same_pads_equal_onnxruntime_auto_pad(auto_pad):
         np.testing.assert_array_equal(_run([explicit], x), _run([node], x), err_msg=f"size {size} k {k} s {s} d {d}")
 
 
+def test_same_pool_output_size_hand_computed():
+    # size 6, kernel 2, dilation 2, stride 1: onnxruntime pads by the undilated kernel (1 in
+    # total), so the extent 3 fits 6 + 1 - 3 + 1 = 5 times; the specification says 6
+    assert ops.same_pool_output_size(6, 2, 1, 2) == 5
+    # size 6, kernel 2, dilation 2, stride 3: padding 3 + 2 - 6 = -1, span 6 - 1 - 3 = 2, 2 // 3 + 1 = 1
+    assert ops.same_pool_output_size(6, 2, 3, 2) == 1
+    # size 5, kernel 3, dilation 3, stride 3: padding 1, span 5 + 1 - 7 = -1 truncates to 0: 1 output
+    assert ops.same_pool_output_size(5, 3, 3, 3) == 1
+    assert ops.same_pool_output_size(7, 3, 2, 1) == 4  # undilated: ceil(7 / 2)
+
+
+def test_same_pad_totals_hand_computed():
+    # 7 long, stride 2: 4 outputs; (4 - 1) * 2 + extent 3 - 7 = 2; dilation 2 (extent 5): 4
+    assert ops.same_pad_totals([7, 7], [3, 3], [2, 2], [1, 2]) == [2, 4]
+    # 6 long, kernel 2, stride 3: 2 outputs, (2 - 1) * 3 + 2 - 6 = -1 (not clamped; same_pads clamps)
+    assert ops.same_pad_totals([6], [2], [3], [1]) == [-1]
+    assert ops.same_pads("SAME_UPPER", [6], [2], [3], [1]) == [0, 0]
+
+
 def test_window_reads_attributes_and_weight_kernel():
     node = helper.make_node("Conv", ["x", "w"], ["y"], strides=[2, 1], pads=[1, 0, 2, 3], dilations=[1, 2])
     win = ops.window(node, weight_shape=(8, 3, 5, 3))
@@ -147,6 +166,55 @@ def test_op_classes():
     assert ops.attributes(helper.make_node("Conv", ["x"], ["y"], auto_pad="VALID"))["auto_pad"] == "VALID"
     assert ops.is_float(TensorProto.FLOAT16) and ops.is_float(TensorProto.BFLOAT16)
     assert not ops.is_float(TensorProto.INT64) and not ops.is_float(TensorProto.BOOL)
+
+
+def test_sliding_window_and_value_preserving_classes():
+    assert ops.SLIDING_WINDOW_OPS == {"Conv", "MaxPool", "AveragePool", "LpPool"}
+    assert not ops.SLIDING_WINDOW_OPS & ops.GLOBAL_OPS and set(ops.PAD_VALUES) < ops.SLIDING_WINDOW_OPS
+    assert not ops.VALUE_PRESERVING_OPS & ops.DISPLAY_OPS  # bookkeeping: activations skips them
+
+
+@pytest.mark.parametrize("op", sorted(ops.SLIDING_WINDOW_OPS))
+def test_pad_values_are_what_onnxruntime_pads_with(op):
+    """An op of ops.PAD_VALUES with pads gives what it gives unpadded on the input padded with that
+    value; AveragePool (excluding the padding from its divisor) matches no single value."""
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(1, 2, 5, 6)).astype(np.float32)
+    pads = [1, 2, 2, 1]
+    inits, inputs = [], ["x"]
+    if op == "Conv":
+        inits, inputs = [numpy_helper.from_array(rng.normal(size=(3, 2, 3, 3)).astype(np.float32), "w")], ["x", "w"]
+    padded = helper.make_node(op, inputs, ["y"], kernel_shape=[3, 3], strides=[2, 1], pads=pads)
+    plain = helper.make_node(op, inputs, ["y"], kernel_shape=[3, 3], strides=[2, 1])
+    got = _run([padded], x, inits)
+
+    def filled(value):
+        xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])), constant_values=value)
+        return _run([plain], xp.astype(np.float32), inits)
+
+    if op in ops.PAD_VALUES:
+        np.testing.assert_allclose(filled(ops.PAD_VALUES[op]), got, rtol=1e-5, atol=1e-6)
+    else:
+        assert op == "AveragePool"
+        zeros = filled(0.0)
+        assert not np.allclose(zeros, got)  # the corner windows divide by fewer than 9 taps
+        # windows inside the image: rows start at 2 * i - 1 (i = 1), columns at j - 2 (j = 2..5)
+        np.testing.assert_allclose(zeros[..., 1:2, 2:6], got[..., 1:2, 2:6], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("op", sorted(ops.VALUE_PRESERVING_OPS))
+def test_value_preserving_ops_keep_the_values(op):
+    x = np.random.default_rng(6).normal(size=(2, 3, 1, 4)).astype(np.float32)
+    inits, inputs, attrs = [], ["x"], {}
+    if op == "Reshape":
+        inits, inputs = [numpy_helper.from_array(np.array([2, 4, 3], np.int64), "shape")], ["x", "shape"]
+    elif op in ("Squeeze", "Unsqueeze"):
+        inits, inputs = [numpy_helper.from_array(np.array([2], np.int64), "axes")], ["x", "axes"]
+    elif op == "Transpose":
+        attrs = {"perm": [0, 2, 3, 1]}
+    y = _run([helper.make_node(op, inputs, ["y"], **attrs)], x, inits)
+    assert y.size == x.size
+    np.testing.assert_array_equal(np.sort(y, axis=None), np.sort(x, axis=None))
 
 
 def test_backward_rule_ops_is_the_rule_table():

@@ -17,6 +17,7 @@ import math
 
 import numpy as np
 
+from .. import ops
 from ..errors import CnnvisError
 from ..preprocess import input_space
 from .base import Analysis
@@ -24,7 +25,6 @@ from .inputspace import FEATURE_OPS, probabilities
 
 TRANSFORMS = ("translation", "scale", "rotation")
 AXES = ("vertical", "horizontal")
-_PASS_THROUGH = ("Dropout", "Identity", "Flatten", "Reshape")
 
 
 def affine_matrix(kind: str, amount: float, axis: str = "vertical"):
@@ -115,12 +115,13 @@ def first_feature_layer(model) -> str:
 
 
 def top_hidden_layer(model):
-    """The layer feeding the logits (through dropout/flatten), e.g. relu7 of AlexNet; None if none."""
+    """The layer feeding the logits through value-preserving ops (dropout, flatten, squeeze,
+    transpose...: :data:`cnnvis.ops.VALUE_PRESERVING_OPS`), e.g. relu7 of AlexNet; None if none."""
     by_tensor = {layer.tensor: layer for layer in model.layers}
     logits = model.logits_layer
     tensor = logits.inputs[0] if logits.inputs else None
     layer = by_tensor.get(tensor)
-    while layer is not None and layer.op_type in _PASS_THROUGH:
+    while layer is not None and layer.op_type in ops.VALUE_PRESERVING_OPS:
         layer = by_tensor.get(layer.inputs[0]) if layer.inputs else None
     return layer.name if layer is not None else None
 

@@ -146,7 +146,6 @@ class OcclusionResult:
 
 # ----------------------------------------------------------------------------- incremental plan
 
-_SPATIAL = ("Conv", "MaxPool", "AveragePool")
 #: pointwise ops applied to the chain's tensor with constant parameters (Clip's bounds, BatchNorm's
 #: statistics), and elementwise ops whose other operands are constants broadcast over space
 _UNARY = ops.UNARY_POINTWISE_OPS - {"BatchNormalization", "Clip"}
@@ -160,7 +159,7 @@ class _Stage:
     nodes: list
     input: str
     tensors: list  # every output tensor of the stage, in order; tensors[-1] is the stage output
-    spatial: bool = False  # nodes[0] is a Conv / pool
+    spatial: bool = False  # nodes[0] is a sliding window op (Conv / pool)
     kernel: tuple = (1, 1)  # dilated extent (k - 1) * d + 1
     stride: tuple = (1, 1)
     pad_begin: tuple = (0, 0)
@@ -184,7 +183,8 @@ def _attrs(node):
 
 
 def _spatial_params(node, inits):
-    """Kernel extent, stride, begin pads and pad value of a 2-D Conv / pool node, or None."""
+    """Kernel extent, stride, begin pads and pad value of a 2-D sliding window node
+    (:data:`cnnvis.ops.SLIDING_WINDOW_OPS`: Conv, MaxPool, AveragePool, LpPool), or None."""
     a = ops.attributes(node)
     if a.get("auto_pad", "NOTSET") not in ("NOTSET", ""):
         return None
@@ -196,7 +196,6 @@ def _spatial_params(node, inits):
             return None
         kernel = list(a.get("kernel_shape") or wshape[2:])
         per_output = wshape[1] * wshape[2] * wshape[3]
-        pad_value = 0.0
     else:
         if len(node.output) > 1 and any(node.output[1:]):
             return None  # pool indices are used
@@ -204,13 +203,10 @@ def _spatial_params(node, inits):
         if len(kernel) != 2:
             return None
         per_output = kernel[0] * kernel[1]
-        pad_value = 0.0
-        if node.op_type == "MaxPool":
-            pad_value = -np.inf  # padding never wins a max
-        elif any(a.get("pads", [0] * 4)) or a.get("ceil_mode", 0):
-            return None  # average divisors would depend on the position
+    if node.op_type not in ops.PAD_VALUES and (any(a.get("pads", [0] * 4)) or a.get("ceil_mode", 0)):
+        return None  # AveragePool: the divisors would depend on the position
     win = ops.window(node, weight_shape=(None, None, *kernel), attrs=a)
-    return win.extent, win.strides, win.pads_begin, pad_value, per_output
+    return win.extent, win.strides, win.pads_begin, ops.PAD_VALUES.get(node.op_type, 0.0), per_output
 
 
 def _constant_is_pointwise(arr_dims) -> bool:
@@ -252,7 +248,7 @@ def _chain_stages(proto, input_name):
         node = users[0]
         if any(i and i not in inits and i != current for i in node.input):
             break
-        if node.op_type in _SPATIAL and node.input[0] == current:
+        if node.op_type in ops.SLIDING_WINDOW_OPS and node.input[0] == current:
             params = _spatial_params(node, inits)
             if params is None:
                 break
@@ -285,7 +281,7 @@ def _node_cost(node, shapes, inits) -> float:
         return n_out * float(np.prod(inits[node.input[1]].dims[1:]))
     if node.op_type in ("Gemm", "MatMul") and len(node.input) > 1 and node.input[1] in inits:
         return float(np.prod(inits[node.input[1]].dims))
-    if node.op_type in ("MaxPool", "AveragePool"):
+    if node.op_type in ops.POOL_OPS:
         k = _attrs(node).get("kernel_shape", [1, 1])
         return n_out * float(np.prod(k))
     return n_out

@@ -37,8 +37,6 @@ from onnx import helper, numpy_helper
 from .. import ops
 from ..errors import CnnvisError
 
-#: window ops whose field the chain formula gives
-WINDOW_OPS = ops.WINDOW_OPS - {"ConvTranspose"}
 #: inputs and outputs of the gradient-support estimate
 SUPPORT_IMAGES = 8
 SUPPORT_SEED = 0
@@ -208,7 +206,7 @@ def _node_field(node, ins, shapes, constants):
     out_shape = shapes.get(node.output[0])
     if op in ops.GLOBAL_OPS or all(f.is_global for f in ins.values()):
         return _GLOBAL
-    if op in WINDOW_OPS or op == "Pad":
+    if op in ops.SLIDING_WINDOW_OPS or op == "Pad":
         if set(ins) != {node.input[0]}:
             raise _Unknown("its weights or pads are computed from the input")
         if first.axes != (-2, -1) or len(shapes.get(node.input[0]) or ()) != 4:
