@@ -1080,3 +1080,23 @@ def test_as_strided_gather_whose_indices_mix_images_is_one_line():
     message = str(info.value)
     assert "\n" not in message
     assert message == "node 'p_node' (Gather): Gather along the batch axis cannot be differentiated per sample"
+
+
+def test_gather_gradient_of_a_large_permutation_stays_linear_in_the_axis():
+    """A per-image permutation of 16384 positions (4 maps of 64x64, as a dynamo as_strided permute
+    after the per-image rewrite): the gradient is the seed read back through the inverse permutation
+    (numpy: dx[:, perm] = seed), exactly, and the gradient graph's constants grow with the axis
+    (a one-hot selection matrix would hold 16384² floats: 1 GiB)."""
+    per = 4 * 64 * 64
+    perm = np.random.default_rng(8).permutation(per).astype(np.int64)
+    nodes = [n("Reshape", ["x", "flat"], ["f"]), n("Gather", ["f", "perm"], ["y"], axis=1)]
+    m = tiny(nodes, {"flat": np.array([0, -1], np.int64), "perm": perm}, (4, 64, 64))
+    x = rand(2, 4, 64, 64).astype(np.float32)
+    seed = rand(2, per, seed=9).astype(np.float32)
+    engine = GradientEngine(m, "x", objective="seed", target="y")
+    got = engine.run(x, seed=seed)["x"]
+    want = np.zeros((2, per), np.float32)
+    want[:, perm] = seed
+    np.testing.assert_array_equal(got, want.reshape(2, 4, 64, 64))
+    graph = engine.graph(x.shape[1:]).model.graph
+    assert sum(int(np.prod(i.dims)) for i in graph.initializer) <= 4 * per
