@@ -172,6 +172,8 @@ def make_batch_dynamic(model: onnx.ModelProto, batch_name: str = "N") -> onnx.Mo
     (dynamo exports) a 0 would mean a literal zero: when the target has no other zero, allowzero
     changes nothing else and is dropped, so the 0 copies the batch. Targets with another zero are
     left as they are (with allowzero a literal zero, which only an empty tensor can take).
+    A file whose batch was 1 also gets its dynamo ``as_strided`` selections made per image
+    (:func:`_per_image_gathers`).
     """
     m = onnx.ModelProto()
     m.CopyFrom(model)
