@@ -980,7 +980,7 @@ def test_per_sample_gradients_of_a_float16_weight_cast_to_float32():
 # ----------------------------------------------- a dynamo batch-1 export's as_strided (issue 17)
 
 def _as_strided_net(dtype=np.float32, indices="leading_one", batch_first=True):
-    """A batch-1 file (x declared 1x2x3x3, opset 18) as torch's dynamo exporter writes a permute:
+    """A batch-1 file (x declared 1x3x3x3, opset 18) as torch's dynamo exporter writes a permute:
     Conv (3 maps, 4x4) -> Reshape [-1] (the whole tensor) -> Gather of the constant indices of the
     NCHW -> NHWC transpose of one image -> Tanh -> Reshape [1, -1] -> MatMul -> logits (1x5).
     ``indices``: "leading_one" gives them the shape (1, 4, 4, 3); "flat" the shape (48,), followed by
@@ -990,7 +990,7 @@ def _as_strided_net(dtype=np.float32, indices="leading_one", batch_first=True):
     elem = TensorProto.DOUBLE if dtype == np.float64 else TensorProto.FLOAT
     # position k of the NHWC order (h, w, c) reads element c*16 + h*4 + w of the NCHW image
     nhwc = np.transpose(np.arange(48).reshape(3, 4, 4), (1, 2, 0)).astype(np.int64)
-    inits = {"w": rng.standard_normal((3, 2, 2, 2)) * 0.5, "b": rng.standard_normal(3) * 0.1,
+    inits = {"w": rng.standard_normal((3, 3, 2, 2)) * 0.5, "b": rng.standard_normal(3) * 0.1,
              "minus_one": np.array([-1], np.int64), "flat2": np.array([1, -1], np.int64),
              "fc": rng.standard_normal((48, 5)) * 0.3}
     nodes = [n("Conv", ["x", "w", "b"], ["c"], kernel_shape=[2, 2], pads=[1, 1, 1, 1])]  # (1, 3, 4, 4)
@@ -1006,7 +1006,7 @@ def _as_strided_net(dtype=np.float32, indices="leading_one", batch_first=True):
         nodes += [n("Gather", ["f", "idx"], ["pf"], axis=0), n("Reshape", ["pf", "nhwc_shape"], ["p"])]
     nodes += [n("Tanh", ["p"], ["t"]), n("Reshape", ["t", "flat2"], ["v"]), n("MatMul", ["v", "fc"], ["y"])]
     tensors = [numpy_helper.from_array(v.astype(dtype) if v.dtype.kind == "f" else v, k) for k, v in inits.items()]
-    g = helper.make_graph(nodes, "as_strided", [helper.make_tensor_value_info("x", elem, [1, 2, 3, 3])],
+    g = helper.make_graph(nodes, "as_strided", [helper.make_tensor_value_info("x", elem, [1, 3, 3, 3])],
                           [helper.make_tensor_value_info("y", elem, [1, 5])], tensors)
     return make_model(g, opset=18)
 
@@ -1053,7 +1053,7 @@ def test_as_strided_gather_of_a_batch_one_export_differentiates_per_sample(indic
     input and per-sample first-conv weight gradients of a batch of 3 equal float64 central
     differences of the unmodified file run one image at a time (float64 engine to 1e-6 of the
     largest entry, float32 onnxruntime engine to 1e-3)."""
-    x = rand(3, 2, 3, 3, seed=4)
+    x = rand(3, 3, 3, 3, seed=4)
     index = 2
     want = _central_differences(_as_strided_net(np.float64, indices), x, ["x", "w"], index)
     for model, dtype, tol, backend in ((_as_strided_net(np.float64, indices), np.float64, F64_TOL, "reference"),
@@ -1076,7 +1076,7 @@ def test_as_strided_gather_whose_indices_mix_images_is_one_line():
 
     engine = GradientEngine(_as_strided_net(batch_first=False), ["x"], objective="logit")
     with pytest.raises(CnnvisError) as info:
-        engine.run(rand(2, 2, 3, 3).astype(np.float32), index=0)
+        engine.run(rand(2, 3, 3, 3).astype(np.float32), index=0)
     message = str(info.value)
     assert "\n" not in message
     assert message == "node 'p_node' (Gather): Gather along the batch axis cannot be differentiated per sample"
