@@ -433,7 +433,8 @@ class Model:
                     if layer is not None and stop - start > 1 \
                             and (value.ndim == 0 or value.shape[0] != stop - start):
                         # a layer that does not follow the batch (a dynamo batch-1 export's
-                        # as_strided: Reshape [-1] -> Gather of fixed indices): one image at a time
+                        # as_strided: Reshape [-1] -> Gather of fixed indices, which
+                        # make_batch_dynamic could not prove per image): one image at a time
                         self.fixed_batch = 1
                         return self.run(x, outputs, batch_size=1)
                     results[t].append(value)

@@ -173,6 +173,8 @@ def make_batch_dynamic(model: onnx.ModelProto, batch_name: str = "N") -> onnx.Mo
     (dynamo exports) a 0 would mean a literal zero: when the target has no other zero, allowzero
     changes nothing else and is dropped, so the 0 copies the batch. Targets with another zero are
     left as they are (with allowzero a literal zero, which only an empty tensor can take).
+    A file whose batch was 1 also gets its dynamo ``as_strided`` selections made per image
+    (:func:`_per_image_gathers`).
     """
     m = onnx.ModelProto()
     m.CopyFrom(model)
@@ -204,7 +206,123 @@ def make_batch_dynamic(model: onnx.ModelProto, batch_name: str = "N") -> onnx.Mo
                 shape[0] = 0
                 new = numpy_helper.from_array(shape.astype(np.int64), node.input[1])
                 inits[node.input[1]].CopyFrom(new)
+    if fixed == 1:
+        _per_image_gathers(m)
     return m
+
+
+def _constant_values(model: onnx.ModelProto) -> dict:
+    """name -> numpy value of every initializer and Constant node output (``value`` attribute)."""
+    values = {i.name: i for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            attr = {a.name: a for a in node.attribute}
+            if "value" in attr:
+                values[node.output[0]] = attr["value"].t
+    return values
+
+
+def _per_image_gathers(m: onnx.ModelProto) -> None:
+    """In place, on a graph made batch-dynamic from a file whose batch was 1: rewrite a dynamo
+    export's ``as_strided`` — Reshape to ``[-1]`` (the whole tensor, batch included) then Gather
+    (axis 0) of constant indices — into the same selection per image: Reshape to ``[-1, P]`` (P the
+    per-image size) then Gather along axis 1. At batch 1 the values are the file's; at batch N each
+    image's row is selected from that image alone, so the graph runs batched and the Gather is no
+    longer along the batch axis (its backward rule applies).
+
+    Rewritten only when it is proven to be that selection: the flattened tensor is ``[b, *rest]`` at
+    batch b = 1 and 2 (its first axis is the batch, the rest static), every index lies within one
+    image (``-P <= i < P``, negatives counted from that image's end, as at batch 1), and the Gather's
+    output keeps a batch axis — indices of shape ``(1, ...)`` (the leading 1 becomes the batch), or
+    else the Gather's only consumer is a Reshape whose target copies the batch (``0`` first, without
+    ``allowzero``). Every consumer of the flattened tensor must be such a Gather. Anything else is
+    left as it is (a gradient through it then stops at the Gather rule's one-line error)."""
+    consts = _constant_values(m)
+    graph = m.graph
+    producer = {o: n for n in graph.node for o in n.output if o}
+    consumers: dict = {}
+    for node in graph.node:
+        for name in node.input:
+            if name:
+                consumers.setdefault(name, []).append(node)
+    outputs = {o.name for o in graph.output}
+
+    def value(name):
+        c = consts.get(name)
+        return None if c is None else numpy_helper.to_array(c)
+
+    def flattening(node):
+        if node is None or node.op_type != "Reshape" or len(node.input) < 2:
+            return False
+        target = value(node.input[1])
+        return target is not None and target.size == 1 and int(target.reshape(-1)[0]) == -1
+
+    candidates = {}
+    for node in graph.node:
+        if node.op_type != "Gather" or int(attributes(node).get("axis", 0)) not in (0, -1):
+            continue
+        flat = producer.get(node.input[0])
+        if flattening(flat) and value(node.input[1]) is not None and flat.output[0] not in outputs:
+            candidates.setdefault(flat.output[0], (flat, []))[1].append(node)
+    if not candidates:
+        return
+    image = real_inputs(m)[0]
+    sample = [d.dim_value if d.HasField("dim_value") else None for d in image.type.tensor_type.shape.dim[1:]]
+    if None in sample:
+        return
+    try:
+        at = [static_shapes(m, (b, *sample)) for b in (1, 2)]
+    except Exception:  # noqa: BLE001 - no shapes: nothing proven, nothing rewritten
+        return
+    for flat_name, (flat, gathers) in candidates.items():
+        src = flat.input[0]
+        s1, s2 = at[0].get(src), at[1].get(src)
+        if not s1 or not s2 or None in s1 or None in s2 or s1[0] != 1 or s2[0] != 2 or s1[1:] != s2[1:]:
+            continue
+        per_image = int(np.prod(s1[1:], dtype=np.int64))
+        if sum(i == flat_name for c in consumers.get(flat_name, []) for i in c.input) != len(gathers):
+            continue  # the flattened tensor also feeds something else
+        plans = []
+        for gather in gathers:
+            idx = value(gather.input[1]).astype(np.int64)
+            if idx.size == 0 or idx.min() < -per_image or idx.max() >= per_image:
+                break  # an index outside one image: not a per-image selection
+            idx = np.where(idx < 0, idx + per_image, idx)
+            if idx.ndim and idx.shape[0] == 1:
+                plans.append((gather, idx[0]))
+                continue
+            after = consumers.get(gather.output[0], [])
+            target = value(after[0].input[1]) if len(after) == 1 and after[0].op_type == "Reshape" \
+                and len(after[0].input) > 1 else None
+            if gather.output[0] in outputs or target is None or not target.size or int(target[0]) != 0 \
+                    or attributes(after[0]).get("allowzero", 0):
+                break
+            plans.append((gather, idx))
+        else:
+            replaced = [flat.input[1]]
+            flat.input[1] = _new_initializer(graph, f"{flat_name}_per_image_shape",
+                                             np.array([-1, per_image], np.int64))
+            for gather, idx in plans:
+                replaced.append(gather.input[1])
+                gather.input[1] = _new_initializer(graph, f"{gather.output[0]}_per_image_indices", idx)
+                kept = [a for a in gather.attribute if a.name != "axis"]
+                del gather.attribute[:]
+                gather.attribute.extend(kept + [helper.make_attribute("axis", 1)])
+            used = {i for n in graph.node for i in n.input if i}
+            unused = [i for i in graph.initializer if i.name in replaced and i.name not in used]
+            for init in unused:
+                graph.initializer.remove(init)
+
+
+def _new_initializer(graph, name: str, value) -> str:
+    """Add ``value`` as an initializer under ``name`` (suffixed until no tensor has that name)."""
+    taken = {i.name for i in graph.initializer} | {o for n in graph.node for o in n.output} \
+        | {i.name for i in graph.input}
+    unique, k = name, 1
+    while unique in taken:
+        unique, k = f"{name}_{k}", k + 1
+    graph.initializer.append(numpy_helper.from_array(np.asarray(value), unique))
+    return unique
 
 
 def fold_shape_arithmetic(model: onnx.ModelProto, sample_shape, batches=(1, 2)) -> onnx.ModelProto:

@@ -177,3 +177,36 @@ def test_gradcheck_command_on_a_float32_decision_flip_passes_with_a_precision_no
     break_rule(monkeypatch, "MatMul")
     assert main(args + ["--tolerance", "1e-4"]) == 1
     assert "FAILED: input: relative error" in capsys.readouterr().err
+
+
+def test_gradient_commands_run_a_batch_one_dynamo_as_strided_file(tmp_path, capsys):
+    """A file with its batch fixed at 1 and a dynamo as_strided (Reshape [-1] -> Gather of constant
+    indices): `gradients` on 3 images writes per-image input and conv-weight gradients equal to the
+    float64 central differences of the unmodified file (test_autodiff_ops' reference, to 1e-3), and
+    `gradcheck` passes; the file with a Transpose before the flatten (indices mixing images) stops
+    in one line and writes nothing."""
+    from test_autodiff_ops import _as_strided_net, _central_differences
+
+    x = np.random.default_rng(6).standard_normal((3, 3, 3, 3))
+    np.save(tmp_path / "x.npy", x.astype(np.float32))
+    np.save(tmp_path / "x1.npy", x[:1].astype(np.float32))
+    onnx.save(_as_strided_net(np.float32), tmp_path / "strided.onnx")
+    out = tmp_path / "out"
+    assert main(["gradients", "--input-array", str(tmp_path / "x.npy"), "--model", str(tmp_path / "strided.onnx"),
+                 "--class", "1", "--wrt", "input", "--wrt", "w", "--out", str(out)]) == 0
+    want = _central_differences(_as_strided_net(np.float64), x, ["x", "w"], 1)
+    for name, file in (("x", "input.npy"), ("w", "w.npy")):
+        got = np.load(out / file)
+        assert got.shape == want[name].shape
+        assert np.max(np.abs(got - want[name])) <= 1e-3 * np.max(np.abs(want[name]))
+    assert main(["gradcheck", "--input-array", str(tmp_path / "x1.npy"), "--model", str(tmp_path / "strided.onnx"),
+                 "--wrt", "input", "--wrt", "w"]) == 0
+    capsys.readouterr()
+    onnx.save(_as_strided_net(np.float32, batch_first=False), tmp_path / "mixed.onnx")
+    bad = tmp_path / "bad"
+    code = main(["gradients", "--input-array", str(tmp_path / "x.npy"), "--model", str(tmp_path / "mixed.onnx"),
+                 "--out", str(bad)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert err.endswith("node 'p_node' (Gather): Gather along the batch axis cannot be differentiated per sample")
+    assert not bad.exists() or not any(bad.rglob("*.npy"))

@@ -975,3 +975,128 @@ def test_per_sample_gradients_of_a_float16_weight_cast_to_float32():
     want = GradientEngine(m, "w", objective="seed", target="y").run(x, seed=seed)["w"]
     assert got.dtype == np.float16 and got.shape == (2, 3, 2, 3, 3)
     np.testing.assert_allclose(got.astype(np.float32), want, rtol=2e-3, atol=2e-3 * np.abs(want).max())
+
+
+# ----------------------------------------------- a dynamo batch-1 export's as_strided (issue 17)
+
+def _as_strided_net(dtype=np.float32, indices="leading_one", batch_first=True):
+    """A batch-1 file (x declared 1x3x3x3, opset 18) as torch's dynamo exporter writes a permute:
+    Conv (3 maps, 4x4) -> Reshape [-1] (the whole tensor) -> Gather of the constant indices of the
+    NCHW -> NHWC transpose of one image -> Tanh -> Reshape [1, -1] -> MatMul -> logits (1x5).
+    ``indices``: "leading_one" gives them the shape (1, 4, 4, 3); "flat" the shape (48,), followed by
+    a Reshape [1, 4, 4, 3]. ``batch_first=False`` puts a Transpose (1, 0, 2, 3) before the flatten:
+    its first axis is then the maps, and at any batch but 1 the indices pick from several images."""
+    rng = np.random.default_rng(3)
+    elem = TensorProto.DOUBLE if dtype == np.float64 else TensorProto.FLOAT
+    # position k of the NHWC order (h, w, c) reads element c*16 + h*4 + w of the NCHW image
+    nhwc = np.transpose(np.arange(48).reshape(3, 4, 4), (1, 2, 0)).astype(np.int64)
+    inits = {"w": rng.standard_normal((3, 3, 2, 2)) * 0.5, "b": rng.standard_normal(3) * 0.1,
+             "minus_one": np.array([-1], np.int64), "flat2": np.array([1, -1], np.int64),
+             "fc": rng.standard_normal((48, 5)) * 0.3}
+    nodes = [n("Conv", ["x", "w", "b"], ["c"], kernel_shape=[2, 2], pads=[1, 1, 1, 1])]  # (1, 3, 4, 4)
+    if not batch_first:
+        nodes.append(n("Transpose", ["c"], ["ct"], perm=[1, 0, 2, 3]))
+    nodes.append(n("Reshape", [nodes[-1].output[0], "minus_one"], ["f"]))
+    if indices == "leading_one":
+        inits["idx"] = nhwc.reshape(1, 4, 4, 3)
+        nodes.append(n("Gather", ["f", "idx"], ["p"], axis=0))
+    else:
+        inits["idx"] = nhwc.reshape(48)
+        inits["nhwc_shape"] = np.array([1, 4, 4, 3], np.int64)
+        nodes += [n("Gather", ["f", "idx"], ["pf"], axis=0), n("Reshape", ["pf", "nhwc_shape"], ["p"])]
+    nodes += [n("Tanh", ["p"], ["t"]), n("Reshape", ["t", "flat2"], ["v"]), n("MatMul", ["v", "fc"], ["y"])]
+    tensors = [numpy_helper.from_array(v.astype(dtype) if v.dtype.kind == "f" else v, k) for k, v in inits.items()]
+    g = helper.make_graph(nodes, "as_strided", [helper.make_tensor_value_info("x", elem, [1, 3, 3, 3])],
+                          [helper.make_tensor_value_info("y", elem, [1, 5])], tensors)
+    return make_model(g, opset=18)
+
+
+def _central_differences(model64, x, names, index, eps=1e-6):
+    """d logit[index] / d (x, w) by float64 central differences of the unmodified batch-1 graph in
+    onnx's reference evaluator, one image at a time (per-sample weight gradients)."""
+    from onnx.reference import ReferenceEvaluator
+
+    inits = {i.name: numpy_helper.to_array(i) for i in model64.graph.initializer}
+    out = {name: [] for name in names}
+    for image in x:
+        def logit(x1, w):
+            m = onnx_copy(model64)
+            for init in m.graph.initializer:
+                if init.name == "w":
+                    init.CopyFrom(numpy_helper.from_array(w, "w"))
+            return ReferenceEvaluator(m).run(None, {"x": x1[None]})[0][0, index]
+
+        for name, base in (("x", image), ("w", inits["w"])):
+            grad = np.zeros_like(base)
+            for k in np.ndindex(base.shape):
+                plus, minus = base.copy(), base.copy()
+                plus[k] += eps
+                minus[k] -= eps
+                args = (plus, inits["w"]) if name == "x" else (image, plus)
+                args_m = (minus, inits["w"]) if name == "x" else (image, minus)
+                grad[k] = (logit(*args) - logit(*args_m)) / (2 * eps)
+            out[name].append(grad)
+    return {name: np.stack(v) for name, v in out.items()}
+
+
+def onnx_copy(model):
+    import onnx
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    return m
+
+
+@pytest.mark.parametrize("indices", ["leading_one", "flat"])
+def test_as_strided_gather_of_a_batch_one_export_differentiates_per_sample(indices):
+    """The Reshape [-1] -> Gather is rewritten into a per-image Gather (onnxgraph.make_batch_dynamic):
+    input and per-sample first-conv weight gradients of a batch of 3 equal float64 central
+    differences of the unmodified file run one image at a time (float64 engine to 1e-6 of the
+    largest entry, float32 onnxruntime engine to 1e-3)."""
+    x = rand(3, 3, 3, 3, seed=4)
+    index = 2
+    want = _central_differences(_as_strided_net(np.float64, indices), x, ["x", "w"], index)
+    for model, dtype, tol, backend in ((_as_strided_net(np.float64, indices), np.float64, F64_TOL, "reference"),
+                                       (_as_strided_net(np.float32, indices), np.float32, F32_TOL, "onnxruntime")):
+        engine = GradientEngine(model, ["x", "w"], objective="logit", per_sample=True, backend=backend)
+        got = engine.run(x.astype(dtype), index=index)
+        for name in ("x", "w"):
+            assert got[name].shape == want[name].shape
+            scale = np.max(np.abs(want[name]))
+            assert scale > 0
+            err = np.max(np.abs(got[name] - want[name])) / scale
+            assert err <= tol, f"{dtype.__name__} {name}: {err}"
+
+
+def test_as_strided_gather_whose_indices_mix_images_is_one_line():
+    """The flattened tensor's first axis is not the batch (a Transpose before the flatten): at any
+    batch but 1 the indices select from several images, the graph is left as it is and the
+    gradient stops at the Gather in one line."""
+    from cnnvis.errors import CnnvisError
+
+    engine = GradientEngine(_as_strided_net(batch_first=False), ["x"], objective="logit")
+    with pytest.raises(CnnvisError) as info:
+        engine.run(rand(2, 3, 3, 3).astype(np.float32), index=0)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message == "node 'p_node' (Gather): Gather along the batch axis cannot be differentiated per sample"
+
+
+def test_gather_gradient_of_a_large_permutation_stays_linear_in_the_axis():
+    """A per-image permutation of 16384 positions (4 maps of 64x64, as a dynamo as_strided permute
+    after the per-image rewrite): the gradient is the seed read back through the inverse permutation
+    (numpy: dx[:, perm] = seed), exactly, and the gradient graph's constants grow with the axis
+    (a one-hot selection matrix would hold 16384² floats: 1 GiB)."""
+    per = 4 * 64 * 64
+    perm = np.random.default_rng(8).permutation(per).astype(np.int64)
+    nodes = [n("Reshape", ["x", "flat"], ["f"]), n("Gather", ["f", "perm"], ["y"], axis=1)]
+    m = tiny(nodes, {"flat": np.array([0, -1], np.int64), "perm": perm}, (4, 64, 64))
+    x = rand(2, 4, 64, 64).astype(np.float32)
+    seed = rand(2, per, seed=9).astype(np.float32)
+    engine = GradientEngine(m, "x", objective="seed", target="y")
+    got = engine.run(x, seed=seed)["x"]
+    want = np.zeros((2, per), np.float32)
+    want[:, perm] = seed
+    np.testing.assert_array_equal(got, want.reshape(2, 4, 64, 64))
+    graph = engine.graph(x.shape[1:]).model.graph
+    assert sum(int(np.prod(i.dims)) for i in graph.initializer) <= 4 * per

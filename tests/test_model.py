@@ -505,10 +505,14 @@ def test_a_run_time_onnxruntime_failure_is_one_line_naming_the_node(tmp_path, ca
     assert not out.exists() or not any(out.rglob("*.npy"))
 
 
-def test_a_graph_that_fixes_its_batch_runs_one_image_at_a_time(tmp_path):
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_a_graph_that_fixes_its_batch_runs_one_image_at_a_time(tmp_path, batch_first):
     """A dynamo batch-1 export of adaptive_avg_pool2d: Reshape [-1] -> Gather of the fixed indices
-    [1, 4, 1, 1] (as_strided). Batch 1 runs; a batch of 2 gives 1 row, so Model.run
-    goes on one image at a time (before, 1 row came back for 2 images: an IndexError later)."""
+    [1, 4, 1, 1] (as_strided). With the batch first in the flattened tensor, make_batch_dynamic
+    rewrites it into a per-image Gather and a batch of 2 runs at once. With the batch second (a
+    Transpose before the flatten: the indices then mix images at any batch but 1) it is left as it
+    is, a batch of 2 gives 1 row, and Model.run goes on one image at a time (before, 1 row came back
+    for 2 images: an IndexError later)."""
     from onnx import TensorProto, helper, numpy_helper
 
     from cnnvis.onnxgraph import make_model
@@ -518,9 +522,11 @@ def test_a_graph_that_fixes_its_batch_runs_one_image_at_a_time(tmp_path):
              numpy_helper.from_array(np.array([-1], np.int64), "flat"),
              numpy_helper.from_array(np.arange(4, dtype=np.int64).reshape(1, 4, 1, 1), "idx")]
     nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
-             helper.make_node("ReduceMean", ["c"], ["m"], name="mean", axes=[2, 3], keepdims=1),
-             helper.make_node("Reshape", ["m", "flat"], ["f"], name="view"),
-             helper.make_node("Gather", ["f", "idx"], ["y"], name="as_strided", axis=0)]
+             helper.make_node("ReduceMean", ["c"], ["m"], name="mean", axes=[2, 3], keepdims=1)]
+    if not batch_first:
+        nodes.append(helper.make_node("Transpose", ["m"], ["mt"], name="swap", perm=[1, 0, 2, 3]))
+    nodes += [helper.make_node("Reshape", [nodes[-1].output[0], "flat"], ["f"], name="view"),
+              helper.make_node("Gather", ["f", "idx"], ["y"], name="as_strided", axis=0)]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 2, 2])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 1, 1])], inits)
     path = tmp_path / "strided.onnx"
@@ -533,7 +539,7 @@ def test_a_graph_that_fixes_its_batch_runs_one_image_at_a_time(tmp_path):
     np.testing.assert_allclose(one.reshape(4), want, rtol=1e-5, atol=1e-6)
     assert model.fixed_batch is None
     both = model.run(x, ["as_strided"], batch_size=2)["as_strided"]
-    assert model.fixed_batch == 1 and both.shape == (2, 4, 1, 1)
+    assert model.fixed_batch == (None if batch_first else 1) and both.shape == (2, 4, 1, 1)
     np.testing.assert_array_equal(both[:1], one)
     np.testing.assert_array_equal(both[1:], model.run(x[1:], ["as_strided"])["as_strided"])
     np.save(tmp_path / "x.npy", x)

@@ -126,6 +126,69 @@ def test_make_batch_dynamic_leaves_a_literal_zero_target():
     assert onnxgraph.attributes(dyn.graph.node[1])["allowzero"] == 1
 
 
+def _as_strided_model(variant="leading_one"):
+    """A batch-1 dynamo-style file (x declared 1x2x3x3, opset 18): Conv -> Reshape [-1] -> Gather of
+    the constant indices of one image's NCHW -> NHWC transpose -> Relu. Variants: "leading_one"
+    (indices (1, 3, 3, 2)), "negative" (the same as negative indices), "flat" (indices (18,), then
+    Reshape [1, 3, 3, 2]), "transposed" (a Transpose (1, 0, 2, 3) before the flatten: its first
+    axis is the maps, not the batch), "shared" (the flattened tensor is also an output)."""
+    nhwc = np.transpose(np.arange(18).reshape(2, 3, 3), (1, 2, 0)).astype(np.int64)
+    w = np.random.default_rng(2).standard_normal((2, 2, 1, 1)).astype(np.float32)
+    inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array([-1], np.int64), "minus_one")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv")]
+    if variant == "transposed":
+        nodes.append(helper.make_node("Transpose", ["c"], ["ct"], name="swap", perm=[1, 0, 2, 3]))
+    nodes.append(helper.make_node("Reshape", [nodes[-1].output[0], "minus_one"], ["f"], name="view"))
+    if variant == "flat":
+        inits += [numpy_helper.from_array(nhwc.reshape(18), "idx"),
+                  numpy_helper.from_array(np.array([1, 3, 3, 2], np.int64), "nhwc")]
+        nodes += [helper.make_node("Gather", ["f", "idx"], ["pf"], name="as_strided", axis=0),
+                  helper.make_node("Reshape", ["pf", "nhwc"], ["p"], name="unflat")]
+    else:
+        idx = nhwc.reshape(1, 3, 3, 2) - (18 if variant == "negative" else 0)
+        inits.append(numpy_helper.from_array(idx, "idx"))
+        nodes.append(helper.make_node("Gather", ["f", "idx"], ["p"], name="as_strided", axis=0))
+    nodes.append(helper.make_node("Relu", ["p"], ["y"], name="relu"))
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 3, 2])]
+    if variant == "shared":
+        outputs.append(helper.make_tensor_value_info("f", TensorProto.FLOAT, [18]))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 3, 3])],
+                              outputs, inits)
+    return onnxgraph.make_model(graph, opset=18)
+
+
+@pytest.mark.parametrize("variant", ["leading_one", "negative", "flat"])
+def test_make_batch_dynamic_makes_an_as_strided_gather_per_image(variant):
+    """Reshape [-1] -> Gather(axis 0) becomes Reshape [-1, 18] -> Gather(axis 1): a batch of 3 runs
+    at once and each image equals the unmodified file run on it alone (exactly) and numpy's
+    NHWC transpose of a float64 1x1 convolution."""
+    m = _as_strided_model(variant)
+    dyn = onnxgraph.make_batch_dynamic(m)
+    gather = next(nd for nd in dyn.graph.node if nd.op_type == "Gather")
+    assert onnxgraph.attributes(gather)["axis"] == 1
+    inits = onnxgraph.initializer_map(dyn)
+    assert "idx" not in inits and "minus_one" not in inits  # replaced, not left unused
+    x = np.random.default_rng(0).standard_normal((3, 2, 3, 3)).astype(np.float32)
+    out = onnxgraph.create_session(dyn, device="cpu").run(None, {"x": x})[0]
+    orig = onnxgraph.create_session(m, device="cpu")
+    assert out.shape == (3, 3, 3, 2)
+    w = numpy_helper.to_array(m.graph.initializer[0])[:, :, 0, 0].astype(np.float64)
+    want = np.maximum(np.einsum("nchw,oc->nhwo", x.astype(np.float64), w), 0)
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-6)
+    for i in range(3):
+        np.testing.assert_array_equal(out[i:i + 1], orig.run(None, {"x": x[i:i + 1]})[0])
+
+
+@pytest.mark.parametrize("variant", ["transposed", "shared"])
+def test_make_batch_dynamic_leaves_a_gather_it_cannot_prove_per_image(variant):
+    # transposed: at batch N the flattened maps interleave the images, so the indices mix images;
+    # shared: the flattened tensor has another use the rewrite would change
+    dyn = onnxgraph.make_batch_dynamic(_as_strided_model(variant))
+    gather = next(nd for nd in dyn.graph.node if nd.op_type == "Gather")
+    assert onnxgraph.attributes(gather).get("axis", 0) == 0 and gather.input[1] == "idx"
+    assert numpy_helper.to_array(onnxgraph.initializer_map(dyn)["minus_one"]).tolist() == [-1]
+
+
 def lrn_f64(x, size, alpha, beta, bias):
     """ONNX LRN: y = x / (bias + alpha/size · Σ_{c-floor((size-1)/2)}^{c+ceil((size-1)/2)} x²)^beta."""
     x = x.astype(np.float64)

@@ -1171,20 +1171,31 @@ def _move_axis_last(b, t, axis, rank):
 
 @rule("Gather", note="constant indices, not along the batch axis")
 def _gather(ctx):
-    """Constant indices: the gradient along the axis times the one-hot selection matrix
-    (repeated indices add up)."""
+    """Constant indices: each input position reads back, by a Gather along the axis, the gradient
+    of the output position that picked it, or a zero appended along the axis where none did. A
+    position picked k times is summed over k such Gathers (repeated indices add up). Memory and work
+    grow with the axis, not with its square (a dynamo export's per-image as_strided permutes whole
+    feature maps along one axis)."""
     b, x = ctx.b, ctx.x[0]
     shape, rank, axis, idx = _gather_axis_indices(ctx)
-    # (picked, dim) one-hot: row k selects input position idx[k]
-    onehot = np.zeros((idx.size, shape[axis]), dtype=b.dtype)
-    np.add.at(onehot, (np.arange(idx.size), idx.reshape(-1)), 1.0)
-    # gradient (.., *idx.shape, ..) -> (.., picked, ..) -> picked axis last -> times onehot
+    picked = idx.reshape(-1)
+    # gradient (.., *idx.shape, ..) -> (.., picked, ..) -> one zero appended along the axis
     g_shape = [0 if (a == 0 and ctx.is_batched(x)) else shape[a] for a in range(axis)]
-    g_shape += [idx.size] + list(shape[axis + 1:])
-    g = b.reshape(ctx.output_grad(0), g_shape)
-    last, inverse = _move_axis_last(b, g, axis, rank)
-    dx = b.op("MatMul", [last, b.const(onehot, hint="gather_onehot")])
-    return [b.transpose(dx, inverse)]
+    g_shape += [picked.size] + list(shape[axis + 1:])
+    pads = np.zeros(2 * rank, np.int64)
+    pads[rank + axis] = 1
+    g = b.op("Pad", [b.reshape(ctx.output_grad(0), g_shape), b.ints(pads)], mode="constant")
+    order = np.argsort(picked, kind="stable")
+    positions = picked[order]
+    occurrence = np.arange(picked.size) - np.searchsorted(positions, positions, side="left")
+    dx = None
+    for k in range(int(occurrence.max()) + 1 if picked.size else 1):
+        source = np.full(shape[axis], picked.size, np.int64)  # the appended zero
+        mine = occurrence == k
+        source[positions[mine]] = order[mine]
+        term = b.op("Gather", [g, b.const(source, hint="gather_source")], axis=axis)
+        dx = term if dx is None else b.add(dx, term)
+    return [dx]
 
 
 @rule("GatherElements", note="constant indices, not along the batch axis")
