@@ -203,7 +203,8 @@ def test_sigkill_after_the_commit_point_is_completed_at_next_start(tmp_path):
 def test_sigint_during_the_moves_waits_for_the_commit(tmp_path):
     out = tmp_path / "out"
     _old_run(out)
-    proc, _ = _paused_commit(out, "new", 6, 2, 3)
+    # the pause must outlast the time from the mark to the signal on a loaded machine (2 s did not)
+    proc, _ = _paused_commit(out, "new", 6, 6, 3)
     proc.send_signal(signal.SIGINT)
     proc.wait(60)
     assert proc.returncode != 0  # interrupted, but only once the commit was whole
