@@ -542,10 +542,10 @@ def table(results: dict) -> str:
             if "gradient64_folded_error" not in r:  # a row recorded before the export without folding
                 grad64 = "not run" if e64 is None else f"{e64:.1e}" + ("" if e64 <= GRADIENT64_TOL else " (over 1e-5)")
             else:
-                for what, key in (("export without folding", "unfolded_export_error"),
-                                  ("float64 gradients of the export without folding", "gradient64_failure")):
-                    if r.get(key):
-                        failures.append(f"{arch} [{r['exporter']}] {what}: {r[key]}")
+                for what, field in (("export without folding", "unfolded_export_error"),
+                                    ("float64 gradients of the export without folding", "gradient64_failure")):
+                    if r.get(field):
+                        failures.append(f"{arch} [{r['exporter']}] {what}: {r[field]}")
                 grad64 = "failed" if e64 is None else f"{e64:.1e}" + ("" if e64 <= GRADIENT64_TOL else " (over 1e-5)")
                 folded = r.get("folded_kink_decisions")
                 grad64 += f"; {r['gradient64_folded_error']:.1e}" + (kink_note(folded) if folded and any(folded) else "")
