@@ -359,6 +359,7 @@ class ClusterOptions:
     shard_size: int = DEFAULT_SHARD_SIZE
     dashboard: bool = False
     progress: bool = True
+    debug: bool = False  # local workers log their errors (a task's traceback) only with --debug
 
 
 def parse_address(address: str):
@@ -381,7 +382,8 @@ def parse_address(address: str):
 @contextlib.contextmanager
 def connect(options: ClusterOptions, label: str = "cnnvis"):
     """A ``distributed.Client``: on a LocalCluster of N worker processes on 127.0.0.1 for
-    ``local:N`` (``options.threads`` threads each; dashboard only when asked), else on the
+    ``local:N`` (``options.threads`` threads each; dashboard only when asked; their logs, which
+    would print a failed task's traceback, silenced unless ``options.debug``), else on the
     scheduler at the address. Prints the dashboard address when there is one."""
     import logging
 
@@ -392,7 +394,8 @@ def connect(options: ClusterOptions, label: str = "cnnvis"):
     try:
         if kind == "local":
             cluster = LocalCluster(n_workers=where, threads_per_worker=int(options.threads), processes=True,
-                                   host="127.0.0.1", silence_logs=logging.ERROR, **local_dashboard(options.dashboard))
+                                   host="127.0.0.1", silence_logs=logging.ERROR if options.debug else logging.CRITICAL,
+                                   **local_dashboard(options.dashboard))
             client = Client(cluster)
         else:
             try:

@@ -417,6 +417,25 @@ def test_an_unreadable_file_named_explicitly_is_an_error(cluster, mixed, tmp_pat
         assert not out.exists() or not [p for p in out.rglob("*") if p.is_file() and scale.STATE_DIR not in p.parts]
 
 
+def test_a_task_failing_on_a_local_worker_prints_no_traceback(mixed, tmp_path):
+    """A local cluster's workers log a failed task with its traceback on the command's stderr; the
+    command says one line instead (the workers' log comes back with --debug)."""
+    folder, good, _ = mixed
+    argv = [sys.executable, "-m", "cnnvis", "topk", str(good / "im0000.png"), str(folder / "im0003b.png"),
+            "--layer", "conv1", "--dask", "local:1", "--no-progress"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    runs = {}
+    for debug in ([], ["--debug"]):
+        runs[bool(debug)] = subprocess.run(argv + debug + ["--out", str(tmp_path / f"out{len(debug)}")], env=env,
+                                           capture_output=True, text=True, timeout=300)
+    quiet = runs[False]
+    assert quiet.returncode == 2
+    errors = [line for line in quiet.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith(f"cnnvis topk: error: {folder / 'im0003b.png'}: not a readable image")
+    assert "Traceback" not in quiet.stderr and "Compute Failed" not in quiet.stderr
+    assert runs[True].returncode != 0 and "Compute Failed" in runs[True].stderr  # --debug: the workers' log
+
+
 def test_worker_killed_mid_run_changes_nothing(cluster, tmp_path):
     # larger images decode slowly enough that the run is still going when a worker dies
     folder = _images(tmp_path / "big", 120, seed=2, size=400)

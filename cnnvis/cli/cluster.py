@@ -92,7 +92,8 @@ def options(args):
     if getattr(args, "input_array", None):
         raise CnnvisError("--dask: needs image files (workers are sent paths, never pixels), not --input-array")
     return ClusterOptions(args.dask, threads=args.dask_threads, shard_size=args.shard_size,
-                          dashboard=args.dask_dashboard, progress=not getattr(args, "no_progress", False))
+                          dashboard=args.dask_dashboard, progress=not getattr(args, "no_progress", False),
+                          debug=bool(getattr(args, "debug", False)))
 
 
 def worker_model_ref(args, model):
