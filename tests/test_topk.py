@@ -323,8 +323,10 @@ def test_topk_killed_during_its_commit_ends_like_an_uninterrupted_run(planted, t
     part, mark = tmp_path / "part", tmp_path / "mark"
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]),
                CNNVIS_TEST_COMMIT_PAUSE="30@2" if sig == "SIGKILL" else "1@2", CNNVIS_TEST_COMMIT_MARK=str(mark))
+    from test_manifest import default_sigint
+
     proc = subprocess.Popen([sys.executable, "-m", "cnnvis", *base, "--out", str(part)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
     t0 = time.time()
     while not (mark.exists() and len(mark.read_text().splitlines()) >= 2):
         assert proc.poll() is None and time.time() - t0 < 120, proc.communicate()
