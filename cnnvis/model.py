@@ -369,7 +369,7 @@ class Model:
             if self.reduced_precision and self.forward_precision == self.precision:
                 # the file's own graph and precision, fed and answering in float32
                 outs = list(cache_key) or [o.name for o in self.native_proto.graph.output]
-                proto = onnxgraph.with_outputs(self.native_proto, outs, self._types)
+                proto = onnxgraph.drop_unused(onnxgraph.with_outputs(self.native_proto, outs, self._types))
                 try:
                     sess = _Float32Session(onnxgraph.create_session(proto, device=device, threads=threads,
                                                                     spinning=spinning), self.input_name)
@@ -382,14 +382,15 @@ class Model:
                     self._sessions.clear()
                     return self.session(outputs, spinning=spinning, threads=threads, device=device)
             elif self.reduced_precision:
-                proto = onnxgraph.with_outputs(onnxgraph.decompose_lrn(self.proto), list(cache_key) or [
-                    o.name for o in self.proto.graph.output], {}, copy=False)
+                proto = onnxgraph.drop_unused(onnxgraph.with_outputs(onnxgraph.decompose_lrn(self.proto), list(
+                    cache_key) or [o.name for o in self.proto.graph.output], {}, copy=False))
                 sess = onnxgraph.create_session(proto, device=device, threads=threads, spinning=spinning)
             else:
                 # LRN as elementwise ops + channel pooling: same values, ~20% faster in onnxruntime
                 proto = onnxgraph.decompose_lrn(self.proto)
-                if cache_key:
-                    proto = onnxgraph.with_outputs(proto, list(cache_key), self._types, copy=False)
+                if cache_key:  # only what the taps need runs (an early layer's session skips the rest)
+                    proto = onnxgraph.drop_unused(onnxgraph.with_outputs(proto, list(cache_key), self._types,
+                                                                         copy=False))
                 sess = onnxgraph.create_session(proto, device=device, threads=threads, spinning=spinning)
             self._sessions[cache_key] = sess
         return sess

@@ -165,6 +165,27 @@ def prune(nodes, initializers, outputs) -> tuple:
     return kept, [i for i in initializers if i.name in needed]
 
 
+def drop_unused(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` (edited in place) without the nodes and initializers its outputs do not need:
+    onnxruntime runs every node of a graph, so a session answering an early layer would still run
+    the rest (AlexNet's fully connected layers: 244 MB of weights read per batch for a conv5 tap).
+    A graph with subgraphs (If, Loop, Scan), whose bodies may read outer tensors, is left whole."""
+    g = model.graph
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in g.node for a in n.attribute):
+        return model
+    nodes, inits = prune(g.node, g.initializer, [o.name for o in g.output])
+    kept_outputs = {o for n in nodes for o in n.output}
+    kept_inits = {i.name for i in inits}
+    # in place, by position (the weights are not copied)
+    for k in reversed(range(len(g.node))):
+        if not any(o in kept_outputs for o in g.node[k].output):
+            del g.node[k]
+    for k in reversed(range(len(g.initializer))):
+        if g.initializer[k].name not in kept_inits:
+            del g.initializer[k]
+    return model
+
+
 def make_batch_dynamic(model: onnx.ModelProto, batch_name: str = "N") -> onnx.ModelProto:
     """Give the single image input and all outputs a symbolic batch dimension.
 

@@ -356,3 +356,46 @@ def test_static_shapes_size_a_pool_from_the_real_size_of_the_pool_before_it():
     shapes = onnxgraph.static_shapes(m, shape)
     assert (shapes["p1"], shapes["p2"], shapes["p3"]) == ((1, 1, 5, 5), (1, 1, 3, 3), (1, 1, 2, 2))
     assert shapes["p3"] == _ran_shape(m, shape)
+
+
+def _conv_head_net():
+    """x → Conv(c) → Relu(r) → Flatten → Gemm(fc, weights W) → logits; a side branch Neg(r) → n."""
+    rng = np.random.default_rng(3)
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 2, 3, 3)).astype(np.float32), "cw"),
+             numpy_helper.from_array(rng.standard_normal((5, 4 * 6 * 6)).astype(np.float32), "W")]
+    nodes = [helper.make_node("Conv", ["x", "cw"], ["c"], name="conv"),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("Neg", ["r"], ["n"], name="neg"),
+             helper.make_node("Flatten", ["r"], ["f"], name="flat"),
+             helper.make_node("Gemm", ["f", "W"], ["logits"], name="fc", transB=1)]
+    graph = helper.make_graph(nodes, "net", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 8, 8])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 5])], inits)
+    return onnxgraph.make_model(graph)
+
+
+def test_drop_unused_keeps_only_what_the_outputs_need():
+    import onnxruntime as ort
+
+    net = _conv_head_net()
+    tapped = onnxgraph.with_outputs(net, ["r"], {})
+    pruned = onnxgraph.drop_unused(onnxgraph.with_outputs(net, ["r"], {}))
+    assert [n.name for n in pruned.graph.node] == ["conv", "relu"]  # the head and the side branch are gone
+    assert [i.name for i in pruned.graph.initializer] == ["cw"]  # and the head's weights
+    x = np.random.default_rng(4).standard_normal((3, 2, 8, 8)).astype(np.float32)
+    full = ort.InferenceSession(tapped.SerializeToString(), providers=["CPUExecutionProvider"]).run(["r"], {"x": x})[0]
+    part = ort.InferenceSession(pruned.SerializeToString(), providers=["CPUExecutionProvider"]).run(["r"], {"x": x})[0]
+    assert np.array_equal(full, part)  # the same kernels on the same data: bit for bit
+    assert np.array_equal(part, np.maximum(full, 0))
+    kept = onnxgraph.drop_unused(onnxgraph.with_outputs(net, ["n", "logits"], {}))
+    assert [n.name for n in kept.graph.node] == [n.name for n in net.graph.node]
+
+
+def test_drop_unused_leaves_a_graph_with_subgraphs_whole():
+    net = _conv_head_net()
+    then = helper.make_graph([helper.make_node("Identity", ["r"], ["t"])], "then", [],
+                             [helper.make_tensor_value_info("t", TensorProto.FLOAT, None)])
+    cond = numpy_helper.from_array(np.array(True), "cond")
+    net.graph.initializer.append(cond)
+    net.graph.node.append(helper.make_node("If", ["cond"], ["picked"], then_branch=then, else_branch=then))
+    before = len(net.graph.node)
+    assert len(onnxgraph.drop_unused(onnxgraph.with_outputs(net, ["c"], {})).graph.node) == before
