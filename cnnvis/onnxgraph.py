@@ -60,6 +60,25 @@ def _run_single_node(node: onnx.NodeProto, values: dict, opset: int) -> list:
     return ref.run(None, {n: values[n] for n in node.input if n})
 
 
+#: Constant's attributes other than ``value``: (name, numpy dtype of the value) — ONNX Constant op spec
+_CONSTANT_LISTS = {"value_float": np.float32, "value_floats": np.float32, "value_int": np.int64,
+                   "value_ints": np.int64}
+
+
+def constant_node_value(node: onnx.NodeProto):
+    """The numpy value of a ``Constant`` node (any of its forms: ``value``, ``value_float(s)``,
+    ``value_int(s)``, as PyTorch's dynamo exporter writes a Reshape target ``[-1]``), else None
+    (not a Constant of the default domain, or a string or sparse constant)."""
+    if node.op_type != "Constant" or node.domain not in ("", "ai.onnx") or len(node.attribute) != 1:
+        return None
+    a = node.attribute[0]
+    if a.name == "value":
+        return numpy_helper.to_array(a.t)
+    if a.name in _CONSTANT_LISTS:
+        return np.array(helper.get_attribute_value(a), dtype=_CONSTANT_LISTS[a.name])
+    return None
+
+
 def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
     """Evaluate every node whose inputs are all constants and store its outputs as initializers.
 
@@ -83,11 +102,10 @@ def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
 
     kept_nodes = []
     for node in graph.node:
-        if node.op_type == "Constant":
-            attr = {a.name: a for a in node.attribute}
-            if "value" in attr:
-                folded[node.output[0]] = numpy_helper.to_array(attr["value"].t)
-                continue
+        constant = constant_node_value(node)
+        if constant is not None:
+            folded[node.output[0]] = constant
+            continue
         foldable = (
             node.domain in ("", "ai.onnx")
             and any(node.input)  # nodes without inputs (other than Constant) are left alone
@@ -212,13 +230,13 @@ def make_batch_dynamic(model: onnx.ModelProto, batch_name: str = "N") -> onnx.Mo
 
 
 def _constant_values(model: onnx.ModelProto) -> dict:
-    """name -> numpy value of every initializer and Constant node output (``value`` attribute)."""
+    """name -> value of every initializer (its TensorProto: weights are converted when read) and
+    Constant node output (numpy, :func:`constant_node_value`)."""
     values = {i.name: i for i in model.graph.initializer}
     for node in model.graph.node:
-        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
-            attr = {a.name: a for a in node.attribute}
-            if "value" in attr:
-                values[node.output[0]] = attr["value"].t
+        constant = constant_node_value(node)
+        if constant is not None:
+            values[node.output[0]] = constant
     return values
 
 
@@ -249,7 +267,7 @@ def _per_image_gathers(m: onnx.ModelProto) -> None:
 
     def value(name):
         c = consts.get(name)
-        return None if c is None else numpy_helper.to_array(c)
+        return numpy_helper.to_array(c) if isinstance(c, onnx.TensorProto) else c
 
     def flattening(node):
         if node is None or node.op_type != "Reshape" or len(node.input) < 2:
