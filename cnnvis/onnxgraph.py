@@ -60,6 +60,25 @@ def _run_single_node(node: onnx.NodeProto, values: dict, opset: int) -> list:
     return ref.run(None, {n: values[n] for n in node.input if n})
 
 
+#: Constant's attributes other than ``value``: (name, numpy dtype of the value) — ONNX Constant op spec
+_CONSTANT_LISTS = {"value_float": np.float32, "value_floats": np.float32, "value_int": np.int64,
+                   "value_ints": np.int64}
+
+
+def constant_node_value(node: onnx.NodeProto):
+    """The numpy value of a ``Constant`` node (any of its forms: ``value``, ``value_float(s)``,
+    ``value_int(s)``, as PyTorch's dynamo exporter writes a Reshape target ``[-1]``), else None
+    (not a Constant of the default domain, or a string or sparse constant)."""
+    if node.op_type != "Constant" or node.domain not in ("", "ai.onnx") or len(node.attribute) != 1:
+        return None
+    a = node.attribute[0]
+    if a.name == "value":
+        return numpy_helper.to_array(a.t)
+    if a.name in _CONSTANT_LISTS:
+        return np.array(helper.get_attribute_value(a), dtype=_CONSTANT_LISTS[a.name])
+    return None
+
+
 def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
     """Evaluate every node whose inputs are all constants and store its outputs as initializers.
 
@@ -83,11 +102,10 @@ def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
 
     kept_nodes = []
     for node in graph.node:
-        if node.op_type == "Constant":
-            attr = {a.name: a for a in node.attribute}
-            if "value" in attr:
-                folded[node.output[0]] = numpy_helper.to_array(attr["value"].t)
-                continue
+        constant = constant_node_value(node)
+        if constant is not None:
+            folded[node.output[0]] = constant
+            continue
         foldable = (
             node.domain in ("", "ai.onnx")
             and any(node.input)  # nodes without inputs (other than Constant) are left alone
@@ -233,13 +251,13 @@ def make_batch_dynamic(model: onnx.ModelProto, batch_name: str = "N") -> onnx.Mo
 
 
 def _constant_values(model: onnx.ModelProto) -> dict:
-    """name -> numpy value of every initializer and Constant node output (``value`` attribute)."""
+    """name -> value of every initializer (its TensorProto: weights are converted when read) and
+    Constant node output (numpy, :func:`constant_node_value`)."""
     values = {i.name: i for i in model.graph.initializer}
     for node in model.graph.node:
-        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
-            attr = {a.name: a for a in node.attribute}
-            if "value" in attr:
-                values[node.output[0]] = attr["value"].t
+        constant = constant_node_value(node)
+        if constant is not None:
+            values[node.output[0]] = constant
     return values
 
 
@@ -270,7 +288,7 @@ def _per_image_gathers(m: onnx.ModelProto) -> None:
 
     def value(name):
         c = consts.get(name)
-        return None if c is None else numpy_helper.to_array(c)
+        return numpy_helper.to_array(c) if isinstance(c, onnx.TensorProto) else c
 
     def flattening(node):
         if node is None or node.op_type != "Reshape" or len(node.input) < 2:
@@ -329,10 +347,13 @@ def _per_image_gathers(m: onnx.ModelProto) -> None:
                 kept = [a for a in gather.attribute if a.name != "axis"]
                 del gather.attribute[:]
                 gather.attribute.extend(kept + [helper.make_attribute("axis", 1)])
-            used = {i for n in graph.node for i in n.input if i}
+            used = {i for n in graph.node for i in n.input if i} | outputs
             unused = [i for i in graph.initializer if i.name in replaced and i.name not in used]
             for init in unused:
                 graph.initializer.remove(init)
+            for node in [nd for nd in graph.node if nd.op_type == "Constant" and nd.output[0] in replaced
+                         and nd.output[0] not in used]:
+                graph.node.remove(node)
 
 
 def _new_initializer(graph, name: str, value) -> str:
@@ -362,17 +383,28 @@ def fold_shape_arithmetic(model: onnx.ModelProto, sample_shape, batches=(1, 2)) 
         return model
     data = data_tensors(model)
     shape_only = [o for n in graph.node for o in n.output if o and o not in data]
-    image = real_inputs(model)[0]
+    exact = set(shape_only)
     try:
-        probe = with_outputs(model, shape_only, static_shapes_and_types(model, (1, *sample_shape))[1])
-        sess = create_session(probe, device="cpu", threads=1)
-        dtype = helper.tensor_dtype_to_np_dtype(probe.graph.input[[i.name for i in probe.graph.input]
-                                                                 .index(image.name)].type.tensor_type.elem_type)
-        runs = [sess.run(shape_only, {image.name: np.zeros((b, *sample_shape), dtype)}) for b in batches]
+        runs = _run_shape_only(model, shape_only, sample_shape, batches)
     except Exception:  # noqa: BLE001 - a model that cannot run is reported by its own check
+        runs = None
+    if runs is None and _computes_in_float64(model):
+        # onnxruntime's CPU kernels of Conv, pools... take no float64: probe the model in float32.
+        # Shapes do not depend on the precision; only the tensors computed from shapes and integer
+        # constants without any float arithmetic are taken from that run (float64 ones are not)
+        try:
+            exact = _integer_shape_arithmetic(model, data, static_shapes_and_types(model, (1, *sample_shape))[1])
+        except Exception:  # noqa: BLE001 - no types: nothing proven exact
+            exact = set()
+        try:
+            runs = _run_shape_only(_retyped(model, (TensorProto.DOUBLE,), stash=True), shape_only,
+                                   sample_shape, batches)
+        except Exception:  # noqa: BLE001
+            runs = None
+    if runs is None:
         return model
-    fixed = {name: runs[0][k] for k, name in enumerate(shape_only)
-             if all(r[k].shape == runs[0][k].shape and np.array_equal(r[k], runs[0][k]) for r in runs[1:])}
+    fixed = {name: runs[0][k] for k, name in enumerate(shape_only) if name in exact
+             and all(r[k].shape == runs[0][k].shape and np.array_equal(r[k], runs[0][k]) for r in runs[1:])}
     if not fixed:
         return model
     kept = [n for n in graph.node if not all(o in fixed for o in n.output if o)]
@@ -385,6 +417,51 @@ def fold_shape_arithmetic(model: onnx.ModelProto, sample_shape, batches=(1, 2)) 
     out = make_model(new_graph, opset=opset_of(model))
     _copy_metadata(model, out)
     return out
+
+
+def _run_shape_only(model: onnx.ModelProto, shape_only: list, sample_shape, batches) -> list:
+    """The values of the tensors ``shape_only`` in onnxruntime, one list per batch size of
+    ``batches``, the image all zeros (raises what loading or running raises)."""
+    image = real_inputs(model)[0]
+    probe = with_outputs(model, shape_only, static_shapes_and_types(model, (1, *sample_shape))[1])
+    sess = create_session(probe, device="cpu", threads=1)
+    dtype = helper.tensor_dtype_to_np_dtype(probe.graph.input[[i.name for i in probe.graph.input]
+                                                             .index(image.name)].type.tensor_type.elem_type)
+    return [sess.run(shape_only, {image.name: np.zeros((b, *sample_shape), dtype)}) for b in batches]
+
+
+def _computes_in_float64(model: onnx.ModelProto) -> bool:
+    """Whether the graph has float64 weights, inputs, outputs or Casts to float64."""
+    g = model.graph
+    double = TensorProto.DOUBLE
+    return (any(i.data_type == double for i in g.initializer)
+            or any(v.type.tensor_type.elem_type == double for v in list(g.input) + list(g.output))
+            or any(n.op_type == "Cast" and attributes(n).get("to") == double for n in g.node))
+
+
+def _integer_shape_arithmetic(model: onnx.ModelProto, data: set, elem_types: dict) -> set:
+    """The shape-only tensors (not in ``data``) whose values no float arithmetic touched: integer or
+    bool tensors (``elem_types``: onnx's inferred element types) computed by Shape/Size (of any
+    tensor: only its shape is read), or by another node from such tensors and integer or bool
+    constants only. A float32 run of a float64 model gives them exactly as the model does."""
+    def exact_type(elem_type) -> bool:
+        return elem_type is not None and elem_type in _INTEGER_TYPES
+
+    exact = {name for name, c in _constant_values(model).items()
+             if exact_type(c.data_type if isinstance(c, onnx.TensorProto)
+                           else helper.np_dtype_to_tensor_dtype(c.dtype))}
+    for node in model.graph.node:
+        outs = [o for o in node.output if o]
+        if node.op_type == "Constant" or any(o in data for o in outs):
+            continue
+        if node.op_type in ops.SHAPE_SOURCE_OPS or all(i in exact for i in node.input if i):
+            exact.update(o for o in outs if exact_type(elem_types.get(o)))
+    return exact
+
+
+_INTEGER_TYPES = frozenset({TensorProto.INT8, TensorProto.INT16, TensorProto.INT32, TensorProto.INT64,
+                            TensorProto.UINT8, TensorProto.UINT16, TensorProto.UINT32, TensorProto.UINT64,
+                            TensorProto.BOOL})
 
 
 def static_shapes(model: onnx.ModelProto, input_shape, onnxruntime_pools: bool = True) -> dict:
@@ -704,21 +781,30 @@ def to_float32(model: onnx.ModelProto) -> onnx.ModelProto:
     A float32 model is returned as it is."""
     if not is_reduced_precision(model):
         return model
+    return _retyped(model, _REDUCED_FLOATS)
+
+
+def _retyped(model: onnx.ModelProto, kinds, stash: bool = False) -> onnx.ModelProto:
+    """A copy of ``model`` with the float types ``kinds`` made float32: weights, inputs, outputs,
+    value infos, Casts and tensor attributes (see :func:`to_float32`); ``stash``: also a
+    normalization's ``stash_type`` of one of ``kinds``."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
     g = m.graph
     for i, init in enumerate(g.initializer):
-        if init.data_type in _REDUCED_FLOATS:
+        if init.data_type in kinds:
             g.initializer[i].CopyFrom(numpy_helper.from_array(
                 numpy_helper.to_array(init).astype(np.float32), init.name))
     for info in list(g.input) + list(g.output) + list(g.value_info):
-        if info.type.tensor_type.elem_type in _REDUCED_FLOATS:
+        if info.type.tensor_type.elem_type in kinds:
             info.type.tensor_type.elem_type = TensorProto.FLOAT
     for node in g.node:
         for a in node.attribute:
-            if a.name == "to" and node.op_type == "Cast" and a.i in _REDUCED_FLOATS:
+            if a.name == "to" and node.op_type == "Cast" and a.i in kinds:
                 a.i = TensorProto.FLOAT
-            elif a.type == onnx.AttributeProto.TENSOR and a.t.data_type in _REDUCED_FLOATS:
+            elif stash and a.name == "stash_type" and a.i in kinds:
+                a.i = TensorProto.FLOAT
+            elif a.type == onnx.AttributeProto.TENSOR and a.t.data_type in kinds:
                 a.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(a.t).astype(np.float32), a.t.name))
     return m
 

@@ -979,13 +979,15 @@ def test_per_sample_gradients_of_a_float16_weight_cast_to_float32():
 
 # ----------------------------------------------- a dynamo batch-1 export's as_strided (issue 17)
 
-def _as_strided_net(dtype=np.float32, indices="leading_one", batch_first=True):
+def _as_strided_net(dtype=np.float32, indices="leading_one", batch_first=True, constant_nodes=False):
     """A batch-1 file (x declared 1x3x3x3, opset 18) as torch's dynamo exporter writes a permute:
     Conv (3 maps, 4x4) -> Reshape [-1] (the whole tensor) -> Gather of the constant indices of the
     NCHW -> NHWC transpose of one image -> Tanh -> Reshape [1, -1] -> MatMul -> logits (1x5).
     ``indices``: "leading_one" gives them the shape (1, 4, 4, 3); "flat" the shape (48,), followed by
     a Reshape [1, 4, 4, 3]. ``batch_first=False`` puts a Transpose (1, 0, 2, 3) before the flatten:
-    its first axis is then the maps, and at any batch but 1 the indices pick from several images."""
+    its first axis is then the maps, and at any batch but 1 the indices pick from several images.
+    ``constant_nodes``: the Reshape target [-1] and the indices as Constant nodes (``value_ints``,
+    ``value``), as dynamo writes them without constant folding."""
     rng = np.random.default_rng(3)
     elem = TensorProto.DOUBLE if dtype == np.float64 else TensorProto.FLOAT
     # position k of the NHWC order (h, w, c) reads element c*16 + h*4 + w of the NCHW image
@@ -1005,6 +1007,10 @@ def _as_strided_net(dtype=np.float32, indices="leading_one", batch_first=True):
         inits["nhwc_shape"] = np.array([1, 4, 4, 3], np.int64)
         nodes += [n("Gather", ["f", "idx"], ["pf"], axis=0), n("Reshape", ["pf", "nhwc_shape"], ["p"])]
     nodes += [n("Tanh", ["p"], ["t"]), n("Reshape", ["t", "flat2"], ["v"]), n("MatMul", ["v", "fc"], ["y"])]
+    if constant_nodes:
+        nodes[:0] = [helper.make_node("Constant", [], ["minus_one"], value_ints=[-1]),
+                     helper.make_node("Constant", [], ["idx"], value=numpy_helper.from_array(inits.pop("idx"), "idx"))]
+        del inits["minus_one"]
     tensors = [numpy_helper.from_array(v.astype(dtype) if v.dtype.kind == "f" else v, k) for k, v in inits.items()]
     g = helper.make_graph(nodes, "as_strided", [helper.make_tensor_value_info("x", elem, [1, 3, 3, 3])],
                           [helper.make_tensor_value_info("y", elem, [1, 5])], tensors)
@@ -1047,17 +1053,21 @@ def onnx_copy(model):
     return m
 
 
+@pytest.mark.parametrize("constant_nodes", [False, True])
 @pytest.mark.parametrize("indices", ["leading_one", "flat"])
-def test_as_strided_gather_of_a_batch_one_export_differentiates_per_sample(indices):
+def test_as_strided_gather_of_a_batch_one_export_differentiates_per_sample(indices, constant_nodes):
     """The Reshape [-1] -> Gather is rewritten into a per-image Gather (onnxgraph.make_batch_dynamic):
     input and per-sample first-conv weight gradients of a batch of 3 equal float64 central
     differences of the unmodified file run one image at a time (float64 engine to 1e-6 of the
-    largest entry, float32 onnxruntime engine to 1e-3)."""
+    largest entry, float32 onnxruntime engine to 1e-3); also with the target and indices written
+    as Constant nodes (a dynamo export without constant folding)."""
     x = rand(3, 3, 3, 3, seed=4)
     index = 2
     want = _central_differences(_as_strided_net(np.float64, indices), x, ["x", "w"], index)
-    for model, dtype, tol, backend in ((_as_strided_net(np.float64, indices), np.float64, F64_TOL, "reference"),
-                                       (_as_strided_net(np.float32, indices), np.float32, F32_TOL, "onnxruntime")):
+    for model, dtype, tol, backend in ((_as_strided_net(np.float64, indices, constant_nodes=constant_nodes),
+                                        np.float64, F64_TOL, "reference"),
+                                       (_as_strided_net(np.float32, indices, constant_nodes=constant_nodes),
+                                        np.float32, F32_TOL, "onnxruntime")):
         engine = GradientEngine(model, ["x", "w"], objective="logit", per_sample=True, backend=backend)
         got = engine.run(x.astype(dtype), index=index)
         for name in ("x", "w"):

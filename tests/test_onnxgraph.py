@@ -69,6 +69,93 @@ def test_fold_constants_turns_computed_weights_into_initializers():
     np.testing.assert_allclose(sess.run(None, {"x": np.ones((4, 2), np.float32)})[0], np.full((4, 3), 4.0))
 
 
+def test_fold_constants_reads_every_constant_form():
+    # Constant nodes as exporters without constant folding write them: value_ints (a shape),
+    # value_floats, value_float, value_int; w = ones(2, 3) * [1, 2, 3] * 2.0 * 3
+    nodes = [
+        helper.make_node("Constant", [], ["w_shape"], value_ints=[2, 3]),
+        helper.make_node("Constant", [], ["row"], value_floats=[1.0, 2.0, 3.0]),
+        helper.make_node("Constant", [], ["two"], value_float=2.0),
+        helper.make_node("Constant", [], ["three"], value_int=3),
+        helper.make_node("ConstantOfShape", ["w_shape"], ["ones"],
+                         value=numpy_helper.from_array(np.array([1.0], np.float32))),
+        helper.make_node("Cast", ["three"], ["three_f"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["ones", "row"], ["w1"]),
+        helper.make_node("Mul", ["w1", "two"], ["w2"]),
+        helper.make_node("Mul", ["w2", "three_f"], ["w"]),
+        helper.make_node("MatMul", ["x", "w"], ["y"]),
+    ]
+    m = onnxgraph.make_model(helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2])],
+                                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])]))
+    folded = onnxgraph.fold_constants(m)
+    assert [n.op_type for n in folded.graph.node] == ["MatMul"]
+    w = onnxgraph.initializer_map(folded)["w"]
+    np.testing.assert_array_equal(numpy_helper.to_array(w), np.array([[6.0, 12.0, 18.0]] * 2, np.float32))
+    x = np.random.default_rng(1).standard_normal((4, 2)).astype(np.float32)
+    got = onnxgraph.create_session(folded, device="cpu").run(None, {"x": x})[0]
+    np.testing.assert_array_equal(got, onnxgraph.create_session(m, device="cpu").run(None, {"x": x})[0])
+    np.testing.assert_allclose(got, x.astype(np.float64) @ np.array([[6.0, 12.0, 18.0]] * 2), rtol=1e-6)
+    assert onnxgraph.constant_node_value(helper.make_node("Constant", [], ["s"], value_string="a")) is None
+
+
+def _float64_chunk_model():
+    """A float64 graph (onnxruntime's CPU kernels have no float64 Conv, so it cannot load it) as
+    TorchScript writes torch.chunk(conv(x), 2, dim=1) without constant folding: the Slice bounds
+    Shape(c) -> Gather(1) -> Add(1) -> Div(2) (-> Mul(2)) -> Unsqueeze, with the constants as
+    Constant nodes. A third Slice ends at Cast(Cast(channels, DOUBLE) * 0.5, INT64): float
+    arithmetic on a shape. y = a * b + d for a = c[:, :2], b = c[:, 2:4], d = c[:, :2]."""
+    def const(name, value):
+        return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.array(value), name))
+
+    w = np.random.default_rng(5).standard_normal((4, 4, 1, 1))
+    nodes = [const("one", np.int64(1)), const("two", np.int64(2)), const("axis0", np.array([0], np.int64)),
+             const("start", np.array([0], np.int64)), const("ch", np.array([1], np.int64)),
+             const("halfd", np.float64(0.5)),
+             helper.make_node("Conv", ["x", "w"], ["c"]),
+             helper.make_node("Shape", ["c"], ["s"]),
+             helper.make_node("Gather", ["s", "one"], ["n"], axis=0),
+             helper.make_node("Add", ["n", "one"], ["n1"]),
+             helper.make_node("Div", ["n1", "two"], ["half"]),
+             helper.make_node("Mul", ["half", "two"], ["whole"]),
+             helper.make_node("Unsqueeze", ["half", "axis0"], ["mid"]),
+             helper.make_node("Unsqueeze", ["whole", "axis0"], ["end"]),
+             helper.make_node("Cast", ["n"], ["nf"], to=TensorProto.DOUBLE),
+             helper.make_node("Mul", ["nf", "halfd"], ["hf"]),
+             helper.make_node("Cast", ["hf"], ["hi"], to=TensorProto.INT64),
+             helper.make_node("Unsqueeze", ["hi", "axis0"], ["fend"]),
+             helper.make_node("Slice", ["c", "start", "mid", "ch"], ["a"]),
+             helper.make_node("Slice", ["c", "mid", "end", "ch"], ["b"]),
+             helper.make_node("Slice", ["c", "start", "fend", "ch"], ["d"]),
+             helper.make_node("Mul", ["a", "b"], ["ab"]),
+             helper.make_node("Add", ["ab", "d"], ["y"])]
+    graph = helper.make_graph(nodes, "chunk64", [helper.make_tensor_value_info("x", TensorProto.DOUBLE, ["N", 4, 3, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.DOUBLE, ["N", 2, 3, 3])],
+                              [numpy_helper.from_array(w, "w")])
+    return onnxgraph.make_model(graph), w
+
+
+def test_fold_shape_arithmetic_of_a_float64_model_onnxruntime_cannot_load():
+    """The integer Slice bounds become initializers (probed in a float32 copy); the bound computed
+    through float64 arithmetic is not taken from that copy and stays computed. The folded graph's
+    forward equals the unmodified graph's (onnx's reference evaluator, exactly) and numpy's."""
+    from onnx.reference import ReferenceEvaluator
+
+    m, w = _float64_chunk_model()
+    with pytest.raises(CnnvisError):
+        onnxgraph.create_session(m, device="cpu")  # the premise: onnxruntime cannot probe it as it is
+    folded = onnxgraph.fold_shape_arithmetic(m, (4, 3, 3))
+    inits = {k: numpy_helper.to_array(v) for k, v in onnxgraph.initializer_map(folded).items()}
+    assert inits["mid"].tolist() == [2] and inits["end"].tolist() == [4]
+    assert "hi" not in inits and "fend" not in inits
+    assert {o for nd in folded.graph.node for o in nd.output} >= {"hf", "hi", "fend"}
+    for batch in (1, 3):
+        x = np.random.default_rng(batch).standard_normal((batch, 4, 3, 3))
+        got = ReferenceEvaluator(folded).run(None, {"x": x})[0]
+        np.testing.assert_array_equal(got, ReferenceEvaluator(m).run(None, {"x": x})[0])
+        c = np.einsum("nchw,oc->nohw", x, w[:, :, 0, 0])
+        np.testing.assert_allclose(got, c[:, :2] * c[:, 2:] + c[:, :2], rtol=1e-12, atol=1e-12)
+
+
 def test_every_written_model_loads_in_onnxruntime():
     m = _relu_model()
     assert m.ir_version == onnxgraph.IR_VERSION and onnxgraph.opset_of(m) == onnxgraph.OPSET
@@ -131,7 +218,9 @@ def _as_strided_model(variant="leading_one"):
     the constant indices of one image's NCHW -> NHWC transpose -> Relu. Variants: "leading_one"
     (indices (1, 3, 3, 2)), "negative" (the same as negative indices), "flat" (indices (18,), then
     Reshape [1, 3, 3, 2]), "transposed" (a Transpose (1, 0, 2, 3) before the flatten: its first
-    axis is the maps, not the batch), "shared" (the flattened tensor is also an output)."""
+    axis is the maps, not the batch), "shared" (the flattened tensor is also an output),
+    "constant_nodes" (as dynamo writes it without constant folding: the target [-1] a Constant node
+    with ``value_ints``, the indices a Constant node with a ``value`` tensor)."""
     nhwc = np.transpose(np.arange(18).reshape(2, 3, 3), (1, 2, 0)).astype(np.int64)
     w = np.random.default_rng(2).standard_normal((2, 2, 1, 1)).astype(np.float32)
     inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array([-1], np.int64), "minus_one")]
@@ -148,6 +237,11 @@ def _as_strided_model(variant="leading_one"):
         idx = nhwc.reshape(1, 3, 3, 2) - (18 if variant == "negative" else 0)
         inits.append(numpy_helper.from_array(idx, "idx"))
         nodes.append(helper.make_node("Gather", ["f", "idx"], ["p"], name="as_strided", axis=0))
+    if variant == "constant_nodes":
+        inits = inits[:1]
+        nodes[:0] = [helper.make_node("Constant", [], ["minus_one"], name="target", value_ints=[-1]),
+                     helper.make_node("Constant", [], ["idx"], name="indices",
+                                      value=numpy_helper.from_array(nhwc.reshape(1, 3, 3, 2), "idx"))]
     nodes.append(helper.make_node("Relu", ["p"], ["y"], name="relu"))
     outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 3, 2])]
     if variant == "shared":
@@ -157,7 +251,7 @@ def _as_strided_model(variant="leading_one"):
     return onnxgraph.make_model(graph, opset=18)
 
 
-@pytest.mark.parametrize("variant", ["leading_one", "negative", "flat"])
+@pytest.mark.parametrize("variant", ["leading_one", "negative", "flat", "constant_nodes"])
 def test_make_batch_dynamic_makes_an_as_strided_gather_per_image(variant):
     """Reshape [-1] -> Gather(axis 0) becomes Reshape [-1, 18] -> Gather(axis 1): a batch of 3 runs
     at once and each image equals the unmodified file run on it alone (exactly) and numpy's
@@ -168,6 +262,7 @@ def test_make_batch_dynamic_makes_an_as_strided_gather_per_image(variant):
     assert onnxgraph.attributes(gather)["axis"] == 1
     inits = onnxgraph.initializer_map(dyn)
     assert "idx" not in inits and "minus_one" not in inits  # replaced, not left unused
+    assert not [nd for nd in dyn.graph.node if nd.op_type == "Constant"]
     x = np.random.default_rng(0).standard_normal((3, 2, 3, 3)).astype(np.float32)
     out = onnxgraph.create_session(dyn, device="cpu").run(None, {"x": x})[0]
     orig = onnxgraph.create_session(m, device="cpu")
