@@ -460,6 +460,24 @@ def test_pointwise(op, attrs, positive, spread):
 
 
 
+def test_hardswish_float64_gradient_is_that_of_the_function_with_alpha_as_onnx_stores_it():
+    # ONNX defines HardSwish by a HardSigmoid whose float attribute alpha = 1/6 is float32(1/6), and onnx's
+    # reference evaluator computes exactly that in float64; the float64 gradient is that function's:
+    # 2 alpha x + 1/2 on the ramp (not x/3 + 1/2: 1e-8 apart), 1 above 0.5 / alpha = 2.99999991
+    from onnx.reference import ReferenceEvaluator
+
+    g = helper.make_graph([n("HardSwish", ["x"], ["y"])], "hs", [helper.make_tensor_value_info("x", TensorProto.DOUBLE, ["N", 6])],
+                          [helper.make_tensor_value_info("y", TensorProto.DOUBLE, None)])
+    m = make_model(g)
+    alpha = float(np.float32(1.0 / 6.0))  # 0.16666667163...
+    x = np.array([[1.0, -2.0, 2.99999995, -2.99999995, 4.0, -4.0]])
+    np.testing.assert_array_equal(ReferenceEvaluator(m).run(None, {"x": x})[0], x * np.clip(alpha * x + 0.5, 0.0, 1.0))
+    want = np.where(alpha * x + 0.5 >= 1.0, 1.0, np.where(alpha * x + 0.5 > 0.0, 2.0 * alpha * x + 0.5, 0.0))
+    np.testing.assert_array_equal(want[0, 2:], [1.0, 0.0, 1.0, 0.0])  # past the float32 alpha's bounds
+    got = GradientEngine(m, "x", objective="seed", target="y").run(x, seed=np.ones_like(x))["x"]
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-15)
+
+
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 def test_gelu_opset20(approximate):
     m = _with_source([n("Gelu", ["SRC"], ["y"], approximate=approximate)], (3, 4, 5), opset=20, spread=2.0)

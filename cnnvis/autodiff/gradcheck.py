@@ -34,6 +34,7 @@ from ..errors import CnnvisError
 from .backend import Runner
 from .engine import GradientEngine, _as_model, index_feed, seed_feed
 from ..onnxgraph import real_inputs
+from .rules import HARD_SWISH_ALPHA
 from .graph import OBJECTIVE_OUTPUT, build_objective_graph, model_dtype, prepare_forward
 
 
@@ -136,11 +137,15 @@ def gradcheck(model, x, wrt, objective: str = "logit", target=None, index=None, 
     if analytic is None:
         engine = GradientEngine(model, wrt, objective=objective, target=target, per_sample=False, backend=backend)
         analytic = dict(engine.run(x, index=index, seed=seed, labels=labels))
+        # every engine, evaluator and graph holds its own copy of the weights (float64 ones twice the
+        # file's size): each is dropped once used, so a full-size network holds a few copies at a time
+        del engine
         if model_dtype(model) != np.float64:
             low = analytic
             engine64 = GradientEngine(to_float64(model), wrt, objective=objective, target=target, per_sample=False,
                                       backend="reference")
             analytic = dict(engine64.run(x.astype(np.float64), index=index, seed=seed, labels=labels))
+            del engine64
             flipped, n_decisions = _decisions_differ(model, x)
     forward64 = to_float64(prepare_forward(model))
     x64 = x.astype(np.float64)
@@ -285,6 +290,7 @@ def gradcheck(model, x, wrt, objective: str = "logit", target=None, index=None, 
             dist = float(np.max(np.abs(g32 - a), initial=0.0))
             reports[w].float32_rel_error = dist / top if top > 0 else 0.0
             reports[w].decisions_differ, reports[w].decisions = flipped, n_decisions
+        del runner, obj_model  # before the next wrt's graph and evaluator are built
     return reports
 
 
@@ -357,9 +363,9 @@ def _decision_outputs(model, sources, dtype=np.float64):
             alpha, beta = float(attrs.get("alpha", 0.2)), float(attrs.get("beta", 0.5))
             sign_against(x, -beta, alpha)
             sign_against(x, 1.0 - beta, alpha)
-        elif op == "HardSwish":
-            sign_against(x, -3.0)
-            sign_against(x, 3.0)
+        elif op == "HardSwish":  # clip(alpha x + 1/2, 0, 1), alpha as the op's function body stores it
+            sign_against(x, -0.5, HARD_SWISH_ALPHA)
+            sign_against(x, 0.5, HARD_SWISH_ALPHA)
         elif op == "MaxPool":
             while len(node.output) < 2:
                 node.output.append("")

@@ -1040,13 +1040,22 @@ def _hard_sigmoid(ctx):
     return _pointwise(ctx, b.scale(b.mask(inside), alpha))
 
 
+# HardSwish's alpha as ONNX defines the op: its function body is HardSigmoid with the float attribute
+# alpha = 1/6, i.e. float32(1/6) = 0.1666666716..., which is what onnx's reference evaluator computes
+# in float64 (a float32 graph cannot tell it from 1/6: 2 alpha and 0.5 / alpha round to float32(1/3)
+# and 3.0)
+HARD_SWISH_ALPHA = float(np.float32(1.0 / 6.0))
+
+
 @rule("HardSwish")
 def _hard_swish(ctx):
-    """y = x * clip(x/6 + 1/2, 0, 1): 0 below -3, 1 above 3, x/3 + 1/2 between."""
+    """y = x * clip(alpha x + 1/2, 0, 1) (alpha: HARD_SWISH_ALPHA, ~1/6): 0 below -1/(2 alpha) ~ -3,
+    1 above 1/(2 alpha), 2 alpha x + 1/2 between."""
     b, x = ctx.b, ctx.x[0]
-    ramp = b.add(b.scale(x, 1.0 / 3.0), b.scalar(0.5))
-    inside = b.op("And", [b.op("Greater", [x, b.scalar(-3.0)]), b.op("Less", [x, b.scalar(3.0)])])
-    above = b.mask(b.op("GreaterOrEqual", [x, b.scalar(3.0)]))
+    bound = 0.5 / HARD_SWISH_ALPHA
+    ramp = b.add(b.scale(x, 2.0 * HARD_SWISH_ALPHA), b.scalar(0.5))
+    inside = b.op("And", [b.op("Greater", [x, b.scalar(-bound)]), b.op("Less", [x, b.scalar(bound)])])
+    above = b.mask(b.op("GreaterOrEqual", [x, b.scalar(bound)]))
     return _pointwise(ctx, b.add(b.mul(b.mask(inside), ramp), above))
 
 
