@@ -255,6 +255,16 @@ def _skipped(out: Path, command: str) -> dict:
     return json.loads((out / "manifest.json").read_text())["runs"][command]["skipped"]
 
 
+def _same_files_both_ways(cluster, argv, out: Path, shard_size: int, command: str) -> dict:
+    """``argv`` run in one process (``out/one``) and on the cluster (``out/two``): the same files;
+    returns the one-process run's ``skipped`` record."""
+    assert cli.main(argv + ["--out", str(out / "one")]) == 0
+    assert cli.main(argv + ["--out", str(out / "two"), "--dask", _address(cluster), "--shard-size", str(shard_size),
+                            "--no-progress"]) == 0
+    assert_same_outputs(out / "one", out / "two")
+    return _skipped(out / "one", command)
+
+
 def test_unreadable_images_are_skipped_and_listed(cluster, mixed, tmp_path, capsys):
     """One process and the cluster skip the same files, list them (count, position, path, reason)
     and write the same files; the records are those of a run that never saw them."""
@@ -307,12 +317,7 @@ def test_other_commands_skip_unreadable_files_in_one_process_as_on_cluster(clust
             "conv-gradients": (few, ["--batch-size", "2", "-f", "npy", "--top-k", "2"], 4),
             "occlusion": (few, ["--batch-size", "2", "--window", "14", "--stride", "7"], 4)}
     for command, (where, extra, n_bad) in runs.items():
-        base = [command, str(where), *extra]
-        assert cli.main(base + ["--out", str(tmp_path / command / "one")]) == 0
-        assert cli.main(base + ["--out", str(tmp_path / command / "two"), "--dask", _address(cluster),
-                                "--shard-size", "4", "--no-progress"]) == 0
-        assert_same_outputs(tmp_path / command / "one", tmp_path / command / "two")
-        skipped = _skipped(tmp_path / command / "one", command)
+        skipped = _same_files_both_ways(cluster, [command, str(where), *extra], tmp_path / command, 4, command)
         assert skipped["count"] == n_bad
         assert [Path(f["path"]).name for f in skipped["files"]] == sorted(bad)[:n_bad]
     stats = json.loads((tmp_path / "activations" / "one" / "activation_stats.json").read_text())
@@ -361,12 +366,7 @@ def test_image_lists_and_trees_skip_unreadable_files_in_one_process_as_on_cluste
     runs = {"list": (["activations", "--stats", "--layer", "conv1", "--image-list", str(listed)], "activations", 5),
             "tree": (["topk", "--layer", "conv1", "--maps", "0-1", "--k", "2", "--image-tree", str(tree)], "topk", 4)}
     for label, (argv, command, n_bad) in runs.items():
-        base = argv + ["--batch-size", "2"]
-        assert cli.main(base + ["--out", str(tmp_path / label / "one")]) == 0
-        assert cli.main(base + ["--out", str(tmp_path / label / "two"), "--dask", _address(cluster),
-                                "--shard-size", "2", "--no-progress"]) == 0
-        assert_same_outputs(tmp_path / label / "one", tmp_path / label / "two")
-        skipped = _skipped(tmp_path / label / "one", command)
+        skipped = _same_files_both_ways(cluster, argv + ["--batch-size", "2"], tmp_path / label, 2, command)
         assert skipped["count"] == n_bad
         assert sorted(Path(f["path"]).name for f in skipped["files"]) == \
             sorted([n for n in names if n in bad] + (["gone.png"] if label == "list" else []))
