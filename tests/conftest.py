@@ -24,16 +24,24 @@ def _isolated_home(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("CNNVIS_HOME", str(tmp_path_factory.getbasetemp() / "cnnvis_home"))
 
 
+def write_pickled_npy(path) -> None:
+    """A hostile .npy holding a pickled object array: the one place the tests write a pickle
+    (allow_pickle=True on purpose, to make the file); cnnvis must refuse it, never unpickle it."""
+    import numpy as np
+
+    np.save(path, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+
+
 @pytest.fixture
 def bad_npy_files(tmp_path):
-    """.npy files every user-file loader must refuse with one line: by name, a path each. The pickled
-    one is written with allow_pickle=True on purpose (here only): cnnvis must never unpickle it."""
+    """.npy files every user-file loader must refuse with one line: by name, a path each (the pickled
+    one from :func:`write_pickled_npy`)."""
     import numpy as np
 
     folder = tmp_path / "bad_npy"
     folder.mkdir()
     files = {name: folder / f"{name}.npy" for name in ("pickled", "empty", "text", "truncated", "archive")}
-    np.save(files["pickled"], np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    write_pickled_npy(files["pickled"])
     files["empty"].write_bytes(b"")
     files["text"].write_text("not an array")
     np.save(files["truncated"], np.zeros((2, 3, 4, 5), np.float32))

@@ -92,6 +92,18 @@ class _Net:
         return {"relu": self.relu, "relu6": self.relu6, "hardswish": lambda t: self.op("HardSwish", [t]),
                 "silu": self.silu, None: lambda t: t}[act](y)
 
+    def inverted_residual(self, x, cout, stride, expand, act, se=None):
+        """MobileNet/EfficientNet block: 1×1 expand, depthwise 3×3, optional squeeze-and-excite
+        (``se``: keywords of :meth:`squeeze_excite`), 1×1 project, and the residual Add when the
+        shape allows."""
+        hidden = self.channels[x] * expand
+        y = self.conv_bn(x, hidden, k=1, act=act)
+        y = self.conv_bn(y, hidden, stride=stride, group=hidden, act=act)  # depthwise
+        if se is not None:
+            y = self.squeeze_excite(y, **se)
+        y = self.conv_bn(y, cout, k=1, act=None)
+        return self.op("Add", [x, y]) if stride == 1 and self.channels[x] == cout else y
+
     def squeeze_excite(self, x, reduced, gate="Sigmoid", inner="relu"):
         c = self.channels[x]
         s = self.op("ReduceMean", [x], channels=c, axes=[2, 3], keepdims=1)  # opset 17: axes attribute
@@ -154,11 +166,7 @@ def mobilenet_v2():
     n = _Net(3)
     x = n.conv_bn("x", 8, stride=2, act="relu6")
     for cout, stride, expand in ((8, 1, 2), (12, 2, 3), (12, 1, 3)):
-        hidden = n.channels[x] * expand
-        y = n.conv_bn(x, hidden, k=1, act="relu6")
-        y = n.conv_bn(y, hidden, stride=stride, group=hidden, act="relu6")  # depthwise
-        y = n.conv_bn(y, cout, k=1, act=None)
-        x = n.op("Add", [x, y]) if stride == 1 and n.channels[x] == cout else y
+        x = n.inverted_residual(x, cout, stride, expand, "relu6")
     return n.build("mobilenet_v2", n.head(n.conv_bn(x, 16, k=1, act="relu6")))
 
 
@@ -166,12 +174,7 @@ def mobilenet_v3():
     n = _Net(4)
     x = n.conv_bn("x", 8, stride=2, act="hardswish")
     for cout, stride in ((8, 1), (12, 2)):
-        hidden = n.channels[x] * 2
-        y = n.conv_bn(x, hidden, k=1, act="hardswish")
-        y = n.conv_bn(y, hidden, stride=stride, group=hidden, act="hardswish")
-        y = n.squeeze_excite(y, 4, gate="HardSigmoid")
-        y = n.conv_bn(y, cout, k=1, act=None)
-        x = n.op("Add", [x, y]) if stride == 1 and n.channels[x] == cout else y
+        x = n.inverted_residual(x, cout, stride, 2, "hardswish", se={"reduced": 4, "gate": "HardSigmoid"})
     x = n.op("GlobalAveragePool", [n.conv_bn(x, 16, k=1, act="hardswish")])
     x = n.op("HardSwish", [n.linear(n.torch_flatten(x), 16, 16)], channels=16)
     return n.build("mobilenet_v3", n.linear(x, 16, CLASSES))
@@ -181,12 +184,7 @@ def efficientnet():
     n = _Net(5)
     x = n.conv_bn("x", 8, stride=2, act="silu")
     for cout, stride in ((8, 1), (12, 2)):
-        hidden = n.channels[x] * 2
-        y = n.conv_bn(x, hidden, k=1, act="silu")
-        y = n.conv_bn(y, hidden, stride=stride, group=hidden, act="silu")
-        y = n.squeeze_excite(y, 4, gate="Sigmoid", inner="silu")
-        y = n.conv_bn(y, cout, k=1, act=None)
-        x = n.op("Add", [x, y]) if stride == 1 and n.channels[x] == cout else y
+        x = n.inverted_residual(x, cout, stride, 2, "silu", se={"reduced": 4, "gate": "Sigmoid", "inner": "silu"})
     return n.build("efficientnet", n.head(n.conv_bn(x, 16, k=1, act="silu")))
 
 

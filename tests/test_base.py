@@ -29,3 +29,23 @@ def test_constructor_only_stores_and_run_has_the_one_signature(cls):
     run = list(inspect.signature(cls.run).parameters.values())
     assert [p.name for p in run[:3]] == ["self", "inputs", "target"] and run[2].default is None
     assert repr(analysis).startswith(f"{cls.__name__}(")
+
+
+def test_per_image_results_index_count_and_iterate_their_records():
+    import dataclasses
+
+    from cnnvis.analysis.base import PerImage
+    from cnnvis.analysis.invariance import InvarianceResult
+    from cnnvis.analysis.occlusion import OcclusionResult
+
+    @dataclasses.dataclass
+    class Pairs(PerImage):
+        _per_image = "pairs"
+        pairs: list
+        note: str = "x"
+
+    r = Pairs(["a", "b", "c"])
+    assert len(r) == 3 and r[1] == "b" and r[-1] == "c" and list(r) == ["a", "b", "c"]
+    assert [f.name for f in dataclasses.fields(Pairs)] == ["pairs", "note"]  # the field name is not a field
+    occ, inv = OcclusionResult(maps=[1, 2], plan=None), InvarianceResult(curves=[7])
+    assert (len(occ), occ[1], list(occ)) == (2, 2, [1, 2]) and (len(inv), inv[0], list(inv)) == (1, 7, [7])

@@ -31,6 +31,7 @@ from PIL import Image
 
 from cnnvis import nets, onnxgraph
 from cnnvis.cli import main
+from conftest import write_pickled_npy
 
 ROOT = Path(__file__).resolve().parents[1]
 #: the address-space cap of each subprocess: onnxruntime and numpy reserve virtual memory, so this
@@ -166,7 +167,7 @@ def corpus(tmp_path_factory):
     np.save(npy / "ok.npy", rng.standard_normal((300, 1, 12, 12)).astype(np.float32))
     np.save(npy / "nan.npy", np.full((2, 1, 12, 12), np.nan, np.float32))
     np.save(npy / "shape.npy", np.zeros((2, 3, 12, 12), np.float32))
-    np.save(npy / "pickled.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    write_pickled_npy(npy / "pickled.npy")
     np.savez(npy / "archive.npz", a=np.zeros((2, 1, 12, 12), np.float32))
     for k in ("bomb", "ok", "nan", "shape", "pickled"):
         c[f"{k}_npy"] = str(npy / f"{k}.npy")

@@ -388,16 +388,23 @@ def _traced_main(argv):
 WIDE_PEAK_BYTES = 16 << 20
 
 
+def _wide_run(tmp_path, command, n_images, extra):
+    """``command`` on the wide-field net's relu3, every map, over ``n_images`` random 8×8 images:
+    (the images, the output folder, exit code, traced numpy peak)."""
+    model_path = tmp_path / "wide.onnx"
+    onnx.save(wide_field_proto(), model_path)
+    x = WIDE_RNG.normal(size=(n_images, 3, 8, 8)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    out = tmp_path / "out"
+    code, peak = _traced_main([command, "--model", str(model_path), "--input-array", str(tmp_path / "x.npy"),
+                               "--layer", "relu3", "--maps", "all", *extra, "--out", str(out)])
+    return x, out, code, peak
+
+
 def test_topk_tiles_of_a_field_larger_than_the_image(tmp_path, capsys):
     from cnnvis.analysis import deconv
 
-    model_path = tmp_path / "wide.onnx"
-    onnx.save(wide_field_proto(), model_path)
-    x = WIDE_RNG.normal(size=(3, 3, 8, 8)).astype(np.float32)
-    np.save(tmp_path / "x.npy", x)
-    out = tmp_path / "out"
-    code, peak = _traced_main(["topk", "--model", str(model_path), "--input-array", str(tmp_path / "x.npy"),
-                               "--layer", "relu3", "--k", "4", "--maps", "all", "--out", str(out)])
+    x, out, code, peak = _wide_run(tmp_path, "topk", 3, ["--k", "4"])
     assert code == 0, capsys.readouterr().err
     assert peak < WIDE_PEAK_BYTES, peak
     rec = json.loads((out / "relu3_top4.json").read_text())
@@ -426,13 +433,7 @@ def test_topk_tiles_of_a_field_larger_than_the_image(tmp_path, capsys):
 
 
 def test_deconv_tiles_of_a_field_larger_than_the_image(tmp_path, capsys):
-    model_path = tmp_path / "wide.onnx"
-    onnx.save(wide_field_proto(), model_path)
-    x = WIDE_RNG.normal(size=(1, 3, 8, 8)).astype(np.float32)
-    np.save(tmp_path / "x.npy", x)
-    out = tmp_path / "out"
-    code, peak = _traced_main(["deconv", "--model", str(model_path), "--input-array", str(tmp_path / "x.npy"),
-                               "--layer", "relu3", "--maps", "all", "--out", str(out)])
+    x, out, code, peak = _wide_run(tmp_path, "deconv", 1, [])
     assert code == 0, capsys.readouterr().err
     assert peak < WIDE_PEAK_BYTES, peak
     rec = json.loads((out / "x[0]/relu3_deconv.json").read_text())

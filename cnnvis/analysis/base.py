@@ -41,3 +41,19 @@ class Analysis(ABC):
     def __repr__(self):
         params = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
         return f"{type(self).__name__}({params})"
+
+
+class PerImage:
+    """Mixin of a result holding one record per image in the list field named by ``_per_image``:
+    ``len``, indexing and iteration go to that list."""
+
+    _per_image = ""
+
+    def __len__(self):
+        return len(getattr(self, self._per_image))
+
+    def __getitem__(self, i):
+        return getattr(self, self._per_image)[i]
+
+    def __iter__(self):
+        return iter(getattr(self, self._per_image))

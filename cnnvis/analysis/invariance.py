@@ -20,7 +20,7 @@ import numpy as np
 from .. import ops
 from ..errors import CnnvisError
 from ..preprocess import input_space
-from .base import Analysis
+from .base import Analysis, PerImage
 from .inputspace import FEATURE_OPS, probabilities
 
 TRANSFORMS = ("translation", "scale", "rotation")
@@ -161,19 +161,11 @@ class InvarianceCurves:
 
 
 @dataclasses.dataclass
-class InvarianceResult:
+class InvarianceResult(PerImage):
     """:meth:`Invariance.run`'s result: one :class:`InvarianceCurves` per image, in order."""
 
+    _per_image = "curves"
     curves: list
-
-    def __len__(self):
-        return len(self.curves)
-
-    def __getitem__(self, i) -> InvarianceCurves:
-        return self.curves[i]
-
-    def __iter__(self):
-        return iter(self.curves)
 
 
 class Invariance(Analysis):

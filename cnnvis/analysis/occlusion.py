@@ -25,7 +25,7 @@ from .. import ops
 from ..errors import CnnvisError
 from ..model import chunk_bounds
 from ..preprocess import input_space
-from .base import Analysis
+from .base import Analysis, PerImage
 from .inputspace import default_feature_layer, probabilities
 
 # ----------------------------------------------------------------------------- windows
@@ -126,22 +126,14 @@ class OcclusionMaps:
 
 
 @dataclasses.dataclass
-class OcclusionResult:
+class OcclusionResult(PerImage):
     """:meth:`Occlusion.run`'s result: one :class:`OcclusionMaps` per image of the batch, in order,
     and how the windows were computed (``plan``: :meth:`_IncrementalPlan.describe` of the batch's
     plan)."""
 
+    _per_image = "maps"
     maps: list
     plan: dict | None = None
-
-    def __len__(self):
-        return len(self.maps)
-
-    def __getitem__(self, i) -> OcclusionMaps:
-        return self.maps[i]
-
-    def __iter__(self):
-        return iter(self.maps)
 
 
 # ----------------------------------------------------------------------------- incremental plan
